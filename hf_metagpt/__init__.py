@@ -1,0 +1,3 @@
+"""hf-metagpt: merge fine-tuned LLMs with MetaGPT, streamed layer by layer, published to the Hub."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""`hf-metagpt` / `hf metagpt`: thin argument parsing over the Python API. Printing lives here only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from .errors import MergeError
+
+log = logging.getLogger("hf_metagpt")
+
+
+def _add_merge_args(p: argparse.ArgumentParser, *, for_plan: bool = False) -> None:
+    p.add_argument("models", nargs="*", metavar="MODEL", help="fine-tuned models: local folders or Hub IDs (org/name[@rev])")
+    p.add_argument("--base", help="the base model the fine-tunes were trained from")
+    p.add_argument("--recipe", help="YAML recipe with the same options (flags override it)")
+    p.add_argument("--output", "-o", help="output folder")
+    p.add_argument("--method", help="merge method (default: metagpt)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="method parameter, e.g. --param density=0.5 (repeatable)")
+    p.add_argument("--granularity", choices=["model", "layer", "tensor"],
+                   help="where MetaGPT takes its norms: model (the paper, default), layer or tensor (our extension)")
+    p.add_argument("--tokenizer-source", help="'base' (default) or one of the fine-tunes: whose vocabulary and tokenizer the output gets")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="output dtype (auto: the base's)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device (auto: a GPU when present)")
+    p.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB (default)")
+    p.add_argument("--seed", type=int, help="seed for methods that draw random numbers (DARE)")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
+    if for_plan:
+        return
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output folder")
+    p.add_argument("--allow-nonfinite", action="store_true", default=None, help="merge even if inputs hold NaN/Inf")
+    p.add_argument("--push-to", metavar="ORG/NAME", help="push the merged model to this Hub repo")
+    p.add_argument("--private", action="store_true", default=None, help="create the pushed repo private")
+    p.add_argument("--create-pr", action="store_true", default=None, help="push as a pull request")
+    p.add_argument("--revision", help="branch to push to")
+    p.add_argument("--commit-message", help="commit message of the push")
+    p.add_argument("--low-disk", action="store_true", default=None,
+                   help="fetch Hub shards as the layer walk needs them and delete them after use")
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _options_from_args(args: argparse.Namespace):
+    from .recipe import build_options
+
+    params = None
+    if args.param:
+        params = {}
+        for item in args.param:
+            if "=" not in item:
+                raise MergeError(f"Bad --param {item!r}.", hint="Use --param KEY=VALUE, e.g. --param density=0.5.")
+            key, value = item.split("=", 1)
+            params[key.strip()] = _parse_value(value)
+    names = ["base", "output", "method", "granularity", "tokenizer_source", "dtype", "device",
+             "max_shard_size", "seed", "token", "overwrite", "allow_nonfinite", "push_to", "private",
+             "create_pr", "revision", "commit_message", "low_disk"]
+    overrides = {n: getattr(args, n, None) for n in names}
+    overrides["models"] = list(args.models) or None
+    overrides["parameters"] = params
+    return build_options(args.recipe, **overrides)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .api import merge
+
+    opts = _options_from_args(args)
+    result = merge(opts, progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .api import plan
+
+    args.output = args.output or "-"
+    opts = _options_from_args(args)
+    print(plan(opts).describe())
+    return 0
+
+
+def _cmd_install_extension(args: argparse.Namespace) -> int:
+    from .extension import install_extension
+
+    path = install_extension(force=args.force)
+    print(f"Registered with the hf CLI: `hf metagpt ...` now runs {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-metagpt",
+        description="Merge fine-tuned LLMs with MetaGPT, streamed layer by layer, and publish them.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("merge", help="merge a base and its fine-tunes", description="Merge a base model and fine-tunes.")
+    _add_merge_args(p)
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("plan", help="check inputs and show what a merge would read and write (downloads no weights)")
+    _add_merge_args(p, for_plan=True)
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("install-extension", help="register this installation with the `hf` CLI as `hf metagpt`")
+    p.add_argument("--force", action="store_true", help="replace an existing registration")
+    p.set_defaults(func=_cmd_install_extension)
+
+    # Further subcommands (hub serve, push, verify, eval, compare) register below.
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(levelname)s: %(message)s" if args.debug else "%(message)s",
+        stream=sys.stderr,
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MergeError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

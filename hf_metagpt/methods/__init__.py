@@ -1,0 +1,41 @@
+"""Merge methods: pure tensor math behind one interface (see `base.MergeMethod`)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..errors import MergeError
+from .base import MergeMethod, TensorContext, squared_norm, weighted_sum
+from .metagpt import MetaGPT, metagpt_lambdas, metagpt_merge
+
+#: name -> factory taking the method's parameters as keyword arguments.
+METHODS: dict[str, Callable[..., MergeMethod]] = {
+    "metagpt": MetaGPT,
+}
+
+
+def get_method(name: str, **params: Any) -> MergeMethod:
+    """Build a method by its CLI/recipe name with its parameters."""
+    try:
+        factory = METHODS[name]
+    except KeyError:
+        raise MergeError(
+            f"Unknown merge method {name!r}.", hint=f"Choose one of: {', '.join(sorted(METHODS))}."
+        ) from None
+    try:
+        return factory(**params)
+    except TypeError as exc:
+        raise MergeError(f"Bad parameters for method {name!r}: {exc}") from None
+
+
+__all__ = [
+    "METHODS",
+    "MergeMethod",
+    "MetaGPT",
+    "TensorContext",
+    "get_method",
+    "metagpt_lambdas",
+    "metagpt_merge",
+    "squared_norm",
+    "weighted_sum",
+]

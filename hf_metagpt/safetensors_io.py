@@ -1,0 +1,206 @@
+"""Safetensors headers and a streaming shard writer.
+
+Reads go through `safetensors.safe_open` (lazy, per tensor). Two things the library lacks are
+written here:
+
+* `read_header` parses the 8-byte length + JSON header of a local file without mapping it, so
+  local and remote inputs (`huggingface_hub.get_safetensors_metadata`) give the same
+  `TensorMeta`, and a corrupt file gets a message that names it.
+* `ShardWriter` writes a shard whose tensors arrive one by one. `safetensors.torch.save_file`
+  needs every tensor of a shard in memory at once (a 5 GB buffer per shard); since the plan knows
+  every output name, shape and dtype in advance, we write the header first and then each tensor's
+  bytes at its offset as soon as it is merged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .errors import InputError
+
+# safetensors dtype codes <-> torch dtypes (the format's own names).
+ST_TO_TORCH: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+FLOATING = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where one stored tensor lives and what it is, from a safetensors header."""
+
+    name: str
+    file: str  # file name relative to the model folder / repo root
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data_offsets[1] - self.data_offsets[0]
+
+    @property
+    def is_floating(self) -> bool:
+        return self.dtype in FLOATING
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return ST_TO_TORCH[self.dtype]
+
+
+def dtype_itemsize(code: str) -> int:
+    return torch.empty((), dtype=ST_TO_TORCH[code]).element_size()
+
+
+def parse_header_json(raw: bytes, file: str, file_size: int | None = None, data_start: int = 0) -> dict[str, TensorMeta]:
+    """Validate a header's JSON and turn it into `TensorMeta`s (shared by local and remote reads)."""
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(
+            f"Corrupt safetensors header in {file}: {exc}.",
+            hint="Re-download or re-save the file; it is not a valid safetensors file.",
+        ) from None
+    out: dict[str, TensorMeta] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = info["dtype"]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+            if dtype not in ST_TO_TORCH:
+                raise ValueError(f"unsupported dtype {dtype!r}")
+            numel = 1
+            for s in shape:
+                if s < 0:
+                    raise ValueError("negative dimension")
+                numel *= s
+            if end - begin != numel * dtype_itemsize(dtype) or begin < 0:
+                raise ValueError("data offsets do not match shape and dtype")
+            if file_size is not None and data_start + end > file_size:
+                raise ValueError(f"data runs past the end of the file ({file_size} bytes): truncated?")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(
+                f"Corrupt safetensors header in {file}, tensor {name!r}: {exc}.",
+                hint="Re-download or re-save the file; it is truncated or damaged.",
+            ) from None
+        out[name] = TensorMeta(name, file, dtype, shape, (begin, end))
+    return out
+
+
+def read_header(path: Path, rel_name: str | None = None) -> dict[str, TensorMeta]:
+    """Tensor metadata of a local safetensors file, without reading its data."""
+    rel = rel_name or path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(f"{rel} is too short to be a safetensors file ({size} bytes).",
+                                 hint="Re-download the file; it is truncated.")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise InputError(f"Corrupt safetensors header in {rel}: header length {n} exceeds the file.",
+                                 hint="Re-download the file; it is truncated or not safetensors.")
+            raw = f.read(n)
+    except OSError as exc:
+        raise InputError(f"Cannot read {rel}: {exc.strerror}.") from None
+    return parse_header_json(raw, rel, file_size=size, data_start=8 + n)
+
+
+def build_header(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """Header bytes (length prefix included, padded to 8) for tensors laid out in the given order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offsets: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for name, dtype, shape in entries:
+        numel = 1
+        for s in shape:
+            numel *= s
+        end = pos + numel * dtype_itemsize(dtype)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, end]}
+        offsets[name] = (pos, end)
+        pos = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the reference writer aligns the data start to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+class ShardWriter:
+    """Writes one safetensors shard whose tensors arrive in the planned order."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]]) -> None:
+        self.path = path
+        self.header, self.offsets = build_header(entries, {"format": "pt"})
+        self.expected = [e[0] for e in entries]
+        self.size = len(self.header) + (max((o[1] for o in self.offsets.values()), default=0))
+        self._next = 0
+        self._f = open(path, "wb")
+        self._f.write(self.header)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self.expected) or self.expected[self._next] != name:
+            raise RuntimeError(f"shard {self.path.name}: got {name}, expected {self.expected[self._next:self._next+1]}")
+        t = tensor.detach().to("cpu").contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        begin, end = self.offsets[name]
+        if len(data) != end - begin:
+            raise RuntimeError(f"{name}: {len(data)} bytes, planned {end - begin}")
+        self._f.write(memoryview(data) if len(data) else b"")
+        self._next += 1
+
+    @property
+    def done(self) -> bool:
+        return self._next == len(self.expected)
+
+    def close(self) -> None:
+        """Flush to disk; the caller renames the file into place only after this."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
+def shard_matches(path: Path, header: bytes) -> bool:
+    """True when a finished shard on disk has exactly this header and its full size (resume)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(header)) != header:
+                return False
+        (n,) = struct.unpack("<Q", header[:8])
+        metas = parse_header_json(header[8:], path.name)
+        need = 8 + n + max((m.data_offsets[1] for m in metas.values()), default=0)
+        return path.stat().st_size == need
+    except (OSError, InputError):
+        return False
