@@ -1,0 +1,143 @@
+"""The pipeline, top to bottom: resolve → plan → stream → write → card → push."""
+
+from __future__ import annotations
+
+import logging
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import MergeError
+from .methods import MergeMethod, get_method
+from .output import OutputDirs, cached_norms, check_output, norms_key, plan_key, prepare, publish, write_side_files
+from .plan import MergePlan, ModelInfo, build_plan, load_local_info
+from .recipe import MergeOptions, build_options, dump_recipe
+from .refs import ModelRef, parse_ref
+from .result import MergeResult
+from .stream import Merger
+
+log = logging.getLogger("hf_metagpt")
+
+LOW_LAMBDA = 0.01
+
+
+def _options(options: MergeOptions | None, kwargs: dict[str, Any]) -> MergeOptions:
+    if options is None:
+        return build_options(**kwargs)
+    if kwargs:
+        raise TypeError("pass either a MergeOptions or keyword arguments, not both")
+    options.validate()
+    return options
+
+
+def load_infos(opts: MergeOptions) -> tuple[ModelInfo, list[ModelInfo]]:
+    """Resolve every reference and read its config and safetensors headers (no weights)."""
+    refs = [parse_ref(opts.base)] + [parse_ref(m) for m in opts.models]
+    infos = [_load_info(r) for r in refs]
+    return infos[0], infos[1:]
+
+
+def _load_info(ref: ModelRef) -> ModelInfo:
+    if ref.is_hub:
+        raise MergeError(f"{ref.display}: merging by Hub ID is not available in this build.",
+                         hint="Download the model and pass its folder.")
+    return load_local_info(ref)
+
+
+def plan(options: MergeOptions | None = None, **kwargs: Any) -> MergePlan:
+    """Check the inputs and lay out the merge without reading any weights.
+
+    Example:
+        >>> print(hf_metagpt.plan(base="base/", models=["chat/", "math/"], output="-").describe())
+    """
+    opts = _options(options, kwargs)
+    method = get_method(opts.method, **opts.parameters)
+    base, models = load_infos(opts)
+    return build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
+
+
+def select_device(name: str) -> torch.device:
+    """`auto` takes accelerate's choice (a GPU when present); `cuda` insists on one."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MergeError("--device cuda was asked for but no CUDA GPU is available.", hint="Use --device cpu or auto.")
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwargs: Any) -> MergeResult:
+    """Merge a base model and its fine-tunes and write the result (and push it when asked).
+
+    Example:
+        >>> result = hf_metagpt.merge(base="llama-base/", models=["chat/", "math/", "code/"],
+        ...                           output="merged/", method="metagpt")
+        >>> result.coefficients["model"]   # one λ per fine-tune (the paper's setting)
+    """
+    opts = _options(options, kwargs)
+    method = get_method(opts.method, **opts.parameters)
+    base, models = load_infos(opts)
+    target = Path(opts.output)
+    check_output(target, [base, *models], opts.overwrite)
+    the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
+    for w in the_plan.warnings:
+        log.warning("warning: %s", w)
+    for n in the_plan.notes:
+        log.info("note: %s", n)
+
+    seed = opts.seed if method.uses_seed else None
+    params = method.params()
+    nkey = norms_key(the_plan, method.name, params, seed)
+    dirs = prepare(target, plan_key(the_plan, nkey))
+    merger = Merger(the_plan, method, dirs.work, device=select_device(opts.device), seed=seed,
+                    allow_nonfinite=opts.allow_nonfinite, progress=progress)
+    merger.run(cached_norms=cached_norms(dirs.target, nkey) if method.uses_group_norms else None)
+
+    result = MergeResult(
+        output=dirs.target, base=base.ref, models=[m.ref for m in models], method=method.name,
+        parameters=params, granularity=the_plan.options.granularity, seed=seed,
+        coefficients=merger.coefficients, sq_norms=dict(merger.norms.sq) if method.uses_group_norms else {},
+        stats=merger.stats, norms_key=nkey, out_dtype=the_plan.out_dtype,
+        warnings=list(the_plan.warnings), notes=list(the_plan.notes), recipe=_pinned_recipe(opts, base, models),
+    )
+    _coefficient_warnings(result, method)
+    _finish(the_plan, result, dirs)
+    result.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return result
+
+
+def _pinned_recipe(opts: MergeOptions, base: ModelInfo, models: list[ModelInfo]) -> str:
+    """The recipe that reproduces this merge, with every Hub input pinned to its commit."""
+    from dataclasses import replace
+
+    pinned = replace(opts, base=base.ref.pinned, models=[m.ref.pinned for m in models], token=None,
+                     overwrite=False)
+    return dump_recipe(pinned)
+
+
+def _coefficient_warnings(result: MergeResult, method: MergeMethod) -> None:
+    if not method.uses_group_norms or not result.coefficients:
+        return
+    for i, ref in enumerate(result.models):
+        lams = [c[i] for c in result.coefficients.values()]
+        norms = [n[i] for n in result.sq_norms.values()]
+        if all(n == 0.0 for n in norms):
+            msg = f"{ref.display} equals the base everywhere: its λ is 0 and it contributes nothing"
+        elif len(result.models) > 1 and all(x < LOW_LAMBDA for x in lams):
+            msg = (f"{ref.display} contributes almost nothing (λ < {LOW_LAMBDA} in every group, max "
+                   f"{max(lams):.4f}): squared norms favour large task vectors; consider "
+                   f"--granularity layer or another --method")
+        else:
+            continue
+        result.warnings.append(msg)
+        log.warning("warning: %s", msg)
+
+
+def _finish(the_plan: MergePlan, result: MergeResult, dirs: OutputDirs) -> None:
+    write_side_files(the_plan, dirs.work)
+    result.write_coefficients(dirs.work)
+    (dirs.work / "hf_metagpt_recipe.yaml").write_text(result.recipe)
+    publish(dirs)
