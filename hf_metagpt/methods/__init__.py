@@ -6,11 +6,23 @@ from typing import Any, Callable
 
 from ..errors import MergeError
 from .base import MergeMethod, TensorContext, squared_norm, weighted_sum
+from .dare import DareLinear, DareTies, MetaGPTDare
+from .linear import Linear
 from .metagpt import MetaGPT, metagpt_lambdas, metagpt_merge
+from .task_arithmetic import TaskArithmetic
+from .ties import MetaGPTTies, Ties
 
 #: name -> factory taking the method's parameters as keyword arguments.
 METHODS: dict[str, Callable[..., MergeMethod]] = {
     "metagpt": MetaGPT,
+    "metagpt_dare": MetaGPTDare.from_params,
+    "metagpt_ties": MetaGPTTies.from_params,
+    "linear": Linear.from_params,
+    "task_arithmetic": TaskArithmetic.from_params,
+    "ties": Ties.from_params,
+    "dare_linear": DareLinear.from_params,
+    "dare_ties": DareTies.from_params,
+    "dare": DareLinear.from_params,  # alias: DARE with task arithmetic, recorded as dare_linear
 }
 
 
@@ -30,8 +42,15 @@ def get_method(name: str, **params: Any) -> MergeMethod:
 
 __all__ = [
     "METHODS",
+    "DareLinear",
+    "DareTies",
+    "Linear",
     "MergeMethod",
     "MetaGPT",
+    "MetaGPTDare",
+    "MetaGPTTies",
+    "TaskArithmetic",
+    "Ties",
     "TensorContext",
     "get_method",
     "metagpt_lambdas",

@@ -1,0 +1,215 @@
+"""Shared pieces of the peer methods: parameter checks and the per-tensor TIES/DARE steps.
+
+The tensor steps call peft's merge utilities (`peft.utils.merge_utils`) wherever their behaviour is
+what we want, and say where we must differ:
+
+- DARE's drop mask is drawn here with the tensor's own `torch.Generator`: peft's `random_pruning`
+  calls `torch.bernoulli` on the global RNG, which cannot be seeded per tensor, so two passes or two
+  processes would draw different masks.
+- peft's sign election and disjoint merge work on the stacked task tensors (T × numel, several such
+  temporaries). They are elementwise across models, so we call them on slices of `CHUNK` elements:
+  the same numbers, with memory bounded by the slice instead of the whole tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, magnitude_based_pruning
+
+from ..errors import MergeError
+
+#: Elements per slice for the steps that stack the models (sign election, disjoint merge).
+CHUNK = 1 << 22
+
+SIGN_METHODS = ("total", "frequency")
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_real(method: str, name: str, value: Any) -> float:
+    """A finite number (YAML ints welcome), else a MergeError naming the parameter."""
+    if not _is_real(value):
+        raise MergeError(f"Method {method!r}: {name} must be a finite number, got {value!r}.")
+    return float(value)
+
+
+def check_density(method: str, value: Any) -> float:
+    """The fraction of entries kept, in (0, 1]."""
+    density = check_real(method, "density", value)
+    if not 0.0 < density <= 1.0:
+        raise MergeError(
+            f"Method {method!r}: density must be in (0, 1], got {value!r}.",
+            hint="density is the fraction of each task vector kept (1 keeps everything); "
+            "density 0 would drop everything and merge nothing.",
+        )
+    return density
+
+
+def density_from_drop_rate(method: str, value: Any) -> float:
+    """DARE's drop probability p, in [0, 1), as the kept fraction 1 − p."""
+    p = check_real(method, "drop_rate", value)
+    if not 0.0 <= p < 1.0:
+        raise MergeError(
+            f"Method {method!r}: drop_rate must be in [0, 1), got {value!r}.",
+            hint="drop_rate is the probability of dropping an entry; 1 would drop everything.",
+        )
+    # Rounded so that drop_rate 0.9 records density 0.1, not 0.09999999999999998.
+    return round(1.0 - p, 15)
+
+
+def check_weights(method: str, value: Any) -> list[float] | None:
+    """None, or a non-empty list of finite numbers (one per fine-tune)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise MergeError(
+            f"Method {method!r}: weights must be a list of numbers, one per fine-tune, got {value!r}."
+        )
+    return [check_real(method, "weights", w) for w in value]
+
+
+def check_sign_method(method: str, value: Any) -> str:
+    if value not in SIGN_METHODS:
+        raise MergeError(
+            f"Method {method!r}: majority_sign_method must be one of {', '.join(SIGN_METHODS)}, got {value!r}."
+        )
+    return value
+
+
+def per_model(method: str, weights: list[float] | None, scale: float, n_models: int) -> list[float]:
+    """scale · wt for each model (wt = 1 when no weights are given); checks the count."""
+    if weights is None:
+        return [scale] * n_models
+    if len(weights) != n_models:
+        raise MergeError(
+            f"Method {method!r}: {len(weights)} weights given for {n_models} fine-tunes.",
+            hint="Give one weight per fine-tune, in the order the fine-tunes are listed.",
+        )
+    return [scale * w for w in weights]
+
+
+class ParamsMixin:
+    """`from_params`: build a method dataclass from recipe/CLI parameters, with aliases.
+
+    `aliases` maps an accepted alternative name to (field, converter); unknown names and a field
+    given twice (under two names) are MergeErrors that list what is accepted.
+    """
+
+    name: ClassVar[str]
+    aliases: ClassVar[Mapping[str, tuple[str, Callable[[str, Any], Any]]]] = {}
+
+    @classmethod
+    def from_params(cls, **params: Any) -> Any:
+        fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        kwargs: dict[str, Any] = {}
+        given_as: dict[str, str] = {}
+        for key, value in params.items():
+            if key in cls.aliases:
+                field, convert = cls.aliases[key]
+                value = convert(cls.name, value)
+            elif key in fields:
+                field = key
+            else:
+                accepted = sorted([*fields, *cls.aliases])
+                raise MergeError(
+                    f"Unknown parameter {key!r} for method {cls.name!r}.",
+                    hint=f"Accepted: {', '.join(accepted) if accepted else 'none'}.",
+                )
+            if field in kwargs:
+                raise MergeError(
+                    f"Method {cls.name!r}: {given_as[field]!r} and {key!r} set the same parameter.",
+                    hint="Give only one of them.",
+                )
+            kwargs[field], given_as[field] = value, key
+        return cls(**kwargs)
+
+
+def identity(method: str, value: Any) -> Any:
+    return value
+
+
+#: Accepted names for the task-arithmetic scale λ (mergekit's YAML can't spell `lambda_`).
+LAMBDA_ALIASES: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
+    "lambda": ("lambda_", identity),
+    "scaling": ("lambda_", identity),
+}
+
+
+# --------------------------------------------------------------------------- tensor steps
+
+
+def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim: a new tensor keeping the int(density·numel) largest |τ| entries, zeros elsewhere.
+
+    Calls peft's `magnitude_based_pruning` (exactly k entries survive; among equal magnitudes at
+    the threshold, topk decides). density 1 returns a copy (peft's `prune` would warn per tensor).
+    """
+    if density >= 1.0:
+        return tau.clone()
+    return magnitude_based_pruning(tau, density)
+
+
+def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: drop each entry with probability 1 − density, rescale survivors by 1/density.
+
+    Differs from peft's `random_pruning` only in drawing the Bernoulli mask from `generator`
+    (seeded per tensor and model). Returns a new tensor (the mask's storage); density 1 (p = 0)
+    returns `tau` itself, untouched, and draws nothing.
+    """
+    if density >= 1.0:
+        return tau
+    # Contiguous whatever tau's strides: the mask follows the logical (row-major) order.
+    keep = torch.empty(tau.shape, dtype=tau.dtype, device=tau.device)
+    keep.bernoulli_(density, generator=generator)
+    return keep.mul_(tau).div_(density)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.view(-1)
+
+
+def keep_majority_sign_(taus: list[torch.Tensor], method: str = "total") -> list[torch.Tensor]:
+    """TIES sign election, in place: zero every entry whose sign is not its parameter's elected sign.
+
+    The elected sign is that of Σt τt ("total", the paper's) or of Σt sign(τt) ("frequency"); a sum
+    of exactly 0 elects + (peft's `calculate_majority_sign_mask`: `>= 0`), so a parameter's
+    positive entries survive. Zeros never agree with a sign, so they stay zero. `taus` must be
+    contiguous tensors the caller owns.
+    """
+    flats = [_flat(t) for t in taus]
+    n = flats[0].numel()
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        stacked = torch.stack([f[start:stop] for f in flats])
+        mask = calculate_majority_sign_mask(stacked, method=method)
+        for f, m in zip(flats, mask):
+            f[start:stop].mul_(m)
+    return taus
+
+
+def add_disjoint_mean_(base: torch.Tensor, taus: list[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
+    """base + Σt ct τt / (number of t with τt ≠ 0), per parameter; 0 added where no τt is nonzero.
+
+    After `keep_majority_sign_` the nonzero entries are exactly the agreeing ones, so this is peft's
+    `disjoint_merge` of the weighted task tensors (called per slice); its divisor is clamped to 1,
+    so an all-zero parameter adds 0, never NaN. Accumulates into `base` (made contiguous).
+    """
+    base = base.contiguous()
+    out = _flat(base)
+    flats = [t.reshape(-1) for t in taus]
+    w = torch.tensor([float(c) for c in coeffs], dtype=base.dtype, device=base.device).view(-1, 1)
+    n = out.numel()
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        stacked = torch.stack([f[start:stop] for f in flats])
+        out[start:stop].add_(disjoint_merge(stacked * w, stacked != 0))
+    return base
