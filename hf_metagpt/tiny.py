@@ -101,3 +101,11 @@ def _save(model, tok, folder: Path, spec: TinySpec) -> None:
     model.save_pretrained(folder, max_shard_size=spec.max_shard_size)
     tok.save_pretrained(folder)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3).save_pretrained(folder)
+
+
+if __name__ == "__main__":  # python -m hf_metagpt.tiny DIR: the models recipes/tiny-local.yaml merges
+    import sys
+
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-models")
+    base_dir, ft_dirs = build_family(root, names=["chat", "math", "code"])
+    print("\n".join(str(p) for p in [base_dir, *ft_dirs]))
