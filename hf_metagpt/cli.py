@@ -93,6 +93,27 @@ def _cmd_install_extension(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_hub_serve(args: argparse.Namespace) -> int:
+    from .hub_server import LocalHub, parse_token_spec
+
+    try:
+        tokens = dict(parse_token_spec(spec) for spec in args.token)
+    except ValueError as exc:
+        raise MergeError(str(exc), hint="Use --token TOKEN or --token USER:TOKEN.") from None
+    hub = LocalHub(args.data, host=args.host, port=args.port, tokens=tokens)
+    endpoint = hub.start()
+    users = ", ".join(sorted(set(tokens.values()))) or "nobody (read-only: add --token USER:TOKEN)"
+    print(f"Local Hub serving {args.data} at {endpoint}; tokens accepted for: {users}", file=sys.stderr)
+    print("Set these where the client runs, before huggingface_hub is imported:", file=sys.stderr)
+    print(f"export HF_ENDPOINT={endpoint}")
+    print("export HF_HUB_DISABLE_XET=1", flush=True)
+    try:
+        hub.serve_forever()
+    except KeyboardInterrupt:
+        print("Local Hub stopped.", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-metagpt",
@@ -115,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_install_extension)
 
     # Further subcommands (hub serve, push, verify, eval, compare) register below.
+    hub = sub.add_parser("hub", help="a local Hub-compatible server (tests, offline demos)")
+    hub_sub = hub.add_subparsers(dest="hub_command", metavar="HUB_COMMAND")
+    hub.set_defaults(func=lambda _args: hub.print_help() or 2)
+    p = hub_sub.add_parser("serve", help="serve a local Hugging Face Hub-compatible API until Ctrl-C",
+                           description="Serve a local Hugging Face Hub-compatible API until Ctrl-C.")
+    p.add_argument("--data", default="hub-data", help="folder keeping repos and files (default: ./hub-data)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    p.add_argument("--token", action="append", default=[], metavar="[USER:]TOKEN",
+                   help="accept this token (for USER, default 'user'); repeatable; never printed")
+    p.set_defaults(func=_cmd_hub_serve)
+
     return parser
 
 

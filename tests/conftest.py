@@ -1,0 +1,99 @@
+"""Shared test fixtures. Each block is owned by one area; append new blocks below the last one."""
+
+# ==== local Hub (issue [local-hub]) ===============================================================
+# One session-wide local Hub, started at import time. huggingface_hub reads HF_ENDPOINT once, when
+# it is first imported, and importing the hf_metagpt package imports it: so the port is reserved
+# and the environment set *before* anything from hf_metagpt or huggingface_hub is imported.
+# From any test:
+#   def test_x(hub_endpoint, hub_token, hub_user): HfApi().create_repo(f"{hub_user}/x")   # env is set
+#   def test_y(local_hub): local_hub.inject_fault(r"/resolve/", status=503)              # faults, request log
+#   def test_z(hub_other_token, hub_other_user): HfApi(token=hub_other_token) ...        # a second user
+#   def test_w(hub_new_user): token, user = hub_new_user("carol")                          # more users
+import atexit
+import os
+import shutil
+import socket
+import tempfile
+
+import pytest
+
+HUB_USER, HUB_TOKEN = "tester", "hf_testtoken_tester"
+HUB_OTHER_USER, HUB_OTHER_TOKEN = "other", "hf_testtoken_other"
+HUB_ORG = "testorg"  # tester is a member; other is not
+
+_hub_tmp = tempfile.mkdtemp(prefix="hf-metagpt-tests-")
+with socket.socket() as _s:
+    _s.bind(("127.0.0.1", 0))
+    _hub_port = _s.getsockname()[1]
+os.environ.update(
+    HF_ENDPOINT=f"http://127.0.0.1:{_hub_port}",
+    HF_HUB_DISABLE_XET="1",  # uploads would otherwise be forced through Xet
+    HF_HUB_DISABLE_TELEMETRY="1",
+    HF_HUB_DISABLE_UPDATE_CHECK="1",
+    HF_HOME=os.path.join(_hub_tmp, "hf-home"),
+    HF_TOKEN=HUB_TOKEN,
+)
+os.environ.pop("HF_HUB_OFFLINE", None)
+
+from hf_metagpt.hub_server import LocalHub  # noqa: E402  (after the environment, on purpose)
+
+_HUB = LocalHub(os.path.join(_hub_tmp, "hub-data"), port=_hub_port,
+                tokens={HUB_TOKEN: HUB_USER, HUB_OTHER_TOKEN: HUB_OTHER_USER}, orgs={HUB_ORG: [HUB_USER]})
+_HUB.start()
+
+
+@atexit.register
+def _stop_local_hub() -> None:
+    _HUB.stop()
+    shutil.rmtree(_hub_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def local_hub() -> LocalHub:
+    """The running LocalHub (inject_fault, requests, add_token, ...). Clear what you inject."""
+    return _HUB
+
+
+@pytest.fixture(scope="session")
+def hub_endpoint() -> str:
+    return _HUB.endpoint
+
+
+@pytest.fixture(scope="session")
+def hub_token() -> str:
+    return HUB_TOKEN
+
+
+@pytest.fixture(scope="session")
+def hub_user() -> str:
+    return HUB_USER
+
+
+@pytest.fixture(scope="session")
+def hub_other_token() -> str:
+    return HUB_OTHER_TOKEN
+
+
+@pytest.fixture(scope="session")
+def hub_other_user() -> str:
+    return HUB_OTHER_USER
+
+
+@pytest.fixture(scope="session")
+def hub_new_user():
+    """Factory: ``token, user = hub_new_user("carol")`` registers a fresh user on the local Hub."""
+
+    def make(user: str) -> tuple[str, str]:
+        token = f"hf_testtoken_{user}"
+        _HUB.add_token(token, user)
+        return token, user
+
+    return make
+
+
+@pytest.fixture
+def hub_faults():
+    """The LocalHub, with every injected fault removed after the test."""
+    yield _HUB
+    _HUB.clear_faults()
+# ==== end of local Hub block ======================================================================
