@@ -1,0 +1,190 @@
+"""The model card (README.md) and λ plot of a merge, built from its `MergeResult`.
+
+The front matter is huggingface_hub's `ModelCardData` (so the Hub shows the merge in every input's
+model tree: `base_model` + `base_model_relation: merge`); the body explains what was merged, how,
+with which coefficients, and gives the exact recipe that reproduces it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
+
+    from .result import MergeResult
+
+log = logging.getLogger(__name__)
+
+CARD_FILE = "README.md"
+PLOT_FILE = "metagpt_lambdas.png"
+TAGS = ["merge", "metagpt", "hf-metagpt"]
+PAPER = "https://arxiv.org/abs/2406.11385"
+
+_METHOD_TEXT = {
+    "metagpt": (
+        "**MetaGPT** (Zhou et al., *MetaGPT: Merging Large Language Models Using Model Exclusive Task "
+        f"Arithmetic*, EMNLP 2024, [arXiv:2406.11385]({PAPER})). With base θ₀ and fine-tunes θ₁…θ_T, "
+        "task vectors τ_t = θ_t − θ₀ and\n\n"
+        "$$\\theta = \\theta_0 + \\sum_t \\lambda_t \\tau_t, \\qquad "
+        "\\lambda_t = \\frac{\\lVert\\tau_t\\rVert^2}{\\sum_k \\lVert\\tau_k\\rVert^2}$$\n\n"
+        "The coefficients need no data and no search: they are each fine-tune's share of the squared "
+        "task-vector norms."
+    ),
+}
+_GRANULARITY_TEXT = {
+    "model": "one λ per fine-tune, norms over all of its parameters — **the paper's method**.",
+    "layer": ("one λ per fine-tune and transformer block (tensors outside the blocks are their own "
+              "groups) — an hf-metagpt extension, **not** the paper's method."),
+    "tensor": "one λ per fine-tune and tensor — an hf-metagpt extension, **not** the paper's method.",
+}
+
+
+def choose_license(licenses: list[str | None]) -> tuple[str, str | None]:
+    """The card's `license:` and a note when the inputs do not share one known licence."""
+    known = {lic for lic in licenses if lic}
+    if len(known) == 1 and all(licenses):
+        return known.pop(), None
+    if not known:
+        return "other", "The licences of the inputs could not be read from their cards: check each input's licence before use."
+    return "other", ("The inputs carry different licences (" + ", ".join(sorted(known)) +
+                     (", and some unknown" if not all(licenses) else "") +
+                     "): the merge is bound by all of them; check each before use.")
+
+
+def plot_lambdas(result: "MergeResult", path: Path) -> Path:
+    """PNG heatmap of λ: one row per fine-tune, one column per group."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = list(result.coefficients)
+    names = [m.display for m in result.models]
+    data = np.array([[result.coefficients[g][i] for g in groups] for i in range(len(names))], dtype=float)
+    width = min(16.0, 3.0 + 0.35 * len(groups))
+    fig, ax = plt.subplots(figsize=(width, 2.8 + 0.5 * len(names)))
+    try:
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-12, float(data.max(initial=0.0))))
+        ax.set_yticks(range(len(names)), labels=names)
+        step = max(1, len(groups) // 24)
+        ax.set_xticks(range(0, len(groups), step), labels=groups[::step], rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{result.method} λ per {result.granularity} group")
+        if len(groups) * len(names) <= 60:
+            for i in range(len(names)):
+                for j in range(len(groups)):
+                    ax.text(j, i, f"{data[i, j]:.3f}", ha="center", va="center", color="w", fontsize=7)
+        fig.colorbar(im, ax=ax, label="λ")
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _ref_row(ref) -> str:
+    from .hub import hub_url
+
+    if ref.repo_id:
+        sha = ref.sha or "?"
+        return f"[`{ref.repo_id}`]({hub_url(ref)}) | `{sha}`"
+    return f"`{ref.spec}` (local folder) | —"
+
+
+def build_card(result: "MergeResult", *, licenses: list[str | None] | None = None,
+               repo_id: str | None = None, plot: str | None = PLOT_FILE) -> "ModelCard":
+    """The card of a merge: metadata the Hub understands, and a body a reader can act on.
+
+    Example:
+        >>> card = build_card(result, licenses=["llama2", "llama2", "llama2", "llama2"])
+        >>> card.data.base_model_relation
+        'merge'
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    inputs = [result.base, *result.models]
+    hub_ids = list(dict.fromkeys(r.repo_id for r in inputs if r.repo_id))
+    license_, license_note = choose_license(licenses if licenses is not None else [None] * len(inputs))
+    data = ModelCardData(
+        base_model=hub_ids or None,
+        base_model_relation="merge" if hub_ids else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=license_,
+        tags=list(TAGS),
+    )
+    if not hub_ids:
+        data.base_model_relation = None
+
+    title = repo_id.split("/")[-1] if repo_id else (result.output.name if result.output else "merged model")
+    lines = [f"# {title}", ""]
+    lines.append(f"A merge of {len(result.models)} fine-tune(s) of `{result.base.display}` made with "
+                 f"hf-metagpt using **{result.method}** "
+                 f"(granularity `{result.granularity}`).")
+    lines += ["", "## Inputs", "", "| role | model | commit |", "|---|---|---|"]
+    lines.append(f"| base | {_ref_row(result.base)} |")
+    for i, m in enumerate(result.models, 1):
+        lines.append(f"| fine-tune {i} | {_ref_row(m)} |")
+    local = [r for r in inputs if not r.repo_id]
+    if local:
+        lines += ["", "Local inputs cannot be listed in `base_model`; they are named above by the path used "
+                      "at merge time."]
+
+    lines += ["", "## Method", ""]
+    lines.append(_METHOD_TEXT.get(result.method, f"**{result.method}** with parameters `{result.parameters}`."))
+    if result.method != "metagpt" and result.method.startswith("metagpt"):
+        lines.append("")
+        lines.append(_METHOD_TEXT["metagpt"])
+    lines += ["", f"Granularity `{result.granularity}`: {_GRANULARITY_TEXT.get(result.granularity, '')}"]
+    if result.parameters:
+        lines += ["", f"Parameters: `{result.parameters}`" + (f", seed {result.seed}" if result.seed is not None else "") + "."]
+    lines += ["", "Tensors were read in their stored dtype, merged in float32 (norms in float64) and written in "
+                  f"`{result.out_dtype or 'the base dtype'}`."]
+
+    if result.coefficients:
+        lines += ["", "## Coefficients (λ)", "", result.lambda_table(), ""]
+        if plot:
+            lines += [f"![λ per group and model]({plot})", ""]
+        lines.append("Every group's λ and squared task-vector norms are in `metagpt_coefficients.json`.")
+
+    notes = list(result.warnings)
+    if license_note:
+        notes.append(license_note)
+    if notes:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in notes]
+    if result.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
+
+    # The folder name only: a local path of the merging machine means nothing on the Hub.
+    load_id = repo_id or (f"./{result.output.name}" if result.output else "path/to/merged")
+    lines += ["", "## Use it", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "",
+              f'model = AutoModelForCausalLM.from_pretrained("{load_id}", dtype="auto")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{load_id}")',
+              "```"]
+    lines += ["", "## Reproduce it", "",
+              "Every Hub input is pinned to the commit that was merged. Save this as `recipe.yaml` and run "
+              "`hf-metagpt merge --recipe recipe.yaml` (or `hf metagpt merge --recipe recipe.yaml`):", "",
+              "```yaml", result.recipe.rstrip("\n"), "```", ""]
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    return ModelCard(content)
+
+
+def write_card(result: "MergeResult", folder: Path, *, licenses: list[str | None] | None = None,
+               repo_id: str | None = None) -> Path:
+    """Write README.md and the λ plot into `folder` (the merge's output); returns the card's path."""
+    folder = Path(folder)
+    plot = None
+    if result.coefficients:
+        try:
+            plot_lambdas(result, folder / PLOT_FILE)
+            plot = PLOT_FILE
+        except Exception as exc:  # a plot must never cost the merge
+            log.warning("warning: could not draw the λ plot (%s); the card has the table only", exc)
+    card = build_card(result, licenses=licenses, repo_id=repo_id, plot=plot)
+    path = folder / CARD_FILE
+    card.save(path)
+    return path
