@@ -27,6 +27,12 @@ def _add_merge_args(p: argparse.ArgumentParser, *, for_plan: bool = False) -> No
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device (auto: a GPU when present)")
     p.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB (default)")
     p.add_argument("--seed", type=int, help="seed for methods that draw random numbers (DARE)")
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="refuse LoRA adapters trained on another base (base_model_name_or_path); default: warn")
+    p.add_argument("--output-format", choices=["model", "lora"],
+                   help="model: full weights (default); lora: one merged adapter (all inputs LoRA adapters)")
+    p.add_argument("--lora-rank", type=int, metavar="K",
+                   help="with --output-format lora: compress each module to rank K by truncated SVD")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
     if for_plan:
         return
@@ -60,7 +66,7 @@ def _options_from_args(args: argparse.Namespace):
             params[key.strip()] = _parse_value(value)
     names = ["base", "output", "method", "granularity", "tokenizer_source", "dtype", "device",
              "max_shard_size", "seed", "token", "overwrite", "allow_nonfinite", "push_to", "private",
-             "create_pr", "revision", "commit_message", "low_disk"]
+             "create_pr", "revision", "commit_message", "low_disk", "strict", "output_format", "lora_rank"]
     overrides = {n: getattr(args, n, None) for n in names}
     overrides["models"] = list(args.models) or None
     overrides["parameters"] = params
@@ -83,21 +89,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     opts = _options_from_args(args)
     print(plan(opts).describe())
     return 0
-
-
-def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push
-
-    url = push(args.folder, args.repo_id, token=args.token, private=args.private, create_pr=args.create_pr,
-               revision=args.revision, commit_message=args.commit_message)
-    print(url)
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    return run_demo(args.workdir, progress=not args.quiet)
 
 
 def _cmd_install_extension(args: argparse.Namespace) -> int:
@@ -149,23 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("install-extension", help="register this installation with the `hf` CLI as `hf metagpt`")
     p.add_argument("--force", action="store_true", help="replace an existing registration")
     p.set_defaults(func=_cmd_install_extension)
-
-    p = sub.add_parser("push", help="upload a merged model folder to the Hub (one commit) and print its URL",
-                       description="Upload a merged model folder to the Hub as one commit; creates the repo if missing.")
-    p.add_argument("folder", help="the output folder of a merge")
-    p.add_argument("repo_id", metavar="ORG/NAME", help="Hub repo to push to")
-    p.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
-    p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    p.add_argument("--revision", help="branch to push to (created if missing)")
-    p.add_argument("--commit-message", help="commit message")
-    p.set_defaults(func=_cmd_push)
-
-    p = sub.add_parser("demo", help="offline demo: local Hub, tiny models merged by ID, pushed with a card",
-                       description="Start a local Hub, publish a tiny base and three fine-tunes, merge them by ID, "
-                                   "push the merge with its model card, and show where everything is. No internet.")
-    p.add_argument("--workdir", help="folder for the demo's Hub data and outputs (default: a new temporary folder)")
-    p.set_defaults(func=_cmd_demo)
 
     # Further subcommands (hub serve, push, verify, eval, compare) register below.
     hub = sub.add_parser("hub", help="a local Hub-compatible server (tests, offline demos)")

@@ -48,6 +48,10 @@ class ModelInfo:
     def name(self) -> str:
         return self.ref.display
 
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """Shape of this model's version of base tensor `name` (adapters answer for the base's names)."""
+        return self.tensors[name].shape
+
     @property
     def vocab_rows(self) -> int | None:
         for name, meta in self.tensors.items():
@@ -124,7 +128,8 @@ class MergePlan:
     def bytes_to_read(self) -> int:
         """Bytes read per pass (every stored tensor of every input that is merged or copied)."""
         names = {t.name for t in self.tensors}
-        return sum(m.nbytes for info in self.inputs for n, m in info.tensors.items() if n in names)
+        return sum(m.nbytes for info in self.inputs for n, m in info.tensors.items()
+                   if n in names or info.ref.is_adapter)
 
     @property
     def bytes_to_write(self) -> int:
@@ -136,7 +141,7 @@ class MergePlan:
         lines = [f"Merge plan: method={o.method} granularity={o.granularity} output dtype={_ST_NAMES.get(self.out_dtype, self.out_dtype)}"]
         lines.append(f"  base:       {self.base.ref.pinned}")
         for i, m in enumerate(self.models, 1):
-            lines.append(f"  model {i}:    {m.ref.pinned}")
+            lines.append(f"  model {i}:    {m.ref.pinned}" + ("  (LoRA adapter)" if m.ref.is_adapter else ""))
         tok = "base" if self.tokenizer_source == 0 else self.models[self.tokenizer_source - 1].name
         lines.append(f"  tokenizer:  {tok}")
         lines.append(f"  tensors:    {len(self.tensors)} in {len(self.groups)} stream groups, "
@@ -384,8 +389,15 @@ def build_plan(opts: MergeOptions, base: ModelInfo, models: list[ModelInfo], met
     """Check every input against the base and lay out groups and shards."""
     warnings: list[str] = []
     notes: list[str] = []
-    check_configs(base, models)
-    check_tensors(base, models)
+    if base.ref.is_adapter:
+        raise InputError(f"The base {base.name} is a PEFT adapter; the base must be a full model.",
+                         hint="Pass the model the adapter was trained on as --base, and the adapter as a fine-tune.")
+    full = [m for m in models if not m.ref.is_adapter]
+    check_configs(base, full)
+    check_tensors(base, full)
+    for m in models:
+        if m.ref.is_adapter:  # lora.AdapterInfo: its own names, checked against the base's
+            m.check_against_base(base, opts.strict, warnings)  # type: ignore[attr-defined]
     check_against_skeleton(base, warnings)
     tok = resolve_tokenizer_source(opts, models)
     out_dtype = out_dtype_of(opts, base)
@@ -401,8 +413,8 @@ def build_plan(opts: MergeOptions, base: ModelInfo, models: list[ModelInfo], met
         floating = bm.is_floating
         shape = bm.shape
         shared = extra = None
-        if is_vocab_tensor(name) and len({i.tensors[name].shape[0] for i in inputs}) > 1:
-            rows = [i.tensors[name].shape[0] for i in inputs]
+        if is_vocab_tensor(name) and len({i.shape_of(name)[0] for i in inputs}) > 1:
+            rows = [i.shape_of(name)[0] for i in inputs]
             shared = min(rows)
             out_rows = rows[tok]
             shape = (out_rows, *bm.shape[1:])

@@ -20,6 +20,7 @@ from .errors import RecipeError
 GRANULARITIES = ("model", "layer", "tensor")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+OUTPUT_FORMATS = ("model", "lora")
 
 
 @dataclass
@@ -41,6 +42,12 @@ class MergeOptions:
     overwrite: bool = False
     seed: int = 0
     allow_nonfinite: bool = False
+    #: refuse a LoRA adapter whose base_model_name_or_path names another base (default: warn)
+    strict: bool = False
+    #: "model" (full weights, default) or "lora" (one merged adapter; every input must be a LoRA adapter)
+    output_format: str = "model"
+    #: with output_format lora: compress each module's merged update to this rank (truncated SVD)
+    lora_rank: int | None = None
     # Hub side ([hub]): all optional for local merges.
     token: str | None = field(default=None, repr=False)
     push_to: str | None = None
@@ -61,12 +68,19 @@ class MergeOptions:
             )
         if not self.output and not self.push_to:
             raise RecipeError("No output folder given.", hint="Pass --output DIR (or `output:` in the recipe).")
-        for name, allowed in (("granularity", GRANULARITIES), ("dtype", DTYPES), ("device", DEVICES)):
+        for name, allowed in (("granularity", GRANULARITIES), ("dtype", DTYPES), ("device", DEVICES),
+                              ("output_format", OUTPUT_FORMATS)):
             if getattr(self, name) not in allowed:
                 raise RecipeError(
                     f"Invalid {name} {getattr(self, name)!r}.", hint=f"Use one of: {', '.join(allowed)}."
                 )
         parse_size(self.max_shard_size)
+        if self.lora_rank is not None:
+            if self.output_format != "lora":
+                raise RecipeError("lora_rank only applies to output_format lora.",
+                                  hint="Add --output-format lora, or drop --lora-rank.")
+            if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+                raise RecipeError(f"Invalid lora_rank {self.lora_rank!r}.", hint="Use a positive integer.")
 
     def to_recipe(self) -> dict[str, Any]:
         """The options as a recipe dict (secrets and defaults left out), for the card and reruns."""

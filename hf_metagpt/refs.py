@@ -27,6 +27,8 @@ class ModelRef:
     revision: str | None = None
     sha: str | None = None
     local_path: Path | None = None
+    #: a PEFT LoRA adapter rather than a full model (set when its folder is read; for the card's lineage)
+    is_adapter: bool = False
 
     @property
     def is_hub(self) -> bool:

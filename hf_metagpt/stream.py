@@ -92,6 +92,46 @@ def read_group(info: ModelInfo, model_index: int, tensors: list[TensorPlan], fil
     return out, nbytes
 
 
+def _f32(t: torch.Tensor, rows: int | None, device: torch.device) -> torch.Tensor:
+    """A float32 copy on `device`, cut to the shared vocabulary rows when the plan says so."""
+    if rows is not None:
+        t = t[:rows]
+    return t.to(device, torch.float32, copy=True)
+
+
+class TaskSource:
+    """One fine-tune as the engine sees it: what to read per group, τ per tensor, maybe an exact ‖τ‖².
+
+    This class is a full fine-tune (τ = θt − θ0, its norm summed from τ). `lora.AdapterSource`
+    is a LoRA adapter (τ = s·B·A, its norm from r×r matrices). Both go through the same engine
+    code; only this seam differs.
+    """
+
+    def __init__(self, info: ModelInfo, index: int, files: FileProvider, device: torch.device,
+                 check: Callable[[torch.Tensor, str, str], None]) -> None:
+        self.info = info
+        self.index = index
+        self.files = files
+        self.device = device
+        self.check = check  # the engine's non-finite policy (raise, or zero with --allow-nonfinite)
+
+    def files_of(self, tensors: list[TensorPlan]) -> set[str]:
+        """Files read for these tensors (so a low-disk provider can release them after)."""
+        return {self.info.tensors[t.name].file for t in tensors if t.floating}
+
+    def read(self, tensors: list[TensorPlan]) -> tuple[dict[str, torch.Tensor], int]:
+        # Integer buffers come from the base only; the fine-tunes' copies are never read.
+        return read_group(self.info, self.index, [t for t in tensors if t.floating], self.files)
+
+    def task_vector(self, tp: TensorPlan, raw: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+        """τ of one tensor in float32 on the device (`base` is θ0 in float32, already cut to rows)."""
+        return _f32(raw[tp.name], tp.shared_rows, self.device).sub_(base)
+
+    def exact_sq_norm(self, tp: TensorPlan, raw: dict[str, torch.Tensor]) -> float | None:
+        """‖τ‖² without forming τ, or None when τ must be formed to know it."""
+        return None
+
+
 class Merger:
     """Runs a `MergePlan` with a `MergeMethod` into a work folder."""
 
@@ -110,25 +150,36 @@ class Merger:
         self.norms = NormState(len(plan.models))
         self.coefficients: dict[str, list[float]] = {}
         self.stats = StreamStats()
+        self.sources = [self._source(info, i) for i, info in enumerate(plan.models, 1)]
+        # A method that rewrites task vectors (DARE, TIES) needs the norms of the rewritten ones,
+        # so exact adapter norms apply only when it leaves them as they are.
+        self.transforms = type(method).transform is not MergeMethod.transform
+
+    def _source(self, info: ModelInfo, index: int) -> TaskSource:
+        if info.ref.is_adapter:
+            from .lora import AdapterSource
+
+            return AdapterSource(info, index, self.files, self.device, self._check_finite)
+        return TaskSource(info, index, self.files, self.device, self._check_finite)
 
     # -------------------------------------------------------------- tensor math around the method
     def _task_vectors(self, tp: TensorPlan, raws: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        rows = tp.shared_rows
-        names = [self.plan.base.name] + [m.name for m in self.plan.models]
-
-        def f32(t: torch.Tensor) -> torch.Tensor:
-            if rows is not None:
-                t = t[:rows]
-            return t.to(self.device, torch.float32, copy=True)
-
-        base = f32(raws[0][tp.name])
-        self._check_finite(base, names[0], tp.name)
+        base = _f32(raws[0][tp.name], tp.shared_rows, self.device)
+        self._check_finite(base, self.plan.base.name, tp.name)
         taus = []
-        for i, raw in enumerate(raws[1:], 1):
-            tau = f32(raw[tp.name]).sub_(base)
-            self._check_finite(tau, names[i], tp.name)
+        for src, raw in zip(self.sources, raws[1:]):
+            tau = src.task_vector(tp, raw, base)
+            self._check_finite(tau, src.info.name, tp.name)
             taus.append(tau)
         return base, self.method.transform(taus, TensorContext(tp.name, self.seed))
+
+    def _exact_norms(self, tp: TensorPlan, raws: list) -> list[float | None]:
+        if self.transforms:
+            return [None] * len(self.sources)
+        return [src.exact_sq_norm(tp, raw) for src, raw in zip(self.sources, raws[1:])]
+
+    def _sq_norms(self, tp: TensorPlan, raws: list, taus: list[torch.Tensor]) -> list[float]:
+        return [squared_norm(t) if e is None else e for e, t in zip(self._exact_norms(tp, raws), taus)]
 
     def _check_finite(self, t: torch.Tensor, model: str, name: str) -> None:
         if bool(torch.isfinite(t).all()):
@@ -138,9 +189,14 @@ class Merger:
                                  hint="The checkpoint is damaged; pass --allow-nonfinite to treat those entries as unchanged from the base.")
         torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
 
-    def _reduce(self, tp: TensorPlan, raws: list[dict[str, torch.Tensor]]) -> None:
-        _, taus = self._task_vectors(tp, raws)
-        self.norms.add(tp.norm_group, [squared_norm(t) for t in taus])
+    def _reduce(self, tp: TensorPlan, raws: list, group: StreamGroup | None = None) -> None:
+        exact = self._exact_norms(tp, raws)
+        if any(e is None for e in exact):
+            if raws[0] is None:  # read lazily: adapters' exact norms need no base weights
+                raws[0] = self._read_base(group)  # type: ignore[arg-type]
+            _, taus = self._task_vectors(tp, raws)
+            exact = [squared_norm(t) if e is None else e for e, t in zip(exact, taus)]
+        self.norms.add(tp.norm_group, exact)  # type: ignore[arg-type]
 
     def _coefficients(self, group: str) -> list[float]:
         if group not in self.coefficients:
@@ -155,7 +211,7 @@ class Merger:
         base, taus = self._task_vectors(tp, raws)
         if self.method.uses_group_norms and tp.norm_group not in self.norms.complete:
             # A norm group of this one tensor: reduce and apply at once.
-            self.norms.add(tp.norm_group, [squared_norm(t) for t in taus])
+            self.norms.add(tp.norm_group, self._sq_norms(tp, raws, taus))
             self.norms.complete.add(tp.norm_group)
         merged = self.method.combine(base, taus, self._coefficients(tp.norm_group))
         out = merged.to(_st_torch(tp.out_dtype))
@@ -168,28 +224,16 @@ class Merger:
     def _groups(self) -> list[StreamGroup]:
         return [g for g in self.plan.groups if not self.group_filter or self.group_filter(g)]
 
-    def _walk(self, groups: list[StreamGroup], desc: str):
-        """Yield groups in order; after each, release the files no later group of this pass reads."""
-        last: dict[tuple[int, str], int] = {}
-        for k, group in enumerate(groups):
-            for i, info in enumerate(self.plan.inputs):
-                for tp in group.tensors:
-                    if i == 0 or tp.floating:
-                        last[(i, info.tensors[tp.name].file)] = k
-        done_after: dict[int, list[tuple[int, str]]] = {}
-        for key, k in last.items():
-            done_after.setdefault(k, []).append(key)
-        for k, group in enumerate(_progress(groups, desc, self.progress)):
-            yield group
-            for i, file in done_after.get(k, ()):
-                self.files.release(i, self.plan.inputs[i], file)
+    def _read_base(self, group: StreamGroup) -> dict[str, torch.Tensor]:
+        data, n = read_group(self.plan.base, 0, group.tensors, self.files)
+        self.stats.bytes_read += n
+        return data
 
-    def _read(self, group: StreamGroup) -> list[dict[str, torch.Tensor]]:
-        raws = []
-        for i, info in enumerate(self.plan.inputs):
-            # Integer buffers come from the base only; the fine-tunes' copies are never read.
-            wanted = group.tensors if i == 0 else [t for t in group.tensors if t.floating]
-            data, n = read_group(info, i, wanted, self.files)
+    def _read(self, group: StreamGroup, with_base: bool = True) -> list:
+        """[base tensors (None when not read yet), then each source's raw tensors] for one group."""
+        raws: list = [self._read_base(group) if with_base else None]
+        for src in self.sources:
+            data, n = src.read(group.tensors)
             self.stats.bytes_read += n
             raws.append(data)
         return raws
@@ -217,13 +261,13 @@ class Merger:
     def reduce_pass(self) -> None:
         """Pass 1 of a whole-model λ: accumulate squared norms of every norm group."""
         groups = self._groups()
-        for group in self._walk(groups, "pass 1/2: norms"):
+        for group in _progress(groups, "pass 1/2: norms", self.progress):
             floating = [t for t in group.tensors if t.floating]
             if not floating:
                 continue
-            raws = self._read(group)
+            raws = self._read(group, with_base=False)
             for tp in floating:
-                self._reduce(tp, raws)
+                self._reduce(tp, raws, group)
         self.norms.complete.update(self.norms.sq)
 
     def write_pass(self, done_shards: set[int]) -> None:
@@ -232,7 +276,7 @@ class Merger:
         writers: dict[int, ShardWriter] = {}
         label = "pass 2/2: merge" if plan.two_pass else "merge"
         try:
-            for group in self._walk(self._groups(), label):
+            for group in _progress(self._groups(), label, self.progress):
                 todo = [t for t in group.tensors if t.shard not in done_shards]
                 if not todo:
                     continue

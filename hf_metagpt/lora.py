@@ -1,0 +1,509 @@
+"""PEFT LoRA adapters as fine-tunes: task vectors Δ = s·B·A, norms without forming Δ.
+
+An adapter folder (`adapter_config.json` + `adapter_model.safetensors`) is read with peft's own
+config class and becomes an `AdapterInfo`: for each base parameter it updates, either a low-rank
+update (`LoraModule`) or a full tensor that replaces the base's (`modules_to_save`, or the
+`base_layer` weights peft saves beside embedding LoRAs). Every other parameter has τ = 0 and is
+never read.
+
+The engine asks an `AdapterSource` (a `stream.TaskSource`) for what it needs, one tensor at a
+time: the task vector (formed in float32, only when the method must see it) or the exact squared
+norm, which for a LoRA update is
+
+    ‖s·B·A‖² = s² · trace((BᵀB)(AAᵀ))
+
+with two r×r Gram matrices in float64 — the full Δ is never formed for MetaGPT's λ.
+
+`--output-format lora` writes one exact adapter instead of a full model (`AdapterMerger`):
+stacking ranks, Σt ct·st·Bt·At = [c1 s1 B1 | c2 s2 B2 | …] · [A1; A2; …], with scaling 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .errors import IncompatibleModelsError, InputError, MergeError
+from .methods import MergeMethod
+from .plan import MergePlan, ModelInfo, TensorPlan
+from .refs import ModelRef
+from .safetensors_io import TensorMeta, read_header
+from .stream import Merger, TaskSource, _f32, _progress
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+ENERGY_FILE = "lora_rank_energy.json"
+#: peft's prefix for the wrapped model's parameters in saved adapters (adapter name already removed).
+PREFIX = "base_model.model."
+# Stored factor names: (A suffix, B suffix, Δ is transposed). Embedding LoRAs store A as
+# (r, num_embeddings) and B as (dim, r), and peft's Embedding.get_delta_weight transposes B·A.
+_FACTORS = ((".lora_A.weight", ".lora_B.weight", False), (".lora_embedding_A", ".lora_embedding_B", True))
+# Init schemes that change the base weights themselves (the adapter is only valid on that changed
+# base); peft converts them to plain LoRA (init_lora_weights=True) when saved with
+# `path_initial_model_for_weight_conversion`.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# LoraConfig options whose update is not s·B·A on the base's own weights (or not a weight update).
+_VARIANTS = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "lora_bias": "LoRA with a bias on lora_B",
+    "use_qalora": "QALoRA",
+    "alora_invocation_tokens": "Activated LoRA (aLoRA), whose update depends on the input",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on nn.Parameter targets (target_parameters)",
+    "trainable_token_indices": "trainable tokens",
+    "megatron_config": "Megatron-parallel LoRA",
+    "monteclora_config": "MonteCLoRA",
+    "velora_config": "VeLoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+}
+#: methods whose merge is θ0 + Σ ct τt, so a merged adapter can be exact.
+LORA_OUTPUT_METHODS = ("metagpt", "task_arithmetic", "linear")
+
+
+class UnsupportedAdapterError(InputError):
+    """A PEFT adapter hf-metagpt cannot turn into an exact task vector."""
+
+
+def is_adapter_folder(folder: Path | None) -> bool:
+    """A folder holding a PEFT adapter (`adapter_config.json`) rather than a full model."""
+    return folder is not None and (folder / ADAPTER_CONFIG).is_file()
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One low-rank update: base parameter `param` += scale · B·A (transposed when `transposed`)."""
+
+    module: str  # the module's name in the base model, e.g. model.layers.0.self_attn.q_proj
+    param: str  # the base parameter it updates: `<module>.weight`
+    a_key: str
+    b_key: str
+    rank: int
+    alpha: float
+    scale: float
+    transposed: bool
+
+
+@dataclass
+class AdapterInfo(ModelInfo):
+    """A LoRA adapter as an input: `tensors` are its stored tensors, `lora`/`full` map them to the base."""
+
+    peft_config: Any = None
+    lora: dict[str, LoraModule] = field(default_factory=dict)  # base param -> update
+    full: dict[str, str] = field(default_factory=dict)  # base param -> stored key of a replacing tensor
+    base_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # filled by check_against_base
+
+    @property
+    def base_model_name(self) -> str | None:
+        return getattr(self.peft_config, "base_model_name_or_path", None) or None
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        if name in self.full:
+            return self.tensors[self.full[name]].shape
+        return self.base_shapes[name]
+
+    def check_against_base(self, base: ModelInfo, strict: bool, warnings: list[str]) -> None:
+        """Every update must land on a floating base parameter of the same shape; the base should be its own."""
+        _check_base_name(self, base, strict, warnings)
+        for param, m in self.lora.items():
+            meta = _base_param(self, base, param)
+            a, b = self.tensors[m.a_key].shape, self.tensors[m.b_key].shape
+            shape = (a[1], b[0]) if m.transposed else (b[0], a[1])
+            if tuple(meta.shape) != shape:
+                raise IncompatibleModelsError(
+                    f"{self.name}: the LoRA update of {param!r} has shape {list(shape)}, the base "
+                    f"{base.name} stores it as {list(meta.shape)}.",
+                    hint="The adapter was trained on another base model; pass the base it was trained on.")
+        for param, key in self.full.items():
+            meta = _base_param(self, base, param)
+            shape = self.tensors[key].shape
+            vocab_ok = param.endswith(("embed_tokens.weight", "lm_head.weight")) and shape[1:] == meta.shape[1:]
+            if tuple(shape) != tuple(meta.shape) and not vocab_ok:
+                raise IncompatibleModelsError(
+                    f"{self.name}: saved module {param!r} has shape {list(shape)}, the base has {list(meta.shape)}.",
+                    hint="The adapter was trained on another base model; pass the base it was trained on.")
+        self.base_shapes = {n: tuple(m.shape) for n, m in base.tensors.items()}
+
+
+def _base_param(ad: AdapterInfo, base: ModelInfo, param: str) -> TensorMeta:
+    meta = base.tensors.get(param)
+    if meta is None:
+        raise IncompatibleModelsError(
+            f"{ad.name} updates {param!r}, which the base {base.name} does not have.",
+            hint="The adapter was trained on another architecture; pass the base it was trained on.")
+    if not meta.is_floating:
+        raise IncompatibleModelsError(f"{ad.name} updates the integer tensor {param!r} of the base.")
+    return meta
+
+
+def _norm_name(text: str) -> str:
+    return text.strip().rstrip("/").lower()
+
+
+def _check_base_name(ad: AdapterInfo, base: ModelInfo, strict: bool, warnings: list[str]) -> None:
+    """Compare `base_model_name_or_path` with the base: same Hub ID, same folder, or same last path part.
+
+    Lenient on purpose: an adapter trained on `meta-llama/Llama-2-7b-hf` is normally merged onto a
+    local copy named `Llama-2-7b-hf`. Shapes are checked separately and always.
+    """
+    want = ad.base_model_name
+    if not want:
+        warnings.append(f"{ad.name} does not record its base model (base_model_name_or_path); "
+                        f"assuming {base.name}")
+        return
+    names = {_norm_name(n) for n in (base.ref.repo_id, base.ref.spec, base.config.get("_name_or_path")) if n}
+    if base.ref.local_path is not None:
+        names.add(_norm_name(str(base.ref.local_path)))
+    if _norm_name(want) in names:
+        return
+    if Path(want).expanduser().is_dir() and base.ref.local_path is not None \
+            and Path(want).expanduser().resolve() == base.ref.local_path.resolve():
+        return
+    tail = _norm_name(want.split("@")[0]).split("/")[-1]
+    if tail and tail in {n.split("/")[-1] for n in names}:
+        return
+    msg = f"{ad.name} was trained on {want!r}, not on the base {base.name}"
+    if strict:
+        raise IncompatibleModelsError(msg + ".", hint="Pass the adapter's own base with --base, or drop --strict "
+                                                      "to merge anyway (shapes are still checked).")
+    warnings.append(msg + " (shapes match; --strict refuses this)")
+
+
+# ---------------------------------------------------------------- reading an adapter folder
+
+def load_adapter_info(ref: ModelRef, folder: Path | None = None) -> AdapterInfo:
+    """Read an adapter's config with peft and its safetensors header (no tensor data)."""
+    folder = Path(folder or ref.local_path)  # type: ignore[arg-type]
+    ref = replace(ref, is_adapter=True)
+    cfg = _read_config(folder, ref.display)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        if (folder / ADAPTER_PICKLE).is_file():
+            raise InputError(f"{ref.display}: only a pickle adapter ({ADAPTER_PICKLE}); hf-metagpt never unpickles files.",
+                             hint="Re-save it with peft in a trusted environment: "
+                                  "`PeftModel.from_pretrained(base, dir).save_pretrained(out, safe_serialization=True)`.")
+        raise InputError(f"{ref.display}: {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}.",
+                         hint="Point at a complete PEFT adapter folder (save_pretrained output).")
+    tensors = read_header(weights, ADAPTER_WEIGHTS)
+    lora, full = _map_keys(ref.display, cfg, tensors)
+    if not lora and not full:
+        raise InputError(f"{ref.display}: the adapter holds no LoRA weights.")
+    raw = json.loads((folder / ADAPTER_CONFIG).read_text())
+    # The config is part of the task vector (alpha, ranks), so it is fingerprinted with the weights.
+    return AdapterInfo(ref=ref, config=raw, tensors=tensors, weight_files=[ADAPTER_WEIGHTS, ADAPTER_CONFIG],
+                       peft_config=cfg, lora=lora, full=full)
+
+
+def _read_config(folder: Path, name: str):
+    from peft import PeftConfig, PeftType
+
+    try:
+        cfg = PeftConfig.from_pretrained(str(folder))
+    except Exception as exc:  # peft raises ValueError/TypeError/KeyError for configs it cannot read
+        raise UnsupportedAdapterError(f"{name}: peft cannot read {ADAPTER_CONFIG} ({exc}).",
+                                      hint="Is it a PEFT adapter saved by a compatible peft version?") from None
+    if cfg.peft_type != PeftType.LORA:
+        kind = getattr(cfg.peft_type, "value", cfg.peft_type)
+        raise UnsupportedAdapterError(
+            f"{name}: a {kind} adapter; only LoRA adapters (peft_type LORA) can be merged.",
+            hint="Other PEFT types (AdaLoRA, IA3, LoHa, LoKr, prompt/prefix tuning, ...) are not supported; "
+                 "merge it into its base with peft (merge_and_unload) and pass the full model instead.")
+    for attr, what in _VARIANTS.items():
+        if getattr(cfg, attr, None):
+            raise UnsupportedAdapterError(
+                f"{name}: uses {what} ({attr}); only plain LoRA (Δ = s·B·A) is supported.",
+                hint="Merge it into its base with peft (merge_and_unload) and pass the full model instead.")
+    init = str(getattr(cfg, "init_lora_weights", True)).lower()
+    if init.startswith(_BASE_CHANGING_INITS):
+        raise UnsupportedAdapterError(
+            f"{name}: initialised with {init!r}, which changes the base weights; the adapter is only valid "
+            f"on that modified base.",
+            hint="Convert it to plain LoRA with peft (save_pretrained(..., "
+                 "path_initial_model_for_weight_conversion=...)) first.")
+    if getattr(cfg, "bias", "none") not in ("none", None):
+        # bias='all'/'lora_only' saves trained biases as full tensors; they are handled as such.
+        log.info("%s: trained biases (bias=%s) are merged as full tensors", name, cfg.bias)
+    return cfg
+
+
+def _map_keys(name: str, cfg, tensors: dict[str, TensorMeta]) -> tuple[dict[str, LoraModule], dict[str, str]]:
+    from peft.utils.other import get_pattern_key
+
+    lora: dict[str, LoraModule] = {}
+    full: dict[str, str] = {}
+    seen: set[str] = set()
+    for key in tensors:
+        if not key.startswith(PREFIX):
+            raise UnsupportedAdapterError(f"{name}: unexpected tensor {key!r} (not under {PREFIX!r}).",
+                                          hint="Only adapters saved by peft's save_pretrained are supported.")
+        rest = key[len(PREFIX):]
+        for a_suf, b_suf, transposed in _FACTORS:
+            if rest.endswith(a_suf) or rest.endswith(b_suf):
+                module = rest[: -len(a_suf if rest.endswith(a_suf) else b_suf)]
+                if module in seen:
+                    break
+                seen.add(module)
+                a_key, b_key = PREFIX + module + a_suf, PREFIX + module + b_suf
+                if a_key not in tensors or b_key not in tensors:
+                    raise InputError(f"{name}: {module} has only one of its LoRA factors.",
+                                     hint="The adapter file is incomplete; re-save it.")
+                # peft's own rule (LoraModel._create_and_replace): per-module r and alpha from the
+                # first matching rank_pattern / alpha_pattern key.
+                r = cfg.rank_pattern.get(get_pattern_key(list(cfg.rank_pattern or {}), module), cfg.r)
+                alpha = cfg.alpha_pattern.get(get_pattern_key(list(cfg.alpha_pattern or {}), module), cfg.lora_alpha)
+                a, b = tensors[a_key].shape, tensors[b_key].shape
+                if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r:
+                    raise UnsupportedAdapterError(
+                        f"{name}: {module} stores factors {list(a)} and {list(b)}, not rank {r} as its config says.",
+                        hint="Only linear and embedding LoRA layers with the configured rank are supported "
+                             "(no convolution LoRA).")
+                scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+                param = module + ".weight"
+                lora[param] = LoraModule(module, param, a_key, b_key, r, float(alpha), scale,
+                                         transposed or bool(cfg.fan_in_fan_out))
+                break
+        else:
+            if ".lora_" in rest:
+                raise UnsupportedAdapterError(f"{name}: unknown LoRA tensor {key!r}.",
+                                              hint="Only plain LoRA factors (lora_A/lora_B) are supported.")
+            # A full tensor: modules_to_save (saved under the module's own name) or the base
+            # weights peft saves beside embedding LoRAs (`.base_layer.`): the fine-tune loads it
+            # over the base's, so τ = saved − base (plus any LoRA update of the same module).
+            full[rest.replace(".base_layer.", ".")] = key
+    return lora, full
+
+
+# ---------------------------------------------------------------- the engine's view of an adapter
+
+class AdapterSource(TaskSource):
+    """τ of a LoRA adapter for one tensor at a time: s·B·A, a saved full tensor − base, or 0."""
+
+    info: AdapterInfo
+
+    def files_of(self, tensors: list[TensorPlan]) -> set[str]:
+        return {ADAPTER_WEIGHTS} if any(self._keys(tp) for tp in tensors) else set()
+
+    def _keys(self, tp: TensorPlan) -> list[str]:
+        keys = []
+        if tp.name in self.info.lora:
+            m = self.info.lora[tp.name]
+            keys += [m.a_key, m.b_key]
+        if tp.name in self.info.full:
+            keys.append(self.info.full[tp.name])
+        return keys
+
+    def read(self, tensors: list[TensorPlan]) -> tuple[dict[str, torch.Tensor], int]:
+        """The group's factors and saved tensors, by stored key (untouched parameters: nothing)."""
+        keys = [k for tp in tensors if tp.floating for k in self._keys(tp)]
+        out: dict[str, torch.Tensor] = {}
+        if not keys:
+            return out, 0
+        with safe_open(self.files.path(self.index, self.info, ADAPTER_WEIGHTS), framework="pt") as f:
+            for k in keys:
+                out[k] = f.get_tensor(k)
+        return out, sum(self.info.tensors[k].nbytes for k in keys)
+
+    def factors(self, tp: TensorPlan, raw: dict[str, torch.Tensor], dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, LoraModule]:
+        """(B, A) in `dtype`, sliced to the plan's shared vocabulary rows."""
+        m = self.info.lora[tp.name]
+        a = raw[m.a_key].to(device, dtype)
+        b = raw[m.b_key].to(device, dtype)
+        if tp.shared_rows is not None:
+            # Rows of Δ are columns of A when Δ = (B·A)ᵀ, rows of B otherwise.
+            a, b = (a[:, : tp.shared_rows], b) if m.transposed else (a, b[: tp.shared_rows])
+        self.check(a, self.info.name, m.a_key)
+        self.check(b, self.info.name, m.b_key)
+        return b, a, m
+
+    def task_vector(self, tp: TensorPlan, raw: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+        tau = None
+        if tp.name in self.info.full:
+            tau = _f32(raw[self.info.full[tp.name]], tp.shared_rows, self.device).sub_(base)
+        if tp.name in self.info.lora:
+            b, a, m = self.factors(tp, raw, torch.float32, self.device)
+            # Same order as peft's get_delta_weight: (B·A), transposed, times the scaling.
+            delta = b @ a
+            delta = (delta.t() if m.transposed else delta).mul(m.scale)
+            tau = delta if tau is None else tau.add_(delta)
+        return torch.zeros_like(base) if tau is None else tau
+
+    def exact_sq_norm(self, tp: TensorPlan, raw: dict[str, torch.Tensor]) -> float | None:
+        if tp.name in self.info.full:
+            return None  # a replaced tensor (plus maybe a LoRA update): formed and summed
+        if tp.name not in self.info.lora:
+            return 0.0
+        b, a, m = self.factors(tp, raw, torch.float64, self.device)
+        return lora_sq_norm(b, a, m.scale)
+
+
+def lora_sq_norm(b: torch.Tensor, a: torch.Tensor, scale: float) -> float:
+    """‖scale·B·A‖²_F = scale² · trace((BᵀB)(AAᵀ)), from two r×r matrices in float64.
+
+    Both Gram matrices are symmetric, so the trace of their product is the sum of their
+    elementwise product. Transposing Δ does not change its norm.
+    """
+    gb = b.double().t() @ b.double()
+    ga = a.double() @ a.double().t()
+    return float(scale) ** 2 * float((gb * ga).sum())
+
+
+# ---------------------------------------------------------------- merged-adapter output
+
+def check_lora_output(plan: MergePlan, method: MergeMethod) -> None:
+    """`--output-format lora` needs LoRA adapters only, one base, and a method that adds scaled τ."""
+    plain = [m.name for m in plan.models if not m.ref.is_adapter]
+    if plain:
+        raise MergeError(f"--output-format lora needs every input to be a LoRA adapter; {plain[0]} is a full model.",
+                         hint="Use the default --output-format model to merge adapters with full fine-tunes.")
+    if method.name not in LORA_OUTPUT_METHODS or (method.name == "linear" and not getattr(method, "normalize", True)):
+        raise MergeError(f"--output-format lora cannot express method {method.name!r} exactly as one adapter.",
+                         hint=f"Use one of {', '.join(LORA_OUTPUT_METHODS)} (linear with normalize), "
+                              f"or the default --output-format model.")
+    fifo = {bool(m.peft_config.fan_in_fan_out) for m in plan.models}  # type: ignore[attr-defined]
+    if len(fifo) > 1:
+        raise MergeError("--output-format lora: the adapters disagree on fan_in_fan_out.")
+    for tp in plan.tensors:
+        if tp.shared_rows is not None:
+            raise MergeError(f"--output-format lora: the adapters' vocabularies differ ({tp.name}).",
+                             hint="Use the default --output-format model, which applies the vocabulary policy.")
+
+
+class AdapterMerger(Merger):
+    """Writes one exact adapter (rank Σ rt per module) instead of full shards.
+
+    Norms come from the r×r identity (pass 1 reads the adapters only); the factors of one stream
+    group are read again and stacked. Modules some input saves in full (modules_to_save) are
+    merged like the full output and saved as modules_to_save.
+    """
+
+    def __init__(self, plan: MergePlan, method: MergeMethod, work_dir: Path, *, lora_rank: int | None = None,
+                 **kwargs: Any) -> None:
+        check_lora_output(plan, method)
+        super().__init__(plan, method, work_dir, **kwargs)
+        self.lora_rank = lora_rank
+        self.energy: dict[str, float] = {}
+
+    def run(self, cached_norms: dict[str, list[float]] | None = None) -> None:
+        start = time.perf_counter()
+        if self.method.uses_group_norms:
+            if cached_norms is not None:
+                self.norms.sq = {k: list(v) for k, v in cached_norms.items()}
+                self.norms.complete.update(self.norms.sq)
+            if not set(self.plan.norm_groups) <= self.norms.complete:
+                self.stats.passes = 2
+                self.reduce_pass()
+        for g in self.plan.norm_groups:
+            self._coefficients(g)
+        self._write_adapter()
+        self.stats.seconds = time.perf_counter() - start
+
+    def _write_adapter(self) -> None:
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        saved: list[str] = []
+        for group in _progress(self._groups(), "write adapter", self.progress):
+            floating = [t for t in group.tensors if t.floating]
+            raws = self._read(group, with_base=False)
+            for tp in floating:
+                coeffs = self.coefficients[tp.norm_group]
+                if any(tp.name in s.info.full for s in self.sources):
+                    if raws[0] is None:
+                        raws[0] = self._read_base(group)
+                    tensors[PREFIX + tp.name] = self._merge_tensor(tp, raws).contiguous()
+                    saved.append(tp.name[: -len(".weight")] if tp.name.endswith(".weight") else tp.name)
+                    continue
+                parts = [(c, s.factors(tp, raw, torch.float32, self.device))
+                         for c, s, raw in zip(coeffs, self.sources, raws[1:]) if tp.name in s.info.lora]
+                if not parts:
+                    continue
+                # Σt ct·Δt = Σt (ct·st·Bt)·At: B columns scaled, ranks stacked; scaling 1 (alpha = r).
+                b = torch.cat([bt * (c * m.scale) for c, (bt, _, m) in parts], dim=1)
+                a = torch.cat([at for _, (_, at, _) in parts], dim=0)
+                if self.lora_rank is not None and b.shape[1] > self.lora_rank:
+                    b, a, kept = truncate_rank(b, a, self.lora_rank)
+                    self.energy[tp.name] = kept
+                elif self.lora_rank is not None:
+                    self.energy[tp.name] = 1.0
+                m0 = parts[0][1][2]
+                tensors[m0.a_key] = a.contiguous().cpu()
+                tensors[m0.b_key] = b.contiguous().cpu()
+                ranks[m0.module] = a.shape[0]
+            del raws
+        if not ranks and not saved:
+            raise MergeError("The adapters update nothing: the merged adapter would be empty.")
+        first = self.plan.models[0].peft_config  # type: ignore[attr-defined]
+        common = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 1
+        # Exact scaling 1 everywhere: alpha = r per module. Pattern keys are escaped module names
+        # (peft reads them as regexes anchored at the end) so each matches its own module only.
+        pattern = {re.escape(mod): r for mod, r in ranks.items() if r != common}
+        cfg = LoraConfig(
+            r=common, lora_alpha=common, use_rslora=False, rank_pattern=pattern, alpha_pattern=dict(pattern),
+            target_modules=sorted(ranks) or None, modules_to_save=saved or None,
+            fan_in_fan_out=bool(first.fan_in_fan_out), lora_dropout=0.0, bias="none",
+            base_model_name_or_path=first.base_model_name_or_path or self.plan.base.ref.pinned,
+            task_type=first.task_type, inference_mode=True,
+        )
+        cfg.save_pretrained(str(self.work_dir))
+        out = self.work_dir / ADAPTER_WEIGHTS
+        save_file(tensors, str(out) + ".tmp", metadata={"format": "pt"})
+        Path(str(out) + ".tmp").replace(out)
+        self.stats.bytes_written = out.stat().st_size
+        if self.lora_rank is not None:
+            (self.work_dir / ENERGY_FILE).write_text(json.dumps(
+                {"lora_rank": self.lora_rank, "retained_energy": self.energy}, indent=2))
+
+
+def truncate_rank(b: torch.Tensor, a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-k factors of B·A (truncated SVD, float64) and the share of ‖B·A‖² kept.
+
+    Works on R×R matrices only: B = Qb·Rb and Aᵀ = Qa·Ra give B·A = Qb·(Rb·Raᵀ)·Qaᵀ, whose SVD is
+    that of the small middle matrix.
+    """
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double().t())
+    u, s, vh = torch.linalg.svd(rb @ ra.t())
+    total = float((s * s).sum())
+    kept = float((s[:k] * s[:k]).sum()) / total if total > 0 else 1.0
+    new_b = (qb @ u[:, :k]) * s[:k]
+    new_a = vh[:k] @ qa.t()
+    return new_b.to(b.dtype), new_a.to(a.dtype), kept
+
+
+def write_adapter_side_files(plan: MergePlan, work: Path) -> None:
+    """Tokenizer files of the tokenizer source beside the merged adapter (when it has any)."""
+    import shutil
+
+    from .output import TOKENIZER_FILES
+
+    src = plan.inputs[plan.tokenizer_source].ref.local_path
+    if src is None:
+        return
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, work / name)
+
+
+def energy_note(energy: dict[str, float], k: int) -> str | None:
+    if not energy:
+        return None
+    worst = min(energy, key=energy.get)  # type: ignore[arg-type]
+    mean = sum(energy.values()) / len(energy)
+    return (f"--lora-rank {k}: retained energy mean {mean:.4f}, lowest {energy[worst]:.4f} ({worst}); "
+            f"per module in {ENERGY_FILE}")
