@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from .plan import MergePlan, ModelInfo, build_plan, load_local_info
 from .recipe import MergeOptions, build_options, dump_recipe
 from .refs import ModelRef, parse_ref
 from .result import MergeResult
-from .stream import Merger
+from .stream import FileProvider, Merger
 
 log = logging.getLogger("hf_metagpt")
 
@@ -35,19 +36,36 @@ def _options(options: MergeOptions | None, kwargs: dict[str, Any]) -> MergeOptio
 def load_infos(opts: MergeOptions) -> tuple[ModelInfo, list[ModelInfo]]:
     """Resolve every reference and read its config and safetensors headers (no weights)."""
     refs = [parse_ref(opts.base)] + [parse_ref(m) for m in opts.models]
-    infos = [_load_info(r) for r in refs]
+    infos = [_load_info(r, opts.token) for r in refs]
     return infos[0], infos[1:]
 
 
-def _load_info(ref: ModelRef) -> ModelInfo:
+def _load_info(ref: ModelRef, token: str | None = None) -> ModelInfo:
+    """Local folder: read its headers. Hub ID: pin it to a commit, then read remote headers only."""
     if ref.is_hub:
-        raise MergeError(f"{ref.display}: merging by Hub ID is not available in this build.",
-                         hint="Download the model and pass its folder.")
+        from . import hub
+
+        remote = hub.resolve(ref, token)
+        hub.remember_files(remote)
+        return hub.remote_info(remote, token)
     from .lora import is_adapter_folder, load_adapter_info
 
     if is_adapter_folder(ref.local_path):
         return load_adapter_info(ref)
     return load_local_info(ref)
+
+
+def _fetch_inputs(the_plan: MergePlan, opts: MergeOptions, target: Path) -> FileProvider | None:
+    """Download what the Hub inputs need (after the plan checked them); low-disk: a lazy provider."""
+    if not any(i.ref.is_hub for i in the_plan.inputs):
+        return None
+    from . import hub
+
+    hub.check_disk(the_plan, target, opts.low_disk)
+    hub.download(the_plan, opts.token, weights=not opts.low_disk)
+    if not opts.low_disk:
+        return None
+    return hub.LowDiskFiles(the_plan, target.parent / f".{target.name}.hf-metagpt-download", opts.token)
 
 
 def plan(options: MergeOptions | None = None, **kwargs: Any) -> MergePlan:
@@ -84,7 +102,9 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
     opts = _options(options, kwargs)
     method = get_method(opts.method, **opts.parameters)
     base, models = load_infos(opts)
-    target = Path(opts.output)
+    # --push-to without --output: build the folder in a temporary place (it is what gets pushed).
+    target = Path(opts.output) if opts.output else \
+        Path(tempfile.mkdtemp(prefix="hf-metagpt-")) / str(opts.push_to).rsplit("/", 1)[-1]
     check_output(target, [base, *models], opts.overwrite)
     the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
     for w in the_plan.warnings:
@@ -98,6 +118,7 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
     lora_out = opts.output_format == "lora"
     # A merged adapter is another output than the shards of the same plan: never resume one from the other.
     dirs = prepare(target, plan_key(the_plan, nkey if not lora_out else f"{nkey}|lora|{opts.lora_rank}"))
+    files = _fetch_inputs(the_plan, opts, dirs.target)
     merger_cls = Merger
     extra: dict[str, Any] = {}
     if lora_out:
@@ -105,8 +126,12 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
 
         merger_cls, extra = AdapterMerger, {"lora_rank": opts.lora_rank}
     merger = merger_cls(the_plan, method, dirs.work, device=select_device(opts.device), seed=seed,
-                        allow_nonfinite=opts.allow_nonfinite, progress=progress, **extra)
-    merger.run(cached_norms=cached_norms(dirs.target, nkey) if method.uses_group_norms else None)
+                        allow_nonfinite=opts.allow_nonfinite, progress=progress, files=files, **extra)
+    try:
+        merger.run(cached_norms=cached_norms(dirs.target, nkey) if method.uses_group_norms else None)
+    finally:
+        if files is not None:
+            files.close()  # type: ignore[attr-defined]
 
     result = MergeResult(
         output=dirs.target, base=base.ref, models=[m.ref for m in models], method=method.name,
@@ -122,8 +147,14 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
         if note := energy_note(merger.energy, opts.lora_rank):  # type: ignore[attr-defined]
             result.notes.append(note)
             log.info("note: %s", note)
-    _finish(the_plan, result, dirs)
+    _finish(the_plan, result, dirs, opts.token)
     result.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if opts.push_to:
+        from .hub import push
+
+        result.pushed_url = push(dirs.target, opts.push_to, token=opts.token, private=opts.private,
+                                 create_pr=opts.create_pr, revision=opts.revision,
+                                 commit_message=opts.commit_message)
     return result
 
 
@@ -154,7 +185,10 @@ def _coefficient_warnings(result: MergeResult, method: MergeMethod) -> None:
         log.warning("warning: %s", msg)
 
 
-def _finish(the_plan: MergePlan, result: MergeResult, dirs: OutputDirs) -> None:
+def _finish(the_plan: MergePlan, result: MergeResult, dirs: OutputDirs, token: str | None = None) -> None:
+    from .card import write_card
+    from .hub import all_licenses
+
     if the_plan.options.output_format == "lora":
         from .lora import write_adapter_side_files
 
@@ -163,4 +197,5 @@ def _finish(the_plan: MergePlan, result: MergeResult, dirs: OutputDirs) -> None:
         write_side_files(the_plan, dirs.work)
     result.write_coefficients(dirs.work)
     (dirs.work / "hf_metagpt_recipe.yaml").write_text(result.recipe)
+    write_card(result, dirs.work, licenses=all_licenses(the_plan, token), repo_id=the_plan.options.push_to)
     publish(dirs)

@@ -91,6 +91,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push
+
+    url = push(args.folder, args.repo_id, token=args.token, private=args.private, create_pr=args.create_pr,
+               revision=args.revision, commit_message=args.commit_message)
+    print(url)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.workdir, progress=not args.quiet)
+
+
 def _cmd_install_extension(args: argparse.Namespace) -> int:
     from .extension import install_extension
 
@@ -140,6 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("install-extension", help="register this installation with the `hf` CLI as `hf metagpt`")
     p.add_argument("--force", action="store_true", help="replace an existing registration")
     p.set_defaults(func=_cmd_install_extension)
+
+    p = sub.add_parser("push", help="upload a merged model folder to the Hub (one commit) and print its URL",
+                       description="Upload a merged model folder to the Hub as one commit; creates the repo if missing.")
+    p.add_argument("folder", help="the output folder of a merge")
+    p.add_argument("repo_id", metavar="ORG/NAME", help="Hub repo to push to")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--revision", help="branch to push to (created if missing)")
+    p.add_argument("--commit-message", help="commit message")
+    p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser("demo", help="offline demo: local Hub, tiny models merged by ID, pushed with a card",
+                       description="Start a local Hub, publish a tiny base and three fine-tunes, merge them by ID, "
+                                   "push the merge with its model card, and show where everything is. No internet.")
+    p.add_argument("--workdir", help="folder for the demo's Hub data and outputs (default: a new temporary folder)")
+    p.set_defaults(func=_cmd_demo)
 
     # Further subcommands (hub serve, push, verify, eval, compare) register below.
     hub = sub.add_parser("hub", help="a local Hub-compatible server (tests, offline demos)")

@@ -37,3 +37,7 @@ class RecipeError(MergeError):
 
 class NonFiniteError(MergeError):
     """An input tensor holds NaN or Inf."""
+
+
+class IntegrityError(MergeError):
+    """A merged folder fails `hf-metagpt verify`: missing, damaged or inconsistent files."""

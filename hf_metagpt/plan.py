@@ -181,7 +181,11 @@ def load_local_info(ref: ModelRef) -> ModelInfo:
     files = local_weight_files(folder, ref.display)
     tensors: dict[str, TensorMeta] = {}
     for rel in files:
-        for name, meta in read_header(folder / rel, rel).items():
+        try:
+            header = read_header(folder / rel, rel)
+        except InputError as exc:  # name the model too: the same shard name exists in every input
+            raise InputError(f"{ref.display}: {exc.message}", hint=exc.hint) from None
+        for name, meta in header.items():
             if name in tensors:
                 raise InputError(f"{ref.display}: tensor {name!r} is stored twice ({tensors[name].file}, {rel}).")
             tensors[name] = meta
@@ -192,17 +196,21 @@ def load_local_info(ref: ModelRef) -> ModelInfo:
 def safe_relative(name: str, model: str) -> str:
     """Refuse index entries that point outside the model folder."""
     p = Path(name)
-    if p.is_absolute() or ".." in p.parts or name.startswith(("/", "\\")):
+    if p.is_absolute() or ".." in p.parts or name.startswith(("/", "\\")) or "\0" in name or p.as_posix() == ".":
         raise InputError(f"{model}: the weight index names a file outside the model: {name!r}.",
                          hint="The index is damaged or malicious; re-download the model.")
     return p.as_posix()
 
 
 def weight_files_from_index(index: dict[str, Any], model: str) -> list[str]:
-    wm = index.get("weight_map")
+    wm = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise InputError(f"{model}: {INDEX_FILE} has no weight_map.", hint="Re-download or re-save the model.")
-    return sorted({safe_relative(str(f), model) for f in wm.values()})
+    bad = [f for f in wm.values() if not isinstance(f, str)]
+    if bad:
+        raise InputError(f"{model}: {INDEX_FILE} names a file that is not a string: {bad[0]!r}.",
+                         hint="The index is damaged; re-download or re-save the model.")
+    return sorted({safe_relative(f, model) for f in wm.values()})
 
 
 def local_weight_files(folder: Path, model: str) -> list[str]:
@@ -463,6 +471,21 @@ def build_plan(opts: MergeOptions, base: ModelInfo, models: list[ModelInfo], met
     two_pass = method_uses_norms and any(len(s) > 1 for s in spans.values())
     if len(models) == 1:
         warnings.append(f"only one fine-tune: every λ is 1 and the result equals {models[0].name}")
+    warnings.extend(_repeated_models(models))
     return MergePlan(options=opts, base=base, models=models, tokenizer_source=tok, out_dtype=out_dtype,
                      groups=groups, shards=shards, norm_groups=norm_groups, two_pass=two_pass,
                      warnings=warnings, notes=notes)
+
+
+def _repeated_models(models: list[ModelInfo]) -> list[str]:
+    """The same fine-tune listed twice is allowed (the formula is well defined) but said: mostly a typo."""
+    seen: dict[object, str] = {}
+    out = []
+    for m in models:
+        key = (m.ref.repo_id, m.ref.sha or m.ref.revision) if m.ref.is_hub else m.ref.local_path
+        if key in seen:
+            out.append(f"{m.name} is listed more than once (as {seen[key]}): it is merged once per listing, "
+                       "so its share of the merge grows; remove the repeat unless that is intended")
+        else:
+            seen[key] = m.name
+    return out

@@ -7,6 +7,7 @@ recipe keys and the Python keyword arguments all map onto its fields by name.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,7 +112,8 @@ def parse_size(size: str | int) -> int:
         value = float(num)
     except ValueError:
         value = -1
-    if unit not in _UNITS or value <= 0:
+    # inf/nan and sizes under one byte ('1e-9') are refused here rather than crash or mean 0 later.
+    if unit not in _UNITS or not math.isfinite(value) or value * _UNITS[unit] < 1:
         raise RecipeError(f"Invalid size {size!r}.", hint="Use a size like 5GB, 500MB or 2GiB.")
     return int(value * _UNITS[unit])
 
@@ -153,11 +155,24 @@ def parse_recipe(text: str, source: str = "<recipe>") -> dict[str, Any]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"Recipe {source} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"Recipe {source} is nested too deeply to be a recipe.") from None
     if data is None:
         data = {}
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise RecipeError(f"Recipe {source} must be a mapping of option names to values.")
-    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    lines: dict[Any, int] = {}
+    for k, _ in node.value:
+        if not isinstance(k, yaml.ScalarNode):
+            continue
+        try:  # the key as safe_load sees it (1, null, ...), so every key's line is known
+            key = yaml.SafeLoader("").construct_object(k)
+        except yaml.YAMLError:
+            key = k.value
+        if key in lines:
+            raise RecipeError(f"Recipe key {key!r} is given twice ({source}, lines {lines[key]} and "
+                              f"{k.start_mark.line + 1}).", hint="Keep one of them.")
+        lines[key] = k.start_mark.line + 1
     hints = typing.get_type_hints(MergeOptions)
     known = {f.name for f in dataclasses.fields(MergeOptions)}
     aliases = {"fine_tunes": "models", "finetunes": "models"}

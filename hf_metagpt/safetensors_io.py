@@ -14,16 +14,19 @@ written here:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, OutputError
 
 # safetensors dtype codes <-> torch dtypes (the format's own names).
 ST_TO_TORCH: dict[str, torch.dtype] = {
@@ -46,6 +49,9 @@ ST_TO_TORCH: dict[str, torch.dtype] = {
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
 FLOATING = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+# Test-only: seconds to sleep after each finished shard, so a test can kill a merge mid-write.
+SLOW_WRITE_ENV = "HF_METAGPT_TEST_SLOW_WRITE"
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,10 @@ def parse_header_json(raw: bytes, file: str, file_size: int | None = None, data_
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
+        meta = header.get("__metadata__", {})
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("__metadata__ is not a mapping of strings")
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(
             f"Corrupt safetensors header in {file}: {exc}.",
             hint="Re-download or re-save the file; it is not a valid safetensors file.",
@@ -91,10 +100,12 @@ def parse_header_json(raw: bytes, file: str, file_size: int | None = None, data_
         if name == "__metadata__":
             continue
         try:
+            if not isinstance(info, dict):
+                raise ValueError("entry is not a JSON object")
             dtype = info["dtype"]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-            if dtype not in ST_TO_TORCH:
+            shape = tuple(_json_int(s) for s in info["shape"])
+            begin, end = (_json_int(x) for x in info["data_offsets"])
+            if not isinstance(dtype, str) or dtype not in ST_TO_TORCH:
                 raise ValueError(f"unsupported dtype {dtype!r}")
             numel = 1
             for s in shape:
@@ -104,14 +115,29 @@ def parse_header_json(raw: bytes, file: str, file_size: int | None = None, data_
             if end - begin != numel * dtype_itemsize(dtype) or begin < 0:
                 raise ValueError("data offsets do not match shape and dtype")
             if file_size is not None and data_start + end > file_size:
-                raise ValueError(f"data runs past the end of the file ({file_size} bytes): truncated?")
+                raise ValueError(f"data runs past the end of the file ({file_size} bytes), so it is truncated")
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(
                 f"Corrupt safetensors header in {file}, tensor {name!r}: {exc}.",
                 hint="Re-download or re-save the file; it is truncated or damaged.",
             ) from None
         out[name] = TensorMeta(name, file, dtype, shape, (begin, end))
+    # The format stores tensors back to back from offset 0; safe_open refuses holes and overlaps
+    # later, with a less helpful error, so they are refused here.
+    pos = 0
+    for m in sorted(out.values(), key=lambda m: m.data_offsets):
+        if m.data_offsets[0] != pos:
+            raise InputError(
+                f"Corrupt safetensors header in {file}, tensor {m.name!r}: data offsets leave a gap or overlap.",
+                hint="Re-download or re-save the file; it is damaged.")
+        pos = m.data_offsets[1]
     return out
+
+
+def _json_int(x: object) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise ValueError(f"{x!r} is not an integer")
+    return x
 
 
 def read_header(path: Path, rel_name: str | None = None) -> dict[str, TensorMeta]:
@@ -131,7 +157,12 @@ def read_header(path: Path, rel_name: str | None = None) -> dict[str, TensorMeta
             raw = f.read(n)
     except OSError as exc:
         raise InputError(f"Cannot read {rel}: {exc.strerror}.") from None
-    return parse_header_json(raw, rel, file_size=size, data_start=8 + n)
+    metas = parse_header_json(raw, rel, file_size=size, data_start=8 + n)
+    end = 8 + n + max((m.data_offsets[1] for m in metas.values()), default=0)
+    if end != size:
+        raise InputError(f"Corrupt safetensors file {rel}: {size - end} byte(s) after its last tensor.",
+                         hint="Re-download or re-save the file; it is damaged.")
+    return metas
 
 
 def build_header(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
@@ -154,6 +185,21 @@ def build_header(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: 
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+@contextmanager
+def disk_full_is_clear(path: Path) -> Iterator[None]:
+    """Turn 'no space left' (or a file size limit) while writing `path` into one clear OutputError."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        name = path.name.removesuffix(".tmp")
+        raise OutputError(
+            f"Disk full / no space while writing {name} in {path.parent} ({exc.strerror}).",
+            hint="Free space or choose another --output; rerunning the same command resumes from the finished shards.",
+        ) from None
+
+
 class ShardWriter:
     """Writes one safetensors shard whose tensors arrive in the planned order."""
 
@@ -164,7 +210,8 @@ class ShardWriter:
         self.size = len(self.header) + (max((o[1] for o in self.offsets.values()), default=0))
         self._next = 0
         self._f = open(path, "wb")
-        self._f.write(self.header)
+        with disk_full_is_clear(self.path):
+            self._f.write(self.header)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self.expected) or self.expected[self._next] != name:
@@ -174,7 +221,8 @@ class ShardWriter:
         begin, end = self.offsets[name]
         if len(data) != end - begin:
             raise RuntimeError(f"{name}: {len(data)} bytes, planned {end - begin}")
-        self._f.write(memoryview(data) if len(data) else b"")
+        with disk_full_is_clear(self.path):
+            self._f.write(memoryview(data) if len(data) else b"")
         self._next += 1
 
     @property
@@ -183,12 +231,18 @@ class ShardWriter:
 
     def close(self) -> None:
         """Flush to disk; the caller renames the file into place only after this."""
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        with disk_full_is_clear(self.path):
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+        if delay := float(os.environ.get(SLOW_WRITE_ENV) or 0):
+            time.sleep(delay)  # test-only (see SLOW_WRITE_ENV)
 
     def abort(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()  # flushes: fails again when the disk is full, and the file goes anyway
+        except OSError:
+            pass
         self.path.unlink(missing_ok=True)
 
 

@@ -224,6 +224,23 @@ class Merger:
     def _groups(self) -> list[StreamGroup]:
         return [g for g in self.plan.groups if not self.group_filter or self.group_filter(g)]
 
+    def _walk(self, groups: list[StreamGroup], desc: str):
+        """Yield groups in order; after each, release the files no later group of this pass reads."""
+        last: dict[tuple[int, str], int] = {}
+        for k, group in enumerate(groups):
+            for tp in group.tensors:
+                last[(0, self.plan.base.tensors[tp.name].file)] = k
+            for src in self.sources:
+                for file in src.files_of(group.tensors):
+                    last[(src.index, file)] = k
+        done_after: dict[int, list[tuple[int, str]]] = {}
+        for key, k in last.items():
+            done_after.setdefault(k, []).append(key)
+        for k, group in enumerate(_progress(groups, desc, self.progress)):
+            yield group
+            for i, file in done_after.get(k, ()):
+                self.files.release(i, self.plan.inputs[i], file)
+
     def _read_base(self, group: StreamGroup) -> dict[str, torch.Tensor]:
         data, n = read_group(self.plan.base, 0, group.tensors, self.files)
         self.stats.bytes_read += n
@@ -261,7 +278,7 @@ class Merger:
     def reduce_pass(self) -> None:
         """Pass 1 of a whole-model λ: accumulate squared norms of every norm group."""
         groups = self._groups()
-        for group in _progress(groups, "pass 1/2: norms", self.progress):
+        for group in self._walk(groups, "pass 1/2: norms"):
             floating = [t for t in group.tensors if t.floating]
             if not floating:
                 continue
@@ -276,7 +293,7 @@ class Merger:
         writers: dict[int, ShardWriter] = {}
         label = "pass 2/2: merge" if plan.two_pass else "merge"
         try:
-            for group in _progress(self._groups(), label, self.progress):
+            for group in self._walk(self._groups(), label):
                 todo = [t for t in group.tensors if t.shard not in done_shards]
                 if not todo:
                     continue
