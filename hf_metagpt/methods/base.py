@@ -75,6 +75,14 @@ class MergeMethod(ABC):
         """Parameters to record in the coefficients file and card (so a merge reproduces)."""
         return {}
 
+    def model_weights(self, coeffs: Sequence[float]) -> tuple[float, list[float]] | None:
+        """(w0, [w1..wT]) when `combine` equals w0·θ0 + Σt wt·θt for untransformed task vectors.
+
+        Lets the engine merge such methods with fused chunked kernels (`kernels.py`) instead of
+        full-size float32 task vectors. None (the default) means: call `combine`.
+        """
+        return None
+
 
 def weighted_sum(base: torch.Tensor, taus: list[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
     """θ0 + Σ ct τt, accumulated in place into `base` (no per-model temporaries)."""

@@ -49,5 +49,11 @@ class Linear(ParamsMixin, MergeMethod):
             base = base.mul_(float(sum(coeffs)))
         return weighted_sum(base, taus, coeffs)
 
+    def model_weights(self, coeffs: Sequence[float]) -> tuple[float, list[float]]:
+        # Normalized: θ0 + Σ wt τt with Σ wt = 1; unnormalized: Σ wt θt. Either way the base
+        # weight is what is left of 1 (0 up to rounding) or exactly 0.
+        w = [float(c) for c in coeffs]
+        return (1.0 - sum(w) if self.normalize else 0.0), w
+
     def params(self) -> dict[str, Any]:
         return {"weights": self.weights, "normalize": self.normalize}

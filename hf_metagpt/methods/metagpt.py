@@ -40,3 +40,7 @@ class MetaGPT(MergeMethod):
 
     def combine(self, base: torch.Tensor, taus: list[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
         return metagpt_merge(base, taus, coeffs)
+
+    def model_weights(self, coeffs: Sequence[float]) -> tuple[float, list[float]]:
+        # θ0 + Σ ct (θt − θ0) = (1 − Σ ct)·θ0 + Σ ct·θt
+        return 1.0 - float(sum(coeffs)), [float(c) for c in coeffs]

@@ -33,3 +33,7 @@ class TaskArithmetic(ParamsMixin, MergeMethod):
 
     def params(self) -> dict[str, Any]:
         return {"weights": self.weights, "lambda_": self.lambda_}
+
+    def model_weights(self, coeffs: Sequence[float]) -> tuple[float, list[float]]:
+        # θ0 + Σ ct (θt − θ0) = (1 − Σ ct)·θ0 + Σ ct·θt
+        return 1.0 - float(sum(coeffs)), [float(c) for c in coeffs]

@@ -1,0 +1,109 @@
+"""Fused chunked kernels, the large-read reader, and the methods' weighted-sum hook."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_metagpt import kernels
+from hf_metagpt.methods import METHODS, get_method
+from hf_metagpt.reader import BufferPool, read_tensors
+from hf_metagpt.safetensors_io import read_header
+from reference import assert_within_ulp
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(kernels, "CHUNK", 7)  # many chunks, a ragged last one
+
+
+def _models(shape=(13, 11), n=3, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(1)
+    base = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    fts = [(base.float() + torch.randn(shape, generator=g) * 1e-3 * (i + 1)).to(dtype) for i in range(n)]
+    return base, fts
+
+
+def test_task_sq_norms_equal_float64_reference(small_chunks):
+    base, fts = _models()
+    got = kernels.task_sq_norms(base, fts).tolist()
+    want = [float(((f.double() - base.double()) ** 2).sum()) for f in fts]
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_task_sq_norms_on_shared_rows_and_nan_propagates(small_chunks):
+    base, fts = _models()
+    got = kernels.task_sq_norms(base, fts, rows=5).tolist()
+    want = [float(((f[:5].double() - base[:5].double()) ** 2).sum()) for f in fts]
+    assert got == pytest.approx(want, rel=1e-12)
+    fts[1] = fts[1].clone()
+    fts[1][12, 3] = float("nan")
+    norms = kernels.task_sq_norms(base, fts)
+    assert torch.isfinite(norms).tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_weighted_models_within_one_ulp(small_chunks, out_dtype):
+    base, fts = _models()
+    lam = [0.2, 0.3, 0.5]
+    got = kernels.weighted_models(base, fts, 1.0 - sum(lam), lam, out_dtype)
+    exact = base.double() + sum(l * (f.double() - base.double()) for l, f in zip(lam, fts))
+    scale = torch.stack([t.double().abs() for t in [base, *fts]]).amax(0)
+    assert_within_ulp(got, exact, out_dtype, ulps=1 if out_dtype != torch.float32 else 2,
+                      scale=None if out_dtype != torch.float32 else scale)
+
+
+def test_weighted_models_zero_weights_is_the_base_bit_for_bit(small_chunks):
+    base, fts = _models()
+    got = kernels.weighted_models(base, fts, 1.0, [0.0, 0.0, 0.0], torch.bfloat16, rows=9)
+    assert torch.equal(got, base[:9])
+
+
+def test_model_weights_hook_agrees_with_combine():
+    torch.manual_seed(0)
+    base, taus = torch.randn(40), [torch.randn(40) for _ in range(3)]
+    from hf_metagpt.methods import MergeMethod
+
+    checked = 0
+    for name in METHODS:
+        method = get_method(name)
+        if type(method).transform is not MergeMethod.transform:
+            continue  # the engine uses the hook only for untransformed task vectors
+        coeffs = method.coefficients([1.0, 2.0, 3.0] if method.uses_group_norms else None, 3)
+        hook = method.model_weights(coeffs)
+        if hook is None:
+            continue
+        w0, w = hook
+        want = method.combine(base.clone(), [t.clone() for t in taus], coeffs)
+        got = w0 * base + sum(wi * (base + t) for wi, t in zip(w, taus))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        checked += 1
+    assert checked >= 3  # metagpt, task_arithmetic, linear
+
+
+def test_reader_matches_safetensors(tmp_path):
+    tensors = {"a": torch.randn(3, 5).bfloat16(), "b": torch.arange(7), "c": torch.randn(4),
+               "d": torch.tensor(3.0, dtype=torch.float16), "e": torch.zeros(0, 3)}
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, path)
+    metas = read_header(path)
+    ref = load_file(path)
+    got = read_tensors(path, list(metas.values()))
+    pool = BufferPool()
+    some = read_tensors(path, [metas["c"], metas["a"]], buffer=pool.take(0, 1 << 12))
+    for k, v in ref.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v)
+    assert torch.equal(some["a"], ref["a"]) and torch.equal(some["c"], ref["c"])
+
+
+def test_reader_reports_truncation(tmp_path):
+    from hf_metagpt.errors import InputError
+
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.randn(100)}, path)
+    metas = read_header(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-40])
+    with pytest.raises(InputError, match="ended early"):
+        read_tensors(path, list(metas.values()))
