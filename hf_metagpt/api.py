@@ -77,7 +77,12 @@ def plan(options: MergeOptions | None = None, **kwargs: Any) -> MergePlan:
     opts = _options(options, kwargs)
     method = get_method(opts.method, **opts.parameters)
     base, models = load_infos(opts)
-    return build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
+    the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
+    if any(i.ref.is_hub for i in the_plan.inputs):
+        from .hub import download_note
+
+        the_plan.notes.append(download_note(the_plan))
+    return the_plan
 
 
 def select_device(name: str) -> torch.device:

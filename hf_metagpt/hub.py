@@ -295,6 +295,21 @@ def download_bytes(plan: "MergePlan", low_disk: bool = False) -> tuple[int, int]
     return total, peak
 
 
+def download_note(plan: "MergePlan") -> str:
+    """One line for `hf-metagpt plan`: what a merge would download, and the free disk of the cache."""
+    from huggingface_hub import constants
+
+    total, largest = download_bytes(plan)
+    cache = Path(constants.HF_HUB_CACHE)
+    probe = next((p for p in [cache, *cache.parents] if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    line = (f"download {total / 1e9:.3f} GB from the Hub into the cache ({free / 1e9:.1f} GB free there); "
+            f"--low-disk keeps about {3 * largest * len(plan.inputs) / 1e9:.3f} GB at a time")
+    if total > free:
+        line += " — NOT ENOUGH SPACE for a full download: use --low-disk or free some"
+    return line
+
+
 def check_disk(plan: "MergePlan", target: Path, low_disk: bool) -> None:
     """Refuse a merge whose downloads and output cannot fit on disk (before anything is fetched)."""
     from huggingface_hub import constants

@@ -88,6 +88,7 @@ def test_plan_reads_headers_only(family, local_hub):
     ranged = [r for r in local_hub.requests if r.range and r.path.endswith(".safetensors")]
     assert ranged, "headers should come from Range reads"
     assert f"{ids[0]}@{plan.base.ref.sha}" in plan.describe()
+    assert "download 0.00" in plan.describe() and "GB free" in plan.describe()
 
 
 def test_merge_by_id_pushes_a_model_that_loads_and_equals_the_local_merge(hub_merge, local_merge, hub_user, tmp_path):
