@@ -106,6 +106,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, progress=not args.quiet)
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    if args.against is not None and len(args.against) < 2:
+        raise MergeError("--against needs the base and every fine-tune, in the merge's order.",
+                         hint="e.g. hf-metagpt verify merged/ --against base/ chat/ math/")
+    print(verify(args.folder, against=args.against, samples=args.samples, seed=args.seed).summary())
+    return 0
+
+
 def _cmd_install_extension(args: argparse.Namespace) -> int:
     from .extension import install_extension
 
@@ -174,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     # Further subcommands (hub serve, push, verify, eval, compare) register below.
+    p = sub.add_parser("verify", help="re-read a merged folder and check it is whole (and, with --against, correct)",
+                       description="Check a merged folder: index, shard headers, shapes, dtypes, total_size and "
+                                   "finiteness; with --against BASE MODEL..., recompute a sample of tensors.")
+    p.add_argument("folder", metavar="DIR", help="the merged model folder")
+    p.add_argument("--against", nargs="+", metavar="MODEL", help="the base then the fine-tunes (local folders), in the merge's order")
+    p.add_argument("--samples", type=int, default=8, help="tensors to recompute with --against (default 8; a large number: all)")
+    p.add_argument("--seed", type=int, default=0, help="which tensors are sampled")
+    p.set_defaults(func=_cmd_verify)
+
     hub = sub.add_parser("hub", help="a local Hub-compatible server (tests, offline demos)")
     hub_sub = hub.add_subparsers(dest="hub_command", metavar="HUB_COMMAND")
     hub.set_defaults(func=lambda _args: hub.print_help() or 2)
