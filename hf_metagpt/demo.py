@@ -58,6 +58,10 @@ def _client(root: Path, progress: bool) -> int:
     from hf_metagpt.tiny import build_family
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if not progress:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # upload, header-parse and fetch bars too, not only ours
     api = HfApi()
     models = root / "models"
     print("Building a tiny LLaMA base and three fine-tunes ...", flush=True)
