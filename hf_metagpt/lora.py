@@ -305,8 +305,12 @@ class AdapterSource(TaskSource):
             keys.append(self.info.full[tp.name])
         return keys
 
-    def read(self, tensors: list[TensorPlan]) -> tuple[dict[str, torch.Tensor], int]:
-        """The group's factors and saved tensors, by stored key (untouched parameters: nothing)."""
+    def read(self, tensors: list[TensorPlan], pool: object = None) -> tuple[dict[str, torch.Tensor], int]:
+        """The group's factors and saved tensors, by stored key (untouched parameters: nothing).
+
+        Adapter files are small, so they are read with safe_open and the engine's buffer pool is
+        not used (`pool` is accepted for the common `TaskSource.read` signature).
+        """
         keys = [k for tp in tensors if tp.floating for k in self._keys(tp)]
         out: dict[str, torch.Tensor] = {}
         if not keys:
