@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import resource
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import torch
 from .errors import MergeError
 from .methods import MergeMethod, get_method
 from .output import OutputDirs, cached_norms, check_output, norms_key, plan_key, prepare, publish, write_side_files
-from .plan import MergePlan, ModelInfo, build_plan, load_local_info
+from .plan import MergePlan, ModelInfo, build_plan, check_against_skeleton, load_local_info
 from .recipe import MergeOptions, build_options, dump_recipe
 from .refs import ModelRef, parse_ref
 from .result import MergeResult
@@ -111,7 +113,11 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
     target = Path(opts.output) if opts.output else \
         Path(tempfile.mkdtemp(prefix="hf-metagpt-")) / str(opts.push_to).rsplit("/", 1)[-1]
     check_output(target, [base, *models], opts.overwrite)
-    the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
+    # Hub inputs: every check before the first download. Local inputs: the meta-model skeleton
+    # check (seconds of imports) runs on a thread beside the merge and is awaited before publishing.
+    local = not any(info.ref.is_hub for info in (base, *models))
+    the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms,
+                          check_skeleton=not local)
     for w in the_plan.warnings:
         log.warning("warning: %s", w)
     for n in the_plan.notes:
@@ -132,11 +138,26 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
         merger_cls, extra = AdapterMerger, {"lora_rank": opts.lora_rank}
     merger = merger_cls(the_plan, method, dirs.work, device=select_device(opts.device), seed=seed,
                         allow_nonfinite=opts.allow_nonfinite, progress=progress, files=files, **extra)
+    skeleton_warnings: list[str] = []
+    skeleton = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-skeleton")
+    skeleton_check = skeleton.submit(check_against_skeleton, base, skeleton_warnings) if local else None
     try:
         merger.run(cached_norms=cached_norms(dirs.target, nkey) if method.uses_group_norms else None)
     finally:
         if files is not None:
             files.close()  # type: ignore[attr-defined]
+        # accelerate's init_empty_weights patches torch.nn globally while the skeleton is built:
+        # never return (not even with an error) while that thread still runs.
+        skeleton.shutdown(wait=True)
+    if skeleton_check is not None:
+        try:
+            skeleton_check.result()
+        except MergeError:
+            shutil.rmtree(dirs.work, ignore_errors=True)  # nothing of a refused merge stays
+            raise
+        for w in skeleton_warnings:
+            log.warning("warning: %s", w)
+        the_plan.warnings.extend(skeleton_warnings)
 
     result = MergeResult(
         output=dirs.target, base=base.ref, models=[m.ref for m in models], method=method.name,

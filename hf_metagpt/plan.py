@@ -393,8 +393,13 @@ def out_dtype_of(opts: MergeOptions, base: ModelInfo) -> str:
     return "F32"
 
 
-def build_plan(opts: MergeOptions, base: ModelInfo, models: list[ModelInfo], method_uses_norms: bool = True) -> MergePlan:
-    """Check every input against the base and lay out groups and shards."""
+def build_plan(opts: MergeOptions, base: ModelInfo, models: list[ModelInfo], method_uses_norms: bool = True,
+               check_skeleton: bool = True) -> MergePlan:
+    """Check every input against the base and lay out groups and shards.
+
+    `check_skeleton=False` leaves the meta-model check to the caller (`api.merge` runs it beside
+    the merge for local inputs: building the skeleton imports transformers' modeling code, seconds).
+    """
     warnings: list[str] = []
     notes: list[str] = []
     if base.ref.is_adapter:
@@ -406,7 +411,8 @@ def build_plan(opts: MergeOptions, base: ModelInfo, models: list[ModelInfo], met
     for m in models:
         if m.ref.is_adapter:  # lora.AdapterInfo: its own names, checked against the base's
             m.check_against_base(base, opts.strict, warnings)  # type: ignore[attr-defined]
-    check_against_skeleton(base, warnings)
+    if check_skeleton:
+        check_against_skeleton(base, warnings)
     tok = resolve_tokenizer_source(opts, models)
     out_dtype = out_dtype_of(opts, base)
     granularity = opts.granularity

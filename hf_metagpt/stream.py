@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,7 +241,9 @@ class Merger:
     def _merge_tensor(self, tp: TensorPlan, raws: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         base_raw = raws[0][tp.name]
         if not tp.floating:
-            return base_raw  # integer buffers: copied from the base unchanged
+            # Integer buffers are copied from the base unchanged (cloned: `base_raw` lives in a
+            # pooled read buffer, and the write happens later on the writer thread).
+            return base_raw.clone()
         if self.fast:
             out = self._fast_merge(tp, raws)
         else:
@@ -350,13 +353,12 @@ class Merger:
 
     def write_pass(self, done_shards: set[int]) -> None:
         """Merge every group and write its tensors into their shards (skipping finished shards)."""
-        plan = self.plan
-        writers: dict[int, ShardWriter] = {}
-        label = "pass 2/2: merge" if plan.two_pass else "merge"
+        label = "pass 2/2: merge" if self.plan.two_pass else "merge"
         groups = [g for g in self._groups() if any(t.shard not in done_shards for t in g.tensors)]
+        sink = _ShardSink(self.plan, self.work_dir, self.stats)
+        saved = 0
         try:
             for group, raws in self._walk(groups, label, self._read):
-                todo = [t for t in group.tensors if t.shard not in done_shards]
                 if self.method.uses_group_norms:
                     # Norm groups spanning several tensors of this stream group (a block at
                     # layer granularity): reduce them all before the first is applied.
@@ -366,24 +368,18 @@ class Merger:
                         if tp.norm_group in multi:
                             self._reduce(tp, raws)
                     self.norms.complete.update(multi)
-                for tp in todo:
-                    out = self._merge_tensor(tp, raws)
-                    w = writers.get(tp.shard)
-                    if w is None:
-                        shard = plan.shards[tp.shard]
-                        w = writers[tp.shard] = ShardWriter(self.work_dir / (shard.file + ".tmp"), _entries(shard.tensors))
-                    w.write(tp.name, out)
-                    if w.done:
-                        w.close()
-                        (self.work_dir / (shard_file := plan.shards[tp.shard].file + ".tmp")).rename(self.work_dir / shard_file[:-4])
-                        self.stats.bytes_written += w.size
-                        del writers[tp.shard]
-                        if self.method.uses_group_norms:
-                            self._save_norm_state()
+                for tp in group.tensors:
+                    if tp.shard not in done_shards:
+                        sink.put(tp, self._merge_tensor(tp, raws))
+                    if self.method.uses_group_norms and sink.closed > saved:
+                        saved = sink.closed
+                        self._save_norm_state()
+            sink.finish()
         except BaseException:
-            for w in writers.values():
-                w.abort()
+            sink.abort()
             raise
+        if self.method.uses_group_norms and sink.closed > saved:
+            self._save_norm_state()
 
     def run(self, cached_norms: dict[str, list[float]] | None = None) -> None:
         """Merge into the work folder, reusing finished shards and known norms of an earlier run."""
@@ -425,6 +421,56 @@ class Merger:
 
 def _entries(tensors: list[TensorPlan]) -> list[tuple[str, str, tuple[int, ...]]]:
     return [(t.name, t.out_dtype, t.out_shape) for t in tensors]
+
+
+class _ShardSink:
+    """Writes merged tensors into their shards, in plan order, on a background thread.
+
+    Writing is mostly the kernel copying into the page cache and throttling on write-back; on
+    its own thread it overlaps with reading and merging the next tensors. At most `depth`
+    merged tensors wait, so memory stays bounded. A shard is fsynced, then renamed into place.
+    """
+
+    def __init__(self, plan: MergePlan, work_dir: Path, stats: StreamStats, depth: int = 1) -> None:
+        self.plan = plan
+        self.work_dir = work_dir
+        self.stats = stats
+        self.depth = depth
+        self.writers: dict[int, ShardWriter] = {}
+        self.closed = 0  # shards finished so far (read by the merging thread)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-write")
+        self._pending: deque = deque()
+
+    def put(self, tp: TensorPlan, tensor: torch.Tensor) -> None:
+        self._pending.append(self._pool.submit(self._write, tp, tensor))
+        while len(self._pending) > self.depth:
+            self._pending.popleft().result()  # re-raises the writer's error here
+
+    def _write(self, tp: TensorPlan, tensor: torch.Tensor) -> None:
+        w = self.writers.get(tp.shard)
+        if w is None:
+            shard = self.plan.shards[tp.shard]
+            w = self.writers[tp.shard] = ShardWriter(self.work_dir / (shard.file + ".tmp"), _entries(shard.tensors))
+        w.write(tp.name, tensor)
+        if w.done:
+            w.close()
+            final = self.work_dir / self.plan.shards[tp.shard].file
+            w.path.rename(final)
+            self.stats.bytes_written += w.size
+            del self.writers[tp.shard]
+            self.closed += 1
+
+    def finish(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+        self._pool.shutdown()
+
+    def abort(self) -> None:
+        for fut in self._pending:
+            fut.cancel()
+        self._pool.shutdown(wait=True)
+        for w in self.writers.values():
+            w.abort()
 
 
 def shard_header(plan: MergePlan, k: int) -> bytes:

@@ -234,3 +234,16 @@ def test_tied_embeddings_merge_embed_only_and_keep_tie(tmp_path):
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_config_that_does_not_match_the_weights_is_refused_and_nothing_stays(family, tmp_path, capsys):
+    root, base, fts = family
+    lying = [_copy(p, tmp_path / "in" / p.name) for p in (base, *fts)]
+    for folder in lying:  # every config agrees, but none matches the stored MLP shapes
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["intermediate_size"] = 96
+        (folder / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    code, _, stderr = _run_cli(["merge", "--base", str(lying[0]), *map(str, lying[1:]), "--output", str(out)], capsys)
+    assert code == 2 and "its config implies" in stderr and "mlp" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
