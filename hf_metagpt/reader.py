@@ -44,9 +44,9 @@ class BufferPool:
         self._turn[owner] = (turn + 1) % self.slots
         key = (owner, turn)
         buf = self._buffers.get(key)
-        # Grown when too small, and shrunk when far too large (after the embedding group the
-        # blocks are smaller: keeping two embedding-sized buffers per model would be wasted memory).
-        if buf is None or buf.numel() < nbytes or buf.numel() > 2 * nbytes + (1 << 20):
+        # Grown when too small, and shrunk when much too large (after the embedding group the
+        # blocks are smaller: keeping embedding-sized buffers per model would be wasted memory).
+        if buf is None or buf.numel() < nbytes or buf.numel() > nbytes + nbytes // 4 + (1 << 20):
             self._buffers.pop(key, None)
             buf = self._buffers[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         return buf[:nbytes]

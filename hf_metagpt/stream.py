@@ -12,6 +12,7 @@ group (layer/tensor granularity) are reduced and applied in the same pass.
 from __future__ import annotations
 
 import json
+import os
 import logging
 import time
 from collections import deque
@@ -168,6 +169,10 @@ class Merger:
                      and all(type(s) is TaskSource for s in self.sources)
                      and method.model_weights([0.0] * len(self.sources)) is not None)
         self.chunk = kernels.CHUNK if device.type == "cpu" else kernels.CHUNK * 64
+        # The fused kernels release the GIL: on a CPU with cores to spare, the tensors of a group
+        # are merged on two threads (each single-threaded), in order of the plan when gathered.
+        self.workers = 2 if self.fast and device.type == "cpu" and (os.cpu_count() or 1) > 1 else 1
+        self._compute: ThreadPoolExecutor | None = None
         self.pool = BufferPool(slots=2)  # one group in use, the next one prefetching
 
     def _source(self, info: ModelInfo, index: int) -> TaskSource:
@@ -219,6 +224,21 @@ class Merger:
             t = t[: tp.shared_rows] if tp.shared_rows is not None else t
             if not bool(torch.isfinite(t).all()):
                 self._check_finite(t, info.name, tp.name)
+
+    def _map(self, fn: Callable, items: list) -> list:
+        """fn over items, on the compute threads when there are several; results in input order."""
+        if self._compute is None or len(items) < 2:
+            return [fn(x) for x in items]
+        return list(self._compute.map(fn, items))
+
+    def _reduce_many(self, tensors: list[TensorPlan], raws: list, group: StreamGroup | None = None) -> None:
+        """Add the squared norms of these tensors to their groups (summed in plan order: reproducible)."""
+        if not self.fast:
+            for tp in tensors:
+                self._reduce(tp, raws, group)
+            return
+        for tp, values in zip(tensors, self._map(lambda tp: self._fast_norms(tp, raws), tensors)):
+            self.norms.add(tp.norm_group, values)
 
     def _reduce(self, tp: TensorPlan, raws: list, group: StreamGroup | None = None) -> None:
         if self.fast:
@@ -294,17 +314,31 @@ class Merger:
         done_after: dict[int, list[tuple[int, str]]] = {}
         for key, k in last.items():
             done_after.setdefault(k, []).append(key)
+        # Prefetch only while two groups fit in what two blocks take: the embedding and lm_head
+        # groups are larger than a block, and holding one of them beside the next group would
+        # set the peak memory of the whole merge.
+        sizes = [self._group_bytes(g) for g in groups]
+        blocks = [n for g, n in zip(groups, sizes) if g.name.startswith("layers.")] or sizes
+        budget = 2 * max(blocks, default=0)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-read") as pool:
             pending = pool.submit(read, groups[0]) if groups else None
             for k, group in enumerate(_progress(groups, desc, self.progress)):
                 raws = pending.result()  # type: ignore[union-attr]
-                pending = pool.submit(read, groups[k + 1]) if k + 1 < len(groups) else None
+                ahead = k + 1 < len(groups) and sizes[k] + sizes[k + 1] <= budget
+                pending = pool.submit(read, groups[k + 1]) if ahead else None
                 try:
                     yield group, raws
                 finally:
                     del raws
+                if pending is None and k + 1 < len(groups):
+                    pending = pool.submit(read, groups[k + 1])
                 for i, file in done_after.get(k, ()):
                     self.files.release(i, self.plan.inputs[i], file)
+
+    def _group_bytes(self, group: StreamGroup) -> int:
+        """Stored bytes a group reads from the base and the full fine-tunes."""
+        infos = [self.plan.base] + [s.info for s in self.sources if type(s) is TaskSource]
+        return sum(i.tensors[t.name].nbytes for i in infos for t in group.tensors if t.name in i.tensors)
 
     def _read_base(self, group: StreamGroup) -> dict[str, torch.Tensor]:
         data, n = read_group(self.plan.base, 0, group.tensors, self.files, self.pool)
@@ -346,9 +380,7 @@ class Merger:
         # Adapters' exact norms need no base weights (read lazily in `_reduce` if they do).
         read = lambda g: self._read(g, with_base=self.fast)  # noqa: E731
         for group, raws in self._walk(groups, "pass 1/2: norms", read):
-            for tp in group.tensors:
-                if tp.floating:
-                    self._reduce(tp, raws, group)
+            self._reduce_many([t for t in group.tensors if t.floating], raws, group)
         self.norms.complete.update(self.norms.sq)
 
     def write_pass(self, done_shards: set[int]) -> None:
@@ -364,13 +396,11 @@ class Merger:
                     # layer granularity): reduce them all before the first is applied.
                     pending = [t for t in group.tensors if t.floating and t.norm_group not in self.norms.complete]
                     multi = {t.norm_group for t in pending if sum(u.norm_group == t.norm_group for u in pending) > 1}
-                    for tp in pending:
-                        if tp.norm_group in multi:
-                            self._reduce(tp, raws)
+                    self._reduce_many([t for t in pending if t.norm_group in multi], raws, group)
                     self.norms.complete.update(multi)
-                for tp in group.tensors:
-                    if tp.shard not in done_shards:
-                        sink.put(tp, self._merge_tensor(tp, raws))
+                todo = [t for t in group.tensors if t.shard not in done_shards]
+                for tp, out in zip(todo, self._map(lambda tp: self._merge_tensor(tp, raws), todo)):
+                    sink.put(tp, out)
                     if self.method.uses_group_norms and sink.closed > saved:
                         saved = sink.closed
                         self._save_norm_state()
@@ -389,10 +419,15 @@ class Merger:
             # costs more than it gains (measured 10-30x slower on a busy 2-core machine), and the
             # other core is better spent on the prefetch thread's reads.
             torch.set_num_threads(1)
+        if self.workers > 1:
+            self._compute = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hf-metagpt-merge")
         try:
             self._run(cached_norms)
         finally:
             torch.set_num_threads(threads)
+            if self._compute is not None:
+                self._compute.shutdown()
+                self._compute = None
 
     def _run(self, cached_norms: dict[str, list[float]] | None) -> None:
         start = time.perf_counter()
