@@ -215,13 +215,22 @@ def _finish(the_plan: MergePlan, result: MergeResult, dirs: OutputDirs, token: s
     from .card import write_card
     from .hub import all_licenses
 
-    if the_plan.options.output_format == "lora":
-        from .lora import write_adapter_side_files
+    from .result import COEFFICIENTS_FILE
+    from .safetensors_io import disk_full_is_clear
 
-        write_adapter_side_files(the_plan, dirs.work)
-    else:
-        write_side_files(the_plan, dirs.work)
-    result.write_coefficients(dirs.work)
-    (dirs.work / "hf_metagpt_recipe.yaml").write_text(result.recipe)
-    write_card(result, dirs.work, licenses=all_licenses(the_plan, token), repo_id=the_plan.options.push_to)
+    licenses = all_licenses(the_plan, token)
+    # No space for a side file: one clear OutputError; nothing is published (the target stays absent).
+    with disk_full_is_clear(dirs.work / "config.json"):
+        if the_plan.options.output_format == "lora":
+            from .lora import write_adapter_side_files
+
+            write_adapter_side_files(the_plan, dirs.work)
+        else:
+            write_side_files(the_plan, dirs.work)
+    with disk_full_is_clear(dirs.work / COEFFICIENTS_FILE):
+        result.write_coefficients(dirs.work)
+    with disk_full_is_clear(dirs.work / "hf_metagpt_recipe.yaml"):
+        (dirs.work / "hf_metagpt_recipe.yaml").write_text(result.recipe)
+    with disk_full_is_clear(dirs.work / "README.md"):
+        write_card(result, dirs.work, licenses=licenses, repo_id=the_plan.options.push_to)
     publish(dirs)

@@ -126,7 +126,12 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
     lines += ["", "## Inputs", "", "| role | model | commit |", "|---|---|---|"]
     lines.append(f"| base | {_ref_row(result.base)} |")
     for i, m in enumerate(result.models, 1):
-        lines.append(f"| fine-tune {i} | {_ref_row(m)} |")
+        role = f"LoRA adapter {i}" if m.is_adapter else f"fine-tune {i}"
+        lines.append(f"| {role} | {_ref_row(m)} |")
+    adapters = [m for m in result.models if m.is_adapter]
+    if adapters:
+        lines += ["", f"{len(adapters)} of the inputs are PEFT LoRA adapters on the base (listed in `base_model` "
+                      "like every Hub input): each entered the merge as its task vector Δ = s·B·A."]
     local = [r for r in inputs if not r.repo_id]
     if local:
         lines += ["", "Local inputs cannot be listed in `base_model`; they are named above by the path used "

@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept this token (for USER, default 'user'); repeatable; never printed")
     p.set_defaults(func=_cmd_hub_serve)
 
+    # `-q` also after the subcommand (`hf-metagpt merge ... -q`); SUPPRESS keeps a `-q` given before it.
+    for name, sp in sub.choices.items():
+        if name != "hub":
+            sp.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     return parser
 
 
@@ -219,6 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    # -q also silences huggingface_hub's own bars ("Parse safetensors files", fetch, upload).
+    silenced = bool(getattr(args, "quiet", False)) and not are_progress_bars_disabled()
+    if silenced:
+        disable_progress_bars()
     try:
         return int(args.func(args) or 0)
     except MergeError as exc:
@@ -229,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if silenced:
+            enable_progress_bars()
 
 
 if __name__ == "__main__":

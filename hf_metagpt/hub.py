@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SIDE_FILES = ("config.json",)
+# A PEFT adapter repo (kept in step with lora.py's names; importing lora here would load torch/peft early).
+ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_PICKLE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 BASE_SIDE_FILES = ("generation_config.json",)
 # Kept in step with output.TOKENIZER_FILES (what the output folder receives).
 TOKENIZER_FILES = (
@@ -42,6 +46,86 @@ TOKENIZER_FILES = (
 
 class HubAccessError(MergeError):
     """A Hub repo or revision cannot be read (missing, private, gated) or written."""
+
+
+class HubUnavailableError(HubAccessError):
+    """The Hub kept failing (5xx, timeouts, dropped connections) after every retry."""
+
+
+# ---------------------------------------------------------------- retries
+# What huggingface_hub retries by itself (2.4): preupload, LFS batch/upload/verify (5xx, 429,
+# timeouts, network errors, with backoff), a file's HEAD once more with backoff when nothing is
+# cached, and a dropped or timed-out file download (resumed with Range, 5 times). Not retried:
+# model_info/repo_info, tree listings, the safetensors header Range reads, a 5xx on a file's GET,
+# create_repo/create_branch and the commit POST itself. `_call` retries those, a few times with
+# exponential backoff, and then says clearly what failed.
+
+#: attempts after the first one
+RETRIES = 4
+#: environment variable: the first backoff delay in seconds (doubled after each failure)
+RETRY_BASE_ENV = "HF_METAGPT_RETRY_BASE"
+RETRY_BASE = 1.0
+RETRY_MAX = 20.0
+_RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+def _retry_base() -> float:
+    try:
+        return max(0.0, float(os.environ.get(RETRY_BASE_ENV) or RETRY_BASE))
+    except ValueError:
+        return RETRY_BASE
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    try:  # huggingface_hub >= 2 talks through httpx2; older releases through httpx
+        import httpx2 as httpx_mod  # type: ignore[import-not-found]
+    except ImportError:  # pragma: no cover
+        import httpx as httpx_mod  # type: ignore[no-redef]
+    return (httpx_mod.TransportError,)
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure worth retrying: 5xx/408/429 from the Hub, a timeout or a lost connection.
+
+    The client sometimes wraps the cause (`snapshot_download` turns a failed listing into
+    LocalEntryNotFoundError), so the chain of causes is searched too.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    transport = _transport_errors()
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 8:
+        if isinstance(e, HfHubHTTPError):
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            return status in _RETRY_STATUS
+        if isinstance(e, transport):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+def _failed_request(exc: BaseException) -> str:
+    """'HTTP 503 on GET .../resolve/<sha>/model-00001.safetensors' (no query string, no secrets)."""
+    from urllib.parse import unquote, urlsplit
+
+    e: BaseException | None = exc
+    for _ in range(8):
+        if e is None:
+            break
+        response = getattr(e, "response", None)
+        request = None
+        try:
+            request = getattr(e, "request", None) or getattr(response, "request", None)
+        except RuntimeError:  # httpx raises when an error carries no request
+            request = None
+        if request is not None:
+            path = unquote(urlsplit(str(request.url)).path)
+            what = f"HTTP {response.status_code}" if response is not None else type(e).__name__
+            return f"{what} on {request.method} {path}"
+        e = e.__cause__ or e.__context__
+    return type(exc).__name__
 
 
 def _api(token: str | None):
@@ -68,6 +152,12 @@ def _hub_errors(ref_text: str, exc: Exception) -> MergeError | None:
     if isinstance(exc, RevisionNotFoundError):
         return HubAccessError(f"{ref_text}: revision not found.",
                               hint="Use a branch, tag or commit SHA that exists in the repo (see its 'Files' tab).")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(exc, LocalEntryNotFoundError):
+        return HubAccessError(f"{ref_text}: the Hub could not be reached and the files are not in the cache.",
+                              hint="Check the connection and HF_ENDPOINT (and that HF_HUB_OFFLINE is not set), "
+                                   "then retry.")
     if isinstance(exc, RemoteEntryNotFoundError):
         return HubAccessError(f"{ref_text}: a file the repo lists is missing on the Hub.",
                               hint="The repo may have changed; retry, or pin a revision with @SHA.")
@@ -81,15 +171,38 @@ def _hub_errors(ref_text: str, exc: Exception) -> MergeError | None:
 
 
 def _call(ref_text: str, fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except MergeError:
-        raise
-    except Exception as exc:
-        mapped = _hub_errors(ref_text, exc)
-        if mapped is None:
+    """Call huggingface_hub; retry transient failures with backoff; map errors to clear messages.
+
+    Only for idempotent calls (reads, `create_repo(exist_ok=True)`, `create_branch(exist_ok=True)`).
+    """
+    delay = _retry_base()
+    for attempt in range(RETRIES + 1):
+        try:
+            return fn(*args, **kwargs)
+        except MergeError:
             raise
-        raise mapped from None
+        except Exception as exc:
+            if _transient(exc):
+                if attempt < RETRIES:
+                    log.warning("warning: %s: %s; retrying in %.1f s (%d/%d)", ref_text, _failed_request(exc),
+                                delay, attempt + 1, RETRIES)
+                    time.sleep(delay)
+                    delay = min(RETRY_MAX, delay * 2)
+                    continue
+                raise _gave_up(ref_text, exc) from None
+            mapped = _hub_errors(ref_text, exc)
+            if mapped is None:
+                raise
+            raise mapped from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _gave_up(ref_text: str, exc: BaseException, *, published: bool = False) -> HubUnavailableError:
+    hint = "The Hub or the network is having trouble. Retry the same command later"
+    hint += ("; nothing was published (a push is one commit)" if not published else "")
+    hint += "; files already downloaded stay in the Hub cache and are not fetched again."
+    return HubUnavailableError(f"{ref_text}: the Hub kept failing after {RETRIES + 1} attempts "
+                               f"({_failed_request(exc)}).", hint=hint)
 
 
 # ---------------------------------------------------------------- resolve and read headers
@@ -127,6 +240,8 @@ def remote_info(remote: RemoteModel, token: str | None = None) -> ModelInfo:
 
     ref = remote.ref
     name = ref.display
+    if ADAPTER_CONFIG in remote.files and SINGLE_FILE not in remote.files and INDEX_FILE not in remote.files:
+        return _remote_adapter_info(remote, token)
     if SINGLE_FILE not in remote.files and INDEX_FILE not in remote.files:
         pickles = sorted(f for f in remote.files if any(Path(f).match(p) for p in PICKLE_PATTERNS))
         if pickles:
@@ -135,7 +250,7 @@ def remote_info(remote: RemoteModel, token: str | None = None) -> ModelInfo:
                 hint="Ask for (or open a PR with) a safetensors conversion, or convert it yourself in a "
                      "trusted environment with `save_pretrained(dir, safe_serialization=True)`.")
         raise InputError(f"{name}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}) at {ref.sha}.",
-                         hint="Is this a model repo? Adapters-only repos are not supported here.")
+                         hint="Is this a model repo (or a PEFT adapter repo with adapter_config.json)?")
     if "config.json" not in remote.files:
         raise InputError(f"{name}: no config.json at {ref.sha}.", hint="Merging needs a transformers model repo.")
     config_path = _call(name, hf_hub_download, ref.repo_id, "config.json", revision=ref.sha, token=_tok(token))
@@ -178,6 +293,30 @@ def remote_info(remote: RemoteModel, token: str | None = None) -> ModelInfo:
     return ModelInfo(ref=ref, config=config, tensors=tensors, weight_files=files)
 
 
+def _remote_adapter_info(remote: RemoteModel, token: str | None) -> ModelInfo:
+    """A PEFT LoRA adapter repo: fetch its config and weights at the pinned commit, read them with peft.
+
+    Adapters are small (their rank-r factors), so both files come whole at plan time and stay in
+    the Hub cache; the merge reads them from there.
+    """
+    from huggingface_hub import snapshot_download
+
+    from .lora import load_adapter_info
+
+    ref = remote.ref
+    if ADAPTER_WEIGHTS not in remote.files:
+        if ADAPTER_PICKLE in remote.files:
+            raise InputError(f"{ref.display}: only a pickle adapter ({ADAPTER_PICKLE}) on the Hub; hf-metagpt "
+                             f"never unpickles files.",
+                             hint="Re-save it with peft in a trusted environment (save_pretrained(out, "
+                                  "safe_serialization=True)) and push the safetensors version.")
+        raise InputError(f"{ref.display}: {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} at {ref.sha}.",
+                         hint="Push the complete PEFT adapter folder (save_pretrained output).")
+    folder = _call(ref.display, snapshot_download, ref.repo_id, revision=ref.sha,
+                   allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS], token=_tok(token))
+    return load_adapter_info(ref, Path(folder))
+
+
 def _cached_headers(remote: RemoteModel, token: str | None) -> tuple[dict[str, TensorMeta], list[str]] | None:
     """Headers from shards already in the Hub cache at this commit (a rerun reads nothing remote)."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
@@ -216,7 +355,7 @@ def read_license(ref: ModelRef, files: dict[str, int | None], token: str | None 
     from huggingface_hub import ModelCard, hf_hub_download
 
     try:
-        path = hf_hub_download(ref.repo_id, "README.md", revision=ref.sha, token=_tok(token))
+        path = _call(ref.display, hf_hub_download, ref.repo_id, "README.md", revision=ref.sha, token=_tok(token))
         lic = ModelCard.load(path, ignore_metadata_errors=True).data.license
     except Exception as exc:  # a broken card must not stop a merge; the card says "unknown"
         log.debug("could not read the card of %s: %s", ref.display, exc)
@@ -368,6 +507,8 @@ class LowDiskFiles:
         self.order: list[tuple[int, str]] = []
         for group in plan.groups:
             for i, info in enumerate(plan.inputs):
+                if info.ref.is_adapter:
+                    continue  # fetched whole into the Hub cache when it was planned; used in place
                 for tp in group.tensors:
                     if i == 0 or tp.floating:
                         key = (i, info.tensors[tp.name].file)
@@ -486,9 +627,7 @@ def push(folder: str | Path, repo_id: str, *, token: str | None = None, private:
     if revision and revision != "main":
         _call(f"{repo_id}@{revision}", api.create_branch, repo_id, branch=revision, exist_ok=True)
     message = commit_message or f"Upload MetaGPT merge ({folder.name}) with hf-metagpt"
-    info = _call(repo_id, api.upload_folder, repo_id=repo_id, folder_path=folder, commit_message=message,
-                 revision=revision, create_pr=create_pr,
-                 ignore_patterns=[".cache/**", "*.tmp", ".hf-metagpt*"])
+    info = _upload_one_commit(api, repo_id, folder, message, revision, create_pr)
     if create_pr and not getattr(info, "pr_url", None):
         log.warning("warning: nothing changed since the last commit of %s: no pull request opened", repo_id)
     url = getattr(info, "pr_url", None) or str(repo_url)
@@ -496,6 +635,58 @@ def push(folder: str | Path, repo_id: str, *, token: str | None = None, private:
         url = f"{str(repo_url).rstrip('/')}/tree/{revision}"
     log.info("pushed %s to %s (commit %s)", folder, url, getattr(info, "oid", "?"))
     return url
+
+
+def _upload_one_commit(api, repo_id: str, folder: Path, message: str, revision: str | None, create_pr: bool):
+    """`upload_folder` as exactly one commit, retried on transient failures.
+
+    The client retries preupload and LFS transfers itself, but not the commit POST. A retry here
+    re-runs the whole upload (LFS objects already stored are skipped by the Hub). The commit is
+    pinned to the branch head seen before the first attempt (`parent_commit`), so a commit whose
+    answer was lost is found (the head moved to a commit with our message) instead of repeated.
+    """
+    ref_text = repo_id if not revision else f"{repo_id}@{revision}"
+    head = None if create_pr else _call(ref_text, lambda: api.model_info(repo_id, revision=revision).sha)
+    delay = _retry_base()
+    for attempt in range(RETRIES + 1):
+        try:
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message,
+                                     revision=revision, create_pr=create_pr, parent_commit=head,
+                                     ignore_patterns=[".cache/**", "*.tmp", ".hf-metagpt*"])
+        except Exception as exc:
+            if not _transient(exc):
+                mapped = _hub_errors(ref_text, exc)
+                if mapped is None:
+                    raise
+                raise mapped from None
+            if head is not None:
+                landed = _landed_commit(api, repo_id, revision, head, message)
+                if landed is not None:
+                    log.info("%s: the commit landed although its answer was lost", ref_text)
+                    return landed
+            if attempt >= RETRIES:
+                raise _gave_up(ref_text, exc) from None
+            log.warning("warning: %s: push failed (%s); retrying in %.1f s (%d/%d)", ref_text, _failed_request(exc),
+                        delay, attempt + 1, RETRIES)
+            time.sleep(delay)
+            delay = min(RETRY_MAX, delay * 2)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _landed_commit(api, repo_id: str, revision: str | None, head: str, message: str):
+    """What `push` needs of our commit (oid, url) if the branch moved from `head` to it; else None."""
+    from types import SimpleNamespace
+
+    try:
+        commits = api.list_repo_commits(repo_id, revision=revision or "main")
+    except Exception:
+        return None
+    if not commits or commits[0].commit_id == head or commits[0].title != message:
+        return None
+    if len(commits) < 2 or commits[1].commit_id != head:
+        return None
+    url = f"{str(api.endpoint).rstrip('/')}/{repo_id}/commit/{commits[0].commit_id}"
+    return SimpleNamespace(commit_url=url, oid=commits[0].commit_id, pr_url=None)
 
 
 def pushed_commit(repo_id: str, token: str | None = None, revision: str | None = None) -> str:

@@ -138,7 +138,9 @@ class Fault:
     """An injected failure: matching requests get `status` (or a dropped connection) `times` times.
 
     `times=None` means forever. `delay` seconds are slept first; with `status=None` and no `drop`,
-    the request is then served normally (a pure slowdown). `hits` counts the requests it hit.
+    the request is then served normally (a pure slowdown). With `drop_after=N` a file is served
+    normally but its connection is closed after N body bytes (a connection lost mid-download).
+    `hits` counts the requests it hit.
     """
 
     pattern: re.Pattern
@@ -148,6 +150,7 @@ class Fault:
     delay: float = 0.0
     drop: bool = False
     hits: int = 0
+    drop_after: int | None = None
 
     def _matches(self, method: str, path: str) -> bool:
         if self.times is not None and self.times <= 0:
@@ -526,6 +529,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         self._status: int | None = None
         self._rec: RequestRecord | None = None
+        self._drop_after: int | None = None
         self.body = _BodyReader(self.rfile, self.headers)
         split = urlsplit(self.path)
         self.raw_path, self.query = split.path, parse_qs(split.query, keep_blank_values=True)
@@ -696,14 +700,17 @@ class LocalHub:
 
     # ---- fault injection and request log
     def inject_fault(self, path_regex: str, *, status: int | None = 500, times: int | None = 1,
-                     method: str | None = None, delay: float = 0.0, drop: bool = False) -> Fault:
+                     method: str | None = None, delay: float = 0.0, drop: bool = False,
+                     drop_after: int | None = None) -> Fault:
         """Make requests whose unquoted URL path matches `path_regex` fail.
 
         Answers `status` with a JSON error (or closes the connection without an answer if `drop`),
         after sleeping `delay` seconds, for the next `times` matching requests (None: forever).
+        `drop_after=N`: serve the file but cut the connection after N body bytes (status ignored).
         Returns the `Fault`; its `hits` counts the requests it caught.
         """
-        fault = Fault(re.compile(path_regex), status, times, method, delay, drop)
+        fault = Fault(re.compile(path_regex), None if drop_after is not None else status, times, method, delay,
+                      drop, drop_after=drop_after)
         with self._meta_lock:
             self._faults.append(fault)
         return fault
@@ -744,6 +751,7 @@ class LocalHub:
                 fault.times -= 1
         if fault.delay:
             time.sleep(fault.delay)
+        h._drop_after = fault.drop_after
         if fault.drop:
             h.close_connection = True
             try:
@@ -1059,10 +1067,18 @@ class LocalHub:
             with open(blob, "rb") as f:
                 f.seek(start)
                 left = length
+                cut = h._drop_after
                 while left > 0:
                     chunk = f.read(min(_CHUNK, left))
                     if not chunk:
                         raise OSError(f"blob {blob.name} is shorter than recorded")
+                    if cut is not None and len(chunk) >= cut:
+                        h.wfile.write(chunk[:cut])
+                        h.wfile.flush()
+                        h.connection.shutdown(socket.SHUT_RDWR)
+                        raise ConnectionResetError("injected fault: connection dropped mid-body")
+                    if cut is not None:
+                        cut -= len(chunk)
                     h.wfile.write(chunk)
                     left -= len(chunk)
         except OSError as exc:

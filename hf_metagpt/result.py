@@ -18,6 +18,8 @@ def _ref_json(ref: ModelRef) -> dict[str, Any]:
     out: dict[str, Any] = {"ref": ref.pinned}
     if ref.repo_id:
         out.update(repo_id=ref.repo_id, revision=ref.revision, sha=ref.sha)
+    if ref.is_adapter:
+        out["adapter"] = True  # a PEFT LoRA adapter on the base, not a full fine-tune
     return out
 
 

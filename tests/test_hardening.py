@@ -606,3 +606,26 @@ def test_token_never_appears_in_output_or_logs(family, tmp_path, capsys, caplog,
         for token in (flag_token, env_token):
             assert token not in text, f"token leaked into {where}"
     assert "token" not in yaml.safe_load((out / "hf_metagpt_recipe.yaml").read_text())
+
+
+# ------------------------------------------------------------------ disk full while writing the side files
+
+@pytest.mark.parametrize("side_file", ["config.json", "metagpt_coefficients.json", "hf_metagpt_recipe.yaml"])
+def test_disk_full_on_a_side_file_is_clear_and_publishes_nothing(family, tmp_path, capsys, monkeypatch, side_file):
+    import errno
+
+    _, base, fts = family
+    real_write_text = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.name == side_file:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    out = tmp_path / "merged"
+    code, _, stderr = _run_cli(["merge", "--base", str(base), str(fts[0]), str(fts[1]), "--output", str(out),
+                                "--device", "cpu"], capsys)
+    _assert_clear_error(code, stderr, f"Disk full / no space while writing {side_file}", "No space left on device",
+                        "Free space or choose another --output")
+    assert not out.exists()

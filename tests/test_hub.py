@@ -302,3 +302,76 @@ def test_push_subcommand_uploads_a_folder_and_opens_a_pr(hub_merge, hub_user, ca
     assert main(["push", str(out), repo, "--create-pr", "--commit-message", "again"]) == 0
     assert "/discussions/" in capsys.readouterr().out
     assert api.model_info(repo).sha == head  # main untouched by the PR
+
+
+# ------------------------------------------------------------------ LoRA adapters by Hub ID, -q
+
+@pytest.fixture(scope="module")
+def hub_adapters(tmp_path_factory, hub_user):
+    from test_lora import ADAPTERS, SPEC, make_adapter
+
+    root = tmp_path_factory.mktemp("hubadapters")
+    base, _ = build_family(root, n_models=0, spec=SPEC)
+    names = ["ad_plain", "ad_pattern"]
+    folders = [make_adapter(base, root / n, seed=20 + i, **ADAPTERS[n]) for i, n in enumerate(names)]
+    api = HfApi()
+    ids = []
+    for name, folder in zip(["base", *names], [base, *folders]):
+        repo = f"{hub_user}/lora-{name}"
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=folder)
+        ids.append(repo)
+    return base, folders, ids
+
+
+def test_lora_adapters_by_hub_id_merge_like_local_folders(hub_adapters, tmp_path, local_hub):
+    base, folders, ids = hub_adapters
+    local = tmp_path / "local"
+    hf_metagpt.merge(base=str(base), models=[str(f) for f in folders], output=str(local), device="cpu", progress=False)
+    local_hub.clear_requests()
+    plan = hf_metagpt.plan(base=ids[0], models=ids[1:], output="-")
+    assert [m.ref.is_adapter for m in plan.models] == [True, True]
+    assert all(m.ref.sha and len(m.ref.sha) == 40 for m in plan.models)
+    # Adapter files are fetched at the pinned commit; the base's shards are not (headers only).
+    adapter_reads = [r.path for r in local_hub.requests if "/resolve/" in r.path and "/lora-ad_" in r.path]
+    assert adapter_reads and all(f"/resolve/{plan.models[0].ref.sha}/" in p or f"/resolve/{plan.models[1].ref.sha}/" in p
+                                 for p in adapter_reads)
+    assert _full_shard_gets(local_hub.requests, [ids[0]]) == []
+
+    out = tmp_path / "hub"
+    result = hf_metagpt.merge(base=ids[0], models=ids[1:], output=str(out), device="cpu", progress=False)
+    assert _shard_bytes(out) == _shard_bytes(local)
+    local_groups = json.loads((local / "metagpt_coefficients.json").read_text())["groups"]
+    assert result.coefficients == {g: v["lambdas"] for g, v in local_groups.items()}
+    # Lineage: adapters are inputs, so they are in base_model; the card and coefficients say which.
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == ids and card.data.base_model_relation == "merge"
+    assert f"| LoRA adapter 1 | [`{ids[1]}`]" in card.text and f"| LoRA adapter 2 | [`{ids[2]}`]" in card.text
+    assert "2 of the inputs are PEFT LoRA adapters" in card.text
+    coeffs = json.loads((out / "metagpt_coefficients.json").read_text())
+    assert [m.get("adapter") for m in coeffs["models"]] == [True, True] and "adapter" not in coeffs["base"]
+    assert [m["sha"] for m in coeffs["models"]] == [m.sha for m in result.models]
+    recipe = yaml.safe_load((out / "hf_metagpt_recipe.yaml").read_text())
+    assert recipe["models"] == [f"{m.repo_id}@{m.sha}" for m in result.models]
+    # --low-disk reads the adapters from the Hub cache in place (only base shards are fetched and dropped).
+    hf_metagpt.merge(base=ids[0], models=ids[1:], output=str(tmp_path / "ld"), device="cpu", progress=False,
+                     low_disk=True)
+    assert _shard_bytes(tmp_path / "ld") == _shard_bytes(local)
+
+
+def test_quiet_after_the_subcommand_silences_the_hub_header_bars(family, hub_user, capsys):
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    from hf_metagpt.cli import main
+
+    folders, _ = family
+    ids = _upload_family(HfApi(), hub_user, "quiet", folders)
+    capsys.readouterr()
+    assert main(["plan", "--base", ids[0], *ids[1:]]) == 0
+    assert "Parse safetensors files" in capsys.readouterr().err
+    ids = _upload_family(HfApi(), hub_user, "quiet2", folders)  # fresh repos: headers read again
+    assert main(["plan", "--base", ids[0], *ids[1:], "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "Parse safetensors files" not in captured.err and "%|" not in captured.err
+    assert ids[0] in captured.out
+    assert not are_progress_bars_disabled()  # put back after the command
