@@ -145,6 +145,110 @@ def _cmd_hub_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ==== eval / compare (issue [methods]) ============================================================
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise MergeError(f"Bad {flag} {item!r}.", hint=f"Use {flag} NAME=MODEL, e.g. {flag} math=math-ft/.")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    task_models = _pairs(args.task_model, "--task-model")
+    if args.ald and not task_models:
+        raise MergeError("--ald needs the fine-tune of each task.", hint="Add --task-model NAME=MODEL per --task.")
+    models = {"base": args.base} if args.base else {}
+    models.update({m: m for m in args.models})
+    if not models:
+        raise MergeError("No model to evaluate.", hint="Pass one or more model folders or Hub IDs.")
+    roles = {"base": "base"} if args.base else {}
+    table = evaluate(models, args.task, max_samples=args.max_samples, batch_size=args.batch_size,
+                     device=args.device, dtype=args.dtype, task_models=task_models or None, roles=roles,
+                     progress=not args.quiet)
+    print(table.to_markdown())
+    if args.plot:
+        print(f"Plot: {table.plot(args.plot)}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import CompareSettings, compare, load_compare_recipe, parse_methods, parse_tasks
+
+    values, settings = load_compare_recipe(args.recipe) if args.recipe else ({}, CompareSettings())
+    for key in ("base", "granularity", "seed"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.models:
+        values["models"] = list(args.models)
+    if args.methods:
+        settings.methods = parse_methods(args.methods)
+    if args.task:
+        settings.tasks = parse_tasks(args.task)
+    settings.task_models.update(_pairs(args.task_model, "--task-model"))
+    if args.max_samples is not None:
+        settings.max_samples = args.max_samples
+    if args.batch_size is not None:
+        settings.batch_size = args.batch_size
+    result = compare(values, settings, keep=args.keep, plot=args.plot, card=args.card, device=args.device,
+                     progress=not args.quiet)
+    print(result.to_markdown())
+    if result.plot:
+        print(f"\nPlot: {result.plot}")
+    if args.keep:
+        print(f"Merges kept in: {args.keep}")
+    if result.card:
+        print(f"Card updated: {result.card}")
+    return 0
+
+
+def _add_eval_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="per-task loss (and exact match, ALD) of models on datasets",
+                       description="Mean token loss of each model on each task (exact match for prompt/answer "
+                                   "data); with --ald, the average loss difference to each task's fine-tune.")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="models to evaluate: local folders or Hub IDs")
+    p.add_argument("--task", action="append", required=True, metavar="NAME=DATASET[:split][:field]",
+                   help="a data file (.jsonl/.json/.csv/.parquet/.txt), folder or Hub dataset ID; records hold "
+                        "`text`, or `prompt` + `answer` (field: COLUMN or PROMPT,ANSWER); repeatable")
+    p.add_argument("--task-model", action="append", default=[], metavar="NAME=MODEL",
+                   help="the fine-tune of task NAME (for ALD); repeatable")
+    p.add_argument("--ald", action="store_true", help="print ALD: needs --task-model for every task")
+    p.add_argument("--base", help="also evaluate the base model (a reference row)")
+    p.add_argument("--max-samples", type=int, metavar="N", help="first N records of each task")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per forward pass (default 8)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: a GPU when present")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="auto: float32 on CPU, the stored dtype on GPU")
+    p.add_argument("--plot", metavar="PNG", help="also save a bar plot of the losses")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("compare", help="merge with several methods and compare per-task loss and ALD",
+                       description="Merge the recipe's models with each method, evaluate base, fine-tunes and "
+                                   "merges on the tasks, print a table (loss per task, ALD) and save a plot.")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="fine-tunes (default: the recipe's)")
+    p.add_argument("--recipe", help="merge recipe, optionally with a `compare:` section (tasks, methods, ...)")
+    p.add_argument("--base", help="the base model (default: the recipe's)")
+    p.add_argument("--methods", help="comma-separated methods (default: metagpt,linear,task_arithmetic,ties,dare_linear)")
+    p.add_argument("--task", action="append", default=[], metavar="NAME=DATASET[:split][:field]",
+                   help="evaluation task (replaces the recipe's); repeatable")
+    p.add_argument("--task-model", action="append", default=[], metavar="NAME=MODEL",
+                   help="the fine-tune of task NAME (default: the fine-tune whose folder is named NAME)")
+    p.add_argument("--granularity", choices=["model", "layer", "tensor"], help="for the MetaGPT methods")
+    p.add_argument("--seed", type=int, help="seed of the DARE methods")
+    p.add_argument("--keep", metavar="DIR", help="keep the merges in DIR/METHOD (default: a temporary folder)")
+    p.add_argument("--plot", metavar="PNG", help="plot file (default: DIR/compare.png with --keep, else compare.png)")
+    p.add_argument("--card", metavar="DIR|METHOD", help="append the table to this merge's README.md")
+    p.add_argument("--max-samples", type=int, metavar="N", help="first N records of each task")
+    p.add_argument("--batch-size", type=int, metavar="B", help="sequences per forward pass (default 8)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: a GPU when present")
+    p.set_defaults(func=_cmd_compare)
+# ==== end eval / compare ==========================================================================
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-metagpt",
@@ -184,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     # Further subcommands (hub serve, push, verify, eval, compare) register below.
+    _add_eval_parsers(sub)
     p = sub.add_parser("verify", help="re-read a merged folder and check it is whole (and, with --against, correct)",
                        description="Check a merged folder: index, shard headers, shapes, dtypes, total_size and "
                                    "finiteness; with --against BASE MODEL..., recompute a sample of tensors.")
