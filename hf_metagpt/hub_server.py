@@ -658,8 +658,11 @@ class LocalHub:
         self.start()
         try:
             assert self._thread is not None
+            # Sleep rather than join(timeout): a KeyboardInterrupt landing inside Thread.join can
+            # leave the thread's state lock held on CPython < 3.13, and the join in stop() then
+            # hangs forever (seen as an intermittent hang of `hub serve` on Ctrl-C).
             while self._thread.is_alive():
-                self._thread.join(0.5)
+                time.sleep(0.5)
         finally:
             self.stop()
 
