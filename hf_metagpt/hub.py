@@ -201,6 +201,9 @@ def _gave_up(ref_text: str, exc: BaseException, *, published: bool = False) -> H
     hint = "The Hub or the network is having trouble. Retry the same command later"
     hint += ("; nothing was published (a push is one commit)" if not published else "")
     hint += "; files already downloaded stay in the Hub cache and are not fetched again."
+    if "GET" in _failed_request(exc) and "/" in ref_text:
+        # `org/name` is also how a relative folder is written: a mistyped path lands here.
+        hint += f" If {ref_text.split('@')[0]!r} was meant as a local folder: no such folder exists here."
     return HubUnavailableError(f"{ref_text}: the Hub kept failing after {RETRIES + 1} attempts "
                                f"({_failed_request(exc)}).", hint=hint)
 
