@@ -1,5 +1,17 @@
 """`python -m hf_metagpt ...` (also what `accelerate launch -m hf_metagpt` runs)."""
 
-from .cli import main
+import os
+import sys
 
-raise SystemExit(main())
+from .cli import main
+from .distributed import launched_processes
+
+code = main()
+if launched_processes() > 1:
+    # One of several launched processes: its work is published and its process group closed.
+    # Skip the interpreter's teardown, where a native thread left by an imported library was seen
+    # to abort the process ("terminate called without an active exception"), failing the launch.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+raise SystemExit(code)

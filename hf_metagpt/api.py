@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from .recipe import MergeOptions, build_options, dump_recipe
 from .refs import ModelRef, parse_ref
 from .result import MergeResult
 from .stream import FileProvider, Merger
+from .distributed import MainProcessStopped, Share, World, check_supported, connect
 
 log = logging.getLogger("hf_metagpt")
 
@@ -108,6 +109,90 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
     """
     opts = _options(options, kwargs)
     method = get_method(opts.method, **opts.parameters)
+    # Launched as several processes (`accelerate launch`, `--num-processes`): each writes its share
+    # of the shards, the main one prepares and publishes (see `distributed`). None: one process.
+    world = connect(opts.device)
+    if world is not None:
+        check_supported(opts.output_format, opts.low_disk)
+        progress = progress and world.is_main
+    seed = opts.seed if method.uses_seed else None
+    params = method.params()
+    lora_out = opts.output_format == "lora"
+    # The main process checks, plans, prepares the work folder and downloads; the others get its plan.
+    the_plan, dirs, nkey, files, local = _on_main(world, lambda: _prepare(opts, method, seed, params))
+    base, models = the_plan.base, the_plan.models
+    local = local and (world is None or world.is_main)  # the skeleton check runs once, on the main process
+    merger_cls = Merger
+    extra: dict[str, Any] = {}
+    if lora_out:
+        from .lora import AdapterMerger
+
+        merger_cls, extra = AdapterMerger, {"lora_rank": opts.lora_rank}
+    if world is not None:
+        extra["share"] = Share.of(world, the_plan)
+    merger = merger_cls(the_plan, method, dirs.work, device=select_device(opts.device), seed=seed,
+                        allow_nonfinite=opts.allow_nonfinite, progress=progress, files=files, **extra)
+    skeleton_warnings: list[str] = []
+    skeleton = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-skeleton")
+    skeleton_check = skeleton.submit(check_against_skeleton, base, skeleton_warnings) if local else None
+    if skeleton_check is not None and world is not None:
+        # In a process group the merge thread's first lazy import (peft, for TIES/DARE) was seen
+        # to find transformers half-imported by the skeleton thread: let the check end first
+        # (seconds, on the main process only; the others are merging meanwhile).
+        wait([skeleton_check])
+    try:
+        merger.run(cached_norms=cached_norms(dirs.target, nkey) if method.uses_group_norms else None)
+    finally:
+        if files is not None:
+            files.close()  # type: ignore[attr-defined]
+        # accelerate's init_empty_weights patches torch.nn globally while the skeleton is built:
+        # never return (not even with an error) while that thread still runs.
+        skeleton.shutdown(wait=True)
+
+    def finish() -> MergeResult:
+        if skeleton_check is not None:
+            try:
+                skeleton_check.result()
+            except MergeError:
+                shutil.rmtree(dirs.work, ignore_errors=True)  # nothing of a refused merge stays
+                raise
+            for w in skeleton_warnings:
+                log.warning("warning: %s", w)
+            the_plan.warnings.extend(skeleton_warnings)
+
+        result = MergeResult(
+            output=dirs.target, base=base.ref, models=[m.ref for m in models], method=method.name,
+            parameters=params, granularity=the_plan.options.granularity, seed=seed,
+            coefficients=merger.coefficients, sq_norms=dict(merger.norms.sq) if method.uses_group_norms else {},
+            stats=merger.stats, norms_key=nkey, out_dtype=the_plan.out_dtype,
+            warnings=list(the_plan.warnings), notes=list(the_plan.notes), recipe=_pinned_recipe(opts, base, models),
+        )
+        _coefficient_warnings(result, method)
+        if lora_out and opts.lora_rank is not None:
+            from .lora import energy_note
+
+            if note := energy_note(merger.energy, opts.lora_rank):  # type: ignore[attr-defined]
+                result.notes.append(note)
+                log.info("note: %s", note)
+        _finish(the_plan, result, dirs, opts.token)
+        result.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return result
+
+    # Every process has every norm now (gathered); the main one writes the side files and publishes,
+    # and every process returns once the output is in place.
+    result = _on_main(world, finish)
+    if opts.push_to and (world is None or world.is_main):
+        from .hub import push
+
+        result.pushed_url = push(dirs.target, opts.push_to, token=opts.token, private=opts.private,
+                                 create_pr=opts.create_pr, revision=opts.revision,
+                                 commit_message=opts.commit_message)
+    return result
+
+
+def _prepare(opts: MergeOptions, method: MergeMethod, seed: int | None,
+             params: dict[str, Any]) -> tuple[MergePlan, OutputDirs, str, FileProvider | None, bool]:
+    """Resolve the inputs, check the output, plan, prepare the work folder and fetch Hub inputs."""
     base, models = load_infos(opts)
     # --push-to without --output: build the folder in a temporary place (it is what gets pushed).
     target = Path(opts.output) if opts.output else \
@@ -123,65 +208,30 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
     for n in the_plan.notes:
         log.info("note: %s", n)
 
-    seed = opts.seed if method.uses_seed else None
-    params = method.params()
     nkey = norms_key(the_plan, method.name, params, seed)
     lora_out = opts.output_format == "lora"
     # A merged adapter is another output than the shards of the same plan: never resume one from the other.
     dirs = prepare(target, plan_key(the_plan, nkey if not lora_out else f"{nkey}|lora|{opts.lora_rank}"))
     files = _fetch_inputs(the_plan, opts, dirs.target)
-    merger_cls = Merger
-    extra: dict[str, Any] = {}
-    if lora_out:
-        from .lora import AdapterMerger
+    return the_plan, dirs, nkey, files, local
 
-        merger_cls, extra = AdapterMerger, {"lora_rank": opts.lora_rank}
-    merger = merger_cls(the_plan, method, dirs.work, device=select_device(opts.device), seed=seed,
-                        allow_nonfinite=opts.allow_nonfinite, progress=progress, files=files, **extra)
-    skeleton_warnings: list[str] = []
-    skeleton = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-skeleton")
-    skeleton_check = skeleton.submit(check_against_skeleton, base, skeleton_warnings) if local else None
-    try:
-        merger.run(cached_norms=cached_norms(dirs.target, nkey) if method.uses_group_norms else None)
-    finally:
-        if files is not None:
-            files.close()  # type: ignore[attr-defined]
-        # accelerate's init_empty_weights patches torch.nn globally while the skeleton is built:
-        # never return (not even with an error) while that thread still runs.
-        skeleton.shutdown(wait=True)
-    if skeleton_check is not None:
+
+def _on_main(world: World | None, fn):
+    """fn() in the main process; the others get its value (or stop when it fails)."""
+    if world is None:
+        return fn()
+    if world.is_main:
         try:
-            skeleton_check.result()
-        except MergeError:
-            shutil.rmtree(dirs.work, ignore_errors=True)  # nothing of a refused merge stays
+            value = fn()
+        except Exception as exc:
+            world.broadcast(("error", str(exc)))
             raise
-        for w in skeleton_warnings:
-            log.warning("warning: %s", w)
-        the_plan.warnings.extend(skeleton_warnings)
-
-    result = MergeResult(
-        output=dirs.target, base=base.ref, models=[m.ref for m in models], method=method.name,
-        parameters=params, granularity=the_plan.options.granularity, seed=seed,
-        coefficients=merger.coefficients, sq_norms=dict(merger.norms.sq) if method.uses_group_norms else {},
-        stats=merger.stats, norms_key=nkey, out_dtype=the_plan.out_dtype,
-        warnings=list(the_plan.warnings), notes=list(the_plan.notes), recipe=_pinned_recipe(opts, base, models),
-    )
-    _coefficient_warnings(result, method)
-    if lora_out and opts.lora_rank is not None:
-        from .lora import energy_note
-
-        if note := energy_note(merger.energy, opts.lora_rank):  # type: ignore[attr-defined]
-            result.notes.append(note)
-            log.info("note: %s", note)
-    _finish(the_plan, result, dirs, opts.token)
-    result.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if opts.push_to:
-        from .hub import push
-
-        result.pushed_url = push(dirs.target, opts.push_to, token=opts.token, private=opts.private,
-                                 create_pr=opts.create_pr, revision=opts.revision,
-                                 commit_message=opts.commit_message)
-    return result
+        world.broadcast(("ok", value))
+        return value
+    status, value = world.broadcast()
+    if status == "error":
+        raise MainProcessStopped(f"The main process stopped: {value}")
+    return value
 
 
 def _pinned_recipe(opts: MergeOptions, base: ModelInfo, models: list[ModelInfo]) -> str:

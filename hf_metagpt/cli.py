@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -45,6 +46,9 @@ def _add_merge_args(p: argparse.ArgumentParser, *, for_plan: bool = False) -> No
     p.add_argument("--commit-message", help="commit message of the push")
     p.add_argument("--low-disk", action="store_true", default=None,
                    help="fetch Hub shards as the layer walk needs them and delete them after use")
+    p.add_argument("--num-processes", type=int, metavar="N",
+                   help="split the merge over N processes (runs `accelerate launch`; each process writes its "
+                        "share of the shards; the output is the same bytes)")
 
 
 def _parse_value(text: str):
@@ -76,10 +80,64 @@ def _options_from_args(args: argparse.Namespace):
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .api import merge
 
+    from .distributed import disconnect, is_main_process, launched_processes
+
     opts = _options_from_args(args)
-    result = merge(opts, progress=not args.quiet)
-    print(result.summary())
+    if args.num_processes is not None and args.num_processes != 1:
+        return _launch(args, opts)
+    try:
+        result = merge(opts, progress=not args.quiet)
+    finally:
+        if launched_processes() > 1:
+            disconnect()
+    if is_main_process():  # under accelerate launch: printed once
+        print(result.summary())
     return 0
+
+
+def _launch(args: argparse.Namespace, opts) -> int:
+    """`merge --num-processes N`: this same command again under `accelerate launch` in N processes."""
+    import socket
+    import subprocess
+
+    from .distributed import check_supported
+
+    n = args.num_processes
+    if n < 1:
+        raise MergeError(f"--num-processes {n}: give at least 1.")
+    check_supported(opts.output_format, opts.low_disk)
+    argv, skip = [], False
+    for a in args.argv:  # the command line without --num-processes
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            argv.append(a)
+    if opts.device != "cpu":
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus and n > gpus:
+            raise MergeError(f"--num-processes {n} is more than the {gpus} GPU(s) here (one process per GPU).",
+                             hint=f"Use --num-processes {gpus}, or --device cpu.")
+    with socket.socket() as s:  # a free port for the processes' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        # torchrun would give each process one thread; the unfused paths (metagpt_dare/ties, LoRA
+        # inputs) reduce norms with torch's threaded kernels, whose last bits follow the thread
+        # count: keep the count one process uses here, so the output stays the same bytes.
+        import torch
+
+        env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    # accelerate's --multi_gpu launcher is torchrun: on a machine without GPUs (or with --device cpu)
+    # the processes connect over gloo (`distributed.connect`).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), "-m", "hf_metagpt", *argv]
+    return subprocess.call(cmd, env=env)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -320,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `merge --num-processes` runs it again
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(levelname)s: %(message)s" if args.debug else "%(message)s",
@@ -337,9 +396,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MergeError as exc:
+        from .distributed import MainProcessStopped
+
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if not isinstance(exc, MainProcessStopped):  # the main process prints why
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -153,11 +153,10 @@ def _default_generation_config(config: dict[str, Any], work: Path) -> None:
 def publish(dirs: OutputDirs) -> Path:
     """Swap the finished work folder into place (the old output is removed only after)."""
     target, work = dirs.target, dirs.work
-    from .stream import NORM_STATE
+    from .stream import NORM_STATES
 
     (work / PLAN_KEY_FILE).unlink(missing_ok=True)
-    (work / NORM_STATE).unlink(missing_ok=True)
-    for leftover in work.glob("*.tmp"):
+    for leftover in [*work.glob(NORM_STATES), *work.glob("*.tmp")]:
         leftover.unlink()
     old = None
     if target.exists():

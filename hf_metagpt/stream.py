@@ -19,7 +19,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
@@ -30,9 +30,13 @@ from .methods import MergeMethod, TensorContext, squared_norm
 from .plan import MergePlan, ModelInfo, StreamGroup, TensorPlan
 from .safetensors_io import ShardWriter, shard_matches, build_header
 
+if TYPE_CHECKING:
+    from .distributed import Share
+
 log = logging.getLogger(__name__)
 
 NORM_STATE = "norms.partial.json"
+NORM_STATES = "norms.partial*.json"  # one process's NORM_STATE, or each process's of a shared merge
 
 
 class FileProvider(Protocol):
@@ -75,6 +79,17 @@ class NormState:
         acc = self.sq.setdefault(group, [0.0] * self.n_models)
         for i, v in enumerate(values):
             acc[i] += v
+
+
+class _NormLog(NormState):
+    """Records each `add` instead of summing (pass 1 of a multi-process merge)."""
+
+    def __init__(self, n_models: int) -> None:
+        super().__init__(n_models)
+        self.entries: list[tuple[str, list[float]]] = []
+
+    def add(self, group: str, values: list[float]) -> None:
+        self.entries.append((group, [float(v) for v in values]))
 
 
 def read_group(info: ModelInfo, model_index: int, tensors: list[TensorPlan], files: FileProvider,
@@ -145,7 +160,8 @@ class Merger:
 
     def __init__(self, plan: MergePlan, method: MergeMethod, work_dir: Path, *, device: torch.device,
                  files: FileProvider | None = None, seed: int | None = None, allow_nonfinite: bool = False,
-                 progress: bool = True, group_filter: Callable[[StreamGroup], bool] | None = None) -> None:
+                 progress: bool = True, group_filter: Callable[[StreamGroup], bool] | None = None,
+                 share: "Share | None" = None) -> None:
         self.plan = plan
         self.method = method
         self.work_dir = work_dir
@@ -155,6 +171,7 @@ class Merger:
         self.allow_nonfinite = allow_nonfinite
         self.progress = progress
         self.group_filter = group_filter
+        self.share = share  # this process's part of a multi-process merge (`distributed`); None: all of it
         self.norms = NormState(len(plan.models))
         self.coefficients: dict[str, list[float]] = {}
         self.stats = StreamStats()
@@ -172,6 +189,8 @@ class Merger:
         # The fused kernels release the GIL: on a CPU with cores to spare, the tensors of a group
         # are merged on two threads (each single-threaded), in order of the plan when gathered.
         self.workers = 2 if self.fast and device.type == "cpu" and (os.cpu_count() or 1) > 1 else 1
+        if share is not None and share.count >= (os.cpu_count() or 1):
+            self.workers = 1  # the other processes use the cores
         self._compute: ThreadPoolExecutor | None = None
         self.pool = BufferPool(slots=2)  # one group in use, the next one prefetching
 
@@ -357,31 +376,56 @@ class Merger:
     def _save_norm_state(self) -> None:
         """Norms of every group merged so far: a resumed run needs them for the shards it keeps."""
         state = {"sq_norms": self.norms.sq, "complete": sorted(self.norms.complete)}
-        tmp = self.work_dir / (NORM_STATE + ".tmp")
+        # Each process of a shared merge keeps its own file (the work folder is shared).
+        name = NORM_STATE if self.share is None else f"norms.partial.{self.share.index}.json"
+        tmp = self.work_dir / (name + ".tmp")
         tmp.write_text(json.dumps(state))
-        tmp.replace(self.work_dir / NORM_STATE)
+        tmp.replace(self.work_dir / name)
 
     def _load_norm_state(self) -> None:
-        path = self.work_dir / NORM_STATE
-        if not path.is_file():
-            return
-        try:
-            state = json.loads(path.read_text())
-            sq = {k: [float(x) for x in v] for k, v in state["sq_norms"].items()}
-            complete = set(state["complete"]) & set(sq)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return
-        self.norms.sq.update({k: sq[k] for k in complete})
-        self.norms.complete.update(complete)
+        # Every file of the folder counts: the norms of a group do not depend on who reduced it.
+        for path in sorted(self.work_dir.glob(NORM_STATES)):
+            try:
+                state = json.loads(path.read_text())
+                sq = {k: [float(x) for x in v] for k, v in state["sq_norms"].items()}
+                complete = set(state["complete"]) & set(sq)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+            self.norms.sq.update({k: sq[k] for k in complete})
+            self.norms.complete.update(complete)
 
     def reduce_pass(self) -> None:
         """Pass 1 of a whole-model λ: accumulate squared norms of every norm group."""
         groups = [g for g in self._groups() if any(t.floating for t in g.tensors)]
         # Adapters' exact norms need no base weights (read lazily in `_reduce` if they do).
         read = lambda g: self._read(g, with_base=self.fast)  # noqa: E731
-        for group, raws in self._walk(groups, "pass 1/2: norms", read):
-            self._reduce_many([t for t in group.tensors if t.floating], raws, group)
+        if self.share is not None:
+            self._shared_reduce(groups, read)
+        else:
+            for group, raws in self._walk(groups, "pass 1/2: norms", read):
+                self._reduce_many([t for t in group.tensors if t.floating], raws, group)
         self.norms.complete.update(self.norms.sq)
+
+    def _shared_reduce(self, groups: list[StreamGroup], read: Callable[[StreamGroup], list]) -> None:
+        """Pass 1 split over processes: each reduces the groups it leads, recording every tensor's
+        squared norms; all records are gathered and every process adds them in plan order, so the
+        float64 sums are the ones a single process makes, bit for bit."""
+        assert self.share is not None
+        share, total = self.share, self.norms
+        position = {id(g): k for k, g in enumerate(groups)}
+        records: dict[int, list[tuple[str, list[float]]]] = {}
+        for group, raws in self._walk([g for g in groups if share.leads(g)], "pass 1/2: norms", read):
+            self.norms = entries = _NormLog(total.n_models)
+            try:
+                self._reduce_many([t for t in group.tensors if t.floating], raws, group)
+            finally:
+                self.norms = total
+            records[position[id(group)]] = entries.entries
+        for part in share.gather(records):
+            records.update(part)
+        for k in range(len(groups)):
+            for norm_group, values in records[k]:
+                total.add(norm_group, values)
 
     def write_pass(self, done_shards: set[int]) -> None:
         """Merge every group and write its tensors into their shards (skipping finished shards)."""
@@ -420,7 +464,12 @@ class Merger:
             # other core is better spent on the prefetch thread's reads.
             torch.set_num_threads(1)
         if self.workers > 1:
-            self._compute = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hf-metagpt-merge")
+            # Single-threaded like this thread: OpenMP's thread count is per thread, and a worker
+            # left at the default would split BLAS reductions (the norms) by the core count, so
+            # the same merge would differ in the last bits from machine to machine (or from one
+            # `accelerate launch` process, which torchrun gives one thread).
+            self._compute = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hf-metagpt-merge",
+                                               initializer=torch.set_num_threads, initargs=(1,))
         try:
             self._run(cached_norms)
         finally:
@@ -431,8 +480,14 @@ class Merger:
 
     def _run(self, cached_norms: dict[str, list[float]] | None) -> None:
         start = time.perf_counter()
-        done = finished_shards(self.plan, self.work_dir)
+        mine = self.share.shards if self.share is not None else None
+        done = finished_shards(self.plan, self.work_dir, only=mine)
         self.stats.shards_reused = len(done)
+        # Another process's shards count as done here: this one neither reads nor writes them.
+        skip = done if mine is None else done | (set(range(len(self.plan.shards))) - mine)
+        if self.share is not None:
+            log.debug("process %d of %d writes shards %s", self.share.index, self.share.count,
+                      sorted(k + 1 for k in mine or ()))
         if self.method.uses_group_norms:
             if cached_norms is not None:
                 self.norms.sq = {k: list(v) for k, v in cached_norms.items()}
@@ -446,12 +501,39 @@ class Merger:
                 self.stats.passes = 2
                 self.reduce_pass()
                 self._save_norm_state()
-        self.write_pass(done)
+        self.write_pass(skip)
+        if self.share is not None:
+            self._gather()
         # Groups whose shards were all reused still get their coefficients recorded.
         for group in self.plan.norm_groups:
             if group in self.norms.complete or not self.method.uses_group_norms:
                 self._coefficients(group)
+        # In plan order: the compute threads record groups as they finish them (a race), and the
+        # processes of a shared merge each record theirs.
+        self.coefficients = {g: self.coefficients[g] for g in self.plan.norm_groups if g in self.coefficients}
         self.stats.seconds = time.perf_counter() - start
+
+    def _gather(self) -> None:
+        """Every process's norms and statistics on every process (a multi-process merge's end).
+
+        The norms of a group are the same whoever reduced it; coefficients are then recomputed in
+        plan order, the order (and values) one process records them in.
+        """
+        assert self.share is not None
+        s = self.stats
+        mine = {"sq": {g: self.norms.sq[g] for g in self.norms.complete if g in self.norms.sq},
+                "stats": (s.bytes_read, s.bytes_written, s.shards_reused, s.passes)}
+        parts = self.share.gather(mine)
+        known: dict[str, list[float]] = {}
+        for part in parts:
+            for g, values in part["sq"].items():
+                known.setdefault(g, values)
+        order = {g: k for k, g in enumerate(self.plan.norm_groups)}
+        self.norms.sq = dict(sorted(known.items(), key=lambda kv: order.get(kv[0], len(order))))
+        self.norms.complete = set(known)
+        s.bytes_read, s.bytes_written, s.shards_reused = (sum(p["stats"][i] for p in parts) for i in range(3))
+        s.passes = max(p["stats"][3] for p in parts)
+        self.coefficients = {}
 
 
 def _entries(tensors: list[TensorPlan]) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -513,10 +595,13 @@ def shard_header(plan: MergePlan, k: int) -> bytes:
     return header
 
 
-def finished_shards(plan: MergePlan, work_dir: Path) -> set[int]:
-    """Shards a previous run completed (same header, full size): a resumed run keeps them."""
-    return {k for k, s in enumerate(plan.shards)
-            if (work_dir / s.file).is_file() and shard_matches(work_dir / s.file, shard_header(plan, k))}
+def finished_shards(plan: MergePlan, work_dir: Path, only: set[int] | None = None) -> set[int]:
+    """Shards a previous run completed (same header, full size): a resumed run keeps them.
+
+    `only`: look at these shards alone (one process of a shared merge; others are being written).
+    """
+    return {k for k, s in enumerate(plan.shards) if (only is None or k in only)
+            and (work_dir / s.file).is_file() and shard_matches(work_dir / s.file, shard_header(plan, k))}
 
 
 def _st_torch(code: str) -> torch.dtype:
