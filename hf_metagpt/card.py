@@ -145,7 +145,7 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
     lines += ["", f"Granularity `{result.granularity}`: {_GRANULARITY_TEXT.get(result.granularity, '')}"]
     if result.parameters:
         lines += ["", f"Parameters: `{result.parameters}`" + (f", seed {result.seed}" if result.seed is not None else "") + "."]
-    lines += ["", "Tensors were read in their stored dtype, merged in float32 (norms in float64) and written in "
+    lines += ["", "Tensors were read in their stored dtype, merged in float32 or better (weighted sums and norms accumulated in float64) and written in "
                   f"`{result.out_dtype or 'the base dtype'}`."]
 
     if result.coefficients:
