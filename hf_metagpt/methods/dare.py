@@ -16,10 +16,8 @@ from .base import MergeMethod, TensorContext, weighted_sum
 from .common import (
     LAMBDA_ALIASES,
     ParamsMixin,
-    add_disjoint_mean_,
     check_density,
     check_real,
-    check_sign_method,
     check_weights,
     dare_drop,
     density_from_drop_rate,
@@ -27,6 +25,7 @@ from .common import (
     per_model,
 )
 from .metagpt import MetaGPT
+from .ties import Ties
 
 #: Keep half of each task vector (p = 0.5); the DARE paper shows SFT deltas survive far higher p.
 DEFAULT_DARE_DENSITY = 0.5
@@ -80,40 +79,20 @@ class DareLinear(ParamsMixin, MergeMethod):
 
 
 @dataclass
-class DareTies(ParamsMixin, MergeMethod):
-    """DARE then TIES sign election and disjoint mean (no magnitude trim), scaled by `lambda_`/`weights`."""
+class DareTies(Ties):
+    """DARE then TIES sign election and disjoint mean (no magnitude trim), scaled by `lambda_`/`weights`.
+
+    Everything but the transform (and the default density) is TIES's.
+    """
 
     name: ClassVar[str] = "dare_ties"
     uses_seed: ClassVar[bool] = True
     aliases: ClassVar = {**LAMBDA_ALIASES, **DROP_ALIASES}
 
     density: float = DEFAULT_DARE_DENSITY
-    majority_sign_method: str = "total"
-    weights: list[float] | None = None
-    lambda_: float = 1.0
-
-    def __post_init__(self) -> None:
-        self.density = check_density(self.name, self.density)
-        self.majority_sign_method = check_sign_method(self.name, self.majority_sign_method)
-        self.weights = check_weights(self.name, self.weights)
-        self.lambda_ = check_real(self.name, "lambda_", self.lambda_)
 
     def transform(self, taus: list[torch.Tensor], ctx: TensorContext) -> list[torch.Tensor]:
         return dare_ties_transform(taus, self.density, ctx, self.majority_sign_method)
-
-    def coefficients(self, sq_norms: Sequence[float] | None, n_models: int) -> list[float]:
-        return per_model(self.name, self.weights, self.lambda_, n_models)
-
-    def combine(self, base: torch.Tensor, taus: list[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
-        return add_disjoint_mean_(base, taus, coeffs)
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "density": self.density,
-            "majority_sign_method": self.majority_sign_method,
-            "weights": self.weights,
-            "lambda_": self.lambda_,
-        }
 
 
 @dataclass
