@@ -16,7 +16,7 @@ from typing import Any
 from .errors import IncompatibleModelsError, InputError, MergeError
 from .recipe import MergeOptions, parse_size
 from .refs import ModelRef
-from .safetensors_io import TORCH_TO_ST, TensorMeta, dtype_itemsize, read_header
+from .safetensors_io import TensorMeta, dtype_itemsize, read_header
 
 log = logging.getLogger(__name__)
 

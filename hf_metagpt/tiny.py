@@ -66,7 +66,7 @@ def task_scale(task: int, name: str) -> float:
 def build_family(root: Path, n_models: int = 3, spec: TinySpec | None = None, seed: int = 0,
                  names: list[str] | None = None) -> tuple[Path, list[Path]]:
     """Save a tiny base and `n_models` fine-tunes under `root`; returns their folders."""
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     spec = spec or TinySpec()
     root = Path(root)

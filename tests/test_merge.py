@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import hf_metagpt
-from hf_metagpt.tiny import TinySpec, build_family
+from hf_metagpt.tiny import build_family
 from reference import assert_within_ulp, load_state, reference_metagpt
 
 
