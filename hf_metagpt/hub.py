@@ -331,7 +331,8 @@ def _cached_headers(remote: RemoteModel, token: str | None) -> tuple[dict[str, T
         # At a commit SHA a cached file is returned without any request.
         index_path = Path(hf_hub_download(ref.repo_id, INDEX_FILE, revision=ref.sha, token=_tok(token)))
         try:
-            files = weight_files_from_index(json.loads(index_path.read_text()), ref.display)
+            index = json.loads(index_path.read_text())
+            files = weight_files_from_index(index, ref.display)
         except ValueError:
             return None
     else:
@@ -346,7 +347,7 @@ def _cached_headers(remote: RemoteModel, token: str | None) -> tuple[dict[str, T
                 raise InputError(f"{ref.display}: tensor {name!r} is stored twice ({tensors[name].file}, {f}).")
             tensors[name] = meta
     if INDEX_FILE in remote.files:
-        check_index(index_path.parent, ref.display, tensors)
+        check_index(index, ref.display, tensors)
     log.debug("%s: headers read from the Hub cache", ref.display)
     return tensors, files
 

@@ -178,7 +178,7 @@ def load_local_info(ref: ModelRef) -> ModelInfo:
         config = json.loads(config_path.read_text())
     except ValueError as exc:
         raise InputError(f"{ref.display}: config.json is not valid JSON ({exc}).") from None
-    files = local_weight_files(folder, ref.display)
+    files, index = local_weight_files(folder, ref.display)
     tensors: dict[str, TensorMeta] = {}
     for rel in files:
         try:
@@ -189,7 +189,8 @@ def load_local_info(ref: ModelRef) -> ModelInfo:
             if name in tensors:
                 raise InputError(f"{ref.display}: tensor {name!r} is stored twice ({tensors[name].file}, {rel}).")
             tensors[name] = meta
-    check_index(folder, ref.display, tensors)
+    if index is not None:
+        check_index(index, ref.display, tensors)
     return ModelInfo(ref=ref, config=config, tensors=tensors, weight_files=files)
 
 
@@ -213,7 +214,8 @@ def weight_files_from_index(index: dict[str, Any], model: str) -> list[str]:
     return sorted({safe_relative(f, model) for f in wm.values()})
 
 
-def local_weight_files(folder: Path, model: str) -> list[str]:
+def local_weight_files(folder: Path, model: str) -> tuple[list[str], dict[str, Any] | None]:
+    """The weight files of a local model, and its parsed index when it has one."""
     index_path = folder / INDEX_FILE
     if index_path.is_file():
         try:
@@ -225,9 +227,9 @@ def local_weight_files(folder: Path, model: str) -> list[str]:
             if not (folder / f).is_file():
                 raise InputError(f"{model}: shard {f} named in {INDEX_FILE} is missing.",
                                  hint="Re-download the model (an interrupted download?).")
-        return files
+        return files, index
     if (folder / SINGLE_FILE).is_file():
-        return [SINGLE_FILE]
+        return [SINGLE_FILE], None
     pickles = [p.name for pat in PICKLE_PATTERNS for p in folder.glob(pat)]
     if pickles:
         raise InputError(
@@ -239,13 +241,9 @@ def local_weight_files(folder: Path, model: str) -> list[str]:
                      hint="Point at a folder holding the model's *.safetensors files.")
 
 
-def check_index(folder: Path, model: str, tensors: dict[str, TensorMeta]) -> None:
-    """The index and the shards' headers must agree (a stale index makes a broken merge)."""
-    index_path = folder / INDEX_FILE
-    if not index_path.is_file():
-        return
-    wm = json.loads(index_path.read_text()).get("weight_map", {})
-    for name, file in wm.items():
+def check_index(index: dict[str, Any], model: str, tensors: dict[str, TensorMeta]) -> None:
+    """The (parsed) index and the shards' headers must agree (a stale index makes a broken merge)."""
+    for name, file in index.get("weight_map", {}).items():
         meta = tensors.get(name)
         if meta is None or meta.file != Path(file).as_posix():
             raise InputError(f"{model}: {INDEX_FILE} places {name!r} in {file}, but that shard does not hold it.",
