@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import hf_metagpt
 from hf_metagpt.cli import main as cli_main
 from hf_metagpt.tiny import TinySpec, build_family
+from helpers import copy_model, run_cli
 from reference import assert_within_ulp, load_state, reference_metagpt
 
 
@@ -23,10 +24,6 @@ def family(tmp_path_factory):
     base, fts = build_family(root, n_models=2)
     return root, base, fts
 
-
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 def _edit_tensor(folder: Path, name: str, fn) -> None:
@@ -44,12 +41,6 @@ def _edit_tensor(folder: Path, name: str, fn) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
-def _run_cli(args, capsys):
-    capsys.readouterr()  # drop what building the fixtures printed
-    code = cli_main(["-q", *args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 # ------------------------------------------------------------------ bad inputs: message, exit, nothing left
 
@@ -61,8 +52,8 @@ def _bad_cases(root: Path, base: Path, ft: Path):
     if not other.exists():
         build_family(other, n_models=0, spec=TinySpec(hidden_size=32))
         build_family(root / "shallow", n_models=0, spec=TinySpec(num_hidden_layers=3))
-        _edit_tensor(_copy(ft, root / "missing"), Q, lambda t: None)
-        _edit_tensor(_copy(ft, root / "shape"), Q, lambda t: t[:, :-1].contiguous())
+        _edit_tensor(copy_model(ft, root / "missing"), Q, lambda t: None)
+        _edit_tensor(copy_model(ft, root / "shape"), Q, lambda t: t[:, :-1].contiguous())
         pk = root / "pickle"
         pk.mkdir()
         shutil.copy(ft / "config.json", pk)
@@ -82,7 +73,7 @@ def test_bad_input_gives_one_clear_message_and_no_output(family, tmp_path, capsy
     root, base, fts = family
     models, needle = _bad_cases(root, base, fts[0])[case]
     out = tmp_path / "out"
-    code, stdout, stderr = _run_cli(["merge", "--base", str(base), *models, "--output", str(out)], capsys)
+    code, stdout, stderr = run_cli(["merge", "--base", str(base), *models, "--output", str(out)], capsys)
     assert code == 2
     assert needle in stderr
     assert stderr.startswith("error: ") and "Traceback" not in stderr
@@ -95,7 +86,7 @@ def test_output_not_empty_is_refused_and_kept(family, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    code, _, stderr = _run_cli(["merge", "--base", str(base), str(fts[0]), "--output", str(out)], capsys)
+    code, _, stderr = run_cli(["merge", "--base", str(base), str(fts[0]), "--output", str(out)], capsys)
     assert code == 2 and "is not empty" in stderr and "--overwrite" in stderr
     assert (out / "precious.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -103,7 +94,7 @@ def test_output_not_empty_is_refused_and_kept(family, tmp_path, capsys):
 
 def test_output_inside_input_is_refused(family, capsys):
     _, base, fts = family
-    code, _, stderr = _run_cli(["merge", "--base", str(base), str(fts[0]), "--output", str(base / "merged")], capsys)
+    code, _, stderr = run_cli(["merge", "--base", str(base), str(fts[0]), "--output", str(base / "merged")], capsys)
     assert code == 2 and "inside the input model" in stderr
     assert not (base / "merged").exists()
 
@@ -165,10 +156,10 @@ def test_low_lambda_warning(family, tmp_path, caplog):
 
 def test_nonfinite_input_is_refused_with_model_and_tensor(family, tmp_path, capsys):
     root, base, fts = family
-    bad = _copy(fts[0], tmp_path / "nan-ft")
+    bad = copy_model(fts[0], tmp_path / "nan-ft")
     _edit_tensor(bad, Q, lambda t: t.index_fill(0, torch.tensor([0]), float("nan")))
     out = tmp_path / "o"
-    code, _, stderr = _run_cli(["merge", "--base", str(base), str(bad), str(fts[1]), "--output", str(out)], capsys)
+    code, _, stderr = run_cli(["merge", "--base", str(base), str(bad), str(fts[1]), "--output", str(out)], capsys)
     assert code == 2 and "NaN or Inf" in stderr and Q in stderr and "nan-ft" in stderr
     assert not out.exists()
     r = hf_metagpt.merge(base=str(base), models=[str(bad), str(fts[1])], output=str(out),
@@ -244,12 +235,12 @@ def test_tied_embeddings_merge_embed_only_and_keep_tie(tmp_path):
 
 def test_config_that_does_not_match_the_weights_is_refused_and_nothing_stays(family, tmp_path, capsys):
     root, base, fts = family
-    lying = [_copy(p, tmp_path / "in" / p.name) for p in (base, *fts)]
+    lying = [copy_model(p, tmp_path / "in" / p.name) for p in (base, *fts)]
     for folder in lying:  # every config agrees, but none matches the stored MLP shapes
         cfg = json.loads((folder / "config.json").read_text())
         cfg["intermediate_size"] = 96
         (folder / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
-    code, _, stderr = _run_cli(["merge", "--base", str(lying[0]), *map(str, lying[1:]), "--output", str(out)], capsys)
+    code, _, stderr = run_cli(["merge", "--base", str(lying[0]), *map(str, lying[1:]), "--output", str(out)], capsys)
     assert code == 2 and "its config implies" in stderr and "mlp" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -31,6 +30,7 @@ from hf_metagpt.plan import INDEX_FILE, safe_relative, weight_files_from_index
 from hf_metagpt.recipe import MergeOptions, parse_recipe, parse_size
 from hf_metagpt.safetensors_io import SLOW_WRITE_ENV, parse_header_json, read_header
 from hf_metagpt.tiny import build_family
+from helpers import copy_model, run_cli
 from reference import assert_within_ulp, load_state, reference_metagpt
 
 Q = "model.layers.1.self_attn.q_proj.weight"
@@ -44,11 +44,6 @@ def family(tmp_path_factory):
     return root, base, fts
 
 
-def _copy(src: Path, dst: Path) -> Path:
-    if not dst.exists():
-        shutil.copytree(src, dst)
-    return dst
-
 
 def _index(folder: Path) -> dict:
     return json.loads((folder / INDEX_FILE).read_text())
@@ -57,12 +52,6 @@ def _index(folder: Path) -> dict:
 def _shard_of(folder: Path, name: str) -> Path:
     return folder / _index(folder)["weight_map"][name]
 
-
-def _run_cli(args, capsys):
-    capsys.readouterr()
-    code = cli_main(["-q", *args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _assert_clear_error(code: int, stderr: str, *needles: str) -> None:
@@ -80,7 +69,7 @@ def _make_bad(root: Path, ft: Path, case: str) -> Path:
     bad = root / f"bad-{case}"
     if bad.exists():
         return bad
-    _copy(ft, bad)
+    copy_model(ft, bad)
     if case == "extra-tensor":
         shard = _shard_of(bad, Q)
         tensors = load_file(shard)
@@ -129,7 +118,7 @@ def test_bad_local_input_is_named_with_its_fix_and_leaves_nothing(family, tmp_pa
     if case == "index-missing-shard":
         needles.append(_index(bad)["weight_map"][Q])
     out = tmp_path / "out"
-    code, _, stderr = _run_cli(["merge", "--base", str(base), str(fts[1]), str(bad), "--output", str(out)], capsys)
+    code, _, stderr = run_cli(["merge", "--base", str(base), str(fts[1]), str(bad), "--output", str(out)], capsys)
     _assert_clear_error(code, stderr, *needles)
     assert list(tmp_path.iterdir()) == [], "a failed merge left files behind"
 
@@ -151,7 +140,7 @@ def test_bad_recipe_names_key_and_line_via_cli(family, tmp_path, capsys, case):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"base: {base}\n{models or 'output: ' + str(tmp_path / 'x') + chr(10)}{extra}")
     out = tmp_path / "out"
-    code, _, stderr = _run_cli(["merge", "--recipe", str(recipe), "--output", str(out)], capsys)
+    code, _, stderr = run_cli(["merge", "--recipe", str(recipe), "--output", str(out)], capsys)
     _assert_clear_error(code, stderr, *needles)
     if case != "bad-size":
         assert str(recipe) in stderr
@@ -161,13 +150,13 @@ def test_bad_recipe_names_key_and_line_via_cli(family, tmp_path, capsys, case):
 def test_output_containing_an_input_is_refused_even_with_overwrite(family, tmp_path, capsys):
     root, base, fts = family
     parent = tmp_path / "models"
-    ft = _copy(fts[0], parent / "ft")
+    ft = copy_model(fts[0], parent / "ft")
     before = sorted(p.name for p in ft.iterdir())
-    code, _, stderr = _run_cli(["merge", "--base", str(base), str(ft), str(fts[1]), "--output", str(parent),
+    code, _, stderr = run_cli(["merge", "--base", str(base), str(ft), str(fts[1]), "--output", str(parent),
                                 "--overwrite"], capsys)
     _assert_clear_error(code, stderr, "is inside the output folder", "ft", "does not contain the inputs")
     assert sorted(p.name for p in ft.iterdir()) == before
-    code, _, stderr = _run_cli(["merge", "--base", str(base), str(ft), "--output", str(ft), "--overwrite"], capsys)
+    code, _, stderr = run_cli(["merge", "--base", str(base), str(ft), "--output", str(ft), "--overwrite"], capsys)
     _assert_clear_error(code, stderr, "inside the input model", "outside every input folder")
     assert sorted(p.name for p in ft.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
@@ -178,7 +167,7 @@ def test_output_not_empty_is_refused_and_kept(family, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    code, _, stderr = _run_cli(["merge", "--base", str(base), str(fts[0]), "--output", str(out)], capsys)
+    code, _, stderr = run_cli(["merge", "--base", str(base), str(fts[0]), "--output", str(out)], capsys)
     _assert_clear_error(code, stderr, "is not empty", "--overwrite")
     assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -190,7 +179,7 @@ def test_float32_finetune_with_bf16_base_merges_in_float32(family, tmp_path):
     root, base, fts = family
     f32 = root / "ft-float32"
     if not f32.exists():
-        _copy(fts[0], f32)
+        copy_model(fts[0], f32)
         gen = torch.Generator().manual_seed(7)
         for shard in sorted(f32.glob("*.safetensors")):
             # Values off the bf16 grid: a float32 checkpoint the engine must not round before τ.
@@ -254,10 +243,10 @@ def test_disk_full_on_tmpfs_is_clear_and_resumes_after_freeing_space(family, tmp
     try:
         out = disk / "merged"
         args = ["merge", "--base", str(base), str(fts[0]), str(fts[1]), "--output", str(out), "--max-shard-size", "40KB"]
-        code, _, stderr = _run_cli(args, capsys)
+        code, _, stderr = run_cli(args, capsys)
         _assert_disk_full(code, stderr, out)
         subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True, timeout=20)
-        code, stdout, stderr = _run_cli(args, capsys)
+        code, stdout, stderr = run_cli(args, capsys)
         assert code == 0, stderr
         assert "shard(s) reused" in stdout
         clean = tmp_path / "clean"
@@ -331,7 +320,7 @@ def test_sigkill_mid_write_keeps_target_and_resumes_to_identical_bytes(family, t
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "the previous output was touched"
     else:
         assert not out.exists()
-    code, stdout, stderr = _run_cli(_merge_cmd(base, fts, out, *extra)[4:], capsys)
+    code, stdout, stderr = run_cli(_merge_cmd(base, fts, out, *extra)[4:], capsys)
     assert code == 0, stderr
     reused = int(stdout.split(" shard(s) reused")[0].rsplit(" ", 1)[-1])
     assert len(finished) <= reused < n_shards
@@ -358,12 +347,12 @@ def merged(family):
 
 def test_verify_accepts_a_good_output_and_recomputes_every_tensor(family, merged, capsys):
     _, base, fts = family
-    code, stdout, stderr = _run_cli(["verify", str(merged), "--against", str(base), *map(str, fts),
+    code, stdout, stderr = run_cli(["verify", str(merged), "--against", str(base), *map(str, fts),
                                      "--samples", "1000"], capsys)
     assert code == 0, stderr
     n = len(load_state(merged))
     assert f"{n} tensors in" in stdout and f"OK: {n} tensor(s) recomputed" in stdout
-    code, stdout, _ = _run_cli(["verify", str(merged)], capsys)
+    code, stdout, _ = run_cli(["verify", str(merged)], capsys)
     assert code == 0 and "finiteness checked" in stdout and "recomputed" not in stdout
 
 
@@ -423,24 +412,24 @@ def _tamper(folder: Path, case: str) -> list[str]:
                                   "unlisted-tensor", "total-size", "nan", "truncated-shard"])
 def test_verify_finds_a_tampered_output(family, merged, tmp_path, capsys, case):
     _, base, fts = family
-    bad = _copy(merged, tmp_path / "bad")
+    bad = copy_model(merged, tmp_path / "bad")
     needles = _tamper(bad, case)
     against = ["--against", str(base), *map(str, fts), "--samples", "1000"] if case == "flipped-bytes" else []
-    code, stdout, stderr = _run_cli(["verify", str(bad), *against], capsys)
+    code, stdout, stderr = run_cli(["verify", str(bad), *against], capsys)
     _assert_clear_error(code, stderr, "failed verification", *needles)
     assert "OK:" not in stdout
     if case == "flipped-bytes":  # without the inputs, flipped but finite bytes look fine
-        assert _run_cli(["verify", str(bad)], capsys)[0] == 0
+        assert run_cli(["verify", str(bad)], capsys)[0] == 0
 
 
 def test_verify_refuses_a_work_folder_and_wrong_inputs(family, merged, tmp_path, capsys):
     _, base, fts = family
-    work = _copy(merged, tmp_path / ".x.hf-metagpt-partial")
-    code, _, stderr = _run_cli(["verify", str(work)], capsys)
+    work = copy_model(merged, tmp_path / ".x.hf-metagpt-partial")
+    code, _, stderr = run_cli(["verify", str(work)], capsys)
     _assert_clear_error(code, stderr, "unfinished merge", "resumes")
-    code, _, stderr = _run_cli(["verify", str(merged), "--against", str(base), str(fts[0])], capsys)
+    code, _, stderr = run_cli(["verify", str(merged), "--against", str(base), str(fts[0])], capsys)
     _assert_clear_error(code, stderr, "but 1 fine-tune(s) were given", "same order")
-    code, _, stderr = _run_cli(["verify", str(merged), "--against", str(base), str(fts[1]), str(fts[0]),
+    code, _, stderr = run_cli(["verify", str(merged), "--against", str(base), str(fts[1]), str(fts[0]),
                                 "--samples", "1000"], capsys)
     _assert_clear_error(code, stderr, "differs from its recomputation")
 
@@ -595,7 +584,7 @@ def test_token_never_appears_in_output_or_logs(family, tmp_path, capsys, caplog,
     monkeypatch.setenv("HF_TOKEN", env_token)
     out = tmp_path / "o"
     with caplog.at_level(logging.DEBUG):
-        code, stdout, stderr = _run_cli(["merge", "--base", str(base), str(fts[0]), str(fts[1]), "--output",
+        code, stdout, stderr = run_cli(["merge", "--base", str(base), str(fts[0]), str(fts[1]), "--output",
                                          str(out), "--token", flag_token, "--device", "cpu"], capsys)
     assert code == 0, stderr
     texts = {"stdout": stdout, "stderr": stderr, "log": caplog.text}
@@ -624,7 +613,7 @@ def test_disk_full_on_a_side_file_is_clear_and_publishes_nothing(family, tmp_pat
 
     monkeypatch.setattr(Path, "write_text", write_text)
     out = tmp_path / "merged"
-    code, _, stderr = _run_cli(["merge", "--base", str(base), str(fts[0]), str(fts[1]), "--output", str(out),
+    code, _, stderr = run_cli(["merge", "--base", str(base), str(fts[0]), str(fts[1]), "--output", str(out),
                                 "--device", "cpu"], capsys)
     _assert_clear_error(code, stderr, f"Disk full / no space while writing {side_file}", "No space left on device",
                         "Free space or choose another --output")
