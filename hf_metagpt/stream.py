@@ -28,7 +28,7 @@ from .errors import NonFiniteError
 from .reader import BufferPool, read_tensors
 from .methods import MergeMethod, TensorContext, squared_norm
 from .plan import MergePlan, ModelInfo, StreamGroup, TensorPlan
-from .safetensors_io import ShardWriter, shard_matches, build_header
+from .safetensors_io import ST_TO_TORCH, ShardWriter, build_header, shard_matches
 
 if TYPE_CHECKING:
     from .distributed import Share
@@ -298,7 +298,7 @@ class Merger:
             self.norms.complete.add(tp.norm_group)
         w0, weights = self.method.model_weights(self._coefficients(tp.norm_group))  # type: ignore[misc]
         out = kernels.weighted_models(raws[0][tp.name], [r[tp.name] for r in raws[1:]], w0, weights,
-                                      _st_torch(tp.out_dtype), rows=tp.shared_rows, device=self.device,
+                                      ST_TO_TORCH[tp.out_dtype], rows=tp.shared_rows, device=self.device,
                                       chunk=self.chunk)
         if not self.method.uses_group_norms and not bool(torch.isfinite(out).all()):
             self._name_nonfinite(tp, raws)  # methods without norms never looked at the inputs
@@ -311,7 +311,7 @@ class Merger:
             self.norms.add(tp.norm_group, self._sq_norms(tp, raws, taus))
             self.norms.complete.add(tp.norm_group)
         merged = self.method.combine(base, taus, self._coefficients(tp.norm_group))
-        return merged.to(_st_torch(tp.out_dtype))
+        return merged.to(ST_TO_TORCH[tp.out_dtype])
 
     # -------------------------------------------------------------- passes
     def _groups(self) -> list[StreamGroup]:
@@ -602,12 +602,6 @@ def finished_shards(plan: MergePlan, work_dir: Path, only: set[int] | None = Non
     """
     return {k for k, s in enumerate(plan.shards) if (only is None or k in only)
             and (work_dir / s.file).is_file() and shard_matches(work_dir / s.file, shard_header(plan, k))}
-
-
-def _st_torch(code: str) -> torch.dtype:
-    from .safetensors_io import ST_TO_TORCH
-
-    return ST_TO_TORCH[code]
 
 
 def _progress(items: list, desc: str, enabled: bool):
