@@ -58,17 +58,35 @@ def _load_info(ref: ModelRef, token: str | None = None) -> ModelInfo:
     return load_local_info(ref)
 
 
-def _fetch_inputs(the_plan: MergePlan, opts: MergeOptions, target: Path) -> FileProvider | None:
-    """Download what the Hub inputs need (after the plan checked them); low-disk: a lazy provider."""
+def _fetch_inputs(the_plan: MergePlan, opts: MergeOptions, target: Path, overlap: bool = True) -> FileProvider | None:
+    """Fetch what the Hub inputs need (after the plan checked them); the provider of their shards.
+
+    Default: the side files now, the shards on threads while the merge runs (`hub.OverlappedFiles`).
+    `--low-disk`: shards fetched one group ahead and deleted after use (`hub.LowDiskFiles`).
+    `overlap=False` (a merge in several processes): everything is downloaded before merging, as the
+    other processes read the shards from the Hub cache by themselves and a provider's threads
+    cannot travel to them with the plan.
+    """
     if not any(i.ref.is_hub for i in the_plan.inputs):
         return None
     from . import hub
 
     hub.check_disk(the_plan, target, opts.low_disk)
-    hub.download(the_plan, opts.token, weights=not opts.low_disk)
-    if not opts.low_disk:
+    if opts.low_disk:
+        hub.download(the_plan, opts.token, weights=False)
+        return hub.LowDiskFiles(the_plan, target.parent / f".{target.name}.hf-metagpt-download", opts.token)
+    if not overlap:
+        hub.download(the_plan, opts.token)
         return None
-    return hub.LowDiskFiles(the_plan, target.parent / f".{target.name}.hf-metagpt-download", opts.token)
+    hub.download(the_plan, opts.token, weights=False, weight_index=True)
+    return hub.OverlappedFiles(the_plan, opts.token)
+
+
+def _close(files: FileProvider | None) -> None:
+    """Stop a provider's downloads and threads (providers for Hub inputs have `close`)."""
+    close = getattr(files, "close", None)
+    if close is not None:
+        close()
 
 
 def plan(options: MergeOptions | None = None, **kwargs: Any) -> MergePlan:
@@ -119,7 +137,8 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
     params = method.params()
     lora_out = opts.output_format == "lora"
     # The main process checks, plans, prepares the work folder and downloads; the others get its plan.
-    the_plan, dirs, nkey, files, local = _on_main(world, lambda: _prepare(opts, method, seed, params))
+    the_plan, dirs, nkey, files, local = _on_main(world, lambda: _prepare(opts, method, seed, params,
+                                                                           overlap=world is None))
     base, models = the_plan.base, the_plan.models
     local = local and (world is None or world.is_main)  # the skeleton check runs once, on the main process
     merger_cls = Merger
@@ -130,8 +149,12 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
         merger_cls, extra = AdapterMerger, {"lora_rank": opts.lora_rank}
     if world is not None:
         extra["share"] = Share.of(world, the_plan)
-    merger = merger_cls(the_plan, method, dirs.work, device=select_device(opts.device), seed=seed,
-                        allow_nonfinite=opts.allow_nonfinite, progress=progress, files=files, **extra)
+    try:
+        merger = merger_cls(the_plan, method, dirs.work, device=select_device(opts.device), seed=seed,
+                            allow_nonfinite=opts.allow_nonfinite, progress=progress, files=files, **extra)
+    except BaseException:
+        _close(files)  # shard downloads may be running already
+        raise
     skeleton_warnings: list[str] = []
     skeleton = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-skeleton")
     skeleton_check = skeleton.submit(check_against_skeleton, base, skeleton_warnings) if local else None
@@ -143,8 +166,7 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
     try:
         merger.run(cached_norms=cached_norms(dirs.target, nkey) if method.uses_group_norms else None)
     finally:
-        if files is not None:
-            files.close()  # type: ignore[attr-defined]
+        _close(files)
         # accelerate's init_empty_weights patches torch.nn globally while the skeleton is built:
         # never return (not even with an error) while that thread still runs.
         skeleton.shutdown(wait=True)
@@ -190,9 +212,12 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
     return result
 
 
-def _prepare(opts: MergeOptions, method: MergeMethod, seed: int | None,
-             params: dict[str, Any]) -> tuple[MergePlan, OutputDirs, str, FileProvider | None, bool]:
-    """Resolve the inputs, check the output, plan, prepare the work folder and fetch Hub inputs."""
+def _prepare(opts: MergeOptions, method: MergeMethod, seed: int | None, params: dict[str, Any],
+             overlap: bool = True) -> tuple[MergePlan, OutputDirs, str, FileProvider | None, bool]:
+    """Resolve the inputs, check the output, plan, prepare the work folder and fetch Hub inputs.
+
+    `overlap`: shards may download while the merge runs (one process; see `_fetch_inputs`).
+    """
     base, models = load_infos(opts)
     # --push-to without --output: build the folder in a temporary place (it is what gets pushed).
     target = Path(opts.output) if opts.output else \
@@ -212,7 +237,7 @@ def _prepare(opts: MergeOptions, method: MergeMethod, seed: int | None,
     lora_out = opts.output_format == "lora"
     # A merged adapter is another output than the shards of the same plan: never resume one from the other.
     dirs = prepare(target, plan_key(the_plan, nkey if not lora_out else f"{nkey}|lora|{opts.lora_rank}"))
-    files = _fetch_inputs(the_plan, opts, dirs.target)
+    files = _fetch_inputs(the_plan, opts, dirs.target, overlap)
     return the_plan, dirs, nkey, files, local
 
 

@@ -17,7 +17,7 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -175,6 +175,18 @@ def _call(ref_text: str, fn, *args, **kwargs):
 
     Only for idempotent calls (reads, `create_repo(exist_ok=True)`, `create_branch(exist_ok=True)`).
     """
+    return _call_until(None, ref_text, fn, *args, **kwargs)
+
+
+class DownloadStopped(MergeError):
+    """A background download was abandoned because its provider was closed (the merge ended)."""
+
+
+def _call_until(stop: threading.Event | None, ref_text: str, fn, *args, **kwargs):
+    """`_call` whose backoff waits end early, with `DownloadStopped`, once `stop` is set.
+
+    A background download must not hold up the end of a failed merge for a 20 s backoff.
+    """
     delay = _retry_base()
     for attempt in range(RETRIES + 1):
         try:
@@ -186,7 +198,10 @@ def _call(ref_text: str, fn, *args, **kwargs):
                 if attempt < RETRIES:
                     log.warning("warning: %s: %s; retrying in %.1f s (%d/%d)", ref_text, _failed_request(exc),
                                 delay, attempt + 1, RETRIES)
-                    time.sleep(delay)
+                    if stop is None:
+                        time.sleep(delay)
+                    elif stop.wait(delay):
+                        raise DownloadStopped(f"{ref_text}: download stopped (the merge ended).") from None
                     delay = min(RETRY_MAX, delay * 2)
                     continue
                 raise _gave_up(ref_text, exc) from None
@@ -385,15 +400,19 @@ def _tok(token: str | None) -> str | None:
 
 # ---------------------------------------------------------------- downloads
 
-def needed_files(plan: "MergePlan", index: int, *, weights: bool = True) -> list[str]:
-    """Files of input `index` the merge needs: shards, index, config, and the side files it copies."""
+def needed_files(plan: "MergePlan", index: int, *, weights: bool = True, weight_index: bool | None = None) -> list[str]:
+    """Files of input `index` the merge needs: shards, index, config, and the side files it copies.
+
+    `weight_index` (default: as `weights`) adds the shard index: it lets a later plan read the headers
+    from the Hub cache, so the overlapped mode fetches it with the side files.
+    """
     info = plan.inputs[index]
     remote = set(_remote_files(info))
     want: list[str] = list(SIDE_FILES)
     if weights:
         want += info.weight_files
-        if INDEX_FILE in remote:
-            want.append(INDEX_FILE)
+    if (weights if weight_index is None else weight_index) and INDEX_FILE in remote:
+        want.append(INDEX_FILE)
     if index == 0:
         want += BASE_SIDE_FILES
     if index == plan.tokenizer_source:
@@ -477,21 +496,166 @@ def check_disk(plan: "MergePlan", target: Path, low_disk: bool) -> None:
                      "(shards are fetched as needed and deleted after use).")
 
 
-def download(plan: "MergePlan", token: str | None = None, *, weights: bool = True) -> None:
+def download(plan: "MergePlan", token: str | None = None, *, weights: bool = True,
+             weight_index: bool | None = None) -> None:
     """Fetch what each Hub input needs, pinned to its SHA, and point its ref at the snapshot folder.
 
     A second merge of the same inputs finds everything in the Hub cache and downloads nothing.
-    With `weights=False` only the side files come (low-disk mode fetches shards as it goes).
+    With `weights=False` only the side files come (`OverlappedFiles` and `LowDiskFiles` fetch the
+    shards while the merge runs); `weight_index` as in `needed_files`.
     """
     from huggingface_hub import snapshot_download
 
     for i, info in enumerate(plan.inputs):
         if not info.ref.is_hub:
             continue
-        files = needed_files(plan, i, weights=weights)
+        files = needed_files(plan, i, weights=weights, weight_index=weight_index)
         folder = _call(info.name, snapshot_download, info.ref.repo_id, revision=info.ref.sha,
                        allow_patterns=files, token=_tok(token))
         info.ref = info.ref.with_local_path(Path(folder))
+
+
+def walk_order(plan: "MergePlan") -> list[tuple[int, str]]:
+    """(input index, weight file) in the order the layer walk first reads them.
+
+    Group by group in `plan.groups` order, every model's files of a group before the next group's
+    (the base reads integer buffers too; the fine-tunes only floating tensors). Adapters are left
+    out: they were fetched whole into the Hub cache when the merge was planned.
+    """
+    order: dict[tuple[int, str], None] = {}
+    for group in plan.groups:
+        for i, info in enumerate(plan.inputs):
+            if info.ref.is_adapter:
+                continue
+            for tp in group.tensors:
+                if i == 0 or tp.floating:
+                    order.setdefault((i, info.tensors[tp.name].file), None)
+    return list(order)
+
+
+#: shard downloads at a time in the default mode: about what snapshot_download runs (8), fewer so
+#: the files the first groups need are not slowed down by later ones sharing the bandwidth.
+OVERLAP_WORKERS = 4
+
+
+def _stoppable_bar(stop: threading.Event) -> type:
+    """huggingface_hub's progress-bar class, raising `DownloadStopped` once `stop` is set.
+
+    `hf_hub_download` has no way to be cancelled; the progress update it makes for every chunk it
+    writes is the one hook inside the transfer, so a closed provider ends its running downloads
+    within a chunk. The partial blob stays in the cache as `.incomplete`; the next download resumes it.
+    """
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class StoppableBar(hf_tqdm):  # type: ignore[misc, valid-type]
+        def update(self, n: float | None = 1) -> bool | None:
+            if stop.is_set():
+                raise DownloadStopped("download stopped (the merge ended).")
+            return super().update(n)
+
+    return StoppableBar
+
+
+class OverlappedFiles:
+    """A `FileProvider` that downloads the Hub shards into the Hub cache while the merge runs.
+
+    Downloading everything before merging puts the merge's own time on top of the download's.
+    Here every shard missing from the cache is queued at once, in `walk_order`, on a few threads;
+    `path` waits only for the file the merge asks for, so group k is merged while the shards of
+    later groups are still arriving. Files go to the normal Hub cache at the pinned SHA (a second
+    merge downloads nothing) and are never deleted; cached files and local inputs are used in
+    place. A failed download (after `_call`'s retries) is raised by the next `path` call, whichever
+    file it asks for, and no further download starts. `close` stops everything.
+    """
+
+    def __init__(self, plan: "MergePlan", token: str | None = None, workers: int = OVERLAP_WORKERS) -> None:
+        self.plan = plan
+        self.token = token
+        self.order = walk_order(plan)
+        self.downloads = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._ready: dict[tuple[int, str], Path] = {}
+        self._futures: dict[tuple[int, str], Future] = {}
+        self._error: BaseException | None = None
+        self._bar = _stoppable_bar(self._stop)
+        missing = []
+        for key in self.order:
+            info = plan.inputs[key[0]]
+            if not info.ref.is_hub:
+                continue
+            got = cached_path(info, key[1])
+            if got is not None:
+                self._ready[key] = got
+            else:
+                missing.append(key)
+        # The bars of parallel downloads share one lock (as in snapshot_download's pool).
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hf-metagpt-download",
+                                        initializer=self._bar.set_lock, initargs=(self._bar.get_lock(),))
+        for key in missing:
+            self._futures[key] = self._pool.submit(self._fetch, *key)
+        if missing:
+            log.info("downloading %d shards from the Hub while merging", len(missing))
+
+    def _fetch(self, i: int, file: str) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        info = self.plan.inputs[i]
+        try:
+            if self._stop.is_set():
+                raise DownloadStopped(f"{info.name}: download of {file} not started (the merge ended).")
+            path = Path(_call_until(self._stop, info.name, hf_hub_download, info.ref.repo_id, file,
+                                    revision=info.ref.sha, token=_tok(self.token), tqdm_class=self._bar))
+        except BaseException as exc:
+            with self._lock:
+                if self._error is None and not isinstance(exc, DownloadStopped):
+                    self._error = exc
+            self._stop.set()  # the merge cannot finish: start nothing more
+            raise
+        with self._lock:
+            self.downloads += 1
+            self._ready[(i, file)] = path
+        log.debug("downloaded %s of %s", file, info.name)
+        return path
+
+    def _raise_failure(self) -> None:
+        with self._lock:
+            error = self._error
+        if error is not None:
+            raise error
+
+    def path(self, model_index: int, info: ModelInfo, file: str) -> Path:
+        key = (model_index, file)
+        self._raise_failure()
+        with self._lock:
+            ready = self._ready.get(key)
+            fut = self._futures.get(key)
+        if ready is not None:
+            return ready
+        if not info.ref.is_hub:
+            assert info.ref.local_path is not None, f"{info.name} has no local files"
+            return info.ref.local_path / file
+        if fut is None:  # not in the walk order (an adapter's file): from the cache, else fetched now
+            got = cached_path(info, file)
+            if got is not None:
+                return got
+            with self._lock:
+                fut = self._futures.get(key)
+                if fut is None:
+                    fut = self._futures[key] = self._pool.submit(self._fetch, *key)
+        try:
+            return fut.result()
+        except (DownloadStopped, CancelledError):
+            self._raise_failure()  # stopped because another file failed: that failure is the news
+            raise DownloadStopped(f"{info.name}: download of {file} stopped (the merge ended).") from None
+
+    def release(self, model_index: int, info: ModelInfo, file: str) -> None:
+        """Nothing to do: the files stay in the Hub cache for the next merge."""
+
+    def close(self) -> None:
+        """Cancel queued downloads, end running ones within a chunk, and wait for every thread."""
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class LowDiskFiles:
@@ -508,16 +672,7 @@ class LowDiskFiles:
         self.plan = plan
         self.scratch = Path(scratch)
         self.token = token
-        self.order: list[tuple[int, str]] = []
-        for group in plan.groups:
-            for i, info in enumerate(plan.inputs):
-                if info.ref.is_adapter:
-                    continue  # fetched whole into the Hub cache when it was planned; used in place
-                for tp in group.tensors:
-                    if i == 0 or tp.floating:
-                        key = (i, info.tensors[tp.name].file)
-                        if key not in self.order:
-                            self.order.append(key)
+        self.order = walk_order(plan)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-prefetch")
         self._lock = threading.Lock()
         self._fetching: dict[tuple[int, str], Future] = {}
