@@ -34,6 +34,7 @@ from safetensors import safe_open
 
 from .errors import IncompatibleModelsError, InputError, MergeError
 from .methods import MergeMethod
+from .pieces import Piece
 from .plan import MergePlan, ModelInfo, TensorPlan
 from .refs import ModelRef
 from .safetensors_io import TensorMeta, read_header
@@ -292,6 +293,7 @@ class AdapterSource(TaskSource):
     """τ of a LoRA adapter for one tensor at a time: s·B·A, a saved full tensor − base, or 0."""
 
     info: AdapterInfo
+    pooled = False  # adapter files are small: read on their own, not into the engine's pooled buffer
 
     def files_of(self, tensors: list[TensorPlan]) -> set[str]:
         return {ADAPTER_WEIGHTS} if any(self._keys(tp) for tp in tensors) else set()
@@ -305,12 +307,12 @@ class AdapterSource(TaskSource):
             keys.append(self.info.full[tp.name])
         return keys
 
-    def read(self, tensors: list[TensorPlan], pool: object = None) -> tuple[dict[str, torch.Tensor], int]:
-        """The group's factors and saved tensors, by stored key (untouched parameters: nothing).
+    def read(self, piece: Piece, buffer: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], int]:
+        """The piece's factors and saved tensors, by stored key (untouched parameters: nothing).
 
-        Adapter files are small, so they are read with safe_open and the engine's buffer pool is
-        not used (`pool` is accepted for the common `TaskSource.read` signature).
+        Adapter files are small, so they are read with safe_open; `buffer` is not used.
         """
+        tensors = piece.tensors
         keys = [k for tp in tensors if tp.floating for k in self._keys(tp)]
         out: dict[str, torch.Tensor] = {}
         if not keys:
@@ -424,12 +426,12 @@ class AdapterMerger(Merger):
         saved: list[str] = []
         for group in _progress(self._groups(), "write adapter", self.progress):
             floating = [t for t in group.tensors if t.floating]
-            raws = self._read(group, with_base=False)
+            raws = self._read(Piece.whole(group), with_base=False)
             for tp in floating:
                 coeffs = self.coefficients[tp.norm_group]
                 if any(tp.name in s.info.full for s in self.sources):
                     if raws[0] is None:
-                        raws[0] = self._read_base(group)
+                        raws[0] = self._read_base(Piece.whole(group))
                     tensors[PREFIX + tp.name] = self._merge_tensor(tp, raws).contiguous()
                     saved.append(tp.name[: -len(".weight")] if tp.name.endswith(".weight") else tp.name)
                     continue

@@ -33,22 +33,27 @@ def data_start(path: Path) -> int:
 
 @dataclass
 class BufferPool:
-    """Byte buffers handed out round-robin, grown as needed (two per model: one in use, one prefetching)."""
+    """Byte buffers handed out round-robin: one holding the piece being merged, one being read into.
+
+    One buffer per turn holds every input's bytes of a piece, side by side: the engine's read
+    memory is then two pieces, whatever the number or sizes of the models. A buffer is kept from
+    turn to turn (no fresh pages to fault in) and given back only when it is much larger than both
+    the request and `keep` (a piece larger than the unit budget must not pin its memory after).
+    """
 
     slots: int = 2
-    _buffers: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
-    _turn: dict[int, int] = field(default_factory=dict)
+    keep: int = 0
+    _buffers: dict[int, torch.Tensor] = field(default_factory=dict)
+    _turn: int = 0
 
-    def take(self, owner: int, nbytes: int) -> torch.Tensor:
-        turn = self._turn.get(owner, 0)
-        self._turn[owner] = (turn + 1) % self.slots
-        key = (owner, turn)
-        buf = self._buffers.get(key)
-        # Grown when too small, and shrunk when much too large (after the embedding group the
-        # blocks are smaller: keeping embedding-sized buffers per model would be wasted memory).
-        if buf is None or buf.numel() < nbytes or buf.numel() > nbytes + nbytes // 4 + (1 << 20):
-            self._buffers.pop(key, None)
-            buf = self._buffers[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+    def take(self, nbytes: int) -> torch.Tensor:
+        turn = self._turn
+        self._turn = (turn + 1) % self.slots
+        buf = self._buffers.get(turn)
+        limit = max(nbytes, self.keep)
+        if buf is None or buf.numel() < nbytes or buf.numel() > limit + limit // 4 + (1 << 20):
+            self._buffers.pop(turn, None)
+            buf = self._buffers[turn] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         return buf[:nbytes]
 
 

@@ -209,21 +209,27 @@ class ShardWriter:
         self.expected = [e[0] for e in entries]
         self.size = len(self.header) + (max((o[1] for o in self.offsets.values()), default=0))
         self._next = 0
+        self._written = 0  # bytes of the current tensor written so far (it may come in row slabs)
         self._f = open(path, "wb")
         with disk_full_is_clear(self.path):
             self._f.write(self.header)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, *, part: bool = False) -> None:
+        """Append the next tensor; with `part`, its next rows (it is done once all its bytes came)."""
         if self._next >= len(self.expected) or self.expected[self._next] != name:
             raise RuntimeError(f"shard {self.path.name}: got {name}, expected {self.expected[self._next:self._next+1]}")
         t = tensor.detach().to("cpu").contiguous()
         data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
         begin, end = self.offsets[name]
-        if len(data) != end - begin:
-            raise RuntimeError(f"{name}: {len(data)} bytes, planned {end - begin}")
+        left = end - begin - self._written
+        if len(data) > left or (not part and len(data) != left):
+            raise RuntimeError(f"{name}: {len(data)} bytes, planned {left} more")
         with disk_full_is_clear(self.path):
             self._f.write(memoryview(data) if len(data) else b"")
-        self._next += 1
+        self._written += len(data)
+        if self._written == end - begin:
+            self._next += 1
+            self._written = 0
 
     @property
     def done(self) -> bool:

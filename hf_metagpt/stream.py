@@ -1,8 +1,9 @@
-"""Stream a plan: read one stream group of every model, hand tensors to the method, write shards.
+"""Stream a plan: read one piece of every model, hand tensors to the method, write shards.
 
-Memory stays at about one transformer block of every input (in its stored dtype) plus float32
-temporaries for one tensor: groups are read, merged and written one after another, and shard
-bytes go to disk as soon as each tensor is merged (`ShardWriter`).
+Memory stays at about two pieces of all inputs (`pieces`: a transformer block when it fits the
+unit budget, else some of its tensors or a row slab of one) plus the merged tensors of one
+piece: pieces are read, merged and written one after another, and shard bytes go to disk as soon
+as each tensor is merged (`ShardWriter`).
 
 The paper's whole-model λ needs every norm before the first tensor is written, so such plans run
 two passes: pass 1 only reduces squared norms, pass 2 merges. Norm groups inside one stream
@@ -27,8 +28,9 @@ from . import kernels
 from .errors import NonFiniteError
 from .reader import BufferPool, read_tensors
 from .methods import MergeMethod, TensorContext, squared_norm
+from .pieces import Piece, piece_bytes, piece_metas, split_group, unit_bytes
 from .plan import MergePlan, ModelInfo, StreamGroup, TensorPlan
-from .safetensors_io import ST_TO_TORCH, ShardWriter, build_header, shard_matches
+from .safetensors_io import ST_TO_TORCH, ShardWriter, TensorMeta, build_header, shard_matches
 
 if TYPE_CHECKING:
     from .distributed import Share
@@ -65,6 +67,8 @@ class StreamStats:
     passes: int = 1
     shards_reused: int = 0
     seconds: float = 0.0
+    pieces_read: int = 0  # pooled reads (pieces, reduce-only steps included)
+    largest_read: int = 0  # bytes of the largest pooled read: the engine holds at most two
 
 
 @dataclass
@@ -92,25 +96,23 @@ class _NormLog(NormState):
         self.entries.append((group, [float(v) for v in values]))
 
 
-def read_group(info: ModelInfo, model_index: int, tensors: list[TensorPlan], files: FileProvider,
-               pool: BufferPool | None = None) -> tuple[dict[str, torch.Tensor], int]:
-    """Read the tensors of one group from one model: one large read per contiguous run per shard.
+def read_metas(info: ModelInfo, model_index: int, metas: list[TensorMeta], files: FileProvider,
+               buffer: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Read these tensors (or row slabs) of one model: one large read per contiguous run per shard.
 
-    With a `pool`, the bytes land in a buffer reused from group to group (no fresh pages to fault
-    in), and the returned tensors are views of it: valid until that buffer's next turn.
+    With a `buffer`, the bytes land there (a pooled buffer: no fresh pages to fault in) and the
+    returned tensors are views of it, valid until the buffer's next turn.
     """
-    by_file: dict[str, list] = {}
-    for tp in tensors:
-        meta = info.tensors[tp.name]
+    by_file: dict[str, list[TensorMeta]] = {}
+    for meta in metas:
         by_file.setdefault(meta.file, []).append(meta)
-    nbytes = sum(m.nbytes for metas in by_file.values() for m in metas)
-    buf = pool.take(model_index, nbytes) if pool is not None else None
+    nbytes = sum(m.nbytes for m in metas)
     out: dict[str, torch.Tensor] = {}
     pos = 0
-    for file, metas in by_file.items():
-        size = sum(m.nbytes for m in metas)
-        out.update(read_tensors(files.path(model_index, info, file), metas,
-                                buffer=buf[pos:pos + size] if buf is not None else None))
+    for file, part in by_file.items():
+        size = sum(m.nbytes for m in part)
+        out.update(read_tensors(files.path(model_index, info, file), part,
+                                buffer=buffer[pos:pos + size] if buffer is not None else None))
         pos += size
     return out, nbytes
 
@@ -130,6 +132,9 @@ class TaskSource:
     code; only this seam differs.
     """
 
+    #: read into the engine's pooled buffer (large shards); adapters read their small files themselves
+    pooled = True
+
     def __init__(self, info: ModelInfo, index: int, files: FileProvider, device: torch.device,
                  check: Callable[[torch.Tensor, str, str], None]) -> None:
         self.info = info
@@ -142,9 +147,13 @@ class TaskSource:
         """Files read for these tensors (so a low-disk provider can release them after)."""
         return {self.info.tensors[t.name].file for t in tensors if t.floating}
 
-    def read(self, tensors: list[TensorPlan], pool: BufferPool | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    def metas(self, piece: Piece) -> list[TensorMeta]:
+        """What this model reads for a piece into the engine's pooled buffer."""
         # Integer buffers come from the base only; the fine-tunes' copies are never read.
-        return read_group(self.info, self.index, [t for t in tensors if t.floating], self.files, pool)
+        return piece_metas(piece, self.info, self.index)
+
+    def read(self, piece: Piece, buffer: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], int]:
+        return read_metas(self.info, self.index, self.metas(piece), self.files, buffer)
 
     def task_vector(self, tp: TensorPlan, raw: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
         """τ of one tensor in float32 on the device (`base` is θ0 in float32, already cut to rows)."""
@@ -183,7 +192,7 @@ class Merger:
         # chunked kernels; everything else (DARE/TIES transforms, adapters, --allow-nonfinite)
         # goes through the method's own whole-tensor functions.
         self.fast = (not self.transforms and not allow_nonfinite
-                     and all(type(s) is TaskSource for s in self.sources)
+                     and all(s.pooled for s in self.sources)
                      and method.model_weights([0.0] * len(self.sources)) is not None)
         self.chunk = kernels.CHUNK if device.type == "cpu" else kernels.CHUNK * 64
         # The fused kernels release the GIL: on a CPU with cores to spare, the tensors of a group
@@ -192,7 +201,8 @@ class Merger:
         if share is not None and share.count >= (os.cpu_count() or 1):
             self.workers = 1  # the other processes use the cores
         self._compute: ThreadPoolExecutor | None = None
-        self.pool = BufferPool(slots=2)  # one group in use, the next one prefetching
+        self.unit = unit_bytes()
+        self.pool = BufferPool(slots=2, keep=self.unit)  # one piece in use, the next one being read
 
     def _source(self, info: ModelInfo, index: int) -> TaskSource:
         if info.ref.is_adapter:
@@ -228,19 +238,23 @@ class Merger:
                                  hint="The checkpoint is damaged; pass --allow-nonfinite to treat those entries as unchanged from the base.")
         torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
 
-    def _fast_norms(self, tp: TensorPlan, raws: list) -> list[float]:
-        """‖θt − θ0‖² of every model with the fused kernel; non-finite inputs are named."""
-        norms = kernels.task_sq_norms(raws[0][tp.name], [r[tp.name] for r in raws[1:]], rows=tp.shared_rows,
+    def _fast_norms(self, tp: TensorPlan, raws: list, slab: bool = False) -> list[float]:
+        """‖θt − θ0‖² of every model with the fused kernel; non-finite inputs are named.
+
+        `slab`: the raws are a row slab inside the merged rows (already cut).
+        """
+        rows = None if slab else tp.shared_rows
+        norms = kernels.task_sq_norms(raws[0][tp.name], [r[tp.name] for r in raws[1:]], rows=rows,
                                       device=self.device, chunk=self.chunk)
         if not bool(torch.isfinite(norms).all()):
-            self._name_nonfinite(tp, raws)
+            self._name_nonfinite(tp, raws, rows)
         return norms.tolist()
 
-    def _name_nonfinite(self, tp: TensorPlan, raws: list) -> None:
+    def _name_nonfinite(self, tp: TensorPlan, raws: list, rows: int | None) -> None:
         """Raise for the first input whose copy of `tp` holds NaN/Inf (the slow check, on failure only)."""
         for info, raw in zip(self.plan.inputs, raws):
             t = raw[tp.name]
-            t = t[: tp.shared_rows] if tp.shared_rows is not None else t
+            t = t[:rows] if rows is not None else t
             if not bool(torch.isfinite(t).all()):
                 self._check_finite(t, info.name, tp.name)
 
@@ -250,23 +264,26 @@ class Merger:
             return [fn(x) for x in items]
         return list(self._compute.map(fn, items))
 
-    def _reduce_many(self, tensors: list[TensorPlan], raws: list, group: StreamGroup | None = None) -> None:
+    def _reduce_many(self, tensors: list[TensorPlan], raws: list, piece: Piece) -> None:
         """Add the squared norms of these tensors to their groups (summed in plan order: reproducible)."""
+        if piece.extra_rows:
+            return  # copied rows: no task vector
         if not self.fast:
             for tp in tensors:
-                self._reduce(tp, raws, group)
+                self._reduce(tp, raws, piece)
             return
-        for tp, values in zip(tensors, self._map(lambda tp: self._fast_norms(tp, raws), tensors)):
+        slab = piece.rows is not None
+        for tp, values in zip(tensors, self._map(lambda tp: self._fast_norms(tp, raws, slab), tensors)):
             self.norms.add(tp.norm_group, values)
 
-    def _reduce(self, tp: TensorPlan, raws: list, group: StreamGroup | None = None) -> None:
+    def _reduce(self, tp: TensorPlan, raws: list, piece: Piece) -> None:
         if self.fast:
-            self.norms.add(tp.norm_group, self._fast_norms(tp, raws))
+            self.norms.add(tp.norm_group, self._fast_norms(tp, raws, piece.rows is not None))
             return
         exact = self._exact_norms(tp, raws)
         if any(e is None for e in exact):
             if raws[0] is None:  # read lazily: adapters' exact norms need no base weights
-                raws[0] = self._read_base(group)  # type: ignore[arg-type]
+                raws[0] = self._read_base(piece)
             _, taus = self._task_vectors(tp, raws)
             exact = [squared_norm(t) if e is None else e for e, t in zip(exact, taus)]
         self.norms.add(tp.norm_group, exact)  # type: ignore[arg-type]
@@ -276,6 +293,13 @@ class Merger:
             sq = self.norms.sq.get(group, [0.0] * len(self.plan.models)) if self.method.uses_group_norms else None
             self.coefficients[group] = self.method.coefficients(sq, len(self.plan.models))
         return self.coefficients[group]
+
+    def _merge_slab(self, tp: TensorPlan, raws: list, piece: Piece) -> torch.Tensor:
+        """Rows [lo, hi) of the merged tensor (fast path only: the norm group is already complete)."""
+        if piece.extra_rows:
+            # Copied (and converted) from their source: the raw rows are views of a pooled buffer.
+            return raws[tp.extra_source or 0][tp.name].to(self.device, ST_TO_TORCH[tp.out_dtype], copy=True)
+        return self._fast_merge(tp, raws, slab=True)
 
     def _merge_tensor(self, tp: TensorPlan, raws: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         base_raw = raws[0][tp.name]
@@ -292,16 +316,18 @@ class Merger:
             out = torch.cat([out, extra], dim=0)
         return out
 
-    def _fast_merge(self, tp: TensorPlan, raws: list) -> torch.Tensor:
+    def _fast_merge(self, tp: TensorPlan, raws: list, slab: bool = False) -> torch.Tensor:
         if self.method.uses_group_norms and tp.norm_group not in self.norms.complete:
+            assert not slab, f"{tp.name}: a slab is merged before its norm group is complete"
             self.norms.add(tp.norm_group, self._fast_norms(tp, raws))
             self.norms.complete.add(tp.norm_group)
         w0, weights = self.method.model_weights(self._coefficients(tp.norm_group))  # type: ignore[misc]
+        rows = None if slab else tp.shared_rows
         out = kernels.weighted_models(raws[0][tp.name], [r[tp.name] for r in raws[1:]], w0, weights,
-                                      ST_TO_TORCH[tp.out_dtype], rows=tp.shared_rows, device=self.device,
+                                      ST_TO_TORCH[tp.out_dtype], rows=rows, device=self.device,
                                       chunk=self.chunk)
         if not self.method.uses_group_norms and not bool(torch.isfinite(out).all()):
-            self._name_nonfinite(tp, raws)  # methods without norms never looked at the inputs
+            self._name_nonfinite(tp, raws, rows)  # methods without norms never looked at the inputs
         return out
 
     def _method_merge(self, tp: TensorPlan, raws: list) -> torch.Tensor:
@@ -317,60 +343,80 @@ class Merger:
     def _groups(self) -> list[StreamGroup]:
         return [g for g in self.plan.groups if not self.group_filter or self.group_filter(g)]
 
-    def _walk(self, groups: list[StreamGroup], desc: str, read: Callable[[StreamGroup], list]):
-        """Yield (group, its tensors) in order, reading the next group on a thread meanwhile.
+    def _pieces(self, group: StreamGroup) -> list[Piece]:
+        """The group cut to the unit budget; row slabs only where the fused kernels merge (they work
+        on any rows, while TIES/DARE and adapters need whole tensors)."""
+        return split_group(group, self._pooled_infos(), self.unit, slabs=self.fast)
+
+    def _pooled_infos(self) -> list[ModelInfo | None]:
+        """The inputs read into the pooled buffer (base and full fine-tunes; adapters read their own)."""
+        return [self.plan.base] + [s.info if s.pooled else None for s in self.sources]
+
+    def _walk(self, pieces: list[Piece], desc: str, read: Callable[[Piece], list]):
+        """Yield (piece, its tensors) in order, reading the next piece on a thread meanwhile.
 
         Reads are I/O and release the GIL, so the disk works while this thread merges; after each
-        group, the files no later group of this pass reads are released (low-disk mode).
+        piece, the files no later piece of this pass reads are released (low-disk mode).
         """
         last: dict[tuple[int, str], int] = {}
-        for k, group in enumerate(groups):
-            for tp in group.tensors:
+        for k, piece in enumerate(pieces):
+            for tp in piece.tensors:
                 last[(0, self.plan.base.tensors[tp.name].file)] = k
             for src in self.sources:
-                for file in src.files_of(group.tensors):
+                for file in src.files_of(piece.tensors):
                     last[(src.index, file)] = k
         done_after: dict[int, list[tuple[int, str]]] = {}
         for key, k in last.items():
             done_after.setdefault(k, []).append(key)
-        # Prefetch only while two groups fit in what two blocks take: the embedding and lm_head
-        # groups are larger than a block, and holding one of them beside the next group would
-        # set the peak memory of the whole merge.
-        sizes = [self._group_bytes(g) for g in groups]
-        blocks = [n for g, n in zip(groups, sizes) if g.name.startswith("layers.")] or sizes
-        budget = 2 * max(blocks, default=0)
+        # Prefetch only while two pieces fit in two units: a tensor larger than the unit that
+        # could not be cut (TIES/DARE, adapters) is read on its own, or it would set the peak.
+        infos = self._pooled_infos()
+        sizes = [piece_bytes(p, infos) for p in pieces]
+        budget = 2 * self.unit
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-read") as pool:
-            pending = pool.submit(read, groups[0]) if groups else None
-            for k, group in enumerate(_progress(groups, desc, self.progress)):
+            pending = pool.submit(read, pieces[0]) if pieces else None
+            for k, piece in enumerate(_progress(pieces, desc, self.progress)):
                 raws = pending.result()  # type: ignore[union-attr]
-                ahead = k + 1 < len(groups) and sizes[k] + sizes[k + 1] <= budget
-                pending = pool.submit(read, groups[k + 1]) if ahead else None
+                ahead = k + 1 < len(pieces) and sizes[k] + sizes[k + 1] <= budget
+                pending = pool.submit(read, pieces[k + 1]) if ahead else None
                 try:
-                    yield group, raws
+                    yield piece, raws
                 finally:
                     del raws
-                if pending is None and k + 1 < len(groups):
-                    pending = pool.submit(read, groups[k + 1])
+                if pending is None and k + 1 < len(pieces):
+                    pending = pool.submit(read, pieces[k + 1])
                 for i, file in done_after.get(k, ()):
                     self.files.release(i, self.plan.inputs[i], file)
 
-    def _group_bytes(self, group: StreamGroup) -> int:
-        """Stored bytes a group reads from the base and the full fine-tunes."""
-        infos = [self.plan.base] + [s.info for s in self.sources if type(s) is TaskSource]
-        return sum(i.tensors[t.name].nbytes for i in infos for t in group.tensors if t.name in i.tensors)
-
-    def _read_base(self, group: StreamGroup) -> dict[str, torch.Tensor]:
-        data, n = read_group(self.plan.base, 0, group.tensors, self.files, self.pool)
+    def _read_base(self, piece: Piece) -> dict[str, torch.Tensor]:
+        """The base's tensors of a piece, read on demand (not pooled: both pool turns are in use)."""
+        data, n = read_metas(self.plan.base, 0, piece_metas(piece, self.plan.base, 0), self.files)
         self.stats.bytes_read += n
         return data
 
-    def _read(self, group: StreamGroup, with_base: bool = True) -> list:
-        """[base tensors (None when not read yet), then each source's raw tensors] for one group."""
-        raws: list = [self._read_base(group) if with_base else None]
+    def _read(self, piece: Piece, with_base: bool = True) -> list:
+        """[base tensors (None when not read), then each source's] for one piece.
+
+        Every input's bytes share one pooled buffer, side by side.
+        """
+        parts: list[tuple[ModelInfo, int, list[TensorMeta]]] = []
+        if with_base:
+            parts.append((self.plan.base, 0, piece_metas(piece, self.plan.base, 0)))
+        parts += [(src.info, src.index, src.metas(piece)) for src in self.sources if src.pooled]
+        buf = self.pool.take(sum(m.nbytes for _, _, metas in parts for m in metas))
+        raws: list = [None] * len(self.plan.inputs)
+        pos = 0
+        for info, i, metas in parts:
+            size = sum(m.nbytes for m in metas)
+            raws[i], _ = read_metas(info, i, metas, self.files, buf[pos:pos + size])
+            pos += size
+        self.stats.bytes_read += pos
+        self.stats.pieces_read += 1
+        self.stats.largest_read = max(self.stats.largest_read, pos)
         for src in self.sources:
-            data, n = src.read(group.tensors, self.pool)
-            self.stats.bytes_read += n
-            raws.append(data)
+            if not src.pooled:
+                raws[src.index], n = src.read(piece)
+                self.stats.bytes_read += n
         return raws
 
     def _save_norm_state(self) -> None:
@@ -396,55 +442,93 @@ class Merger:
 
     def reduce_pass(self) -> None:
         """Pass 1 of a whole-model λ: accumulate squared norms of every norm group."""
-        groups = [g for g in self._groups() if any(t.floating for t in g.tensors)]
+        pieces = [p for g in self._groups() for p in self._pieces(g)
+                  if any(t.floating for t in p.tensors) and not p.extra_rows]
         # Adapters' exact norms need no base weights (read lazily in `_reduce` if they do).
-        read = lambda g: self._read(g, with_base=self.fast)  # noqa: E731
+        read = lambda p: self._read(p, with_base=self.fast)  # noqa: E731
         if self.share is not None:
-            self._shared_reduce(groups, read)
+            self._shared_reduce(pieces, read)
         else:
-            for group, raws in self._walk(groups, "pass 1/2: norms", read):
-                self._reduce_many([t for t in group.tensors if t.floating], raws, group)
+            for piece, raws in self._walk(pieces, "pass 1/2: norms", read):
+                self._reduce_many([t for t in piece.tensors if t.floating], raws, piece)
         self.norms.complete.update(self.norms.sq)
 
-    def _shared_reduce(self, groups: list[StreamGroup], read: Callable[[StreamGroup], list]) -> None:
+    def _shared_reduce(self, pieces: list[Piece], read: Callable[[Piece], list]) -> None:
         """Pass 1 split over processes: each reduces the groups it leads, recording every tensor's
         squared norms; all records are gathered and every process adds them in plan order, so the
         float64 sums are the ones a single process makes, bit for bit."""
         assert self.share is not None
         share, total = self.share, self.norms
-        position = {id(g): k for k, g in enumerate(groups)}
+        position = {id(p): k for k, p in enumerate(pieces)}
         records: dict[int, list[tuple[str, list[float]]]] = {}
-        for group, raws in self._walk([g for g in groups if share.leads(g)], "pass 1/2: norms", read):
+        for piece, raws in self._walk([p for p in pieces if share.leads(p.group)], "pass 1/2: norms", read):
             self.norms = entries = _NormLog(total.n_models)
             try:
-                self._reduce_many([t for t in group.tensors if t.floating], raws, group)
+                self._reduce_many([t for t in piece.tensors if t.floating], raws, piece)
             finally:
                 self.norms = total
-            records[position[id(group)]] = entries.entries
+            records[position[id(piece)]] = entries.entries
         for part in share.gather(records):
             records.update(part)
-        for k in range(len(groups)):
+        for k in range(len(pieces)):
             for norm_group, values in records[k]:
                 total.add(norm_group, values)
 
+    def _write_steps(self, done_shards: set[int]) -> list[Piece]:
+        """The pieces pass 2 (or the one pass) reads, in order.
+
+        A norm group cut over several pieces (a 3B block at layer granularity, an embedding matrix
+        in slabs at tensor granularity) must be complete before its first tensor is merged: its
+        pieces are read once to reduce it (reduce-only steps), then again to merge (from the page
+        cache by then). A norm group inside one piece is reduced and applied in the same step.
+        """
+        steps: list[Piece] = []
+        for group in self._groups():
+            pieces = self._pieces(group)
+            todo = [p for p in pieces if any(t.shard not in done_shards for t in p.tensors)]
+            if not todo:
+                continue
+            if self.method.uses_group_norms and len(pieces) > 1:
+                where: dict[str, set[int]] = {}
+                for k, p in enumerate(pieces):
+                    for t in p.tensors:
+                        if t.floating and t.norm_group not in self.norms.complete:
+                            where.setdefault(t.norm_group, set()).add(k)
+                cut = {g for g, ks in where.items() if len(ks) > 1}
+                reduce = [Piece(p.group, [t for t in p.tensors if t.floating and t.norm_group in cut],
+                                rows=p.rows, reduce_only=True)
+                          for p in pieces if not p.extra_rows and any(t.floating and t.norm_group in cut for t in p.tensors)]
+                if reduce:
+                    reduce[-1].finishes = frozenset(cut)
+                steps += reduce
+            steps += todo
+        return steps
+
     def write_pass(self, done_shards: set[int]) -> None:
-        """Merge every group and write its tensors into their shards (skipping finished shards)."""
+        """Merge every piece and write its tensors into their shards (skipping finished shards)."""
         label = "pass 2/2: merge" if self.plan.two_pass else "merge"
-        groups = [g for g in self._groups() if any(t.shard not in done_shards for t in g.tensors)]
         sink = _ShardSink(self.plan, self.work_dir, self.stats)
         saved = 0
         try:
-            for group, raws in self._walk(groups, label, self._read):
+            for piece, raws in self._walk(self._write_steps(done_shards), label, self._read):
+                if piece.reduce_only:
+                    self._reduce_many(piece.tensors, raws, piece)
+                    self.norms.complete.update(piece.finishes)
+                    continue
                 if self.method.uses_group_norms:
-                    # Norm groups spanning several tensors of this stream group (a block at
-                    # layer granularity): reduce them all before the first is applied.
-                    pending = [t for t in group.tensors if t.floating and t.norm_group not in self.norms.complete]
+                    # Norm groups spanning several tensors of this piece (a block at layer
+                    # granularity): reduce them all before the first is applied.
+                    pending = [t for t in piece.tensors if t.floating and t.norm_group not in self.norms.complete]
                     multi = {t.norm_group for t in pending if sum(u.norm_group == t.norm_group for u in pending) > 1}
-                    self._reduce_many([t for t in pending if t.norm_group in multi], raws, group)
+                    self._reduce_many([t for t in pending if t.norm_group in multi], raws, piece)
                     self.norms.complete.update(multi)
-                todo = [t for t in group.tensors if t.shard not in done_shards]
-                for tp, out in zip(todo, self._map(lambda tp: self._merge_tensor(tp, raws), todo)):
-                    sink.put(tp, out)
+                todo = [t for t in piece.tensors if t.shard not in done_shards]
+                if piece.rows is not None:
+                    merge = lambda tp: self._merge_slab(tp, raws, piece)  # noqa: E731
+                else:
+                    merge = lambda tp: self._merge_tensor(tp, raws)  # noqa: E731
+                for tp, out in zip(todo, self._map(merge, todo)):
+                    sink.put(tp, out, part=piece.rows is not None)
                     if self.method.uses_group_norms and sink.closed > saved:
                         saved = sink.closed
                         self._save_norm_state()
@@ -558,17 +642,18 @@ class _ShardSink:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-write")
         self._pending: deque = deque()
 
-    def put(self, tp: TensorPlan, tensor: torch.Tensor) -> None:
-        self._pending.append(self._pool.submit(self._write, tp, tensor))
+    def put(self, tp: TensorPlan, tensor: torch.Tensor, part: bool = False) -> None:
+        """Queue a merged tensor (`part`: its next rows; the tensor is complete with its last slab)."""
+        self._pending.append(self._pool.submit(self._write, tp, tensor, part))
         while len(self._pending) > self.depth:
             self._pending.popleft().result()  # re-raises the writer's error here
 
-    def _write(self, tp: TensorPlan, tensor: torch.Tensor) -> None:
+    def _write(self, tp: TensorPlan, tensor: torch.Tensor, part: bool) -> None:
         w = self.writers.get(tp.shard)
         if w is None:
             shard = self.plan.shards[tp.shard]
             w = self.writers[tp.shard] = ShardWriter(self.work_dir / (shard.file + ".tmp"), _entries(shard.tensors))
-        w.write(tp.name, tensor)
+        w.write(tp.name, tensor, part=part)
         if w.done:
             w.close()
             final = self.work_dir / self.plan.shards[tp.shard].file

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
 from hf_metagpt.cli import main as cli_main
 
 
@@ -20,4 +22,20 @@ def copy_model(src: Path, dst: Path) -> Path:
     """A copy of a model folder to edit (kept when it exists: module fixtures reuse it)."""
     if not dst.exists():
         shutil.copytree(src, dst)
+    return dst
+
+
+def add_tokens(src: Path, dst: Path, n: int) -> Path:
+    """A copy of model `src` with `n` more vocabulary rows (random embedding and lm_head rows)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    old = model.config.vocab_size
+    model.resize_token_embeddings(old + n)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[old:] = torch.randn(n, model.config.hidden_size).to(model.dtype)
+        model.get_output_embeddings().weight[old:] = torch.randn(n, model.config.hidden_size).to(model.dtype)
+    model.save_pretrained(dst, max_shard_size="100KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, dst / f)
     return dst

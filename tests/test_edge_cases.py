@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import hf_metagpt
 from hf_metagpt.cli import main as cli_main
 from hf_metagpt.tiny import TinySpec, build_family
-from helpers import copy_model, run_cli
+from helpers import add_tokens, copy_model, run_cli
 from reference import assert_within_ulp, load_state, reference_metagpt
 
 
@@ -175,27 +175,12 @@ def test_nonfinite_input_is_refused_with_model_and_tensor(family, tmp_path, caps
 
 # ------------------------------------------------------------------ vocabulary and tied embeddings
 
-def _add_tokens(src: Path, dst: Path, n: int) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(src)
-    old = model.config.vocab_size
-    model.resize_token_embeddings(old + n)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[old:] = torch.randn(n, model.config.hidden_size).to(model.dtype)
-        model.get_output_embeddings().weight[old:] = torch.randn(n, model.config.hidden_size).to(model.dtype)
-    model.save_pretrained(dst, max_shard_size="100KB")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / f, dst / f)
-    return dst
-
-
 @pytest.mark.parametrize("source", ["base", "ft"])
 def test_vocabulary_mismatch_merges_shared_rows(family, tmp_path, source, caplog):
     root, base, fts = family
     big = root / "added-tokens"
     if not big.exists():
-        _add_tokens(fts[1], big, 2)
+        add_tokens(fts[1], big, 2)
     tok_src = "base" if source == "base" else str(big)
     out = tmp_path / "o"
     with caplog.at_level(logging.INFO, logger="hf_metagpt"):
