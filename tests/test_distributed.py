@@ -91,17 +91,21 @@ def test_accelerate_launch_two_processes_same_bytes(family, tmp_path, monkeypatc
     assert [p.name for p in where.iterdir()] == ["merged"], "work folder left behind"
 
 
-def test_num_processes_flag_same_bytes(family, tmp_path, monkeypatch):
+@pytest.mark.parametrize("granularity, unit_mb", [("tensor", None), ("model", "0.03")])
+def test_num_processes_flag_same_bytes(family, tmp_path, monkeypatch, granularity, unit_mb):
     base, fts = family
     # Tensor granularity: many norm groups, recorded by two processes (and two threads each).
-    one = _single(base, fts, "tensor", tmp_path / "one", monkeypatch)
+    # Model granularity in small pieces (HF_METAGPT_UNIT_MB): pass 1's norms recorded slab by slab.
+    if unit_mb:
+        monkeypatch.setenv("HF_METAGPT_UNIT_MB", unit_mb)
+    one = _single(base, fts, granularity, tmp_path / "one", monkeypatch)
     where = tmp_path / "two"
     where.mkdir()
-    cmd = [sys.executable, "-m", "hf_metagpt", "-q", *_merge_args(base, fts, "tensor"), "--num-processes", "2"]
+    cmd = [sys.executable, "-m", "hf_metagpt", "-q", *_merge_args(base, fts, granularity), "--num-processes", "2"]
     run = subprocess.run(cmd, cwd=where, env=_env(), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("Merged 3 model(s)") == 1
-    assert "granularity tensor" in run.stdout
+    assert f"granularity {granularity}" in run.stdout
     _assert_same(one, _files(where / "merged"))
 
     # A refusal of the main process (output not empty): one clear error, every process stops.
