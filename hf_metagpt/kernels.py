@@ -17,7 +17,8 @@ import torch
 CHUNK = 1 << 18
 
 
-def _flat(t: torch.Tensor, rows: int | None) -> torch.Tensor:
+def flat(t: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """The tensor (its first `rows` rows) as one flat view: kernels work on element ranges."""
     if rows is not None:
         t = t[:rows]
     return t.reshape(-1)
@@ -36,8 +37,8 @@ def task_sq_norms(base: torch.Tensor, models: list[torch.Tensor], *, rows: int |
     float32 here because the chunk stays in cache.
     """
     device = torch.device(device)
-    b_flat = _flat(base, rows)
-    m_flats = [_flat(m, rows) for m in models]
+    b_flat = flat(base, rows)
+    m_flats = [flat(m, rows) for m in models]
     n = b_flat.numel()
     acc = torch.zeros(len(models), dtype=torch.float64, device=device)
     if n == 0:
@@ -58,22 +59,25 @@ def task_sq_norms(base: torch.Tensor, models: list[torch.Tensor], *, rows: int |
 
 def weighted_models(base: torch.Tensor, models: list[torch.Tensor], w0: float, weights: list[float],
                     out_dtype: torch.dtype, *, rows: int | None = None,
-                    device: torch.device | str = "cpu", chunk: int | None = None) -> torch.Tensor:
+                    device: torch.device | str = "cpu", chunk: int | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """w0·θ0 + Σt wt·θt, accumulated chunk by chunk, rounded once into `out_dtype`.
 
     The accumulator is float64: as fast as float32 here (the chunk stays in cache), and it makes
     the final rounding the only one that matters, even where task vectors cancel and the result
     is far smaller than the inputs (float32 would be off by several output ulps there).
 
-    Returns a tensor of the (row-cut) base's shape on `device`. Models whose weight is 0 are not
-    touched at all.
+    Returns a tensor of the (row-cut) base's shape on `device`, or fills `out` (same number of
+    elements, e.g. a range of a larger flat output) and returns it. Models whose weight is 0 are
+    not touched at all.
     """
     device = torch.device(device)
     src = base[:rows] if rows is not None else base
-    out = torch.empty(src.shape, dtype=out_dtype, device=device)
+    if out is None:
+        out = torch.empty(src.shape, dtype=out_dtype, device=device)
     o_flat = out.reshape(-1)
-    b_flat = _flat(base, rows)
-    terms = [(w, _flat(m, rows)) for w, m in zip(weights, models) if w != 0.0]
+    b_flat = flat(base, rows)
+    terms = [(w, flat(m, rows)) for w, m in zip(weights, models) if w != 0.0]
     n = b_flat.numel()
     if n == 0:
         return out

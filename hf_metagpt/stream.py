@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Elements per job of the fused kernels: a tensor is cut into jobs so that both compute threads
+#: share one large tensor too (a 3B MLP matrix, an embedding slab). A constant, not a function of
+#: the core count, so the float64 norm sums are the same on every machine.
+JOB = 1 << 22
+
 NORM_STATE = "norms.partial.json"
 NORM_STATES = "norms.partial*.json"  # one process's NORM_STATE, or each process's of a shared merge
 
@@ -238,17 +243,82 @@ class Merger:
                                  hint="The checkpoint is damaged; pass --allow-nonfinite to treat those entries as unchanged from the base.")
         torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
 
-    def _fast_norms(self, tp: TensorPlan, raws: list, slab: bool = False) -> list[float]:
-        """‖θt − θ0‖² of every model with the fused kernel; non-finite inputs are named.
-
-        `slab`: the raws are a row slab inside the merged rows (already cut).
-        """
+    def _flats(self, tp: TensorPlan, raws: list, slab: bool) -> list[torch.Tensor]:
+        """Every input's copy of `tp` as a flat view, cut to the merged rows (a slab already is)."""
         rows = None if slab else tp.shared_rows
-        norms = kernels.task_sq_norms(raws[0][tp.name], [r[tp.name] for r in raws[1:]], rows=rows,
-                                      device=self.device, chunk=self.chunk)
-        if not bool(torch.isfinite(norms).all()):
-            self._name_nonfinite(tp, raws, rows)
-        return norms.tolist()
+        return [kernels.flat(r[tp.name], rows) for r in raws]
+
+    @staticmethod
+    def _spans(n: int) -> list[tuple[int, int]]:
+        return [(lo, min(lo + JOB, n)) for lo in range(0, n, JOB)] or [(0, 0)]
+
+    def _fast_norms(self, tensors: list[TensorPlan], raws: list, slab: bool) -> list[list[float]]:
+        """‖θt − θ0‖² of every model for each tensor, with the fused kernel on the compute threads.
+
+        Each tensor is cut into jobs of `JOB` elements (so both threads share one large tensor);
+        a tensor's job sums are added in order. Non-finite inputs are named.
+        """
+        flats = [self._flats(tp, raws, slab) for tp in tensors]
+        jobs = [(k, lo, hi) for k, f in enumerate(flats) for lo, hi in self._spans(f[0].numel())]
+
+        def job(j: tuple[int, int, int]) -> torch.Tensor:
+            k, lo, hi = j
+            f = flats[k]
+            return kernels.task_sq_norms(f[0][lo:hi], [m[lo:hi] for m in f[1:]], device=self.device, chunk=self.chunk)
+
+        totals: list[torch.Tensor | None] = [None] * len(tensors)
+        for (k, _, _), part in zip(jobs, self._map(job, jobs)):
+            totals[k] = part if totals[k] is None else totals[k] + part  # type: ignore[operator]
+        out = []
+        for tp, total in zip(tensors, totals):
+            assert total is not None
+            if not bool(torch.isfinite(total).all()):
+                self._name_nonfinite(tp, raws, None if slab else tp.shared_rows)
+            out.append(total.tolist())
+        return out
+
+    def _fast_merge(self, tensors: list[TensorPlan], raws: list, piece: Piece) -> list[torch.Tensor]:
+        """The merged tensors (or row slabs) of a piece: w0·θ0 + Σ wt·θt in jobs on the compute threads.
+
+        Every norm group is complete by now (reduced in pass 1, a reduce-only step, or this step).
+        """
+        slab = piece.rows is not None
+        if piece.extra_rows:
+            # Copied (and converted) from their source: the raw rows are views of a pooled buffer.
+            return [raws[tp.extra_source or 0][tp.name].to(self.device, ST_TO_TORCH[tp.out_dtype], copy=True)
+                    for tp in tensors]
+        outs: list[torch.Tensor] = []
+        jobs: list[tuple[list[torch.Tensor], torch.Tensor, float, list[float], int, int]] = []
+        for tp in tensors:
+            if not tp.floating:
+                # Integer buffers are copied from the base unchanged (cloned: the raw tensor lives
+                # in a pooled read buffer, and the write happens later on the writer thread).
+                outs.append(raws[0][tp.name].clone())
+                continue
+            assert not self.method.uses_group_norms or tp.norm_group in self.norms.complete, tp.name
+            w0, weights = self.method.model_weights(self._coefficients(tp.norm_group))  # type: ignore[misc]
+            f = self._flats(tp, raws, slab)
+            base = raws[0][tp.name]
+            shape = base.shape if slab or tp.shared_rows is None else (tp.shared_rows, *base.shape[1:])
+            out = torch.empty(shape, dtype=ST_TO_TORCH[tp.out_dtype], device=self.device)
+            jobs += [(f, out.view(-1), w0, weights, lo, hi) for lo, hi in self._spans(out.numel())]
+            outs.append(out)
+
+        def job(j: tuple) -> None:
+            f, o, w0, weights, lo, hi = j
+            kernels.weighted_models(f[0][lo:hi], [m[lo:hi] for m in f[1:]], w0, weights, o.dtype,
+                                    device=self.device, chunk=self.chunk, out=o[lo:hi])
+
+        self._map(job, jobs)
+        for k, tp in enumerate(tensors):
+            if not tp.floating:
+                continue
+            if not self.method.uses_group_norms and not bool(torch.isfinite(outs[k]).all()):
+                self._name_nonfinite(tp, raws, None if slab else tp.shared_rows)  # never looked at the inputs
+            if not slab and tp.extra_source is not None:
+                extra = raws[tp.extra_source][tp.name][tp.shared_rows:].to(self.device, outs[k].dtype)
+                outs[k] = torch.cat([outs[k], extra], dim=0)
+        return outs
 
     def _name_nonfinite(self, tp: TensorPlan, raws: list, rows: int | None) -> None:
         """Raise for the first input whose copy of `tp` holds NaN/Inf (the slow check, on failure only)."""
@@ -272,14 +342,10 @@ class Merger:
             for tp in tensors:
                 self._reduce(tp, raws, piece)
             return
-        slab = piece.rows is not None
-        for tp, values in zip(tensors, self._map(lambda tp: self._fast_norms(tp, raws, slab), tensors)):
+        for tp, values in zip(tensors, self._fast_norms(tensors, raws, piece.rows is not None)):
             self.norms.add(tp.norm_group, values)
 
     def _reduce(self, tp: TensorPlan, raws: list, piece: Piece) -> None:
-        if self.fast:
-            self.norms.add(tp.norm_group, self._fast_norms(tp, raws, piece.rows is not None))
-            return
         exact = self._exact_norms(tp, raws)
         if any(e is None for e in exact):
             if raws[0] is None:  # read lazily: adapters' exact norms need no base weights
@@ -294,40 +360,17 @@ class Merger:
             self.coefficients[group] = self.method.coefficients(sq, len(self.plan.models))
         return self.coefficients[group]
 
-    def _merge_slab(self, tp: TensorPlan, raws: list, piece: Piece) -> torch.Tensor:
-        """Rows [lo, hi) of the merged tensor (fast path only: the norm group is already complete)."""
-        if piece.extra_rows:
-            # Copied (and converted) from their source: the raw rows are views of a pooled buffer.
-            return raws[tp.extra_source or 0][tp.name].to(self.device, ST_TO_TORCH[tp.out_dtype], copy=True)
-        return self._fast_merge(tp, raws, slab=True)
-
     def _merge_tensor(self, tp: TensorPlan, raws: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """One merged tensor through the method's own functions (TIES, DARE, adapters, ...)."""
         base_raw = raws[0][tp.name]
         if not tp.floating:
             # Integer buffers are copied from the base unchanged (cloned: `base_raw` lives in a
             # pooled read buffer, and the write happens later on the writer thread).
             return base_raw.clone()
-        if self.fast:
-            out = self._fast_merge(tp, raws)
-        else:
-            out = self._method_merge(tp, raws)
+        out = self._method_merge(tp, raws)
         if tp.extra_source is not None:
             extra = raws[tp.extra_source][tp.name][tp.shared_rows:].to(self.device, out.dtype)
             out = torch.cat([out, extra], dim=0)
-        return out
-
-    def _fast_merge(self, tp: TensorPlan, raws: list, slab: bool = False) -> torch.Tensor:
-        if self.method.uses_group_norms and tp.norm_group not in self.norms.complete:
-            assert not slab, f"{tp.name}: a slab is merged before its norm group is complete"
-            self.norms.add(tp.norm_group, self._fast_norms(tp, raws))
-            self.norms.complete.add(tp.norm_group)
-        w0, weights = self.method.model_weights(self._coefficients(tp.norm_group))  # type: ignore[misc]
-        rows = None if slab else tp.shared_rows
-        out = kernels.weighted_models(raws[0][tp.name], [r[tp.name] for r in raws[1:]], w0, weights,
-                                      ST_TO_TORCH[tp.out_dtype], rows=rows, device=self.device,
-                                      chunk=self.chunk)
-        if not self.method.uses_group_norms and not bool(torch.isfinite(out).all()):
-            self._name_nonfinite(tp, raws, rows)  # methods without norms never looked at the inputs
         return out
 
     def _method_merge(self, tp: TensorPlan, raws: list) -> torch.Tensor:
@@ -516,18 +559,19 @@ class Merger:
                     self.norms.complete.update(piece.finishes)
                     continue
                 if self.method.uses_group_norms:
-                    # Norm groups spanning several tensors of this piece (a block at layer
-                    # granularity): reduce them all before the first is applied.
+                    # Norm groups inside this piece: reduced before the first is applied. The
+                    # method path reduces a one-tensor group from the τ it forms anyway.
                     pending = [t for t in piece.tensors if t.floating and t.norm_group not in self.norms.complete]
-                    multi = {t.norm_group for t in pending if sum(u.norm_group == t.norm_group for u in pending) > 1}
+                    multi = {t.norm_group for t in pending if self.fast
+                             or sum(u.norm_group == t.norm_group for u in pending) > 1}
                     self._reduce_many([t for t in pending if t.norm_group in multi], raws, piece)
                     self.norms.complete.update(multi)
                 todo = [t for t in piece.tensors if t.shard not in done_shards]
-                if piece.rows is not None:
-                    merge = lambda tp: self._merge_slab(tp, raws, piece)  # noqa: E731
+                if self.fast:
+                    outs = self._fast_merge(todo, raws, piece)
                 else:
-                    merge = lambda tp: self._merge_tensor(tp, raws)  # noqa: E731
-                for tp, out in zip(todo, self._map(merge, todo)):
+                    outs = self._map(lambda tp: self._merge_tensor(tp, raws), todo)
+                for tp, out in zip(todo, outs):
                     sink.put(tp, out, part=piece.rows is not None)
                     if self.method.uses_group_norms and sink.closed > saved:
                         saved = sink.closed

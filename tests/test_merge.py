@@ -109,15 +109,15 @@ def test_interrupted_run_leaves_no_output_and_resumes_to_same_bytes(family, tmp_
     hf_metagpt.merge(output=str(clean), **args)
 
     calls = {"n": 0}
-    real = stream.Merger._merge_tensor
+    real = stream.Merger._fast_merge
 
-    def crash_later(self, tp, raws):
-        calls["n"] += 1
-        if calls["n"] == 25:
+    def crash_later(self, tensors, raws, piece):
+        calls["n"] += len(tensors)
+        if calls["n"] >= 25:
             raise KeyboardInterrupt("simulated kill")
-        return real(self, tp, raws)
+        return real(self, tensors, raws, piece)
 
-    monkeypatch.setattr(stream.Merger, "_merge_tensor", crash_later)
+    monkeypatch.setattr(stream.Merger, "_fast_merge", crash_later)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         hf_metagpt.merge(output=str(out), **args)
@@ -127,7 +127,7 @@ def test_interrupted_run_leaves_no_output_and_resumes_to_same_bytes(family, tmp_
     finished = sorted(p.name for p in work.glob("model-*.safetensors"))
     assert finished, "some shards should have finished before the crash"
 
-    monkeypatch.setattr(stream.Merger, "_merge_tensor", real)
+    monkeypatch.setattr(stream.Merger, "_fast_merge", real)
     result = hf_metagpt.merge(output=str(out), **args)
     assert result.stats.shards_reused == len(finished)
     assert result.stats.passes == 1  # norms of pass 1 kept beside the output

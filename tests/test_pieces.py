@@ -162,3 +162,24 @@ def test_shard_written_in_slabs_loads_like_any_other(family, tmp_path, monkeypat
     loaded = load_file(shard)["model.embed_tokens.weight"]
     expected, _ = reference_metagpt(load_state(base), [load_state(f) for f in fts], "model")
     assert_within_ulp(loaded, expected["model.embed_tokens.weight"], torch.bfloat16)
+
+
+@pytest.mark.parametrize("granularity", ["model", "tensor"])
+def test_tensors_cut_into_jobs_for_both_threads_equal_reference(family, tmp_path, monkeypatch, granularity):
+    from hf_metagpt import stream
+
+    _, base, fts = family
+    # 1000 elements a job: every tiny matrix (2048 to 16384 elements) is merged in several jobs.
+    monkeypatch.setattr(stream, "JOB", 1000)
+    assert stream.Merger._spans(2500) == [(0, 1000), (1000, 2000), (2000, 2500)]
+    assert stream.Merger._spans(0) == [(0, 0)]
+    monkeypatch.setenv(UNIT_ENV, SMALL_MB)
+    out = tmp_path / "o"
+    result = hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(out),
+                              granularity=granularity, progress=False)
+    expected, lambdas = reference_metagpt(load_state(base), [load_state(f) for f in fts], granularity)
+    got = load_state(out)
+    for name, e in expected.items():
+        assert_within_ulp(got[name], e, torch.bfloat16)
+    for g, lam in lambdas.items():
+        assert result.coefficients[g] == pytest.approx(lam, rel=1e-6)
