@@ -571,8 +571,10 @@ class Merger:
                     outs = self._fast_merge(todo, raws, piece)
                 else:
                     outs = self._map(lambda tp: self._merge_tensor(tp, raws), todo)
-                for tp, out in zip(todo, outs):
-                    sink.put(tp, out, part=piece.rows is not None)
+                for tp in todo:
+                    # Handed over one by one: each merged tensor is freed once written, not when
+                    # the next piece's tensors exist (a block's worth of memory).
+                    sink.put(tp, outs.pop(0), part=piece.rows is not None)
                     if self.method.uses_group_norms and sink.closed > saved:
                         saved = sink.closed
                         self._save_norm_state()
