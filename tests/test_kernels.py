@@ -107,3 +107,32 @@ def test_reader_reports_truncation(tmp_path):
     path.write_bytes(data[:-40])
     with pytest.raises(InputError, match="ended early"):
         read_tensors(path, list(metas.values()))
+
+
+def test_shard_writer_in_slabs_starts_writeback_and_writes_what_safetensors_reads(tmp_path, monkeypatch):
+    import os
+
+    from hf_metagpt import safetensors_io
+
+    calls = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(safetensors_io, "WRITEBACK_STEP", 100)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: (calls.append((off, n, adv)), real(fd, off, n, adv))[1])
+    a, b = torch.randn(8, 16).bfloat16(), torch.arange(10, dtype=torch.int64)
+    path = tmp_path / "s.safetensors"
+    w = safetensors_io.ShardWriter(path, [("a", "BF16", (8, 16)), ("b", "I64", (10,))])
+    for lo in range(0, 8, 3):  # row slabs 3 + 3 + 2
+        w.write("a", a[lo:lo + 3], part=True)
+    assert not w.done
+    with pytest.raises(RuntimeError, match="planned 80 more"):
+        w.write("b", b[:5])  # a whole tensor must come whole
+    w.write("b", b)
+    assert w.done
+    w.close()
+    got = load_file(path)
+    assert torch.equal(got["a"], a) and torch.equal(got["b"], b)
+    # Write-back was started over consecutive ranges of the data, each at least the step.
+    header = len(w.header)
+    assert calls and calls[0][0] == header and all(adv == os.POSIX_FADV_DONTNEED for *_, adv in calls)
+    assert all(o1 + n1 == o2 for (o1, n1, _), (o2, _, _) in zip(calls, calls[1:]))
+    assert all(n >= 100 for _, n, _ in calls)
