@@ -95,3 +95,26 @@ def weighted_models(base: torch.Tensor, models: list[torch.Tensor], w0: float, w
             a.add_(t, alpha=w)
         o_flat[start:stop].copy_(a)
     return out
+
+
+def base_plus_lowrank(base: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]], transposed: list[bool],
+                      c0: float, *, out: torch.Tensor) -> torch.Tensor:
+    """out = c0·base + Σ B·A (each (B·A)ᵀ where `transposed`), rounded once into `out`.
+
+    A merge of LoRA adapters: the B factors come scaled by each model's weight and LoRA scale,
+    and stacked side by side (one product of rank Σr instead of one full-size Δ per adapter).
+    The accumulator takes the factors' dtype: float64 makes the product exact to the output's
+    rounding (in float32 a rank-48 sum whose terms cancel is off by several output ulps).
+    Called on blocks of rows, so the accumulator stays small.
+    """
+    dtype = factors[0][0].dtype if factors else torch.float32
+    acc = base.to(out.device, dtype, copy=True)
+    if c0 != 1.0:
+        acc.mul_(c0)
+    for (b, a), t in zip(factors, transposed):
+        if t:
+            acc.add_((b @ a).t())
+        else:
+            acc.addmm_(b, a)
+    out.copy_(acc)
+    return out

@@ -196,13 +196,18 @@ class Merger:
         # Weighted sums of full fine-tunes (MetaGPT, task arithmetic, linear) take the fused
         # chunked kernels; everything else (DARE/TIES transforms, adapters, --allow-nonfinite)
         # goes through the method's own whole-tensor functions.
-        self.fast = (not self.transforms and not allow_nonfinite
-                     and all(s.pooled for s in self.sources)
-                     and method.model_weights([0.0] * len(self.sources)) is not None)
+        weighted = (not self.transforms and not allow_nonfinite
+                    and method.model_weights([0.0] * len(self.sources)) is not None)
+        self.fast = weighted and all(s.pooled for s in self.sources)
+        # The same weighted sums when every fine-tune is a plain LoRA adapter: θ0 scaled plus one
+        # stacked low-rank product per row block (`kernels.base_plus_lowrank`), never a full-size τ.
+        # Adapters that replace whole tensors (modules_to_save) take the method's functions.
+        self.lowrank = (weighted and not self.fast and all(not s.pooled for s in self.sources)
+                        and not any(getattr(s.info, "full", None) for s in self.sources))
         self.chunk = kernels.CHUNK if device.type == "cpu" else kernels.CHUNK * 64
         # The fused kernels release the GIL: on a CPU with cores to spare, the tensors of a group
         # are merged on two threads (each single-threaded), in order of the plan when gathered.
-        self.workers = 2 if self.fast and device.type == "cpu" and (os.cpu_count() or 1) > 1 else 1
+        self.workers = 2 if (self.fast or self.lowrank) and device.type == "cpu" and (os.cpu_count() or 1) > 1 else 1
         if share is not None and share.count >= (os.cpu_count() or 1):
             self.workers = 1  # the other processes use the cores
         self._compute: ThreadPoolExecutor | None = None
@@ -334,11 +339,71 @@ class Merger:
             return [fn(x) for x in items]
         return list(self._compute.map(fn, items))
 
+    def _lowrank_merge(self, tensors: list[TensorPlan], raws: list, piece: Piece) -> list[torch.Tensor]:
+        """The merged tensors (or row slabs) of a piece when every fine-tune is a LoRA adapter.
+
+        w0·θ0 + Σt wt·(θ0 + st·Bt·At) = (w0 + Σ wt)·θ0 + [w1·s1·B1 | w2·s2·B2 | ...]·[A1; A2; ...]:
+        one stacked product of rank Σr per block of rows, in float64 (see `kernels.base_plus_lowrank`).
+        """
+        slab = piece.rows is not None
+        if piece.extra_rows:
+            return [raws[tp.extra_source or 0][tp.name].to(self.device, ST_TO_TORCH[tp.out_dtype], copy=True)
+                    for tp in tensors]
+        outs: list[torch.Tensor] = []
+        jobs: list[tuple] = []
+        for tp in tensors:
+            if not tp.floating:
+                outs.append(raws[0][tp.name].clone())  # raw is a view of a pooled buffer
+                continue
+            assert not self.method.uses_group_norms or tp.norm_group in self.norms.complete, tp.name
+            w0, weights = self.method.model_weights(self._coefficients(tp.norm_group))  # type: ignore[misc]
+            base = raws[0][tp.name]
+            if not slab and tp.shared_rows is not None:
+                base = base[: tp.shared_rows]
+            lo = piece.rows[0] if slab else 0  # type: ignore[index]
+            parts: dict[bool, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+            for w, src, raw in zip(weights, self.sources, raws[1:]):
+                if w == 0.0 or tp.name not in src.info.lora:  # type: ignore[attr-defined]
+                    continue
+                b, a, m = src.factors(tp, raw, torch.float64, self.device)  # type: ignore[attr-defined]
+                # This piece's rows of Δ: rows of B, or columns of A when Δ = (B·A)ᵀ.
+                if m.transposed:
+                    a = a[:, lo: lo + base.shape[0]]
+                else:
+                    b = b[lo: lo + base.shape[0]]
+                bs, as_ = parts.setdefault(m.transposed, ([], []))
+                bs.append(b * (w * m.scale))
+                as_.append(a)
+            stacked = [(torch.cat(bs, dim=1), torch.cat(as_, dim=0), t) for t, (bs, as_) in parts.items()]
+            out = torch.empty(base.shape, dtype=ST_TO_TORCH[tp.out_dtype], device=self.device)
+            cols = max(1, base[0].numel()) if base.dim() else 1
+            step = max(1, JOB // cols)
+            c0 = w0 + sum(weights)
+            jobs += [(base, stacked, c0, out, r, min(r + step, base.shape[0]))
+                     for r in range(0, base.shape[0], step)]
+            outs.append(out)
+
+        def job(j: tuple) -> None:
+            base, stacked, c0, out, r0, r1 = j
+            kernels.base_plus_lowrank(base[r0:r1], [(b[r0:r1], a) if not t else (b, a[:, r0:r1]) for b, a, t in stacked],
+                                      [t for _, _, t in stacked], c0, out=out[r0:r1])
+
+        self._map(job, jobs)
+        for k, tp in enumerate(tensors):
+            if tp.floating and not slab and tp.extra_source is not None:
+                extra = raws[tp.extra_source][tp.name][tp.shared_rows:].to(self.device, outs[k].dtype)
+                outs[k] = torch.cat([outs[k], extra], dim=0)
+        return outs
+
     def _reduce_many(self, tensors: list[TensorPlan], raws: list, piece: Piece) -> None:
         """Add the squared norms of these tensors to their groups (summed in plan order: reproducible)."""
         if piece.extra_rows:
             return  # copied rows: no task vector
         if not self.fast:
+            if piece.rows is not None and piece.rows[0] > 0:
+                # Low-rank path: adapters' exact norms (from their factors) are the whole
+                # tensor's, so they are counted with its first slab only.
+                return
             for tp in tensors:
                 self._reduce(tp, raws, piece)
             return
@@ -387,9 +452,9 @@ class Merger:
         return [g for g in self.plan.groups if not self.group_filter or self.group_filter(g)]
 
     def _pieces(self, group: StreamGroup) -> list[Piece]:
-        """The group cut to the unit budget; row slabs only where the fused kernels merge (they work
-        on any rows, while TIES/DARE and adapters need whole tensors)."""
-        return split_group(group, self._pooled_infos(), self.unit, slabs=self.fast)
+        """The group cut to the unit budget; row slabs only where the weighted-sum kernels merge (they
+        work on any rows, while TIES/DARE and the method's own functions need whole tensors)."""
+        return split_group(group, self._pooled_infos(), self.unit, slabs=self.fast or self.lowrank)
 
     def _pooled_infos(self) -> list[ModelInfo | None]:
         """The inputs read into the pooled buffer (base and full fine-tunes; adapters read their own)."""
@@ -553,7 +618,9 @@ class Merger:
         sink = _ShardSink(self.plan, self.work_dir, self.stats)
         saved = 0
         try:
-            for piece, raws in self._walk(self._write_steps(done_shards), label, self._read):
+            # Adapters' exact norms need no base weights: the low-rank path's reduce-only steps skip it.
+            read = lambda p: self._read(p, with_base=not (self.lowrank and p.reduce_only))  # noqa: E731
+            for piece, raws in self._walk(self._write_steps(done_shards), label, read):
                 if piece.reduce_only:
                     self._reduce_many(piece.tensors, raws, piece)
                     self.norms.complete.update(piece.finishes)
@@ -562,13 +629,15 @@ class Merger:
                     # Norm groups inside this piece: reduced before the first is applied. The
                     # method path reduces a one-tensor group from the τ it forms anyway.
                     pending = [t for t in piece.tensors if t.floating and t.norm_group not in self.norms.complete]
-                    multi = {t.norm_group for t in pending if self.fast
+                    multi = {t.norm_group for t in pending if self.fast or self.lowrank
                              or sum(u.norm_group == t.norm_group for u in pending) > 1}
                     self._reduce_many([t for t in pending if t.norm_group in multi], raws, piece)
                     self.norms.complete.update(multi)
                 todo = [t for t in piece.tensors if t.shard not in done_shards]
                 if self.fast:
                     outs = self._fast_merge(todo, raws, piece)
+                elif self.lowrank:
+                    outs = self._lowrank_merge(todo, raws, piece)
                 else:
                     outs = self._map(lambda tp: self._merge_tensor(tp, raws), todo)
                 for tp in todo:
@@ -588,7 +657,7 @@ class Merger:
     def run(self, cached_norms: dict[str, list[float]] | None = None) -> None:
         """Merge into the work folder, reusing finished shards and known norms of an earlier run."""
         threads = torch.get_num_threads()
-        if self.fast and self.device.type == "cpu":
+        if (self.fast or self.lowrank) and self.device.type == "cpu":
             # The fused kernels work on cache-sized chunks: splitting each over OpenMP threads
             # costs more than it gains (measured 10-30x slower on a busy 2-core machine), and the
             # other core is better spent on the prefetch thread's reads.

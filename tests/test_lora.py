@@ -33,7 +33,7 @@ def _load_base(base: Path):
     return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
 
-def make_adapter(base: Path, folder: Path, seed: int, **cfg) -> Path:
+def make_adapter(base: Path, folder: Path, seed: int, save_embedding_layers: bool | str = "auto", **cfg) -> Path:
     """A peft LoRA adapter on `base` with random non-zero B (and a perturbed saved lm_head)."""
     from peft import LoraConfig, get_peft_model
 
@@ -42,11 +42,11 @@ def make_adapter(base: Path, folder: Path, seed: int, **cfg) -> Path:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_A" in name:  # peft starts these at zero
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
             elif "modules_to_save" in name:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.01)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, save_embedding_layers=save_embedding_layers)
     return folder
 
 
@@ -55,6 +55,18 @@ def materialize(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
     from peft import PeftModel
 
     merged = PeftModel.from_pretrained(_load_base(base), adapter).merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def materialize64(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """The fine-tune an adapter stands for, exactly: peft's merge_and_unload on a float64 copy.
+
+    (In float32, peft's own merge rounds B·A and θ0 + Δ: off from the exact update by up to ~14
+    output ulps where Δ and θ0 cancel, so it cannot judge a path that is exact to 1 ulp.)
+    """
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(_load_base(base), adapter).double().merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 
@@ -277,3 +289,32 @@ def test_transforming_method_forms_adapter_task_vectors(lora_family, tmp_path):
     a, b = load_state(tmp_path / "a"), load_state(tmp_path / "b")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["model", "tensor"])
+def test_plain_adapters_merge_as_stacked_low_rank_products_in_slabs(lora_family, tmp_path, monkeypatch, granularity):
+    """Adapters without saved modules: c0·θ0 + [w·s·B]·[A] per block of rows, never a full-size τ;
+    an embedding LoRA (Δ = (B·A)ᵀ) included, the base cut into row slabs and jobs."""
+    from hf_metagpt import kernels, stream
+    from hf_metagpt.pieces import UNIT_ENV
+
+    f = lora_family
+    emb = f["root"] / "ad_embed"
+    if not emb.exists():
+        make_adapter(f["base"], emb, seed=20, r=4, lora_alpha=8, target_modules=["embed_tokens", "down_proj"],
+                     save_embedding_layers=False)  # the factors only (no saved full embedding)
+    adapters = [f["adapters"]["ad_plain"], f["adapters"]["ad_rslora"], emb]
+    states = [materialize64(f["base"], a) for a in adapters]
+    assert states[0]["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float64
+    calls = []
+    real = kernels.base_plus_lowrank
+    monkeypatch.setattr(kernels, "base_plus_lowrank", lambda *a, **k: (calls.append(a[2]), real(*a, **k))[1])
+    monkeypatch.setattr(stream, "JOB", 500)  # 8 rows of 64 a job
+    monkeypatch.setenv(UNIT_ENV, "0.01")  # 10 KiB: the 32 KiB float32 embedding in 4 slabs
+    out = tmp_path / "merged"
+    result = hf_metagpt.merge(base=str(f["base"]), models=[str(a) for a in adapters], output=str(out),
+                              granularity=granularity, device="cpu", progress=False)
+    # Exact: within 1 float32 ulp of the float64 merge of the exactly materialized fine-tunes.
+    _check_against_reference(out, f["base_state"], states, granularity, result, ulps=1)
+    assert [True] in calls and [False] in calls  # the embedding's transposed product and the others
+    assert result.stats.largest_read <= int(0.01 * (1 << 20))
