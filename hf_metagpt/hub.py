@@ -686,6 +686,9 @@ class LowDiskFiles:
     shards plus one prefetched, per model.
     """
 
+    #: reads must follow plan order (shards are fetched just ahead and deleted after): see stream
+    sequential = True
+
     def __init__(self, plan: "MergePlan", scratch: Path, token: str | None = None) -> None:
         self.plan = plan
         self.scratch = Path(scratch)

@@ -205,7 +205,12 @@ WRITEBACK_STEP = 64 << 20
 
 
 class ShardWriter:
-    """Writes one safetensors shard whose tensors arrive in the planned order.
+    """Writes one safetensors shard; its tensors may arrive in any order, each one whole or in row slabs.
+
+    The header (and so every tensor's place) is known from the plan, so each tensor is written at
+    its own offset (`os.pwrite`): no shard buffer, and the engine may merge a shard's groups in any
+    order (pass 2 of a two-pass merge runs backwards, see `stream`). Row slabs of one tensor come
+    in row order. The shard is `done` once every tensor has all its bytes.
 
     The kernel keeps written pages dirty until a background threshold (a tenth of RAM) or the
     fsync at `close`, so a 1 GB shard would reach the disk only when it is finished, with the
@@ -218,61 +223,69 @@ class ShardWriter:
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]]) -> None:
         self.path = path
         self.header, self.offsets = build_header(entries, {"format": "pt"})
-        self.expected = [e[0] for e in entries]
         self.size = len(self.header) + (max((o[1] for o in self.offsets.values()), default=0))
-        self._next = 0
-        self._written = 0  # bytes of the current tensor written so far (it may come in row slabs)
-        self._f = open(path, "wb")
-        with disk_full_is_clear(self.path):
-            self._f.write(self.header)
-        self._pos = self._synced = len(self.header)
+        self._left = {name: end - begin for name, (begin, end) in self.offsets.items()}
+        self._pending = set(self._left)  # tensors not complete yet (empty ones too, until written)
+        self._unsynced: list[tuple[int, int]] = []  # (offset, length) written since the last write-back
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            with disk_full_is_clear(self.path):
+                _pwrite_all(self._fd, memoryview(self.header), 0)
+        except BaseException:
+            self.abort()  # not handed to anyone yet: nobody else would remove it
+            raise
 
     def write(self, name: str, tensor: torch.Tensor, *, part: bool = False) -> None:
-        """Append the next tensor; with `part`, its next rows (it is done once all its bytes came)."""
-        if self._next >= len(self.expected) or self.expected[self._next] != name:
-            raise RuntimeError(f"shard {self.path.name}: got {name}, expected {self.expected[self._next:self._next+1]}")
+        """Write a tensor at its place; with `part`, its next rows (it is done once all its bytes came)."""
+        if name not in self._pending:
+            raise RuntimeError(f"shard {self.path.name}: got {name}, which it "
+                               + ("already has" if name in self._left else "does not hold"))
         t = tensor.detach().to("cpu").contiguous()
         data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        begin, end = self.offsets[name]
-        left = end - begin - self._written
+        left = self._left[name]
         if len(data) > left or (not part and len(data) != left):
             raise RuntimeError(f"{name}: {len(data)} bytes, planned {left} more")
-        with disk_full_is_clear(self.path):
-            self._f.write(memoryview(data) if len(data) else b"")
-        self._written += len(data)
-        self._pos += len(data)
-        if self._written == end - begin:
-            self._next += 1
-            self._written = 0
-        if self._pos - self._synced >= WRITEBACK_STEP:
+        pos = len(self.header) + self.offsets[name][1] - left
+        if len(data):
+            with disk_full_is_clear(self.path):
+                _pwrite_all(self._fd, memoryview(data), pos)
+            self._unsynced.append((pos, len(data)))
+        self._left[name] = left - len(data)
+        if not self._left[name]:
+            self._pending.discard(name)
+        if sum(n for _, n in self._unsynced) >= WRITEBACK_STEP:
             self._start_writeback()
 
     def _start_writeback(self) -> None:
         if hasattr(os, "posix_fadvise"):
-            with disk_full_is_clear(self.path):
-                self._f.flush()
-            os.posix_fadvise(self._f.fileno(), self._synced, self._pos - self._synced, os.POSIX_FADV_DONTNEED)
-        self._synced = self._pos
+            for pos, n in self._unsynced:
+                os.posix_fadvise(self._fd, pos, n, os.POSIX_FADV_DONTNEED)
+        self._unsynced = []
 
     @property
     def done(self) -> bool:
-        return self._next == len(self.expected)
+        return not self._pending
 
     def close(self) -> None:
         """Flush to disk; the caller renames the file into place only after this."""
         with disk_full_is_clear(self.path):
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
+            os.fsync(self._fd)
+        os.close(self._fd)
         if delay := float(os.environ.get(SLOW_WRITE_ENV) or 0):
             time.sleep(delay)  # test-only (see SLOW_WRITE_ENV)
 
     def abort(self) -> None:
         try:
-            self._f.close()  # flushes: fails again when the disk is full, and the file goes anyway
+            os.close(self._fd)
         except OSError:
             pass
         self.path.unlink(missing_ok=True)
+
+
+def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, pos)
+        data, pos = data[n:], pos + n
 
 
 def shard_matches(path: Path, header: bytes) -> bool:

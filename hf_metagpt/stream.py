@@ -590,12 +590,13 @@ class Merger:
         pieces are read once to reduce it (reduce-only steps), then again to merge (from the page
         cache by then). A norm group inside one piece is reduced and applied in the same step.
         """
-        steps: list[Piece] = []
+        per_group: list[list[Piece]] = []
         for group in self._groups():
             pieces = self._pieces(group)
             todo = [p for p in pieces if any(t.shard not in done_shards for t in p.tensors)]
             if not todo:
                 continue
+            steps: list[Piece] = []
             if self.method.uses_group_norms and len(pieces) > 1:
                 where: dict[str, set[int]] = {}
                 for k, p in enumerate(pieces):
@@ -610,7 +611,14 @@ class Merger:
                     reduce[-1].finishes = frozenset(cut)
                 steps += reduce
             steps += todo
-        return steps
+            per_group.append(steps)
+        if self.stats.passes == 2 and not getattr(self.files, "sequential", False):
+            # Pass 1 just read every group in order, so the page cache holds the last ones: merging
+            # the last group first reads those from memory, not disk (in order, LRU would have
+            # evicted each group just before pass 2 came to it whenever the inputs are larger than
+            # the cache). Shards are written at each tensor's offset, so any order makes the same bytes.
+            per_group.reverse()
+        return [step for steps in per_group for step in steps]
 
     def write_pass(self, done_shards: set[int]) -> None:
         """Merge every piece and write its tensors into their shards (skipping finished shards)."""

@@ -109,7 +109,7 @@ def test_reader_reports_truncation(tmp_path):
         read_tensors(path, list(metas.values()))
 
 
-def test_shard_writer_in_slabs_starts_writeback_and_writes_what_safetensors_reads(tmp_path, monkeypatch):
+def test_shard_writer_in_any_order_and_slabs_starts_writeback_and_writes_what_safetensors_reads(tmp_path, monkeypatch):
     import os
 
     from hf_metagpt import safetensors_io
@@ -118,21 +118,26 @@ def test_shard_writer_in_slabs_starts_writeback_and_writes_what_safetensors_read
     real = os.posix_fadvise
     monkeypatch.setattr(safetensors_io, "WRITEBACK_STEP", 100)
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: (calls.append((off, n, adv)), real(fd, off, n, adv))[1])
-    a, b = torch.randn(8, 16).bfloat16(), torch.arange(10, dtype=torch.int64)
+    a, b, c = torch.randn(8, 16).bfloat16(), torch.arange(10, dtype=torch.int64), torch.zeros(0, 4)
     path = tmp_path / "s.safetensors"
-    w = safetensors_io.ShardWriter(path, [("a", "BF16", (8, 16)), ("b", "I64", (10,))])
-    for lo in range(0, 8, 3):  # row slabs 3 + 3 + 2
-        w.write("a", a[lo:lo + 3], part=True)
-    assert not w.done
+    w = safetensors_io.ShardWriter(path, [("a", "BF16", (8, 16)), ("b", "I64", (10,)), ("c", "F32", (0, 4))])
     with pytest.raises(RuntimeError, match="planned 80 more"):
         w.write("b", b[:5])  # a whole tensor must come whole
-    w.write("b", b)
+    w.write("b", b)  # the last tensor first: each goes to its own place
+    with pytest.raises(RuntimeError, match="got b, which it already has"):
+        w.write("b", b)
+    with pytest.raises(RuntimeError, match="got d, which it does not hold"):
+        w.write("d", b)
+    for lo in range(0, 8, 3):  # row slabs 3 + 3 + 2, in row order
+        w.write("a", a[lo:lo + 3], part=True)
+    assert not w.done  # the empty tensor still has to come
+    w.write("c", c)
     assert w.done
     w.close()
     got = load_file(path)
-    assert torch.equal(got["a"], a) and torch.equal(got["b"], b)
-    # Write-back was started over consecutive ranges of the data, each at least the step.
+    assert torch.equal(got["a"], a) and torch.equal(got["b"], b) and got["c"].shape == (0, 4)
+    assert path.stat().st_size == w.size
+    # Write-back was started for exactly the bytes written (b first, then a's slabs), at least the step at a time.
     header = len(w.header)
-    assert calls and calls[0][0] == header and all(adv == os.POSIX_FADV_DONTNEED for *_, adv in calls)
-    assert all(o1 + n1 == o2 for (o1, n1, _), (o2, _, _) in zip(calls, calls[1:]))
-    assert all(n >= 100 for _, n, _ in calls)
+    assert all(adv == os.POSIX_FADV_DONTNEED for *_, adv in calls)
+    assert sorted((o, n) for o, n, _ in calls) == [(header, 96), (header + 96, 96), (header + 192, 64), (header + 256, 80)]

@@ -183,3 +183,35 @@ def test_tensors_cut_into_jobs_for_both_threads_equal_reference(family, tmp_path
         assert_within_ulp(got[name], e, torch.bfloat16)
     for g, lam in lambdas.items():
         assert result.coefficients[g] == pytest.approx(lam, rel=1e-6)
+
+
+def test_pass_two_merges_the_last_group_first_with_the_same_bytes(family, tmp_path, monkeypatch):
+    from hf_metagpt import stream
+
+    _, base, fts = family
+    kw = dict(base=str(base), models=[str(f) for f in fts], max_shard_size="60KB", progress=False)
+    order: list[str] = []
+    real = stream.Merger._fast_merge
+
+    def spy(self, tensors, raws, piece):
+        if not order or order[-1] != piece.group.name:
+            order.append(piece.group.name)
+        return real(self, tensors, raws, piece)
+
+    monkeypatch.setattr(stream.Merger, "_fast_merge", spy)
+    names = [g.name for g in _plan(base, fts).groups]
+    back = hf_metagpt.merge(output=str(tmp_path / "back"), **kw)
+    assert back.stats.passes == 2 and order == names[::-1]  # the page cache holds pass 1's last groups
+    # A provider that must be read in plan order (low-disk fetches shards just ahead) keeps it,
+    # and so does a one-pass merge.
+    order.clear()
+    monkeypatch.setattr(stream.LocalFiles, "sequential", True, raising=False)
+    ahead = hf_metagpt.merge(output=str(tmp_path / "ahead"), **kw)
+    assert order == names
+    assert _shards(tmp_path / "back") == _shards(tmp_path / "ahead") and len(_shards(tmp_path / "back")) > 3
+    assert back.coefficients == ahead.coefficients
+    monkeypatch.undo()
+    monkeypatch.setattr(stream.Merger, "_fast_merge", spy)
+    order.clear()
+    hf_metagpt.merge(output=str(tmp_path / "layer"), granularity="layer", **kw)
+    assert order == names
