@@ -47,7 +47,11 @@ NORM_STATES = "norms.partial*.json"  # one process's NORM_STATE, or each process
 
 
 class FileProvider(Protocol):
-    """Where a model's weight file is on disk; `hub` implements one that downloads on demand."""
+    """Where a model's weight file is on disk; `hub` implements ones that download on demand.
+
+    A provider whose class sets `sequential = True` must be read in plan order (the low-disk
+    one fetches just ahead and deletes behind); others may be read in any order.
+    """
 
     def path(self, model_index: int, info: ModelInfo, file: str) -> Path: ...
 
@@ -56,6 +60,8 @@ class FileProvider(Protocol):
 
 class LocalFiles:
     """Files already on disk under each model's `local_path`."""
+
+    sequential = False
 
     def path(self, model_index: int, info: ModelInfo, file: str) -> Path:
         assert info.ref.local_path is not None, f"{info.name} has no local files"
@@ -612,7 +618,7 @@ class Merger:
                 steps += reduce
             steps += todo
             per_group.append(steps)
-        if self.stats.passes == 2 and not getattr(self.files, "sequential", False):
+        if self.stats.passes == 2 and not getattr(self.files, "sequential", False):  # see FileProvider
             # Pass 1 just read every group in order, so the page cache holds the last ones: merging
             # the last group first reads those from memory, not disk (in order, LRU would have
             # evicted each group just before pass 2 came to it whenever the inputs are larger than
