@@ -27,9 +27,8 @@ from pathlib import Path
 
 
 def build(root: Path, hidden: int, layers: int, rank: int) -> None:
+    """A tiny LLaMA family (base + 3 full fine-tunes) and three adapters for its base, under `root`."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from hf_metagpt.tiny import TinySpec, build_family
 
@@ -39,19 +38,10 @@ def build(root: Path, hidden: int, layers: int, rank: int) -> None:
                     num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=8192,
                     dtype=torch.bfloat16, max_shard_size="200MB")
     base, _ = build_family(root, n_models=3, spec=spec)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    for t in (1, 2, 3):
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16),
-                               LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
-        gen = torch.Generator().manual_seed(t)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01 * t)
-        model.save_pretrained(root / f"ad{t}")
+    build_adapters(base, root, rank, b_scale=0.01)
 
 
-def build_adapters(base: Path, root: Path, rank: int) -> None:
+def build_adapters(base: Path, root: Path, rank: int, b_scale: float = 0.001) -> None:
     """Three peft LoRA adapters (every projection, random non-zero B) for an existing base."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -67,7 +57,7 @@ def build_adapters(base: Path, root: Path, rank: int) -> None:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.001 * t)
+                    p.copy_(torch.randn(p.shape, generator=gen) * b_scale * t)
         model.save_pretrained(root / f"ad{t}")
         del model
 

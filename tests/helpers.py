@@ -9,6 +9,9 @@ import torch
 
 from hf_metagpt.cli import main as cli_main
 
+#: repo names of a tiny family published to the local Hub (base and two fine-tunes)
+NAMES = ["base", "chat", "math"]
+
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run `hf-metagpt -q ARGS` in-process; (exit code, stdout, stderr) of that run only."""
@@ -39,3 +42,22 @@ def add_tokens(src: Path, dst: Path, n: int) -> Path:
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / f, dst / f)
     return dst
+
+
+def shards(folder: Path) -> dict[str, bytes]:
+    """Every safetensors shard of a folder, by name: two merges are compared byte for byte."""
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def publish(folders: list[Path], user: str, prefix: str) -> list[str]:
+    """Fresh local-Hub repos per test: nothing of them is in the Hub cache, so every file really travels."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    ids = []
+    for name, folder in zip(NAMES, folders):
+        repo = f"{user}/{prefix}-{name}"
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=folder, commit_message=f"tiny {name}")
+        ids.append(repo)
+    return ids

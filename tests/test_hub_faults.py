@@ -20,8 +20,8 @@ import hf_metagpt.hub as hub
 from hf_metagpt.cli import main as cli_main
 from hf_metagpt.hub import RETRIES, RETRY_BASE_ENV, HubUnavailableError
 from hf_metagpt.tiny import build_family
+from helpers import publish, shards
 
-NAMES = ["base", "chat", "math"]
 
 
 @pytest.fixture(autouse=True)
@@ -38,23 +38,7 @@ def family(tmp_path_factory):
     folders = [base, *fts]
     expected = root / "local-merge"
     hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(expected), device="cpu", progress=False)
-    return folders, _shards(expected)
-
-
-def _shards(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
-
-
-def _publish(folders: list[Path], user: str, prefix: str) -> list[str]:
-    """Fresh repos per test: nothing of them is in the Hub cache, so every file really travels."""
-    api = HfApi()
-    ids = []
-    for name, folder in zip(NAMES, folders):
-        repo = f"{user}/{prefix}-{name}"
-        api.create_repo(repo, exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=folder, commit_message=f"tiny {name}")
-        ids.append(repo)
-    return ids
+    return folders, shards(expected)
 
 
 def _shard_names(folder: Path) -> list[str]:
@@ -78,7 +62,7 @@ def _merge(ids, out, **kw):
 
 def test_5xx_and_dropped_connections_while_planning_are_retried(family, tmp_path, hub_user, hub_faults):
     folders, expected = family
-    ids = _publish(folders, hub_user, "plan5xx")
+    ids = publish(folders, hub_user, "plan5xx")
     shard = _shard_names(folders[2])[0]
     # model_info (the pin) is not retried by the client; nor are the Range reads of the headers.
     info_503 = hub_faults.inject_fault(rf"^/api/models/{ids[1]}$", status=503, times=2, method="GET")
@@ -88,7 +72,7 @@ def test_5xx_and_dropped_connections_while_planning_are_retried(family, tmp_path
     hub_faults.clear_requests()
     result = _merge(ids, tmp_path / "out")
     assert (info_503.hits, info_drop.hits, header_500.hits) == (2, 1, 2)
-    assert _shards(tmp_path / "out") == expected
+    assert shards(tmp_path / "out") == expected
     served = [(r.status, r.range is not None) for r in hub_faults.requests if r.path.endswith(shard) and ids[2] in r.path]
     assert served[:2] == [(500, True), (500, True)] and (206, True) in served[2:]
     assert all(m.sha for m in result.models)
@@ -97,7 +81,7 @@ def test_5xx_and_dropped_connections_while_planning_are_retried(family, tmp_path
 def test_5xx_slow_answers_and_a_connection_cut_mid_download_are_retried_and_resumed(
         family, tmp_path, hub_user, hub_faults, monkeypatch):
     folders, expected = family
-    ids = _publish(folders, hub_user, "dl5xx")
+    ids = publish(folders, hub_user, "dl5xx")
     chat_shard, math_shard = _shard_names(folders[1])[-1], _shard_names(folders[2])[0]
     size = (folders[1] / chat_shard).stat().st_size
     faults = {}
@@ -119,7 +103,7 @@ def test_5xx_slow_answers_and_a_connection_cut_mid_download_are_retried_and_resu
     _at_download(monkeypatch, inject)
     _merge(ids, tmp_path / "out")
     assert {k: f.hits for k, f in faults.items()} == {"get_500": 2, "tree_503": 1, "cut": 1, "slow": 3}
-    assert _shards(tmp_path / "out") == expected
+    assert shards(tmp_path / "out") == expected
     chat_gets = [r for r in hub_faults.requests if r.method == "GET" and r.path.startswith(f"/{ids[1]}/resolve/")
                  and r.path.endswith(f"/{chat_shard}")]
     assert [(r.range, r.status) for r in chat_gets] == [(None, 200), (None, 200)]
@@ -127,7 +111,7 @@ def test_5xx_slow_answers_and_a_connection_cut_mid_download_are_retried_and_resu
 
 def test_5xx_during_push_is_retried_and_lands_as_one_commit(family, tmp_path, hub_user, hub_faults):
     folders, expected = family
-    ids = _publish(folders, hub_user, "push5xx")
+    ids = publish(folders, hub_user, "push5xx")
     target = f"{hub_user}/push5xx-merged"
     faults = {
         # Ours: create_repo and the commit POST (the client retries neither).
@@ -144,14 +128,14 @@ def test_5xx_during_push_is_retried_and_lands_as_one_commit(family, tmp_path, hu
     commits = api.list_repo_commits(target)
     assert len(commits) == 2, [c.title for c in commits]  # creation + exactly one upload
     pulled = Path(api.snapshot_download(target, local_dir=tmp_path / "pulled"))
-    assert _shards(pulled) == expected
+    assert shards(pulled) == expected
     assert (pulled / "README.md").is_file() and (pulled / "metagpt_coefficients.json").is_file()
 
 
 def test_a_commit_that_never_succeeds_is_a_clear_error_and_publishes_nothing(
         family, tmp_path, hub_user, hub_faults, capsys):
     folders, expected = family
-    ids = _publish(folders, hub_user, "pushdown")
+    ids = publish(folders, hub_user, "pushdown")
     target = f"{hub_user}/pushdown-merged"
     api = HfApi()
     api.create_repo(target)
@@ -170,14 +154,14 @@ def test_a_commit_that_never_succeeds_is_a_clear_error_and_publishes_nothing(
     assert "Retry the same command later" in line and "nothing was published" in line
     assert "Traceback" not in err
     assert [c.commit_id for c in api.list_repo_commits(target)] == before  # no new commit
-    assert _shards(out) == expected  # the local output is complete
+    assert shards(out) == expected  # the local output is complete
     assert (out / "README.md").is_file()
 
 
 def test_a_download_that_never_succeeds_is_a_clear_error_and_leaves_no_output(
         family, tmp_path, hub_user, hub_faults, capsys, monkeypatch):
     folders, _ = family
-    ids = _publish(folders, hub_user, "dldown")
+    ids = publish(folders, hub_user, "dldown")
     shard = _shard_names(folders[1])[1]
     target = f"{hub_user}/dldown-merged"
     faults = []
@@ -199,7 +183,7 @@ def test_a_download_that_never_succeeds_is_a_clear_error_and_leaves_no_output(
 
 def test_plan_gives_up_clearly_when_the_hub_keeps_failing(family, hub_user, hub_faults):
     folders, _ = family
-    ids = _publish(folders, hub_user, "plandown")
+    ids = publish(folders, hub_user, "plandown")
     fault = hub_faults.inject_fault(rf"^/api/models/{ids[0]}$", status=502, times=None)
     with pytest.raises(HubUnavailableError, match=rf"^{ids[0]}: the Hub kept failing after {RETRIES + 1} attempts "
                                                   rf"\(HTTP 502 on GET /api/models/{ids[0]}\)"):

@@ -20,8 +20,8 @@ import hf_metagpt
 import hf_metagpt.hub as hub
 from hf_metagpt.hub import RETRIES, RETRY_BASE_ENV, DownloadStopped, HubUnavailableError
 from hf_metagpt.tiny import build_family
+from helpers import publish, shards
 
-NAMES = ["base", "chat", "math"]
 
 
 @pytest.fixture(autouse=True)
@@ -37,23 +37,7 @@ def family(tmp_path_factory):
     base, fts = build_family(root, n_models=2)
     expected = root / "local-merge"
     hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(expected), device="cpu", progress=False)
-    return [base, *fts], _shards(expected)
-
-
-def _shards(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
-
-
-def _publish(folders: list[Path], user: str, prefix: str) -> list[str]:
-    """Fresh repos per test: nothing of them is in the Hub cache yet."""
-    api = HfApi()
-    ids = []
-    for name, folder in zip(NAMES, folders):
-        repo = f"{user}/{prefix}-{name}"
-        api.create_repo(repo, exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=folder, commit_message=f"tiny {name}")
-        ids.append(repo)
-    return ids
+    return [base, *fts], shards(expected)
 
 
 def _cached_shards(repo_id: str) -> list[Path]:
@@ -96,7 +80,7 @@ class _Recorder:
 def test_merge_by_id_overlaps_the_download_and_equals_the_local_merge(family, tmp_path, hub_user, hub_faults,
                                                                       monkeypatch):
     folders, expected = family
-    ids = _publish(folders, hub_user, "ovl")
+    ids = publish(folders, hub_user, "ovl")
     rec = _Recorder(monkeypatch)
     n_shards = sum(len(list(f.glob("*.safetensors"))) for f in folders)
     provider_order = hub.walk_order(hf_metagpt.plan(base=ids[0], models=ids[1:], output="-"))
@@ -108,7 +92,7 @@ def test_merge_by_id_overlaps_the_download_and_equals_the_local_merge(family, tm
     hub_faults.clear_requests()
     _merge(ids, tmp_path / "out")
     assert slow.hits == 1
-    assert _shards(tmp_path / "out") == expected
+    assert shards(tmp_path / "out") == expected
     [provider] = rec.providers
     assert provider.order == provider_order and provider.downloads == n_shards
     # Queued in the order the merge first reads them: every model's shard of a group before the next group's.
@@ -125,7 +109,7 @@ def test_merge_by_id_overlaps_the_download_and_equals_the_local_merge(family, tm
     # A second merge finds every file in the cache: nothing is downloaded, no thread is started.
     hub_faults.clear_requests()
     _merge(ids, tmp_path / "again")
-    assert _shards(tmp_path / "again") == expected
+    assert shards(tmp_path / "again") == expected
     assert [r.path for r in hub_faults.requests if "/resolve/" in r.path] == []
     assert rec.providers[1].downloads == 0 and not rec.providers[1]._futures
 
@@ -133,7 +117,7 @@ def test_merge_by_id_overlaps_the_download_and_equals_the_local_merge(family, tm
 def test_a_shard_that_never_downloads_stops_the_merge_clearly_with_no_output_and_no_threads(
         family, tmp_path, hub_user, hub_faults):
     folders, _ = family
-    ids = _publish(folders, hub_user, "ovldown")
+    ids = publish(folders, hub_user, "ovldown")
     shard = sorted(p.name for p in folders[1].glob("*.safetensors"))[1]
     fault = hub_faults.inject_fault(rf"^/{ids[1]}/resolve/[0-9a-f]{{40}}/{re.escape(shard)}$", status=500,
                                     times=None, method="GET")
@@ -160,7 +144,7 @@ def test_a_shard_that_never_downloads_stops_the_merge_clearly_with_no_output_and
 
 def test_close_cancels_queued_downloads_and_leaves_no_thread(family, hub_user, hub_faults):
     folders, _ = family
-    ids = _publish(folders, hub_user, "ovlclose")
+    ids = publish(folders, hub_user, "ovlclose")
     plan = hf_metagpt.plan(base=ids[0], models=ids[1:], output="-")
     hub.download(plan, weights=False, weight_index=True)
     hub_faults.inject_fault(r"/resolve/[0-9a-f]{40}/.*\.safetensors$", status=None, delay=0.5, times=None,
@@ -215,7 +199,7 @@ def test_two_processes_download_everything_first_and_give_the_same_bytes(family,
     import sys
 
     folders, _ = family
-    ids = _publish(folders, hub_user, "ovl2p")
+    ids = publish(folders, hub_user, "ovl2p")
     one = tmp_path / "one"
     hf_metagpt.merge(base=str(folders[0]), models=[str(f) for f in folders[1:]], output=str(one),
                      max_shard_size="60KB", device="cpu", progress=False)
@@ -225,4 +209,4 @@ def test_two_processes_download_everything_first_and_give_the_same_bytes(family,
            "--max-shard-size", "60KB", "--device", "cpu", "--num-processes", "2"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert len(_shards(one)) >= 4 and _shards(tmp_path / "two") == _shards(one)
+    assert len(shards(one)) >= 4 and shards(tmp_path / "two") == shards(one)

@@ -12,7 +12,7 @@ import hf_metagpt
 from hf_metagpt.errors import InputError
 from hf_metagpt.pieces import UNIT_ENV, Piece, piece_bytes, split_group, unit_bytes
 from hf_metagpt.tiny import build_family
-from helpers import add_tokens
+from helpers import add_tokens, shards
 from reference import assert_within_ulp, load_state, reference_metagpt
 
 # About 31 KB: a tiny block of four inputs (~290 KB) is cut into single tensors and row slabs.
@@ -29,10 +29,6 @@ def family(tmp_path_factory):
 
 def _plan(base, fts, **kw):
     return hf_metagpt.plan(base=str(base), models=[str(f) for f in fts], output="-", **kw)
-
-
-def _shards(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
 
 def test_unit_budget_from_the_environment(monkeypatch):
@@ -148,7 +144,7 @@ def test_methods_on_whole_tensors_give_the_same_bytes_in_small_pieces(family, tm
     cut = hf_metagpt.merge(output=str(tmp_path / "cut"), **kw)
     # TIES and DARE need whole tensors: the pieces are single tensors, never row slabs.
     assert cut.stats.pieces_read > whole.stats.pieces_read
-    assert _shards(tmp_path / "cut") == _shards(tmp_path / "whole")
+    assert shards(tmp_path / "cut") == shards(tmp_path / "whole")
     assert cut.coefficients == whole.coefficients
 
 
@@ -208,7 +204,7 @@ def test_pass_two_merges_the_last_group_first_with_the_same_bytes(family, tmp_pa
     monkeypatch.setattr(stream.LocalFiles, "sequential", True, raising=False)
     ahead = hf_metagpt.merge(output=str(tmp_path / "ahead"), **kw)
     assert order == names
-    assert _shards(tmp_path / "back") == _shards(tmp_path / "ahead") and len(_shards(tmp_path / "back")) > 3
+    assert shards(tmp_path / "back") == shards(tmp_path / "ahead") and len(shards(tmp_path / "back")) > 3
     assert back.coefficients == ahead.coefficients
     monkeypatch.undo()
     monkeypatch.setattr(stream.Merger, "_fast_merge", spy)
