@@ -295,9 +295,7 @@ class Merger:
         """
         slab = piece.rows is not None
         if piece.extra_rows:
-            # Copied (and converted) from their source: the raw rows are views of a pooled buffer.
-            return [raws[tp.extra_source or 0][tp.name].to(self.device, ST_TO_TORCH[tp.out_dtype], copy=True)
-                    for tp in tensors]
+            return [self._copied_rows(tp, raws) for tp in tensors]
         outs: list[torch.Tensor] = []
         jobs: list[tuple[list[torch.Tensor], torch.Tensor, float, list[float], int, int]] = []
         for tp in tensors:
@@ -326,10 +324,23 @@ class Merger:
                 continue
             if not self.method.uses_group_norms and not bool(torch.isfinite(outs[k]).all()):
                 self._name_nonfinite(tp, raws, None if slab else tp.shared_rows)  # never looked at the inputs
-            if not slab and tp.extra_source is not None:
-                extra = raws[tp.extra_source][tp.name][tp.shared_rows:].to(self.device, outs[k].dtype)
-                outs[k] = torch.cat([outs[k], extra], dim=0)
+            if not slab:
+                outs[k] = self._with_extra_rows(tp, outs[k], raws)
         return outs
+
+    def _copied_rows(self, tp: TensorPlan, raws: list) -> torch.Tensor:
+        """A slab of extra vocabulary rows, copied (and converted) from their source.
+
+        A copy: the raw rows are views of a pooled buffer, and the write happens later on the
+        writer thread."""
+        return raws[tp.extra_source or 0][tp.name].to(self.device, ST_TO_TORCH[tp.out_dtype], copy=True)
+
+    def _with_extra_rows(self, tp: TensorPlan, merged: torch.Tensor, raws: list) -> torch.Tensor:
+        """The merged shared rows of a whole tensor, followed by the extra rows of their source (if any)."""
+        if tp.extra_source is None:
+            return merged
+        extra = raws[tp.extra_source][tp.name][tp.shared_rows:].to(self.device, merged.dtype)
+        return torch.cat([merged, extra], dim=0)
 
     def _name_nonfinite(self, tp: TensorPlan, raws: list, rows: int | None) -> None:
         """Raise for the first input whose copy of `tp` holds NaN/Inf (the slow check, on failure only)."""
@@ -353,8 +364,7 @@ class Merger:
         """
         slab = piece.rows is not None
         if piece.extra_rows:
-            return [raws[tp.extra_source or 0][tp.name].to(self.device, ST_TO_TORCH[tp.out_dtype], copy=True)
-                    for tp in tensors]
+            return [self._copied_rows(tp, raws) for tp in tensors]
         outs: list[torch.Tensor] = []
         jobs: list[tuple] = []
         for tp in tensors:
@@ -395,10 +405,8 @@ class Merger:
                                       [t for _, _, t in stacked], c0, out=out[r0:r1])
 
         self._map(job, jobs)
-        for k, tp in enumerate(tensors):
-            if tp.floating and not slab and tp.extra_source is not None:
-                extra = raws[tp.extra_source][tp.name][tp.shared_rows:].to(self.device, outs[k].dtype)
-                outs[k] = torch.cat([outs[k], extra], dim=0)
+        if not slab:
+            outs = [self._with_extra_rows(tp, out, raws) if tp.floating else out for tp, out in zip(tensors, outs)]
         return outs
 
     def _reduce_many(self, tensors: list[TensorPlan], raws: list, piece: Piece) -> None:
@@ -438,11 +446,7 @@ class Merger:
             # Integer buffers are copied from the base unchanged (cloned: `base_raw` lives in a
             # pooled read buffer, and the write happens later on the writer thread).
             return base_raw.clone()
-        out = self._method_merge(tp, raws)
-        if tp.extra_source is not None:
-            extra = raws[tp.extra_source][tp.name][tp.shared_rows:].to(self.device, out.dtype)
-            out = torch.cat([out, extra], dim=0)
-        return out
+        return self._with_extra_rows(tp, self._method_merge(tp, raws), raws)
 
     def _method_merge(self, tp: TensorPlan, raws: list) -> torch.Tensor:
         base, taus = self._task_vectors(tp, raws)
