@@ -40,7 +40,7 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
 
 def compare_devices(workdir: Path) -> list[dict]:
     import hf_metagpt
-    from hf_metagpt.tiny import TinySpec, build_family
+    from hf_metagpt.demo.tiny import TinySpec, build_family
     from safetensors.torch import load_file
 
     base, fts = build_family(workdir / "family", n_models=3,

@@ -30,7 +30,7 @@ def build(root: Path, hidden: int, layers: int, rank: int) -> None:
     """A tiny LLaMA family (base + 3 full fine-tunes) and three adapters for its base, under `root`."""
     import torch
 
-    from hf_metagpt.tiny import TinySpec, build_family
+    from hf_metagpt.demo.tiny import TinySpec, build_family
 
     if (root / "ad3" / "adapter_model.safetensors").is_file():
         return
@@ -64,7 +64,7 @@ def build_adapters(base: Path, root: Path, rank: int, b_scale: float = 0.001) ->
 
 def run_one(root: Path, kind: str, base: Path, fulls: list[Path]) -> dict:
     import hf_metagpt
-    from hf_metagpt import api, lora  # noqa: F401  (imports and their peak, before the merge)
+    from hf_metagpt import api  # noqa: F401  (imports and their peak, before the merge)
     import peft, transformers  # noqa: F401
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -7,9 +7,9 @@
 __version__ = "0.1.0"
 
 from .api import merge, plan  # noqa: E402
+from .engine.plan import MergePlan  # noqa: E402
 from .errors import MergeError  # noqa: E402
-from .plan import MergePlan  # noqa: E402
-from .recipe import MergeOptions  # noqa: E402
+from .options import MergeOptions  # noqa: E402
 from .result import MergeResult  # noqa: E402
 
 __all__ = ["MergeError", "MergeOptions", "MergePlan", "MergeResult", "merge", "plan", "__version__"]

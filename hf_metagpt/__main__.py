@@ -4,7 +4,7 @@ import os
 import sys
 
 from .cli import main
-from .distributed import launched_processes
+from .engine.distributed import launched_processes
 
 code = main()
 if launched_processes() > 1:

@@ -5,22 +5,41 @@ from __future__ import annotations
 import logging
 import resource
 import shutil
-from concurrent.futures import ThreadPoolExecutor, wait
 import tempfile
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .engine.distributed import (
+    MainProcessStopped,
+    Share,
+    World,
+    check_supported,
+    connect,
+)
+from .engine.executor import Merger
+from .engine.fetch import FileProvider
+from .engine.plan import MergePlan, build_plan, check_against_skeleton
+from .engine.workdir import (
+    OutputDirs,
+    cached_norms,
+    check_output,
+    norms_key,
+    plan_key,
+    prepare,
+    publish,
+    write_side_files,
+)
 from .errors import MergeError
-from .methods import MergeMethod, get_method
-from .output import OutputDirs, cached_norms, check_output, norms_key, plan_key, prepare, publish, write_side_files
-from .plan import MergePlan, ModelInfo, build_plan, check_against_skeleton, load_local_info
-from .recipe import MergeOptions, build_options, dump_recipe
-from .refs import ModelRef, parse_ref
+from .methods import get_method
+from .methods.base import MergeMethod
+from .options import MergeOptions, build_options, dump_recipe
 from .result import MergeResult
-from .stream import FileProvider, Merger
-from .distributed import MainProcessStopped, Share, World, check_supported, connect
+from .sources.local import load_local_info
+from .sources.model import ModelInfo
+from .sources.refs import ModelRef, parse_ref
 
 log = logging.getLogger("hf_metagpt")
 
@@ -46,12 +65,12 @@ def load_infos(opts: MergeOptions) -> tuple[ModelInfo, list[ModelInfo]]:
 def _load_info(ref: ModelRef, token: str | None = None) -> ModelInfo:
     """Local folder: read its headers. Hub ID: pin it to a commit, then read remote headers only."""
     if ref.is_hub:
-        from . import hub
+        from .sources import hub
 
         remote = hub.resolve(ref, token)
         hub.remember_files(remote)
         return hub.remote_info(remote, token)
-    from .lora import is_adapter_folder, load_adapter_info
+    from .sources.lora import is_adapter_folder, load_adapter_info
 
     if is_adapter_folder(ref.local_path):
         return load_adapter_info(ref)
@@ -61,25 +80,25 @@ def _load_info(ref: ModelRef, token: str | None = None) -> ModelInfo:
 def _fetch_inputs(the_plan: MergePlan, opts: MergeOptions, target: Path, overlap: bool = True) -> FileProvider | None:
     """Fetch what the Hub inputs need (after the plan checked them); the provider of their shards.
 
-    Default: the side files now, the shards on threads while the merge runs (`hub.OverlappedFiles`).
-    `--low-disk`: shards fetched one group ahead and deleted after use (`hub.LowDiskFiles`).
+    Default: the side files now, the shards on threads while the merge runs (`fetch.OverlappedFiles`).
+    `--low-disk`: shards fetched one group ahead and deleted after use (`fetch.LowDiskFiles`).
     `overlap=False` (a merge in several processes): everything is downloaded before merging, as the
     other processes read the shards from the Hub cache by themselves and a provider's threads
     cannot travel to them with the plan.
     """
     if not any(i.ref.is_hub for i in the_plan.inputs):
         return None
-    from . import hub
+    from .engine import fetch
 
-    hub.check_disk(the_plan, target, opts.low_disk)
+    fetch.check_disk(the_plan, target, opts.low_disk)
     if opts.low_disk:
-        hub.download(the_plan, opts.token, weights=False)
-        return hub.LowDiskFiles(the_plan, target.parent / f".{target.name}.hf-metagpt-download", opts.token)
+        fetch.download(the_plan, opts.token, weights=False)
+        return fetch.LowDiskFiles(the_plan, target.parent / f".{target.name}.hf-metagpt-download", opts.token)
     if not overlap:
-        hub.download(the_plan, opts.token)
+        fetch.download(the_plan, opts.token)
         return None
-    hub.download(the_plan, opts.token, weights=False, weight_index=True)
-    return hub.OverlappedFiles(the_plan, opts.token)
+    fetch.download(the_plan, opts.token, weights=False, weight_index=True)
+    return fetch.OverlappedFiles(the_plan, opts.token)
 
 
 def _close(files: FileProvider | None) -> None:
@@ -100,7 +119,7 @@ def plan(options: MergeOptions | None = None, **kwargs: Any) -> MergePlan:
     base, models = load_infos(opts)
     the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
     if any(i.ref.is_hub for i in the_plan.inputs):
-        from .hub import download_note
+        from .engine.fetch import download_note
 
         the_plan.notes.append(download_note(the_plan))
     return the_plan
@@ -144,7 +163,7 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
     merger_cls = Merger
     extra: dict[str, Any] = {}
     if lora_out:
-        from .lora import AdapterMerger
+        from .engine.adapter_output import AdapterMerger
 
         merger_cls, extra = AdapterMerger, {"lora_rank": opts.lora_rank}
     if world is not None:
@@ -191,7 +210,7 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
         )
         _coefficient_warnings(result, method)
         if lora_out and opts.lora_rank is not None:
-            from .lora import energy_note
+            from .engine.adapter_output import energy_note
 
             if note := energy_note(merger.energy, opts.lora_rank):  # type: ignore[attr-defined]
                 result.notes.append(note)
@@ -204,7 +223,7 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
     # and every process returns once the output is in place.
     result = _on_main(world, finish)
     if opts.push_to and (world is None or world.is_main):
-        from .hub import push
+        from .publish.push import push
 
         result.pushed_url = push(dirs.target, opts.push_to, token=opts.token, private=opts.private,
                                  create_pr=opts.create_pr, revision=opts.revision,
@@ -287,9 +306,7 @@ def _coefficient_warnings(result: MergeResult, method: MergeMethod) -> None:
 
 
 def _finish(the_plan: MergePlan, result: MergeResult, dirs: OutputDirs, token: str | None = None) -> None:
-    from .card import write_card
-    from .hub import all_licenses
-
+    from .publish.card import all_licenses, write_card
     from .result import COEFFICIENTS_FILE
     from .safetensors_io import disk_full_is_clear
 
@@ -297,7 +314,7 @@ def _finish(the_plan: MergePlan, result: MergeResult, dirs: OutputDirs, token: s
     # No space for a side file: one clear OutputError; nothing is published (the target stays absent).
     with disk_full_is_clear(dirs.work / "config.json"):
         if the_plan.options.output_format == "lora":
-            from .lora import write_adapter_side_files
+            from .engine.adapter_output import write_adapter_side_files
 
             write_adapter_side_files(the_plan, dirs.work)
         else:

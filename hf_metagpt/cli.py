@@ -58,7 +58,7 @@ def _parse_value(text: str):
 
 
 def _options_from_args(args: argparse.Namespace):
-    from .recipe import build_options
+    from .options import build_options
 
     params = None
     if args.param:
@@ -79,8 +79,7 @@ def _options_from_args(args: argparse.Namespace):
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .api import merge
-
-    from .distributed import disconnect, is_main_process, launched_processes
+    from .engine.distributed import disconnect, is_main_process, launched_processes
 
     opts = _options_from_args(args)
     if args.num_processes is not None and args.num_processes != 1:
@@ -100,7 +99,7 @@ def _launch(args: argparse.Namespace, opts) -> int:
     import socket
     import subprocess
 
-    from .distributed import check_supported
+    from .engine.distributed import check_supported
 
     n = args.num_processes
     if n < 1:
@@ -150,7 +149,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push
+    from .publish.push import push
 
     url = push(args.folder, args.repo_id, token=args.token, private=args.private, create_pr=args.create_pr,
                revision=args.revision, commit_message=args.commit_message)
@@ -159,13 +158,13 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     return run_demo(args.workdir, progress=not args.quiet)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+    from .evaluation.verify import verify
 
     if args.against is not None and len(args.against) < 2:
         raise MergeError("--against needs the base and every fine-tune, in the merge's order.",
@@ -215,7 +214,7 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .evaluation.evaluate import evaluate
 
     task_models = _pairs(args.task_model, "--task-model")
     if args.ald and not task_models:
@@ -235,7 +234,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import CompareSettings, compare, load_compare_recipe, parse_methods, parse_tasks
+    from .evaluation.compare import (
+        CompareSettings,
+        compare,
+        load_compare_recipe,
+        parse_methods,
+        parse_tasks,
+    )
 
     values, settings = load_compare_recipe(args.recipe) if args.recipe else ({}, CompareSettings())
     for key in ("base", "granularity", "seed"):
@@ -387,7 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
 
     # -q also silences huggingface_hub's own bars ("Parse safetensors files", fetch, upload).
     silenced = bool(getattr(args, "quiet", False)) and not are_progress_bars_disabled()
@@ -396,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MergeError as exc:
-        from .distributed import MainProcessStopped
+        from .engine.distributed import MainProcessStopped
 
         if args.debug:
             raise

@@ -32,7 +32,11 @@ def _script_path() -> Path:
 def install_extension(force: bool = False) -> Path:
     """Write the `hf-metagpt` manifest so `hf metagpt` runs this installation; returns the script path."""
     try:
-        from huggingface_hub.cli.extensions import MANIFEST_FILENAME, ExtensionManifest, _get_extension_dir
+        from huggingface_hub.cli.extensions import (
+            MANIFEST_FILENAME,
+            ExtensionManifest,
+            _get_extension_dir,
+        )
     except ImportError as exc:  # older huggingface_hub without extensions
         raise MergeError(
             f"This huggingface_hub has no CLI extension support ({exc}).",

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .refs import ModelRef
-from .stream import StreamStats
+from .engine.stats import StreamStats
+from .sources.refs import ModelRef
 
 COEFFICIENTS_FILE = "metagpt_coefficients.json"
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import struct
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +47,6 @@ ST_TO_TORCH: dict[str, torch.dtype] = {
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
 FLOATING = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
-# Test-only: seconds to sleep after each finished shard, so a test can kill a merge mid-write.
-SLOW_WRITE_ENV = "HF_METAGPT_TEST_SLOW_WRITE"
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
@@ -200,103 +196,3 @@ def disk_full_is_clear(path: Path) -> Iterator[None]:
         ) from None
 
 
-#: Bytes written between two requests to start writing a shard back to disk (see ShardWriter).
-WRITEBACK_STEP = 64 << 20
-
-
-class ShardWriter:
-    """Writes one safetensors shard; its tensors may arrive in any order, each one whole or in row slabs.
-
-    The header (and so every tensor's place) is known from the plan, so each tensor is written at
-    its own offset (`os.pwrite`): no shard buffer, and the engine may merge a shard's groups in any
-    order (pass 2 of a two-pass merge runs backwards, see `stream`). Row slabs of one tensor come
-    in row order. The shard is `done` once every tensor has all its bytes.
-
-    The kernel keeps written pages dirty until a background threshold (a tenth of RAM) or the
-    fsync at `close`, so a 1 GB shard would reach the disk only when it is finished, with the
-    merge waiting on that fsync. Every `WRITEBACK_STEP` bytes the writer asks the kernel to start
-    writing them back now (`posix_fadvise(DONTNEED)` starts write-back of dirty pages and drops the
-    clean ones: nobody reads the output back during the merge), so the disk writes while the
-    merge goes on and the final fsync has little left to do.
-    """
-
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]]) -> None:
-        self.path = path
-        self.header, self.offsets = build_header(entries, {"format": "pt"})
-        self.size = len(self.header) + (max((o[1] for o in self.offsets.values()), default=0))
-        self._left = {name: end - begin for name, (begin, end) in self.offsets.items()}
-        self._pending = set(self._left)  # tensors not complete yet (empty ones too, until written)
-        self._unsynced: list[tuple[int, int]] = []  # (offset, length) written since the last write-back
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            with disk_full_is_clear(self.path):
-                _pwrite_all(self._fd, memoryview(self.header), 0)
-        except BaseException:
-            self.abort()  # not handed to anyone yet: nobody else would remove it
-            raise
-
-    def write(self, name: str, tensor: torch.Tensor, *, part: bool = False) -> None:
-        """Write a tensor at its place; with `part`, its next rows (it is done once all its bytes came)."""
-        if name not in self._pending:
-            raise RuntimeError(f"shard {self.path.name}: got {name}, which it "
-                               + ("already has" if name in self._left else "does not hold"))
-        t = tensor.detach().to("cpu").contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        left = self._left[name]
-        if len(data) > left or (not part and len(data) != left):
-            raise RuntimeError(f"{name}: {len(data)} bytes, planned {left} more")
-        pos = len(self.header) + self.offsets[name][1] - left
-        if len(data):
-            with disk_full_is_clear(self.path):
-                _pwrite_all(self._fd, memoryview(data), pos)
-            self._unsynced.append((pos, len(data)))
-        self._left[name] = left - len(data)
-        if not self._left[name]:
-            self._pending.discard(name)
-        if sum(n for _, n in self._unsynced) >= WRITEBACK_STEP:
-            self._start_writeback()
-
-    def _start_writeback(self) -> None:
-        if hasattr(os, "posix_fadvise"):
-            for pos, n in self._unsynced:
-                os.posix_fadvise(self._fd, pos, n, os.POSIX_FADV_DONTNEED)
-        self._unsynced = []
-
-    @property
-    def done(self) -> bool:
-        return not self._pending
-
-    def close(self) -> None:
-        """Flush to disk; the caller renames the file into place only after this."""
-        with disk_full_is_clear(self.path):
-            os.fsync(self._fd)
-        os.close(self._fd)
-        if delay := float(os.environ.get(SLOW_WRITE_ENV) or 0):
-            time.sleep(delay)  # test-only (see SLOW_WRITE_ENV)
-
-    def abort(self) -> None:
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
-        self.path.unlink(missing_ok=True)
-
-
-def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
-    while len(data):
-        n = os.pwrite(fd, data, pos)
-        data, pos = data[n:], pos + n
-
-
-def shard_matches(path: Path, header: bytes) -> bool:
-    """True when a finished shard on disk has exactly this header and its full size (resume)."""
-    try:
-        with open(path, "rb") as f:
-            if f.read(len(header)) != header:
-                return False
-        (n,) = struct.unpack("<Q", header[:8])
-        metas = parse_header_json(header[8:], path.name)
-        need = 8 + n + max((m.data_offsets[1] for m in metas.values()), default=0)
-        return path.stat().st_size == need
-    except (OSError, InputError):
-        return False

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_metagpt.tiny import build_family
+from hf_metagpt.demo.tiny import build_family
 from reference import assert_within_ulp, load_state, reference_metagpt
 
 

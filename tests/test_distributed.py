@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import hf_metagpt
-from hf_metagpt.distributed import split_shards
-from hf_metagpt.tiny import build_family
+from hf_metagpt.engine.distributed import split_shards
+from hf_metagpt.demo.tiny import build_family
 
 ROOT = Path(__file__).resolve().parents[1]
 

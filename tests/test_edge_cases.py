@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import hf_metagpt
 from hf_metagpt.cli import main as cli_main
-from hf_metagpt.tiny import TinySpec, build_family
+from hf_metagpt.demo.tiny import TinySpec, build_family
 from helpers import add_tokens, copy_model, run_cli
 from reference import assert_within_ulp, load_state, reference_metagpt
 

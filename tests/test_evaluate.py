@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from hf_metagpt.cli import main
-from hf_metagpt.compare import CompareSettings, append_to_card, compare, parse_compare_recipe
+from hf_metagpt.evaluation.compare import CompareSettings, append_to_card, compare, parse_compare_recipe
 from hf_metagpt.errors import MergeError
-from hf_metagpt.evaluate import evaluate, load_task, parse_task
-from hf_metagpt.tiny import TinySpec, build_family
+from hf_metagpt.evaluation.evaluate import evaluate, load_task, parse_task
+from hf_metagpt.demo.tiny import TinySpec, build_family
 
 SPEC = TinySpec(num_hidden_layers=2)
 TEXTS = ["hello world", "the cat sat on the mat", "ab", "12+7=19 and 3+4=7", "def f(x): return x*3"]

@@ -26,10 +26,11 @@ from safetensors.torch import load_file, save_file
 import hf_metagpt
 from hf_metagpt.cli import main as cli_main
 from hf_metagpt.errors import InputError, MergeError, RecipeError
-from hf_metagpt.plan import INDEX_FILE, safe_relative, weight_files_from_index
-from hf_metagpt.recipe import MergeOptions, parse_recipe, parse_size
-from hf_metagpt.safetensors_io import SLOW_WRITE_ENV, parse_header_json, read_header
-from hf_metagpt.tiny import build_family
+from hf_metagpt.sources.local import INDEX_FILE, safe_relative, weight_files_from_index
+from hf_metagpt.options import MergeOptions, parse_recipe, parse_size
+from hf_metagpt.engine.writer import SLOW_WRITE_ENV
+from hf_metagpt.safetensors_io import parse_header_json, read_header
+from hf_metagpt.demo.tiny import build_family
 from helpers import copy_model, run_cli
 from reference import assert_within_ulp, load_state, reference_metagpt
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import hf_metagpt
 from hf_metagpt.errors import IncompatibleModelsError
-from hf_metagpt.hub import HubAccessError
-from hf_metagpt.tiny import build_family
+from hf_metagpt.sources.hub_calls import HubAccessError
+from hf_metagpt.demo.tiny import build_family
 
 NAMES = ["base", "chat", "math", "code"]
 
@@ -170,7 +170,7 @@ def test_commit_after_resolve_does_not_change_the_merge(family, local_merge, tmp
     api.upload_folder(repo_id=repo, folder_path=folders[1])
     old_sha = api.model_info(repo).sha
 
-    import hf_metagpt.hub as hub
+    import hf_metagpt.engine.fetch as hub
 
     real_download = hub.download
 
@@ -192,7 +192,7 @@ def test_commit_after_resolve_does_not_change_the_merge(family, local_merge, tmp
 
 def test_low_disk_gives_byte_identical_shards_and_keeps_no_shard(family, local_merge, tmp_path, hub_user, local_hub,
                                                                   monkeypatch):
-    import hf_metagpt.hub as hub
+    import hf_metagpt.engine.fetch as hub
 
     folders, _ = family
     ids = _upload_family(HfApi(), hub_user, "ld", folders)

@@ -1,6 +1,6 @@
 """Hub faults from the local Hub (5xx, dropped connections, slow answers) during plan, download and push.
 
-Transient faults are retried with backoff (by huggingface_hub itself where it does, by hub._call
+Transient faults are retried with backoff (by huggingface_hub itself where it does, by hub_calls._call
 and the push loop where it does not) and the merge equals the fault-free one; a fault that never
 stops ends with one clear error naming the repo and the request, exit code 2, and nothing
 half-published. Backoff delays are shortened with HF_METAGPT_RETRY_BASE.
@@ -16,10 +16,10 @@ import pytest
 from huggingface_hub import HfApi
 
 import hf_metagpt
-import hf_metagpt.hub as hub
+import hf_metagpt.engine.fetch as fetch
 from hf_metagpt.cli import main as cli_main
-from hf_metagpt.hub import RETRIES, RETRY_BASE_ENV, HubUnavailableError
-from hf_metagpt.tiny import build_family
+from hf_metagpt.sources.hub_calls import RETRIES, RETRY_BASE_ENV, HubUnavailableError
+from hf_metagpt.demo.tiny import build_family
 from helpers import publish, shards
 
 
@@ -47,13 +47,13 @@ def _shard_names(folder: Path) -> list[str]:
 
 def _at_download(monkeypatch, inject) -> None:
     """Inject faults once the plan is done, right before the weights are fetched."""
-    real = hub.download
+    real = fetch.download
 
     def download(plan, *args, **kwargs):
         inject()
         return real(plan, *args, **kwargs)
 
-    monkeypatch.setattr(hub, "download", download)
+    monkeypatch.setattr(fetch, "download", download)
 
 
 def _merge(ids, out, **kw):

@@ -1,4 +1,4 @@
-"""The default Hub merge downloads shards on threads while it merges (hub.OverlappedFiles).
+"""The default Hub merge downloads shards on threads while it merges (fetch.OverlappedFiles).
 
 Through the local Hub: the output equals the merge of the local folders, the shards are requested in
 the order the merge reads them and merging starts before the last one is in, everything lands in
@@ -17,9 +17,10 @@ import pytest
 from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
 
 import hf_metagpt
-import hf_metagpt.hub as hub
-from hf_metagpt.hub import RETRIES, RETRY_BASE_ENV, DownloadStopped, HubUnavailableError
-from hf_metagpt.tiny import build_family
+import hf_metagpt.engine.fetch as fetch
+from hf_metagpt.sources.hub_calls import _call_until
+from hf_metagpt.sources.hub_calls import RETRIES, RETRY_BASE_ENV, DownloadStopped, HubUnavailableError
+from hf_metagpt.demo.tiny import build_family
 from helpers import publish, shards
 
 
@@ -57,12 +58,12 @@ class _Recorder:
     """Installs a recording OverlappedFiles: the providers made, the files asked for, in order."""
 
     def __init__(self, monkeypatch) -> None:
-        self.providers: list[hub.OverlappedFiles] = []
+        self.providers: list[fetch.OverlappedFiles] = []
         self.asked: list[tuple[int, str]] = []
         self.first_path_done: list[dict[tuple[int, str], bool]] = []
         rec = self
 
-        class Recording(hub.OverlappedFiles):
+        class Recording(fetch.OverlappedFiles):
             def __init__(self, *args, **kwargs) -> None:
                 super().__init__(*args, **kwargs)
                 rec.providers.append(self)
@@ -74,7 +75,7 @@ class _Recorder:
                 rec.asked.append((model_index, file))
                 return got
 
-        monkeypatch.setattr(hub, "OverlappedFiles", Recording)
+        monkeypatch.setattr(fetch, "OverlappedFiles", Recording)
 
 
 def test_merge_by_id_overlaps_the_download_and_equals_the_local_merge(family, tmp_path, hub_user, hub_faults,
@@ -83,7 +84,7 @@ def test_merge_by_id_overlaps_the_download_and_equals_the_local_merge(family, tm
     ids = publish(folders, hub_user, "ovl")
     rec = _Recorder(monkeypatch)
     n_shards = sum(len(list(f.glob("*.safetensors"))) for f in folders)
-    provider_order = hub.walk_order(hf_metagpt.plan(base=ids[0], models=ids[1:], output="-"))
+    provider_order = fetch.walk_order(hf_metagpt.plan(base=ids[0], models=ids[1:], output="-"))
     assert len(provider_order) == n_shards
     last_repo, last_file = ids[provider_order[-1][0]], provider_order[-1][1]
     # The last shard the merge needs is slow to come: the merge must not wait for it to start.
@@ -146,10 +147,10 @@ def test_close_cancels_queued_downloads_and_leaves_no_thread(family, hub_user, h
     folders, _ = family
     ids = publish(folders, hub_user, "ovlclose")
     plan = hf_metagpt.plan(base=ids[0], models=ids[1:], output="-")
-    hub.download(plan, weights=False, weight_index=True)
+    fetch.download(plan, weights=False, weight_index=True)
     hub_faults.inject_fault(r"/resolve/[0-9a-f]{40}/.*\.safetensors$", status=None, delay=0.5, times=None,
                             method="GET")
-    files = hub.OverlappedFiles(plan, workers=2)
+    files = fetch.OverlappedFiles(plan, workers=2)
     assert len(files._futures) == len(files.order) > 2
     start = time.perf_counter()
     files.close()
@@ -175,7 +176,7 @@ def test_a_stopped_download_ends_mid_file_and_resumes_later(tmp_path, hub_user, 
     sha = api.model_info(repo).sha
     monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
     stop = threading.Event()
-    bar = hub._stoppable_bar(stop)
+    bar = fetch._stoppable_bar(stop)
     chunks = []
 
     class StopAfterTwo(bar):  # type: ignore[misc, valid-type]
@@ -186,7 +187,7 @@ def test_a_stopped_download_ends_mid_file_and_resumes_later(tmp_path, hub_user, 
             return super().update(n)
 
     with pytest.raises(DownloadStopped):
-        hub._call_until(stop, repo, hf_hub_download, repo, "blob.bin", revision=sha, tqdm_class=StopAfterTwo)
+        _call_until(stop, repo, hf_hub_download, repo, "blob.bin", revision=sha, tqdm_class=StopAfterTwo)
     assert len(chunks) == 2  # not the 16 chunks of the whole file
     assert try_to_load_from_cache(repo, "blob.bin", revision=sha) is None
     assert Path(hf_hub_download(repo, "blob.bin", revision=sha)).read_bytes() == data

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_metagpt import kernels
+from hf_metagpt.engine import kernels
 from hf_metagpt.methods import METHODS, get_method
-from hf_metagpt.reader import BufferPool, read_tensors
+from hf_metagpt.engine.reader import BufferPool, read_tensors
 from hf_metagpt.safetensors_io import read_header
 from reference import assert_within_ulp
 
@@ -112,7 +112,7 @@ def test_reader_reports_truncation(tmp_path):
 def test_shard_writer_in_any_order_and_slabs_starts_writeback_and_writes_what_safetensors_reads(tmp_path, monkeypatch):
     import os
 
-    from hf_metagpt import safetensors_io
+    from hf_metagpt.engine import writer as safetensors_io
 
     calls = []
     real = os.posix_fadvise

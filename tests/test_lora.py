@@ -11,8 +11,9 @@ import torch
 
 import hf_metagpt
 from hf_metagpt.errors import IncompatibleModelsError, InputError, MergeError
-from hf_metagpt.lora import UnsupportedAdapterError, lora_sq_norm, truncate_rank
-from hf_metagpt.tiny import TinySpec, build_family
+from hf_metagpt.engine.adapter_output import truncate_rank
+from hf_metagpt.sources.lora import UnsupportedAdapterError, lora_sq_norm
+from hf_metagpt.demo.tiny import TinySpec, build_family
 from reference import assert_within_ulp, load_state, reference_metagpt
 
 SPEC = TinySpec(dtype=torch.float32, max_shard_size="200KB")
@@ -95,8 +96,8 @@ def _check_against_reference(out: Path, base_state, ft_states, granularity, resu
 
 
 def test_config_scaling_rules_are_peft_s(lora_family):
-    from hf_metagpt.lora import load_adapter_info
-    from hf_metagpt.refs import parse_ref
+    from hf_metagpt.sources.lora import load_adapter_info
+    from hf_metagpt.sources.refs import parse_ref
 
     ads = lora_family["adapters"]
     plain = load_adapter_info(parse_ref(str(ads["ad_plain"])))
@@ -295,8 +296,8 @@ def test_transforming_method_forms_adapter_task_vectors(lora_family, tmp_path):
 def test_plain_adapters_merge_as_stacked_low_rank_products_in_slabs(lora_family, tmp_path, monkeypatch, granularity):
     """Adapters without saved modules: c0·θ0 + [w·s·B]·[A] per block of rows, never a full-size τ;
     an embedding LoRA (Δ = (B·A)ᵀ) included, the base cut into row slabs and jobs."""
-    from hf_metagpt import kernels, stream
-    from hf_metagpt.pieces import UNIT_ENV
+    from hf_metagpt.engine import executor as stream, kernels
+    from hf_metagpt.engine.pieces import UNIT_ENV
 
     f = lora_family
     emb = f["root"] / "ad_embed"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hf_metagpt
-from hf_metagpt.tiny import build_family
+from hf_metagpt.demo.tiny import build_family
 from reference import assert_within_ulp, load_state, reference_metagpt
 
 
@@ -101,7 +101,7 @@ def test_output_dtype_float32_and_recipe_matches_flags(family, tmp_path):
 
 
 def test_interrupted_run_leaves_no_output_and_resumes_to_same_bytes(family, tmp_path, monkeypatch):
-    from hf_metagpt import stream
+    from hf_metagpt.engine import executor as stream
 
     _, base, fts = family
     args = dict(base=str(base), models=[str(f) for f in fts], max_shard_size="40KB", device="cpu", progress=False)

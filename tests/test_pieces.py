@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 import hf_metagpt
 from hf_metagpt.errors import InputError
-from hf_metagpt.pieces import UNIT_ENV, Piece, piece_bytes, split_group, unit_bytes
-from hf_metagpt.tiny import build_family
+from hf_metagpt.engine.pieces import UNIT_ENV, Piece, piece_bytes, split_group, unit_bytes
+from hf_metagpt.demo.tiny import build_family
 from helpers import add_tokens, shards
 from reference import assert_within_ulp, load_state, reference_metagpt
 
@@ -162,7 +162,7 @@ def test_shard_written_in_slabs_loads_like_any_other(family, tmp_path, monkeypat
 
 @pytest.mark.parametrize("granularity", ["model", "tensor"])
 def test_tensors_cut_into_jobs_for_both_threads_equal_reference(family, tmp_path, monkeypatch, granularity):
-    from hf_metagpt import stream
+    from hf_metagpt.engine import executor as stream
 
     _, base, fts = family
     # 1000 elements a job: every tiny matrix (2048 to 16384 elements) is merged in several jobs.
@@ -182,7 +182,7 @@ def test_tensors_cut_into_jobs_for_both_threads_equal_reference(family, tmp_path
 
 
 def test_pass_two_merges_the_last_group_first_with_the_same_bytes(family, tmp_path, monkeypatch):
-    from hf_metagpt import stream
+    from hf_metagpt.engine import executor as stream
 
     _, base, fts = family
     kw = dict(base=str(base), models=[str(f) for f in fts], max_shard_size="60KB", progress=False)

@@ -154,7 +154,9 @@ def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
     """
     if density >= 1.0:
         return tau.clone()
-    from peft.utils.merge_utils import magnitude_based_pruning  # lazy: importing peft costs seconds
+    from peft.utils.merge_utils import (
+        magnitude_based_pruning,  # lazy: importing peft costs seconds
+    )
 
     return magnitude_based_pruning(tau, density)
 
@@ -186,7 +188,9 @@ def keep_majority_sign_(taus: list[torch.Tensor], method: str = "total") -> list
     positive entries survive. Zeros never agree with a sign, so they stay zero. `taus` must be
     contiguous tensors the caller owns.
     """
-    from peft.utils.merge_utils import calculate_majority_sign_mask  # lazy: importing peft costs seconds
+    from peft.utils.merge_utils import (
+        calculate_majority_sign_mask,  # lazy: importing peft costs seconds
+    )
 
     flats = [_flat(t) for t in taus]
     n = flats[0].numel()
@@ -206,7 +210,9 @@ def add_disjoint_mean_(base: torch.Tensor, taus: list[torch.Tensor], coeffs: Seq
     `disjoint_merge` of the weighted task tensors (called per slice); its divisor is clamped to 1,
     so an all-zero parameter adds 0, never NaN. Accumulates into `base` (made contiguous).
     """
-    from peft.utils.merge_utils import disjoint_merge  # lazy: importing peft costs seconds
+    from peft.utils.merge_utils import (
+        disjoint_merge,  # lazy: importing peft costs seconds
+    )
 
     base = base.contiguous()
     out = _flat(base)

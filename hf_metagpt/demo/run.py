@@ -29,7 +29,7 @@ LICENSE = "apache-2.0"
 
 def run_demo(workdir: str | Path | None = None, *, progress: bool = True) -> int:
     """Serve a local Hub here and run the client side of the demo in a child process."""
-    from .hub_server import LocalHub
+    from ..hub_server import LocalHub
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="hf-metagpt-demo-"))
     root = root.expanduser().resolve()
@@ -41,7 +41,7 @@ def run_demo(workdir: str | Path | None = None, *, progress: bool = True) -> int
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=endpoint, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_DISABLE_UPDATE_CHECK="1", HF_HOME=str(root / "hf-home"), HF_TOKEN=token)
-    cmd = [sys.executable, "-m", "hf_metagpt.demo", str(root)] + ([] if progress else ["--quiet"])
+    cmd = [sys.executable, "-m", "hf_metagpt.demo.run", str(root)] + ([] if progress else ["--quiet"])
     try:
         return subprocess.run(cmd, env=env).returncode
     finally:
@@ -55,7 +55,7 @@ def _client(root: Path, progress: bool) -> int:
     from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
     import hf_metagpt
-    from hf_metagpt.tiny import build_family
+    from hf_metagpt.demo.tiny import build_family
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if not progress:

@@ -16,8 +16,9 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-from .plan import ModelInfo, StreamGroup, TensorPlan
-from .safetensors_io import TensorMeta
+from ..safetensors_io import TensorMeta
+from ..sources.model import ModelInfo
+from .plan import StreamGroup, TensorPlan
 
 #: Environment variable: the unit budget in MiB (bytes of stored input of all models read at once).
 UNIT_ENV = "HF_METAGPT_UNIT_MB"
@@ -38,7 +39,7 @@ def unit_bytes() -> int:
     except ValueError:
         mb = 0.0
     if not mb > 0:
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError(f"{UNIT_ENV}={raw!r} is not a positive number of MiB.", hint=f"Unset it or set e.g. {UNIT_ENV}=256.")
     return max(1, int(mb * (1 << 20)))

@@ -15,16 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
-from .plan import INDEX_FILE, MergePlan, ModelInfo
+from ..errors import OutputError
+from ..sources.local import INDEX_FILE, TOKENIZER_FILES
+from ..sources.model import ModelInfo
+from .plan import MergePlan
 
 log = logging.getLogger(__name__)
 
 PLAN_KEY_FILE = "hf_metagpt_plan.json"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-)
 _DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
@@ -153,8 +151,6 @@ def _default_generation_config(config: dict[str, Any], work: Path) -> None:
 def publish(dirs: OutputDirs) -> Path:
     """Swap the finished work folder into place (the old output is removed only after)."""
     target, work = dirs.target, dirs.work
-    from .stream import NORM_STATES
-
     (work / PLAN_KEY_FILE).unlink(missing_ok=True)
     for leftover in [*work.glob(NORM_STATES), *work.glob("*.tmp")]:
         leftover.unlink()
@@ -175,7 +171,7 @@ def publish(dirs: OutputDirs) -> Path:
 
 def cached_norms(target: Path, key: str) -> dict[str, list[float]] | None:
     """Squared norms from a finished output of the same inputs (a rerun or push retry skips pass 1)."""
-    from .result import COEFFICIENTS_FILE
+    from ..result import COEFFICIENTS_FILE
 
     path = target / COEFFICIENTS_FILE
     try:
@@ -185,3 +181,9 @@ def cached_norms(target: Path, key: str) -> dict[str, list[float]] | None:
         return {g: [float(x) for x in v["sq_norms"]] for g, v in data["groups"].items() if v.get("sq_norms") is not None}
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+NORM_STATE = "norms.partial.json"
+
+
+NORM_STATES = "norms.partial*.json"  # one process's NORM_STATE, or each process's of a shared merge

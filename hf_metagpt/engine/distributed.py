@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from .errors import MergeError
+from ..errors import MergeError
 
 if TYPE_CHECKING:
     from .plan import MergePlan, StreamGroup

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
-from .safetensors_io import ST_TO_TORCH, TensorMeta
+from ..errors import InputError
+from ..safetensors_io import ST_TO_TORCH, TensorMeta
 
 
 def data_start(path: Path) -> int:

@@ -103,7 +103,7 @@ def _save(model, tok, folder: Path, spec: TinySpec) -> None:
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3).save_pretrained(folder)
 
 
-if __name__ == "__main__":  # python -m hf_metagpt.tiny DIR: the models recipes/tiny-local.yaml merges
+if __name__ == "__main__":  # python -m hf_metagpt.demo.tiny DIR: the models recipes/tiny-local.yaml merges
     import sys
 
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-models")

@@ -24,10 +24,10 @@ from typing import Any
 
 import yaml
 
-from .errors import MergeError, RecipeError
+from ..errors import MergeError, RecipeError
+from ..options import MergeOptions, build_options, parse_recipe
+from ..result import MergeResult
 from .evaluate import EvalTable, TaskSpec, TaskSpecError, evaluate, parse_task
-from .recipe import MergeOptions, build_options, parse_recipe
-from .result import MergeResult
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _settings(section: Any, source: str) -> CompareSettings:
 
 def parse_methods(value: str | Sequence[str]) -> list[str]:
     """`"metagpt,ties"` or a list -> method names (checked against the registry)."""
-    from .methods import METHODS
+    from ..methods import METHODS
 
     names = [m.strip() for m in (value.split(",") if isinstance(value, str) else value) if str(m).strip()]
     if not names:
@@ -169,8 +169,8 @@ def compare(options: MergeOptions | Mapping[str, Any], settings: CompareSettings
         >>> values, settings = load_compare_recipe("recipes/compare-tiny.yaml")
         >>> print(compare(values, settings).to_markdown())
     """
-    from .api import merge
-    from .methods import get_method
+    from ..api import merge
+    from ..methods import get_method
 
     values = dict(options.to_recipe()) if isinstance(options, MergeOptions) else dict(options)
     if not settings.tasks:

@@ -1,6 +1,6 @@
 """Tiny *trained* models on synthetic tasks, so that `hf-metagpt compare` shows a meaningful table offline.
 
-`python -m hf_metagpt.tiny_tasks DIR` writes (well under a minute of CPU):
+`python -m hf_metagpt.demo.tiny_tasks DIR` writes (well under a minute of CPU):
 
     DIR/base/                 a tiny LLaMA (char tokenizer) pre-trained on generic word text
     DIR/chat/ DIR/math/ DIR/code/   the base fine-tuned on one synthetic task each
@@ -145,7 +145,7 @@ def _build(root: Path, base_steps: int, ft_steps: int, eval_samples: int, seed: 
     return out
 
 
-if __name__ == "__main__":  # python -m hf_metagpt.tiny_tasks DIR: what recipes/compare-tiny.yaml compares
+if __name__ == "__main__":  # python -m hf_metagpt.demo.tiny_tasks DIR: what recipes/compare-tiny.yaml compares
     import sys
     import time
 

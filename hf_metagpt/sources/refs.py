@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 # Hub repo IDs: one namespace, one name, the characters the Hub allows (huggingface_hub's
 # validate_repo_id is stricter about lengths; it runs again when the ID reaches the client).

@@ -23,22 +23,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from .errors import IncompatibleModelsError, InputError, MergeError
-from .methods import MergeMethod
-from .pieces import Piece
-from .plan import MergePlan, ModelInfo, TensorPlan
+from ..errors import IncompatibleModelsError, InputError
+from ..safetensors_io import TensorMeta, read_header
+from .model import ModelInfo
 from .refs import ModelRef
-from .safetensors_io import TensorMeta, read_header
-from .stream import Merger, TaskSource, _f32, _progress
 
 log = logging.getLogger(__name__)
 
@@ -289,72 +283,6 @@ def _map_keys(name: str, cfg, tensors: dict[str, TensorMeta]) -> tuple[dict[str,
 
 # ---------------------------------------------------------------- the engine's view of an adapter
 
-class AdapterSource(TaskSource):
-    """τ of a LoRA adapter for one tensor at a time: s·B·A, a saved full tensor − base, or 0."""
-
-    info: AdapterInfo
-    pooled = False  # adapter files are small: read on their own, not into the engine's pooled buffer
-
-    def files_of(self, tensors: list[TensorPlan]) -> set[str]:
-        return {ADAPTER_WEIGHTS} if any(self._keys(tp) for tp in tensors) else set()
-
-    def _keys(self, tp: TensorPlan) -> list[str]:
-        keys = []
-        if tp.name in self.info.lora:
-            m = self.info.lora[tp.name]
-            keys += [m.a_key, m.b_key]
-        if tp.name in self.info.full:
-            keys.append(self.info.full[tp.name])
-        return keys
-
-    def read(self, piece: Piece, buffer: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], int]:
-        """The piece's factors and saved tensors, by stored key (untouched parameters: nothing).
-
-        Adapter files are small, so they are read with safe_open; `buffer` is not used.
-        """
-        tensors = piece.tensors
-        keys = [k for tp in tensors if tp.floating for k in self._keys(tp)]
-        out: dict[str, torch.Tensor] = {}
-        if not keys:
-            return out, 0
-        with safe_open(self.files.path(self.index, self.info, ADAPTER_WEIGHTS), framework="pt") as f:
-            for k in keys:
-                out[k] = f.get_tensor(k)
-        return out, sum(self.info.tensors[k].nbytes for k in keys)
-
-    def factors(self, tp: TensorPlan, raw: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, LoraModule]:
-        """(B, A) in `dtype`, sliced to the plan's shared vocabulary rows."""
-        m = self.info.lora[tp.name]
-        a = raw[m.a_key].to(device, dtype)
-        b = raw[m.b_key].to(device, dtype)
-        if tp.shared_rows is not None:
-            # Rows of Δ are columns of A when Δ = (B·A)ᵀ, rows of B otherwise.
-            a, b = (a[:, : tp.shared_rows], b) if m.transposed else (a, b[: tp.shared_rows])
-        self.check(a, self.info.name, m.a_key)
-        self.check(b, self.info.name, m.b_key)
-        return b, a, m
-
-    def task_vector(self, tp: TensorPlan, raw: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-        tau = None
-        if tp.name in self.info.full:
-            tau = _f32(raw[self.info.full[tp.name]], tp.shared_rows, self.device).sub_(base)
-        if tp.name in self.info.lora:
-            b, a, m = self.factors(tp, raw, torch.float32, self.device)
-            # Same order as peft's get_delta_weight: (B·A), transposed, times the scaling.
-            delta = b @ a
-            delta = (delta.t() if m.transposed else delta).mul(m.scale)
-            tau = delta if tau is None else tau.add_(delta)
-        return torch.zeros_like(base) if tau is None else tau
-
-    def exact_sq_norm(self, tp: TensorPlan, raw: dict[str, torch.Tensor]) -> float | None:
-        if tp.name in self.info.full:
-            return None  # a replaced tensor (plus maybe a LoRA update): formed and summed
-        if tp.name not in self.info.lora:
-            return 0.0
-        b, a, m = self.factors(tp, raw, torch.float64, self.device)
-        return lora_sq_norm(b, a, m.scale)
-
 
 def lora_sq_norm(b: torch.Tensor, a: torch.Tensor, scale: float) -> float:
     """‖scale·B·A‖²_F = scale² · trace((BᵀB)(AAᵀ)), from two r×r matrices in float64.
@@ -369,147 +297,4 @@ def lora_sq_norm(b: torch.Tensor, a: torch.Tensor, scale: float) -> float:
 
 # ---------------------------------------------------------------- merged-adapter output
 
-def check_lora_output(plan: MergePlan, method: MergeMethod) -> None:
-    """`--output-format lora` needs LoRA adapters only, one base, and a method that adds scaled τ."""
-    plain = [m.name for m in plan.models if not m.ref.is_adapter]
-    if plain:
-        raise MergeError(f"--output-format lora needs every input to be a LoRA adapter; {plain[0]} is a full model.",
-                         hint="Use the default --output-format model to merge adapters with full fine-tunes.")
-    if method.name not in LORA_OUTPUT_METHODS or (method.name == "linear" and not getattr(method, "normalize", True)):
-        raise MergeError(f"--output-format lora cannot express method {method.name!r} exactly as one adapter.",
-                         hint=f"Use one of {', '.join(LORA_OUTPUT_METHODS)} (linear with normalize), "
-                              f"or the default --output-format model.")
-    fifo = {bool(m.peft_config.fan_in_fan_out) for m in plan.models}  # type: ignore[attr-defined]
-    if len(fifo) > 1:
-        raise MergeError("--output-format lora: the adapters disagree on fan_in_fan_out.")
-    for tp in plan.tensors:
-        if tp.shared_rows is not None:
-            raise MergeError(f"--output-format lora: the adapters' vocabularies differ ({tp.name}).",
-                             hint="Use the default --output-format model, which applies the vocabulary policy.")
 
-
-class AdapterMerger(Merger):
-    """Writes one exact adapter (rank Σ rt per module) instead of full shards.
-
-    Norms come from the r×r identity (pass 1 reads the adapters only); the factors of one stream
-    group are read again and stacked. Modules some input saves in full (modules_to_save) are
-    merged like the full output and saved as modules_to_save.
-    """
-
-    def __init__(self, plan: MergePlan, method: MergeMethod, work_dir: Path, *, lora_rank: int | None = None,
-                 **kwargs: Any) -> None:
-        check_lora_output(plan, method)
-        super().__init__(plan, method, work_dir, **kwargs)
-        self.lora_rank = lora_rank
-        self.energy: dict[str, float] = {}
-
-    def run(self, cached_norms: dict[str, list[float]] | None = None) -> None:
-        start = time.perf_counter()
-        if self.method.uses_group_norms:
-            if cached_norms is not None:
-                self.norms.sq = {k: list(v) for k, v in cached_norms.items()}
-                self.norms.complete.update(self.norms.sq)
-            if not set(self.plan.norm_groups) <= self.norms.complete:
-                self.stats.passes = 2
-                self.reduce_pass()
-        for g in self.plan.norm_groups:
-            self._coefficients(g)
-        self._write_adapter()
-        self.stats.seconds = time.perf_counter() - start
-
-    def _write_adapter(self) -> None:
-        from peft import LoraConfig
-        from safetensors.torch import save_file
-
-        tensors: dict[str, torch.Tensor] = {}
-        ranks: dict[str, int] = {}
-        saved: list[str] = []
-        for group in _progress(self._groups(), "write adapter", self.progress):
-            floating = [t for t in group.tensors if t.floating]
-            raws = self._read(Piece.whole(group), with_base=False)
-            for tp in floating:
-                coeffs = self.coefficients[tp.norm_group]
-                if any(tp.name in s.info.full for s in self.sources):
-                    if raws[0] is None:
-                        raws[0] = self._read_base(Piece.whole(group))
-                    tensors[PREFIX + tp.name] = self._merge_tensor(tp, raws).contiguous()
-                    saved.append(tp.name[: -len(".weight")] if tp.name.endswith(".weight") else tp.name)
-                    continue
-                parts = [(c, s.factors(tp, raw, torch.float32, self.device))
-                         for c, s, raw in zip(coeffs, self.sources, raws[1:]) if tp.name in s.info.lora]
-                if not parts:
-                    continue
-                # Σt ct·Δt = Σt (ct·st·Bt)·At: B columns scaled, ranks stacked; scaling 1 (alpha = r).
-                b = torch.cat([bt * (c * m.scale) for c, (bt, _, m) in parts], dim=1)
-                a = torch.cat([at for _, (_, at, _) in parts], dim=0)
-                if self.lora_rank is not None and b.shape[1] > self.lora_rank:
-                    b, a, kept = truncate_rank(b, a, self.lora_rank)
-                    self.energy[tp.name] = kept
-                elif self.lora_rank is not None:
-                    self.energy[tp.name] = 1.0
-                m0 = parts[0][1][2]
-                tensors[m0.a_key] = a.contiguous().cpu()
-                tensors[m0.b_key] = b.contiguous().cpu()
-                ranks[m0.module] = a.shape[0]
-            del raws
-        if not ranks and not saved:
-            raise MergeError("The adapters update nothing: the merged adapter would be empty.")
-        first = self.plan.models[0].peft_config  # type: ignore[attr-defined]
-        common = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 1
-        # Exact scaling 1 everywhere: alpha = r per module. Pattern keys are escaped module names
-        # (peft reads them as regexes anchored at the end) so each matches its own module only.
-        pattern = {re.escape(mod): r for mod, r in ranks.items() if r != common}
-        cfg = LoraConfig(
-            r=common, lora_alpha=common, use_rslora=False, rank_pattern=pattern, alpha_pattern=dict(pattern),
-            target_modules=sorted(ranks) or None, modules_to_save=saved or None,
-            fan_in_fan_out=bool(first.fan_in_fan_out), lora_dropout=0.0, bias="none",
-            base_model_name_or_path=first.base_model_name_or_path or self.plan.base.ref.pinned,
-            task_type=first.task_type, inference_mode=True,
-        )
-        cfg.save_pretrained(str(self.work_dir))
-        out = self.work_dir / ADAPTER_WEIGHTS
-        save_file(tensors, str(out) + ".tmp", metadata={"format": "pt"})
-        Path(str(out) + ".tmp").replace(out)
-        self.stats.bytes_written = out.stat().st_size
-        if self.lora_rank is not None:
-            (self.work_dir / ENERGY_FILE).write_text(json.dumps(
-                {"lora_rank": self.lora_rank, "retained_energy": self.energy}, indent=2))
-
-
-def truncate_rank(b: torch.Tensor, a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Best rank-k factors of B·A (truncated SVD, float64) and the share of ‖B·A‖² kept.
-
-    Works on R×R matrices only: B = Qb·Rb and Aᵀ = Qa·Ra give B·A = Qb·(Rb·Raᵀ)·Qaᵀ, whose SVD is
-    that of the small middle matrix.
-    """
-    qb, rb = torch.linalg.qr(b.double())
-    qa, ra = torch.linalg.qr(a.double().t())
-    u, s, vh = torch.linalg.svd(rb @ ra.t())
-    total = float((s * s).sum())
-    kept = float((s[:k] * s[:k]).sum()) / total if total > 0 else 1.0
-    new_b = (qb @ u[:, :k]) * s[:k]
-    new_a = vh[:k] @ qa.t()
-    return new_b.to(b.dtype), new_a.to(a.dtype), kept
-
-
-def write_adapter_side_files(plan: MergePlan, work: Path) -> None:
-    """Tokenizer files of the tokenizer source beside the merged adapter (when it has any)."""
-    import shutil
-
-    from .output import TOKENIZER_FILES
-
-    src = plan.inputs[plan.tokenizer_source].ref.local_path
-    if src is None:
-        return
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, work / name)
-
-
-def energy_note(energy: dict[str, float], k: int) -> str | None:
-    if not energy:
-        return None
-    worst = min(energy, key=energy.get)  # type: ignore[arg-type]
-    mean = sum(energy.values()) / len(energy)
-    return (f"--lora-rank {k}: retained energy mean {mean:.4f}, lowest {energy[worst]:.4f} ({worst}); "
-            f"per module in {ENERGY_FILE}")

@@ -13,24 +13,29 @@ group (layer/tensor granularity) are reduced and applied in the same pass.
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ..errors import NonFiniteError
+from ..methods.base import MergeMethod, TensorContext, squared_norm
+from ..safetensors_io import ST_TO_TORCH, TensorMeta
+from ..sources.model import ModelInfo
 from . import kernels
-from .errors import NonFiniteError
-from .reader import BufferPool, read_tensors
-from .methods import MergeMethod, TensorContext, squared_norm
+from .fetch import FileProvider, LocalFiles
 from .pieces import Piece, piece_bytes, piece_metas, split_group, unit_bytes
-from .plan import MergePlan, ModelInfo, StreamGroup, TensorPlan
-from .safetensors_io import ST_TO_TORCH, ShardWriter, TensorMeta, build_header, shard_matches
+from .plan import MergePlan, StreamGroup, TensorPlan
+from .reader import BufferPool
+from .stats import StreamStats
+from .tasks import TaskSource, _f32, read_metas
+from .workdir import NORM_STATE, NORM_STATES
+from .writer import _ShardSink, finished_shards
 
 if TYPE_CHECKING:
     from .distributed import Share
@@ -41,45 +46,6 @@ log = logging.getLogger(__name__)
 #: share one large tensor too (a 3B MLP matrix, an embedding slab). A constant, not a function of
 #: the core count, so the float64 norm sums are the same on every machine.
 JOB = 1 << 22
-
-NORM_STATE = "norms.partial.json"
-NORM_STATES = "norms.partial*.json"  # one process's NORM_STATE, or each process's of a shared merge
-
-
-class FileProvider(Protocol):
-    """Where a model's weight file is on disk; `hub` implements ones that download on demand.
-
-    A provider whose class sets `sequential = True` must be read in plan order (the low-disk
-    one fetches just ahead and deletes behind); others may be read in any order.
-    """
-
-    def path(self, model_index: int, info: ModelInfo, file: str) -> Path: ...
-
-    def release(self, model_index: int, info: ModelInfo, file: str) -> None: ...
-
-
-class LocalFiles:
-    """Files already on disk under each model's `local_path`."""
-
-    sequential = False
-
-    def path(self, model_index: int, info: ModelInfo, file: str) -> Path:
-        assert info.ref.local_path is not None, f"{info.name} has no local files"
-        return info.ref.local_path / file
-
-    def release(self, model_index: int, info: ModelInfo, file: str) -> None:
-        pass
-
-
-@dataclass
-class StreamStats:
-    bytes_read: int = 0
-    bytes_written: int = 0
-    passes: int = 1
-    shards_reused: int = 0
-    seconds: float = 0.0
-    pieces_read: int = 0  # pooled reads (pieces, reduce-only steps included)
-    largest_read: int = 0  # bytes of the largest pooled read: the engine holds at most two
 
 
 @dataclass
@@ -105,74 +71,6 @@ class _NormLog(NormState):
 
     def add(self, group: str, values: list[float]) -> None:
         self.entries.append((group, [float(v) for v in values]))
-
-
-def read_metas(info: ModelInfo, model_index: int, metas: list[TensorMeta], files: FileProvider,
-               buffer: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], int]:
-    """Read these tensors (or row slabs) of one model: one large read per contiguous run per shard.
-
-    With a `buffer`, the bytes land there (a pooled buffer: no fresh pages to fault in) and the
-    returned tensors are views of it, valid until the buffer's next turn.
-    """
-    by_file: dict[str, list[TensorMeta]] = {}
-    for meta in metas:
-        by_file.setdefault(meta.file, []).append(meta)
-    nbytes = sum(m.nbytes for m in metas)
-    out: dict[str, torch.Tensor] = {}
-    pos = 0
-    for file, part in by_file.items():
-        size = sum(m.nbytes for m in part)
-        out.update(read_tensors(files.path(model_index, info, file), part,
-                                buffer=buffer[pos:pos + size] if buffer is not None else None))
-        pos += size
-    return out, nbytes
-
-
-def _f32(t: torch.Tensor, rows: int | None, device: torch.device) -> torch.Tensor:
-    """A float32 copy on `device`, cut to the shared vocabulary rows when the plan says so."""
-    if rows is not None:
-        t = t[:rows]
-    return t.to(device, torch.float32, copy=True)
-
-
-class TaskSource:
-    """One fine-tune as the engine sees it: what to read per group, τ per tensor, maybe an exact ‖τ‖².
-
-    This class is a full fine-tune (τ = θt − θ0, its norm summed from τ). `lora.AdapterSource`
-    is a LoRA adapter (τ = s·B·A, its norm from r×r matrices). Both go through the same engine
-    code; only this seam differs.
-    """
-
-    #: read into the engine's pooled buffer (large shards); adapters read their small files themselves
-    pooled = True
-
-    def __init__(self, info: ModelInfo, index: int, files: FileProvider, device: torch.device,
-                 check: Callable[[torch.Tensor, str, str], None]) -> None:
-        self.info = info
-        self.index = index
-        self.files = files
-        self.device = device
-        self.check = check  # the engine's non-finite policy (raise, or zero with --allow-nonfinite)
-
-    def files_of(self, tensors: list[TensorPlan]) -> set[str]:
-        """Files read for these tensors (so a low-disk provider can release them after)."""
-        return {self.info.tensors[t.name].file for t in tensors if t.floating}
-
-    def metas(self, piece: Piece) -> list[TensorMeta]:
-        """What this model reads for a piece into the engine's pooled buffer."""
-        # Integer buffers come from the base only; the fine-tunes' copies are never read.
-        return piece_metas(piece, self.info, self.index)
-
-    def read(self, piece: Piece, buffer: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], int]:
-        return read_metas(self.info, self.index, self.metas(piece), self.files, buffer)
-
-    def task_vector(self, tp: TensorPlan, raw: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-        """τ of one tensor in float32 on the device (`base` is θ0 in float32, already cut to rows)."""
-        return _f32(raw[tp.name], tp.shared_rows, self.device).sub_(base)
-
-    def exact_sq_norm(self, tp: TensorPlan, raw: dict[str, torch.Tensor]) -> float | None:
-        """‖τ‖² without forming τ, or None when τ must be formed to know it."""
-        return None
 
 
 class Merger:
@@ -222,7 +120,7 @@ class Merger:
 
     def _source(self, info: ModelInfo, index: int) -> TaskSource:
         if info.ref.is_adapter:
-            from .lora import AdapterSource
+            from .tasks import AdapterSource
 
             return AdapterSource(info, index, self.files, self.device, self._check_finite)
         return TaskSource(info, index, self.files, self.device, self._check_finite)
@@ -751,75 +649,6 @@ class Merger:
         s.bytes_read, s.bytes_written, s.shards_reused = (sum(p["stats"][i] for p in parts) for i in range(3))
         s.passes = max(p["stats"][3] for p in parts)
         self.coefficients = {}
-
-
-def _entries(tensors: list[TensorPlan]) -> list[tuple[str, str, tuple[int, ...]]]:
-    return [(t.name, t.out_dtype, t.out_shape) for t in tensors]
-
-
-class _ShardSink:
-    """Writes merged tensors into their shards, in plan order, on a background thread.
-
-    Writing is mostly the kernel copying into the page cache and throttling on write-back; on
-    its own thread it overlaps with reading and merging the next tensors. At most `depth`
-    merged tensors wait, so memory stays bounded. A shard is fsynced, then renamed into place.
-    """
-
-    def __init__(self, plan: MergePlan, work_dir: Path, stats: StreamStats, depth: int = 1) -> None:
-        self.plan = plan
-        self.work_dir = work_dir
-        self.stats = stats
-        self.depth = depth
-        self.writers: dict[int, ShardWriter] = {}
-        self.closed = 0  # shards finished so far (read by the merging thread)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-write")
-        self._pending: deque = deque()
-
-    def put(self, tp: TensorPlan, tensor: torch.Tensor, part: bool = False) -> None:
-        """Queue a merged tensor (`part`: its next rows; the tensor is complete with its last slab)."""
-        self._pending.append(self._pool.submit(self._write, tp, tensor, part))
-        while len(self._pending) > self.depth:
-            self._pending.popleft().result()  # re-raises the writer's error here
-
-    def _write(self, tp: TensorPlan, tensor: torch.Tensor, part: bool) -> None:
-        w = self.writers.get(tp.shard)
-        if w is None:
-            shard = self.plan.shards[tp.shard]
-            w = self.writers[tp.shard] = ShardWriter(self.work_dir / (shard.file + ".tmp"), _entries(shard.tensors))
-        w.write(tp.name, tensor, part=part)
-        if w.done:
-            w.close()
-            final = self.work_dir / self.plan.shards[tp.shard].file
-            w.path.rename(final)
-            self.stats.bytes_written += w.size
-            del self.writers[tp.shard]
-            self.closed += 1
-
-    def finish(self) -> None:
-        while self._pending:
-            self._pending.popleft().result()
-        self._pool.shutdown()
-
-    def abort(self) -> None:
-        for fut in self._pending:
-            fut.cancel()
-        self._pool.shutdown(wait=True)
-        for w in self.writers.values():
-            w.abort()
-
-
-def shard_header(plan: MergePlan, k: int) -> bytes:
-    header, _ = build_header(_entries(plan.shards[k].tensors), {"format": "pt"})
-    return header
-
-
-def finished_shards(plan: MergePlan, work_dir: Path, only: set[int] | None = None) -> set[int]:
-    """Shards a previous run completed (same header, full size): a resumed run keeps them.
-
-    `only`: look at these shards alone (one process of a shared merge; others are being written).
-    """
-    return {k for k, s in enumerate(plan.shards) if (only is None or k in only)
-            and (work_dir / s.file).is_file() and shard_matches(work_dir / s.file, shard_header(plan, k))}
 
 
 def _progress(items: list, desc: str, enabled: bool):

@@ -11,10 +11,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..engine.plan import MergePlan
+from ..sources.hub import _remote_files, local_license, read_license
+
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
-    from .result import MergeResult
+    from ..result import MergeResult
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ def plot_lambdas(result: "MergeResult", path: Path) -> Path:
 
 
 def _ref_row(ref) -> str:
-    from .hub import hub_url
+    from ..sources.hub import hub_url
 
     if ref.repo_id:
         sha = ref.sha or "?"
@@ -193,3 +196,14 @@ def write_card(result: "MergeResult", folder: Path, *, licenses: list[str | None
     path = folder / CARD_FILE
     card.save(path)
     return path
+
+
+def all_licenses(plan: "MergePlan", token: str | None = None) -> list[str | None]:
+    """License of every input (base first), from their cards; None where unknown."""
+    out = []
+    for info in plan.inputs:
+        if info.ref.is_hub:
+            out.append(read_license(info.ref, _remote_files(info), token))
+        else:
+            out.append(local_license(info.ref.local_path))
+    return out

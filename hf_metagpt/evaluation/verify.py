@@ -21,10 +21,12 @@ from typing import Any, Sequence
 import torch
 from safetensors import safe_open
 
-from .errors import IntegrityError, MergeError
-from .plan import INDEX_FILE, SINGLE_FILE, ModelInfo, is_vocab_tensor, load_local_info, norm_group_of, safe_relative, skeleton_names
-from .refs import parse_ref
-from .safetensors_io import TensorMeta, read_header
+from ..engine.plan import is_vocab_tensor, norm_group_of, skeleton_names
+from ..errors import IntegrityError, MergeError
+from ..safetensors_io import TensorMeta, read_header
+from ..sources.local import INDEX_FILE, SINGLE_FILE, load_local_info, safe_relative
+from ..sources.model import ModelInfo
+from ..sources.refs import parse_ref
 
 COEFFICIENTS_FILE = "metagpt_coefficients.json"  # result.COEFFICIENTS_FILE (not imported: no stream import)
 _CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -224,7 +226,8 @@ def _read(info: ModelInfo, name: str) -> torch.Tensor:
 def check_against(folder: Path, stored: dict[str, TensorMeta], inputs: Sequence[str], samples: int,
                   seed: int, report: VerifyReport) -> None:
     """Recompute `samples` tensors (all when larger) from the inputs and compare within 1 ulp."""
-    from .methods import TensorContext, get_method
+    from ..methods import get_method
+    from ..methods.base import TensorContext
 
     problems = _Problems(folder)
     try:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError, MergeError
+from ..errors import InputError, MergeError
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ def evaluate(models: Sequence[str] | Mapping[str, str], tasks: Sequence[str | Ta
 
 
 def _device(name: str) -> torch.device:
-    from .api import select_device
+    from ..api import select_device
 
     return select_device(name)
 
@@ -360,7 +360,7 @@ def load_model(ref: str, device: torch.device, dtype: str = "auto"):
     """A causal LM and its tokenizer from a local folder or a Hub ID (`org/name[@revision]`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .refs import parse_ref
+    from ..sources.refs import parse_ref
 
     r = parse_ref(ref)
     where = str(r.local_path) if r.local_path else r.repo_id

@@ -1,0 +1,1 @@
+"""The offline demo and the tiny model families it and the tests merge."""

@@ -1,0 +1,411 @@
+"""Where each input file is on disk during a merge: local folders, or Hub shards fetched for the plan
+(all at once, overlapped with the merge on threads, or one group ahead with `--low-disk`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import threading
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import OutputError
+from ..sources.hub import BASE_SIDE_FILES, SIDE_FILES, _remote_files, cached_path
+from ..sources.hub_calls import DownloadStopped, _call, _call_until, _tok
+from ..sources.local import INDEX_FILE, TOKENIZER_FILES
+from ..sources.model import ModelInfo
+from .plan import MergePlan
+
+log = logging.getLogger(__name__)
+
+
+def needed_files(plan: "MergePlan", index: int, *, weights: bool = True, weight_index: bool | None = None) -> list[str]:
+    """Files of input `index` the merge needs: shards, index, config, and the side files it copies.
+
+    `weight_index` (default: as `weights`) adds the shard index: it lets a later plan read the headers
+    from the Hub cache, so the overlapped mode fetches it with the side files.
+    """
+    info = plan.inputs[index]
+    remote = set(_remote_files(info))
+    want: list[str] = list(SIDE_FILES)
+    if weights:
+        want += info.weight_files
+    if (weights if weight_index is None else weight_index) and INDEX_FILE in remote:
+        want.append(INDEX_FILE)
+    if index == 0:
+        want += BASE_SIDE_FILES
+    if index == plan.tokenizer_source:
+        want += TOKENIZER_FILES
+    return [f for f in dict.fromkeys(want) if f in remote]
+
+
+def download_bytes(plan: "MergePlan", low_disk: bool = False) -> tuple[int, int]:
+    """(bytes to download, of which the largest single need in low-disk mode) for the Hub inputs."""
+    total = 0
+    peak = 0
+    for i, info in enumerate(plan.inputs):
+        if not info.ref.is_hub:
+            continue
+        sizes = _remote_files(info)
+        for f in needed_files(plan, i, weights=True):
+            if cached_path(info, f) is None:
+                size = sizes.get(f) or 0
+                total += size
+                if f in info.weight_files:
+                    peak = max(peak, size)
+    return total, peak
+
+
+def download_note(plan: "MergePlan") -> str:
+    """One line for `hf-metagpt plan`: what a merge would download, and the free disk of the cache."""
+    from huggingface_hub import constants
+
+    total, largest = download_bytes(plan)
+    cache = Path(constants.HF_HUB_CACHE)
+    probe = next((p for p in [cache, *cache.parents] if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    line = (f"download {total / 1e9:.3f} GB from the Hub into the cache ({free / 1e9:.1f} GB free there); "
+            f"--low-disk keeps about {3 * largest * len(plan.inputs) / 1e9:.3f} GB at a time")
+    if total > free:
+        line += " — NOT ENOUGH SPACE for a full download: use --low-disk or free some"
+    return line
+
+
+def check_disk(plan: "MergePlan", target: Path, low_disk: bool) -> None:
+    """Refuse a merge whose downloads and output cannot fit on disk (before anything is fetched)."""
+    from huggingface_hub import constants
+
+    total, largest = download_bytes(plan, low_disk)
+    write = plan.bytes_to_write
+    cache = Path(constants.HF_HUB_CACHE)
+    cache_probe = next((p for p in [cache, *cache.parents] if p.exists()), Path("."))
+    out_probe = next((p for p in [target, *target.parents] if p.exists()), Path("."))
+    # Low-disk keeps a few shards per model (the current group's and one prefetched).
+    need_dl = (largest * 3 * len(plan.inputs)) if low_disk else total
+    same_fs = cache_probe.stat().st_dev == out_probe.stat().st_dev
+    checks = [(out_probe, write + (need_dl if same_fs or low_disk else 0))]
+    if not same_fs and not low_disk:
+        checks.append((cache_probe, need_dl))
+    for where, need in checks:
+        free = shutil.disk_usage(where).free
+        if need > free:
+            raise OutputError(
+                f"Not enough disk space: {need / 1e9:.2f} GB needed under {where}, {free / 1e9:.2f} GB free.",
+                hint="Free some space, point HF_HOME/HF_HUB_CACHE elsewhere, or use --low-disk "
+                     "(shards are fetched as needed and deleted after use).")
+
+
+def download(plan: "MergePlan", token: str | None = None, *, weights: bool = True,
+             weight_index: bool | None = None) -> None:
+    """Fetch what each Hub input needs, pinned to its SHA, and point its ref at the snapshot folder.
+
+    A second merge of the same inputs finds everything in the Hub cache and downloads nothing.
+    With `weights=False` only the side files come (`OverlappedFiles` and `LowDiskFiles` fetch the
+    shards while the merge runs); `weight_index` as in `needed_files`.
+    """
+    from huggingface_hub import snapshot_download
+
+    for i, info in enumerate(plan.inputs):
+        if not info.ref.is_hub:
+            continue
+        files = needed_files(plan, i, weights=weights, weight_index=weight_index)
+        folder = _call(info.name, snapshot_download, info.ref.repo_id, revision=info.ref.sha,
+                       allow_patterns=files, token=_tok(token))
+        info.ref = info.ref.with_local_path(Path(folder))
+
+
+def walk_order(plan: "MergePlan") -> list[tuple[int, str]]:
+    """(input index, weight file) in the order the layer walk first reads them.
+
+    Group by group in `plan.groups` order, every model's files of a group before the next group's
+    (the base reads integer buffers too; the fine-tunes only floating tensors). Adapters are left
+    out: they were fetched whole into the Hub cache when the merge was planned.
+    """
+    order: dict[tuple[int, str], None] = {}
+    for group in plan.groups:
+        for i, info in enumerate(plan.inputs):
+            if info.ref.is_adapter:
+                continue
+            for tp in group.tensors:
+                if i == 0 or tp.floating:
+                    order.setdefault((i, info.tensors[tp.name].file), None)
+    return list(order)
+
+
+#: shard downloads at a time in the default mode: about what snapshot_download runs (8), fewer so
+#: the files the first groups need are not slowed down by later ones sharing the bandwidth.
+OVERLAP_WORKERS = 4
+
+
+#: how much lower the download threads' CPU priority is (Linux `nice` of the thread; 0: as the merge).
+#: A merge whose downloads take the CPU falls behind them and then runs mostly after the last one:
+#: the merge, which waits on the downloads, should get the CPU first and keep pace.
+DOWNLOAD_NICE = 10
+
+
+def _download_thread_init(bar: type, lock: object) -> None:
+    """Set up a download thread: share the progress bars' lock (as snapshot_download's pool does), lower its CPU priority."""
+    bar.set_lock(lock)  # type: ignore[attr-defined]
+    if DOWNLOAD_NICE and sys.platform == "linux":  # a thread is a task on Linux; elsewhere a pid is meant
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + DOWNLOAD_NICE))
+        except OSError:
+            pass
+
+
+def _stoppable_bar(stop: threading.Event) -> type:
+    """huggingface_hub's progress-bar class, raising `DownloadStopped` once `stop` is set.
+
+    `hf_hub_download` has no way to be cancelled; the progress update it makes for every chunk it
+    writes is the one hook inside the transfer, so a closed provider ends its running downloads
+    within a chunk. The partial blob stays in the cache as `.incomplete`; the next download resumes it.
+    """
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class StoppableBar(hf_tqdm):  # type: ignore[misc, valid-type]
+        def update(self, n: float | None = 1) -> bool | None:
+            if stop.is_set():
+                raise DownloadStopped("download stopped (the merge ended).")
+            return super().update(n)
+
+    return StoppableBar
+
+
+class OverlappedFiles:
+    """A `FileProvider` that downloads the Hub shards into the Hub cache while the merge runs.
+
+    Downloading everything before merging puts the merge's own time on top of the download's.
+    Here every shard missing from the cache is queued at once, in `walk_order`, on a few threads;
+    `path` waits only for the file the merge asks for, so group k is merged while the shards of
+    later groups are still arriving. Files go to the normal Hub cache at the pinned SHA (a second
+    merge downloads nothing) and are never deleted; cached files and local inputs are used in
+    place. A failed download (after `_call`'s retries) is raised by the next `path` call, whichever
+    file it asks for, and no further download starts. `close` stops everything.
+    """
+
+    def __init__(self, plan: "MergePlan", token: str | None = None, workers: int = OVERLAP_WORKERS) -> None:
+        self.plan = plan
+        self.token = token
+        self.order = walk_order(plan)
+        self.downloads = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._ready: dict[tuple[int, str], Path] = {}
+        self._futures: dict[tuple[int, str], Future] = {}
+        self._error: BaseException | None = None
+        self._bar = _stoppable_bar(self._stop)
+        missing = []
+        for key in self.order:
+            info = plan.inputs[key[0]]
+            if not info.ref.is_hub:
+                continue
+            got = cached_path(info, key[1])
+            if got is not None:
+                self._ready[key] = got
+            else:
+                missing.append(key)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hf-metagpt-download",
+                                        initializer=_download_thread_init,
+                                        initargs=(self._bar, self._bar.get_lock()))
+        for key in missing:
+            self._futures[key] = self._pool.submit(self._fetch, *key)
+        if missing:
+            log.info("downloading %d shards from the Hub while merging", len(missing))
+
+    def _fetch(self, i: int, file: str) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        info = self.plan.inputs[i]
+        try:
+            if self._stop.is_set():
+                raise DownloadStopped(f"{info.name}: download of {file} not started (the merge ended).")
+            path = Path(_call_until(self._stop, info.name, hf_hub_download, info.ref.repo_id, file,
+                                    revision=info.ref.sha, token=_tok(self.token), tqdm_class=self._bar))
+        except BaseException as exc:
+            with self._lock:
+                if self._error is None and not isinstance(exc, DownloadStopped):
+                    self._error = exc
+            self._stop.set()  # the merge cannot finish: start nothing more
+            raise
+        with self._lock:
+            self.downloads += 1
+            self._ready[(i, file)] = path
+        log.debug("downloaded %s of %s", file, info.name)
+        return path
+
+    def _raise_failure(self) -> None:
+        with self._lock:
+            error = self._error
+        if error is not None:
+            raise error
+
+    def path(self, model_index: int, info: ModelInfo, file: str) -> Path:
+        key = (model_index, file)
+        self._raise_failure()
+        with self._lock:
+            ready = self._ready.get(key)
+            fut = self._futures.get(key)
+        if ready is not None:
+            return ready
+        if not info.ref.is_hub:
+            assert info.ref.local_path is not None, f"{info.name} has no local files"
+            return info.ref.local_path / file
+        if fut is None:  # not in the walk order (an adapter's file): from the cache, else fetched now
+            got = cached_path(info, file)
+            if got is not None:
+                return got
+            with self._lock:
+                fut = self._futures.get(key)
+                if fut is None:
+                    fut = self._futures[key] = self._pool.submit(self._fetch, *key)
+        try:
+            return fut.result()
+        except (DownloadStopped, CancelledError):
+            self._raise_failure()  # stopped because another file failed: that failure is the news
+            raise DownloadStopped(f"{info.name}: download of {file} stopped (the merge ended).") from None
+
+    def release(self, model_index: int, info: ModelInfo, file: str) -> None:
+        """Nothing to do: the files stay in the Hub cache for the next merge."""
+
+    def close(self) -> None:
+        """Cancel queued downloads, end running ones within a chunk, and wait for every thread."""
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class LowDiskFiles:
+    """A `FileProvider` that fetches Hub shards as the layer walk needs them and deletes them after.
+
+    Shards are requested in `plan.groups` order; when one is asked for, the next shard in that order
+    is fetched on a background thread. A shard this provider fetched is deleted once the merger
+    releases it (after the last group of the pass that reads it); shards already in the Hub cache
+    and local inputs are used in place and never deleted. Peak disk is about the current group's
+    shards plus one prefetched, per model.
+    """
+
+    #: reads must follow plan order (shards are fetched just ahead and deleted after): see stream
+    sequential = True
+
+    def __init__(self, plan: "MergePlan", scratch: Path, token: str | None = None) -> None:
+        self.plan = plan
+        self.scratch = Path(scratch)
+        self.token = token
+        self.order = walk_order(plan)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-prefetch")
+        self._lock = threading.Lock()
+        self._fetching: dict[tuple[int, str], Future] = {}
+        self._fetched: dict[tuple[int, str], Path] = {}
+        self.downloads = 0
+        self.peak_bytes = 0
+
+    def _local(self, i: int, file: str) -> Path | None:
+        info = self.plan.inputs[i]
+        if not info.ref.is_hub:
+            return info.ref.local_path / file if info.ref.local_path else None
+        return cached_path(info, file)
+
+    def _fetch(self, i: int, file: str) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        info = self.plan.inputs[i]
+        dest = self.scratch / str(i)
+        path = Path(_call(info.name, hf_hub_download, info.ref.repo_id, file, revision=info.ref.sha,
+                          local_dir=dest, token=_tok(self.token)))
+        with self._lock:
+            self.downloads += 1
+            self._fetched[(i, file)] = path
+            self.peak_bytes = max(self.peak_bytes, sum(p.stat().st_size for p in self._fetched.values() if p.exists()))
+        return path
+
+    def _schedule(self, key: tuple[int, str]) -> Future | None:
+        with self._lock:
+            if key in self._fetched:
+                return None
+            fut = self._fetching.get(key)
+            if fut is None:
+                fut = self._fetching[key] = self._pool.submit(self._fetch, *key)
+            return fut
+
+    def path(self, model_index: int, info: ModelInfo, file: str) -> Path:
+        local = self._local(model_index, file)
+        key = (model_index, file)
+        if local is None:
+            with self._lock:
+                have = self._fetched.get(key)
+            if have is None:
+                fut = self._schedule(key)
+                if fut is not None:
+                    fut.result()
+                with self._lock:
+                    self._fetching.pop(key, None)
+                    have = self._fetched[key]
+            local = have
+        self._prefetch_after(key)
+        return local
+
+    def _prefetch_after(self, key: tuple[int, str]) -> None:
+        try:
+            k = self.order.index(key)
+        except ValueError:
+            return
+        for nxt in self.order[k + 1:]:
+            if self._local(*nxt) is None:
+                with self._lock:
+                    busy = nxt in self._fetched or nxt in self._fetching
+                if not busy:
+                    self._schedule(nxt)
+                return
+
+    def release(self, model_index: int, info: ModelInfo, file: str) -> None:
+        key = (model_index, file)
+        with self._lock:
+            fut = self._fetching.pop(key, None)
+        if fut is not None:
+            fut.result()
+        with self._lock:
+            path = self._fetched.pop(key, None)
+        if path is not None:
+            path.unlink(missing_ok=True)
+            log.debug("low-disk: deleted %s of %s", file, info.name)
+
+    def close(self) -> None:
+        """Wait for any prefetch and remove the scratch folder."""
+        with self._lock:
+            futs = list(self._fetching.values())
+            self._fetching.clear()
+        for f in futs:
+            try:
+                f.result()
+            except Exception:
+                pass
+        self._pool.shutdown(wait=True)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+class FileProvider(Protocol):
+    """Where a model's weight file is on disk; `hub` implements ones that download on demand.
+
+    A provider whose class sets `sequential = True` must be read in plan order (the low-disk
+    one fetches just ahead and deletes behind); others may be read in any order.
+    """
+
+    def path(self, model_index: int, info: ModelInfo, file: str) -> Path: ...
+
+    def release(self, model_index: int, info: ModelInfo, file: str) -> None: ...
+
+
+class LocalFiles:
+    """Files already on disk under each model's `local_path`."""
+
+    sequential = False
+
+    def path(self, model_index: int, info: ModelInfo, file: str) -> Path:
+        assert info.ref.local_path is not None, f"{info.name} has no local files"
+        return info.ref.local_path / file
+
+    def release(self, model_index: int, info: ModelInfo, file: str) -> None:
+        pass

@@ -1,0 +1,16 @@
+"""Counters of one merge run (bytes read and written, passes, reused shards, time)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StreamStats:
+    bytes_read: int = 0
+    bytes_written: int = 0
+    passes: int = 1
+    shards_reused: int = 0
+    seconds: float = 0.0
+    pieces_read: int = 0  # pooled reads (pieces, reduce-only steps included)
+    largest_read: int = 0  # bytes of the largest pooled read: the engine holds at most two

@@ -1,0 +1,192 @@
+"""Writing output shards: each tensor at its planned offset, fsynced, then renamed into place."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..safetensors_io import build_header, disk_full_is_clear, parse_header_json
+from .plan import MergePlan, TensorPlan
+from .stats import StreamStats
+
+
+def _entries(tensors: list[TensorPlan]) -> list[tuple[str, str, tuple[int, ...]]]:
+    return [(t.name, t.out_dtype, t.out_shape) for t in tensors]
+
+
+class _ShardSink:
+    """Writes merged tensors into their shards, in plan order, on a background thread.
+
+    Writing is mostly the kernel copying into the page cache and throttling on write-back; on
+    its own thread it overlaps with reading and merging the next tensors. At most `depth`
+    merged tensors wait, so memory stays bounded. A shard is fsynced, then renamed into place.
+    """
+
+    def __init__(self, plan: MergePlan, work_dir: Path, stats: StreamStats, depth: int = 1) -> None:
+        self.plan = plan
+        self.work_dir = work_dir
+        self.stats = stats
+        self.depth = depth
+        self.writers: dict[int, ShardWriter] = {}
+        self.closed = 0  # shards finished so far (read by the merging thread)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-write")
+        self._pending: deque = deque()
+
+    def put(self, tp: TensorPlan, tensor: torch.Tensor, part: bool = False) -> None:
+        """Queue a merged tensor (`part`: its next rows; the tensor is complete with its last slab)."""
+        self._pending.append(self._pool.submit(self._write, tp, tensor, part))
+        while len(self._pending) > self.depth:
+            self._pending.popleft().result()  # re-raises the writer's error here
+
+    def _write(self, tp: TensorPlan, tensor: torch.Tensor, part: bool) -> None:
+        w = self.writers.get(tp.shard)
+        if w is None:
+            shard = self.plan.shards[tp.shard]
+            w = self.writers[tp.shard] = ShardWriter(self.work_dir / (shard.file + ".tmp"), _entries(shard.tensors))
+        w.write(tp.name, tensor, part=part)
+        if w.done:
+            w.close()
+            final = self.work_dir / self.plan.shards[tp.shard].file
+            w.path.rename(final)
+            self.stats.bytes_written += w.size
+            del self.writers[tp.shard]
+            self.closed += 1
+
+    def finish(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+        self._pool.shutdown()
+
+    def abort(self) -> None:
+        for fut in self._pending:
+            fut.cancel()
+        self._pool.shutdown(wait=True)
+        for w in self.writers.values():
+            w.abort()
+
+
+def shard_header(plan: MergePlan, k: int) -> bytes:
+    header, _ = build_header(_entries(plan.shards[k].tensors), {"format": "pt"})
+    return header
+
+
+def finished_shards(plan: MergePlan, work_dir: Path, only: set[int] | None = None) -> set[int]:
+    """Shards a previous run completed (same header, full size): a resumed run keeps them.
+
+    `only`: look at these shards alone (one process of a shared merge; others are being written).
+    """
+    return {k for k, s in enumerate(plan.shards) if (only is None or k in only)
+            and (work_dir / s.file).is_file() and shard_matches(work_dir / s.file, shard_header(plan, k))}
+
+
+# Test-only: seconds to sleep after each finished shard, so a test can kill a merge mid-write.
+SLOW_WRITE_ENV = "HF_METAGPT_TEST_SLOW_WRITE"
+
+
+#: Bytes written between two requests to start writing a shard back to disk (see ShardWriter).
+WRITEBACK_STEP = 64 << 20
+
+
+class ShardWriter:
+    """Writes one safetensors shard; its tensors may arrive in any order, each one whole or in row slabs.
+
+    The header (and so every tensor's place) is known from the plan, so each tensor is written at
+    its own offset (`os.pwrite`): no shard buffer, and the engine may merge a shard's groups in any
+    order (pass 2 of a two-pass merge runs backwards, see `stream`). Row slabs of one tensor come
+    in row order. The shard is `done` once every tensor has all its bytes.
+
+    The kernel keeps written pages dirty until a background threshold (a tenth of RAM) or the
+    fsync at `close`, so a 1 GB shard would reach the disk only when it is finished, with the
+    merge waiting on that fsync. Every `WRITEBACK_STEP` bytes the writer asks the kernel to start
+    writing them back now (`posix_fadvise(DONTNEED)` starts write-back of dirty pages and drops the
+    clean ones: nobody reads the output back during the merge), so the disk writes while the
+    merge goes on and the final fsync has little left to do.
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]]) -> None:
+        self.path = path
+        self.header, self.offsets = build_header(entries, {"format": "pt"})
+        self.size = len(self.header) + (max((o[1] for o in self.offsets.values()), default=0))
+        self._left = {name: end - begin for name, (begin, end) in self.offsets.items()}
+        self._pending = set(self._left)  # tensors not complete yet (empty ones too, until written)
+        self._unsynced: list[tuple[int, int]] = []  # (offset, length) written since the last write-back
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            with disk_full_is_clear(self.path):
+                _pwrite_all(self._fd, memoryview(self.header), 0)
+        except BaseException:
+            self.abort()  # not handed to anyone yet: nobody else would remove it
+            raise
+
+    def write(self, name: str, tensor: torch.Tensor, *, part: bool = False) -> None:
+        """Write a tensor at its place; with `part`, its next rows (it is done once all its bytes came)."""
+        if name not in self._pending:
+            raise RuntimeError(f"shard {self.path.name}: got {name}, which it "
+                               + ("already has" if name in self._left else "does not hold"))
+        t = tensor.detach().to("cpu").contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        left = self._left[name]
+        if len(data) > left or (not part and len(data) != left):
+            raise RuntimeError(f"{name}: {len(data)} bytes, planned {left} more")
+        pos = len(self.header) + self.offsets[name][1] - left
+        if len(data):
+            with disk_full_is_clear(self.path):
+                _pwrite_all(self._fd, memoryview(data), pos)
+            self._unsynced.append((pos, len(data)))
+        self._left[name] = left - len(data)
+        if not self._left[name]:
+            self._pending.discard(name)
+        if sum(n for _, n in self._unsynced) >= WRITEBACK_STEP:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        if hasattr(os, "posix_fadvise"):
+            for pos, n in self._unsynced:
+                os.posix_fadvise(self._fd, pos, n, os.POSIX_FADV_DONTNEED)
+        self._unsynced = []
+
+    @property
+    def done(self) -> bool:
+        return not self._pending
+
+    def close(self) -> None:
+        """Flush to disk; the caller renames the file into place only after this."""
+        with disk_full_is_clear(self.path):
+            os.fsync(self._fd)
+        os.close(self._fd)
+        if delay := float(os.environ.get(SLOW_WRITE_ENV) or 0):
+            time.sleep(delay)  # test-only (see SLOW_WRITE_ENV)
+
+    def abort(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+        self.path.unlink(missing_ok=True)
+
+
+def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, pos)
+        data, pos = data[n:], pos + n
+
+
+def shard_matches(path: Path, header: bytes) -> bool:
+    """True when a finished shard on disk has exactly this header and its full size (resume)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(header)) != header:
+                return False
+        (n,) = struct.unpack("<Q", header[:8])
+        metas = parse_header_json(header[8:], path.name)
+        need = 8 + n + max((m.data_offsets[1] for m in metas.values()), default=0)
+        return path.stat().st_size == need
+    except (OSError, InputError):
+        return False

@@ -1,0 +1,1 @@
+"""After a merge: verify its files, evaluate per-task loss, compare methods."""

@@ -1,0 +1,1 @@
+"""Publishing a merge: the model card and the push to the Hub."""

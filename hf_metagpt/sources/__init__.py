@@ -1,0 +1,1 @@
+"""Where inputs come from: local folders, the Hub (pinned to commits), LoRA adapters."""

@@ -1,0 +1,258 @@
+"""The Hub side: resolve IDs to commit SHAs, read remote headers, download what is needed, push.
+
+Every Hub reference is pinned to a commit SHA by `resolve` before anything else is read, and every
+later call passes that SHA as the revision, so a commit pushed to a source repo mid-merge changes
+nothing. Tokens come from `token=` or huggingface_hub's usual sources (`HF_TOKEN`, `hf auth login`)
+and are only ever handed to huggingface_hub: never printed, logged or written.
+
+Endpoint, cache and offline settings are huggingface_hub's own (`HF_ENDPOINT`, `HF_HOME`,
+`HF_HUB_CACHE`, ...); nothing here re-reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import InputError
+from ..safetensors_io import TensorMeta, parse_header_json, read_header
+from .hub_calls import HubAccessError, _api, _call, _tok
+from .local import (
+    INDEX_FILE,
+    PICKLE_PATTERNS,
+    SINGLE_FILE,
+    check_index,
+    safe_relative,
+    weight_files_from_index,
+)
+from .model import ModelInfo
+from .refs import ModelRef
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+SIDE_FILES = ("config.json",)
+# A PEFT adapter repo (kept in step with lora.py's names; importing lora here would load torch/peft early).
+ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_PICKLE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+BASE_SIDE_FILES = ("generation_config.json",)
+
+
+# ---------------------------------------------------------------- retries
+# What huggingface_hub retries by itself (2.4): preupload, LFS batch/upload/verify (5xx, 429,
+# timeouts, network errors, with backoff), a file's HEAD once more with backoff when nothing is
+# cached, and a dropped or timed-out file download (resumed with Range, 5 times). Not retried:
+# model_info/repo_info, tree listings, the safetensors header Range reads, a 5xx on a file's GET,
+# create_repo/create_branch and the commit POST itself. `_call` retries those, a few times with
+# exponential backoff, and then says clearly what failed.
+
+
+# ---------------------------------------------------------------- resolve and read headers
+
+@dataclass
+class RemoteModel:
+    """A resolved Hub reference: its commit and the files it holds there (name -> size or None)."""
+
+    ref: ModelRef
+    files: dict[str, int | None]
+    private: bool = False
+
+
+def resolve(ref: ModelRef, token: str | None = None) -> RemoteModel:
+    """Pin a Hub reference to the commit SHA its revision points at now.
+
+    Example:
+        >>> resolve(parse_ref("meta-llama/Llama-2-7b-hf@main")).ref.sha
+        '01c7f73d771dfac7d292323805ebc428287df4f9'
+    """
+    from dataclasses import replace
+
+    assert ref.repo_id is not None
+    info = _call(ref.display, _api(token).model_info, ref.repo_id, revision=ref.revision, files_metadata=True)
+    if not info.sha:
+        raise HubAccessError(f"{ref.display}: the Hub gave no commit SHA for this revision.")
+    files = {s.rfilename: s.size for s in (info.siblings or [])}
+    log.info("%s -> %s", ref.display, info.sha)
+    return RemoteModel(replace(ref, sha=info.sha), files, bool(info.private))
+
+
+def remote_info(remote: RemoteModel, token: str | None = None) -> ModelInfo:
+    """Config and tensor headers of a resolved Hub model, from Range reads of the headers only."""
+    from huggingface_hub import hf_hub_download
+
+    ref = remote.ref
+    name = ref.display
+    if ADAPTER_CONFIG in remote.files and SINGLE_FILE not in remote.files and INDEX_FILE not in remote.files:
+        return _remote_adapter_info(remote, token)
+    if SINGLE_FILE not in remote.files and INDEX_FILE not in remote.files:
+        pickles = sorted(f for f in remote.files if any(Path(f).match(p) for p in PICKLE_PATTERNS))
+        if pickles:
+            raise InputError(
+                f"{name}: only pickle weights on the Hub ({', '.join(pickles[:3])}); hf-metagpt never unpickles files.",
+                hint="Ask for (or open a PR with) a safetensors conversion, or convert it yourself in a "
+                     "trusted environment with `save_pretrained(dir, safe_serialization=True)`.")
+        raise InputError(f"{name}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}) at {ref.sha}.",
+                         hint="Is this a model repo (or a PEFT adapter repo with adapter_config.json)?")
+    if "config.json" not in remote.files:
+        raise InputError(f"{name}: no config.json at {ref.sha}.", hint="Merging needs a transformers model repo.")
+    config_path = _call(name, hf_hub_download, ref.repo_id, "config.json", revision=ref.sha, token=_tok(token))
+    try:
+        config = json.loads(Path(config_path).read_text())
+    except ValueError as exc:
+        raise InputError(f"{name}: config.json is not valid JSON ({exc}).") from None
+
+    cached = _cached_headers(remote, token)
+    if cached is not None:
+        tensors, files = cached
+        return ModelInfo(ref=ref, config=config, tensors=tensors, weight_files=files)
+
+    from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
+
+    try:
+        meta = _call(name, _api(token).get_safetensors_metadata, ref.repo_id, revision=ref.sha)
+    except (NotASafetensorsRepoError, SafetensorsParsingError) as exc:
+        raise InputError(f"{name}: cannot read its safetensors headers ({exc}).",
+                         hint="The repo's weights are damaged or not safetensors.") from None
+    tensors: dict[str, TensorMeta] = {}
+    files = sorted({safe_relative(str(f), name) for f in meta.weight_map.values()})
+    for file in files:
+        fm = meta.files_metadata.get(file)
+        if fm is None:
+            raise InputError(f"{name}: shard {file} named in the index could not be read.")
+        header = {t: {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": list(i.data_offsets)}
+                  for t, i in fm.tensors.items()}
+        for tname, tm in parse_header_json(json.dumps(header).encode(), file).items():
+            if meta.weight_map.get(tname, file) != file and meta.sharded:
+                raise InputError(f"{name}: {INDEX_FILE} places {tname!r} in {meta.weight_map[tname]}, "
+                                 f"but {file} holds it.", hint="The index is stale or damaged.")
+            if tname in tensors:
+                raise InputError(f"{name}: tensor {tname!r} is stored twice ({tensors[tname].file}, {file}).")
+            tensors[tname] = tm
+    missing = [t for t in meta.weight_map if t not in tensors]
+    if missing:
+        raise InputError(f"{name}: {INDEX_FILE} lists {missing[0]!r} but no shard holds it.",
+                         hint="The index is stale or damaged.")
+    return ModelInfo(ref=ref, config=config, tensors=tensors, weight_files=files)
+
+
+def _remote_adapter_info(remote: RemoteModel, token: str | None) -> ModelInfo:
+    """A PEFT LoRA adapter repo: fetch its config and weights at the pinned commit, read them with peft.
+
+    Adapters are small (their rank-r factors), so both files come whole at plan time and stay in
+    the Hub cache; the merge reads them from there.
+    """
+    from huggingface_hub import snapshot_download
+
+    from .lora import load_adapter_info
+
+    ref = remote.ref
+    if ADAPTER_WEIGHTS not in remote.files:
+        if ADAPTER_PICKLE in remote.files:
+            raise InputError(f"{ref.display}: only a pickle adapter ({ADAPTER_PICKLE}) on the Hub; hf-metagpt "
+                             f"never unpickles files.",
+                             hint="Re-save it with peft in a trusted environment (save_pretrained(out, "
+                                  "safe_serialization=True)) and push the safetensors version.")
+        raise InputError(f"{ref.display}: {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} at {ref.sha}.",
+                         hint="Push the complete PEFT adapter folder (save_pretrained output).")
+    folder = _call(ref.display, snapshot_download, ref.repo_id, revision=ref.sha,
+                   allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS], token=_tok(token))
+    return load_adapter_info(ref, Path(folder))
+
+
+def _cached_headers(remote: RemoteModel, token: str | None) -> tuple[dict[str, TensorMeta], list[str]] | None:
+    """Headers from shards already in the Hub cache at this commit (a rerun reads nothing remote)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    ref = remote.ref
+    if INDEX_FILE in remote.files:
+        if try_to_load_from_cache(ref.repo_id, INDEX_FILE, revision=ref.sha) is None:
+            return None
+        # At a commit SHA a cached file is returned without any request.
+        index_path = Path(hf_hub_download(ref.repo_id, INDEX_FILE, revision=ref.sha, token=_tok(token)))
+        try:
+            index = json.loads(index_path.read_text())
+            files = weight_files_from_index(index, ref.display)
+        except ValueError:
+            return None
+    else:
+        files = [SINGLE_FILE]
+    paths = {f: try_to_load_from_cache(ref.repo_id, f, revision=ref.sha) for f in files}
+    if not all(isinstance(p, str) for p in paths.values()):
+        return None
+    tensors: dict[str, TensorMeta] = {}
+    for f, p in paths.items():
+        for name, meta in read_header(Path(p), f).items():
+            if name in tensors:
+                raise InputError(f"{ref.display}: tensor {name!r} is stored twice ({tensors[name].file}, {f}).")
+            tensors[name] = meta
+    if INDEX_FILE in remote.files:
+        check_index(index, ref.display, tensors)
+    log.debug("%s: headers read from the Hub cache", ref.display)
+    return tensors, files
+
+
+def read_license(ref: ModelRef, files: dict[str, int | None], token: str | None = None) -> str | None:
+    """The `license:` of a Hub model's card at its pinned commit (None when it has none)."""
+    if ref.repo_id is None or "README.md" not in files:
+        return None
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    try:
+        path = _call(ref.display, hf_hub_download, ref.repo_id, "README.md", revision=ref.sha, token=_tok(token))
+        lic = ModelCard.load(path, ignore_metadata_errors=True).data.license
+    except Exception as exc:  # a broken card must not stop a merge; the card says "unknown"
+        log.debug("could not read the card of %s: %s", ref.display, exc)
+        return None
+    return lic if isinstance(lic, str) else None
+
+
+def local_license(folder: Path | None) -> str | None:
+    if folder is None or not (folder / "README.md").is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        lic = ModelCard.load(folder / "README.md", ignore_metadata_errors=True).data.license
+    except Exception:
+        return None
+    return lic if isinstance(lic, str) else None
+
+
+# ---------------------------------------------------------------- downloads
+
+
+_REMOTE_FILES: dict[tuple[str, str], dict[str, int | None]] = {}
+
+
+def _remote_files(info: ModelInfo) -> dict[str, int | None]:
+    return _REMOTE_FILES.get((info.ref.repo_id or "", info.ref.sha or ""), {})
+
+
+def remember_files(remote: RemoteModel) -> None:
+    """Keep the file listing of a resolved commit (immutable, so safe to cache per process)."""
+    _REMOTE_FILES[(remote.ref.repo_id or "", remote.ref.sha or "")] = dict(remote.files)
+
+
+def cached_path(info: ModelInfo, file: str) -> Path | None:
+    """The file from the Hub cache at the pinned commit, if it is there (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    got = try_to_load_from_cache(info.ref.repo_id, file, revision=info.ref.sha)
+    return Path(got) if isinstance(got, str) else None
+
+
+# ---------------------------------------------------------------- push
+
+
+def hub_url(ref: ModelRef) -> str:
+    """A browsable link to a pinned Hub reference (on the configured endpoint)."""
+    from huggingface_hub import constants
+
+    base = constants.ENDPOINT.rstrip("/")
+    return f"{base}/{ref.repo_id}/tree/{ref.sha}" if ref.sha else f"{base}/{ref.repo_id}"
+
+

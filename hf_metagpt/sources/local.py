@@ -1,0 +1,110 @@
+"""A model in a local folder: its weight files (index or single file) and their safetensors headers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..safetensors_io import TensorMeta, read_header
+from .model import ModelInfo
+from .refs import ModelRef
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+SINGLE_FILE = "model.safetensors"
+
+
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def load_local_info(ref: ModelRef) -> ModelInfo:
+    """Config and tensor headers of a local model folder (no tensor data read)."""
+    folder = ref.local_path
+    assert folder is not None
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{ref.display}: no config.json in {ref.spec}.",
+                         hint="Point at a transformers model folder (save_pretrained output).")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise InputError(f"{ref.display}: config.json is not valid JSON ({exc}).") from None
+    files, index = local_weight_files(folder, ref.display)
+    tensors: dict[str, TensorMeta] = {}
+    for rel in files:
+        try:
+            header = read_header(folder / rel, rel)
+        except InputError as exc:  # name the model too: the same shard name exists in every input
+            raise InputError(f"{ref.display}: {exc.message}", hint=exc.hint) from None
+        for name, meta in header.items():
+            if name in tensors:
+                raise InputError(f"{ref.display}: tensor {name!r} is stored twice ({tensors[name].file}, {rel}).")
+            tensors[name] = meta
+    if index is not None:
+        check_index(index, ref.display, tensors)
+    return ModelInfo(ref=ref, config=config, tensors=tensors, weight_files=files)
+
+
+def safe_relative(name: str, model: str) -> str:
+    """Refuse index entries that point outside the model folder."""
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or name.startswith(("/", "\\")) or "\0" in name or p.as_posix() == ".":
+        raise InputError(f"{model}: the weight index names a file outside the model: {name!r}.",
+                         hint="The index is damaged or malicious; re-download the model.")
+    return p.as_posix()
+
+
+def weight_files_from_index(index: dict[str, Any], model: str) -> list[str]:
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise InputError(f"{model}: {INDEX_FILE} has no weight_map.", hint="Re-download or re-save the model.")
+    bad = [f for f in wm.values() if not isinstance(f, str)]
+    if bad:
+        raise InputError(f"{model}: {INDEX_FILE} names a file that is not a string: {bad[0]!r}.",
+                         hint="The index is damaged; re-download or re-save the model.")
+    return sorted({safe_relative(f, model) for f in wm.values()})
+
+
+def local_weight_files(folder: Path, model: str) -> tuple[list[str], dict[str, Any] | None]:
+    """The weight files of a local model, and its parsed index when it has one."""
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+        except ValueError as exc:
+            raise InputError(f"{model}: {INDEX_FILE} is not valid JSON ({exc}).") from None
+        files = weight_files_from_index(index, model)
+        for f in files:
+            if not (folder / f).is_file():
+                raise InputError(f"{model}: shard {f} named in {INDEX_FILE} is missing.",
+                                 hint="Re-download the model (an interrupted download?).")
+        return files, index
+    if (folder / SINGLE_FILE).is_file():
+        return [SINGLE_FILE], None
+    pickles = [p.name for pat in PICKLE_PATTERNS for p in folder.glob(pat)]
+    if pickles:
+        raise InputError(
+            f"{model}: only pickle weights ({', '.join(sorted(pickles)[:3])}); hf-metagpt never unpickles files.",
+            hint="Convert to safetensors first, e.g. load with transformers and "
+                 "`model.save_pretrained(dir, safe_serialization=True)` in a trusted environment.",
+        )
+    raise InputError(f"{model}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}) found.",
+                     hint="Point at a folder holding the model's *.safetensors files.")
+
+
+def check_index(index: dict[str, Any], model: str, tensors: dict[str, TensorMeta]) -> None:
+    """The (parsed) index and the shards' headers must agree (a stale index makes a broken merge)."""
+    for name, file in index.get("weight_map", {}).items():
+        meta = tensors.get(name)
+        if meta is None or meta.file != Path(file).as_posix():
+            raise InputError(f"{model}: {INDEX_FILE} places {name!r} in {file}, but that shard does not hold it.",
+                             hint="The index is stale or damaged; re-download the model.")
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
