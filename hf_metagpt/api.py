@@ -1,38 +1,29 @@
-"""The pipeline, top to bottom: resolve → plan → stream → write → card → push."""
+"""The pipeline, top to bottom: options → sources → plan (and every check) → fetch → execute → publish.
+
+Every check that needs no weights runs before the first weight is read: the inputs' configs and
+headers, the architecture (an empty-weight model built from the base's config), the output
+folder, push permission and disk space. Then the work folder is locked, Hub shards are fetched,
+the executor runs the schedule, and the finished folder is swapped into place and pushed.
+"""
 
 from __future__ import annotations
 
 import logging
-import resource
 import shutil
-import tempfile
-from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
-from .engine.distributed import (
-    MainProcessStopped,
-    Share,
-    World,
-    check_supported,
-    connect,
-)
-from .engine.executor import Merger
+from .engine.distributed import MainProcessStopped, Share, World, check_supported, connect
+from .engine.executor import Executor
 from .engine.fetch import FileProvider
-from .engine.plan import MergePlan, build_plan, check_against_skeleton
-from .engine.workdir import (
-    OutputDirs,
-    cached_norms,
-    check_output,
-    norms_key,
-    plan_key,
-    prepare,
-    publish,
-    write_side_files,
-)
-from .errors import MergeError
+from .engine.ledger import NormLedger
+from .engine.plan import MergePlan, build_plan
+from .engine.workdir import (OutputDirs, OutputLock, cached_norms, check_output, ledger_key, plan_key, prepare,
+                             publish, write_side_files)
+from .errors import IntegrityError, MergeError
 from .methods import get_method
 from .methods.base import MergeMethod
 from .options import MergeOptions, build_options, dump_recipe
@@ -44,14 +35,15 @@ from .sources.refs import ModelRef, parse_ref
 log = logging.getLogger("hf_metagpt")
 
 LOW_LAMBDA = 0.01
+T = TypeVar("T")
 
 
-def _options(options: MergeOptions | None, kwargs: dict[str, Any]) -> MergeOptions:
+def _options(options: MergeOptions | None, kwargs: dict[str, Any], *, for_merge: bool = True) -> MergeOptions:
     if options is None:
-        return build_options(**kwargs)
-    if kwargs:
+        options = build_options(validate=False, **kwargs)
+    elif kwargs:
         raise TypeError("pass either a MergeOptions or keyword arguments, not both")
-    options.validate()
+    options.validate(for_merge=for_merge)
     return options
 
 
@@ -67,9 +59,7 @@ def _load_info(ref: ModelRef, token: str | None = None) -> ModelInfo:
     if ref.is_hub:
         from .sources import hub
 
-        remote = hub.resolve(ref, token)
-        hub.remember_files(remote)
-        return hub.remote_info(remote, token)
+        return hub.remote_info(hub.resolve(ref, token), token)
     from .sources.lora import is_adapter_folder, load_adapter_info
 
     if is_adapter_folder(ref.local_path):
@@ -77,51 +67,26 @@ def _load_info(ref: ModelRef, token: str | None = None) -> ModelInfo:
     return load_local_info(ref)
 
 
-def _fetch_inputs(the_plan: MergePlan, opts: MergeOptions, target: Path, overlap: bool = True) -> FileProvider | None:
-    """Fetch what the Hub inputs need (after the plan checked them); the provider of their shards.
-
-    Default: the side files now, the shards on threads while the merge runs (`fetch.OverlappedFiles`).
-    `--low-disk`: shards fetched one group ahead and deleted after use (`fetch.LowDiskFiles`).
-    `overlap=False` (a merge in several processes): everything is downloaded before merging, as the
-    other processes read the shards from the Hub cache by themselves and a provider's threads
-    cannot travel to them with the plan.
-    """
-    if not any(i.ref.is_hub for i in the_plan.inputs):
-        return None
-    from .engine import fetch
-
-    fetch.check_disk(the_plan, target, opts.low_disk)
-    if opts.low_disk:
-        fetch.download(the_plan, opts.token, weights=False)
-        return fetch.LowDiskFiles(the_plan, target.parent / f".{target.name}.hf-metagpt-download", opts.token)
-    if not overlap:
-        fetch.download(the_plan, opts.token)
-        return None
-    fetch.download(the_plan, opts.token, weights=False, weight_index=True)
-    return fetch.OverlappedFiles(the_plan, opts.token)
-
-
-def _close(files: FileProvider | None) -> None:
-    """Stop a provider's downloads and threads (providers for Hub inputs have `close`)."""
-    close = getattr(files, "close", None)
-    if close is not None:
-        close()
-
-
 def plan(options: MergeOptions | None = None, **kwargs: Any) -> MergePlan:
-    """Check the inputs and lay out the merge without reading any weights.
+    """Check the inputs and lay out the merge without reading any weights (no output needed).
+
+    Takes the same arguments as `merge`. Hub inputs are pinned to their commits and only their
+    safetensors headers are read; the plan notes what a merge would download.
+
+    Raises:
+        MergeError: an input, option or the architecture check refuses the merge (the message says why).
 
     Example:
-        >>> print(hf_metagpt.plan(base="base/", models=["chat/", "math/"], output="-").describe())
+        >>> print(hf_metagpt.plan(base="base/", models=["chat/", "math/"]).describe())
     """
-    opts = _options(options, kwargs)
+    opts = _options(options, kwargs, for_merge=False)
     method = get_method(opts.method, **opts.parameters)
     base, models = load_infos(opts)
     the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
     if any(i.ref.is_hub for i in the_plan.inputs):
         from .engine.fetch import download_note
 
-        the_plan.notes.append(download_note(the_plan))
+        the_plan = the_plan.with_notes([download_note(the_plan)])
     return the_plan
 
 
@@ -130,14 +95,38 @@ def select_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise MergeError("--device cuda was asked for but no CUDA GPU is available.", hint="Use --device cpu or auto.")
+        raise MergeError("--device cuda was asked for but no CUDA GPU is available.",
+                         hint="Use --device cpu or auto (device='cpu').")
     from accelerate import PartialState
 
     return PartialState().device
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What the main process prepared (and, in a shared merge, handed to the others)."""
+
+    plan: MergePlan
+    dirs: OutputDirs
+    key: str
+    cached: dict[str, list[float]] | None
+
+
 def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwargs: Any) -> MergeResult:
-    """Merge a base model and its fine-tunes and write the result (and push it when asked).
+    """Merge a base model and its fine-tunes with MetaGPT (or another method), write it, push it if asked.
+
+    Args:
+        options: a `MergeOptions`; or give its fields as keyword arguments instead, e.g.
+            `base` and `models` (local folders as `str | os.PathLike`, or Hub IDs `org/name[@rev]`),
+            `output`, `method`, `granularity`, `parameters`, `dtype`, `push_to`, `token`, ...
+        progress: show progress bars.
+
+    Returns:
+        A `MergeResult`: λ per group and model, squared norms, statistics, warnings.
+
+    Raises:
+        MergeError: anything the user can fix (inputs, options, output folder, Hub access); its
+            `hint` says how. Nothing already written is lost, and an interrupted merge resumes.
 
     Example:
         >>> result = hf_metagpt.merge(base="llama-base/", models=["chat/", "math/", "code/"],
@@ -149,118 +138,128 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
     # Launched as several processes (`accelerate launch`, `--num-processes`): each writes its share
     # of the shards, the main one prepares and publishes (see `distributed`). None: one process.
     world = connect(opts.device)
+    main = world is None or world.is_main
     if world is not None:
         check_supported(opts.output_format, opts.low_disk)
-        progress = progress and world.is_main
-    seed = opts.seed if method.uses_seed else None
-    params = method.params()
-    lora_out = opts.output_format == "lora"
-    # The main process checks, plans, prepares the work folder and downloads; the others get its plan.
-    the_plan, dirs, nkey, files, local = _on_main(world, lambda: _prepare(opts, method, seed, params,
-                                                                           overlap=world is None))
-    base, models = the_plan.base, the_plan.models
-    local = local and (world is None or world.is_main)  # the skeleton check runs once, on the main process
-    merger_cls = Merger
-    extra: dict[str, Any] = {}
-    if lora_out:
-        from .engine.adapter_output import AdapterMerger
-
-        merger_cls, extra = AdapterMerger, {"lora_rank": opts.lora_rank}
-    if world is not None:
-        extra["share"] = Share.of(world, the_plan)
+        progress = progress and main
+    device = select_device(opts.device)
+    target = output_folder(opts)
+    lock = OutputLock(target).acquire() if main else None
     try:
-        merger = merger_cls(the_plan, method, dirs.work, device=select_device(opts.device), seed=seed,
-                            allow_nonfinite=opts.allow_nonfinite, progress=progress, files=files, **extra)
-    except BaseException:
-        _close(files)  # shard downloads may be running already
-        raise
-    skeleton_warnings: list[str] = []
-    skeleton = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-skeleton")
-    skeleton_check = skeleton.submit(check_against_skeleton, base, skeleton_warnings) if local else None
-    if skeleton_check is not None and world is not None:
-        # In a process group the merge thread's first lazy import (peft, for TIES/DARE) was seen
-        # to find transformers half-imported by the skeleton thread: let the check end first
-        # (seconds, on the main process only; the others are merging meanwhile).
-        wait([skeleton_check])
-    try:
-        merger.run(cached_norms=cached_norms(dirs.target, nkey) if method.uses_group_norms else None)
+        job = _on_main(world, lambda: _prepare(opts, method, target, device.type, overlap=world is None))
+        files = _provider(job.plan, opts, job.dirs) if world is None else None
+        executor = _executor(job, method, opts, device, files, world, progress)
+        executor.run()
+        result = _on_main(world, lambda: _finish(job, method, opts, executor))
     finally:
-        _close(files)
-        # accelerate's init_empty_weights patches torch.nn globally while the skeleton is built:
-        # never return (not even with an error) while that thread still runs.
-        skeleton.shutdown(wait=True)
-
-    def finish() -> MergeResult:
-        if skeleton_check is not None:
-            try:
-                skeleton_check.result()
-            except MergeError:
-                shutil.rmtree(dirs.work, ignore_errors=True)  # nothing of a refused merge stays
-                raise
-            for w in skeleton_warnings:
-                log.warning("warning: %s", w)
-            the_plan.warnings.extend(skeleton_warnings)
-
-        result = MergeResult(
-            output=dirs.target, base=base.ref, models=[m.ref for m in models], method=method.name,
-            parameters=params, granularity=the_plan.options.granularity, seed=seed,
-            coefficients=merger.coefficients, sq_norms=dict(merger.norms.sq) if method.uses_group_norms else {},
-            stats=merger.stats, norms_key=nkey, out_dtype=the_plan.out_dtype,
-            warnings=list(the_plan.warnings), notes=list(the_plan.notes), recipe=_pinned_recipe(opts, base, models),
-        )
-        _coefficient_warnings(result, method)
-        if lora_out and opts.lora_rank is not None:
-            from .engine.adapter_output import energy_note
-
-            if note := energy_note(merger.energy, opts.lora_rank):  # type: ignore[attr-defined]
-                result.notes.append(note)
-                log.info("note: %s", note)
-        _finish(the_plan, result, dirs, opts.token)
-        result.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return result
-
-    # Every process has every norm now (gathered); the main one writes the side files and publishes,
-    # and every process returns once the output is in place.
-    result = _on_main(world, finish)
-    if opts.push_to and (world is None or world.is_main):
+        if lock is not None:
+            lock.release()
+    if opts.push_to and main:
         from .publish.push import push
 
-        result.pushed_url = push(dirs.target, opts.push_to, token=opts.token, private=opts.private,
-                                 create_pr=opts.create_pr, revision=opts.revision,
-                                 commit_message=opts.commit_message)
+        result.pushed_url = push(job.dirs.target, opts.push_to, token=opts.token, private=opts.private,
+                                 create_pr=opts.create_pr, revision=opts.revision, commit_message=opts.commit_message)
+        if not opts.output:  # the stable folder under the Hub cache served its purpose
+            shutil.rmtree(job.dirs.target, ignore_errors=True)
+            result.output = None
     return result
 
 
-def _prepare(opts: MergeOptions, method: MergeMethod, seed: int | None, params: dict[str, Any],
-             overlap: bool = True) -> tuple[MergePlan, OutputDirs, str, FileProvider | None, bool]:
-    """Resolve the inputs, check the output, plan, prepare the work folder and fetch Hub inputs.
+def output_folder(opts: MergeOptions) -> Path:
+    """The output folder: `output`, or for `push_to` without one a stable folder under the Hub cache
+    (the same for a rerun, so an interrupted merge resumes; removed after a successful push)."""
+    if opts.output:
+        return Path(opts.output).expanduser().resolve()
+    from huggingface_hub import constants
 
-    `overlap`: shards may download while the merge runs (one process; see `_fetch_inputs`).
+    return Path(constants.HF_HOME) / "hf-metagpt" / "push" / str(opts.push_to).replace("/", "--")
+
+
+def _prepare(opts: MergeOptions, method: MergeMethod, target: Path, device_type: str, *, overlap: bool) -> _Job:
+    """Resolve the inputs, run every check that needs no weights, prepare the work folder, fetch side files.
+
+    `overlap`: shards download while the merge runs (one process; see `_provider`); otherwise
+    everything is downloaded now (the other processes of a shared merge read the Hub cache).
     """
     base, models = load_infos(opts)
-    # --push-to without --output: build the folder in a temporary place (it is what gets pushed).
-    target = Path(opts.output) if opts.output else \
-        Path(tempfile.mkdtemp(prefix="hf-metagpt-")) / str(opts.push_to).rsplit("/", 1)[-1]
-    check_output(target, [base, *models], opts.overwrite)
-    # Hub inputs: every check before the first download. Local inputs: the meta-model skeleton
-    # check (seconds of imports) runs on a thread beside the merge and is awaited before publishing.
-    local = not any(info.ref.is_hub for info in (base, *models))
-    the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms,
-                          check_skeleton=not local)
+    # The stable folder of `--push-to` without `--output` is ours: a rerun after a failed push replaces it.
+    check_output(target, [base, *models], opts.overwrite or not opts.output)
+    the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
     for w in the_plan.warnings:
         log.warning("warning: %s", w)
     for n in the_plan.notes:
         log.info("note: %s", n)
+    if opts.output_format == "lora":
+        from .engine.adapter_output import check_lora_output
 
-    nkey = norms_key(the_plan, method.name, params, seed)
-    lora_out = opts.output_format == "lora"
+        check_lora_output(the_plan, method)
+    if opts.push_to:
+        from .publish.push import check_push_access
+
+        check_push_access(opts.push_to, opts.token, create_pr=opts.create_pr)
+    seed = opts.seed if method.uses_seed else None
+    key = ledger_key(the_plan, method.name, method.params(), seed, allow_nonfinite=opts.allow_nonfinite,
+                     device_type=device_type)
+    if any(i.ref.is_hub for i in the_plan.inputs):
+        from .engine import fetch
+
+        fetch.check_disk(the_plan, target, opts.low_disk)
+        if opts.low_disk:
+            the_plan = fetch.download(the_plan, opts.token, weights=False)
+        elif overlap:
+            the_plan = fetch.download(the_plan, opts.token, weights=False, weight_index=True)
+        else:
+            the_plan = fetch.download(the_plan, opts.token)
     # A merged adapter is another output than the shards of the same plan: never resume one from the other.
-    dirs = prepare(target, plan_key(the_plan, nkey if not lora_out else f"{nkey}|lora|{opts.lora_rank}"))
-    files = _fetch_inputs(the_plan, opts, dirs.target, overlap)
-    return the_plan, dirs, nkey, files, local
+    lora_out = opts.output_format == "lora"
+    dirs = prepare(target, plan_key(the_plan, key if not lora_out else f"{key}|lora|{opts.lora_rank}"))
+    cached = cached_norms(dirs.target, key) if method.uses_group_norms else None
+    return _Job(the_plan, dirs, key, cached)
 
 
-def _on_main(world: World | None, fn):
+def _provider(the_plan: MergePlan, opts: MergeOptions, dirs: OutputDirs) -> FileProvider | None:
+    """Where the Hub inputs' shards come from while the merge runs (None: local inputs only).
+
+    Default: downloaded on threads into the Hub cache in walk order (`fetch.OverlappedFiles`).
+    `--low-disk`: fetched one group ahead and deleted after use (`fetch.LowDiskFiles`).
+    The executor owns the provider from here on (it closes it, first, when it stops).
+    """
+    if not any(i.ref.is_hub for i in the_plan.inputs):
+        return None
+    from .engine import fetch
+
+    if opts.low_disk:
+        return fetch.LowDiskFiles(the_plan, dirs.target.parent / f".{dirs.target.name}.hf-metagpt-download", opts.token)
+    return fetch.OverlappedFiles(the_plan, opts.token)
+
+
+def _executor(job: _Job, method: MergeMethod, opts: MergeOptions, device: torch.device,
+              files: FileProvider | None, world: World | None, progress: bool) -> Executor:
+    ledger = NormLedger(len(job.plan.models), key=job.key)
+    if method.uses_group_norms:
+        if job.cached is not None:
+            ledger.load(job.cached)
+        else:
+            ledger.load_saved(job.dirs.work)
+    cls: type[Executor] = Executor
+    extra: dict[str, Any] = {}
+    if opts.output_format == "lora":
+        from .engine.adapter_output import AdapterOutput
+
+        cls, extra = AdapterOutput, {"lora_rank": opts.lora_rank}
+    share = Share.of(world, job.plan) if world is not None else None
+    try:
+        return cls(job.plan, method, job.dirs.work, device=device, ledger=ledger, files=files,
+                   seed=opts.seed if method.uses_seed else None, allow_nonfinite=opts.allow_nonfinite,
+                   progress=progress, share=share, **extra)
+    except BaseException:
+        close = getattr(files, "close", None)
+        if close is not None:
+            close(timeout=2.0)  # shard downloads may be running already
+        raise
+
+
+def _on_main(world: World | None, fn: Callable[[], T]) -> T:
     """fn() in the main process; the others get its value (or stop when it fails)."""
     if world is None:
         return fn()
@@ -278,12 +277,17 @@ def _on_main(world: World | None, fn):
     return value
 
 
-def _pinned_recipe(opts: MergeOptions, base: ModelInfo, models: list[ModelInfo]) -> str:
-    """The recipe that reproduces this merge, with every Hub input pinned to its commit."""
+def public_recipe(opts: MergeOptions, base: ModelInfo, models: list[ModelInfo]) -> str:
+    """The recipe that reproduces this merge: Hub inputs pinned to their commits, no secret, no output
+    and no local path (a local input appears by its folder name, the way a user would pass it)."""
     from dataclasses import replace
 
-    pinned = replace(opts, base=base.ref.pinned, models=[m.ref.pinned for m in models], token=None,
-                     overwrite=False)
+    def ref(info: ModelInfo) -> str:
+        return info.ref.pinned if info.ref.is_hub else info.ref.display.rstrip("/").rsplit("/", 1)[-1]
+
+    pinned = replace(opts, base=ref(base), models=[ref(m) for m in models], token=None, overwrite=False, output="",
+                     tokenizer_source=opts.tokenizer_source if opts.tokenizer_source in ("base", "") else
+                     Path(str(opts.tokenizer_source)).name)
     return dump_recipe(pinned)
 
 
@@ -305,7 +309,51 @@ def _coefficient_warnings(result: MergeResult, method: MergeMethod) -> None:
         log.warning("warning: %s", msg)
 
 
-def _finish(the_plan: MergePlan, result: MergeResult, dirs: OutputDirs, token: str | None = None) -> None:
+def _finish(job: _Job, method: MergeMethod, opts: MergeOptions, executor: Executor) -> MergeResult:
+    """The result, side files, coefficients, recipe and card in the work folder; then swap it into place."""
+    the_plan, dirs = job.plan, job.dirs
+    missing = [g for g in the_plan.norm_groups if g not in executor.coefficients]
+    if missing:  # the ledger is saved before every shard: a resumed run must know every group
+        raise IntegrityError(f"The merge has no coefficients for {len(missing)} group(s), e.g. {missing[0]!r}; "
+                             f"nothing was published.",
+                             hint=f"Remove {dirs.work} and run the merge again.")
+    result = MergeResult(
+        output=dirs.target, base=the_plan.base.ref, models=[m.ref for m in the_plan.models], method=method.name,
+        parameters=method.params(), granularity=the_plan.granularity, seed=opts.seed if method.uses_seed else None,
+        coefficients=executor.coefficients,
+        sq_norms=executor.ledger.table(the_plan.norm_groups).as_lists() if method.uses_group_norms else {},
+        stats=executor.stats, norms_key=job.key, out_dtype=the_plan.out_dtype, warnings=list(the_plan.warnings),
+        notes=list(the_plan.notes), recipe=public_recipe(opts, the_plan.base, list(the_plan.models)),
+        precision=executor.precision,
+    )
+    _coefficient_warnings(result, method)
+    energy = getattr(executor, "energy", None)
+    if energy is not None and opts.lora_rank is not None:
+        from .engine.adapter_output import energy_note
+
+        if note := energy_note(energy, opts.lora_rank):
+            result.notes.append(note)
+            log.info("note: %s", note)
+    _write_publish(the_plan, result, dirs, opts.token)
+    result.peak_rss = _peak_rss()
+    return result
+
+
+def _peak_rss() -> int:
+    """Peak resident memory of this process in bytes (0 where the platform cannot tell)."""
+    try:
+        import resource  # not on Windows
+    except ImportError:
+        try:
+            import psutil
+
+            return int(getattr(psutil.Process().memory_info(), "peak_wset", 0))
+        except Exception:
+            return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _write_publish(the_plan: MergePlan, result: MergeResult, dirs: OutputDirs, token: str | None = None) -> None:
     from .publish.card import all_licenses, write_card
     from .result import COEFFICIENTS_FILE
     from .safetensors_io import disk_full_is_clear

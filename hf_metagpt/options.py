@@ -58,8 +58,11 @@ class MergeOptions:
     commit_message: str | None = None
     low_disk: bool = False
 
-    def validate(self) -> None:
-        """Check values that do not depend on the models (before anything is read)."""
+    def validate(self, *, for_merge: bool = True) -> None:
+        """Check values that do not depend on the models (before anything is read).
+
+        `for_merge=False`: for `plan()`, which writes nothing and so needs no output folder.
+        """
         if not self.base:
             raise RecipeError("No base model given.", hint="Pass --base MODEL (or `base:` in the recipe).")
         if not self.models:
@@ -67,7 +70,7 @@ class MergeOptions:
                 "No fine-tuned model given: MetaGPT needs at least one fine-tune of the base.",
                 hint="List one or more fine-tunes after --base BASE.",
             )
-        if not self.output and not self.push_to:
+        if for_merge and not self.output and not self.push_to:
             raise RecipeError("No output folder given.", hint="Pass --output DIR (or `output:` in the recipe).")
         for name, allowed in (("granularity", GRANULARITIES), ("dtype", DTYPES), ("device", DEVICES),
                               ("output_format", OUTPUT_FORMATS)):
@@ -201,14 +204,18 @@ def _describe(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
-def build_options(recipe: str | Path | None = None, **overrides: Any) -> MergeOptions:
-    """Options from a recipe file (if any) with explicit values on top (None means 'not given')."""
+def build_options(recipe: str | Path | None = None, *, validate: bool = True, **overrides: Any) -> MergeOptions:
+    """Options from a recipe file (if any) with explicit values on top (None means 'not given').
+
+    `validate=False` leaves the checks to the caller (`plan()` needs no output folder).
+    """
     values: dict[str, Any] = load_recipe(recipe) if recipe else {}
     for key, value in overrides.items():
         if value is not None and value != [] :
             values[key] = value
     opts = MergeOptions(**values)
-    opts.validate()
+    if validate:
+        opts.validate()
     return opts
 
 

@@ -44,6 +44,8 @@ class MergeResult:
     notes: list[str] = field(default_factory=list)
     recipe: str = ""
     pushed_url: str | None = None
+    #: what the weighted sums accumulated in: float64 (fused and low-rank kernels) or float32 (the rest)
+    precision: str = "float64"
 
     @property
     def model_lambdas(self) -> dict[str, list[float]]:

@@ -296,7 +296,7 @@ def test_transforming_method_forms_adapter_task_vectors(lora_family, tmp_path):
 def test_plain_adapters_merge_as_stacked_low_rank_products_in_slabs(lora_family, tmp_path, monkeypatch, granularity):
     """Adapters without saved modules: c0·θ0 + [w·s·B]·[A] per block of rows, never a full-size τ;
     an embedding LoRA (Δ = (B·A)ᵀ) included, the base cut into row slabs and jobs."""
-    from hf_metagpt.engine import executor as stream, kernels
+    from hf_metagpt.engine import kernels, merging
     from hf_metagpt.engine.pieces import UNIT_ENV
 
     f = lora_family
@@ -310,7 +310,7 @@ def test_plain_adapters_merge_as_stacked_low_rank_products_in_slabs(lora_family,
     calls = []
     real = kernels.base_plus_lowrank
     monkeypatch.setattr(kernels, "base_plus_lowrank", lambda *a, **k: (calls.append(a[2]), real(*a, **k))[1])
-    monkeypatch.setattr(stream, "JOB", 500)  # 8 rows of 64 a job
+    monkeypatch.setattr(merging, "JOB", 500)  # 8 rows of 64 a job
     monkeypatch.setenv(UNIT_ENV, "0.01")  # 10 KiB: the 32 KiB float32 embedding in 4 slabs
     out = tmp_path / "merged"
     result = hf_metagpt.merge(base=str(f["base"]), models=[str(a) for a in adapters], output=str(out),

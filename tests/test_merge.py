@@ -101,7 +101,7 @@ def test_output_dtype_float32_and_recipe_matches_flags(family, tmp_path):
 
 
 def test_interrupted_run_leaves_no_output_and_resumes_to_same_bytes(family, tmp_path, monkeypatch):
-    from hf_metagpt.engine import executor as stream
+    from hf_metagpt.engine import merging
 
     _, base, fts = family
     args = dict(base=str(base), models=[str(f) for f in fts], max_shard_size="40KB", device="cpu", progress=False)
@@ -109,15 +109,15 @@ def test_interrupted_run_leaves_no_output_and_resumes_to_same_bytes(family, tmp_
     hf_metagpt.merge(output=str(clean), **args)
 
     calls = {"n": 0}
-    real = stream.Merger._fast_merge
+    real = merging.FusedKernel.merge
 
-    def crash_later(self, tensors, raws, piece):
+    def crash_later(self, tensors, raws, piece, coefs):
         calls["n"] += len(tensors)
         if calls["n"] >= 25:
             raise KeyboardInterrupt("simulated kill")
-        return real(self, tensors, raws, piece)
+        return real(self, tensors, raws, piece, coefs)
 
-    monkeypatch.setattr(stream.Merger, "_fast_merge", crash_later)
+    monkeypatch.setattr(merging.FusedKernel, "merge", crash_later)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         hf_metagpt.merge(output=str(out), **args)
@@ -127,7 +127,7 @@ def test_interrupted_run_leaves_no_output_and_resumes_to_same_bytes(family, tmp_
     finished = sorted(p.name for p in work.glob("model-*.safetensors"))
     assert finished, "some shards should have finished before the crash"
 
-    monkeypatch.setattr(stream.Merger, "_fast_merge", real)
+    monkeypatch.setattr(merging.FusedKernel, "merge", real)
     result = hf_metagpt.merge(output=str(out), **args)
     assert result.stats.shards_reused == len(finished)
     assert result.stats.passes == 1  # norms of pass 1 kept beside the output

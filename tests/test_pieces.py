@@ -162,13 +162,13 @@ def test_shard_written_in_slabs_loads_like_any_other(family, tmp_path, monkeypat
 
 @pytest.mark.parametrize("granularity", ["model", "tensor"])
 def test_tensors_cut_into_jobs_for_both_threads_equal_reference(family, tmp_path, monkeypatch, granularity):
-    from hf_metagpt.engine import executor as stream
+    from hf_metagpt.engine import merging
 
     _, base, fts = family
     # 1000 elements a job: every tiny matrix (2048 to 16384 elements) is merged in several jobs.
-    monkeypatch.setattr(stream, "JOB", 1000)
-    assert stream.Merger._spans(2500) == [(0, 1000), (1000, 2000), (2000, 2500)]
-    assert stream.Merger._spans(0) == [(0, 0)]
+    monkeypatch.setattr(merging, "JOB", 1000)
+    assert merging.MergeKernel.spans(2500) == [(0, 1000), (1000, 2000), (2000, 2500)]
+    assert merging.MergeKernel.spans(0) == [(0, 0)]
     monkeypatch.setenv(UNIT_ENV, SMALL_MB)
     out = tmp_path / "o"
     result = hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(out),
@@ -182,32 +182,32 @@ def test_tensors_cut_into_jobs_for_both_threads_equal_reference(family, tmp_path
 
 
 def test_pass_two_merges_the_last_group_first_with_the_same_bytes(family, tmp_path, monkeypatch):
-    from hf_metagpt.engine import executor as stream
+    from hf_metagpt.engine import fetch, merging
 
     _, base, fts = family
     kw = dict(base=str(base), models=[str(f) for f in fts], max_shard_size="60KB", progress=False)
     order: list[str] = []
-    real = stream.Merger._fast_merge
+    real = merging.FusedKernel.merge
 
-    def spy(self, tensors, raws, piece):
+    def spy(self, tensors, raws, piece, coefs):
         if not order or order[-1] != piece.group.name:
             order.append(piece.group.name)
-        return real(self, tensors, raws, piece)
+        return real(self, tensors, raws, piece, coefs)
 
-    monkeypatch.setattr(stream.Merger, "_fast_merge", spy)
+    monkeypatch.setattr(merging.FusedKernel, "merge", spy)
     names = [g.name for g in _plan(base, fts).groups]
     back = hf_metagpt.merge(output=str(tmp_path / "back"), **kw)
     assert back.stats.passes == 2 and order == names[::-1]  # the page cache holds pass 1's last groups
     # A provider that must be read in plan order (low-disk fetches shards just ahead) keeps it,
     # and so does a one-pass merge.
     order.clear()
-    monkeypatch.setattr(stream.LocalFiles, "sequential", True, raising=False)
+    monkeypatch.setattr(fetch.LocalFiles, "sequential", True, raising=False)
     ahead = hf_metagpt.merge(output=str(tmp_path / "ahead"), **kw)
     assert order == names
     assert shards(tmp_path / "back") == shards(tmp_path / "ahead") and len(shards(tmp_path / "back")) > 3
     assert back.coefficients == ahead.coefficients
     monkeypatch.undo()
-    monkeypatch.setattr(stream.Merger, "_fast_merge", spy)
+    monkeypatch.setattr(merging.FusedKernel, "merge", spy)
     order.clear()
     hf_metagpt.merge(output=str(tmp_path / "layer"), granularity="layer", **kw)
     assert order == names

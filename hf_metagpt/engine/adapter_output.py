@@ -13,9 +13,11 @@ import torch
 from ..errors import MergeError
 from ..methods.base import MergeMethod
 from ..sources.lora import ADAPTER_WEIGHTS, ENERGY_FILE, LORA_OUTPUT_METHODS, PREFIX
-from .executor import Merger, _progress
-from .pieces import Piece
+from .executor import Executor, _Coefficients, _progress
+from .merging import MethodKernel
+from .pieces import Piece, split_group
 from .plan import MergePlan
+from .schedule import reduce_steps
 
 
 def check_lora_output(plan: MergePlan, method: MergeMethod) -> None:
@@ -37,12 +39,12 @@ def check_lora_output(plan: MergePlan, method: MergeMethod) -> None:
                              hint="Use the default --output-format model, which applies the vocabulary policy.")
 
 
-class AdapterMerger(Merger):
+class AdapterOutput(Executor):
     """Writes one exact adapter (rank Σ rt per module) instead of full shards.
 
     Norms come from the r×r identity (pass 1 reads the adapters only); the factors of one stream
     group are read again and stacked. Modules some input saves in full (modules_to_save) are
-    merged like the full output and saved as modules_to_save.
+    merged like the full output (`MethodKernel`) and saved as modules_to_save.
     """
 
     def __init__(self, plan: MergePlan, method: MergeMethod, work_dir: Path, *, lora_rank: int | None = None,
@@ -51,18 +53,16 @@ class AdapterMerger(Merger):
         super().__init__(plan, method, work_dir, **kwargs)
         self.lora_rank = lora_rank
         self.energy: dict[str, float] = {}
+        self.full = MethodKernel(self.kernel.ctx)
 
-    def run(self, cached_norms: dict[str, list[float]] | None = None) -> None:
+    def _run(self) -> None:
         start = time.perf_counter()
-        if self.method.uses_group_norms:
-            if cached_norms is not None:
-                self.norms.sq = {k: list(v) for k, v in cached_norms.items()}
-                self.norms.complete.update(self.norms.sq)
-            if not set(self.plan.norm_groups) <= self.norms.complete:
-                self.stats.passes = 2
-                self.reduce_pass()
-        for g in self.plan.norm_groups:
-            self._coefficients(g)
+        if self.method.uses_group_norms and not self.ledger.known(self.plan.norm_groups):
+            self.stats.passes = 2
+            infos = self._pooled_infos()
+            pieces = [split_group(g, infos, self.unit, slabs=self.kernel.slabs) for g in self.plan.groups]
+            self._reduce_pass(reduce_steps(self.plan, pieces))
+        self.coefficients = {g: self._coefficients(g) for g in self.plan.norm_groups}
         self._write_adapter()
         self.stats.seconds = time.perf_counter() - start
 
@@ -73,7 +73,8 @@ class AdapterMerger(Merger):
         tensors: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}
         saved: list[str] = []
-        for group in _progress(self._groups(), "write adapter", self.progress):
+        coefs = _Coefficients(self)
+        for group in _progress(self.plan.groups, "write adapter", self.progress):
             floating = [t for t in group.tensors if t.floating]
             raws = self._read(Piece.whole(group), with_base=False)
             for tp in floating:
@@ -81,7 +82,7 @@ class AdapterMerger(Merger):
                 if any(tp.name in s.info.full for s in self.sources):
                     if raws[0] is None:
                         raws[0] = self._read_base(Piece.whole(group))
-                    tensors[PREFIX + tp.name] = self._merge_tensor(tp, raws).contiguous()
+                    tensors[PREFIX + tp.name] = self.full.merge_tensor(tp, raws, coefs).contiguous()
                     saved.append(tp.name[: -len(".weight")] if tp.name.endswith(".weight") else tp.name)
                     continue
                 parts = [(c, s.factors(tp, raw, torch.float32, self.device))

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import MergeError
 
 if TYPE_CHECKING:
-    from .plan import MergePlan, StreamGroup
+    from .plan import MergePlan
 
 # Processes wait for the slowest one at a few points (the end of pass 1, before publishing); the
 # default 30-minute limit of torch.distributed could end a large merge on slow disks.
@@ -132,7 +132,7 @@ def split_shards(sizes: list[int], n: int) -> list[int]:
 
 @dataclass
 class Share:
-    """What one process merges: the shards it writes, and the stream groups it reduces in pass 1."""
+    """What one process merges: the shards it writes (pass 1: the groups whose first shard it writes, see `schedule`)."""
 
     world: World
     owners: list[int]  # shard k is written by process owners[k]
@@ -152,11 +152,6 @@ class Share:
     @property
     def count(self) -> int:
         return self.world.count
-
-    def leads(self, group: "StreamGroup") -> bool:
-        """Whether this process reduces `group` in pass 1: the writer of its first tensor's shard
-        (which reads that group in pass 2 anyway, so pass 2 often finds it in the page cache)."""
-        return self.owners[group.tensors[0].shard] == self.world.index
 
     def gather(self, obj: Any) -> list[Any]:
         return self.world.gather(obj)

@@ -8,12 +8,13 @@ import os
 import shutil
 import sys
 import threading
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+import time
+from concurrent.futures import CancelledError, Future, TimeoutError
 from pathlib import Path
 from typing import Protocol
 
 from ..errors import OutputError
-from ..sources.hub import BASE_SIDE_FILES, SIDE_FILES, _remote_files, cached_path
+from ..sources.hub import BASE_SIDE_FILES, SIDE_FILES, remote_files, cached_path
 from ..sources.hub_calls import DownloadStopped, _call, _call_until, _tok
 from ..sources.local import INDEX_FILE, TOKENIZER_FILES
 from ..sources.model import ModelInfo
@@ -29,7 +30,7 @@ def needed_files(plan: "MergePlan", index: int, *, weights: bool = True, weight_
     from the Hub cache, so the overlapped mode fetches it with the side files.
     """
     info = plan.inputs[index]
-    remote = set(_remote_files(info))
+    remote = set(remote_files(info))
     want: list[str] = list(SIDE_FILES)
     if weights:
         want += info.weight_files
@@ -49,7 +50,7 @@ def download_bytes(plan: "MergePlan", low_disk: bool = False) -> tuple[int, int]
     for i, info in enumerate(plan.inputs):
         if not info.ref.is_hub:
             continue
-        sizes = _remote_files(info)
+        sizes = remote_files(info)
         for f in needed_files(plan, i, weights=True):
             if cached_path(info, f) is None:
                 size = sizes.get(f) or 0
@@ -99,22 +100,24 @@ def check_disk(plan: "MergePlan", target: Path, low_disk: bool) -> None:
 
 
 def download(plan: "MergePlan", token: str | None = None, *, weights: bool = True,
-             weight_index: bool | None = None) -> None:
-    """Fetch what each Hub input needs, pinned to its SHA, and point its ref at the snapshot folder.
+             weight_index: bool | None = None) -> "MergePlan":
+    """Fetch what each Hub input needs, pinned to its SHA; the plan with each Hub input's snapshot folder.
 
     A second merge of the same inputs finds everything in the Hub cache and downloads nothing.
     With `weights=False` only the side files come (`OverlappedFiles` and `LowDiskFiles` fetch the
-    shards while the merge runs); `weight_index` as in `needed_files`.
+    shards while the merge runs); `weight_index` as in `needed_files`. The given plan is unchanged.
     """
     from huggingface_hub import snapshot_download
 
+    inputs = []
     for i, info in enumerate(plan.inputs):
-        if not info.ref.is_hub:
-            continue
-        files = needed_files(plan, i, weights=weights, weight_index=weight_index)
-        folder = _call(info.name, snapshot_download, info.ref.repo_id, revision=info.ref.sha,
-                       allow_patterns=files, token=_tok(token))
-        info.ref = info.ref.with_local_path(Path(folder))
+        if info.ref.is_hub:
+            files = needed_files(plan, i, weights=weights, weight_index=weight_index)
+            folder = _call(info.name, snapshot_download, info.ref.repo_id, revision=info.ref.sha,
+                           allow_patterns=files, token=_tok(token))
+            info = info.at(Path(folder))
+        inputs.append(info)
+    return plan.with_inputs(inputs)
 
 
 def walk_order(plan: "MergePlan") -> list[tuple[int, str]]:
@@ -175,6 +178,67 @@ def _stoppable_bar(stop: threading.Event) -> type:
     return StoppableBar
 
 
+class DownloadPool:
+    """A few daemon threads running downloads, with `submit` and `shutdown` like ThreadPoolExecutor.
+
+    Hand-written because ThreadPoolExecutor's threads are joined when the interpreter exits: a
+    download blocked in an HTTP request (a slow or stalled Hub) would then hold up the exit of a
+    merge that already failed or was interrupted, for as long as that request takes. These
+    threads stop at their next chance once the provider is closed, and never delay the exit.
+    """
+
+    def __init__(self, workers: int, name: str, initializer=None, initargs: tuple = ()) -> None:
+        import queue
+
+        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, args=(initializer, initargs), daemon=True,
+                                          name=f"{name}_{k}") for k in range(max(1, workers))]
+        for t in self._threads:
+            t.start()
+
+    def _work(self, initializer, initargs: tuple) -> None:
+        if initializer is not None:
+            initializer(*initargs)
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fut, fn, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                fut.set_exception(exc)
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        self._queue.put((fut, fn, args))
+        return fut
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False, timeout: float | None = None) -> None:
+        """Stop the threads once their current call returns; `wait` up to `timeout` s (None: as long as it takes)."""
+        if cancel_futures:
+            import queue
+
+            pending = []
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    pending.append(item[0])
+            for fut in pending:
+                fut.cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for t in self._threads:
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
 class OverlappedFiles:
     """A `FileProvider` that downloads the Hub shards into the Hub cache while the merge runs.
 
@@ -208,9 +272,8 @@ class OverlappedFiles:
                 self._ready[key] = got
             else:
                 missing.append(key)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hf-metagpt-download",
-                                        initializer=_download_thread_init,
-                                        initargs=(self._bar, self._bar.get_lock()))
+        self._pool = DownloadPool(workers, "hf-metagpt-download", initializer=_download_thread_init,
+                                  initargs=(self._bar, self._bar.get_lock()))
         for key in missing:
             self._futures[key] = self._pool.submit(self._fetch, *key)
         if missing:
@@ -263,7 +326,15 @@ class OverlappedFiles:
                 if fut is None:
                     fut = self._futures[key] = self._pool.submit(self._fetch, *key)
         try:
-            return fut.result()
+            # Wait for this file, but not past another download's failure (a 403 on one shard
+            # ends the merge now, not when this file's own request gives up).
+            while True:
+                try:
+                    return fut.result(timeout=0.2)
+                except TimeoutError:
+                    self._raise_failure()
+                    if self._stop.is_set():
+                        raise DownloadStopped(f"{info.name}: download of {file} stopped (the merge ended).") from None
         except (DownloadStopped, CancelledError):
             self._raise_failure()  # stopped because another file failed: that failure is the news
             raise DownloadStopped(f"{info.name}: download of {file} stopped (the merge ended).") from None
@@ -271,10 +342,12 @@ class OverlappedFiles:
     def release(self, model_index: int, info: ModelInfo, file: str) -> None:
         """Nothing to do: the files stay in the Hub cache for the next merge."""
 
-    def close(self) -> None:
-        """Cancel queued downloads, end running ones within a chunk, and wait for every thread."""
+    def close(self, timeout: float | None = None) -> None:
+        """Cancel queued downloads and end running ones at their next chunk; wait for the threads up
+        to `timeout` s (a failed or interrupted merge gives one: a request stalled on the network
+        must not hold it up; its daemon thread ends with the request)."""
         self._stop.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True, timeout=timeout)
 
 
 class LowDiskFiles:
@@ -295,7 +368,7 @@ class LowDiskFiles:
         self.scratch = Path(scratch)
         self.token = token
         self.order = walk_order(plan)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-prefetch")
+        self._pool = DownloadPool(1, "hf-metagpt-prefetch")
         self._lock = threading.Lock()
         self._fetching: dict[tuple[int, str], Future] = {}
         self._fetched: dict[tuple[int, str], Path] = {}
@@ -372,17 +445,17 @@ class LowDiskFiles:
             path.unlink(missing_ok=True)
             log.debug("low-disk: deleted %s of %s", file, info.name)
 
-    def close(self) -> None:
-        """Wait for any prefetch and remove the scratch folder."""
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for any prefetch (up to `timeout` s when the merge failed) and remove the scratch folder."""
         with self._lock:
             futs = list(self._fetching.values())
             self._fetching.clear()
         for f in futs:
             try:
-                f.result()
+                f.result(timeout=timeout)
             except Exception:
                 pass
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True, cancel_futures=True, timeout=timeout)
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 

@@ -13,7 +13,7 @@ Pure functions of the plan: no I/O here.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from ..safetensors_io import TensorMeta
@@ -45,24 +45,20 @@ def unit_bytes() -> int:
     return max(1, int(mb * (1 << 20)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Piece:
     """What the engine reads and merges at once.
 
     `rows` set: a row slab [lo, hi) of the output rows of the one tensor in `tensors`.
-    `reduce_only`: a step that only adds squared norms (of norm groups cut over several pieces);
-    `finishes`: the norm groups complete once this step is done.
     """
 
     group: StreamGroup
-    tensors: list[TensorPlan]
+    tensors: tuple[TensorPlan, ...]
     rows: tuple[int, int] | None = None
-    reduce_only: bool = False
-    finishes: frozenset[str] = field(default_factory=frozenset)
 
     @classmethod
     def whole(cls, group: StreamGroup) -> "Piece":
-        return cls(group, list(group.tensors))
+        return cls(group, tuple(group.tensors))
 
     @property
     def extra_rows(self) -> bool:
@@ -129,20 +125,20 @@ def split_group(group: StreamGroup, infos: Sequence[ModelInfo | None], budget: i
     run: list[TensorPlan] = []
     run_bytes = 0
     for tp in group.tensors:
-        n = piece_bytes(Piece(group, [tp]), infos)
+        n = piece_bytes(Piece(group, (tp,)), infos)
         if slabs and tp.floating and n > budget and len(tp.out_shape) >= 1 and tp.out_shape[0] > 1:
             if run:
-                pieces.append(Piece(group, run))
+                pieces.append(Piece(group, tuple(run)))
                 run, run_bytes = [], 0
             pieces += _slabs(group, tp, infos, budget)
             continue
         if run and run_bytes + n > budget:
-            pieces.append(Piece(group, run))
+            pieces.append(Piece(group, tuple(run)))
             run, run_bytes = [], 0
         run.append(tp)
         run_bytes += n
     if run:
-        pieces.append(Piece(group, run))
+        pieces.append(Piece(group, tuple(run)))
     return pieces
 
 
@@ -153,7 +149,7 @@ def _slabs(group: StreamGroup, tp: TensorPlan, infos: Sequence[ModelInfo | None]
         spans = [(0, tp.shared_rows), (tp.shared_rows, out_rows)]
     pieces = []
     for lo, hi in spans:
-        row_bytes = max(1, piece_bytes(Piece(group, [tp], rows=(lo, lo + 1)), infos))
+        row_bytes = max(1, piece_bytes(Piece(group, (tp,), rows=(lo, lo + 1)), infos))
         step = max(1, budget // row_bytes)
-        pieces += [Piece(group, [tp], rows=(r, min(r + step, hi))) for r in range(lo, hi, step)]
+        pieces += [Piece(group, (tp,), rows=(r, min(r + step, hi))) for r in range(lo, hi, step)]
     return pieces

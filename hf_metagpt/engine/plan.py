@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
 
 from ..errors import IncompatibleModelsError, InputError, MergeError
 from ..options import MergeOptions, parse_size
@@ -30,7 +30,7 @@ _DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _ST_NAMES = {v: k for k, v in _DTYPE_NAMES.items()}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TensorPlan:
     """One output tensor: where its norm goes, which rows are merged, where it is written."""
 
@@ -52,39 +52,52 @@ class TensorPlan:
         return n
 
 
-@dataclass
+@dataclass(frozen=True)
 class StreamGroup:
     """Tensors read and merged together: one transformer block, or one tensor outside the blocks."""
 
     name: str
-    tensors: list[TensorPlan]
+    tensors: tuple[TensorPlan, ...]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShardPlan:
     file: str
-    tensors: list[TensorPlan]
+    tensors: tuple[TensorPlan, ...]
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MergePlan:
-    """The checked plan of a merge: the input to `stream.run`."""
+    """The checked plan of a merge (a value): inputs pinned, groups, shards; the input to `schedule`.
+
+    `granularity` is the one the merge uses (`layer` falls back to `tensor` without blocks).
+    Nothing changes a plan after it is made: `with_notes` and `with_inputs` make new ones.
+    """
 
     options: MergeOptions
     base: ModelInfo
-    models: list[ModelInfo]
+    models: tuple[ModelInfo, ...]
     tokenizer_source: int  # 0 = base, t = fine-tune t (1-based)
     out_dtype: str
-    groups: list[StreamGroup]
-    shards: list[ShardPlan]
-    norm_groups: list[str]
+    groups: tuple[StreamGroup, ...]
+    shards: tuple[ShardPlan, ...]
+    norm_groups: tuple[str, ...]
     two_pass: bool
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    granularity: str = "model"
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def with_notes(self, notes: Sequence[str] = (), warnings: Sequence[str] = ()) -> "MergePlan":
+        return replace(self, notes=self.notes + tuple(notes), warnings=self.warnings + tuple(warnings))
+
+    def with_inputs(self, inputs: Sequence[ModelInfo]) -> "MergePlan":
+        """The same plan reading these inputs (e.g. Hub inputs now in local snapshot folders)."""
+        assert len(inputs) == len(self.inputs)
+        return replace(self, base=inputs[0], models=tuple(inputs[1:]))
 
     @property
     def inputs(self) -> list[ModelInfo]:
@@ -108,7 +121,7 @@ class MergePlan:
     def describe(self) -> str:
         """Human-readable plan (what `hf-metagpt plan` prints)."""
         o = self.options
-        lines = [f"Merge plan: method={o.method} granularity={o.granularity} output dtype={_ST_NAMES.get(self.out_dtype, self.out_dtype)}"]
+        lines = [f"Merge plan: method={o.method} granularity={self.granularity} output dtype={_ST_NAMES.get(self.out_dtype, self.out_dtype)}"]
         lines.append(f"  base:       {self.base.ref.pinned}")
         for i, m in enumerate(self.models, 1):
             lines.append(f"  model {i}:    {m.ref.pinned}" + ("  (LoRA adapter)" if m.ref.is_adapter else ""))
@@ -139,7 +152,33 @@ def _fmt_bytes(n: int) -> str:
 
 # ---------------------------------------------------------------- checks across models
 
-def check_configs(base: ModelInfo, models: list[ModelInfo]) -> None:
+def config_object(config: dict[str, Any]):
+    """The config as transformers' config class reads it (its defaults filled in), or None when
+    transformers does not know the architecture (custom code: the checks then use the raw file)."""
+    try:
+        from transformers import AutoConfig
+
+        cfg = dict(config)
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    except Exception as exc:  # unknown or custom model_type
+        log.debug("transformers cannot read a %s config: %s", config.get("model_type"), exc)
+        return None
+
+
+def _config_value(config: dict[str, Any], obj: Any, key: str) -> Any:
+    """A config field as transformers reads it: the class's default where the file omits it
+    (GPT-2 configs omit `tie_word_embeddings`, which transformers reads as True)."""
+    if key in config or obj is None:
+        return config.get(key)
+    return getattr(obj, key, None)
+
+
+def tied_embeddings(config: dict[str, Any]) -> bool:
+    return bool(_config_value(config, config_object(config), "tie_word_embeddings"))
+
+
+def check_configs(base: ModelInfo, models: Sequence[ModelInfo]) -> None:
+    b_obj = config_object(base.config) if models else None
     for m in models:
         b_arch = base.config.get("architectures")
         m_arch = m.config.get("architectures")
@@ -147,8 +186,9 @@ def check_configs(base: ModelInfo, models: list[ModelInfo]) -> None:
             raise IncompatibleModelsError(
                 f"{m.name} is a {m_arch[0]} but the base {base.name} is a {b_arch[0]}.",
                 hint="All fine-tunes must share the base's architecture.")
+        m_obj = config_object(m.config)
         for key in CONFIG_KEYS:
-            bv, mv = base.config.get(key), m.config.get(key)
+            bv, mv = _config_value(base.config, b_obj, key), _config_value(m.config, m_obj, key)
             if key == "tie_word_embeddings":
                 bv, mv = bool(bv), bool(mv)
             elif bv is None or mv is None:
@@ -160,15 +200,19 @@ def check_configs(base: ModelInfo, models: list[ModelInfo]) -> None:
 
 
 def skeleton_names(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
-    """Parameter names and shapes the base config implies, from an empty-weight (meta) model."""
-    try:
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+    """Parameter names and shapes the base config implies, from an empty-weight (meta) model.
 
-        cfg_dict = dict(config)
-        model_type = cfg_dict.pop("model_type")
-        cfg = AutoConfig.for_model(model_type, **cfg_dict)
-        with init_empty_weights():
+    Built under torch's own `meta` device context (no weights, and unlike accelerate's
+    `init_empty_weights` nothing in `torch.nn` is patched for other threads meanwhile).
+    """
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        cfg = config_object(config)
+        if cfg is None:
+            raise ValueError("unknown architecture")
+        with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
         return {k: tuple(v.shape) for k, v in model.state_dict().items()}
     except Exception as exc:  # custom architectures: the check is skipped, not the merge
@@ -182,7 +226,7 @@ def check_against_skeleton(base: ModelInfo, warnings: list[str]) -> None:
     if expected is None:
         return
     stored = base.tensors
-    tied = bool(base.config.get("tie_word_embeddings"))
+    tied = tied_embeddings(base.config)
     missing = [n for n in expected if n not in stored and not (tied and n.endswith("lm_head.weight"))]
     if missing:
         raise IncompatibleModelsError(
@@ -203,7 +247,7 @@ def is_vocab_tensor(name: str) -> bool:
     return name.endswith(_VOCAB_SUFFIXES)
 
 
-def check_tensors(base: ModelInfo, models: list[ModelInfo]) -> None:
+def check_tensors(base: ModelInfo, models: Sequence[ModelInfo]) -> None:
     for m in models:
         missing = [n for n in base.tensors if n not in m.tensors]
         if missing:
@@ -255,7 +299,7 @@ def norm_group_of(name: str, granularity: str) -> str:
     return name
 
 
-def resolve_tokenizer_source(opts: MergeOptions, models: list[ModelInfo]) -> int:
+def resolve_tokenizer_source(opts: MergeOptions, models: Sequence[ModelInfo]) -> int:
     src = opts.tokenizer_source
     if not src or src == "base" or src == opts.base:
         return 0
@@ -278,81 +322,40 @@ def out_dtype_of(opts: MergeOptions, base: ModelInfo) -> str:
     return "F32"
 
 
-def build_plan(opts: MergeOptions, base: ModelInfo, models: list[ModelInfo], method_uses_norms: bool = True,
+def build_plan(opts: MergeOptions, base: ModelInfo, models: Sequence[ModelInfo], method_uses_norms: bool = True,
                check_skeleton: bool = True) -> MergePlan:
-    """Check every input against the base and lay out groups and shards.
+    """Check every input against the base and lay out groups and shards (a value; nothing is read).
 
-    `check_skeleton=False` leaves the meta-model check to the caller (`api.merge` runs it beside
-    the merge for local inputs: building the skeleton imports transformers' modeling code, seconds).
+    `check_skeleton`: also check the base's tensors against the empty-weight model its config
+    implies (transformers' modeling code; seconds). `hf-metagpt plan` and `merge` always do.
     """
     warnings: list[str] = []
     notes: list[str] = []
     if base.ref.is_adapter:
         raise InputError(f"The base {base.name} is a PEFT adapter; the base must be a full model.",
                          hint="Pass the model the adapter was trained on as --base, and the adapter as a fine-tune.")
-    full = [m for m in models if not m.ref.is_adapter]
-    check_configs(base, full)
-    check_tensors(base, full)
-    for m in models:
-        if m.ref.is_adapter:  # lora.AdapterInfo: its own names, checked against the base's
-            m.check_against_base(base, opts.strict, warnings)  # type: ignore[attr-defined]
+    check_configs(base, [m for m in models if not m.ref.is_adapter])
+    check_tensors(base, [m for m in models if not m.ref.is_adapter])
+    # Adapters (sources.lora.AdapterInfo) map their own names onto the base's.
+    models = tuple(m.checked_against(base, opts.strict, warnings) if m.ref.is_adapter else m  # type: ignore[attr-defined]
+                   for m in models)
     if check_skeleton:
         check_against_skeleton(base, warnings)
     tok = resolve_tokenizer_source(opts, models)
     out_dtype = out_dtype_of(opts, base)
     granularity = opts.granularity
     if granularity == "layer" and not any(block_of(n) for n in base.tensors):
-        warnings.append("no tensor names match '*.layers.N.*': --granularity layer falls back to tensor")
+        warnings.append("no tensor names match a transformer block ('*.layers.N.*'): --granularity layer "
+                        "falls back to tensor (recorded as tensor)")
         granularity = "tensor"
-
-    inputs = [base, *models]
-    plans: list[TensorPlan] = []
-    for name in sorted(base.tensors, key=_order_key):
-        bm = base.tensors[name]
-        floating = bm.is_floating
-        shape = bm.shape
-        shared = extra = None
-        if is_vocab_tensor(name) and len({i.shape_of(name)[0] for i in inputs}) > 1:
-            rows = [i.shape_of(name)[0] for i in inputs]
-            shared = min(rows)
-            out_rows = rows[tok]
-            shape = (out_rows, *bm.shape[1:])
-            if out_rows > shared:
-                extra = tok
-                notes.append(f"{name}: rows {shared}..{out_rows - 1} copied from {inputs[tok].name} (tokenizer source)")
-            for i, r in enumerate(rows):
-                if i != tok and r > shared:
-                    notes.append(f"{name}: rows {shared}..{r - 1} of {inputs[i].name} dropped "
-                                 f"(not in every model; the output vocabulary is {inputs[tok].name}'s, {out_rows} rows)")
-        plans.append(TensorPlan(
-            name=name, out_shape=shape, out_dtype=out_dtype if floating else bm.dtype, floating=floating,
-            norm_group=norm_group_of(name, granularity), stream_group=block_of(name) or name,
-            shared_rows=shared, extra_source=extra,
-        ))
-
-    groups: list[StreamGroup] = []
-    for tp in plans:
-        if not groups or groups[-1].name != tp.stream_group:
-            groups.append(StreamGroup(tp.stream_group, []))
-        groups[-1].tensors.append(tp)
-
-    limit = parse_size(opts.max_shard_size)
-    shard_lists: list[list[TensorPlan]] = [[]]
-    size = 0
-    for tp in plans:
-        if shard_lists[-1] and size + tp.nbytes > limit:
-            shard_lists.append([])
-            size = 0
-        shard_lists[-1].append(tp)
-        size += tp.nbytes
-    n = len(shard_lists)
-    shards = []
-    for k, lst in enumerate(shard_lists):
-        for tp in lst:
-            tp.shard = k
-        shards.append(ShardPlan(f"model-{k + 1:05d}-of-{n:05d}.safetensors", lst))
-
-    norm_groups = list(dict.fromkeys(tp.norm_group for tp in plans if tp.floating))
+    specs = _tensor_specs(base, models, tok, out_dtype, granularity, notes)
+    shard_of = _shard_layout([nbytes for *_, nbytes in specs], parse_size(opts.max_shard_size))
+    plans = [TensorPlan(*spec[:-1], shard=shard_of[k]) for k, spec in enumerate(specs)]
+    groups = tuple(StreamGroup(name, tuple(tps)) for name, tps in _runs(plans, lambda t: t.stream_group))
+    n = max(shard_of, default=0) + 1
+    shards = tuple(ShardPlan(f"model-{k + 1:05d}-of-{n:05d}.safetensors", tuple(t for t in plans if t.shard == k))
+                   for k in range(n))
+    norm_groups = tuple(dict.fromkeys(tp.norm_group for tp in plans if tp.floating))
     # Two passes exactly when some norm group spans more than one stream group (the paper's
     # whole-model λ): every norm of the group must be known before its first tensor is written.
     spans: dict[str, set[str]] = {}
@@ -365,10 +368,61 @@ def build_plan(opts: MergeOptions, base: ModelInfo, models: list[ModelInfo], met
     warnings.extend(_repeated_models(models))
     return MergePlan(options=opts, base=base, models=models, tokenizer_source=tok, out_dtype=out_dtype,
                      groups=groups, shards=shards, norm_groups=norm_groups, two_pass=two_pass,
-                     warnings=warnings, notes=notes)
+                     granularity=granularity, warnings=tuple(warnings), notes=tuple(notes))
 
 
-def _repeated_models(models: list[ModelInfo]) -> list[str]:
+def _tensor_specs(base: ModelInfo, models: Sequence[ModelInfo], tok: int, out_dtype: str, granularity: str,
+                  notes: list[str]) -> list[tuple]:
+    """(TensorPlan fields but the shard, then its output bytes) for every base tensor, in stream order;
+    applies the vocabulary policy of shared/METHOD.md (and says what it drops or copies)."""
+    inputs = [base, *models]
+    specs = []
+    for name in sorted(base.tensors, key=_order_key):
+        bm = base.tensors[name]
+        shape, shared, extra = bm.shape, None, None
+        if is_vocab_tensor(name) and len({i.shape_of(name)[0] for i in inputs}) > 1:
+            rows = [i.shape_of(name)[0] for i in inputs]
+            shared = min(rows)
+            out_rows = rows[tok]
+            shape = (out_rows, *bm.shape[1:])
+            if out_rows > shared:
+                extra = tok
+                notes.append(f"{name}: rows {shared}..{out_rows - 1} copied from {inputs[tok].name} (tokenizer source)")
+            for i, r in enumerate(rows):
+                if i != tok and r > shared:
+                    notes.append(f"{name}: rows {shared}..{r - 1} of {inputs[i].name} dropped "
+                                 f"(not in every model; the output vocabulary is {inputs[tok].name}'s, {out_rows} rows)")
+        dtype = out_dtype if bm.is_floating else bm.dtype
+        nbytes = dtype_itemsize(dtype)
+        for d in shape:
+            nbytes *= d
+        specs.append((name, tuple(shape), dtype, bm.is_floating, norm_group_of(name, granularity),
+                      block_of(name) or name, shared, extra, nbytes))
+    return specs
+
+
+def _shard_layout(sizes: Sequence[int], limit: int) -> list[int]:
+    """The shard of each tensor: consecutive tensors while a shard stays within `limit` bytes."""
+    out, k, size = [], 0, 0
+    for n in sizes:
+        if size and size + n > limit:
+            k, size = k + 1, 0
+        out.append(k)
+        size += n
+    return out
+
+
+def _runs(items: Sequence[TensorPlan], key) -> list[tuple[str, list[TensorPlan]]]:
+    """Consecutive items with the same key, in order."""
+    runs: list[tuple[str, list[TensorPlan]]] = []
+    for it in items:
+        if not runs or runs[-1][0] != key(it):
+            runs.append((key(it), []))
+        runs[-1][1].append(it)
+    return runs
+
+
+def _repeated_models(models: Sequence[ModelInfo]) -> list[str]:
     """The same fine-tune listed twice is allowed (the formula is well defined) but said: mostly a typo."""
     seen: dict[object, str] = {}
     out = []

@@ -3,6 +3,8 @@
 A merge writes into `.NAME.hf-metagpt-partial/` next to the target and renames it into place only
 when every file is written, so an interrupted run never leaves a folder that looks complete. The
 work folder is keyed by the plan: a rerun of the same merge resumes from its finished shards.
+While a merge runs, `.NAME.hf-metagpt-lock` beside the target is locked (`lock_output`): a second
+merge into the same output stops at once, naming the process that holds it.
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import OutputError
 from ..sources.local import INDEX_FILE, TOKENIZER_FILES
 from ..sources.model import ModelInfo
+from .ledger import PROGRESS_FILES
 from .plan import MergePlan
 
 log = logging.getLogger(__name__)
@@ -33,8 +38,9 @@ class OutputDirs:
     resumed: bool = False
 
 
-def check_output(target: Path, inputs: list[ModelInfo], overwrite: bool) -> None:
-    """Refuse outputs that would lose data: non-empty without --overwrite, or overlapping an input."""
+def check_output(target: Path, inputs: Sequence[ModelInfo], overwrite: bool) -> None:
+    """Refuse outputs that would lose data or fail at the end: non-empty without --overwrite,
+    overlapping an input, a mount point (it cannot be swapped), or a parent we cannot write."""
     target = target.expanduser().resolve()
     for info in inputs:
         src = info.ref.local_path
@@ -51,7 +57,14 @@ def check_output(target: Path, inputs: list[ModelInfo], overwrite: bool) -> None
         raise OutputError(f"The output {target} exists and is a file.", hint="Choose a folder path.")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise OutputError(f"The output folder {target} is not empty.",
-                          hint="Pass --overwrite to replace it, or choose another folder.")
+                          hint="Pass --overwrite (overwrite=True) to replace it, or choose another folder.")
+    if os.path.ismount(target):
+        raise OutputError(f"The output {target} is a mount point: the finished merge could not be renamed onto it.",
+                          hint=f"Write into a folder inside it, e.g. {target / 'merged'}.")
+    parent = next((p for p in target.parents if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"Cannot write beside the output: {parent} is not writable.",
+                          hint="Choose an output folder in a place you can write to.")
 
 
 def fingerprint(info: ModelInfo) -> list[Any]:
@@ -69,11 +82,17 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def norms_key(plan: MergePlan, method_name: str, params: dict[str, Any], seed: int | None) -> str:
-    """What the squared norms depend on: inputs, method and its parameters, granularity, seed."""
+def ledger_key(plan: MergePlan, method_name: str, params: dict[str, Any], seed: int | None, *,
+               allow_nonfinite: bool, device_type: str) -> str:
+    """What the squared norms depend on: every input (commit SHA, or each weight file's identity),
+    the method and its parameters, the seed, the granularity used, the tokenizer source,
+    `allow_nonfinite` (NaN treated as unchanged) and, for seeded methods, the device type (CPU and
+    CUDA generators draw different DARE masks). Local files are identified by path, size and
+    modification time, not by a hash of their bytes: hashing every input would read it once more."""
     return _digest({"inputs": [fingerprint(i) for i in plan.inputs], "method": method_name,
-                    "params": params, "seed": seed, "granularity": plan.options.granularity,
-                    "tokenizer_source": plan.tokenizer_source})
+                    "params": params, "seed": seed, "granularity": plan.granularity,
+                    "tokenizer_source": plan.tokenizer_source, "allow_nonfinite": allow_nonfinite,
+                    "device": device_type if seed is not None else None})
 
 
 def plan_key(plan: MergePlan, nkey: str) -> str:
@@ -86,10 +105,88 @@ def work_dir_for(target: Path) -> Path:
     return target.parent / f".{target.name}.hf-metagpt-partial"
 
 
+def lock_file_for(target: Path) -> Path:
+    return target.parent / f".{target.name}.hf-metagpt-lock"
+
+
+class OutputLock:
+    """An exclusive lock on one output (and so its work folder) for the length of a merge.
+
+    `fcntl.flock` on `.NAME.hf-metagpt-lock` where there is one: the kernel drops it when the
+    process ends, so a crashed or killed merge never leaves a lock that holds. The file is removed
+    on release; a run that locked a file another run removed meanwhile locks the new one instead
+    (the inode check below). Elsewhere a lock file created exclusively stands in. The holder's
+    process id is written in the file for the message a second merge prints.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.target = target.expanduser().resolve()
+        self.path = lock_file_for(self.target)
+        self._fd: int | None = None
+
+    def acquire(self) -> "OutputLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = self._lock()
+        except (BlockingIOError, FileExistsError):
+            raise OutputError(f"Another merge ({self._holder()}) is writing {self.target} now.",
+                              hint="Wait for it to finish (a second run then resumes or reuses it), "
+                                   "or choose another output folder.") from None
+        except OSError as exc:  # a read-only or missing parent, a path that cannot be a folder
+            raise OutputError(f"Cannot write beside the output {self.target}: {exc.strerror or exc}.",
+                              hint="Choose an output folder in a place you can write to.") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def _lock(self) -> int:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): an exclusively created file
+            return os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                st = os.stat(self.path)
+            except BaseException:
+                os.close(fd)
+                if isinstance(sys.exc_info()[1], FileNotFoundError):
+                    continue  # removed by its holder between our open and our lock: take a new one
+                raise
+            if os.fstat(fd).st_ino == st.st_ino:
+                return fd
+            os.close(fd)  # we locked a file its holder had just removed
+
+    def _holder(self) -> str:
+        try:
+            pid = self.path.read_text().strip()
+            return f"process {pid}" if pid else "another process"
+        except OSError:
+            return "another process"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still held: nobody can be holding the next one yet
+        os.close(self._fd)  # closing the descriptor drops the flock
+        self._fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def prepare(target: Path, key: str) -> OutputDirs:
-    """Create (or resume) the work folder for this plan."""
+    """Create (or resume) the work folder for this plan (the caller holds the output's lock)."""
     target = target.expanduser().resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"Cannot create the output's parent folder {target.parent}: {exc.strerror}.",
+                          hint="Choose an output folder in a place you can write to.") from None
     work = work_dir_for(target)
     key_file = work / PLAN_KEY_FILE
     if work.is_dir():
@@ -152,7 +249,7 @@ def publish(dirs: OutputDirs) -> Path:
     """Swap the finished work folder into place (the old output is removed only after)."""
     target, work = dirs.target, dirs.work
     (work / PLAN_KEY_FILE).unlink(missing_ok=True)
-    for leftover in [*work.glob(NORM_STATES), *work.glob("*.tmp")]:
+    for leftover in [*work.glob(PROGRESS_FILES), *work.glob("*.tmp")]:
         leftover.unlink()
     old = None
     if target.exists():
@@ -181,9 +278,3 @@ def cached_norms(target: Path, key: str) -> dict[str, list[float]] | None:
         return {g: [float(x) for x in v["sq_norms"]] for g, v in data["groups"].items() if v.get("sq_norms") is not None}
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-NORM_STATE = "norms.partial.json"
-
-
-NORM_STATES = "norms.partial*.json"  # one process's NORM_STATE, or each process's of a shared merge

@@ -1,10 +1,19 @@
-"""Writing output shards: each tensor at its planned offset, fsynced, then renamed into place."""
+"""Writing output shards: each tensor at its planned offset, fsynced, recorded, then renamed into place.
+
+Before a finished shard is renamed into place, the run's progress file is saved atomically: the
+norm ledger (every group whose λ the shard's tensors used) and the CRC-32 of each tensor of every
+shard finished so far. A resumed run keeps a shard only when its header, size and every tensor's
+CRC match that record, so a kill at any point loses neither a λ row nor trust in a shard, and a
+file some other run left behind is never taken for ours.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import time
+import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +22,7 @@ import torch
 
 from ..errors import InputError
 from ..safetensors_io import build_header, disk_full_is_clear, parse_header_json
+from .ledger import PROGRESS_FILE, PROGRESS_FILES, write_json_atomic
 from .plan import MergePlan, TensorPlan
 from .stats import StreamStats
 
@@ -21,31 +31,41 @@ def _entries(tensors: list[TensorPlan]) -> list[tuple[str, str, tuple[int, ...]]
     return [(t.name, t.out_dtype, t.out_shape) for t in tensors]
 
 
-class _ShardSink:
-    """Writes merged tensors into their shards, in plan order, on a background thread.
+class ShardSink:
+    """Writes merged tensors into their shards, in plan order, on the writer thread it owns.
 
     Writing is mostly the kernel copying into the page cache and throttling on write-back; on
     its own thread it overlaps with reading and merging the next tensors. At most `depth`
-    merged tensors wait, so memory stays bounded. A shard is fsynced, then renamed into place.
+    merged tensors wait, so memory stays bounded. A finished shard is fsynced, recorded in the
+    progress file (with the ledger state that came with its last tensor), then renamed into place.
     """
 
-    def __init__(self, plan: MergePlan, work_dir: Path, stats: StreamStats, depth: int = 1) -> None:
+    def __init__(self, plan: MergePlan, work_dir: Path, stats: StreamStats, *, progress_name: str = PROGRESS_FILE,
+                 depth: int = 1) -> None:
         self.plan = plan
         self.work_dir = work_dir
         self.stats = stats
         self.depth = depth
+        self.progress_name = progress_name
         self.writers: dict[int, ShardWriter] = {}
-        self.closed = 0  # shards finished so far (read by the merging thread)
+        self.crcs: dict[str, list[int]] = {}  # finished shards of this run: CRC-32 of each tensor
+        self._ledger: dict = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-write")
         self._pending: deque = deque()
 
-    def put(self, tp: TensorPlan, tensor: torch.Tensor, part: bool = False) -> None:
-        """Queue a merged tensor (`part`: its next rows; the tensor is complete with its last slab)."""
-        self._pending.append(self._pool.submit(self._write, tp, tensor, part))
+    def put(self, tp: TensorPlan, tensor: torch.Tensor, part: bool = False, ledger: dict | None = None) -> None:
+        """Queue a merged tensor (`part`: its next rows; the tensor is complete with its last slab).
+
+        `ledger`: the norm ledger's state once this tensor's group was complete (saved with the
+        shard that holds it, before that shard is renamed into place).
+        """
+        self._pending.append(self._pool.submit(self._write, tp, tensor, part, ledger))
         while len(self._pending) > self.depth:
             self._pending.popleft().result()  # re-raises the writer's error here
 
-    def _write(self, tp: TensorPlan, tensor: torch.Tensor, part: bool) -> None:
+    def _write(self, tp: TensorPlan, tensor: torch.Tensor, part: bool, ledger: dict | None) -> None:
+        if ledger is not None:
+            self._ledger = ledger
         w = self.writers.get(tp.shard)
         if w is None:
             shard = self.plan.shards[tp.shard]
@@ -53,11 +73,18 @@ class _ShardSink:
         w.write(tp.name, tensor, part=part)
         if w.done:
             w.close()
-            final = self.work_dir / self.plan.shards[tp.shard].file
-            w.path.rename(final)
+            shard = self.plan.shards[tp.shard]
+            self.crcs[shard.file] = [w.crcs[t.name] for t in shard.tensors]
+            self.save_progress()
+            w.path.rename(self.work_dir / shard.file)
             self.stats.bytes_written += w.size
             del self.writers[tp.shard]
-            self.closed += 1
+
+    def save_progress(self, ledger: dict | None = None) -> None:
+        """The ledger and the finished shards' CRCs, atomically (before a shard is renamed)."""
+        if ledger is not None:
+            self._ledger = ledger
+        write_json_atomic(self.work_dir / self.progress_name, {**self._ledger, "shards": self.crcs})
 
     def finish(self) -> None:
         while self._pending:
@@ -77,13 +104,51 @@ def shard_header(plan: MergePlan, k: int) -> bytes:
     return header
 
 
+def recorded_crcs(work_dir: Path) -> dict[str, list[int]]:
+    """CRC-32s of the shards earlier runs finished in this work folder (every process's record)."""
+    out: dict[str, list[int]] = {}
+    for path in sorted(work_dir.glob(PROGRESS_FILES)):
+        try:
+            shards = json.loads(path.read_text()).get("shards", {})
+            out.update({str(f): [int(c) for c in crcs] for f, crcs in shards.items()})
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+    return out
+
+
 def finished_shards(plan: MergePlan, work_dir: Path, only: set[int] | None = None) -> set[int]:
-    """Shards a previous run completed (same header, full size): a resumed run keeps them.
+    """Shards a previous run completed: same header, full size and every tensor's recorded CRC-32.
 
     `only`: look at these shards alone (one process of a shared merge; others are being written).
+    A shard without a record (renamed by another program, or before the record was kept) is
+    rewritten.
     """
-    return {k for k, s in enumerate(plan.shards) if (only is None or k in only)
-            and (work_dir / s.file).is_file() and shard_matches(work_dir / s.file, shard_header(plan, k))}
+    crcs = recorded_crcs(work_dir)
+    return {k for k, s in enumerate(plan.shards) if (only is None or k in only) and s.file in crcs
+            and (work_dir / s.file).is_file() and shard_matches(work_dir / s.file, shard_header(plan, k))
+            and shard_crcs(work_dir / s.file, len(shard_header(plan, k)), plan.shards[k].tensors) == crcs[s.file]}
+
+
+def shard_crcs(path: Path, header_len: int, tensors: list[TensorPlan]) -> list[int] | None:
+    """CRC-32 of each tensor's bytes of a shard file, in plan order (None if it cannot be read)."""
+    _, offsets = build_header(_entries(tensors), {"format": "pt"})
+    out = []
+    try:
+        with open(path, "rb") as f:
+            for t in tensors:
+                begin, end = offsets[t.name]
+                f.seek(header_len + begin)
+                crc, left = 0, end - begin
+                while left:
+                    chunk = f.read(min(left, 64 << 20))
+                    if not chunk:
+                        return None
+                    crc = zlib.crc32(chunk, crc)
+                    left -= len(chunk)
+                out.append(crc)
+    except OSError:
+        return None
+    return out
 
 
 # Test-only: seconds to sleep after each finished shard, so a test can kill a merge mid-write.
@@ -117,6 +182,7 @@ class ShardWriter:
         self._left = {name: end - begin for name, (begin, end) in self.offsets.items()}
         self._pending = set(self._left)  # tensors not complete yet (empty ones too, until written)
         self._unsynced: list[tuple[int, int]] = []  # (offset, length) written since the last write-back
+        self.crcs = {name: 0 for name in self._left}  # CRC-32 of each tensor's bytes (slabs come in row order)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             with disk_full_is_clear(self.path):
@@ -139,6 +205,7 @@ class ShardWriter:
         if len(data):
             with disk_full_is_clear(self.path):
                 _pwrite_all(self._fd, memoryview(data), pos)
+            self.crcs[name] = zlib.crc32(memoryview(data), self.crcs[name])
             self._unsynced.append((pos, len(data)))
         self._left[name] = left - len(data)
         if not self._left[name]:

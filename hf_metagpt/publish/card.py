@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..engine.plan import MergePlan
-from ..sources.hub import _remote_files, local_license, read_license
+from ..sources.hub import remote_files, local_license, read_license
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -203,7 +203,7 @@ def all_licenses(plan: "MergePlan", token: str | None = None) -> list[str | None
     out = []
     for info in plan.inputs:
         if info.ref.is_hub:
-            out.append(read_license(info.ref, _remote_files(info), token))
+            out.append(read_license(info.ref, remote_files(info), token))
         else:
             out.append(local_license(info.ref.local_path))
     return out

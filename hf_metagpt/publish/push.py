@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..sources.hub_calls import (
+    HubAccessError,
     RETRIES,
     RETRY_MAX,
     _api,
@@ -107,3 +108,29 @@ def _landed_commit(api, repo_id: str, revision: str | None, head: str, message: 
 def pushed_commit(repo_id: str, token: str | None = None, revision: str | None = None) -> str:
     """SHA of the head of `revision` of a repo (for messages and tests)."""
     return _call(repo_id, _api(token).model_info, repo_id, revision=revision).sha
+
+
+def check_push_access(repo_id: str, token: str | None = None, *, create_pr: bool = False) -> None:
+    """Refuse, before any weight is read, a push the token could not make.
+
+    The token must be valid and not read-only, and its user must own the namespace or belong to
+    the organization; an existing repo must be writable (or a pull request asked for).
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = _api(token)
+    try:
+        me = api.whoami()
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise HubAccessError(f"--push-to {repo_id}: no valid Hub token ({type(exc).__name__}).",
+                             hint="Log in (`hf auth login`), set HF_TOKEN or pass --token (token=...) with write access.") from None
+    role = (((me.get("auth") or {}).get("accessToken") or {}).get("role"))
+    if role == "read":
+        raise HubAccessError(f"--push-to {repo_id}: the token is read-only.",
+                             hint="Use a token with write access (--token, HF_TOKEN or `hf auth login`).")
+    namespace = repo_id.split("/", 1)[0] if "/" in repo_id else me.get("name")
+    orgs = {o.get("name") for o in me.get("orgs") or [] if isinstance(o, dict)}
+    if namespace != me.get("name") and namespace not in orgs and not create_pr:
+        raise HubAccessError(f"--push-to {repo_id}: {me.get('name')} cannot write to the namespace {namespace!r}.",
+                             hint=f"Push to {me.get('name')}/{repo_id.split('/')[-1]}, to an organization you belong to, "
+                                  "or pass --create-pr (create_pr=True) to open a pull request.")

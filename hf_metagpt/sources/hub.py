@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..safetensors_io import TensorMeta, parse_header_json, read_header
@@ -30,9 +29,6 @@ from .local import (
 )
 from .model import ModelInfo
 from .refs import ModelRef
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +104,7 @@ def remote_info(remote: RemoteModel, token: str | None = None) -> ModelInfo:
     cached = _cached_headers(remote, token)
     if cached is not None:
         tensors, files = cached
-        return ModelInfo(ref=ref, config=config, tensors=tensors, weight_files=files)
+        return ModelInfo(ref=ref, config=config, tensors=tensors, weight_files=files, files=dict(remote.files))
 
     from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
 
@@ -136,7 +132,7 @@ def remote_info(remote: RemoteModel, token: str | None = None) -> ModelInfo:
     if missing:
         raise InputError(f"{name}: {INDEX_FILE} lists {missing[0]!r} but no shard holds it.",
                          hint="The index is stale or damaged.")
-    return ModelInfo(ref=ref, config=config, tensors=tensors, weight_files=files)
+    return ModelInfo(ref=ref, config=config, tensors=tensors, weight_files=files, files=dict(remote.files))
 
 
 def _remote_adapter_info(remote: RemoteModel, token: str | None) -> ModelInfo:
@@ -160,7 +156,7 @@ def _remote_adapter_info(remote: RemoteModel, token: str | None) -> ModelInfo:
                          hint="Push the complete PEFT adapter folder (save_pretrained output).")
     folder = _call(ref.display, snapshot_download, ref.repo_id, revision=ref.sha,
                    allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS], token=_tok(token))
-    return load_adapter_info(ref, Path(folder))
+    return replace(load_adapter_info(ref, Path(folder)), files=dict(remote.files))
 
 
 def _cached_headers(remote: RemoteModel, token: str | None) -> tuple[dict[str, TensorMeta], list[str]] | None:
@@ -225,16 +221,9 @@ def local_license(folder: Path | None) -> str | None:
 # ---------------------------------------------------------------- downloads
 
 
-_REMOTE_FILES: dict[tuple[str, str], dict[str, int | None]] = {}
-
-
-def _remote_files(info: ModelInfo) -> dict[str, int | None]:
-    return _REMOTE_FILES.get((info.ref.repo_id or "", info.ref.sha or ""), {})
-
-
-def remember_files(remote: RemoteModel) -> None:
-    """Keep the file listing of a resolved commit (immutable, so safe to cache per process)."""
-    _REMOTE_FILES[(remote.ref.repo_id or "", remote.ref.sha or "")] = dict(remote.files)
+def remote_files(info: ModelInfo) -> dict[str, int | None]:
+    """A Hub input's file listing at its pinned commit (empty for a local input)."""
+    return dict(info.files or {})
 
 
 def cached_path(info: ModelInfo, file: str) -> Path | None:

@@ -126,6 +126,13 @@ def _hub_errors(ref_text: str, exc: Exception) -> MergeError | None:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     if isinstance(exc, LocalEntryNotFoundError):
+        # hf_hub_download reports an HTTP error of its HEAD request as "not in the cache": the
+        # HTTP answer (a 403 on a gated file, a 404) is the news, not the connection.
+        cause = _http_cause(exc)
+        if cause is not None and cause is not exc:
+            mapped = _hub_errors(ref_text, cause)
+            if mapped is not None:
+                return mapped
         return HubAccessError(f"{ref_text}: the Hub could not be reached and the files are not in the cache.",
                               hint="Check the connection and HF_ENDPOINT (and that HF_HUB_OFFLINE is not set), "
                                    "then retry.")
@@ -138,6 +145,20 @@ def _hub_errors(ref_text: str, exc: Exception) -> MergeError | None:
             return HubAccessError(f"{ref_text}: access denied (HTTP {status}).",
                                   hint="Pass a token with the needed permission (--token, HF_TOKEN or `hf auth login`).")
         return HubAccessError(f"{ref_text}: the Hub answered HTTP {status}.", hint="Retry later; the request was not completed.")
+    return None
+
+
+def _http_cause(exc: BaseException) -> BaseException | None:
+    """The first huggingface_hub HTTP error in an exception's cause chain (None when it has none)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    e: BaseException | None = exc
+    for _ in range(8):
+        if e is None:
+            return None
+        if isinstance(e, HfHubHTTPError):
+            return e
+        e = e.__cause__ or e.__context__
     return None
 
 

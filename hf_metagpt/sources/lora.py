@@ -92,14 +92,14 @@ class LoraModule:
     transposed: bool
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdapterInfo(ModelInfo):
     """A LoRA adapter as an input: `tensors` are its stored tensors, `lora`/`full` map them to the base."""
 
     peft_config: Any = None
     lora: dict[str, LoraModule] = field(default_factory=dict)  # base param -> update
     full: dict[str, str] = field(default_factory=dict)  # base param -> stored key of a replacing tensor
-    base_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # filled by check_against_base
+    base_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # set by checked_against
 
     @property
     def base_model_name(self) -> str | None:
@@ -110,8 +110,9 @@ class AdapterInfo(ModelInfo):
             return self.tensors[self.full[name]].shape
         return self.base_shapes[name]
 
-    def check_against_base(self, base: ModelInfo, strict: bool, warnings: list[str]) -> None:
-        """Every update must land on a floating base parameter of the same shape; the base should be its own."""
+    def checked_against(self, base: ModelInfo, strict: bool, warnings: list[str]) -> "AdapterInfo":
+        """This adapter with the base's shapes, once every update lands on a floating base parameter of
+        the same shape (the base should be the adapter's own: a warning, or an error when `strict`)."""
         _check_base_name(self, base, strict, warnings)
         for param, m in self.lora.items():
             meta = _base_param(self, base, param)
@@ -130,7 +131,7 @@ class AdapterInfo(ModelInfo):
                 raise IncompatibleModelsError(
                     f"{self.name}: saved module {param!r} has shape {list(shape)}, the base has {list(meta.shape)}.",
                     hint="The adapter was trained on another base model; pass the base it was trained on.")
-        self.base_shapes = {n: tuple(m.shape) for n, m in base.tensors.items()}
+        return replace(self, base_shapes={n: tuple(m.shape) for n, m in base.tensors.items()})
 
 
 def _base_param(ad: AdapterInfo, base: ModelInfo, param: str) -> TensorMeta:

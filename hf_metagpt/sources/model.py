@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
 
 from ..safetensors_io import TensorMeta
 from .refs import ModelRef
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelInfo:
-    """What the plan knows of one input model: its config and its tensors' headers."""
+    """What the plan knows of one input model: its config and its tensors' headers.
+
+    For a Hub input, `files` is the repo's file listing at the pinned commit (name -> size).
+    """
 
     ref: ModelRef
     config: dict[str, Any]
     tensors: dict[str, TensorMeta]
     weight_files: list[str]
+    files: Mapping[str, int | None] | None = None
+
+    def at(self, folder: Path) -> "ModelInfo":
+        """The same input, its files now in a local folder (a Hub snapshot downloaded for the merge)."""
+        return replace(self, ref=self.ref.with_local_path(folder))
 
     @property
     def name(self) -> str:

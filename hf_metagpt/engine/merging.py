@@ -1,0 +1,391 @@
+"""Merge kernels: how a piece's tensors become norms and merged tensors — chosen once per merge.
+
+Three kernels, picked by `choose_kernel` from the method and the kind of inputs, never by flags
+inside the loop:
+
+- `FusedKernel` — a weighted sum w0·θ0 + Σ wt·θt (MetaGPT, task arithmetic, linear) of full
+  fine-tunes: chunked float64 kernels (`kernels.py`) on the raw stored bytes, in jobs shared by
+  the compute threads; works on row slabs.
+- `LowRankKernel` — the same weighted sums when every fine-tune is a plain LoRA adapter: the
+  scaled base plus one stacked low-rank product per block of rows (float64), never a full τ.
+- `MethodKernel` — everything else (TIES/DARE transforms, adapters with saved modules, mixed
+  inputs, `--allow-nonfinite`): τ formed per whole tensor in float32 and handed to the method.
+
+A kernel returns norms as (norm group, values) records — the executor adds them to the ledger in
+plan order — and merged tensors in the output dtype. Every merged tensor is checked: a NaN/Inf
+names the input that holds it; a finite input that overflows the output dtype (bf16 → fp16)
+stops the merge naming the tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from ..errors import NonFiniteError, OutputError
+from ..methods.base import MergeMethod, TensorContext, squared_norm
+from ..safetensors_io import ST_TO_TORCH
+from . import kernels
+from .pieces import Piece
+from .plan import MergePlan, TensorPlan
+from .tasks import TaskSource, _f32
+
+#: Elements per job of the fused kernels: a tensor is cut into jobs so that both compute threads
+#: share one large tensor too (a 3B MLP matrix, an embedding slab). A constant, not a function of
+#: the core count, so the float64 norm sums are the same on every machine.
+JOB = 1 << 22
+
+Records = list[tuple[str, list[float]]]
+Raws = list  # [base tensors by name (or None: not read), then each source's], one piece
+
+
+class Coefficients(Protocol):
+    """What a kernel asks of the executor while merging: a group's coefficients, and (method path)
+    the norms of a one-tensor group it reduced from the τ it formed."""
+
+    def __call__(self, group: str) -> list[float]: ...
+
+    def pending(self, group: str) -> bool: ...
+
+    def settle(self, group: str, values: list[float]) -> None: ...
+
+
+@dataclass(frozen=True)
+class KernelContext:
+    """Everything a kernel needs, fixed for the whole merge."""
+
+    plan: MergePlan
+    method: MergeMethod
+    sources: tuple[TaskSource, ...]
+    device: torch.device
+    seed: int | None
+    allow_nonfinite: bool
+    #: fn over items on the executor's compute threads, results in input order
+    run: Callable[[Callable, list], list]
+
+    @property
+    def chunk(self) -> int:
+        return kernels.CHUNK if self.device.type == "cpu" else kernels.CHUNK * 64
+
+    def tensor_context(self, tp: TensorPlan) -> TensorContext:
+        return TensorContext(tp.name, self.seed)
+
+
+class MergeKernel:
+    """Shared parts: finiteness policy, flat views, extra vocabulary rows, output checks."""
+
+    #: may merge row slabs of a tensor (the pieces may cut tensors)
+    slabs = False
+    #: releases the GIL in long loops: worth two single-threaded compute workers
+    threaded = False
+    #: what the weighted sums accumulate in (said on the card)
+    precision = "float32"
+    #: reducing norms needs the base's weights (adapters' exact norms do not)
+    reduce_reads_base = True
+
+    def __init__(self, ctx: KernelContext) -> None:
+        self.ctx = ctx
+
+    def reduce(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece,
+               read_base: Callable[[], dict[str, torch.Tensor]]) -> Records:
+        raise NotImplementedError
+
+    def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared helpers
+    def check_finite(self, t: torch.Tensor, model: str, name: str) -> None:
+        """Raise for NaN/Inf in an input, or zero them (treated as unchanged) with --allow-nonfinite."""
+        if bool(torch.isfinite(t).all()):
+            return
+        if not self.ctx.allow_nonfinite:
+            raise NonFiniteError(f"{model}: tensor {name!r} holds NaN or Inf values.",
+                                 hint="The checkpoint is damaged; pass --allow-nonfinite (allow_nonfinite=True) "
+                                      "to treat those entries as unchanged from the base.")
+        torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def name_nonfinite(self, tp: TensorPlan, raws: Raws, rows: int | None) -> None:
+        """Raise for the first input whose copy of `tp` holds NaN/Inf (the slow check, on failure only)."""
+        for info, raw in zip(self.ctx.plan.inputs, raws):
+            if raw is None or tp.name not in raw:
+                continue
+            t = raw[tp.name]
+            t = t[:rows] if rows is not None else t
+            if not bool(torch.isfinite(t).all()):
+                self.check_finite(t, info.name, tp.name)
+
+    def check_output(self, tp: TensorPlan, out: torch.Tensor, raws: Raws, rows: int | None) -> None:
+        """A merged tensor must be finite: name a non-finite input, else the overflow of the output dtype."""
+        if not tp.floating or bool(torch.isfinite(out).all()):
+            return
+        if not self.ctx.allow_nonfinite:
+            self.name_nonfinite(tp, raws, rows)
+        raise OutputError(
+            f"{tp.name}: merged values exceed the range of the output dtype {out.dtype} "
+            f"(finite inputs, merged to ±Inf when rounded).",
+            hint="Write a wider dtype: --dtype bfloat16 or --dtype float32 (dtype=...); float16 holds |x| ≤ 65504.")
+
+    @staticmethod
+    def flats(tp: TensorPlan, raws: Raws, slab: bool) -> list[torch.Tensor]:
+        """Every input's copy of `tp` as a flat view, cut to the merged rows (a slab already is)."""
+        rows = None if slab else tp.shared_rows
+        return [kernels.flat(r[tp.name], rows) for r in raws]
+
+    @staticmethod
+    def spans(n: int) -> list[tuple[int, int]]:
+        return [(lo, min(lo + JOB, n)) for lo in range(0, n, JOB)] or [(0, 0)]
+
+    def copied_rows(self, tp: TensorPlan, raws: Raws) -> torch.Tensor:
+        """A slab of extra vocabulary rows, copied (and converted) from their source.
+
+        A copy: the raw rows are views of a pooled buffer, and the write happens later on the
+        writer thread."""
+        return raws[tp.extra_source or 0][tp.name].to(self.ctx.device, ST_TO_TORCH[tp.out_dtype], copy=True)
+
+    def with_extra_rows(self, tp: TensorPlan, merged: torch.Tensor, raws: Raws) -> torch.Tensor:
+        """The merged shared rows of a whole tensor, followed by the extra rows of their source (if any)."""
+        if tp.extra_source is None:
+            return merged
+        extra = raws[tp.extra_source][tp.name][tp.shared_rows:].to(self.ctx.device, merged.dtype)
+        return torch.cat([merged, extra], dim=0)
+
+
+class FusedKernel(MergeKernel):
+    """Weighted sums of full fine-tunes with the fused chunked kernels (float64 accumulation)."""
+
+    slabs = True
+    threaded = True
+    precision = "float64"
+
+    def reduce(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece,
+               read_base: Callable[[], dict[str, torch.Tensor]]) -> Records:
+        """‖θt − θ0‖² of every model for each tensor, with the fused kernel on the compute threads.
+
+        Each tensor is cut into jobs of `JOB` elements (so both threads share one large tensor);
+        a tensor's job sums are added in order. Non-finite inputs are named.
+        """
+        if piece.extra_rows:
+            return []  # copied rows: no task vector
+        slab = piece.rows is not None
+        ctx = self.ctx
+        flats = [self.flats(tp, raws, slab) for tp in tensors]
+        jobs = [(k, lo, hi) for k, f in enumerate(flats) for lo, hi in self.spans(f[0].numel())]
+
+        def job(j: tuple[int, int, int]) -> torch.Tensor:
+            k, lo, hi = j
+            f = flats[k]
+            return kernels.task_sq_norms(f[0][lo:hi], [m[lo:hi] for m in f[1:]], device=ctx.device, chunk=ctx.chunk)
+
+        totals: list[torch.Tensor | None] = [None] * len(tensors)
+        for (k, _, _), part in zip(jobs, ctx.run(job, jobs)):
+            totals[k] = part if totals[k] is None else totals[k] + part  # type: ignore[operator]
+        out: Records = []
+        for tp, total in zip(tensors, totals):
+            assert total is not None
+            if not bool(torch.isfinite(total).all()):
+                self.name_nonfinite(tp, raws, None if slab else tp.shared_rows)
+            out.append((tp.norm_group, total.tolist()))
+        return out
+
+    def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients) -> list[torch.Tensor]:
+        """The merged tensors (or row slabs) of a piece: w0·θ0 + Σ wt·θt in jobs on the compute threads."""
+        slab = piece.rows is not None
+        if piece.extra_rows:
+            return [self.copied_rows(tp, raws) for tp in tensors]
+        ctx = self.ctx
+        outs: list[torch.Tensor] = []
+        jobs: list[tuple] = []
+        for tp in tensors:
+            if not tp.floating:
+                # Integer buffers are copied from the base unchanged (cloned: the raw tensor lives
+                # in a pooled read buffer, and the write happens later on the writer thread).
+                outs.append(raws[0][tp.name].clone())
+                continue
+            w0, weights = ctx.method.model_weights(coefs(tp.norm_group))  # type: ignore[misc]
+            f = self.flats(tp, raws, slab)
+            base = raws[0][tp.name]
+            shape = base.shape if slab or tp.shared_rows is None else (tp.shared_rows, *base.shape[1:])
+            out = torch.empty(shape, dtype=ST_TO_TORCH[tp.out_dtype], device=ctx.device)
+            jobs += [(f, out.view(-1), w0, weights, lo, hi) for lo, hi in self.spans(out.numel())]
+            outs.append(out)
+
+        def job(j: tuple) -> None:
+            f, o, w0, weights, lo, hi = j
+            kernels.weighted_models(f[0][lo:hi], [m[lo:hi] for m in f[1:]], w0, weights, o.dtype,
+                                    device=ctx.device, chunk=ctx.chunk, out=o[lo:hi])
+
+        ctx.run(job, jobs)
+        for k, tp in enumerate(tensors):
+            if not tp.floating:
+                continue
+            self.check_output(tp, outs[k], raws, None if slab else tp.shared_rows)
+            if not slab:
+                outs[k] = self.with_extra_rows(tp, outs[k], raws)
+        return outs
+
+
+class LowRankKernel(MergeKernel):
+    """Weighted sums when every fine-tune is a plain LoRA adapter (no full-size τ ever formed)."""
+
+    slabs = True
+    threaded = True
+    precision = "float64"
+    reduce_reads_base = False
+
+    def reduce(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece,
+               read_base: Callable[[], dict[str, torch.Tensor]]) -> Records:
+        if piece.extra_rows or (piece.rows is not None and piece.rows[0] > 0):
+            # Adapters' exact norms (from their factors) are the whole tensor's, so they are
+            # counted with its first slab only.
+            return []
+        out: Records = []
+        for tp in tensors:
+            exact = [src.exact_sq_norm(tp, raw) for src, raw in zip(self.ctx.sources, raws[1:])]
+            assert all(e is not None for e in exact), tp.name
+            out.append((tp.norm_group, exact))  # type: ignore[arg-type]
+        return out
+
+    def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients) -> list[torch.Tensor]:
+        """w0·θ0 + Σt wt·(θ0 + st·Bt·At) = (w0 + Σ wt)·θ0 + [w1·s1·B1 | w2·s2·B2 | ...]·[A1; A2; ...]:
+        one stacked product of rank Σr per block of rows, in float64 (see `kernels.base_plus_lowrank`).
+        """
+        slab = piece.rows is not None
+        if piece.extra_rows:
+            return [self.copied_rows(tp, raws) for tp in tensors]
+        ctx = self.ctx
+        outs: list[torch.Tensor] = []
+        jobs: list[tuple] = []
+        for tp in tensors:
+            if not tp.floating:
+                outs.append(raws[0][tp.name].clone())  # raw is a view of a pooled buffer
+                continue
+            w0, weights = ctx.method.model_weights(coefs(tp.norm_group))  # type: ignore[misc]
+            base = raws[0][tp.name]
+            if not slab and tp.shared_rows is not None:
+                base = base[: tp.shared_rows]
+            lo = piece.rows[0] if slab else 0  # type: ignore[index]
+            stacked = self._stacked(tp, raws, weights, lo, base.shape[0])
+            out = torch.empty(base.shape, dtype=ST_TO_TORCH[tp.out_dtype], device=ctx.device)
+            cols = max(1, base[0].numel()) if base.dim() else 1
+            step = max(1, JOB // cols)
+            c0 = w0 + sum(weights)
+            jobs += [(base, stacked, c0, out, r, min(r + step, base.shape[0]))
+                     for r in range(0, base.shape[0], step)]
+            outs.append(out)
+
+        def job(j: tuple) -> None:
+            base, stacked, c0, out, r0, r1 = j
+            kernels.base_plus_lowrank(base[r0:r1], [(b[r0:r1], a) if not t else (b, a[:, r0:r1]) for b, a, t in stacked],
+                                      [t for _, _, t in stacked], c0, out=out[r0:r1])
+
+        ctx.run(job, jobs)
+        for k, tp in enumerate(tensors):
+            if tp.floating:
+                self.check_output(tp, outs[k], raws, None if slab else tp.shared_rows)
+                if not slab:
+                    outs[k] = self.with_extra_rows(tp, outs[k], raws)
+        return outs
+
+    def _stacked(self, tp: TensorPlan, raws: Raws, weights: list[float], lo: int, rows: int) -> list[tuple]:
+        """Scaled B factors side by side and A factors stacked, per orientation, for rows [lo, lo+rows)."""
+        parts: dict[bool, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for w, src, raw in zip(weights, self.ctx.sources, raws[1:]):
+            if w == 0.0 or tp.name not in src.info.lora:  # type: ignore[attr-defined]
+                continue
+            b, a, m = src.factors(tp, raw, torch.float64, self.ctx.device)  # type: ignore[attr-defined]
+            # This piece's rows of Δ: rows of B, or columns of A when Δ = (B·A)ᵀ.
+            if m.transposed:
+                a = a[:, lo: lo + rows]
+            else:
+                b = b[lo: lo + rows]
+            bs, as_ = parts.setdefault(m.transposed, ([], []))
+            bs.append(b * (w * m.scale))
+            as_.append(a)
+        return [(torch.cat(bs, dim=1), torch.cat(as_, dim=0), t) for t, (bs, as_) in parts.items()]
+
+
+class MethodKernel(MergeKernel):
+    """τ per whole tensor in float32, through the method's own functions (TIES, DARE, adapters, ...)."""
+
+    def __init__(self, ctx: KernelContext) -> None:
+        super().__init__(ctx)
+        # A method that rewrites task vectors (DARE, TIES) needs the norms of the rewritten ones,
+        # so exact adapter norms apply only when it leaves them as they are.
+        self.transforms = transforms(ctx.method)
+
+    def task_vectors(self, tp: TensorPlan, raws: Raws) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        ctx = self.ctx
+        base = _f32(raws[0][tp.name], tp.shared_rows, ctx.device)
+        self.check_finite(base, ctx.plan.base.name, tp.name)
+        taus = []
+        for src, raw in zip(ctx.sources, raws[1:]):
+            tau = src.task_vector(tp, raw, base)
+            self.check_finite(tau, src.info.name, tp.name)
+            taus.append(tau)
+        return base, ctx.method.transform(taus, ctx.tensor_context(tp))
+
+    def _exact(self, tp: TensorPlan, raws: Raws) -> list[float | None]:
+        if self.transforms:
+            return [None] * len(self.ctx.sources)
+        return [src.exact_sq_norm(tp, raw) for src, raw in zip(self.ctx.sources, raws[1:])]
+
+    def reduce(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece,
+               read_base: Callable[[], dict[str, torch.Tensor]]) -> Records:
+        out: Records = []
+        for tp in tensors:
+            exact = self._exact(tp, raws)
+            if any(e is None for e in exact):
+                if raws[0] is None:  # read lazily: adapters' exact norms need no base weights
+                    raws[0] = read_base()
+                _, taus = self.task_vectors(tp, raws)
+                exact = [squared_norm(t) if e is None else e for e, t in zip(exact, taus)]
+            out.append((tp.norm_group, exact))  # type: ignore[arg-type]
+        return out
+
+    def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients) -> list[torch.Tensor]:
+        return self.ctx.run(lambda tp: self.merge_tensor(tp, raws, coefs), list(tensors))
+
+    def merge_tensor(self, tp: TensorPlan, raws: Raws, coefs: Coefficients) -> torch.Tensor:
+        """One merged tensor (a one-tensor norm group not yet known is reduced from its τ first)."""
+        if not tp.floating:
+            # Integer buffers are copied from the base unchanged (cloned: the raw tensor lives in a
+            # pooled read buffer, and the write happens later on the writer thread).
+            return raws[0][tp.name].clone()
+        ctx = self.ctx
+        base, taus = self.task_vectors(tp, raws)
+        if ctx.method.uses_group_norms and coefs.pending(tp.norm_group):
+            exact = self._exact(tp, raws)
+            coefs.settle(tp.norm_group, [squared_norm(t) if e is None else e for e, t in zip(exact, taus)])
+        merged = ctx.method.combine(base, taus, coefs(tp.norm_group)).to(ST_TO_TORCH[tp.out_dtype])
+        self.check_output(tp, merged, raws, tp.shared_rows)
+        return self.with_extra_rows(tp, merged, raws)
+
+
+def transforms(method: MergeMethod) -> bool:
+    """Whether a method rewrites task vectors (so norms must be taken from the rewritten ones)."""
+    return type(method).transform is not MergeMethod.transform
+
+
+def choose_kernel(method: MergeMethod, sources: Sequence[TaskSource], allow_nonfinite: bool) -> type[MergeKernel]:
+    """The kernel for this merge, from the method and the kinds of inputs."""
+    # Weighted sums (MetaGPT, task arithmetic, linear) can be fused; TIES/DARE transforms and
+    # --allow-nonfinite (which must look at each input's values) go through the method.
+    weighted = (not transforms(method) and not allow_nonfinite
+                and method.model_weights([0.0] * len(sources)) is not None)
+    if weighted and all(s.pooled for s in sources):
+        return FusedKernel
+    # Adapters that replace whole tensors (modules_to_save) take the method's functions.
+    if weighted and all(not s.pooled for s in sources) and not any(getattr(s.info, "full", None) for s in sources):
+        return LowRankKernel
+    return MethodKernel
+
+
+def compute_workers(kernel: type[MergeKernel], device: torch.device, processes: int = 1) -> int:
+    """Compute threads: two single-threaded workers for GIL-free kernels on a CPU with cores to spare."""
+    cores = os.cpu_count() or 1
+    if not kernel.threaded or device.type != "cpu" or cores < 2 or processes >= cores:
+        return 1
+    return 2
