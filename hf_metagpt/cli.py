@@ -182,7 +182,7 @@ def _cmd_install_extension(args: argparse.Namespace) -> int:
 
 
 def _cmd_hub_serve(args: argparse.Namespace) -> int:
-    from .hub_server import LocalHub, parse_token_spec
+    from .localhub import LocalHub, parse_token_spec
 
     try:
         tokens = dict(parse_token_spec(spec) for spec in args.token)
