@@ -7,15 +7,17 @@ control for private repos. Point the client at it with ``HF_ENDPOINT`` and ``HF_
 both set *before* ``huggingface_hub`` is first imported (it reads them once at import).
 
 Modules, in the order a request meets them:
-``server`` (LocalHub: start/stop, faults, request log) -> ``transport`` (HTTP handler, body reader) ->
+``server`` (LocalHub: start/stop, faults, request log) -> ``transport`` (threads, connection cap, HTTP
+handler) -> ``body`` (read deadlines, Content-Length and chunk parsing) ->
 ``routes`` (path -> endpoint) -> ``reads`` / ``writes`` / ``lfs`` (endpoints) -> ``access`` (who may do
-what) -> ``storage`` (repos, commits, refs, blobs); ``common`` holds the Hub's rules and HubError.
+what) -> ``storage`` (repos, commits, refs, blobs and which repo holds which LFS object);
+``schema`` checks JSON shapes; ``common`` holds the Hub's naming rules, limits and HubError.
 
 This package is deliberately stdlib-only and must never import ``huggingface_hub``: tests start the
 server before the client is first imported.
 """
 
-from .common import git_blob_sha1, parse_token_spec
+from .common import Limits, git_blob_sha1, parse_token_spec
 from .server import Fault, LocalHub, RequestRecord
 
-__all__ = ["LocalHub", "Fault", "RequestRecord", "parse_token_spec", "git_blob_sha1"]
+__all__ = ["LocalHub", "Limits", "Fault", "RequestRecord", "parse_token_spec", "git_blob_sha1"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from .common import NAME_RE, HubError
+from .common import NAME_RE, HubError, Limits
 from .storage import Repo, Store
 
 
@@ -72,9 +72,14 @@ class Context:
     store: Store
     access: Access
     secret: bytes
+    limits: Limits = Limits()
 
     def read(self, repo_type: str, repo_id: str, user: str | None) -> Repo:
         return self.access.repo_for_read(self.store, repo_type, repo_id, user)
 
     def write(self, repo_type: str, repo_id: str, user: str | None) -> Repo:
         return self.access.repo_for_write(self.store, repo_type, repo_id, user)
+
+    def lfs_readable(self, user: str | None, oid: str, size: int | None = None) -> bool:
+        """Whether `user` may use this LFS object: a repo they can read holds it (see `Store.lfs_readable`)."""
+        return self.store.lfs_readable(oid, size, lambda repo: self.access.can_read(user, repo))

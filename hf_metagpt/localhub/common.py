@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 # Same threshold as the Hub: larger files must go through LFS.
@@ -17,6 +18,16 @@ CHUNK = 1024 * 1024
 # One NDJSON line carries at most one regular (<= 10 MB, base64) file; anything far larger is abuse.
 MAX_NDJSON_LINE = 32 * 1024 * 1024
 MAX_JSON_BODY = 8 * 1024 * 1024
+
+# Bodies, lines and lists a client may send; the Hub's own client stays far below each
+# (it batches LFS objects and preupload files by 256 and sends one NDJSON line per file).
+MAX_COMMIT_BODY = 1024 * 1024 * 1024
+MAX_COMMIT_OPS = 100_000
+MAX_LIST_ITEMS = 1000  # objects in an LFS batch, files in a preupload
+MAX_PATHS_INFO = 10_000
+MAX_PATH_LEN = 1024
+MAX_REVISION_LEN = 255
+MAX_MESSAGE_LEN = 64 * 1024
 
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -44,6 +55,29 @@ class HubError(Exception):
         self.extra = dict(extra or {})
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How long and how many: the server's bounds against slow, stuck or too many clients.
+
+    Args:
+        header_timeout: seconds from a request's first byte to the end of its headers (slowloris).
+        idle_timeout: seconds a kept-alive connection may wait for its next request (the Hub's client
+            drops idle pooled connections after 5 s, so it never meets this one).
+        body_timeout: seconds any single read of a body (or write of an answer) may stall.
+        max_connections: connections served at once; more get 503 with ``Retry-After``.
+        backlog: the listen queue; the default of 5 made bursts of clients wait 1/3/7/15 s for SYN retries.
+        tree_page: entries per page of a tree listing (the rest follows a ``Link: rel="next"``).
+    """
+
+    header_timeout: float = 10.0
+    idle_timeout: float = 30.0
+    body_timeout: float = 60.0
+    max_connections: int = 256
+    backlog: int = 1024
+    retry_after: int = 1
+    tree_page: int = 1000
+
+
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a blob with this content (what the Hub uses as a regular file's ETag)."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -57,6 +91,16 @@ def iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_PRINTABLE_RE = re.compile(r"[^\x20-\x7e]")
+
+
+def printable(text: Any, limit: int = 200) -> str:
+    """`text` made safe for a header or a log line: one line of printable ASCII, other characters escaped."""
+    out = _PRINTABLE_RE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
 def clean_path(path: Any, *, allow_empty: bool = False) -> str:
     """Validate a path inside a repo; refuse anything that could leave the repo (or the data folder)."""
     if not isinstance(path, str):
@@ -67,17 +111,30 @@ def clean_path(path: Any, *, allow_empty: bool = False) -> str:
     if (
         path.startswith("/")
         or "\\" in path
-        or "\x00" in path
+        or _CONTROL_RE.search(path)
+        or len(path) > MAX_PATH_LEN
         or any(p in ("", ".", "..", ".git") for p in parts)
         or re.match(r"^[A-Za-z]:", path)
     ):
-        raise HubError(400, f"Invalid path in repo: {path!r}")
+        raise HubError(400, f"Invalid path in repo: {printable(repr(path))}")
     return path
 
 
+def check_revision(rev: Any) -> str:
+    """A branch, tag, ``refs/...`` name or commit id with the characters the Hub allows; else 400."""
+    if not isinstance(rev, str) or not rev or len(rev) > MAX_REVISION_LEN or not BRANCH_RE.match(rev) \
+            or ".." in rev:
+        raise HubError(400, f"Invalid revision {printable(repr(rev))}: use a branch, tag, refs/pr/N or commit id "
+                            "(letters, digits, '.', '_', '-' and '/')")
+    return rev
+
+
 def repo_id_of(ns: str, name: str) -> str:
-    if not (NAME_RE.match(ns) and NAME_RE.match(name)) or name.endswith(".git"):
-        raise HubError(400, f"Invalid repo id {ns}/{name}")
+    """``ns/name`` if both parts follow the Hub's repo name rules; else 400 (before the id is used)."""
+    if not (NAME_RE.match(ns) and NAME_RE.match(name)) or name.endswith(".git") or any(
+            bad in part for part in (ns, name) for bad in ("--", "..")):
+        raise HubError(400, f"Invalid repo id {printable(repr(ns + '/' + name))}: use letters, digits, '-', '_' "
+                            "and '.' (no '--' or '..'), at most 96 characters per part")
     return f"{ns}/{name}"
 
 

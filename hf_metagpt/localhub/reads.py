@@ -8,11 +8,12 @@ import logging
 import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, urlencode
 
 from .access import Context
 from .exchange import Exchange
-from .common import CHUNK, MAX_JSON_BODY, HubError, clean_path, iso
+from .common import CHUNK, MAX_JSON_BODY, MAX_PATHS_INFO, HubError, clean_path, iso
+from .schema import as_object, field
 from .storage import Repo, resolve
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,13 @@ def info(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, user
 
 
 def tree(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, path: str, user: str | None) -> None:
+    """One page of a folder's entries (folders first); a ``Link: rel="next"`` header points to the next."""
     _, commit = snapshot(ctx, repo_type, repo_id, rev, user)
     path = clean_path(path.strip("/"), allow_empty=True)
     recursive = h.query.get("recursive", [""])[0].lower() in ("1", "true")
+    cursor_text = h.query.get("cursor", ["0"])[0]
+    if not (cursor_text.isascii() and cursor_text.isdigit() and len(cursor_text) < 10):
+        raise HubError(400, "Invalid tree cursor: follow the Link header of the previous page")
     files = commit["files"]
     prefix = f"{path}/" if path else ""
     if path and path in files:
@@ -81,22 +86,39 @@ def tree(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, path
             out.append(file_entry(p, e))
     if path and not out and not dirs:
         raise HubError(404, f"{path} does not exist at this revision", "EntryNotFound")
-    h.send_json([dir_entry(d) for d in sorted(dirs)] + out)
+    entries = [dir_entry(d) for d in sorted(dirs)] + out
+    start, page = int(cursor_text), ctx.limits.tree_page
+    headers = {}
+    if start + page < len(entries):
+        query = urlencode([(k, v) for k, vs in h.query.items() if k != "cursor" for v in vs]
+                          + [("cursor", str(start + page))])
+        url = f"{h.base_url()}/api/{repo_type}s/{repo_id}/tree/{quote(rev, safe='')}/{quote(path)}"
+        headers["Link"] = f'<{url.rstrip("/")}?{query}>; rel="next"'
+    h.send_json(entries[start:start + page], headers=headers)
 
 
 def paths_info(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, user: str | None) -> None:
     raw = h.body.read_all(MAX_JSON_BODY)
     if (h.headers.get("Content-Type") or "").startswith("application/json"):
-        paths = json.loads(raw or b"{}").get("paths", [])
+        try:
+            body = as_object(json.loads(raw or b"{}"), "Paths-info request")
+        except ValueError:
+            raise HubError(400, "Request body is not valid JSON") from None
+        paths = field(body, "paths", list, "Paths-info request", default=[], max_len=MAX_PATHS_INFO)
     else:
-        paths = parse_qs(raw.decode(), keep_blank_values=True).get("paths", [])
+        paths = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True).get("paths", [])
+        if len(paths) > MAX_PATHS_INFO:
+            raise HubError(413, f"Paths-info request: at most {MAX_PATHS_INFO} paths")
     _, commit = snapshot(ctx, repo_type, repo_id, rev, user)
     files, out = commit["files"], []
+    folders = {f.rsplit("/", i)[0] for f in files for i in range(1, f.count("/") + 1)}
     for p in paths:
-        p = clean_path(str(p).strip("/"))
+        if not isinstance(p, str):
+            raise HubError(400, "Paths-info request: every path must be a string")
+        p = clean_path(p.strip("/"))
         if p in files:
             out.append(file_entry(p, files[p]))
-        elif any(f.startswith(p + "/") for f in files):
+        elif p in folders:
             out.append(dir_entry(p))
     h.send_json(out)
 

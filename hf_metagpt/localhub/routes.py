@@ -10,8 +10,9 @@ from urllib.parse import unquote
 
 from . import lfs, reads, writes
 from .access import Context
+from .schema import as_object
 from .exchange import Exchange
-from .common import REPO_TYPES, HubError, repo_id_of
+from .common import REPO_TYPES, HubError, check_revision, repo_id_of
 
 
 def route(ctx: Context, h: Exchange, user: str | None) -> None:
@@ -36,7 +37,7 @@ def route(ctx: Context, h: Exchange, user: str | None) -> None:
         if parts[5:] == ["verify"] and m == "POST":
             return lfs.verify(ctx, h, repo_type, repo_id, user)
     if len(parts) >= 5 and parts[2] == "resolve" and m in ("GET", "HEAD"):
-        return reads.resolve_file(ctx, h, repo_type, repo_id_of(parts[0], parts[1]), parts[3],
+        return reads.resolve_file(ctx, h, repo_type, repo_id_of(parts[0], parts[1]), check_revision(parts[3]),
                                   "/".join(parts[4:]), user)
     raise HubError(404, "Not Found", "EndpointNotFound")
 
@@ -45,7 +46,7 @@ def route_api(ctx: Context, h: Exchange, m: str, parts: list[str], user: str | N
     if parts == ["whoami-v2"] and m == "GET":
         return writes.whoami(ctx, h, user)
     if parts == ["validate-yaml"] and m == "POST":
-        h.json_body()
+        as_object(h.json_body(), "YAML validation request")
         return h.send_json({"errors": [], "warnings": []})
     if parts == ["repos", "create"] and m == "POST":
         return writes.create_repo(ctx, h, user)
@@ -63,12 +64,15 @@ def route_api(ctx: Context, h: Exchange, m: str, parts: list[str], user: str | N
 def _repo_api(ctx: Context, h: Exchange, m: str, repo_type: str, repo_id: str, op: str, rest: list[str],
               user: str | None) -> None:
     rev = "/".join(rest) if rest else "main"
+    if rest and op in ("revision", "paths-info", "commits", "tag", "preupload", "commit"):
+        check_revision(rev)  # before any use: it may reach an error message
     if op == "" and m == "GET":
         return reads.info(ctx, h, repo_type, repo_id, "main", user)
     if op == "revision" and rest and m == "GET":
         return reads.info(ctx, h, repo_type, repo_id, rev, user)
     if op == "tree" and m == "GET":
-        return reads.tree(ctx, h, repo_type, repo_id, rest[0] if rest else "main", "/".join(rest[1:]), user)
+        return reads.tree(ctx, h, repo_type, repo_id, check_revision(rest[0]) if rest else "main",
+                          "/".join(rest[1:]), user)
     if op == "paths-info" and rest and m == "POST":
         return reads.paths_info(ctx, h, repo_type, repo_id, rev, user)
     if op == "refs" and not rest and m == "GET":

@@ -15,15 +15,16 @@ import os
 import re
 import secrets
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from .access import Access, Context
-from .common import HubError
+from .common import HubError, Limits
 from .storage import Store
 from .transport import Handler, Server
 
@@ -78,6 +79,9 @@ class LocalHub:
         port: TCP port; 0 picks a free one.
         tokens: ``{token: user name}`` accepted as ``Authorization: Bearer <token>``.
         orgs: ``{org name: [member user names]}``; members may write in the org's namespace.
+        limits: timeouts, connection cap, listen backlog and tree page size (`Limits`).
+        tls: ``(certificate file, key file)`` to serve HTTPS; plain HTTP without it, where tokens
+            travel in clear, which only loopback makes safe.
 
     Example:
         ```py
@@ -89,8 +93,11 @@ class LocalHub:
     """
 
     def __init__(self, data_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
-                 tokens: dict[str, str] | None = None, orgs: dict[str, Iterable[str]] | None = None):
+                 tokens: dict[str, str] | None = None, orgs: dict[str, Iterable[str]] | None = None,
+                 limits: Limits | None = None, tls: tuple[str | os.PathLike, str | os.PathLike] | None = None):
         self.data_dir = Path(data_dir)
+        self.limits = limits or Limits()
+        self.tls = tls
         self.host, self.port = host, port
         self.access = Access(tokens, orgs)
         self._context: Context | None = None
@@ -125,14 +132,26 @@ class LocalHub:
         if self._server is None:
             raise RuntimeError("LocalHub is not started")
         host = self.host if self.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
-        return f"http://{host}:{self._server.server_address[1]}"
+        return f"{self._server.scheme}://{host}:{self._server.server_address[1]}"
+
+    @property
+    def open_connections(self) -> int:
+        """Connections being served now (each holds one thread, never more)."""
+        if self._server is None:
+            return 0
+        with self._server.conn_lock:
+            return len(self._server.workers)
 
     def start(self) -> str:
         """Load the data folder, serve in a background thread, and return the endpoint URL."""
         if self._server is not None:
             return self.endpoint
-        self._context = Context(Store(self.data_dir), self.access, self._secret)
-        self._server = Server((self.host, self.port), self)
+        self._context = Context(Store(self.data_dir), self.access, self._secret, self.limits)
+        tls = None
+        if self.tls is not None:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(*self.tls)
+        self._server = Server((self.host, self.port), self, self.limits, tls)
         self._thread = threading.Thread(target=self._server.serve_forever, name="local-hub", daemon=True)
         self._thread.start()
         log.info("local hub serving %s from %s", self.endpoint, self.data_dir)
@@ -158,13 +177,7 @@ class LocalHub:
             return
         server.shutdown()
         server.server_close()
-        with server.conn_lock:
-            conns = list(server.connections)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        server.close_all()
         if self._thread is not None:
             self._thread.join()
 
@@ -221,7 +234,7 @@ class LocalHub:
         if h._rec is not None:
             h._rec.status, h._rec.authenticated_as = status, user
             return
-        query = "" if h.raw_path.startswith("/_lfs/") else urlsplit(h.path).query
+        query = "" if h.raw_path.startswith("/_lfs/") else h.path.partition("?")[2]
         h._rec = RequestRecord(h.command, unquote(h.raw_path), query, h.headers.get("Range"), user, status)
         with self._meta_lock:
             self._requests.append(h._rec)

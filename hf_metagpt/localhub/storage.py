@@ -20,9 +20,20 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable, Iterable
 
-from .common import CHUNK, DEFAULT_GITATTRIBUTES, REPO_TYPES, SHA1_RE, SHA256_RE, URL_PREFIX, HubError, git_blob_sha1, iso
+from .common import (
+    CHUNK,
+    DEFAULT_GITATTRIBUTES,
+    REPO_TYPES,
+    SHA1_RE,
+    SHA256_RE,
+    URL_PREFIX,
+    HubError,
+    git_blob_sha1,
+    iso,
+    printable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +49,9 @@ class Repo:
     refs: dict[str, str] = field(default_factory=dict)  # "refs/heads/main" -> commit id
     commits: dict[str, dict] = field(default_factory=dict)
     pr_count: int = 0
+    # LFS objects this repo may hand out: uploaded through it (sha256 checked) or named by one of
+    # its commits. Nothing else: the blob store is shared, access to a blob is not.
+    lfs: set[str] = field(default_factory=set)
 
     @property
     def url_id(self) -> str:
@@ -57,13 +71,37 @@ class Store:
             for child in (root / sub).iterdir():
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
         self.repos: dict[tuple[str, str], Repo] = {}
+        self._holders: dict[str, set[tuple[str, str]]] = {}  # LFS oid -> repos whose `lfs` holds it
         self._load()
 
     # ---- blobs
     def blob_path(self, kind: str, oid: str) -> Path:
         if not (SHA1_RE if kind == "git" else SHA256_RE).match(oid):
-            raise HubError(400, f"Invalid object id {oid!r}")
+            raise HubError(400, f"Invalid object id {printable(repr(oid))}")
         return self.root / "blobs" / kind / oid[:2] / oid
+
+    def lfs_readable(self, oid: str, size: int | None, can_read: Callable[[Repo], bool]) -> bool:
+        """Whether a repo that `can_read` accepts holds this LFS object (of this size, if given).
+
+        The only existence answer the server ever gives for a blob: never "stored somewhere".
+        """
+        with self.lock:
+            repos = [self.repos.get(key) for key in self._holders.get(oid, ())]
+            if not any(r is not None and oid in r.lfs and can_read(r) for r in repos):
+                return False
+        return self.has_lfs(oid, size)
+
+    def grant_lfs(self, repo: Repo, oid: str) -> None:
+        """Record that `repo` holds `oid` (its upload was checked); survives a restart."""
+        with self.lock:
+            if oid not in repo.lfs:
+                self._append(repo, {"event": "lfs", "oid": oid})
+                self._hold(repo, [oid])
+
+    def _hold(self, repo: Repo, oids: Iterable[str]) -> None:
+        for oid in oids:
+            repo.lfs.add(oid)
+            self._holders.setdefault(oid, set()).add((repo.type, repo.id))
 
     def has_lfs(self, oid: str, size: int | None = None) -> bool:
         try:
@@ -100,7 +138,11 @@ class Store:
         return oid
 
     def receive_lfs(self, body: BinaryIO, oid: str, size: int) -> None:
-        """Stream an upload to a temp file; publish it only if its sha256 and size match."""
+        """Stream an upload to a temp file; publish it only if its sha256 and size match.
+
+        Also when the blob is stored already: an upload proves its sender has the bytes, so it is
+        always checked (a skipped check would hand out another repo's blob for the asking).
+        """
         dest = self.blob_path("lfs", oid)
         tmp = self._tmp_file()
         digest, n = hashlib.sha256(), 0
@@ -119,7 +161,8 @@ class Store:
                 os.fsync(f.fileno())
             if n != size or digest.hexdigest() != oid:
                 raise HubError(400, f"Uploaded content does not match oid {oid} and size {size}")
-            self._publish(tmp, dest)
+            if not self.has_lfs(oid, size):
+                self._publish(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -160,6 +203,9 @@ class Store:
                         break
                     elif kind == "commit":
                         repo.commits[ev["commit"]["id"]] = ev["commit"]
+                        self._hold(repo, _lfs_oids(ev["commit"]))
+                    elif kind == "lfs":
+                        self._hold(repo, [ev["oid"]])
                     elif kind == "ref":
                         if ev["target"] is None:
                             repo.refs.pop(ev["ref"], None)
@@ -195,6 +241,8 @@ class Store:
     def delete_repo(self, repo: Repo) -> None:
         with self.lock:
             self.repos.pop((repo.type, repo.id), None)
+            for oid in repo.lfs:
+                self._holders.get(oid, set()).discard((repo.type, repo.id))
             trash = self.root / "trash" / uuid.uuid4().hex
             os.replace(repo.dir, trash)
         shutil.rmtree(trash, ignore_errors=True)
@@ -208,6 +256,7 @@ class Store:
             commit = {"id": hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest(), **body}
             self._append(repo, {"event": "commit", "commit": commit})
             repo.commits[commit["id"]] = commit
+            self._hold(repo, _lfs_oids(commit))
             return commit
 
     def set_ref(self, repo: Repo, ref: str, target: str | None) -> None:
@@ -237,4 +286,8 @@ def resolve(repo: Repo, revision: str) -> tuple[str, str | None]:
             return repo.refs[ref], ref
     if SHA1_RE.match(revision) and revision in repo.commits:
         return revision, None
-    raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+    raise HubError(404, f"Invalid rev id: {printable(revision)}", "RevisionNotFound")
+
+
+def _lfs_oids(commit: dict) -> list[str]:
+    return [e["lfs"]["oid"] for e in commit["files"].values() if e.get("lfs")]

@@ -13,16 +13,24 @@ from .common import (
     BRANCH_RE,
     LFS_PATTERNS,
     LFS_SIZE_THRESHOLD,
+    MAX_COMMIT_BODY,
+    MAX_COMMIT_OPS,
+    MAX_LIST_ITEMS,
+    MAX_MESSAGE_LEN,
     MAX_NDJSON_LINE,
+    MAX_REVISION_LEN,
     SHA1_RE,
     SHA256_RE,
     URL_PREFIX,
     HubError,
+    check_revision,
     clean_path,
     git_blob_sha1,
     lfs_pointer,
+    printable,
     repo_id_of,
 )
+from .schema import as_object, field, objects, size_field
 from .storage import resolve
 
 
@@ -35,17 +43,31 @@ def whoami(ctx: Context, h: Exchange, user: str | None) -> None:
                  "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}}})
 
 
+def _repo_type(body: dict, what: str) -> str:
+    repo_type = field(body, "type", str, what, default="model")
+    if repo_type not in URL_PREFIX:
+        raise HubError(400, f"Invalid repo type {printable(repr(repo_type))}: use model, dataset or space")
+    return repo_type
+
+
+def _private(body: dict, what: str, default: bool | None) -> bool | None:
+    visibility = field(body, "visibility", str, what)
+    if visibility is not None:
+        if visibility not in ("public", "private"):
+            raise HubError(400, f"{what}: 'visibility' must be 'public' or 'private'")
+        return visibility == "private"
+    return field(body, "private", bool, what, default=default)
+
+
 def create_repo(ctx: Context, h: Exchange, user: str | None) -> None:
     user = ctx.access.require_user(user)
-    body = h.json_body()
-    repo_type = body.get("type") or "model"
-    if repo_type not in URL_PREFIX:
-        raise HubError(400, f"Invalid repo type {repo_type!r}")
-    ns = body.get("organization") or user
-    repo_id = repo_id_of(ns, str(body.get("name") or ""))
+    body = as_object(h.json_body(), "Repo creation request")
+    repo_type = _repo_type(body, "Repo creation request")
+    ns = field(body, "organization", str, "Repo creation request") or user
+    repo_id = repo_id_of(ns, field(body, "name", str, "Repo creation request", required=True))
     if not ctx.access.can_write_ns(user, ns):
         raise HubError(403, f"You don't have the rights to create a {repo_type} under the namespace {ns!r}")
-    private = body.get("visibility") == "private" if "visibility" in body else bool(body.get("private"))
+    private = bool(_private(body, "Repo creation request", False))
     url = f"{h.base_url()}/{URL_PREFIX[repo_type]}{repo_id}"
     with ctx.store.lock:
         if (repo_type, repo_id) in ctx.store.repos:
@@ -56,21 +78,19 @@ def create_repo(ctx: Context, h: Exchange, user: str | None) -> None:
 
 def delete_repo(ctx: Context, h: Exchange, user: str | None) -> None:
     user = ctx.access.require_user(user)
-    body = h.json_body()
-    repo_type = body.get("type") or "model"
-    if repo_type not in URL_PREFIX:
-        raise HubError(400, f"Invalid repo type {repo_type!r}")
-    repo = ctx.write(repo_type, repo_id_of(body.get("organization") or user,
-                                                         str(body.get("name") or "")), user)
+    body = as_object(h.json_body(), "Repo deletion request")
+    repo_type = _repo_type(body, "Repo deletion request")
+    ns = field(body, "organization", str, "Repo deletion request") or user
+    repo = ctx.write(repo_type, repo_id_of(ns, field(body, "name", str, "Repo deletion request", required=True)),
+                     user)
     ctx.store.delete_repo(repo)
     h.send_json({})
 
 
 def settings(ctx: Context, h: Exchange, repo_type: str, repo_id: str, user: str | None) -> None:
     repo = ctx.write(repo_type, repo_id, user)
-    body = h.json_body()
-    if "private" in body or "visibility" in body:
-        private = body["visibility"] == "private" if "visibility" in body else bool(body["private"])
+    private = _private(as_object(h.json_body(), "Repo settings"), "Repo settings", None)
+    if private is not None:
         ctx.store.set_private(repo, private)
     h.send_json({"private": repo.private})
 
@@ -78,8 +98,12 @@ def settings(ctx: Context, h: Exchange, repo_type: str, repo_id: str, user: str 
 def branch(ctx: Context, h: Exchange, repo_type: str, repo_id: str, name: str, user: str | None) -> None:
     repo = ctx.write(repo_type, repo_id, user)
     if not BRANCH_RE.match(name) or ".." in name or name.startswith("refs/") or SHA1_RE.match(name):
-        raise HubError(400, f"Invalid branch name {name!r}")
-    body = h.json_body() if h.command == "POST" else (h.body.drain() or {})
+        raise HubError(400, f"Invalid branch name {printable(repr(name))}")
+    if h.command == "POST":
+        start = field(as_object(h.json_body(), "Branch request"), "startingPoint", str, "Branch request")
+        start = check_revision(start) if start else "main"
+    else:
+        h.body.drain()
     ref = f"refs/heads/{name}"
     with ctx.store.lock:
         if h.command == "DELETE":
@@ -91,7 +115,7 @@ def branch(ctx: Context, h: Exchange, repo_type: str, repo_id: str, name: str, u
         else:
             if ref in repo.refs:
                 raise HubError(409, f"Reference already exists: {ref}")
-            sha, _ = resolve(repo, str(body.get("startingPoint") or "main"))
+            sha, _ = resolve(repo, start)
             ctx.store.set_ref(repo, ref, sha)
     h.send_json({})
 
@@ -106,9 +130,11 @@ def tag(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev_or_tag: str
                 raise HubError(404, f"Tag {rev_or_tag} not found", "RevisionNotFound")
             ctx.store.set_ref(repo, ref, None)
         return h.send_json({})
-    tag = str(h.json_body().get("tag") or "")
+    body = as_object(h.json_body(), "Tag request")
+    tag = field(body, "tag", str, "Tag request", required=True, max_len=MAX_REVISION_LEN)
+    field(body, "message", str, "Tag request", max_len=MAX_MESSAGE_LEN)
     if not BRANCH_RE.match(tag) or ".." in tag or tag.startswith("refs/"):
-        raise HubError(400, f"Invalid tag name {tag!r}")
+        raise HubError(400, f"Invalid tag name {printable(repr(tag))}")
     with ctx.store.lock:
         ref = f"refs/tags/{tag}"
         if ref in repo.refs:
@@ -127,18 +153,20 @@ def lfs_patterns(ctx: Context, files: dict) -> list[str]:
 
 
 def preupload(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, user: str | None) -> None:
-    body = h.json_body()
+    body = as_object(h.json_body(), "Preupload request")
+    wanted = objects(field(body, "files", list, "Preupload request", default=[], max_len=MAX_LIST_ITEMS),
+                     "Preupload request: files")
     repo = ctx.write(repo_type, repo_id, user)
     with ctx.store.lock:
         sha, _ = resolve(repo, rev)
         files = repo.commits[sha]["files"]
     patterns = lfs_patterns(ctx, files)
     out = []
-    for f in body.get("files") or []:
+    for f in wanted:
         path = clean_path(f.get("path"))
-        size = int(f.get("size") or 0)
+        size = size_field(f, "size", f"Preupload of {path}", required=False) or 0
         try:
-            sample = base64.b64decode(f.get("sample") or "")
+            sample = base64.b64decode(field(f, "sample", str, f"Preupload of {path}", default="", max_len=4096))
         except ValueError:
             raise HubError(400, f"Invalid base64 sample for {path}") from None
         name = path.rsplit("/", 1)[-1]
@@ -146,6 +174,7 @@ def preupload(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str,
         lfs = (size > LFS_SIZE_THRESHOLD or b"\x00" in sample
                or any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(path, p) for p in patterns))
         item: dict[str, Any] = {"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False}
+        # The only content-addressed answer here: the oid of what this repo already has at `path`.
         existing = files.get(path)
         if existing is not None:
             item["oid"] = existing["lfs"]["oid"] if existing.get("lfs") else existing["oid"]
@@ -157,27 +186,11 @@ def commit(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, us
     repo = ctx.write(repo_type, repo_id, user)
     assert user is not None
     create_pr = h.query.get("create_pr", [""])[0] in ("1", "true")
-    header: dict | None = None
-    ops: list[tuple[str, dict]] = []
-    while True:
-        line = h.body.readline(MAX_NDJSON_LINE)
-        if not line:
-            break
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            key, value = item["key"], item["value"]
-        except (ValueError, KeyError, TypeError):
-            raise HubError(400, "Invalid NDJSON commit payload") from None
-        if key == "header":
-            header = value
-        elif key in ("file", "lfsFile", "deletedFile", "deletedFolder"):
-            ops.append((key, prepare_op(ctx, key, value)))
-        else:
-            raise HubError(400, f"Unsupported commit operation {key!r}")
-    if header is None:
-        raise HubError(400, "Commit payload has no header line")
+    h.body.limit(MAX_COMMIT_BODY)
+    header, ops = _read_commit(ctx, h, user)
+    summary = field(header, "summary", str, "Commit header", default="Upload", max_len=MAX_MESSAGE_LEN)
+    description = field(header, "description", str, "Commit header", default="", max_len=MAX_MESSAGE_LEN)
+    parent = field(header, "parentCommit", str, "Commit header")
     pr_url = None
     with ctx.store.lock:
         if create_pr:
@@ -187,14 +200,12 @@ def commit(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, us
             base, ref = resolve(repo, rev)
             if ref is None or ref.startswith("refs/tags/"):
                 raise HubError(400, f"Invalid rev id: {rev} is not a branch; commit to a branch or a PR")
-        parent = header.get("parentCommit")
         if parent and parent != base:
             raise HubError(412, "A commit has happened since. Please refresh and try again.")
         files = dict(repo.commits[base]["files"])
         for key, value in ops:
             apply_op(files, key, value)
-        commit = ctx.store.new_commit(repo, base, files, str(header.get("summary") or "Upload"),
-                                        str(header.get("description") or ""), user)
+        commit = ctx.store.new_commit(repo, base, files, summary or "Upload", description, user)
         if create_pr:
             num = ctx.store.next_pr(repo)
             ref = f"refs/pr/{num}"
@@ -208,33 +219,68 @@ def commit(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, us
     h.send_json(out)
 
 
-def prepare_op(ctx: Context, key: str, value: dict) -> dict:
-    """Validate one operation and store regular content, before taking the repo lock."""
-    if not isinstance(value, dict):
-        raise HubError(400, f"Invalid {key} operation")
+def _read_commit(ctx: Context, h: Exchange, user: str) -> tuple[dict, list[tuple[str, dict]]]:
+    """The NDJSON payload: one header line, then one operation per line, each checked as it arrives."""
+    header: dict | None = None
+    ops: list[tuple[str, dict]] = []
+    while True:
+        line = h.body.readline(MAX_NDJSON_LINE)
+        if not line:
+            break
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            raise HubError(400, "Invalid NDJSON commit payload: a line is not JSON") from None
+        item = as_object(item, "Commit payload line")
+        key = field(item, "key", str, "Commit payload line", required=True)
+        value = as_object(item.get("value"), f"Commit payload: {printable(key)} value")
+        if key == "header":
+            if header is not None:
+                raise HubError(400, "Commit payload has more than one header line")
+            header = value
+        elif key in ("file", "lfsFile", "deletedFile", "deletedFolder"):
+            if len(ops) >= MAX_COMMIT_OPS:
+                raise HubError(413, f"A commit holds at most {MAX_COMMIT_OPS} operations: split it")
+            ops.append((key, prepare_op(ctx, key, value, user)))
+        else:
+            raise HubError(400, f"Unsupported commit operation {printable(repr(key))}")
+    if header is None:
+        raise HubError(400, "Commit payload has no header line")
+    return header, ops
+
+
+def prepare_op(ctx: Context, key: str, value: dict, user: str | None) -> dict:
+    """Validate one operation and store regular content, before taking the repo lock.
+
+    An LFS file may name only an object that a repo `user` can read holds: its own upload through
+    this or another of its repos, or a file of a readable revision. A blob stored for someone else
+    is answered exactly like a missing one.
+    """
     if key == "deletedFolder":
-        return {"path": clean_path(str(value.get("path", "")).rstrip("/"))}
+        return {"path": clean_path(field(value, "path", str, "deletedFolder", required=True).rstrip("/"))}
     path = clean_path(value.get("path"))
     if key == "deletedFile":
         return {"path": path}
     if key == "file":
-        if value.get("encoding", "base64") != "base64":
+        if field(value, "encoding", str, f"File {path}", default="base64") != "base64":
             raise HubError(400, "Only base64 encoding is supported for file operations")
         try:
-            data = base64.b64decode(value.get("content") or "", validate=True)
+            data = base64.b64decode(field(value, "content", str, f"File {path}", default=""), validate=True)
         except ValueError:
             raise HubError(400, f"Invalid base64 content for {path}") from None
         return {"path": path, "entry": {"oid": ctx.store.put_regular(data), "size": len(data)}}
-    oid = str(value.get("oid"))
-    if value.get("algo", "sha256") != "sha256" or not SHA256_RE.match(oid):
+    oid = field(value, "oid", str, f"LFS file {path}", required=True)
+    announced = size_field(value, "size", f"LFS file {path}", required=False)
+    if field(value, "algo", str, f"LFS file {path}", default="sha256") != "sha256" or not SHA256_RE.match(oid):
         raise HubError(400, f"Invalid LFS oid for {path}")
-    blob = ctx.store.blob_path("lfs", oid)
-    if not blob.is_file():
+    if not ctx.lfs_readable(user, oid):
         raise HubError(422, f"Your push was rejected because an LFS pointer pointed to a file that does not "
                             f"exist: {path} ({oid})")
-    size = blob.stat().st_size
-    if value.get("size") is not None and value["size"] != size:
-        raise HubError(422, f"LFS object {oid} has size {size}, not {value['size']}")
+    size = ctx.store.blob_path("lfs", oid).stat().st_size
+    if announced is not None and announced != size:
+        raise HubError(422, f"LFS object {oid} has size {size}, not {announced}")
     pointer = lfs_pointer(oid, size)
     return {"path": path, "entry": {"oid": git_blob_sha1(pointer), "size": size,
                                     "lfs": {"oid": oid, "size": size, "pointerSize": len(pointer)}}}
