@@ -182,7 +182,7 @@ def _cmd_install_extension(args: argparse.Namespace) -> int:
 
 
 def _cmd_hub_serve(args: argparse.Namespace) -> int:
-    from .localhub import LocalHub, parse_token_spec
+    from .localhub import LocalHub, is_loopback, parse_token_spec
 
     try:
         tokens = dict(parse_token_spec(spec) for spec in args.token)
@@ -190,12 +190,16 @@ def _cmd_hub_serve(args: argparse.Namespace) -> int:
         raise MergeError(str(exc), hint="Use --token TOKEN or --token USER:TOKEN.") from None
     if bool(args.cert) != bool(args.key):
         raise MergeError("--cert and --key go together.", hint="Pass both PEM files to serve HTTPS, or neither.")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.cert:
+    if not is_loopback(args.host) and not args.cert:
         print(f"Warning: serving plain HTTP on {args.host}: tokens travel in clear over the network. "
               "Use --cert/--key for HTTPS, or keep the default --host 127.0.0.1.", file=sys.stderr)
     hub = LocalHub(args.data, host=args.host, port=args.port, tokens=tokens,
                    tls=(args.cert, args.key) if args.cert else None)
-    endpoint = hub.start()
+    try:
+        endpoint = hub.start()
+    except OSError as exc:  # address in use, unreadable or mismatched certificate and key
+        raise MergeError(f"Could not serve on {args.host}:{args.port}: {exc}",
+                         hint="Pick another --port, or check the --cert/--key files (PEM).") from None
     users = ", ".join(sorted(set(tokens.values()))) or "nobody (read-only: add --token USER:TOKEN)"
     print(f"Local Hub serving {args.data} at {endpoint}; tokens accepted for: {users}", file=sys.stderr)
     print("Set these where the client runs, before huggingface_hub is imported:", file=sys.stderr)

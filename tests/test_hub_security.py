@@ -12,11 +12,16 @@ import hashlib
 import http.client
 import json
 import random
+import shutil
 import socket
+import ssl
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -24,7 +29,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import http_backoff
 
-from hf_metagpt.localhub import Limits, LocalHub
+from hf_metagpt.localhub import Limits, LocalHub, is_loopback
 from hf_metagpt.localhub import writes as hub_writes
 
 TOKEN = "hf_security_token"
@@ -356,13 +361,16 @@ def _connect(endpoint: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=5)
 
 
-def _read_until_closed(s: socket.socket, limit: float) -> bytes:
+def _read_until_closed(s: socket.socket, limit: float) -> bytes | None:
+    """What the server sent before closing the connection; None if it still held it after `limit` s."""
     s.settimeout(limit)
     out = b""
     try:
         while chunk := s.recv(65536):
             out += chunk
-    except (TimeoutError, ConnectionResetError):
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
         pass
     return out
 
@@ -388,7 +396,7 @@ def test_half_open_connections_are_capped_and_closed_by_the_header_timeout(tmp_p
         assert max(held) <= 8 and threading.active_count() <= baseline + 8 + 2
         answers = [_read_until_closed(s, 3) for s in silent + dripping]
         # each was closed: by the idle/header timeout (nothing, or 408), or refused over the cap (503)
-        assert all(a == b"" or _status(a) in (408, 503) for a in answers)
+        assert all(a is not None and (a == b"" or _status(a) in (408, 503)) for a in answers)
         assert all(b"Retry-After: 1" in a for a in answers if _status(a) == 503)
         assert any(_status(a) == 503 for a in answers)
         for s in silent + dripping:
@@ -444,6 +452,42 @@ def test_a_burst_of_200_clients_completes_without_timeouts(tmp_path):
     assert len(latencies) == 600
     # a listen backlog of 5 made SYN retries show up as 1, 3, 7 s waits
     assert latencies[-1] < 5.0
+
+
+# ---- 4b. beyond loopback: a warning for plain HTTP, TLS when asked
+
+
+def test_only_loopback_hosts_count_as_safe_for_plain_http():
+    assert [is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost")] == [True] * 4
+    assert [is_loopback(h) for h in ("0.0.0.0", "192.168.1.5", "", "example.org")] == [False] * 4
+
+
+def test_cli_hub_serve_wants_cert_and_key_together(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hf_metagpt", "hub", "serve", "--data", str(tmp_path / "d"),
+                           "--cert", str(tmp_path / "c.pem")], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode != 0
+    assert "--cert and --key go together." in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_tls_serves_https_and_a_stalled_handshake_is_cut_off(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    limits = Limits(header_timeout=0.5)
+    with LocalHub(tmp_path / "data", tokens={TOKEN: "hal"}, limits=limits, tls=(cert, key)) as hub:
+        assert hub.endpoint.startswith("https://127.0.0.1:")
+        stalled = _connect(hub.endpoint)  # TCP only, never a ClientHello
+        conn = http.client.HTTPSConnection(_host(hub.endpoint), timeout=10,
+                                           context=ssl.create_default_context(cafile=str(cert)))
+        conn.request("GET", "/api/whoami-v2", headers={"Authorization": f"Bearer {TOKEN}"})
+        resp = conn.getresponse()
+        assert (resp.status, json.loads(resp.read())["name"]) == (200, "hal")
+        conn.close()
+        assert _read_until_closed(stalled, 3) == b""  # closed by the server after the header timeout
+        stalled.close()
 
 
 # ---- 5. property-based fuzz of the routes' inputs

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -68,6 +69,16 @@ class RequestRecord:
     range: str | None
     authenticated_as: str | None
     status: int | None = None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable only from this machine (where plain HTTP cannot leak a token)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class LocalHub:

@@ -311,8 +311,6 @@ class Handler(BaseHTTPRequestHandler):
         headers = {"X-Error-Message": printable(err.message, 500), **err.headers}
         if err.code:
             headers["X-Error-Code"] = err.code
-        if err.status == 503:
-            headers.setdefault("Retry-After", str(self.server.limits.retry_after))
         try:
             self.send_json({"error": err.message, **err.extra}, err.status, headers)
         except OSError:
