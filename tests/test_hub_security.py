@@ -7,7 +7,6 @@ never answered), connections held forever, bursts stalled by a listen backlog of
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.client
 import json
@@ -26,8 +25,9 @@ from urllib.parse import quote
 
 import pytest
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import http_backoff
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hf_metagpt.localhub import Limits, LocalHub, is_loopback
 from hf_metagpt.localhub import writes as hub_writes
@@ -492,8 +492,6 @@ def test_tls_serves_https_and_a_stalled_handshake_is_cut_off(tmp_path):
 
 # ---- 5. property-based fuzz of the routes' inputs
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 _nasty = st.lists(st.sampled_from(list("aZ09._-/\\%:?#@ \r\n\t\x00\x7f~é\u2028") + ["..", "refs/", "--"]),
                   max_size=12).map("".join)

@@ -11,8 +11,8 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
 
 from .access import Context
-from .exchange import Exchange
 from .common import CHUNK, MAX_JSON_BODY, MAX_PATHS_INFO, HubError, clean_path, iso
+from .exchange import Exchange
 from .schema import as_object, field
 from .storage import Repo, resolve
 

@@ -10,9 +10,9 @@ from urllib.parse import unquote
 
 from . import lfs, reads, writes
 from .access import Context
-from .schema import as_object
-from .exchange import Exchange
 from .common import REPO_TYPES, HubError, check_revision, repo_id_of
+from .exchange import Exchange
+from .schema import as_object
 
 
 def route(ctx: Context, h: Exchange, user: str | None) -> None:

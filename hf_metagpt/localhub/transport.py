@@ -26,7 +26,6 @@ from .common import MAX_JSON_BODY, HubError, Limits, printable
 from .routes import route
 
 
-
 class Hooks(Protocol):
     """What the handler needs from the server object (`server.LocalHub`), without importing it."""
 

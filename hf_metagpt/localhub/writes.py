@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 from .access import Context
-from .exchange import Exchange
 from .common import (
     BRANCH_RE,
     LFS_PATTERNS,
@@ -30,6 +29,7 @@ from .common import (
     printable,
     repo_id_of,
 )
+from .exchange import Exchange
 from .schema import as_object, field, objects, size_field
 from .storage import resolve
 
