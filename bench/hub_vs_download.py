@@ -2,7 +2,7 @@
 
     python bench/hub_vs_download.py [--fixture bench/fixtures/llama-1.1b] [--low-disk]
 
-Publishes the fixture's base and fine-tunes to a local Hub (hf_metagpt.hub_server), then times,
+Publishes the fixture's base and fine-tunes to a local Hub (hf_metagpt.localhub), then times,
 each with an empty Hub cache: (a) `snapshot_download` of every input, (b) `hf-metagpt merge` by ID
 (default and, with --low-disk, `--low-disk`). Prints wall times and the ratio merge ÷ download.
 Needs about 4× the fixture's size of free disk. Exits 0: it reports, it does not judge.
@@ -43,7 +43,7 @@ def main() -> int:
     ap.add_argument("--fixture", type=Path, default=BENCH / "fixtures" / "llama-1.1b")
     ap.add_argument("--low-disk", action="store_true")
     args = ap.parse_args()
-    from hf_metagpt.hub_server import LocalHub
+    from hf_metagpt.localhub import LocalHub
 
     names = ["base", *sorted(p.name for p in args.fixture.glob("task_*"))]
     repos = [f"bench/{n}" for n in names]

@@ -182,14 +182,24 @@ def _cmd_install_extension(args: argparse.Namespace) -> int:
 
 
 def _cmd_hub_serve(args: argparse.Namespace) -> int:
-    from .hub_server import LocalHub, parse_token_spec
+    from .localhub import LocalHub, is_loopback, parse_token_spec
 
     try:
         tokens = dict(parse_token_spec(spec) for spec in args.token)
     except ValueError as exc:
         raise MergeError(str(exc), hint="Use --token TOKEN or --token USER:TOKEN.") from None
-    hub = LocalHub(args.data, host=args.host, port=args.port, tokens=tokens)
-    endpoint = hub.start()
+    if bool(args.cert) != bool(args.key):
+        raise MergeError("--cert and --key go together.", hint="Pass both PEM files to serve HTTPS, or neither.")
+    if not is_loopback(args.host) and not args.cert:
+        print(f"Warning: serving plain HTTP on {args.host}: tokens travel in clear over the network. "
+              "Use --cert/--key for HTTPS, or keep the default --host 127.0.0.1.", file=sys.stderr)
+    hub = LocalHub(args.data, host=args.host, port=args.port, tokens=tokens,
+                   tls=(args.cert, args.key) if args.cert else None)
+    try:
+        endpoint = hub.start()
+    except OSError as exc:  # address in use, unreadable or mismatched certificate and key
+        raise MergeError(f"Could not serve on {args.host}:{args.port}: {exc}",
+                         hint="Pick another --port, or check the --cert/--key files (PEM).") from None
     users = ", ".join(sorted(set(tokens.values()))) or "nobody (read-only: add --token USER:TOKEN)"
     print(f"Local Hub serving {args.data} at {endpoint}; tokens accepted for: {users}", file=sys.stderr)
     print("Set these where the client runs, before huggingface_hub is imported:", file=sys.stderr)
@@ -371,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     p.add_argument("--token", action="append", default=[], metavar="[USER:]TOKEN",
                    help="accept this token (for USER, default 'user'); repeatable; never printed")
+    p.add_argument("--cert", help="TLS certificate file (PEM): serve HTTPS; needs --key")
+    p.add_argument("--key", help="TLS private key file (PEM) for --cert")
     p.set_defaults(func=_cmd_hub_serve)
 
     # `-q` also after the subcommand (`hf-metagpt merge ... -q`); SUPPRESS keeps a `-q` given before it.

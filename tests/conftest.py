@@ -35,7 +35,7 @@ os.environ.update(
 )
 os.environ.pop("HF_HUB_OFFLINE", None)
 
-from hf_metagpt.hub_server import LocalHub  # noqa: E402  (after the environment, on purpose)
+from hf_metagpt.localhub import LocalHub  # noqa: E402  (after the environment, on purpose)
 
 _HUB = LocalHub(os.path.join(_hub_tmp, "hub-data"), port=_hub_port,
                 tokens={HUB_TOKEN: HUB_USER, HUB_OTHER_TOKEN: HUB_OTHER_USER}, orgs={HUB_ORG: [HUB_USER]})

@@ -38,7 +38,7 @@ from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 from huggingface_hub.utils import build_hf_headers, get_session
 from safetensors.torch import save_file
 
-from hf_metagpt.hub_server import LocalHub, git_blob_sha1
+from hf_metagpt.localhub import LocalHub, git_blob_sha1
 
 MB = 1024 * 1024
 

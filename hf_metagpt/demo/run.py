@@ -2,7 +2,7 @@
 
 `hf-metagpt demo` runs the whole user journey without internet in a minute or two:
 
-1. start the local Hub (`hub_server.LocalHub`) in this process on a free port;
+1. start the local Hub (`localhub.LocalHub`) in this process on a free port;
 2. in a child process whose environment points huggingface_hub at it (`HF_ENDPOINT` is read once,
    at import, so the client must start with it set): build a tiny LLaMA base and three fine-tunes,
    publish them as `demo/tiny-llama-base` and `demo/tiny-llama-{chat,math,code}`;
@@ -29,7 +29,7 @@ LICENSE = "apache-2.0"
 
 def run_demo(workdir: str | Path | None = None, *, progress: bool = True) -> int:
     """Serve a local Hub here and run the client side of the demo in a child process."""
-    from ..hub_server import LocalHub
+    from ..localhub import LocalHub
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="hf-metagpt-demo-"))
     root = root.expanduser().resolve()

@@ -1,0 +1,85 @@
+"""Who may do what on the local Hub: tokens, organizations and the Hub's access rules for repos."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from .common import NAME_RE, HubError, Limits
+from .storage import Repo, Store
+
+
+class Access:
+    """Tokens and organizations, and the Hub's answers for reads and writes of a repo.
+
+    Private repos answer 401 (no token) or 404 (another user) on reads, like the Hub, so neither
+    learns whether the repo exists; writes need a token of the namespace's owner or org member (403).
+    """
+
+    def __init__(self, tokens: dict[str, str] | None = None, orgs: dict[str, Iterable[str]] | None = None):
+        self.tokens: dict[str, str] = dict(tokens or {})
+        self.orgs: dict[str, set[str]] = {k: set(v) for k, v in (orgs or {}).items()}
+
+    def add_token(self, token: str, user: str) -> None:
+        if not NAME_RE.match(user):
+            raise ValueError(f"Invalid user name {user!r}")
+        self.tokens[token] = user
+
+    def add_org(self, org: str, members: Iterable[str]) -> None:
+        self.orgs.setdefault(org, set()).update(members)
+
+    def authenticate(self, header: str | None) -> str | None:
+        if not header:
+            return None
+        scheme, _, token = header.partition(" ")
+        user = self.tokens.get(token.strip()) if scheme.lower() == "bearer" else None
+        if user is None:
+            raise HubError(401, "Invalid credentials in Authorization header")
+        return user
+
+    def can_write_ns(self, user: str | None, ns: str) -> bool:
+        return user is not None and (user == ns or user in self.orgs.get(ns, ()))
+
+    def can_read(self, user: str | None, repo: Repo) -> bool:
+        return not repo.private or self.can_write_ns(user, repo.id.split("/")[0])
+
+    @staticmethod
+    def require_user(user: str | None) -> str:
+        if user is None:
+            raise HubError(401, "You must be authenticated (Authorization: Bearer <token>) to do this")
+        return user
+
+    def repo_for_read(self, store: Store, repo_type: str, repo_id: str, user: str | None) -> Repo:
+        repo = store.repos.get((repo_type, repo_id))
+        if repo is None or not self.can_read(user, repo):
+            # Like the Hub: unauthenticated callers get 401, others 404; neither learns if it exists.
+            status = 401 if user is None else 404
+            raise HubError(status, "Repository not found", "RepoNotFound")
+        return repo
+
+    def repo_for_write(self, store: Store, repo_type: str, repo_id: str, user: str | None) -> Repo:
+        self.require_user(user)
+        repo = self.repo_for_read(store, repo_type, repo_id, user)
+        if not self.can_write_ns(user, repo_id.split("/")[0]):
+            raise HubError(403, f"You don't have the rights to write to {repo_type} repo {repo_id}")
+        return repo
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every endpoint needs: the store, the access rules and the key that signs upload URLs."""
+
+    store: Store
+    access: Access
+    secret: bytes
+    limits: Limits = Limits()
+
+    def read(self, repo_type: str, repo_id: str, user: str | None) -> Repo:
+        return self.access.repo_for_read(self.store, repo_type, repo_id, user)
+
+    def write(self, repo_type: str, repo_id: str, user: str | None) -> Repo:
+        return self.access.repo_for_write(self.store, repo_type, repo_id, user)
+
+    def lfs_readable(self, user: str | None, oid: str, size: int | None = None) -> bool:
+        """Whether `user` may use this LFS object: a repo they can read holds it (see `Store.lfs_readable`)."""
+        return self.store.lfs_readable(oid, size, lambda repo: self.access.can_read(user, repo))

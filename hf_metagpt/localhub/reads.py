@@ -1,0 +1,265 @@
+"""Read endpoints of the local Hub: repo info, tree, paths-info, refs, commits, file downloads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlencode
+
+from .access import Context
+from .common import CHUNK, MAX_JSON_BODY, MAX_PATHS_INFO, HubError, clean_path, iso
+from .exchange import Exchange
+from .schema import as_object, field
+from .storage import Repo, resolve
+
+log = logging.getLogger(__name__)
+
+
+def snapshot(ctx: Context, repo_type: str, repo_id: str, rev: str, user: str | None) -> tuple[Repo, dict]:
+    with ctx.store.lock:
+        repo = ctx.read(repo_type, repo_id, user)
+        sha, _ = resolve(repo, rev)
+        return repo, repo.commits[sha]
+
+
+def file_entry(path: str, e: dict) -> dict:
+    out = {"type": "file", "oid": e["oid"], "size": e["size"], "path": path}
+    if e.get("lfs"):
+        out["lfs"] = dict(e["lfs"])
+    return out
+
+
+def dir_entry(path: str) -> dict:
+    return {"type": "directory", "oid": hashlib.sha1(f"tree {path}".encode()).hexdigest(), "size": 0,
+            "path": path}
+
+
+def info(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, user: str | None) -> None:
+    repo, commit = snapshot(ctx, repo_type, repo_id, rev, user)
+    blobs = h.query.get("blobs", [""])[0].lower() in ("1", "true")
+    siblings = []
+    for path, e in sorted(commit["files"].items()):
+        s: dict[str, Any] = {"rfilename": path}
+        if blobs:  # the Hub sends sizes and blob ids only when asked (files_metadata=True)
+            s.update(size=e["size"], blobId=e["oid"])
+            if e.get("lfs"):
+                s["lfs"] = {"sha256": e["lfs"]["oid"], "size": e["lfs"]["size"],
+                            "pointerSize": e["lfs"]["pointerSize"]}
+        siblings.append(s)
+    ns = repo_id.split("/")[0]
+    out: dict[str, Any] = {
+        "_id": hashlib.sha1(f"{repo_type}/{repo_id}".encode()).hexdigest()[:24], "id": repo_id,
+        "author": ns, "sha": commit["id"], "lastModified": commit["date"], "createdAt": iso(repo.created_at),
+        "private": repo.private, "gated": False, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
+        "siblings": siblings, "usedStorage": sum(e["size"] for e in commit["files"].values()),
+    }
+    if repo_type == "model":
+        out.update(modelId=repo_id, library_name=None)
+    h.send_json(out)
+
+
+def tree(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, path: str, user: str | None) -> None:
+    """One page of a folder's entries (folders first); a ``Link: rel="next"`` header points to the next."""
+    _, commit = snapshot(ctx, repo_type, repo_id, rev, user)
+    path = clean_path(path.strip("/"), allow_empty=True)
+    recursive = h.query.get("recursive", [""])[0].lower() in ("1", "true")
+    cursor_text = h.query.get("cursor", ["0"])[0]
+    if not (cursor_text.isascii() and cursor_text.isdigit() and len(cursor_text) < 10):
+        raise HubError(400, "Invalid tree cursor: follow the Link header of the previous page")
+    files = commit["files"]
+    prefix = f"{path}/" if path else ""
+    if path and path in files:
+        raise HubError(404, f"{path} is a file, not a directory", "EntryNotFound")
+    dirs, out = set(), []
+    for p, e in sorted(files.items()):
+        if not p.startswith(prefix):
+            continue
+        rel = p[len(prefix):].split("/")
+        for depth in range(1, len(rel)):
+            if recursive or depth == 1:
+                dirs.add(prefix + "/".join(rel[:depth]))
+        if recursive or len(rel) == 1:
+            out.append(file_entry(p, e))
+    if path and not out and not dirs:
+        raise HubError(404, f"{path} does not exist at this revision", "EntryNotFound")
+    entries = [dir_entry(d) for d in sorted(dirs)] + out
+    start, page = int(cursor_text), ctx.limits.tree_page
+    headers = {}
+    if start + page < len(entries):
+        query = urlencode([(k, v) for k, vs in h.query.items() if k != "cursor" for v in vs]
+                          + [("cursor", str(start + page))])
+        url = f"{h.base_url()}/api/{repo_type}s/{repo_id}/tree/{quote(rev, safe='')}/{quote(path)}"
+        headers["Link"] = f'<{url.rstrip("/")}?{query}>; rel="next"'
+    h.send_json(entries[start:start + page], headers=headers)
+
+
+def paths_info(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, user: str | None) -> None:
+    raw = h.body.read_all(MAX_JSON_BODY)
+    if (h.headers.get("Content-Type") or "").startswith("application/json"):
+        try:
+            body = as_object(json.loads(raw or b"{}"), "Paths-info request")
+        except ValueError:
+            raise HubError(400, "Request body is not valid JSON") from None
+        paths = field(body, "paths", list, "Paths-info request", default=[], max_len=MAX_PATHS_INFO)
+    else:
+        paths = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True).get("paths", [])
+        if len(paths) > MAX_PATHS_INFO:
+            raise HubError(413, f"Paths-info request: at most {MAX_PATHS_INFO} paths")
+    _, commit = snapshot(ctx, repo_type, repo_id, rev, user)
+    files, out = commit["files"], []
+    folders = {f.rsplit("/", i)[0] for f in files for i in range(1, f.count("/") + 1)}
+    for p in paths:
+        if not isinstance(p, str):
+            raise HubError(400, "Paths-info request: every path must be a string")
+        p = clean_path(p.strip("/"))
+        if p in files:
+            out.append(file_entry(p, files[p]))
+        elif p in folders:
+            out.append(dir_entry(p))
+    h.send_json(out)
+
+
+def refs(ctx: Context, h: Exchange, repo_type: str, repo_id: str, user: str | None) -> None:
+    with ctx.store.lock:
+        repo = ctx.read(repo_type, repo_id, user)
+        all_refs = sorted(repo.refs.items())
+
+    def items(prefix: str) -> list[dict]:
+        return [{"name": r[len(prefix):], "ref": r, "targetCommit": t} for r, t in all_refs if r.startswith(prefix)]
+
+    out: dict[str, Any] = {"branches": items("refs/heads/"), "tags": items("refs/tags/"), "converts": []}
+    if h.query.get("include_prs", [""])[0] in ("1", "true"):
+        out["pullRequests"] = [{"name": r, "ref": r, "targetCommit": t} for r, t in all_refs
+                               if r.startswith("refs/pr/")]
+    h.send_json(out)
+
+
+def commits(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, user: str | None) -> None:
+    repo, commit = snapshot(ctx, repo_type, repo_id, rev, user)
+    out: list[dict] = []
+    while commit is not None:
+        out.append({"id": commit["id"], "title": commit["title"], "message": commit["message"],
+                    "date": commit["date"], "authors": [{"user": commit["author"], "avatar": None}]})
+        parents = commit["parents"]
+        commit = repo.commits.get(parents[0]) if parents else None
+    h.send_json(out)
+
+
+def resolve_file(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, path: str,
+                 user: str | None) -> None:
+    """`HEAD`/`GET /{id}/resolve/{rev}/{path}`: the file's bytes (or a Range of them) and the Hub's headers."""
+    path = clean_path(path)
+    _, commit = snapshot(ctx, repo_type, repo_id, rev, user)
+    entry = commit["files"].get(path)
+    if entry is None:
+        raise HubError(404, "Entry not found", "EntryNotFound", headers={"X-Repo-Commit": commit["id"]})
+    lfs = entry.get("lfs")
+    blob = ctx.store.blob_path("lfs", lfs["oid"]) if lfs else ctx.store.blob_path("git", entry["oid"])
+    size = entry["size"]
+    etag = lfs["oid"] if lfs else entry["oid"]
+    headers = {"X-Repo-Commit": commit["id"], "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
+               "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}"}
+    if lfs:
+        headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(size)})
+    start, end, status = 0, size - 1, 200
+    rng = h.headers.get("Range")
+    if rng and h.command == "GET":
+        try:
+            parsed = parse_range(rng, size)
+        except HubError as err:
+            err.headers = {**headers, **err.headers}
+            raise
+        if parsed is not None:
+            (start, end), status = parsed, 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    length = max(0, end - start + 1)
+    h.send_head(status, length, headers, content_type="application/octet-stream")
+    if h.command != "HEAD":
+        _stream_blob(h, blob, start, length, path)
+
+
+def _stream_blob(h: Exchange, blob: Path, start: int, length: int, path: str) -> None:
+    try:
+        with open(blob, "rb") as f:
+            cut = h.drop_after
+            if cut is None and length:
+                # Zero-copy (sendfile): the Python read/write loop cost a core on 2-core
+                # machines, which a merge by ID running beside the download needs.
+                h.wfile.flush()
+                sent = h.connection.sendfile(f, start, length)
+                if sent != length:
+                    raise OSError(f"blob {blob.name} is shorter than recorded")
+                return
+            f.seek(start)
+            left = length
+            while left > 0:
+                chunk = f.read(min(CHUNK, left))
+                if not chunk:
+                    raise OSError(f"blob {blob.name} is shorter than recorded")
+                if cut is not None and len(chunk) >= cut:
+                    h.wfile.write(chunk[:cut])
+                    h.wfile.flush()
+                    h.connection.shutdown(socket.SHUT_RDWR)
+                    raise ConnectionResetError("injected fault: connection dropped mid-body")
+                if cut is not None:
+                    cut -= len(chunk)
+                h.wfile.write(chunk)
+                left -= len(chunk)
+    except OSError as exc:
+        # Headers are gone already: the only honest signal left is a short, closed response.
+        h.close_connection = True
+        if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+            log.error("local hub: could not stream %s: %s", path, exc)
+
+
+def safetensors_metadata(ctx: Context, h: Exchange, repo_type: str, repo_id: str, filename: str,
+                         user: str | None) -> None:
+    """`{index, headers}` of a sharded safetensors repo at main (get_sharded_safetensors_metadata)."""
+    _, commit = snapshot(ctx, repo_type, repo_id, "main", user)
+    files = commit["files"]
+
+    def read(path: str, n: int | None = None, offset: int = 0) -> bytes:
+        e = files.get(path)
+        if e is None:
+            raise HubError(404, f"{path} not found", "EntryNotFound", headers={"X-Repo-Commit": commit["id"]})
+        blob = ctx.store.blob_path("lfs", e["lfs"]["oid"]) if e.get("lfs") else \
+            ctx.store.blob_path("git", e["oid"])
+        with open(blob, "rb") as f:
+            f.seek(offset)
+            return f.read(-1 if n is None else n)
+
+    index = json.loads(read(clean_path(filename)))
+    headers = {}
+    for shard in sorted(set(index.get("weight_map", {}).values())):
+        n = int.from_bytes(read(clean_path(shard), 8), "little")
+        if n > 100 * 1024 * 1024:
+            raise HubError(400, f"{shard}: safetensors header too large")
+        headers[shard] = json.loads(read(shard, n, 8))
+    h.send_json({"index": {k: v for k, v in index.items() if k != "weight_map"}, "headers": headers})
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """The first range of a `bytes=` header, clipped to the file; None to ignore the header.
+
+    Raises a 416 `HubError` when the range starts past the end of the file.
+    """
+    unit, _, spec = header.partition("=")
+    first = spec.split(",")[0].strip()
+    a, _, b = first.partition("-")
+    if unit.strip().lower() != "bytes" or not (a.isdigit() or b.isdigit()) or (b and not b.isdigit()):
+        return None
+    if a == "":
+        start, end = max(0, size - int(b)), size - 1
+        unsatisfiable = int(b) == 0 or size == 0
+    else:
+        start, end = int(a), (int(b) if b else max(size - 1, int(a)))
+        if end < start:
+            return None
+        unsatisfiable = start >= size
+    if unsatisfiable:
+        raise HubError(416, "Requested range not satisfiable", headers={"Content-Range": f"bytes */{size}"})
+    return start, min(end, size - 1)

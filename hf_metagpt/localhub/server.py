@@ -1,0 +1,275 @@
+"""The local Hub server object: start/stop, users, injected faults and the request log.
+
+Example:
+    ```py
+    >>> from hf_metagpt.localhub import LocalHub
+    >>> with LocalHub("./hub-data", tokens={"hf_local": "me"}) as hub:
+    ...     print(hub.endpoint)   # e.g. http://127.0.0.1:54321
+    ```
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import unquote
+
+from .access import Access, Context
+from .common import HubError, Limits
+from .storage import Store
+from .transport import Handler, Server
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Fault:
+    """An injected failure: matching requests get `status` (or a dropped connection) `times` times.
+
+    `times=None` means forever. `delay` seconds are slept first; with `status=None` and no `drop`,
+    the request is then served normally (a pure slowdown). With `drop_after=N` a file is served
+    normally but its connection is closed after N body bytes (a connection lost mid-download).
+    `hits` counts the requests it hit.
+    """
+
+    pattern: re.Pattern
+    status: int | None = 500
+    times: int | None = 1
+    method: str | None = None
+    delay: float = 0.0
+    drop: bool = False
+    hits: int = 0
+    drop_after: int | None = None
+
+    def _matches(self, method: str, path: str) -> bool:
+        if self.times is not None and self.times <= 0:
+            return False
+        if self.method is not None and self.method.upper() != method:
+            return False
+        return self.pattern.search(path) is not None
+
+
+@dataclass
+class RequestRecord:
+    """One request as seen by the server (never headers with credentials)."""
+
+    method: str
+    path: str  # URL path, unquoted, without query string
+    query: str
+    range: str | None
+    authenticated_as: str | None
+    status: int | None = None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable only from this machine (where plain HTTP cannot leak a token)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class LocalHub:
+    """A local Hub-compatible server: repos, commits, LFS and access control, in a data folder.
+
+    Args:
+        data_dir: folder holding blobs and repo logs; reusing it after a restart keeps every repo.
+        host: interface to bind (default loopback only).
+        port: TCP port; 0 picks a free one.
+        tokens: ``{token: user name}`` accepted as ``Authorization: Bearer <token>``.
+        orgs: ``{org name: [member user names]}``; members may write in the org's namespace.
+        limits: timeouts, connection cap, listen backlog and tree page size (`Limits`).
+        tls: ``(certificate file, key file)`` to serve HTTPS; plain HTTP without it, where tokens
+            travel in clear, which only loopback makes safe.
+
+    Example:
+        ```py
+        >>> hub = LocalHub(tmp_path, tokens={"hf_x": "alice"})
+        >>> endpoint = hub.start()
+        >>> hub.inject_fault(r"/resolve/", status=503, times=1)   # next download answers 503 once
+        >>> hub.stop()
+        ```
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
+                 tokens: dict[str, str] | None = None, orgs: dict[str, Iterable[str]] | None = None,
+                 limits: Limits | None = None, tls: tuple[str | os.PathLike, str | os.PathLike] | None = None):
+        self.data_dir = Path(data_dir)
+        self.limits = limits or Limits()
+        self.tls = tls
+        self.host, self.port = host, port
+        self.access = Access(tokens, orgs)
+        self._context: Context | None = None
+        self._server: Server | None = None
+        self._thread: threading.Thread | None = None
+        self._faults: list[Fault] = []
+        self._requests: list[RequestRecord] = []
+        self._meta_lock = threading.Lock()
+        # Signs LFS upload URLs: the client PUTs to them without credentials, like to a bucket.
+        self._secret = secrets.token_bytes(32)
+
+    # ---- lifecycle
+    @property
+    def tokens(self) -> dict[str, str]:
+        """``{token: user}`` accepted now (add more with `add_token`)."""
+        return self.access.tokens
+
+    @property
+    def orgs(self) -> dict[str, set[str]]:
+        return self.access.orgs
+
+    @property
+    def context(self) -> Context:
+        """The store, access rules and signing key the endpoints work with (once started)."""
+        if self._context is None:
+            raise RuntimeError("LocalHub is not started")
+        return self._context
+
+    @property
+    def endpoint(self) -> str:
+        """Base URL to use as HF_ENDPOINT, e.g. ``http://127.0.0.1:54321``."""
+        if self._server is None:
+            raise RuntimeError("LocalHub is not started")
+        host = self.host if self.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        return f"{self._server.scheme}://{host}:{self._server.server_address[1]}"
+
+    @property
+    def open_connections(self) -> int:
+        """Connections being served now (each holds one thread, never more)."""
+        if self._server is None:
+            return 0
+        with self._server.conn_lock:
+            return len(self._server.workers)
+
+    def start(self) -> str:
+        """Load the data folder, serve in a background thread, and return the endpoint URL."""
+        if self._server is not None:
+            return self.endpoint
+        self._context = Context(Store(self.data_dir), self.access, self._secret, self.limits)
+        tls = None
+        if self.tls is not None:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(*self.tls)
+        self._server = Server((self.host, self.port), self, self.limits, tls)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="local-hub", daemon=True)
+        self._thread.start()
+        log.info("local hub serving %s from %s", self.endpoint, self.data_dir)
+        return self.endpoint
+
+    def serve_forever(self) -> None:
+        """Serve in the calling thread until interrupted (used by ``hf-metagpt hub serve``)."""
+        self.start()
+        try:
+            assert self._thread is not None
+            # Sleep rather than join(timeout): a KeyboardInterrupt landing inside Thread.join can
+            # leave the thread's state lock held on CPython < 3.13, and the join in stop() then
+            # hangs forever (seen as an intermittent hang of `hub serve` on Ctrl-C).
+            while self._thread.is_alive():
+                time.sleep(0.5)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop serving and close every open connection (pooled keep-alive ones included)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        server.close_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> "LocalHub":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ---- users
+    def add_token(self, token: str, user: str) -> None:
+        """Accept `token` as user `user` from now on."""
+        self.access.add_token(token, user)
+
+    def add_org(self, org: str, members: Iterable[str]) -> None:
+        """Create (or extend) an organization whose members may write in its namespace."""
+        self.access.add_org(org, members)
+
+    # ---- fault injection and request log
+    def inject_fault(self, path_regex: str, *, status: int | None = 500, times: int | None = 1,
+                     method: str | None = None, delay: float = 0.0, drop: bool = False,
+                     drop_after: int | None = None) -> Fault:
+        """Make requests whose unquoted URL path matches `path_regex` fail.
+
+        Answers `status` with a JSON error (or closes the connection without an answer if `drop`),
+        after sleeping `delay` seconds, for the next `times` matching requests (None: forever).
+        `drop_after=N`: serve the file but cut the connection after N body bytes (status ignored).
+        Returns the `Fault`; its `hits` counts the requests it caught.
+        """
+        fault = Fault(re.compile(path_regex), None if drop_after is not None else status, times, method, delay,
+                      drop, drop_after=drop_after)
+        with self._meta_lock:
+            self._faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._meta_lock:
+            self._faults.clear()
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """Requests served so far (method, unquoted path, query, Range header, user, status)."""
+        with self._meta_lock:
+            return list(self._requests)
+
+    def clear_requests(self) -> None:
+        with self._meta_lock:
+            self._requests.clear()
+
+    def record(self, h: "Handler", user: str | None, status: int | None) -> None:
+        # Recorded before the answer (so a caller sees it as soon as its call returns), then the
+        # status is filled in. Upload URLs carry a signature in their query: never keep it.
+        if h._rec is not None:
+            h._rec.status, h._rec.authenticated_as = status, user
+            return
+        query = "" if h.raw_path.startswith("/_lfs/") else h.path.partition("?")[2]
+        h._rec = RequestRecord(h.command, unquote(h.raw_path), query, h.headers.get("Range"), user, status)
+        with self._meta_lock:
+            self._requests.append(h._rec)
+
+    def apply_fault(self, h: "Handler") -> bool:
+        path = unquote(h.raw_path)
+        with self._meta_lock:
+            fault = next((f for f in self._faults if f._matches(h.command, path)), None)
+            if fault is None:
+                return False
+            fault.hits += 1
+            if fault.times is not None:
+                fault.times -= 1
+        if fault.delay:
+            time.sleep(fault.delay)
+        h.drop_after = fault.drop_after
+        if fault.drop:
+            h.close_connection = True
+            try:
+                h.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return True
+        if fault.status is None:
+            return False
+        h.send_error_json(HubError(fault.status, f"Injected fault ({fault.status})"))
+        return True
