@@ -263,22 +263,19 @@ def parse_recipe(text: str, source: str = "<recipe>") -> dict[str, Any]:
     return out
 
 
-_TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false", float: "a number",
-               dict: "a mapping", list: "a list", type(None): "null"}
-
-
 def _describe(annotation: Any) -> str:
-    """What a recipe value should be, in words ('a list of strings', 'an integer or null')."""
+    """What a recipe value should be ('int', 'a list of str', 'int or null'): never just 'list'."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(annotation))
     if origin is list:
         (item,) = typing.get_args(annotation) or (Any,)
-        word = _describe(item)
-        return "a list of " + (word.split(" ", 1)[1] + "s" if word.startswith(("a ", "an ")) else word)
+        return f"a list of {_describe(item)}"
     if origin is dict:
         return "a mapping"
-    return _TYPE_WORDS.get(annotation) or getattr(annotation, "__name__", None) or str(annotation)
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", None) or str(annotation)
 
 
 def build_options(recipe: str | os.PathLike | None = None, *, for_merge: bool = True,
@@ -360,3 +357,33 @@ def public_recipe(opts: MergeOptions, base: "ModelRef", models: Sequence["ModelR
     ordered = {k: values[k] for k in ("base", "models") if k in values}
     ordered.update((k, v) for k, v in values.items() if k not in ordered)
     return f"# made with hf-metagpt {__version__}\n" + yaml.safe_dump(ordered, sort_keys=False)
+
+
+def looks_local(value: str) -> bool:
+    """A path of the merging machine rather than a Hub ID (`org/name[@rev]`)."""
+    return (value.startswith((".", "/", "~", "\\")) or "\\" in value or bool(re.match(r"^[A-Za-z]:", value))
+            or value.split("@", 1)[0].count("/") > 1)
+
+
+def public_recipe_text(text: str) -> str:
+    """A recipe made fit to publish, whoever wrote it: no output, token or push target, and local
+    inputs by their folder name. Text that is not a recipe mapping is left out entirely."""
+    if not text.strip():
+        return ""
+    try:
+        data = load_yaml(text)
+    except (yaml.YAMLError, RecursionError):
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    comments = [line for line in text.splitlines() if line.startswith("# made with hf-metagpt")]
+    data = {k: v for k, v in data.items() if k not in LOCAL_KEYS}
+    for key in ("base", "tokenizer_source"):
+        if isinstance(data.get(key), str) and looks_local(data[key]):
+            data[key] = local_name(data[key])
+    if isinstance(data.get("models"), list):
+        data["models"] = [local_name(m) if isinstance(m, str) and looks_local(m) else m for m in data["models"]]
+    from . import __version__
+
+    head = comments[0] if comments else f"# made with hf-metagpt {__version__}"
+    return head + "\n" + yaml.safe_dump(data, sort_keys=False)

@@ -10,7 +10,7 @@ from typing import Any
 from . import __version__
 from .engine.stats import StreamStats
 from .errors import OutputError
-from .options import local_name
+from .options import local_name, public_recipe_text
 from .sources.refs import ModelRef
 
 COEFFICIENTS_FILE = "metagpt_coefficients.json"
@@ -50,11 +50,16 @@ class MergeResult:
     out_dtype: str = ""
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: the recipe that reproduces the merge, as published (hf_metagpt_recipe.yaml and the card):
+    #: made public on construction — no output, token or push target, local inputs by folder name
     recipe: str = ""
     pushed_url: str | None = None
     #: what weighted sums and norms were accumulated in ("float64" on the fused paths; the engine
     #: sets "float32" for TIES/DARE/LoRA paths); the card words its precision sentence from it
     precision: str = "float64"
+
+    def __post_init__(self) -> None:
+        self.recipe = public_recipe_text(self.recipe)
 
     @property
     def model_lambdas(self) -> dict[str, list[float]]:

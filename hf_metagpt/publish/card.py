@@ -8,15 +8,12 @@ with which coefficients, and gives the exact recipe that reproduces it.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 from .. import __version__
 from ..engine.plan import MergePlan
-from ..options import LOCAL_KEYS, load_yaml, local_name
+from ..options import local_name, looks_local, public_recipe_text
 from ..sources.hub import _remote_files, local_license, read_license
 
 if TYPE_CHECKING:
@@ -104,34 +101,6 @@ def _ref_row(ref) -> str:
     return f"`{local_name(ref.spec)}` (local folder) | —"
 
 
-def _looks_local(value: str) -> bool:
-    """A path of the merging machine rather than a Hub ID (`org/name[@rev]`)."""
-    return (value.startswith((".", "/", "~", "\\")) or "\\" in value or bool(re.match(r"^[A-Za-z]:", value))
-            or value.split("@", 1)[0].count("/") > 1)
-
-
-def public_recipe_text(text: str) -> str:
-    """A recipe made fit to publish, whoever wrote it: no output, token or push target, and local
-    inputs by their folder name. Text that is not a recipe mapping is left out entirely."""
-    if not text.strip():
-        return ""
-    try:
-        data = load_yaml(text)
-    except yaml.YAMLError:
-        return ""
-    if not isinstance(data, dict):
-        return ""
-    comments = [line for line in text.splitlines() if line.startswith("# made with hf-metagpt")]
-    data = {k: v for k, v in data.items() if k not in LOCAL_KEYS}
-    for key in ("base", "tokenizer_source"):
-        if isinstance(data.get(key), str) and _looks_local(data[key]):
-            data[key] = local_name(data[key])
-    if isinstance(data.get("models"), list):
-        data["models"] = [local_name(m) if isinstance(m, str) and _looks_local(m) else m for m in data["models"]]
-    head = comments[0] if comments else f"# made with hf-metagpt {__version__}"
-    return head + "\n" + yaml.safe_dump(data, sort_keys=False)
-
-
 def _scrub_paths(text: str, result: "MergeResult") -> str:
     """Replace every local path of this merge that a warning or note may quote by its folder name."""
     paths: set[str] = set()
@@ -146,7 +115,7 @@ def _scrub_paths(text: str, result: "MergeResult") -> str:
         paths.add(str(result.output))
         paths.add(str(Path(result.output).resolve()))
     # Longest first, so a folder inside another is replaced whole; only paths that say more than a name.
-    for path in sorted((p for p in paths if p and _looks_local(p)), key=len, reverse=True):
+    for path in sorted((p for p in paths if p and looks_local(p)), key=len, reverse=True):
         text = text.replace(path, local_name(path))
     return text
 
