@@ -19,6 +19,7 @@ USER_ERROR = 2
 
 def main(argv: list[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: merge process {rank} failed (exit code {failure.exitcode}); "
                   "rerun with --debug to see its traceback.", file=sys.stderr)
         return code
+    except (KeyboardInterrupt, SignalException):  # Ctrl-C: torchrun has stopped the processes
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

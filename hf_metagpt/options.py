@@ -111,7 +111,7 @@ class MergeOptions:
         if self.lora_rank is not None:
             if self.output_format != "lora":
                 raise RecipeError("lora_rank only applies to output_format lora.",
-                                  hint="Add --output-format lora (output_format=\"lora\"), or drop --lora-rank.")
+                                  hint="Add --output-format lora (output_format=\"lora\"), or drop --lora-rank (lora_rank=...).")
             if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
                 raise RecipeError(f"Invalid lora_rank {self.lora_rank!r}.", hint="Use a positive integer.")
 
@@ -245,7 +245,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> dict[str, Any]:
         where = f"{source}, line {lines.get(key, '?')}"
         if name == "token":
             raise RecipeError(f"Recipe key 'token' ({where}) is not allowed: recipes are shared, tokens are secret.",
-                              hint="Use HF_TOKEN, `hf auth login` or --token instead.")
+                              hint="Use HF_TOKEN, `hf auth login` or --token (token=... in Python) instead.")
         if name not in known:
             raise RecipeError(f"Unknown recipe key {key!r} ({where}).",
                               hint=f"Known keys: {', '.join(sorted(known - {'token'}))}.")
