@@ -344,8 +344,9 @@ def test_push_refusal_reads_the_hubs_whoami_answer():
     assert push_refusal(_whoami("write"), "m", exists=False) is None  # a bare name: the user's namespace
     message, hint = push_refusal(_whoami("read"), "alice/m", exists=True)
     assert message == "Pushing to alice/m: the token of 'alice' is read-only."
-    assert "write access" in hint and "--create-pr" in hint
-    assert push_refusal(_whoami("read"), "bob/m", exists=True, create_pr=True) is None
+    assert hint == "Use a token with write access (--token / token=..., HF_TOKEN or `hf auth login`)."
+    assert push_refusal(_whoami("read"), "bob/m", exists=True, create_pr=True) is not None  # no PR either
+    assert push_refusal(_whoami("write"), "bob/m", exists=True, create_pr=True) is None
     reader = [{"name": "lab", "roleInOrg": "read"}]
     assert push_refusal(_whoami("write", reader), "lab/m", exists=False)[0] == \
         "Pushing to lab/m: 'alice' has the read role in the organization 'lab'."

@@ -156,7 +156,7 @@ def check_push_access(repo_id: str, token: str | None = None, *, create_pr: bool
     Asks the Hub who the token belongs to (`whoami`) and whether the repo exists. Passes when the
     token may write there: the repo is in the user's namespace or in an org where the user may
     write, and the token is not read-only. With `create_pr`, an existing repo the user can read is
-    enough (a pull request needs no write access to the repo).
+    enough (a pull request needs no write access to the repo, only a token that may write).
 
     Args:
         repo_id: the target repo, `org/name` (a bare `name` means the user's own namespace).
@@ -208,13 +208,12 @@ def push_refusal(whoami: dict[str, Any], repo_id: str, *, exists: bool,
     namespace = repo_id.split("/")[0] if "/" in repo_id else user
     token_info = (whoami.get("auth") or {}).get("accessToken") or {}
     role = token_info.get("role")
-    if create_pr and exists:
-        return None  # reading the repo is enough to open a pull request
-    pr_hint = " or use --create-pr (create_pr=True) to open a pull request" if exists else ""
-    if role == "read":
+    if role == "read":  # a read token writes nothing, a pull request included
         return (f"Pushing to {repo_id}: the token of {user!r} is read-only.",
-                "Use a token with write access (--token / token=..., HF_TOKEN or `hf auth login`)"
-                + pr_hint.replace(" or use", "; or use") + ".")
+                "Use a token with write access (--token / token=..., HF_TOKEN or `hf auth login`).")
+    if create_pr and exists:
+        return None  # reading the repo is enough to open a pull request on it
+    pr_hint = " or use --create-pr (create_pr=True) to open a pull request" if exists else ""
     orgs = {str(o.get("name")): o for o in whoami.get("orgs") or [] if isinstance(o, dict)}
     if namespace != user and namespace not in orgs:
         what = "write to" if exists else "create a repo in"
