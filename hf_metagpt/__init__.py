@@ -2,14 +2,42 @@
 
     >>> import hf_metagpt
     >>> result = hf_metagpt.merge(base="base/", models=["chat/", "math/"], output="merged/")
+    >>> result.push_to_hub("me/merged")                     # doctest: +SKIP
+
+Every error a user can cause is a `MergeError` (or a subclass below); its `hint` says what to do.
 """
 
 __version__ = "0.1.0"
 
 from .api import merge, plan  # noqa: E402
 from .engine.plan import MergePlan  # noqa: E402
-from .errors import MergeError  # noqa: E402
+from .errors import (  # noqa: E402
+    IncompatibleModelsError,
+    InputError,
+    IntegrityError,
+    MergeError,
+    NonFiniteError,
+    OutputError,
+    RecipeError,
+)
 from .options import MergeOptions  # noqa: E402
 from .result import MergeResult  # noqa: E402
+from .sources.hub_calls import HubAccessError, HubUnavailableError  # noqa: E402
 
-__all__ = ["MergeError", "MergeOptions", "MergePlan", "MergeResult", "merge", "plan", "__version__"]
+__all__ = [
+    "HubAccessError",
+    "HubUnavailableError",
+    "IncompatibleModelsError",
+    "InputError",
+    "IntegrityError",
+    "MergeError",
+    "MergeOptions",
+    "MergePlan",
+    "MergeResult",
+    "NonFiniteError",
+    "OutputError",
+    "RecipeError",
+    "merge",
+    "plan",
+    "__version__",
+]

@@ -26,7 +26,8 @@ from .engine.workdir import (OutputDirs, OutputLock, cached_norms, check_output,
 from .errors import IntegrityError, MergeError
 from .methods import get_method
 from .methods.base import MergeMethod
-from .options import MergeOptions, build_options, dump_recipe
+from ._platform import peak_rss_bytes
+from .options import MergeOptions, build_options, public_recipe
 from .result import MergeResult
 from .sources.local import load_local_info
 from .sources.model import ModelInfo
@@ -40,7 +41,7 @@ T = TypeVar("T")
 
 def _options(options: MergeOptions | None, kwargs: dict[str, Any], *, for_merge: bool = True) -> MergeOptions:
     if options is None:
-        options = build_options(validate=False, **kwargs)
+        options = build_options(for_merge=for_merge, **kwargs)
     elif kwargs:
         raise TypeError("pass either a MergeOptions or keyword arguments, not both")
     options.validate(for_merge=for_merge)
@@ -277,20 +278,6 @@ def _on_main(world: World | None, fn: Callable[[], T]) -> T:
     return value
 
 
-def public_recipe(opts: MergeOptions, base: ModelInfo, models: list[ModelInfo]) -> str:
-    """The recipe that reproduces this merge: Hub inputs pinned to their commits, no secret, no output
-    and no local path (a local input appears by its folder name, the way a user would pass it)."""
-    from dataclasses import replace
-
-    def ref(info: ModelInfo) -> str:
-        return info.ref.pinned if info.ref.is_hub else info.ref.display.rstrip("/").rsplit("/", 1)[-1]
-
-    pinned = replace(opts, base=ref(base), models=[ref(m) for m in models], token=None, overwrite=False, output="",
-                     tokenizer_source=opts.tokenizer_source if opts.tokenizer_source in ("base", "") else
-                     Path(str(opts.tokenizer_source)).name)
-    return dump_recipe(pinned)
-
-
 def _coefficient_warnings(result: MergeResult, method: MergeMethod) -> None:
     if not method.uses_group_norms or not result.coefficients:
         return
@@ -323,7 +310,7 @@ def _finish(job: _Job, method: MergeMethod, opts: MergeOptions, executor: Execut
         coefficients=executor.coefficients,
         sq_norms=executor.ledger.table(the_plan.norm_groups).as_lists() if method.uses_group_norms else {},
         stats=executor.stats, norms_key=job.key, out_dtype=the_plan.out_dtype, warnings=list(the_plan.warnings),
-        notes=list(the_plan.notes), recipe=public_recipe(opts, the_plan.base, list(the_plan.models)),
+        notes=list(the_plan.notes), recipe=public_recipe(opts, the_plan.base.ref, [m.ref for m in the_plan.models]),
         precision=executor.precision,
     )
     _coefficient_warnings(result, method)
@@ -335,22 +322,8 @@ def _finish(job: _Job, method: MergeMethod, opts: MergeOptions, executor: Execut
             result.notes.append(note)
             log.info("note: %s", note)
     _write_publish(the_plan, result, dirs, opts.token)
-    result.peak_rss = _peak_rss()
+    result.peak_rss = peak_rss_bytes()
     return result
-
-
-def _peak_rss() -> int:
-    """Peak resident memory of this process in bytes (0 where the platform cannot tell)."""
-    try:
-        import resource  # not on Windows
-    except ImportError:
-        try:
-            import psutil
-
-            return int(getattr(psutil.Process().memory_info(), "peak_wset", 0))
-        except Exception:
-            return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _write_publish(the_plan: MergePlan, result: MergeResult, dirs: OutputDirs, token: str | None = None) -> None:

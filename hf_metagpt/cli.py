@@ -51,13 +51,22 @@ def _add_merge_args(p: argparse.ArgumentParser, *, for_plan: bool = False) -> No
                         "share of the shards; the output is the same bytes)")
 
 
-def _parse_value(text: str):
+def _parse_value(key: str, text: str):
+    """A --param value as YAML (`0.5`, `1e-9`, `[0.5, 0.5]`, `true`); a malformed one is a user error."""
     import yaml
 
-    return yaml.safe_load(text)
+    from .options import load_yaml
+
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise MergeError(f"Bad --param value for {key!r}: {text!r} ({problem}).",
+                         hint="Use a number, true/false, a string or a list such as "
+                              "--param weights=[0.5,0.5] (quote it in the shell).") from None
 
 
-def _options_from_args(args: argparse.Namespace):
+def _options_from_args(args: argparse.Namespace, for_merge: bool = True):
     from .options import build_options
 
     params = None
@@ -67,14 +76,14 @@ def _options_from_args(args: argparse.Namespace):
             if "=" not in item:
                 raise MergeError(f"Bad --param {item!r}.", hint="Use --param KEY=VALUE, e.g. --param density=0.5.")
             key, value = item.split("=", 1)
-            params[key.strip()] = _parse_value(value)
+            params[key.strip()] = _parse_value(key.strip(), value)
     names = ["base", "output", "method", "granularity", "tokenizer_source", "dtype", "device",
              "max_shard_size", "seed", "token", "overwrite", "allow_nonfinite", "push_to", "private",
              "create_pr", "revision", "commit_message", "low_disk", "strict", "output_format", "lora_rank"]
     overrides = {n: getattr(args, n, None) for n in names}
     overrides["models"] = list(args.models) or None
     overrides["parameters"] = params
-    return build_options(args.recipe, **overrides)
+    return build_options(args.recipe, for_merge=for_merge, **overrides)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -105,14 +114,7 @@ def _launch(args: argparse.Namespace, opts) -> int:
     if n < 1:
         raise MergeError(f"--num-processes {n}: give at least 1.")
     check_supported(opts.output_format, opts.low_disk)
-    argv, skip = [], False
-    for a in args.argv:  # the command line without --num-processes
-        if skip:
-            skip = False
-        elif a == "--num-processes":
-            skip = True
-        elif not a.startswith("--num-processes="):
-            argv.append(a)
+    argv = child_argv(args.argv)
     if opts.device != "cpu":
         import torch
 
@@ -124,6 +126,10 @@ def _launch(args: argparse.Namespace, opts) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ)
+    if opts.token:
+        # The children read the token from their environment: a command line is readable by every
+        # user of the machine (/proc/PID/cmdline, ps), an environment only by the same user.
+        env["HF_TOKEN"] = opts.token
     if "OMP_NUM_THREADS" not in env:
         # torchrun would give each process one thread; the unfused paths (metagpt_dare/ties, LoRA
         # inputs) reduce norms with torch's threaded kernels, whose last bits follow the thread
@@ -133,17 +139,39 @@ def _launch(args: argparse.Namespace, opts) -> int:
         env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     # accelerate's --multi_gpu launcher is torchrun: on a machine without GPUs (or with --device cpu)
     # the processes connect over gloo (`distributed.connect`).
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+    # `accelerate launch`, through a wrapper that turns a failed process into an exit code instead
+    # of the launcher's traceback (the process has printed its error already).
+    cmd = [sys.executable, "-m", "hf_metagpt._launch", "--multi_gpu", "--num_processes", str(n),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(port), "-m", "hf_metagpt", *argv]
     return subprocess.call(cmd, env=env)
 
 
+def child_argv(argv: Sequence[str]) -> list[str]:
+    """The command line for each launched process: without --num-processes and without the token.
+
+    argparse accepts `--token X` and `--token=X` (no shorter prefix: `--tok` is ambiguous with
+    `--tokenizer-source`); anything after a bare `--` is positional and kept.
+    """
+    out: list[str] = []
+    skip = False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--":
+            out.extend(argv[i:])
+            break
+        elif a in ("--num-processes", "--token"):
+            skip = True
+        elif not a.startswith(("--num-processes=", "--token=")):
+            out.append(a)
+    return out
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .api import plan
 
-    args.output = args.output or "-"
-    opts = _options_from_args(args)
+    opts = _options_from_args(args, for_merge=False)
     print(plan(opts).describe())
     return 0
 
@@ -392,6 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_text(exc: OSError) -> str:
+    """One line naming the path and what is wrong with it."""
+    from pathlib import Path
+
+    where = str(exc.filename) if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    if isinstance(exc, PermissionError):
+        return f"permission denied for {where} ({exc.strerror})."
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and Path(str(exc.filename)).is_file():
+        return f"{where} is a file, where a folder is needed."
+    return f"cannot use {where}: {exc.strerror or exc}."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -423,6 +463,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if not isinstance(exc, MainProcessStopped):  # the main process prints why
             print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A file the user named cannot be written or read (a read-only or full output parent, a
+        # folder where a file should be): the path and the reason, not a traceback. An OSError
+        # without a path is not the user's to fix: shown as the bug it is.
+        if args.debug or exc.filename is None:
+            raise
+        print(f"error: {_os_error_text(exc)}\n  hint: check the path, or choose another --output; "
+              "--debug shows where it happened.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

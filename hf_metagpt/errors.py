@@ -1,7 +1,9 @@
 """Exceptions that end a merge with one clear message.
 
 Every error a user can cause is a `MergeError`: the CLI prints its message and hint and exits 2
-without a traceback (unless `--debug`). Anything else is a bug and is shown as one.
+without a traceback (unless `--debug`); the Python API raises it, with the fix in `hint` (worded
+for both: `--output DIR (output=...)`). All are importable from `hf_metagpt`. Anything else is a
+bug and is shown as one.
 """
 
 from __future__ import annotations

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import yaml
 
 from .errors import RecipeError
+
+if TYPE_CHECKING:
+    from .sources.refs import ModelRef
 
 GRANULARITIES = ("model", "layer", "tensor")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -24,9 +29,21 @@ DEVICES = ("auto", "cpu", "cuda")
 OUTPUT_FORMATS = ("model", "lora")
 
 
+#: fields that name a path (or a model reference that may be one): `os.PathLike` becomes `str`
+_PATH_FIELDS = ("base", "output", "tokenizer_source")
+
+
+def _fspath(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 @dataclass
 class MergeOptions:
-    """Everything a merge is told. Field names are the recipe keys and the CLI flags."""
+    """Everything a merge is told. Field names are the recipe keys and the CLI flags.
+
+    Paths (`base`, `models`, `output`, `tokenizer_source`) may be given as `str` or `os.PathLike`
+    (e.g. `pathlib.Path`); they are kept as `str`, so recipes and cards can be written from them.
+    """
 
     base: str = ""
     models: list[str] = field(default_factory=list)
@@ -58,20 +75,32 @@ class MergeOptions:
     commit_message: str | None = None
     low_disk: bool = False
 
-    def validate(self, *, for_merge: bool = True) -> None:
+    def __post_init__(self) -> None:
+        _normalise_paths(self)
+
+    def validate(self, for_merge: bool = True) -> None:
         """Check values that do not depend on the models (before anything is read).
 
-        `for_merge=False`: for `plan()`, which writes nothing and so needs no output folder.
+        Args:
+            for_merge: also require somewhere to write (`output` or `push_to`); `plan()` passes
+                False, since laying out a merge writes nothing.
+
+        Raises:
+            RecipeError: a missing or invalid value, with a hint for the CLI and the Python API.
         """
+        _normalise_paths(self)  # fields may have been assigned after construction
         if not self.base:
-            raise RecipeError("No base model given.", hint="Pass --base MODEL (or `base:` in the recipe).")
+            raise RecipeError("No base model given.",
+                              hint="Pass --base MODEL (base=... in Python, `base:` in a recipe).")
         if not self.models:
             raise RecipeError(
                 "No fine-tuned model given: MetaGPT needs at least one fine-tune of the base.",
-                hint="List one or more fine-tunes after --base BASE.",
+                hint="List one or more fine-tunes after --base BASE (models=[...] in Python, `models:` in a recipe).",
             )
         if for_merge and not self.output and not self.push_to:
-            raise RecipeError("No output folder given.", hint="Pass --output DIR (or `output:` in the recipe).")
+            raise RecipeError("No output folder given.",
+                              hint="Pass --output DIR (output=... in Python, `output:` in a recipe), "
+                                   "or --push-to ORG/NAME (push_to=...).")
         for name, allowed in (("granularity", GRANULARITIES), ("dtype", DTYPES), ("device", DEVICES),
                               ("output_format", OUTPUT_FORMATS)):
             if getattr(self, name) not in allowed:
@@ -82,7 +111,7 @@ class MergeOptions:
         if self.lora_rank is not None:
             if self.output_format != "lora":
                 raise RecipeError("lora_rank only applies to output_format lora.",
-                                  hint="Add --output-format lora, or drop --lora-rank.")
+                                  hint="Add --output-format lora (output_format=\"lora\"), or drop --lora-rank (lora_rank=...).")
             if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
                 raise RecipeError(f"Invalid lora_rank {self.lora_rank!r}.", hint="Use a positive integer.")
 
@@ -96,6 +125,20 @@ class MergeOptions:
                 continue
             out[f.name] = value
         return out
+
+
+def _normalise_paths(opts: MergeOptions) -> None:
+    """PathLike -> str in the fields that hold paths (in place: the dataclass is the caller's)."""
+    for name in _PATH_FIELDS:
+        value = getattr(opts, name)
+        if isinstance(value, os.PathLike):
+            setattr(opts, name, os.fspath(value))
+    models = opts.models
+    if isinstance(models, (str, os.PathLike)):
+        raise RecipeError(f"models must be a list of models, not one {type(models).__name__} ({models!r}).",
+                          hint="Pass models=[\"chat/\", \"math/\"] (a list, even of one).")
+    if models is not None and not isinstance(models, list) or any(isinstance(m, os.PathLike) for m in models or ()):
+        opts.models = [_fspath(m) for m in models]
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -151,11 +194,28 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return parse_recipe(text, str(path))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as people write numbers today: `1e-9` is a float (PyYAML's YAML 1.1 wants `1.0e-9`)."""
+
+
+# Appended after the YAML 1.1 resolvers, so it only catches what they leave as strings.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` with `1e-9` read as a number (recipes and `--param` values)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_recipe(text: str, source: str = "<recipe>") -> dict[str, Any]:
     """Parse recipe text; errors name the key and its line."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"Recipe {source} is not valid YAML: {exc}") from None
     except RecursionError:
@@ -185,7 +245,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> dict[str, Any]:
         where = f"{source}, line {lines.get(key, '?')}"
         if name == "token":
             raise RecipeError(f"Recipe key 'token' ({where}) is not allowed: recipes are shared, tokens are secret.",
-                              hint="Use HF_TOKEN, `hf auth login` or --token instead.")
+                              hint="Use HF_TOKEN, `hf auth login` or --token (token=... in Python) instead.")
         if name not in known:
             raise RecipeError(f"Unknown recipe key {key!r} ({where}).",
                               hint=f"Known keys: {', '.join(sorted(known - {'token'}))}.")
@@ -194,31 +254,136 @@ def parse_recipe(text: str, source: str = "<recipe>") -> dict[str, Any]:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and hints[name] is str:
             value = str(value)
         if not _type_ok(value, hints[name]):
-            raise RecipeError(f"Recipe key {key!r} ({where}) has the wrong type: {type(value).__name__}.",
+            got = type(value).__name__
+            if isinstance(value, list):  # 'list' alone reads as if a list were wrong: say what is in it
+                got += " of " + ", ".join(sorted({type(v).__name__ for v in value}))
+            raise RecipeError(f"Recipe key {key!r} ({where}) has the wrong type: {got}.",
                               hint=f"Expected {_describe(hints[name])}.")
         out[name] = value
     return out
 
 
 def _describe(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    """What a recipe value should be ('int', 'a list of str', 'int or null'): never just 'list'."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (Any,)
+        return f"a list of {_describe(item)}"
+    if origin is dict:
+        return "a mapping"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", None) or str(annotation)
 
 
-def build_options(recipe: str | Path | None = None, *, validate: bool = True, **overrides: Any) -> MergeOptions:
+def build_options(recipe: str | os.PathLike | None = None, *, for_merge: bool = True,
+                  **overrides: Any) -> MergeOptions:
     """Options from a recipe file (if any) with explicit values on top (None means 'not given').
 
-    `validate=False` leaves the checks to the caller (`plan()` needs no output folder).
+    Args:
+        recipe: a YAML recipe file; its keys are `MergeOptions` field names.
+        for_merge: require an output (see `MergeOptions.validate`); False for `plan()`.
+        **overrides: `MergeOptions` fields; paths may be `str` or `os.PathLike`.
+
+    Raises:
+        RecipeError: an unknown key, a value of the wrong type, or a missing base/model/output.
     """
     values: dict[str, Any] = load_recipe(recipe) if recipe else {}
     for key, value in overrides.items():
-        if value is not None and value != [] :
+        if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 0):
             values[key] = value
     opts = MergeOptions(**values)
-    if validate:
-        opts.validate()
+    opts.validate(for_merge=for_merge)
     return opts
 
 
 def dump_recipe(opts: MergeOptions) -> str:
     """YAML text of a recipe that reproduces these options."""
-    return yaml.safe_dump(opts.to_recipe(), sort_keys=False)
+    return yaml.safe_dump({k: _fspath(v) for k, v in opts.to_recipe().items()}, sort_keys=False)
+
+
+#: options that say where and how this machine wrote or published the merge, not what was merged:
+#: left out of the public recipe (a card on the Hub must not carry a local path or a push target)
+LOCAL_KEYS = ("output", "overwrite", "token", "push_to", "private", "create_pr", "revision",
+               "commit_message", "low_disk")
+
+
+def public_name(ref: "ModelRef") -> str:
+    """How an input is named in a published recipe: `org/name@sha` for the Hub, else the folder name."""
+    if ref.repo_id:
+        return ref.pinned
+    name = local_name(ref.spec)
+    if name in (".", "..") and ref.local_path is not None:  # `.` says nothing; the folder's name does
+        name = ref.local_path.name
+    return name
+
+
+def local_name(path: str | os.PathLike) -> str:
+    """A local path reduced to its last component ('/home/me/models/chat/' -> 'chat')."""
+    text = os.fspath(path).rstrip("/\\")
+    return re.split(r"[/\\]", text)[-1] or text or "."
+
+
+def public_recipe(opts: MergeOptions, base: "ModelRef", models: Sequence["ModelRef"]) -> str:
+    """The recipe that reproduces a merge, fit to publish: no local path, no output, no secret.
+
+    Hub inputs are pinned to the commit that was merged (`org/name@sha`); local inputs appear by
+    their folder name only; where the output went and how it was pushed are left out. The first
+    line is a YAML comment with the hf-metagpt version that made the merge (a comment, so the
+    file stays a valid `--recipe`).
+
+    Args:
+        opts: the options of the merge.
+        base: the base's reference after resolution (its `sha` set for a Hub input).
+        models: the fine-tunes' references, in the merge's order.
+
+    Returns:
+        YAML text for `hf_metagpt_recipe.yaml` and the card's "Reproduce it" section.
+    """
+    from . import __version__
+
+    values = {k: _fspath(v) for k, v in opts.to_recipe().items() if k not in LOCAL_KEYS}
+    values["base"] = public_name(base)
+    values["models"] = [public_name(m) for m in models]
+    source = opts.tokenizer_source
+    if source and source != "base":
+        if source == opts.base:
+            values["tokenizer_source"] = "base"
+        else:
+            match = [m for m in models if source in (m.spec, m.display, m.repo_id, str(m.local_path))]
+            values["tokenizer_source"] = public_name(match[0]) if match else local_name(source)
+    ordered = {k: values[k] for k in ("base", "models") if k in values}
+    ordered.update((k, v) for k, v in values.items() if k not in ordered)
+    return f"# made with hf-metagpt {__version__}\n" + yaml.safe_dump(ordered, sort_keys=False)
+
+
+def looks_local(value: str) -> bool:
+    """A path of the merging machine rather than a Hub ID (`org/name[@rev]`)."""
+    return (value.startswith((".", "/", "~", "\\")) or "\\" in value or bool(re.match(r"^[A-Za-z]:", value))
+            or value.split("@", 1)[0].count("/") > 1)
+
+
+def public_recipe_text(text: str) -> str:
+    """A recipe made fit to publish, whoever wrote it: no output, token or push target, and local
+    inputs by their folder name. Text that is not a recipe mapping is left out entirely."""
+    if not text.strip():
+        return ""
+    try:
+        data = load_yaml(text)
+    except (yaml.YAMLError, RecursionError):
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    comments = [line for line in text.splitlines() if line.startswith("# made with hf-metagpt")]
+    data = {k: v for k, v in data.items() if k not in LOCAL_KEYS}
+    for key in ("base", "tokenizer_source"):
+        if isinstance(data.get(key), str) and looks_local(data[key]):
+            data[key] = local_name(data[key])
+    if isinstance(data.get("models"), list):
+        data["models"] = [local_name(m) if isinstance(m, str) and looks_local(m) else m for m in data["models"]]
+    from . import __version__
+
+    head = comments[0] if comments else f"# made with hf-metagpt {__version__}"
+    return head + "\n" + yaml.safe_dump(data, sort_keys=False)

@@ -9,13 +9,21 @@ from typing import Any
 
 from . import __version__
 from .engine.stats import StreamStats
+from .errors import OutputError
+from .options import local_name, public_recipe_text
 from .sources.refs import ModelRef
 
 COEFFICIENTS_FILE = "metagpt_coefficients.json"
 
 
+def short_name(ref: ModelRef) -> str:
+    """An input's name where it is published (tables, cards): the Hub ID, or a local folder's name."""
+    return ref.display if ref.repo_id else local_name(ref.spec)
+
+
 def _ref_json(ref: ModelRef) -> dict[str, Any]:
-    out: dict[str, Any] = {"ref": ref.pinned}
+    # Published with the merge: a local input by its folder name, never the merging machine's path.
+    out: dict[str, Any] = {"ref": ref.pinned if ref.repo_id else local_name(ref.spec)}
     if ref.repo_id:
         out.update(repo_id=ref.repo_id, revision=ref.revision, sha=ref.sha)
     if ref.is_adapter:
@@ -42,10 +50,16 @@ class MergeResult:
     out_dtype: str = ""
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: the recipe that reproduces the merge, as published (hf_metagpt_recipe.yaml and the card):
+    #: made public on construction — no output, token or push target, local inputs by folder name
     recipe: str = ""
     pushed_url: str | None = None
-    #: what the weighted sums accumulated in: float64 (fused and low-rank kernels) or float32 (the rest)
+    #: what weighted sums and norms were accumulated in ("float64" on the fused paths; the engine
+    #: sets "float32" for TIES/DARE/LoRA paths); the card words its precision sentence from it
     precision: str = "float64"
+
+    def __post_init__(self) -> None:
+        self.recipe = public_recipe_text(self.recipe)
 
     @property
     def model_lambdas(self) -> dict[str, list[float]]:
@@ -61,6 +75,7 @@ class MergeResult:
             "granularity": self.granularity,
             "seed": self.seed,
             "output_dtype": self.out_dtype,
+            "precision": self.precision,
             "base": _ref_json(self.base),
             "models": [_ref_json(m) for m in self.models],
             "norms_key": self.norms_key,
@@ -70,14 +85,49 @@ class MergeResult:
             },
         }
 
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = False,
+                    create_pr: bool = False, revision: str | None = None,
+                    commit_message: str | None = None) -> str:
+        """Upload the merged folder to the Hub as one commit; returns the URL (also in `pushed_url`).
+
+        Args:
+            repo_id: the repo to push to (`org/name`); created when missing.
+            token: a Hub token with write access (default: `HF_TOKEN` or the `hf auth login` token).
+            private: create the repo private (an existing repo keeps its visibility).
+            create_pr: open a pull request instead of committing to the branch.
+            revision: the branch to push to (created from main when missing).
+            commit_message: the commit's message (default: one naming the folder).
+
+        Returns:
+            The URL of the repo, branch or pull request.
+
+        Raises:
+            OutputError: the merge wrote no folder to push.
+            HubAccessError: the token may not write to `repo_id`, or the Hub refused the upload.
+
+        Example:
+            >>> result = hf_metagpt.merge(base="base/", models=["chat/", "math/"], output="merged/")
+            >>> result.push_to_hub("me/merged", private=True)
+            'https://huggingface.co/me/merged'
+        """
+        from .publish.push import push
+
+        if self.output is None or not Path(self.output).is_dir():
+            raise OutputError(f"Nothing to push: the merge's output folder {self.output} does not exist.",
+                              hint="Merge with --output DIR (output=...) first, or push that folder with "
+                                   "`hf-metagpt push DIR ORG/NAME`.")
+        self.pushed_url = push(self.output, repo_id, token=token, private=private, create_pr=create_pr,
+                               revision=revision, commit_message=commit_message)
+        return self.pushed_url
+
     def write_coefficients(self, folder: Path) -> Path:
         path = folder / COEFFICIENTS_FILE
         path.write_text(json.dumps(self.to_json(), indent=2))
         return path
 
-    def lambda_table(self, max_rows: int | None = None) -> str:
-        """Markdown table: one row per group, one column per model."""
-        names = [m.display for m in self.models]
+    def lambda_table(self, max_rows: int | None = None, *, public: bool = False) -> str:
+        """Markdown table: one row per group, one column per model (`public`: local inputs by folder name)."""
+        names = [short_name(m) if public else m.display for m in self.models]
         lines = ["| group | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         groups = list(self.coefficients)
         shown = groups if max_rows is None or len(groups) <= max_rows else groups[: max_rows - 1] + [groups[-1]]

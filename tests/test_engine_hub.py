@@ -59,7 +59,7 @@ def test_push_to_a_namespace_the_token_cannot_write_is_refused_before_any_downlo
                                                                                    hub_other_user, local_hub):
     ids = publish(family, hub_user, "eperm")
     local_hub.clear_requests()
-    with pytest.raises(HubAccessError, match=rf"cannot write to the namespace '{hub_other_user}'"):
+    with pytest.raises(HubAccessError, match=rf"cannot create a repo in '{hub_other_user}'"):
         _merge(ids, tmp_path / "out", push_to=f"{hub_other_user}/stolen")
     assert not [r for r in local_hub.requests if r.method == "GET" and r.path.endswith(".safetensors") and not r.range]
     assert not (tmp_path / ".out.hf-metagpt-partial").exists()

@@ -103,9 +103,20 @@ def _save(model, tok, folder: Path, spec: TinySpec) -> None:
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3).save_pretrained(folder)
 
 
-if __name__ == "__main__":  # python -m hf_metagpt.demo.tiny DIR: the models recipes/tiny-local.yaml merges
-    import sys
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hf_metagpt.demo.tiny [DIR]`: the models recipes/tiny-local.yaml merges."""
+    import argparse
 
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-models")
-    base_dir, ft_dirs = build_family(root, names=["chat", "math", "code"])
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_metagpt.demo.tiny",
+        description="Save a tiny LLaMA base and three fine-tunes (chat, math, code) for trying merges offline.")
+    parser.add_argument("folder", nargs="?", default="tiny-models",
+                        help="where to save them (default: ./tiny-models)")
+    args = parser.parse_args(argv)
+    base_dir, ft_dirs = build_family(Path(args.folder), names=["chat", "math", "code"])
     print("\n".join(str(p) for p in [base_dir, *ft_dirs]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

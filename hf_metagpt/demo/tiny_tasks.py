@@ -145,11 +145,22 @@ def _build(root: Path, base_steps: int, ft_steps: int, eval_samples: int, seed: 
     return out
 
 
-if __name__ == "__main__":  # python -m hf_metagpt.demo.tiny_tasks DIR: what recipes/compare-tiny.yaml compares
-    import sys
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hf_metagpt.demo.tiny_tasks [DIR]`: what recipes/compare-tiny.yaml compares."""
+    import argparse
     import time
 
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_metagpt.demo.tiny_tasks",
+        description="Train a tiny base and one fine-tune per task on the spot (CPU, about a minute).")
+    parser.add_argument("folder", nargs="?", default="tiny-tasks", help="where to save them (default: ./tiny-tasks)")
+    args = parser.parse_args(argv)
     start = time.perf_counter()
-    paths = build_tiny_tasks(sys.argv[1] if len(sys.argv) > 1 else "tiny-tasks")
+    paths = build_tiny_tasks(args.folder)
     print("\n".join(str(p) for p in paths.values()))
     print(f"built in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

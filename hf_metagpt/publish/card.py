@@ -11,8 +11,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import __version__
 from ..engine.plan import MergePlan
-from ..sources.hub import remote_files, local_license, read_license
+from ..options import local_name, looks_local, public_recipe_text
+from ..sources.hub import local_license, read_license, remote_files
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -58,32 +60,35 @@ def choose_license(licenses: list[str | None]) -> tuple[str, str | None]:
 
 
 def plot_lambdas(result: "MergeResult", path: Path) -> Path:
-    """PNG heatmap of λ: one row per fine-tune, one column per group."""
-    import matplotlib
+    """PNG heatmap of λ: one row per fine-tune, one column per group.
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    Drawn on a bare `Figure` with the Agg canvas: no pyplot state and no `matplotlib.use`, so the
+    caller's backend (a notebook's, a GUI's) is left as it was.
+    """
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..result import short_name
 
     groups = list(result.coefficients)
-    names = [m.display for m in result.models]
+    names = [short_name(m) for m in result.models]
     data = np.array([[result.coefficients[g][i] for g in groups] for i in range(len(names))], dtype=float)
     width = min(16.0, 3.0 + 0.35 * len(groups))
-    fig, ax = plt.subplots(figsize=(width, 2.8 + 0.5 * len(names)))
-    try:
-        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-12, float(data.max(initial=0.0))))
-        ax.set_yticks(range(len(names)), labels=names)
-        step = max(1, len(groups) // 24)
-        ax.set_xticks(range(0, len(groups), step), labels=groups[::step], rotation=60, ha="right", fontsize=7)
-        ax.set_title(f"{result.method} λ per {result.granularity} group")
-        if len(groups) * len(names) <= 60:
-            for i in range(len(names)):
-                for j in range(len(groups)):
-                    ax.text(j, i, f"{data[i, j]:.3f}", ha="center", va="center", color="w", fontsize=7)
-        fig.colorbar(im, ax=ax, label="λ")
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(width, 2.8 + 0.5 * len(names)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-12, float(data.max(initial=0.0))))
+    ax.set_yticks(range(len(names)), labels=names)
+    step = max(1, len(groups) // 24)
+    ax.set_xticks(range(0, len(groups), step), labels=groups[::step], rotation=60, ha="right", fontsize=7)
+    ax.set_title(f"{result.method} λ per {result.granularity} group")
+    if len(groups) * len(names) <= 60:
+        for i in range(len(names)):
+            for j in range(len(groups)):
+                ax.text(j, i, f"{data[i, j]:.3f}", ha="center", va="center", color="w", fontsize=7)
+    fig.colorbar(im, ax=ax, label="λ")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
 
@@ -93,7 +98,26 @@ def _ref_row(ref) -> str:
     if ref.repo_id:
         sha = ref.sha or "?"
         return f"[`{ref.repo_id}`]({hub_url(ref)}) | `{sha}`"
-    return f"`{ref.spec}` (local folder) | —"
+    return f"`{local_name(ref.spec)}` (local folder) | —"
+
+
+def _scrub_paths(text: str, result: "MergeResult") -> str:
+    """Replace every local path of this merge that a warning or note may quote by its folder name."""
+    paths: set[str] = set()
+    for ref in (result.base, *result.models):
+        if not ref.repo_id:
+            paths.add(ref.spec)
+            if ref.local_path is not None:
+                paths.add(str(ref.local_path))
+        elif ref.local_path is not None:  # a Hub input's snapshot in this machine's cache
+            paths.add(str(ref.local_path))
+    if result.output is not None:
+        paths.add(str(result.output))
+        paths.add(str(Path(result.output).resolve()))
+    # Longest first, so a folder inside another is replaced whole; only paths that say more than a name.
+    for path in sorted((p for p in paths if p and looks_local(p)), key=len, reverse=True):
+        text = text.replace(path, local_name(path))
+    return text
 
 
 def build_card(result: "MergeResult", *, licenses: list[str | None] | None = None,
@@ -106,6 +130,8 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
         'merge'
     """
     from huggingface_hub import ModelCard, ModelCardData
+
+    from ..result import short_name
 
     inputs = [result.base, *result.models]
     hub_ids = list(dict.fromkeys(r.repo_id for r in inputs if r.repo_id))
@@ -123,8 +149,8 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
 
     title = repo_id.split("/")[-1] if repo_id else (result.output.name if result.output else "merged model")
     lines = [f"# {title}", ""]
-    lines.append(f"A merge of {len(result.models)} fine-tune(s) of `{result.base.display}` made with "
-                 f"hf-metagpt using **{result.method}** "
+    lines.append(f"A merge of {len(result.models)} fine-tune(s) of `{short_name(result.base)}` made with "
+                 f"hf-metagpt {__version__} using **{result.method}** "
                  f"(granularity `{result.granularity}`).")
     lines += ["", "## Inputs", "", "| role | model | commit |", "|---|---|---|"]
     lines.append(f"| base | {_ref_row(result.base)} |")
@@ -137,8 +163,8 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
                       "like every Hub input): each entered the merge as its task vector Δ = s·B·A."]
     local = [r for r in inputs if not r.repo_id]
     if local:
-        lines += ["", "Local inputs cannot be listed in `base_model`; they are named above by the path used "
-                      "at merge time."]
+        lines += ["", "Local inputs cannot be listed in `base_model`; they are named above by their folder "
+                      "name."]
 
     lines += ["", "## Method", ""]
     lines.append(_METHOD_TEXT.get(result.method, f"**{result.method}** with parameters `{result.parameters}`."))
@@ -148,11 +174,11 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
     lines += ["", f"Granularity `{result.granularity}`: {_GRANULARITY_TEXT.get(result.granularity, '')}"]
     if result.parameters:
         lines += ["", f"Parameters: `{result.parameters}`" + (f", seed {result.seed}" if result.seed is not None else "") + "."]
-    lines += ["", "Tensors were read in their stored dtype, merged in float32 or better (weighted sums and norms accumulated in float64) and written in "
+    lines += ["", f"Tensors were read in their stored dtype, {_precision_text(result.precision)} and written in "
                   f"`{result.out_dtype or 'the base dtype'}`."]
 
     if result.coefficients:
-        lines += ["", "## Coefficients (λ)", "", result.lambda_table(), ""]
+        lines += ["", "## Coefficients (λ)", "", result.lambda_table(public=True), ""]
         if plot:
             lines += [f"![λ per group and model]({plot})", ""]
         lines.append("Every group's λ and squared task-vector norms are in `metagpt_coefficients.json`.")
@@ -173,12 +199,22 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
               f'model = AutoModelForCausalLM.from_pretrained("{load_id}", dtype="auto")',
               f'tokenizer = AutoTokenizer.from_pretrained("{load_id}")',
               "```"]
-    lines += ["", "## Reproduce it", "",
-              "Every Hub input is pinned to the commit that was merged. Save this as `recipe.yaml` and run "
-              "`hf-metagpt merge --recipe recipe.yaml` (or `hf metagpt merge --recipe recipe.yaml`):", "",
-              "```yaml", result.recipe.rstrip("\n"), "```", ""]
-    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    recipe = public_recipe_text(result.recipe)
+    if recipe:
+        lines += ["", "## Reproduce it", "",
+                  f"Made with hf-metagpt {__version__}. Every Hub input is pinned to the commit that was merged"
+                  + ("; local inputs are named by their folder" if local else "") +
+                  ". Save this as `recipe.yaml` and run "
+                  "`hf-metagpt merge --recipe recipe.yaml --output DIR` (or `hf metagpt merge ...`):", "",
+                  "```yaml", recipe.rstrip("\n"), "```", ""]
+    content = f"---\n{data.to_yaml()}\n---\n\n" + _scrub_paths("\n".join(lines), result)
     return ModelCard(content)
+
+
+def _precision_text(precision: str) -> str:
+    if precision == "float64":
+        return "merged in float32 or better (weighted sums and norms accumulated in float64)"
+    return f"merged in {precision} (weighted sums and norms accumulated in {precision})"
 
 
 def write_card(result: "MergeResult", folder: Path, *, licenses: list[str | None] | None = None,

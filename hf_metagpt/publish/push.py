@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError
 from ..sources.hub_calls import (
-    HubAccessError,
     RETRIES,
     RETRY_MAX,
+    HubAccessError,
     _api,
     _call,
     _failed_request,
@@ -21,6 +24,21 @@ from ..sources.hub_calls import (
 )
 
 log = logging.getLogger(__name__)
+
+#: never uploaded: our work files, and dotfiles and `*.env` anywhere in the folder (a `.env` or
+#: `.netrc` beside the weights holds secrets, not model files)
+IGNORE_PATTERNS = [".cache/**", "*.tmp", ".hf-metagpt*", ".*", "*/.*", "*.env"]
+
+
+def skipped_files(folder: str | os.PathLike) -> list[str]:
+    """The files of `folder` that `push` leaves out (relative paths, sorted)."""
+    folder = Path(folder)
+    out = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and any(fnmatch.fnmatch(rel, pat) for pat in IGNORE_PATTERNS):
+            out.append(rel)
+    return sorted(out)
 
 
 def push(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = False,
@@ -35,13 +53,16 @@ def push(folder: str | Path, repo_id: str, *, token: str | None = None, private:
         'https://huggingface.co/me/llama-2-7b-metagpt'
     """
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         raise InputError(f"{folder} is not a model folder (no config.json).",
                          hint="Push the output folder of a merge.")
+    if skipped := skipped_files(folder):
+        log.info("not uploaded (dotfiles and *.env are never pushed): %s", ", ".join(skipped))
     api = _api(token)
     repo_url = _call(repo_id, api.create_repo, repo_id, private=private, exist_ok=True, repo_type="model")
     if revision and revision != "main":
         _call(f"{repo_id}@{revision}", api.create_branch, repo_id, branch=revision, exist_ok=True)
+    retarget_card(folder, repo_id)
     message = commit_message or f"Upload MetaGPT merge ({folder.name}) with hf-metagpt"
     info = _upload_one_commit(api, repo_id, folder, message, revision, create_pr)
     if create_pr and not getattr(info, "pr_url", None):
@@ -68,7 +89,7 @@ def _upload_one_commit(api, repo_id: str, folder: Path, message: str, revision: 
         try:
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message,
                                      revision=revision, create_pr=create_pr, parent_commit=head,
-                                     ignore_patterns=[".cache/**", "*.tmp", ".hf-metagpt*"])
+                                     ignore_patterns=IGNORE_PATTERNS)
         except Exception as exc:
             if not _transient(exc):
                 mapped = _hub_errors(ref_text, exc)
@@ -110,27 +131,123 @@ def pushed_commit(repo_id: str, token: str | None = None, revision: str | None =
     return _call(repo_id, _api(token).model_info, repo_id, revision=revision).sha
 
 
-def check_push_access(repo_id: str, token: str | None = None, *, create_pr: bool = False) -> None:
-    """Refuse, before any weight is read, a push the token could not make.
+def retarget_card(folder: Path, repo_id: str) -> bool:
+    """Point a card written for a local folder at the repo it is pushed to (title, loading code).
 
-    The token must be valid and not read-only, and its user must own the namespace or belong to
-    the organization; an existing repo must be writable (or a pull request asked for).
+    A card made without `--push-to` says `from_pretrained("./NAME")`; on the Hub it must name the
+    repo. Only the lines `card.build_card` writes are touched. Returns whether the card changed.
     """
-    from huggingface_hub.errors import HfHubHTTPError
+    path = folder / "README.md"
+    if not path.is_file():
+        return False
+    text = path.read_text(encoding="utf-8")
+    local = f'from_pretrained("./{folder.name}"'
+    if local not in text:
+        return False
+    text = text.replace(local, f'from_pretrained("{repo_id}"')
+    text = text.replace(f"\n# {folder.name}\n", f"\n# {repo_id.split('/')[-1]}\n", 1)
+    path.write_text(text, encoding="utf-8")
+    return True
+
+
+def check_push_access(repo_id: str, token: str | None = None, *, create_pr: bool = False) -> None:
+    """Check, before any weight is read, that `token` may push to `repo_id` (reads nothing but metadata).
+
+    Asks the Hub who the token belongs to (`whoami`) and whether the repo exists. Passes when the
+    token may write there: the repo is in the user's namespace or in an org where the user may
+    write, and the token is not read-only. With `create_pr`, an existing repo the user can read is
+    enough (a pull request needs no write access to the repo, only a token that may write).
+
+    Args:
+        repo_id: the target repo, `org/name` (a bare `name` means the user's own namespace).
+        token: the token to check (default: `HF_TOKEN` or the `hf auth login` token).
+        create_pr: the push will open a pull request.
+
+    Raises:
+        HubAccessError: no token, an invalid one, a read-only one, or a namespace it cannot write.
+
+    Example:
+        >>> check_push_access("me/llama-2-7b-metagpt")          # passes silently
+    """
+    from huggingface_hub.errors import LocalTokenNotFoundError, RepositoryNotFoundError
 
     api = _api(token)
     try:
-        me = api.whoami()
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise HubAccessError(f"--push-to {repo_id}: no valid Hub token ({type(exc).__name__}).",
-                             hint="Log in (`hf auth login`), set HF_TOKEN or pass --token (token=...) with write access.") from None
-    role = (((me.get("auth") or {}).get("accessToken") or {}).get("role"))
-    if role == "read":
-        raise HubAccessError(f"--push-to {repo_id}: the token is read-only.",
-                             hint="Use a token with write access (--token, HF_TOKEN or `hf auth login`).")
-    namespace = repo_id.split("/", 1)[0] if "/" in repo_id else me.get("name")
-    orgs = {o.get("name") for o in me.get("orgs") or [] if isinstance(o, dict)}
-    if namespace != me.get("name") and namespace not in orgs and not create_pr:
-        raise HubAccessError(f"--push-to {repo_id}: {me.get('name')} cannot write to the namespace {namespace!r}.",
-                             hint=f"Push to {me.get('name')}/{repo_id.split('/')[-1]}, to an organization you belong to, "
-                                  "or pass --create-pr (create_pr=True) to open a pull request.")
+        me = _call(repo_id, api.whoami)
+    except LocalTokenNotFoundError:
+        raise HubAccessError(f"Pushing to {repo_id} needs a Hub token, and none was found.",
+                             hint="Pass --token (token=... in Python), set HF_TOKEN, or run `hf auth login`.") from None
+    except HubAccessError as exc:
+        if "HTTP 401" not in exc.message:
+            raise
+        raise HubAccessError(f"Pushing to {repo_id}: the Hub token is invalid or expired.",
+                             hint="Create a token with write access (Settings → Access Tokens) and pass it "
+                                  "with --token (token=...) or HF_TOKEN.") from None
+    exists = False
+    try:
+        _call(repo_id, api.repo_info, repo_id, repo_type="model")
+        exists = True
+    except HubAccessError as exc:
+        if not isinstance(exc.__context__, RepositoryNotFoundError) and "not found" not in exc.message:
+            raise
+    problem = push_refusal(me, repo_id, exists=exists, create_pr=create_pr)
+    if problem is not None:
+        message, hint = problem
+        raise HubAccessError(message, hint=hint)
+
+
+def push_refusal(whoami: dict[str, Any], repo_id: str, *, exists: bool,
+                 create_pr: bool = False) -> tuple[str, str] | None:
+    """Why a token cannot push to `repo_id` — (message, hint) — or None when it can (pure).
+
+    `whoami` is the Hub's `/api/whoami-v2` answer: `name`, `orgs` (each with `name` and, on the
+    Hub, `roleInOrg`), `auth.accessToken.role` ("read", "write" or "fineGrained", whose scopes
+    list `permissions` per `entity`). `exists`: whether the token can see the repo.
+    """
+    user = str(whoami.get("name") or "")
+    namespace = repo_id.split("/")[0] if "/" in repo_id else user
+    token_info = (whoami.get("auth") or {}).get("accessToken") or {}
+    role = token_info.get("role")
+    if role == "read":  # a read token writes nothing, a pull request included
+        return (f"Pushing to {repo_id}: the token of {user!r} is read-only.",
+                "Use a token with write access (--token / token=..., HF_TOKEN or `hf auth login`).")
+    if create_pr and exists:
+        return None  # reading the repo is enough to open a pull request on it
+    pr_hint = " or use --create-pr (create_pr=True) to open a pull request" if exists else ""
+    orgs = {str(o.get("name")): o for o in whoami.get("orgs") or [] if isinstance(o, dict)}
+    if namespace != user and namespace not in orgs:
+        what = "write to" if exists else "create a repo in"
+        return (f"Pushing to {repo_id}: {user!r} cannot {what} {namespace!r} (not the user's namespace "
+                f"nor one of its organizations).",
+                f"Push to {user}/{repo_id.split('/')[-1]}, ask an admin of {namespace!r} for write access"
+                + pr_hint + ".")
+    if namespace in orgs and str(orgs[namespace].get("roleInOrg", "")).lower() == "read":
+        return (f"Pushing to {repo_id}: {user!r} has the read role in the organization {namespace!r}.",
+                f"Ask an admin of {namespace!r} for the write role" + pr_hint + ".")
+    if role == "fineGrained" and not _fine_grained_can_write(token_info, namespace, repo_id):
+        return (f"Pushing to {repo_id}: the fine-grained token of {user!r} has no write permission for "
+                f"{namespace!r} or {repo_id!r}.",
+                "Grant the token 'Write access to contents/settings of all repos' for that namespace, "
+                "or use a write token" + pr_hint + ".")
+    return None
+
+
+def _fine_grained_can_write(token_info: dict[str, Any], namespace: str, repo_id: str) -> bool:
+    """A fine-grained token's scopes allow `repo.write` on the namespace or the repo.
+
+    When the answer does not have the shape this reads, the push is let through: a false refusal
+    would cost a user more than the upload's own error does.
+    """
+    fine = token_info.get("fineGrained")
+    scoped = fine.get("scoped") if isinstance(fine, dict) else None
+    if not isinstance(scoped, list):
+        return True
+    if "repo.write" in (fine.get("global") or []):
+        return True
+    for scope in scoped:
+        if not isinstance(scope, dict):
+            continue
+        entity = scope.get("entity") or {}
+        if entity.get("name") in (namespace, repo_id) and "repo.write" in (scope.get("permissions") or []):
+            return True
+    return False

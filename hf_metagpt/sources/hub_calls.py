@@ -115,11 +115,14 @@ def _hub_errors(ref_text: str, exc: Exception) -> MergeError | None:
     if isinstance(exc, GatedRepoError):
         return HubAccessError(f"{ref_text} is gated: your account has not been granted access.",
                               hint="Accept the model's conditions on its Hub page, then pass a token "
-                                   "(--token, HF_TOKEN or `hf auth login`).")
+                                   "(--token / token=..., HF_TOKEN or `hf auth login`).")
     if isinstance(exc, RepositoryNotFoundError):
+        from .refs import local_folder_hint
+
         return HubAccessError(f"{ref_text}: repository not found or private.",
                               hint="Check the ID; for a private repo log in (`hf auth login`), set HF_TOKEN "
-                                   "or pass --token with read access.")
+                                   "or pass a token with read access (--token / token=...)."
+                                   + local_folder_hint(ref_text))
     if isinstance(exc, RevisionNotFoundError):
         return HubAccessError(f"{ref_text}: revision not found.",
                               hint="Use a branch, tag or commit SHA that exists in the repo (see its 'Files' tab).")
@@ -143,7 +146,8 @@ def _hub_errors(ref_text: str, exc: Exception) -> MergeError | None:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
             return HubAccessError(f"{ref_text}: access denied (HTTP {status}).",
-                                  hint="Pass a token with the needed permission (--token, HF_TOKEN or `hf auth login`).")
+                                  hint="Pass a token with the needed permission (--token / token=..., HF_TOKEN "
+                                       "or `hf auth login`).")
         return HubAccessError(f"{ref_text}: the Hub answered HTTP {status}.", hint="Retry later; the request was not completed.")
     return None
 
@@ -209,8 +213,11 @@ def _gave_up(ref_text: str, exc: BaseException, *, published: bool = False) -> H
     hint += ("; nothing was published (a push is one commit)" if not published else "")
     hint += "; files already downloaded stay in the Hub cache and are not fetched again."
     if "GET" in _failed_request(exc) and "/" in ref_text:
+        from .refs import local_folder_hint
+
         # `org/name` is also how a relative folder is written: a mistyped path lands here.
-        hint += f" If {ref_text.split('@')[0]!r} was meant as a local folder: no such folder exists here."
+        hint += local_folder_hint(ref_text) or (f" If {ref_text.split('@')[0]!r} was meant as a local "
+                                                "folder: no such folder exists here.")
     return HubUnavailableError(f"{ref_text}: the Hub kept failing after {RETRIES + 1} attempts "
                                f"({_failed_request(exc)}).", hint=hint)
 

@@ -75,7 +75,41 @@ def parse_ref(spec: str | Path | ModelRef) -> ModelRef:
     looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
     if m and not looks_local:
         return ModelRef(spec=text, repo_id=m.group("repo"), revision=m.group("rev"))
-    raise InputError(
-        f"Model {text!r} is neither an existing folder nor a Hub ID.",
-        hint="Check the path, or use a Hub ID like org/name or org/name@revision.",
-    )
+    hint = "Check the path, or use a Hub ID like org/name or org/name@revision."
+    if nearby := closest_folder(text):
+        hint = f"Did you mean {nearby!r}? " + hint
+    raise InputError(f"Model {text!r} is neither an existing folder nor a Hub ID.", hint=hint)
+
+
+def closest_folder(spec: str) -> str | None:
+    """The existing sibling folder most like a missing local path (`models/chta` -> `models/chat`).
+
+    None when the path's parent folder does not exist (then it is no mistyped local path) or
+    nothing there is close.
+    """
+    import difflib
+
+    path = Path(spec.rstrip("/\\")).expanduser()
+    parent = path.parent
+    if not path.name or not parent.is_dir():
+        return None
+    try:
+        names = sorted(p.name for p in parent.iterdir() if p.is_dir())
+    except OSError:
+        return None
+    match = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    if not match:
+        return None
+    return match[0] if str(parent) == "." else str(Path(spec.rstrip("/\\")).parent / match[0])
+
+
+def local_folder_hint(ref_text: str) -> str:
+    """For a Hub ID that failed: ' No local folder X exists either (closest: Y).' when X's parent
+    folder exists here, so the ID was likely meant as a local path; '' otherwise."""
+    spec = ref_text.split("@", 1)[0]
+    parent = Path(spec).expanduser().parent
+    if str(parent) in ("", ".") or not parent.is_dir():
+        return ""
+    nearby = closest_folder(spec)
+    return (f" If {spec!r} was meant as a local folder: no such folder exists"
+            + (f"; the closest is {nearby!r}." if nearby else "."))

@@ -1,0 +1,26 @@
+"""What differs between operating systems, in one place (POSIX-only modules are imported here only)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far, in bytes (0 when the platform cannot say).
+
+    POSIX: `resource.getrusage` (ru_maxrss is KiB on Linux, bytes on macOS). Elsewhere (Windows has
+    no `resource` module): psutil's peak working set, or the current RSS where no peak is kept.
+    """
+    try:
+        import resource
+    except ImportError:
+        resource = None  # type: ignore[assignment]
+    if resource is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+    try:
+        import psutil
+    except ImportError:
+        return 0
+    info = psutil.Process().memory_info()
+    return int(getattr(info, "peak_wset", 0) or info.rss)
