@@ -138,18 +138,30 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a recipe file into checked option values (unknown keys and wrong types name their line)."""
+RECIPE_FORMATS = ("auto", "hf-metagpt", "mergekit")
+
+
+def load_recipe(path: str | Path, fmt: str = "auto") -> dict[str, Any]:
+    """Read a recipe file into checked option values (unknown keys and wrong types name their line).
+
+    `fmt` "auto" reads a recipe with a `merge_method` key as mergekit's (`mergekit_recipe.py`).
+    """
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise RecipeError(f"Cannot read recipe {path}: {exc.strerror}.") from None
-    return parse_recipe(text, str(path))
+    return parse_recipe(text, str(path), fmt)
 
 
-def parse_recipe(text: str, source: str = "<recipe>") -> dict[str, Any]:
+def parse_recipe(text: str, source: str = "<recipe>", fmt: str = "auto") -> dict[str, Any]:
     """Parse recipe text; errors name the key and its line."""
+    if fmt not in RECIPE_FORMATS:
+        raise RecipeError(f"Invalid recipe format {fmt!r}.", hint=f"Use one of: {', '.join(RECIPE_FORMATS)}.")
+    if fmt == "mergekit":
+        from .mergekit_recipe import parse_mergekit
+
+        return parse_mergekit(text, source)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -161,6 +173,10 @@ def parse_recipe(text: str, source: str = "<recipe>") -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise RecipeError(f"Recipe {source} must be a mapping of option names to values.")
+    if fmt == "auto" and "merge_method" in data:
+        from .mergekit_recipe import parse_mergekit
+
+        return parse_mergekit(text, source)
     lines: dict[Any, int] = {}
     for k, _ in node.value:
         if not isinstance(k, yaml.ScalarNode):
@@ -201,9 +217,9 @@ def _describe(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
-def build_options(recipe: str | Path | None = None, **overrides: Any) -> MergeOptions:
+def build_options(recipe: str | Path | None = None, recipe_format: str = "auto", **overrides: Any) -> MergeOptions:
     """Options from a recipe file (if any) with explicit values on top (None means 'not given')."""
-    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    values: dict[str, Any] = load_recipe(recipe, recipe_format) if recipe else {}
     for key, value in overrides.items():
         if value is not None and value != [] :
             values[key] = value

@@ -134,7 +134,11 @@ class Merger:
             tau = src.task_vector(tp, raw, base)
             self._check_finite(tau, src.info.name, tp.name)
             taus.append(tau)
-        return base, self.method.transform(taus, TensorContext(tp.name, self.seed))
+        return base, self.method.transform(taus, self._ctx(tp))
+
+    def _ctx(self, tp: TensorPlan) -> TensorContext:
+        """What the method may know of `tp`: name, seed, and its layer (per-layer parameters)."""
+        return TensorContext.of(tp.name, self.seed, self.plan.base.config.get("num_hidden_layers"))
 
     def _exact_norms(self, tp: TensorPlan, raws: list) -> list[float | None]:
         if self.transforms:
@@ -203,7 +207,7 @@ class Merger:
                 outs.append(raws[0][tp.name].clone())
                 continue
             assert not self.method.uses_group_norms or tp.norm_group in self.norms.complete, tp.name
-            w0, weights = self.method.model_weights(self._coefficients(tp.norm_group))  # type: ignore[misc]
+            w0, weights = self.method.model_weights(self._coefficients(tp.norm_group), self._ctx(tp))  # type: ignore[misc]
             f = self._flats(tp, raws, slab)
             base = raws[0][tp.name]
             shape = base.shape if slab or tp.shared_rows is None else (tp.shared_rows, *base.shape[1:])
@@ -270,7 +274,7 @@ class Merger:
                 outs.append(raws[0][tp.name].clone())  # raw is a view of a pooled buffer
                 continue
             assert not self.method.uses_group_norms or tp.norm_group in self.norms.complete, tp.name
-            w0, weights = self.method.model_weights(self._coefficients(tp.norm_group))  # type: ignore[misc]
+            w0, weights = self.method.model_weights(self._coefficients(tp.norm_group), self._ctx(tp))  # type: ignore[misc]
             base = raws[0][tp.name]
             if not slab and tp.shared_rows is not None:
                 base = base[: tp.shared_rows]
@@ -352,7 +356,7 @@ class Merger:
             # A norm group of this one tensor: reduce and apply at once.
             self.norms.add(tp.norm_group, self._sq_norms(tp, raws, taus))
             self.norms.complete.add(tp.norm_group)
-        merged = self.method.combine(base, taus, self._coefficients(tp.norm_group))
+        merged = self.method.combine(base, taus, self._coefficients(tp.norm_group), self._ctx(tp))
         return merged.to(ST_TO_TORCH[tp.out_dtype])
 
     # -------------------------------------------------------------- passes

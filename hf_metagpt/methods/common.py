@@ -147,18 +147,15 @@ LAMBDA_ALIASES: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
 
 
 def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES trim: a new tensor keeping the int(density·numel) largest |τ| entries, zeros elsewhere.
+    """TIES trim: a new tensor keeping the max(1, int(density·numel)) largest |τ| entries, zeros elsewhere.
 
-    Calls peft's `magnitude_based_pruning` (exactly k entries survive; among equal magnitudes at
-    the threshold, topk decides). density 1 returns a copy (peft's `prune` would warn per tensor).
+    mergekit's counting and tie-breaking (`sparsify.magnitude`: the order of torch's argsort at
+    equal magnitudes), not peft's `magnitude_based_pruning` (topk, and k may be 0): a TIES recipe
+    then keeps the same entries in both tools. density 1 returns a copy.
     """
-    if density >= 1.0:
-        return tau.clone()
-    from peft.utils.merge_utils import (
-        magnitude_based_pruning,  # lazy: importing peft costs seconds
-    )
+    from .sparsify import magnitude
 
-    return magnitude_based_pruning(tau, density)
+    return magnitude(tau, density)
 
 
 def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
