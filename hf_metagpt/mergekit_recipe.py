@@ -49,6 +49,8 @@ MERGEKIT_METHODS: dict[str, tuple[str, ...]] = {
 }
 #: Methods whose `density` defaults to 1 in mergekit (keep everything).
 _MERGEKIT_DENSITY_DEFAULT = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+#: Methods that take parameters per model (the others only method-wide ones).
+_PER_MODEL_METHODS = ("linear", "task_arithmetic", *_MERGEKIT_DENSITY_DEFAULT)
 #: Parameters that mergekit sets per model (NON_BASE scope); the others are method-wide.
 _PER_MODEL = {"weight", "density", "gamma", "epsilon"}
 _TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
@@ -114,6 +116,9 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
     if "slices" in top:
         raise r.fail(top["slices"][0], "mergekit `slices` (layer ranges, layer stacking) are not supported",
                      hint="List whole models under `models:`; hf-metagpt merges every tensor of models of one architecture.")
+    if "merge_method" not in top:
+        raise r.fail(root, "The mergekit recipe has no `merge_method`",
+                     hint="Add e.g. `merge_method: ties`, or read it as an hf-metagpt recipe (--recipe-format auto).")
     k, v = top["merge_method"]
     method = r.value(v)
     if method in _REFUSED:
@@ -222,13 +227,33 @@ def _parameters(r: _Reader, node: yaml.Node, accepted: tuple[str, ...], method: 
         if key not in accepted:
             raise r.fail(kn, f"Unknown parameter {key!r} for merge_method {method!r}",
                          hint=f"{method} takes: {', '.join(accepted)}.")
-        if per_model and key not in _PER_MODEL:
+        if per_model and (key not in _PER_MODEL or method not in _PER_MODEL_METHODS):
             raise r.fail(kn, f"Parameter {key!r} applies to the whole merge, not to one model",
                          hint="Move it to the top-level `parameters:`.")
         value = r.value(vn)
         _check_setting(r, vn, key, value)
+        _check_value(r, vn, method, key, value, per_model)
         out[key] = value
     return out
+
+
+def _check_value(r: _Reader, node: yaml.Node, method: str, key: str, value: Any, per_model: bool) -> None:
+    """The method's own check of one value, reported at its line."""
+    from .errors import MergeError
+    from .methods import get_method
+
+    if key == "granularity" or (method == "task_arithmetic" and key == "density"):
+        return  # an option of the merge, checked with the others; a density task arithmetic ignores
+    if key == "weight":
+        trial = {"weights": [value]}
+    elif per_model and key in _PER_MODEL:
+        trial = {"per_model": [{key: value}]}
+    else:
+        trial = {key: value}
+    try:
+        get_method(method, **trial)
+    except MergeError as exc:
+        raise RecipeError(f"{exc.message.rstrip('.')} ({r.where(node)}).", hint=exc.hint) from None
 
 
 def _check_setting(r: _Reader, node: yaml.Node, key: str, value: Any) -> None:

@@ -66,10 +66,10 @@ class Linear(ParamsMixin, MergeMethod):
         return weighted_sum(base, taus, coeffs)
 
     def model_weights(self, coeffs: Sequence[float], ctx: TensorContext | None = None) -> tuple[float, list[float]]:
-        # Normalized: θ0 + Σ wt τt with Σ wt = 1; unnormalized: Σ wt θt. Either way the base
-        # weight is what is left of 1 (0 up to rounding) or exactly 0.
+        # Σ wt θt either way (normalized weights sum to 1): the base weighs exactly 0, not the
+        # rounding residue of 1 − Σ wt, which would leak θ0 into parameters that cancel to 0.
         w = self.tensor_coefficients(len(coeffs), ctx) if ctx is not None else [float(c) for c in coeffs]
-        return (1.0 - sum(w) if self.normalize else 0.0), w
+        return 0.0, w
 
     def params(self) -> dict[str, Any]:
         return {"weights": None if self.weights is None else [describe(w) for w in self.weights],
