@@ -319,3 +319,55 @@ def _tokenizer(r: _Reader, top: dict, base: str | None, refs: list[str], tunes: 
         return spec
     raise r.fail(node, f"tokenizer_source {value!r} is not one of the models",
                  hint="Use base or the `model:` of one of the models.")
+
+
+# --------------------------------------------------------------------------- our merge → mergekit YAML
+
+_OUT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def to_mergekit(method: str, params: dict[str, Any], base: str, models: list[str],
+                out_dtype: str | None = None, adapters: list[bool] | None = None) -> str | None:
+    """The mergekit recipe of a merge (`method.params()` and pinned references), or None when
+    mergekit cannot express it (MetaGPT's λ, TIES's frequency sign election).
+
+    `dtype: float32` because that is where our results equal mergekit's; `out_dtype` is what we wrote.
+    """
+    if method == "dare":
+        method = "dare_linear"
+    if method not in MERGEKIT_METHODS or method.startswith("metagpt"):
+        return None
+    if params.get("majority_sign_method", "total") != "total":
+        return None
+    refs = [f"{base}+{m}" if adapters and adapters[i] else m for i, m in enumerate(models)]
+    entries: list[dict[str, Any]] = []
+    top: dict[str, Any] = {}
+    if method == "slerp":
+        entries = [{"model": base}, {"model": refs[0]}]
+        top = {"t": params.get("t", 0.5)}
+    elif method in ("model_stock", "sce"):
+        entries = [{"model": m} for m in refs]
+        top = {k: v for k, v in params.items() if k in ("filter_wise", "select_topk")}
+    else:
+        weights = params.get("weights") or [1.0] * len(refs)
+        per_model = params.get("per_model") or [{} for _ in refs]
+        for ref, w, extra in zip(refs, weights, per_model):
+            p = {"weight": 1.0 if w is None else w, **{k: v for k, v in extra.items() if v is not None}}
+            entries.append({"model": ref, "parameters": p})
+        for key in ("density", "gamma", "epsilon", "normalize", "rescale"):
+            if key in params and key in MERGEKIT_METHODS[method] and params[key] is not None:
+                top[key] = params[key]
+        if "lambda_" in params and method != "linear":
+            top["lambda"] = params["lambda_"]
+        if method == "linear":
+            top = {"normalize": params.get("normalize", True)}
+    doc: dict[str, Any] = {"merge_method": method}
+    if method != "linear":
+        doc["base_model"] = base
+    doc["models"] = entries
+    if top:
+        doc["parameters"] = top
+    doc["dtype"] = "float32"
+    if out_dtype:
+        doc["out_dtype"] = _OUT_DTYPES.get(out_dtype, out_dtype)
+    return yaml.safe_dump(doc, sort_keys=False)

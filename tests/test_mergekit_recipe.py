@@ -187,6 +187,12 @@ def test_cli_runs_a_mergekit_slerp_recipe_with_t_per_layer_and_filter(family, tm
         assert_within_ulp(actual[name], e.reshape(v0.shape), torch.bfloat16, scale=scale)
     recorded = json.loads((out / "metagpt_coefficients.json").read_text())
     assert recorded["method"] == "slerp"
+    # the card gives the same merge as a mergekit recipe, which reads back to the same options
+    card = (out / "README.md").read_text()
+    mk_text = card.split("The same merge as a mergekit recipe")[1].split("```yaml\n")[1].split("```")[0]
+    again = parse_mergekit(mk_text)
+    assert again == {"method": "slerp", "base": str(base), "models": [str(ft)], "dtype": "bfloat16",
+                     "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.3}]}}
 
 
 def test_mergekit_task_arithmetic_with_weight_gradients_takes_the_fused_path(family, tmp_path):
@@ -211,6 +217,10 @@ def test_mergekit_task_arithmetic_with_weight_gradients_takes_the_fused_path(fam
     """))
     out = tmp_path / "out"
     hf_metagpt.merge(recipe=str(recipe), output=str(out), device="cpu")
+    card = (out / "README.md").read_text()
+    mk_text = card.split("The same merge as a mergekit recipe")[1].split("```yaml\n")[1].split("```")[0]
+    assert parse_mergekit(mk_text)["parameters"] == {
+        "weights": [[1, 0], [{"filter": "mlp", "value": 2}, {"value": 0.5}]], "lambda": 0.8, "normalize": False}
     b, f1, f2, actual = load_state(base), load_state(fts[0]), load_state(fts[1]), load_state(out)
     for name, v0 in b.items():
         x = layer_x(name)
@@ -219,3 +229,33 @@ def test_mergekit_task_arithmetic_with_weight_gradients_takes_the_fused_path(fam
         e = v0.double() + 0.8 * (w1 * (f1[name].double() - v0.double()) + w2 * (f2[name].double() - v0.double()))
         scale = torch.stack([v0.double().abs(), f1[name].double().abs(), f2[name].double().abs()]).amax(0)
         assert_within_ulp(actual[name], e, torch.bfloat16, scale=scale)
+
+
+def test_mergekit_model_plus_lora_goes_through_our_lora_path(tmp_path):
+    from test_lora import SPEC, make_adapter, materialize64
+
+    base, (full,) = build_family(tmp_path / "fam", n_models=1, spec=SPEC, seed=6)
+    adapter = make_adapter(base, tmp_path / "adapter", seed=21, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    recipe = tmp_path / "lora.yml"
+    recipe.write_text(yml(f"""
+        merge_method: task_arithmetic
+        base_model: {base}
+        models:
+          - model: {base}+{adapter}
+            parameters: {{weight: 0.5}}
+          - model: {full}
+            parameters: {{weight: 0.3}}
+        dtype: float32
+    """))
+    out = tmp_path / "out"
+    result = hf_metagpt.merge(recipe=str(recipe), output=str(out), device="cpu")
+    assert result.models[0].is_adapter and not result.models[1].is_adapter
+    b, a, f, actual = load_state(base), materialize64(base, adapter), load_state(full), load_state(out)
+    for name, v0 in b.items():
+        e = v0.double() + 0.5 * (a[name].double() - v0.double()) + 0.3 * (f[name].double() - v0.double())
+        scale = torch.stack([v0.double().abs(), a[name].double().abs(), f[name].double().abs()]).amax(0)
+        # float32 steps, each within half an ulp of the inputs' size: τ, s·B·A, two products, their
+        # sum, the sum's division-free add to θ0 (mergekit's order) → at most 6 ulps
+        assert_within_ulp(actual[name], e, torch.float32, ulps=6, scale=scale)
+    # the card's mergekit recipe names the adapter on the base again
+    assert f"model: {base}+{adapter}" in (out / "README.md").read_text()

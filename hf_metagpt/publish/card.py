@@ -177,8 +177,23 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
               "Every Hub input is pinned to the commit that was merged. Save this as `recipe.yaml` and run "
               "`hf-metagpt merge --recipe recipe.yaml` (or `hf metagpt merge --recipe recipe.yaml`):", "",
               "```yaml", result.recipe.rstrip("\n"), "```", ""]
+    lines += _mergekit_section(result)
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
     return ModelCard(content)
+
+
+def _mergekit_section(result: "MergeResult") -> list[str]:
+    """The same merge as a mergekit recipe, for the methods mergekit has (none for MetaGPT's λ)."""
+    from .mergekit_recipe import to_mergekit
+
+    text = to_mergekit(result.method, result.parameters, result.base.pinned, [m.pinned for m in result.models],
+                       result.out_dtype or None, [m.is_adapter for m in result.models])
+    if text is None:
+        return []
+    return ["The same merge as a mergekit recipe (`mergekit-yaml mergekit.yaml OUT`; with `dtype: float32` "
+            "mergekit's result equals this one within 1 ulp" + (", up to the random masks" if result.seed is not None else "")
+            + "). hf-metagpt runs it too: `hf-metagpt merge --recipe mergekit.yaml`.", "",
+            "```yaml", text.rstrip("\n"), "```", ""]
 
 
 def write_card(result: "MergeResult", folder: Path, *, licenses: list[str | None] | None = None,
