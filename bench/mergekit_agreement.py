@@ -4,7 +4,7 @@
     python bench/mergekit_agreement.py --venv DIR          # a venv that has mergekit installed
     python bench/mergekit_agreement.py --only ties --only slerp --keep
 
-Fixtures: tiny LLaMA families (`hf_metagpt.tiny`, 4 layers, hidden 64) in bf16 and in fp32, a base
+Fixtures: tiny LLaMA families (`hf_metagpt.demo.tiny`, 4 layers, hidden 64) in bf16 and in fp32, a base
 and three fine-tunes. Each recipe is mergekit YAML with `dtype: float32` (mergekit computes in
 float32, as we do) and `out_dtype` the fixture's dtype; hf-metagpt reads the very same file
 (`hf-metagpt merge --recipe`).
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     exe = mergekit_exe(args.venv)
     version = subprocess.run([str(exe.parent / "python"), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
                              capture_output=True, text=True).stdout.strip()
-    from hf_metagpt.tiny import TinySpec, build_family
+    from hf_metagpt.demo.tiny import TinySpec, build_family
 
     work = Path(tempfile.mkdtemp(prefix="mk-agree-"))
     rows = []

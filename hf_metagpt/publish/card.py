@@ -184,7 +184,7 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
 
 def _mergekit_section(result: "MergeResult") -> list[str]:
     """The same merge as a mergekit recipe, for the methods mergekit has (none for MetaGPT's λ)."""
-    from .mergekit_recipe import to_mergekit
+    from ..mergekit_recipe import to_mergekit
 
     text = to_mergekit(result.method, result.parameters, result.base.pinned, [m.pinned for m in result.models],
                        result.out_dtype or None, [m.is_adapter for m in result.models])
