@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from hf_metagpt.errors import MergeError
-from hf_metagpt.methods import TensorContext, get_method
-from hf_metagpt.methods import settings, sparsify
+from hf_metagpt.methods import TensorContext, get_method, settings, sparsify
 from hf_metagpt.methods.interpolation import sce_weights
 
 

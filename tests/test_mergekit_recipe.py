@@ -14,14 +14,14 @@ import textwrap
 
 import pytest
 import torch
+from helpers import run_cli
+from reference import assert_within_ulp, load_state
 
 import hf_metagpt
+from hf_metagpt.demo.tiny import build_family
 from hf_metagpt.errors import RecipeError
 from hf_metagpt.mergekit_recipe import parse_mergekit
 from hf_metagpt.options import build_options, parse_recipe
-from hf_metagpt.demo.tiny import build_family
-from helpers import run_cli
-from reference import assert_within_ulp, load_state
 
 
 def yml(text: str) -> str:

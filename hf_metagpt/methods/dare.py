@@ -14,7 +14,12 @@ from typing import Any, ClassVar
 import torch
 
 from .base import TensorContext
-from .common import ParamsMixin, check_density, dare_drop, density_from_drop_rate, keep_majority_sign_
+from .common import (
+    ParamsMixin,
+    check_density,
+    dare_drop,
+    density_from_drop_rate,
+)
 from .gta import DEFAULT_DARE_DENSITY, DareLinear, DareTies
 from .metagpt import MetaGPT
 
@@ -25,15 +30,6 @@ DROP_ALIASES = {"drop_rate": ("density", density_from_drop_rate)}
 def dare_transform(taus: list[torch.Tensor], density: float, ctx: TensorContext) -> list[torch.Tensor]:
     """Drop and rescale each task vector with its own seeded mask (density 1: unchanged, no draw)."""
     return [dare_drop(t, density, ctx.generator(i, t.device)) for i, t in enumerate(taus)]
-
-
-def dare_ties_transform(
-    taus: list[torch.Tensor], density: float, ctx: TensorContext, majority_sign_method: str = "total"
-) -> list[torch.Tensor]:
-    """DARE drop and rescale, then TIES sign election on the survivors (peft's `dare_ties` order)."""
-    dropped = dare_transform(taus, density, ctx)
-    owned = [d.clone() if d is t else d.contiguous() for d, t in zip(dropped, taus)]
-    return keep_majority_sign_(owned, majority_sign_method)
 
 
 @dataclass
@@ -56,4 +52,4 @@ class MetaGPTDare(ParamsMixin, MetaGPT):
         return {"density": self.density}
 
 
-__all__ = ["DEFAULT_DARE_DENSITY", "DareLinear", "DareTies", "MetaGPTDare", "dare_transform", "dare_ties_transform"]
+__all__ = ["DEFAULT_DARE_DENSITY", "DareLinear", "DareTies", "MetaGPTDare", "dare_transform"]

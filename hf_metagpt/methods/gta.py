@@ -28,7 +28,7 @@ import torch
 from ..errors import MergeError
 from . import sparsify
 from .base import MergeMethod, TensorContext
-from .common import SIGN_METHODS, LAMBDA_ALIASES, ParamsMixin, check_real
+from .common import LAMBDA_ALIASES, SIGN_METHODS, ParamsMixin, check_real
 from .settings import describe, first_set, parse_setting, per_model_list
 
 #: The TIES paper keeps the top 20% (k = 20) in its main experiments.

@@ -13,8 +13,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import MergeMethod, TensorContext
-from .common import ParamsMixin, check_density, check_sign_method, keep_majority_sign_, trim_top_magnitude
+from .base import TensorContext
+from .common import (
+    ParamsMixin,
+    check_density,
+    check_sign_method,
+    keep_majority_sign_,
+    trim_top_magnitude,
+)
 from .gta import DEFAULT_TIES_DENSITY, Ties
 from .metagpt import MetaGPT
 
