@@ -16,7 +16,10 @@ log = logging.getLogger("hf_metagpt")
 def _add_merge_args(p: argparse.ArgumentParser, *, for_plan: bool = False) -> None:
     p.add_argument("models", nargs="*", metavar="MODEL", help="fine-tuned models: local folders or Hub IDs (org/name[@rev])")
     p.add_argument("--base", help="the base model the fine-tunes were trained from")
-    p.add_argument("--recipe", help="YAML recipe with the same options (flags override it)")
+    p.add_argument("--recipe", help="YAML recipe with the same options (flags override it); a mergekit recipe "
+                   "(with `merge_method`) is read as mergekit's")
+    p.add_argument("--recipe-format", choices=["auto", "hf-metagpt", "mergekit"], default="auto",
+                   help="how to read --recipe (auto: mergekit's when it has a merge_method key)")
     p.add_argument("--output", "-o", help="output folder")
     p.add_argument("--method", help="merge method (default: metagpt)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -83,7 +86,7 @@ def _options_from_args(args: argparse.Namespace, for_merge: bool = True):
     overrides = {n: getattr(args, n, None) for n in names}
     overrides["models"] = list(args.models) or None
     overrides["parameters"] = params
-    return build_options(args.recipe, for_merge=for_merge, **overrides)
+    return build_options(args.recipe, getattr(args, "recipe_format", "auto"), for_merge=for_merge, **overrides)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:

@@ -184,14 +184,20 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a recipe file into checked option values (unknown keys and wrong types name their line)."""
+RECIPE_FORMATS = ("auto", "hf-metagpt", "mergekit")
+
+
+def load_recipe(path: str | Path, fmt: str = "auto") -> dict[str, Any]:
+    """Read a recipe file into checked option values (unknown keys and wrong types name their line).
+
+    `fmt` "auto" reads a recipe with a `merge_method` key as mergekit's (`mergekit_recipe.py`).
+    """
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise RecipeError(f"Cannot read recipe {path}: {exc.strerror}.") from None
-    return parse_recipe(text, str(path))
+    return parse_recipe(text, str(path), fmt)
 
 
 class _Loader(yaml.SafeLoader):
@@ -211,8 +217,14 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
-def parse_recipe(text: str, source: str = "<recipe>") -> dict[str, Any]:
+def parse_recipe(text: str, source: str = "<recipe>", fmt: str = "auto") -> dict[str, Any]:
     """Parse recipe text; errors name the key and its line."""
+    if fmt not in RECIPE_FORMATS:
+        raise RecipeError(f"Invalid recipe format {fmt!r}.", hint=f"Use one of: {', '.join(RECIPE_FORMATS)}.")
+    if fmt == "mergekit":
+        from .mergekit_recipe import parse_mergekit
+
+        return parse_mergekit(text, source)
     try:
         node = yaml.compose(text, Loader=_Loader)
         data = load_yaml(text)
@@ -224,6 +236,10 @@ def parse_recipe(text: str, source: str = "<recipe>") -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise RecipeError(f"Recipe {source} must be a mapping of option names to values.")
+    if fmt == "auto" and "merge_method" in data:
+        from .mergekit_recipe import parse_mergekit
+
+        return parse_mergekit(text, source)
     lines: dict[Any, int] = {}
     for k, _ in node.value:
         if not isinstance(k, yaml.ScalarNode):
@@ -278,19 +294,20 @@ def _describe(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation)
 
 
-def build_options(recipe: str | os.PathLike | None = None, *, for_merge: bool = True,
+def build_options(recipe: str | os.PathLike | None = None, recipe_format: str = "auto", *, for_merge: bool = True,
                   **overrides: Any) -> MergeOptions:
     """Options from a recipe file (if any) with explicit values on top (None means 'not given').
 
     Args:
-        recipe: a YAML recipe file; its keys are `MergeOptions` field names.
+        recipe: a YAML recipe file; its keys are `MergeOptions` field names (or a mergekit recipe).
+        recipe_format: `auto` (a `merge_method` key means mergekit's format), `hf-metagpt` or `mergekit`.
         for_merge: require an output (see `MergeOptions.validate`); False for `plan()`.
         **overrides: `MergeOptions` fields; paths may be `str` or `os.PathLike`.
 
     Raises:
         RecipeError: an unknown key, a value of the wrong type, or a missing base/model/output.
     """
-    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    values: dict[str, Any] = load_recipe(recipe, recipe_format) if recipe else {}
     for key, value in overrides.items():
         if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 0):
             values[key] = value

@@ -68,8 +68,8 @@ def test_model_weights_hook_agrees_with_combine():
     checked = 0
     for name in METHODS:
         method = get_method(name)
-        if type(method).transform is not MergeMethod.transform:
-            continue  # the engine uses the hook only for untransformed task vectors
+        if type(method).transform is not MergeMethod.transform or type(method).model_weights is MergeMethod.model_weights:
+            continue  # the engine uses the hook only for untransformed task vectors, where there is one
         coeffs = method.coefficients([1.0, 2.0, 3.0] if method.uses_group_norms else None, 3)
         hook = method.model_weights(coeffs)
         if hook is None:

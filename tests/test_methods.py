@@ -85,6 +85,31 @@ def ref_disjoint(kept: list[np.ndarray], coeffs) -> np.ndarray:
     return out.reshape(kept[0].shape)
 
 
+def ref_elect_weighted(taus: list[np.ndarray], w, method: str = "total") -> list[np.ndarray]:
+    """mergekit's TIES election: on wt·τt; an entry survives when sign(wt·τt) is the elected sign."""
+    flats = [t.reshape(-1) for t in taus]
+    kept = [np.zeros_like(f) for f in flats]
+    for j in range(flats[0].size):
+        votes = [w[t] * flats[t][j] for t in range(len(flats))]
+        s = sum(votes) if method == "total" else sum(np.sign(v) for v in votes)
+        elected = 1.0 if s >= 0 else -1.0
+        for t, k in enumerate(kept):
+            if np.sign(votes[t]) == elected:
+                k[j] = flats[t][j]
+    return [k.reshape(taus[0].shape) for k in kept]
+
+
+def ref_weighted_mean(kept: list[np.ndarray], w, lam: float = 1.0, normalize: bool = True) -> np.ndarray:
+    """λ Σ wt τ̃t / Σ{agreeing} wt per entry (a zero divisor counts as 1)."""
+    flats = [k.reshape(-1) for k in kept]
+    out = np.zeros_like(flats[0])
+    for j in range(out.size):
+        agree = [t for t in range(len(flats)) if flats[t][j] != 0]
+        d = sum(w[t] for t in agree) if normalize else 1.0
+        out[j] = lam * sum(w[t] * flats[t][j] for t in agree) / (d if d != 0 else 1.0)
+    return out.reshape(kept[0].shape)
+
+
 def ref_lambdas(taus: list[np.ndarray]) -> list[float]:
     sq = [float((t.astype(np.float64) ** 2).sum()) for t in taus]
     total = sum(sq)
@@ -106,11 +131,16 @@ def test_registry_names_and_recorded_params():
             "metagpt_dare", "metagpt_ties"} <= set(METHODS)
     assert get_method("dare").name == "dare_linear"
     assert get_method("ties").params() == {
-        "density": 0.2, "majority_sign_method": "total", "weights": None, "lambda_": 1.0}
+        "density": 0.2, "majority_sign_method": "total", "weights": None, "lambda_": 1.0,
+        "normalize": True, "rescale": False}
+    # mergekit's per-method defaults of normalize and rescale
+    assert [get_method(n).params()["normalize"] for n in ("task_arithmetic", "ties", "dare_ties", "dare_linear")] \
+        == [False, True, False, False]
+    assert [get_method(n).params()["rescale"] for n in ("ties", "dare_ties", "dare_linear")] == [False, True, True]
     assert get_method("dare_ties").params()["density"] == 0.5
     assert get_method("metagpt_dare", drop_rate=0.9).params() == {"density": 0.1}
     assert get_method("metagpt_ties", density=0.3).params() == {"density": 0.3, "majority_sign_method": "total"}
-    assert get_method("task_arithmetic", scaling=0.3).params() == {"weights": None, "lambda_": 0.3}
+    assert get_method("task_arithmetic", scaling=0.3).params() == {"weights": None, "lambda_": 0.3, "normalize": False}
     assert get_method("task_arithmetic", **{"lambda": 2}).params()["lambda_"] == 2.0
     # seeded ones say so; the MetaGPT combinations ask for group norms
     assert [get_method(n).uses_seed for n in ("dare_linear", "dare_ties", "metagpt_dare")] == [True] * 3
@@ -140,7 +170,7 @@ def test_recorded_params_rebuild_the_same_method(name):
         ("dare_linear", {"drop_rate": 1.0}, "drop_rate must be in [0, 1)"),
         ("dare_linear", {"density": 0.5, "drop_rate": 0.5}, "'density' and 'drop_rate' set the same parameter"),
         ("task_arithmetic", {"lambda_": 1, "scaling": 2}, "set the same parameter"),
-        ("task_arithmetic", {"weights": "abc"}, "weights must be a list of numbers"),
+        ("task_arithmetic", {"weights": "abc"}, "weights must be a list, one entry per fine-tune"),
         ("task_arithmetic", {"weights": [1, True]}, "weights must be a finite number"),
         ("ties", {"majority_sign_method": "vote"}, "majority_sign_method must be one of total, frequency"),
         ("linear", {"normalize": "yes"}, "normalize must be true or false"),
@@ -194,7 +224,8 @@ def test_task_arithmetic_with_metagpt_lambdas_as_weights_equals_metagpt():
     close(lambdas, ref_lambdas([t.double().numpy() for t in taus]), tol=1e-12)
     ta = run(TaskArithmetic(weights=lambdas), base, taus=taus)[0]
     mg = run(MetaGPT(), base, taus=taus)[0]
-    assert torch.equal(ta, mg)
+    # the same formula; task arithmetic sums the weighted τ before adding θ0 (mergekit's order)
+    close(ta, mg, tol=1e-6)
 
 
 # --------------------------------------------------------------------------- TIES
@@ -216,11 +247,23 @@ def test_ties_hand_values():
     assert coeffs == [1.0, 1.0, 1.0]
     # disjoint mean [(4+1)/2, -6, 3, 5, 7] on a base of ones
     close(merged, [3.5, -5.0, 4.0, 6.0, 8.0])
-    # λ scales the mean; weights enter before the division by the agreeing count
+    # λ scales the mean
     close(run(get_method("ties", density=0.6, lambda_=0.5), [0.0] * 5, taus=HAND_TAUS)[0],
           [1.25, -3.0, 1.5, 2.5, 3.5])
+    # weights [1, 1, 3] (mergekit's TIES): signs are elected on the weighted trimmed vectors,
+    #   Σ wt τt = [4-3+3, 2-18, 3, 5, -2+21] = [4, -16, 3, 5, 19] → [+, −, +, +, +] (same kept entries),
+    # and the divisor is the sum of the agreeing weights [1+3, 3, 1, 1, 3]:
+    #   [(4 + 3·1)/4, 3·(-6)/3, 3/1, 5/1, 3·7/3]
     close(run(get_method("ties", density=0.6, weights=[1, 1, 3]), [0.0] * 5, taus=HAND_TAUS)[0],
-          [(4 + 3) / 2, -18.0, 3.0, 5.0, 21.0])
+          [7 / 4, -6.0, 3.0, 5.0, 7.0])
+    # a negative weight votes against its model's sign: weights [1, 1, -1] turn τ3's +7 into -7: Σ = [4-3-1, 2+6, 3, 5, -2-7] = [0, 8, 3, 5, -9]
+    #   → [+, +, +, +, −]: kept τ1 [4, 0, 3, 0, -2], τ2 [0, 2, 0, 5, 0], τ3 [0, -6, 0, 0, 7];
+    #   divisors [1, 1-1, 1, 1, 1-1] (0 → 1): [4, 2 + 6, 3, 5, -2 - 7]
+    close(run(get_method("ties", density=0.6, weights=[1, 1, -1]), [0.0] * 5, taus=HAND_TAUS)[0],
+          [4.0, 8.0, 3.0, 5.0, -9.0])
+    # normalize false sums the agreeing weighted entries
+    close(run(get_method("ties", density=0.6, weights=[1, 1, 3], normalize=False), [0.0] * 5, taus=HAND_TAUS)[0],
+          [7.0, -18.0, 3.0, 5.0, 21.0])
 
 
 def test_metagpt_ties_hand_values():
@@ -261,13 +304,14 @@ def test_ties_matches_reference(density, sign_method, monkeypatch):
     monkeypatch.setattr(common, "CHUNK", 7)  # slices that cut rows: same numbers as one slice
     base, thetas = random_case(shape=(6, 5), n=3, seed=11)
     taus64 = [(t - base).double().numpy() for t in thetas]
-    kept_ref = ref_elect([ref_trim(t, density) for t in taus64], sign_method)
-    w = [0.5, 2.0, 1.0]
+    w = [0.5, -2.0, 1.0]  # a negative weight: its model votes (and counts) with the opposite sign
+    kept_w = ref_elect_weighted([ref_trim(t, density) for t in taus64], w, sign_method)
     merged, kept, _ = run(get_method("ties", density=density, majority_sign_method=sign_method, weights=w,
                                      lambda_=0.7), base, thetas)
-    for k, r in zip(kept, kept_ref):
+    for k, r in zip(kept, kept_w):
         close(k, r)
-    close(merged, base.double().numpy() + ref_disjoint(kept_ref, [0.7 * x for x in w]))
+    close(merged, base.double().numpy() + ref_weighted_mean(kept_w, w, 0.7))
+    kept_ref = ref_elect([ref_trim(t, density) for t in taus64], sign_method)
 
     merged_mg, _, coeffs = run(get_method("metagpt_ties", density=density, majority_sign_method=sign_method),
                                base, thetas)
@@ -276,13 +320,18 @@ def test_ties_matches_reference(density, sign_method, monkeypatch):
     close(merged_mg, base.double().numpy() + sum(l * k for l, k in zip(lam, kept_ref)))
 
 
-def test_ties_equals_peft_ties_on_the_whole_tensor():
+def test_ties_with_weights_one_equals_peft_ties_the_paper():
+    # TIES with weights 1 is the paper's disjoint mean, which peft implements; with other weights
+    # peft elects on unweighted vectors and divides by the count, mergekit (and we) do not.
     base, thetas = random_case(shape=(16, 9), n=3, seed=5)
     taus = [t - base for t in thetas]
-    w = [1.0, 0.3, 2.0]
-    ours = run(get_method("ties", density=0.3, weights=w), base, taus=taus)[0]
-    peft = base + merge_utils.ties(taus, torch.tensor(w), density=0.3)
+    ours = run(get_method("ties", density=0.3), base, taus=taus)[0]
+    peft = base + merge_utils.ties(taus, torch.ones(3), density=0.3)
     torch.testing.assert_close(ours, peft, rtol=1e-6, atol=1e-6)
+    w = [1.0, 0.3, 2.0]
+    ours_w = run(get_method("ties", density=0.3, weights=w), base, taus=taus)[0]
+    peft_w = base + merge_utils.ties(taus, torch.tensor(w), density=0.3)
+    assert not torch.allclose(ours_w, peft_w)
 
 
 def test_ties_leaves_inputs_untouched_and_handles_transposed_tensors():
@@ -303,8 +352,15 @@ def test_dare_keeps_about_density_and_rescales_survivors():
     (out,) = get_method("dare_linear", density=0.3).transform([tau], TensorContext("w", 1))
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.3) < 0.01
-    torch.testing.assert_close(out[kept], tau[kept] / 0.3)
+    # mergekit's rescale: the survivors carry the whole ‖τ‖₁ (the paper's 1/density in expectation)
+    scale = tau.double().abs().sum() / tau[kept].double().abs().sum()
+    assert abs(scale.item() - 1 / 0.3) < 0.05
+    torch.testing.assert_close(out[kept].double(), tau[kept].double() * scale, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.double().abs().sum(), tau.double().abs().sum(), rtol=1e-5, atol=0)
     assert abs(out.sum().item() - tau.sum().item()) < 0.05 * tau.abs().sum().item()
+    # rescale false keeps the survivors as they are
+    (plain,) = get_method("dare_linear", density=0.3, rescale=False).transform([tau], TensorContext("w", 1))
+    assert torch.equal(plain != 0, kept) and torch.equal(plain[kept], tau[kept])
 
 
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "metagpt_dare"])
@@ -317,7 +373,8 @@ def test_dare_matches_reference_given_its_mask(name):
     dropped = get_method("dare_linear", density=0.4).transform(taus, TensorContext(ctx_name, seed))
     masks = [(d != 0).numpy() for d in dropped]
     assert 0 < sum(m.sum() for m in masks) < sum(m.size for m in masks)
-    dropped_ref = [np.where(m, t / 0.4, 0.0) for m, t in zip(masks, taus64)]
+    dropped_ref = [np.where(m, t, 0.0) * (np.abs(t).sum() / np.abs(np.where(m, t, 0.0)).sum())
+                   for m, t in zip(masks, taus64)]
     for d, r in zip(dropped, dropped_ref):
         close(d, r)
     params = {"density": 0.4} if name == "metagpt_dare" else {"density": 0.4, "weights": w}
@@ -325,11 +382,13 @@ def test_dare_matches_reference_given_its_mask(name):
     if name == "dare_linear":
         expected = sum(c * d for c, d in zip(w, dropped_ref))
     elif name == "dare_ties":
-        kept_ref = ref_elect(dropped_ref)
+        kept_ref = ref_elect_weighted(dropped_ref, w)
         for o, r in zip(out, kept_ref):
             close(o, r)
-        expected = ref_disjoint(kept_ref, w)
+        expected = ref_weighted_mean(kept_ref, w, normalize=False)  # mergekit's default: no division
     else:
+        # metagpt_dare keeps the paper's 1/density rescale
+        dropped_ref = [np.where(m, t / 0.4, 0.0) for m, t in zip(masks, taus64)]
         lam = ref_lambdas(dropped_ref)
         close(coeffs, lam, tol=1e-6)
         expected = sum(l * d for l, d in zip(lam, dropped_ref))
@@ -341,14 +400,18 @@ def test_dare_density_one_is_the_identity():
     taus = [t - base for t in thetas]
     for params in ({"density": 1.0}, {"drop_rate": 0}):
         out = get_method("dare_linear", **params).transform(taus, TensorContext("w", 0))
-        assert all(o is t for o, t in zip(out, taus))  # nothing drawn, nothing copied
+        assert all(torch.equal(o, t) for o, t in zip(out, taus))  # nothing dropped
         assert torch.equal(run(get_method("dare_linear", **params), base, taus=taus)[0],
                            run(get_method("task_arithmetic"), base, taus=taus)[0])
         assert torch.equal(run(get_method("metagpt_dare", **params), base, taus=taus)[0],
                            run(MetaGPT(), base, taus=taus)[0])
-    # dare_ties at density 1 is sign election + disjoint mean of the whole task vectors
+    # dare_ties at density 1 is sign election + the sum of the agreeing entries (mergekit's
+    # normalize false): Σ = [0, 0, 4] elects +, kept [1, 0, 3] and [0, 2, 1]
     close(run(get_method("dare_ties", density=1.0), [0.0] * 3, taus=[[1.0, -2.0, 3.0], [-1.0, 2.0, 1.0]])[0],
-          [1.0, 2.0, 2.0], tol=0)
+          [1.0, 2.0, 4.0], tol=0)
+    # … and with normalize, their mean (the TIES paper's disjoint mean)
+    close(run(get_method("dare_ties", density=1.0, normalize=True), [0.0] * 3,
+              taus=[[1.0, -2.0, 3.0], [-1.0, 2.0, 1.0]])[0], [1.0, 2.0, 2.0], tol=0)
 
 
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "metagpt_dare"])

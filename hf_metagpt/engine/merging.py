@@ -71,7 +71,8 @@ class KernelContext:
         return kernels.CHUNK if self.device.type == "cpu" else kernels.CHUNK * 64
 
     def tensor_context(self, tp: TensorPlan) -> TensorContext:
-        return TensorContext(tp.name, self.seed)
+        """What the method may know of `tp`: name, seed and its layer (per-layer parameters)."""
+        return TensorContext.of(tp.name, self.seed, self.plan.base.config.get("num_hidden_layers"))
 
 
 class MergeKernel:
@@ -204,7 +205,7 @@ class FusedKernel(MergeKernel):
                 # in a pooled read buffer, and the write happens later on the writer thread).
                 outs.append(raws[0][tp.name].clone())
                 continue
-            w0, weights = ctx.method.model_weights(coefs(tp.norm_group))  # type: ignore[misc]
+            w0, weights = ctx.method.model_weights(coefs(tp.norm_group), ctx.tensor_context(tp))  # type: ignore[misc]
             f = self.flats(tp, raws, slab)
             base = raws[0][tp.name]
             shape = base.shape if slab or tp.shared_rows is None else (tp.shared_rows, *base.shape[1:])
@@ -262,7 +263,7 @@ class LowRankKernel(MergeKernel):
             if not tp.floating:
                 outs.append(raws[0][tp.name].clone())  # raw is a view of a pooled buffer
                 continue
-            w0, weights = ctx.method.model_weights(coefs(tp.norm_group))  # type: ignore[misc]
+            w0, weights = ctx.method.model_weights(coefs(tp.norm_group), ctx.tensor_context(tp))  # type: ignore[misc]
             base = raws[0][tp.name]
             if not slab and tp.shared_rows is not None:
                 base = base[: tp.shared_rows]
@@ -359,7 +360,7 @@ class MethodKernel(MergeKernel):
         if ctx.method.uses_group_norms and coefs.pending(tp.norm_group):
             exact = self._exact(tp, raws)
             coefs.settle(tp.norm_group, [squared_norm(t) if e is None else e for e, t in zip(exact, taus)])
-        merged = ctx.method.combine(base, taus, coefs(tp.norm_group)).to(ST_TO_TORCH[tp.out_dtype])
+        merged = ctx.method.combine(base, taus, coefs(tp.norm_group), ctx.tensor_context(tp)).to(ST_TO_TORCH[tp.out_dtype])
         self.check_output(tp, merged, raws, tp.shared_rows)
         return self.with_extra_rows(tp, merged, raws)
 

@@ -291,8 +291,9 @@ def check_against(folder: Path, stored: dict[str, TensorMeta], inputs: Sequence[
         base = cut(raws[0]).to(torch.float32)
         taus = [cut(r).to(torch.float32) - base for r in raws[1:]]
         taus = [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in taus]  # as --allow-nonfinite
-        taus = method.transform(taus, TensorContext(name, mseed))
-        expected = method.combine(base, taus, [float(x) for x in entry["lambdas"]]).to(out.dtype)
+        ctx = TensorContext.of(name, mseed, infos[0].config.get("num_hidden_layers"))
+        taus = method.transform(taus, ctx)
+        expected = method.combine(base, taus, [float(x) for x in entry["lambdas"]], ctx).to(out.dtype)
         bad = _ulp_close(cut(out), expected)
         if bool(bad.any()):
             diff = (cut(out).double() - expected.double()).abs().max().item()

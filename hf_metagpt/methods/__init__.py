@@ -7,6 +7,8 @@ from typing import Any, Callable
 from ..errors import MergeError
 from .base import MergeMethod, TensorContext, squared_norm, weighted_sum
 from .dare import DareLinear, DareTies, MetaGPTDare
+from .gta import Breadcrumbs, BreadcrumbsTies, Della, DellaLinear
+from .interpolation import SCE, ModelStock, Slerp
 from .linear import Linear
 from .metagpt import MetaGPT, metagpt_lambdas, metagpt_merge
 from .task_arithmetic import TaskArithmetic
@@ -23,6 +25,13 @@ METHODS: dict[str, Callable[..., MergeMethod]] = {
     "dare_linear": DareLinear.from_params,
     "dare_ties": DareTies.from_params,
     "dare": DareLinear.from_params,  # alias: DARE with task arithmetic, recorded as dare_linear
+    "breadcrumbs": Breadcrumbs.from_params,
+    "breadcrumbs_ties": BreadcrumbsTies.from_params,
+    "della": Della.from_params,
+    "della_linear": DellaLinear.from_params,
+    "slerp": Slerp.from_params,
+    "model_stock": ModelStock.from_params,
+    "sce": SCE.from_params,
 }
 
 
@@ -42,6 +51,13 @@ def get_method(name: str, **params: Any) -> MergeMethod:
 
 __all__ = [
     "METHODS",
+    "SCE",
+    "Breadcrumbs",
+    "BreadcrumbsTies",
+    "Della",
+    "DellaLinear",
+    "ModelStock",
+    "Slerp",
     "DareLinear",
     "DareTies",
     "Linear",

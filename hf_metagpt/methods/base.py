@@ -17,6 +17,7 @@ sees more than one tensor.
 from __future__ import annotations
 
 import hashlib
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
@@ -24,12 +25,29 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
 @dataclass(frozen=True)
 class TensorContext:
-    """What a method may know about the tensor it is merging."""
+    """What a method may know about the tensor it is merging.
+
+    `layer` is the N of `*.layers.N.*` (None for embeddings, final norm, head) and `n_layers` the
+    model's `num_hidden_layers`: mergekit-style parameters given as lists are interpolated across
+    the layers with them, and `- filter:` entries match `name` (`methods/settings.py`).
+    """
 
     name: str
     seed: int | None = None
+    layer: int | None = None
+    n_layers: int | None = None
+
+    @classmethod
+    def of(cls, name: str, seed: int | None = None, n_layers: Any = None) -> "TensorContext":
+        """The context of tensor `name`: its layer read from `layers.N.` (the engine's blocks)."""
+        m = _LAYER.search(name)
+        return cls(name, seed, int(m.group(1)) if m else None,
+                   n_layers if isinstance(n_layers, int) and not isinstance(n_layers, bool) else None)
 
     def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded from (seed, tensor name, model index).
@@ -67,19 +85,27 @@ class MergeMethod(ABC):
 
     @abstractmethod
     def combine(
-        self, base: torch.Tensor, taus: list[torch.Tensor], coeffs: Sequence[float]
+        self, base: torch.Tensor, taus: list[torch.Tensor], coeffs: Sequence[float],
+        ctx: TensorContext | None = None,
     ) -> torch.Tensor:
-        """The merged tensor (float32). May reuse `base`'s or the taus' storage."""
+        """The merged tensor (float32). May reuse `base`'s or the taus' storage.
+
+        `ctx` (None: the method's plain parameters) lets a method resolve per-tensor parameters
+        (layer gradients, name filters) for this tensor.
+        """
 
     def params(self) -> dict[str, Any]:
         """Parameters to record in the coefficients file and card (so a merge reproduces)."""
         return {}
 
-    def model_weights(self, coeffs: Sequence[float]) -> tuple[float, list[float]] | None:
+    def model_weights(
+        self, coeffs: Sequence[float], ctx: TensorContext | None = None
+    ) -> tuple[float, list[float]] | None:
         """(w0, [w1..wT]) when `combine` equals w0·θ0 + Σt wt·θt for untransformed task vectors.
 
         Lets the engine merge such methods with fused chunked kernels (`kernels.py`) instead of
-        full-size float32 task vectors. None (the default) means: call `combine`.
+        full-size float32 task vectors. None (the default) means: call `combine`. `ctx` as in
+        `combine`: the weights of that tensor.
         """
         return None
 

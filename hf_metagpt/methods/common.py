@@ -6,16 +6,20 @@ what we want, and say where we must differ:
 - DARE's drop mask is drawn here with the tensor's own `torch.Generator`: peft's `random_pruning`
   calls `torch.bernoulli` on the global RNG, which cannot be seeded per tensor, so two passes or two
   processes would draw different masks.
-- peft's sign election and disjoint merge work on the stacked task tensors (T × numel, several such
-  temporaries). They are elementwise across models, so we call them on slices of `CHUNK` elements:
-  the same numbers, with memory bounded by the slice instead of the whole tensor.
+- peft's sign election works on the stacked task tensors (T × numel, several such temporaries). It
+  is elementwise across models, so we call it on slices of `CHUNK` elements: the same numbers, with
+  memory bounded by the slice instead of the whole tensor.
+- The TIES trim follows mergekit's counting and tie-breaking (`sparsify.magnitude`), not peft's.
+
+The task-arithmetic family with mergekit's semantics (weighted sign election, weighted divisor)
+is in `gta.py`; what is here serves the MetaGPT combinations.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
@@ -65,35 +69,12 @@ def density_from_drop_rate(method: str, value: Any) -> float:
     return round(1.0 - p, 15)
 
 
-def check_weights(method: str, value: Any) -> list[float] | None:
-    """None, or a non-empty list of finite numbers (one per fine-tune)."""
-    if value is None:
-        return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise MergeError(
-            f"Method {method!r}: weights must be a list of numbers, one per fine-tune, got {value!r}."
-        )
-    return [check_real(method, "weights", w) for w in value]
-
-
 def check_sign_method(method: str, value: Any) -> str:
     if value not in SIGN_METHODS:
         raise MergeError(
             f"Method {method!r}: majority_sign_method must be one of {', '.join(SIGN_METHODS)}, got {value!r}."
         )
     return value
-
-
-def per_model(method: str, weights: list[float] | None, scale: float, n_models: int) -> list[float]:
-    """scale · wt for each model (wt = 1 when no weights are given); checks the count."""
-    if weights is None:
-        return [scale] * n_models
-    if len(weights) != n_models:
-        raise MergeError(
-            f"Method {method!r}: {len(weights)} weights given for {n_models} fine-tunes.",
-            hint="Give one weight per fine-tune, in the order the fine-tunes are listed.",
-        )
-    return [scale * w for w in weights]
 
 
 class ParamsMixin:
@@ -147,18 +128,15 @@ LAMBDA_ALIASES: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
 
 
 def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES trim: a new tensor keeping the int(density·numel) largest |τ| entries, zeros elsewhere.
+    """TIES trim: a new tensor keeping the max(1, int(density·numel)) largest |τ| entries, zeros elsewhere.
 
-    Calls peft's `magnitude_based_pruning` (exactly k entries survive; among equal magnitudes at
-    the threshold, topk decides). density 1 returns a copy (peft's `prune` would warn per tensor).
+    mergekit's counting and tie-breaking (`sparsify.magnitude`: the order of torch's argsort at
+    equal magnitudes), not peft's `magnitude_based_pruning` (topk, and k may be 0): a TIES recipe
+    then keeps the same entries in both tools. density 1 returns a copy.
     """
-    if density >= 1.0:
-        return tau.clone()
-    from peft.utils.merge_utils import (
-        magnitude_based_pruning,  # lazy: importing peft costs seconds
-    )
+    from .sparsify import magnitude
 
-    return magnitude_based_pruning(tau, density)
+    return magnitude(tau, density)
 
 
 def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -201,26 +179,3 @@ def keep_majority_sign_(taus: list[torch.Tensor], method: str = "total") -> list
         for f, m in zip(flats, mask):
             f[start:stop].mul_(m)
     return taus
-
-
-def add_disjoint_mean_(base: torch.Tensor, taus: list[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
-    """base + Σt ct τt / (number of t with τt ≠ 0), per parameter; 0 added where no τt is nonzero.
-
-    After `keep_majority_sign_` the nonzero entries are exactly the agreeing ones, so this is peft's
-    `disjoint_merge` of the weighted task tensors (called per slice); its divisor is clamped to 1,
-    so an all-zero parameter adds 0, never NaN. Accumulates into `base` (made contiguous).
-    """
-    from peft.utils.merge_utils import (
-        disjoint_merge,  # lazy: importing peft costs seconds
-    )
-
-    base = base.contiguous()
-    out = _flat(base)
-    flats = [t.reshape(-1) for t in taus]
-    w = torch.tensor([float(c) for c in coeffs], dtype=base.dtype, device=base.device).view(-1, 1)
-    n = out.numel()
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
-        stacked = torch.stack([f[start:stop] for f in flats])
-        out[start:stop].add_(disjoint_merge(stacked * w, stacked != 0))
-    return base

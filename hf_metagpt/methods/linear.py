@@ -1,4 +1,4 @@
-"""Linear merge (model soup, Wortsman et al., ICML 2022): Σt wt θt."""
+"""Linear merge (model soup, Wortsman et al., ICML 2022): Σt wt θt (÷ Σt wt with normalize)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from ..errors import MergeError
-from .base import MergeMethod, weighted_sum
-from .common import ParamsMixin, check_weights, per_model
+from .base import MergeMethod, TensorContext, weighted_sum
+from .common import ParamsMixin, check_real
+from .settings import describe, first_set, per_model_list
 
 
 @dataclass
@@ -18,42 +19,58 @@ class Linear(ParamsMixin, MergeMethod):
 
     Written with task vectors, Σt wt θt = θ0 + Σt wt τt when the weights sum to 1 (normalize).
     Without normalize it stays Σt wt θt, i.e. θ0 is scaled by Σt wt as well (mergekit's meaning),
-    not task arithmetic.
+    not task arithmetic. Weights may be per-tensor settings (layer gradients, name filters).
     """
 
     name: ClassVar[str] = "linear"
 
-    weights: list[float] | None = None
+    weights: list[Any] | None = None
     normalize: bool = True
 
     def __post_init__(self) -> None:
-        self.weights = check_weights(self.name, self.weights)
+        self.weights = per_model_list(self.name, "weights", self.weights, lambda m, v: check_real(m, "weights", v))
         if not isinstance(self.normalize, bool):
             raise MergeError(f"Method 'linear': normalize must be true or false, got {self.normalize!r}.")
 
-    def coefficients(self, sq_norms: Sequence[float] | None, n_models: int) -> list[float]:
-        w = per_model(self.name, self.weights, 1.0, n_models)
+    def tensor_coefficients(self, n_models: int, ctx: TensorContext | None = None) -> list[float]:
+        """wt (÷ Σ wt with normalize) of this tensor."""
+        if self.weights is None:
+            w = [1.0] * n_models
+        else:
+            if len(self.weights) != n_models:
+                raise MergeError(
+                    f"Method {self.name!r}: {len(self.weights)} weights given for {n_models} fine-tunes.",
+                    hint="Give one weight per fine-tune, in the order the fine-tunes are listed.")
+            w = [float(first_set(ctx, x, default=1.0)) for x in self.weights]
         if not self.normalize:
             return w
         total = sum(w)
         if total == 0.0:
+            where = f" for tensor {ctx.name!r}" if ctx is not None else ""
             raise MergeError(
-                "Method 'linear': the weights sum to 0, so they cannot be normalized.",
+                f"Method 'linear': the weights sum to 0{where}, so they cannot be normalized.",
                 hint="Use weights with a nonzero sum, or normalize: false.",
             )
         return [x / total for x in w]
 
-    def combine(self, base: torch.Tensor, taus: list[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
+    def coefficients(self, sq_norms: Sequence[float] | None, n_models: int) -> list[float]:
+        return self.tensor_coefficients(n_models)
+
+    def combine(self, base: torch.Tensor, taus: list[torch.Tensor], coeffs: Sequence[float],
+                ctx: TensorContext | None = None) -> torch.Tensor:
+        if ctx is not None:
+            coeffs = self.tensor_coefficients(len(taus), ctx)
         if not self.normalize:
             # Σ wt θt = (Σ wt) θ0 + Σ wt τt.
             base = base.mul_(float(sum(coeffs)))
         return weighted_sum(base, taus, coeffs)
 
-    def model_weights(self, coeffs: Sequence[float]) -> tuple[float, list[float]]:
-        # Normalized: θ0 + Σ wt τt with Σ wt = 1; unnormalized: Σ wt θt. Either way the base
-        # weight is what is left of 1 (0 up to rounding) or exactly 0.
-        w = [float(c) for c in coeffs]
-        return (1.0 - sum(w) if self.normalize else 0.0), w
+    def model_weights(self, coeffs: Sequence[float], ctx: TensorContext | None = None) -> tuple[float, list[float]]:
+        # Σ wt θt either way (normalized weights sum to 1): the base weighs exactly 0, not the
+        # rounding residue of 1 − Σ wt, which would leak θ0 into parameters that cancel to 0.
+        w = self.tensor_coefficients(len(coeffs), ctx) if ctx is not None else [float(c) for c in coeffs]
+        return 0.0, w
 
     def params(self) -> dict[str, Any]:
-        return {"weights": self.weights, "normalize": self.normalize}
+        return {"weights": None if self.weights is None else [describe(w) for w in self.weights],
+                "normalize": self.normalize}

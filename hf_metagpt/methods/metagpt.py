@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .base import MergeMethod, weighted_sum
+from .base import MergeMethod, TensorContext, weighted_sum
 
 
 def metagpt_lambdas(sq_norms: Sequence[float]) -> list[float]:
@@ -38,9 +38,10 @@ class MetaGPT(MergeMethod):
         assert sq_norms is not None
         return metagpt_lambdas(sq_norms)
 
-    def combine(self, base: torch.Tensor, taus: list[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
+    def combine(self, base: torch.Tensor, taus: list[torch.Tensor], coeffs: Sequence[float],
+                ctx: TensorContext | None = None) -> torch.Tensor:
         return metagpt_merge(base, taus, coeffs)
 
-    def model_weights(self, coeffs: Sequence[float]) -> tuple[float, list[float]]:
+    def model_weights(self, coeffs: Sequence[float], ctx: TensorContext | None = None) -> tuple[float, list[float]]:
         # θ0 + Σ ct (θt − θ0) = (1 − Σ ct)·θ0 + Σ ct·θt
         return 1.0 - float(sum(coeffs)), [float(c) for c in coeffs]

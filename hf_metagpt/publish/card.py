@@ -207,6 +207,7 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
                   ". Save this as `recipe.yaml` and run "
                   "`hf-metagpt merge --recipe recipe.yaml --output DIR` (or `hf metagpt merge ...`):", "",
                   "```yaml", recipe.rstrip("\n"), "```", ""]
+    lines += _mergekit_section(result)
     content = f"---\n{data.to_yaml()}\n---\n\n" + _scrub_paths("\n".join(lines), result)
     return ModelCard(content)
 
@@ -215,6 +216,20 @@ def _precision_text(precision: str) -> str:
     if precision == "float64":
         return "merged in float32 or better (weighted sums and norms accumulated in float64)"
     return f"merged in {precision} (weighted sums and norms accumulated in {precision})"
+
+
+def _mergekit_section(result: "MergeResult") -> list[str]:
+    """The same merge as a mergekit recipe, for the methods mergekit has (none for MetaGPT's λ)."""
+    from ..mergekit_recipe import to_mergekit
+
+    text = to_mergekit(result.method, result.parameters, result.base.pinned, [m.pinned for m in result.models],
+                       result.out_dtype or None, [m.is_adapter for m in result.models])
+    if text is None:
+        return []
+    return ["The same merge as a mergekit recipe (`mergekit-yaml mergekit.yaml OUT`; with `dtype: float32` "
+            "mergekit's result equals this one within 1 ulp" + (", up to the random masks" if result.seed is not None else "")
+            + "). hf-metagpt runs it too: `hf-metagpt merge --recipe mergekit.yaml`.", "",
+            "```yaml", text.rstrip("\n"), "```", ""]
 
 
 def write_card(result: "MergeResult", folder: Path, *, licenses: list[str | None] | None = None,

@@ -1,0 +1,373 @@
+"""mergekit's YAML recipe format, read into our recipe values (`--recipe` with a `merge_method` key).
+
+A mergekit recipe names `merge_method`, `base_model`, `models` (each `model:` with optional
+`parameters:`), top-level `parameters`, `dtype`, `out_dtype` and `tokenizer_source`/`tokenizer`.
+It becomes our options: `method`, `base`, `models` (the fine-tunes), `parameters` (weights per
+fine-tune, the method's parameters, `per_model` overrides) and `dtype`. Parameter values keep
+mergekit's syntax (a number, a list interpolated across the layers, `- filter:` entries); the
+methods resolve them per tensor (`methods/settings.py`).
+
+What differs, by design:
+
+- mergekit computes in its `dtype`; we compute in float32 and write `out_dtype` (else `dtype`).
+  Results equal mergekit's run with `dtype: float32` within 1 ulp of the output dtype.
+- `slices`/`passthrough` (layer stacking), `tokenizer_source: union` and methods we don't
+  implement are refused with a message; unknown keys are errors naming their line.
+- `metagpt` (and `metagpt_ties`, `metagpt_dare`) are our extension, with `granularity` as a
+  top-level parameter.
+
+This module reads text; it never imports mergekit (LGPL) and shares none of its code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+
+#: mergekit's methods that we run, and which parameters each takes (mergekit's names).
+_GTA = ("weight", "density", "lambda", "normalize", "rescale", "int8_mask")
+MERGEKIT_METHODS: dict[str, tuple[str, ...]] = {
+    "linear": ("weight", "normalize"),
+    "task_arithmetic": ("weight", "lambda", "normalize", "rescale", "int8_mask", "density"),
+    "ties": _GTA,
+    "dare_ties": _GTA,
+    "dare_linear": _GTA,
+    "breadcrumbs": (*_GTA, "gamma"),
+    "breadcrumbs_ties": (*_GTA, "gamma"),
+    "della": (*_GTA, "epsilon"),
+    "della_linear": (*_GTA, "epsilon"),
+    "slerp": ("t",),
+    "model_stock": ("filter_wise",),
+    "sce": ("select_topk", "int8_mask"),
+    # our extension
+    "metagpt": ("granularity",),
+    "metagpt_ties": ("granularity", "density", "majority_sign_method"),
+    "metagpt_dare": ("granularity", "density"),
+}
+#: Methods whose `density` defaults to 1 in mergekit (keep everything).
+_MERGEKIT_DENSITY_DEFAULT = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+#: Methods that take parameters per model (the others only method-wide ones).
+_PER_MODEL_METHODS = ("linear", "task_arithmetic", *_MERGEKIT_DENSITY_DEFAULT)
+#: Parameters that mergekit sets per model (NON_BASE scope); the others are method-wide.
+_PER_MODEL = {"weight", "density", "gamma", "epsilon"}
+_TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+             "tokenizer_source", "tokenizer", "slices")
+_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+           "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
+_REFUSED = {
+    "passthrough": "passthrough stacks layers from several models (a frankenmerge); hf-metagpt merges "
+                   "models of one architecture tensor by tensor.",
+}
+
+
+def is_mergekit(data: Any) -> bool:
+    """A parsed recipe is mergekit's when it names a `merge_method`."""
+    return isinstance(data, dict) and "merge_method" in data
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def where(self, node: yaml.Node) -> str:
+        return f"{self.source}, line {node.start_mark.line + 1}"
+
+    def fail(self, node: yaml.Node, message: str, hint: str | None = None) -> RecipeError:
+        return RecipeError(f"{message} ({self.where(node)}).", hint=hint)
+
+    def value(self, node: yaml.Node) -> Any:
+        return yaml.SafeLoader("").construct_object(node, deep=True)
+
+    def mapping(self, node: yaml.Node, what: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, f"{what} must be a mapping")
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for k, v in node.value:
+            key = str(self.value(k))
+            if key in out:
+                raise self.fail(k, f"Key {key!r} of {what} is given twice", hint="Keep one of them.")
+            out[key] = (k, v)
+        return out
+
+    def text(self, node: yaml.Node, what: str) -> str:
+        value = self.value(node)
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(node, f"{what} must be a model reference (a Hub ID or a folder), got {value!r}")
+        return value.strip()
+
+
+def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
+    """mergekit recipe text → our recipe values (keys of `MergeOptions`); errors name the line."""
+    r = _Reader(source)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"Recipe {source} is not valid YAML: {exc}") from None
+    if root is None:
+        raise RecipeError(f"Recipe {source} is empty.")
+    top = r.mapping(root, "the recipe")
+    for key, (k, _) in top.items():
+        if key not in _TOP_KEYS:
+            raise r.fail(k, f"Unknown mergekit recipe key {key!r}",
+                         hint=f"Supported keys: {', '.join(_TOP_KEYS[:-1])}.")
+    if "slices" in top:
+        raise r.fail(top["slices"][0], "mergekit `slices` (layer ranges, layer stacking) are not supported",
+                     hint="List whole models under `models:`; hf-metagpt merges every tensor of models of one architecture.")
+    if "merge_method" not in top:
+        raise r.fail(root, "The mergekit recipe has no `merge_method`",
+                     hint="Add e.g. `merge_method: ties`, or read it as an hf-metagpt recipe (--recipe-format auto).")
+    k, v = top["merge_method"]
+    method = r.value(v)
+    if method in _REFUSED:
+        raise r.fail(v, f"merge_method {method!r} is not supported: {_REFUSED[method]}")
+    if method not in MERGEKIT_METHODS:
+        raise r.fail(v, f"merge_method {method!r} is not supported",
+                     hint=f"Supported: {', '.join(MERGEKIT_METHODS)}.")
+    accepted = MERGEKIT_METHODS[method]
+
+    base = r.text(top["base_model"][1], "base_model") if "base_model" in top else None
+    if "models" not in top:
+        raise r.fail(root, "The mergekit recipe lists no `models`", hint="Add `models:` with one `- model: ...` per model.")
+    mnode = top["models"][1]
+    if not isinstance(mnode, yaml.SequenceNode) or not mnode.value:
+        raise r.fail(mnode, "`models` must be a non-empty list of `- model: ...` entries")
+    entries: list[tuple[str, dict[str, Any], yaml.Node]] = []
+    for item in mnode.value:
+        if isinstance(item, yaml.ScalarNode):
+            entries.append((r.text(item, "a model"), {}, item))
+            continue
+        fields = r.mapping(item, "a `models` entry")
+        for key, (kn, _) in fields.items():
+            if key not in ("model", "parameters"):
+                raise r.fail(kn, f"Unknown key {key!r} in a `models` entry", hint="Use `model:` and `parameters:`.")
+        if "model" not in fields:
+            raise r.fail(item, "A `models` entry has no `model:`")
+        params = _parameters(r, fields["parameters"][1], accepted, method, per_model=True) if "parameters" in fields else {}
+        entries.append((r.text(fields["model"][1], "model"), params, item))
+
+    globals_ = _parameters(r, top["parameters"][1], accepted, method, per_model=False) if "parameters" in top else {}
+    out: dict[str, Any] = {"method": method}
+
+    # Which listed models are the fine-tunes (mergekit lists the base among `models` for most methods).
+    refs = [_ref(r, spec, base, node) for spec, _, node in entries]
+    if method == "linear":
+        # Every listed model is averaged (the base too, when listed); θ0 is only the reference.
+        base = base or refs[0]
+        tunes = list(range(len(entries)))
+    else:
+        if base is None:
+            raise r.fail(root, f"merge_method {method!r} needs a base_model")
+        tunes = [i for i, ref in enumerate(refs) if ref != base]
+        if method == "slerp" and (len(tunes) != 1 or len(entries) != 2):
+            raise r.fail(mnode, "slerp merges exactly two models: base_model and one other",
+                         hint="List base_model and the other model under `models`.")
+        if not tunes:
+            raise r.fail(mnode, "The recipe lists no model besides base_model")
+        # Parameters given to the base's entry are ignored, as mergekit ignores them (θ0 is no input).
+    out["base"] = base
+    out["models"] = [refs[i] for i in tunes]
+
+    params: dict[str, Any] = {}
+    granularity = globals_.pop("granularity", None)
+    if granularity is not None:
+        out["granularity"] = granularity
+    if method == "task_arithmetic":
+        globals_.pop("density", None)  # mergekit accepts it and ignores it (no sparsification)
+        for _, p, _ in entries:
+            p.pop("density", None)
+    g_weight = globals_.pop("weight", None)
+    per_weights = [entries[i][1].pop("weight", None) for i in tunes]
+    if g_weight is not None or any(w is not None for w in per_weights):
+        params["weights"] = [_chain(w, g_weight) for w in per_weights]
+    if "density" in accepted and method in _MERGEKIT_DENSITY_DEFAULT and "density" not in globals_:
+        globals_["density"] = 1.0  # mergekit's default (ours are the papers': 0.2 for ties, 0.5 for DARE)
+    params.update(globals_)
+    per_model = [{k: v for k, v in entries[i][1].items()} for i in tunes]
+    if any(per_model):
+        params["per_model"] = per_model
+    if params:
+        out["parameters"] = params
+
+    dtype = None
+    for key in ("dtype", "out_dtype"):  # out_dtype wins: it is what mergekit writes
+        if key in top:
+            node = top[key][1]
+            name = r.value(node)
+            if name not in _DTYPES:
+                raise r.fail(node, f"{key} {name!r} is not supported", hint="Use bfloat16, float16 or float32.")
+            dtype = _DTYPES[name]
+    if dtype:
+        out["dtype"] = dtype
+    tok = _tokenizer(r, top, base, refs, tunes)
+    if tok is not None:
+        out["tokenizer_source"] = tok
+    return out
+
+
+def _chain(own: Any, fallback: Any) -> Any:
+    """One setting meaning "own, else fallback" (per-model parameters over the method-wide one)."""
+    if own is None:
+        return fallback
+    if fallback is None or not _is_filter_list(own):
+        return own
+    tail = fallback if _is_filter_list(fallback) else [{"value": fallback}]
+    return [*own, *tail]
+
+
+def _is_filter_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(e, dict) for e in value)
+
+
+def _parameters(r: _Reader, node: yaml.Node, accepted: tuple[str, ...], method: str, *, per_model: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, (kn, vn) in r.mapping(node, "parameters").items():
+        if key not in accepted:
+            raise r.fail(kn, f"Unknown parameter {key!r} for merge_method {method!r}",
+                         hint=f"{method} takes: {', '.join(accepted)}.")
+        if per_model and (key not in _PER_MODEL or method not in _PER_MODEL_METHODS):
+            raise r.fail(kn, f"Parameter {key!r} applies to the whole merge, not to one model",
+                         hint="Move it to the top-level `parameters:`.")
+        value = r.value(vn)
+        _check_setting(r, vn, key, value)
+        _check_value(r, vn, method, key, value, per_model)
+        out[key] = value
+    return out
+
+
+def _check_value(r: _Reader, node: yaml.Node, method: str, key: str, value: Any, per_model: bool) -> None:
+    """The method's own check of one value, reported at its line."""
+    from .errors import MergeError
+    from .methods import get_method
+
+    if key == "granularity" or (method == "task_arithmetic" and key == "density"):
+        return  # an option of the merge, checked with the others; a density task arithmetic ignores
+    if key == "weight":
+        trial = {"weights": [value]}
+    elif per_model and key in _PER_MODEL:
+        trial = {"per_model": [{key: value}]}
+    else:
+        trial = {key: value}
+    try:
+        get_method(method, **trial)
+    except MergeError as exc:
+        raise RecipeError(f"{exc.message.rstrip('.')} ({r.where(node)}).", hint=exc.hint) from None
+
+
+def _check_setting(r: _Reader, node: yaml.Node, key: str, value: Any) -> None:
+    """Shape check with the line (the method checks the values themselves)."""
+    if isinstance(value, dict):
+        raise r.fail(node, f"Parameter {key!r} is a mapping",
+                     hint="Give a value, a list of values across the layers, or a list of `- filter: ...` / `value: ...` entries.")
+    if isinstance(value, list):
+        for item, inode in zip(value, node.value):
+            if isinstance(item, dict):
+                unknown = set(item) - {"filter", "value"}
+                if unknown or "value" not in item:
+                    raise r.fail(inode, f"A filtered value of {key!r} must have `filter` and `value`, got {sorted(map(str, item))}")
+                _check_setting(r, dict(node_items(inode))["value"], key, item["value"])
+
+
+def node_items(node: yaml.Node):
+    for k, v in node.value:
+        yield str(k.value), v
+
+
+def _ref(r: _Reader, spec: str, base: str | None, node: yaml.Node) -> str:
+    """A model reference; `model+lora` is the LoRA adapter `lora` on `model`, which must be the base."""
+    if "+" not in spec:
+        return spec
+    model, _, adapter = spec.partition("+")
+    if not adapter:
+        raise r.fail(node, f"Model {spec!r} has an empty LoRA part after '+'")
+    if base is not None and model == base:
+        return adapter
+    raise r.fail(node, f"Model {spec!r} applies a LoRA adapter to {model!r}, which is not base_model {base!r}",
+                 hint="hf-metagpt applies every LoRA fine-tune to the base model; list the adapter as `base_model+adapter`.")
+
+
+def _tokenizer(r: _Reader, top: dict, base: str | None, refs: list[str], tunes: list[int]) -> str | None:
+    node = None
+    value = None
+    if "tokenizer_source" in top:
+        node = top["tokenizer_source"][1]
+        value = r.value(node)
+    if "tokenizer" in top:
+        tnode = top["tokenizer"][1]
+        fields = r.mapping(tnode, "tokenizer")
+        for key, (kn, _) in fields.items():
+            if key != "source":
+                raise r.fail(kn, f"tokenizer.{key} is not supported", hint="Only tokenizer.source is read.")
+        if "source" in fields:
+            node = fields["source"][1]
+            value = r.value(node)
+    if node is None or value is None:
+        return None
+    if value == "base":
+        return "base"
+    if value == "union":
+        raise r.fail(node, "tokenizer_source union (a merged vocabulary) is not supported",
+                     hint="Use base or one of the models; hf-metagpt keeps one model's vocabulary.")
+    spec = str(value)
+    if spec.startswith("model:"):
+        spec = spec[len("model:"):]
+    if spec == base:
+        return "base"
+    if spec in [refs[i] for i in tunes]:
+        return spec
+    raise r.fail(node, f"tokenizer_source {value!r} is not one of the models",
+                 hint="Use base or the `model:` of one of the models.")
+
+
+# --------------------------------------------------------------------------- our merge → mergekit YAML
+
+_OUT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def to_mergekit(method: str, params: dict[str, Any], base: str, models: list[str],
+                out_dtype: str | None = None, adapters: list[bool] | None = None) -> str | None:
+    """The mergekit recipe of a merge (`method.params()` and pinned references), or None when
+    mergekit cannot express it (MetaGPT's λ, TIES's frequency sign election).
+
+    `dtype: float32` because that is where our results equal mergekit's; `out_dtype` is what we wrote.
+    """
+    if method == "dare":
+        method = "dare_linear"
+    if method not in MERGEKIT_METHODS or method.startswith("metagpt"):
+        return None
+    if params.get("majority_sign_method", "total") != "total":
+        return None
+    refs = [f"{base}+{m}" if adapters and adapters[i] else m for i, m in enumerate(models)]
+    entries: list[dict[str, Any]] = []
+    top: dict[str, Any] = {}
+    if method == "slerp":
+        entries = [{"model": base}, {"model": refs[0]}]
+        top = {"t": params.get("t", 0.5)}
+    elif method in ("model_stock", "sce"):
+        entries = [{"model": m} for m in refs]
+        top = {k: v for k, v in params.items() if k in ("filter_wise", "select_topk")}
+    else:
+        weights = params.get("weights") or [1.0] * len(refs)
+        per_model = params.get("per_model") or [{} for _ in refs]
+        for ref, w, extra in zip(refs, weights, per_model):
+            p = {"weight": 1.0 if w is None else w, **{k: v for k, v in extra.items() if v is not None}}
+            entries.append({"model": ref, "parameters": p})
+        for key in ("density", "gamma", "epsilon", "normalize", "rescale"):
+            if key in params and key in MERGEKIT_METHODS[method] and params[key] is not None:
+                top[key] = params[key]
+        if "lambda_" in params and method != "linear":
+            top["lambda"] = params["lambda_"]
+        if method == "linear":
+            top = {"normalize": params.get("normalize", True)}
+    doc: dict[str, Any] = {"merge_method": method}
+    if method != "linear":
+        doc["base_model"] = base
+    doc["models"] = entries
+    if top:
+        doc["parameters"] = top
+    doc["dtype"] = "float32"
+    if out_dtype:
+        doc["out_dtype"] = _OUT_DTYPES.get(out_dtype, out_dtype)
+    return yaml.safe_dump(doc, sort_keys=False)

@@ -1,0 +1,219 @@
+"""Interpolating methods that take their coefficients from each tensor: SLERP, Model Stock, SCE.
+
+Their coefficients depend on the tensor itself (an angle, a cosine, a mean square), so they are
+computed in `combine`, per tensor, in float32, in the order mergekit 0.1.5 computes them (its
+documented behaviour and its outputs, measured by `bench/mergekit_agreement.py`; no code of it).
+`coefficients` only records the plain per-model shares for the card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from ..errors import MergeError
+from .base import MergeMethod, TensorContext
+from .common import ParamsMixin, check_real
+from .settings import describe, first_set, parse_setting
+
+#: SLERP falls back to linear interpolation when the normalised tensors are this close to parallel.
+DOT_THRESHOLD = 0.9995
+_NORM_EPS = 1e-8
+
+
+def _fraction(name: str, lo: float = 0.0, hi: float = 1.0):
+    def check(method: str, value: Any) -> float:
+        v = check_real(method, name, value)
+        if not lo <= v <= hi:
+            raise MergeError(f"Method {method!r}: {name} must be in [{lo:g}, {hi:g}], got {value!r}.")
+        return v
+    return check
+
+
+def _need(method: str, n_models: int, low: int, high: int | None, what: str) -> None:
+    if n_models < low or (high is not None and n_models > high):
+        raise MergeError(f"Method {method!r} merges {what}; got {n_models} fine-tune(s).",
+                         hint="List the fine-tunes after --base (in a mergekit recipe: the models other than base_model).")
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of two whole tensors (float32); linear when they are near-parallel.
+
+    cos Ω = ⟨v0/‖v0‖, v1/‖v1‖⟩ (norms under 1e-8 taken as 1), and
+    slerp = sin((1−t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1; |cos Ω| > 0.9995 gives (1−t)·v0 + t·v1.
+    """
+    a = v0.reshape(-1)
+    b = v1.reshape(-1)
+    if a.numel() == 0:
+        return v0.clone()
+    na = torch.linalg.vector_norm(a)
+    nb = torch.linalg.vector_norm(b)
+    na = torch.where(na > _NORM_EPS, na, torch.ones_like(na))
+    nb = torch.where(nb > _NORM_EPS, nb, torch.ones_like(nb))
+    dot = ((a / na) * (b / nb)).sum().clamp(-1, 1)
+    tt = torch.tensor(t, dtype=torch.float32, device=v0.device)
+    if float(dot.abs()) > DOT_THRESHOLD:
+        ca, cb = 1 - tt, tt
+    else:
+        theta = torch.acos(dot)
+        sin_theta = torch.sin(theta)
+        ca = torch.sin((1 - tt) * theta) / sin_theta
+        cb = torch.sin(tt * theta) / sin_theta
+    return (ca * a + cb * b).reshape(v0.shape)
+
+
+@dataclass
+class Slerp(ParamsMixin, MergeMethod):
+    """SLERP between the base (t = 0) and one fine-tune (t = 1); `t` may vary by layer and filter."""
+
+    name: ClassVar[str] = "slerp"
+
+    t: Any = 0.5
+
+    def __post_init__(self) -> None:
+        self.t = parse_setting(self.name, "t", self.t, _fraction("t"))
+
+    def tensor_t(self, ctx: TensorContext | None = None) -> float:
+        value = first_set(ctx, self.t)
+        if value is None:
+            raise MergeError(f"Method 'slerp': no value of t applies to tensor {ctx.name if ctx else '?'!r}.",
+                             hint="End the filter list of t with an entry without a filter (the default).")
+        return float(value)
+
+    def coefficients(self, sq_norms: Sequence[float] | None, n_models: int) -> list[float]:
+        _need(self.name, n_models, 1, 1, "the base with exactly one other model")
+        return [float(first_set(None, self.t, default=0.0))]
+
+    def combine(self, base: torch.Tensor, taus: list[torch.Tensor], coeffs: Sequence[float],
+                ctx: TensorContext | None = None) -> torch.Tensor:
+        (tau,) = taus
+        return slerp(self.tensor_t(ctx), base, base + tau)
+
+    def params(self) -> dict[str, Any]:
+        return {"t": describe(self.t)}
+
+
+@dataclass
+class ModelStock(ParamsMixin, MergeMethod):
+    """Model Stock (Jang et al., ECCV 2024): t·mean(θt) + (1 − t)·θ0, t = N cos / (1 + (N − 1) cos).
+
+    cos is the mean pairwise cosine between the task vectors, of the whole tensor or, with
+    `filter_wise`, of each row; a denominator under 1e-6 keeps the base.
+    """
+
+    name: ClassVar[str] = "model_stock"
+
+    filter_wise: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.filter_wise, bool):
+            raise MergeError(f"Method 'model_stock': filter_wise must be true or false, got {self.filter_wise!r}.")
+
+    def coefficients(self, sq_norms: Sequence[float] | None, n_models: int) -> list[float]:
+        _need(self.name, n_models, 2, None, "the base with two or more fine-tunes")
+        return [1.0 / n_models] * n_models
+
+    def combine(self, base: torch.Tensor, taus: list[torch.Tensor], coeffs: Sequence[float],
+                ctx: TensorContext | None = None) -> torch.Tensor:
+        _need(self.name, len(taus), 2, None, "the base with two or more fine-tunes")
+        shape = base.shape
+        if self.filter_wise:
+            w0 = base.unsqueeze(0) if base.dim() == 1 else base
+            offs = [t.unsqueeze(0) if t.dim() == 1 else t for t in taus]
+        else:
+            w0 = base.reshape(-1)
+            offs = [t.reshape(-1) for t in taus]
+        cosines = []
+        for i, a in enumerate(offs):
+            for b in offs[i + 1:]:
+                norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+                cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+        cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+        n = len(offs)
+        den = 1 + (n - 1) * cos
+        singular = den.abs() < 1e-6
+        t = torch.where(singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, torch.ones_like(den), den))
+        models = [w0 + o for o in offs]
+        average = models[0]
+        for m in models[1:]:
+            average = average + m
+        average = average / n
+        return (t * average + (1 - t) * w0).reshape(shape)
+
+    def params(self) -> dict[str, Any]:
+        return {"filter_wise": self.filter_wise}
+
+
+def sce_select_mask(taus: list[torch.Tensor], select_topk: float) -> torch.Tensor | None:
+    """SCE "select": keep the ⌊select_topk · #{var ≠ 0}⌋ parameters of largest variance across models."""
+    if select_topk >= 1:
+        return None
+    stacked = torch.stack(taus)
+    var = torch.var(stacked, dim=0, unbiased=False)
+    del stacked
+    k = int(int(torch.count_nonzero(var)) * select_topk)
+    mask = torch.zeros_like(var)
+    if k > 0:
+        idx = torch.topk(var.abs().reshape(-1), k=k, largest=True).indices
+        mask.view(-1)[idx] = 1
+    return mask
+
+
+def sce_weights(taus: list[torch.Tensor]) -> torch.Tensor:
+    """SCE "calculate": mean(τt²) per model as shares of their sum (uniform when the sum is < 1e-6)."""
+    w = torch.stack([t.square().reshape(-1).mean() for t in taus])
+    total = float(torch.sum(w))
+    if abs(total) < 1e-6:
+        return torch.ones_like(w) / w.shape[0]
+    return w / total
+
+
+@dataclass
+class SCE(ParamsMixin, MergeMethod):
+    """SCE (Wan et al., FuseChat 2024): select by variance, MetaGPT-like per-tensor shares, erase by sign.
+
+    merged = θ0 + Σt wt mt τt / max(Σt wt mt, 1e-6), with wt = mean(τt²)/Σk mean(τk²) of the selected
+    task vectors (the MetaGPT share, per tensor) and mt the agreement with the sign of Σt τt.
+    """
+
+    name: ClassVar[str] = "sce"
+
+    select_topk: Any = 1.0
+    int8_mask: bool = False  # mergekit's mask storage switch: no effect on the values
+
+    def __post_init__(self) -> None:
+        self.select_topk = parse_setting(self.name, "select_topk", self.select_topk, _fraction("select_topk"))
+
+    def coefficients(self, sq_norms: Sequence[float] | None, n_models: int) -> list[float]:
+        return [1.0 / n_models] * n_models
+
+    def combine(self, base: torch.Tensor, taus: list[torch.Tensor], coeffs: Sequence[float],
+                ctx: TensorContext | None = None) -> torch.Tensor:
+        topk = float(first_set(ctx, self.select_topk, default=1.0))
+        mask = sce_select_mask(taus, topk)
+        if mask is not None:
+            taus = [t * mask for t in taus]
+        total = None
+        for t in taus:
+            total = t.clone() if total is None else total.add_(t)
+        assert total is not None
+        elected = (total >= 0).to(torch.float32).mul_(2).sub_(1)
+        del total
+        w = sce_weights(taus)
+        merged = None
+        weight_sum = None
+        for wt, t in zip(w, taus):
+            erased = (t.sign() == elected).to(torch.float32).mul_(wt)
+            term = t * erased
+            merged = term if merged is None else merged.add_(term)
+            weight_sum = erased if weight_sum is None else weight_sum.add_(erased)
+        assert merged is not None and weight_sum is not None
+        return base.add_(merged.div_(weight_sum.clamp_(min=1e-6)))
+
+    def params(self) -> dict[str, Any]:
+        return {"select_topk": describe(self.select_topk)}
+
+
+__all__ = ["SCE", "ModelStock", "Slerp", "slerp", "sce_select_mask", "sce_weights"]

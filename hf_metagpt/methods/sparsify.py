@@ -1,0 +1,112 @@
+"""Sparsifiers of one task vector, with mergekit's counting, tie-breaking and rescaling.
+
+Each returns a new tensor (never `tau` itself unless nothing is dropped) and keeps `tau` intact.
+
+- `magnitude` (TIES): keep the k = max(1, ⌊density·n⌋) largest |τ|; at equal magnitudes the
+  order of `torch.argsort(|τ|, descending=True)` decides, the same call mergekit 0.1.5 makes, so
+  both tools keep the same entries on the same machine and torch version.
+- `magnitude_outliers` (Model Breadcrumbs): drop the ⌊γ·n⌋ largest and then the smallest
+  magnitudes, keeping ⌊density·n⌋ entries (the outlier cut shrinks when both don't fit).
+- `random` (DARE): keep each entry with probability density (a Bernoulli mask drawn from the
+  tensor's own seeded generator; mergekit uses torch's global one, so masks differ but not their
+  statistics).
+- `della_magprune` (DELLA): keep each entry with a probability that rises with its magnitude
+  rank within its row, from density − ε (smallest) to density + ε (largest).
+
+`rescale` (mergekit's `rescale`, default on for DARE and DELLA) multiplies the kept entries by
+‖τ‖₁ / ‖τ̃‖₁ of the whole tensor, where the papers use 1/density (DARE) or 1/p_i (DELLA): equal
+in expectation, and exact per tensor. Tensors whose ‖·‖₁ is under 1e-7 are left unscaled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import MergeError
+
+SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
+_RESCALE_EPS = 1e-7
+
+
+def rescale_l1(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """`kept` scaled to ‖tau‖₁ (float32 sums, as mergekit); unscaled when either norm is ~0."""
+    before = tau.abs().sum()
+    after = kept.abs().sum()
+    if before < _RESCALE_EPS or after < _RESCALE_EPS:
+        return kept
+    return kept * (before / after)
+
+
+def _finish(tau: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    # Contiguous, so the ‖·‖₁ sums (and so the rescale) do not depend on the input's strides.
+    tau = tau.contiguous()
+    kept = tau * mask.reshape(tau.shape)
+    return rescale_l1(tau, kept) if rescale else kept
+
+
+def magnitude(tau: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """TIES trim: the max(1, ⌊density·n⌋) largest magnitudes (density ≥ 1: a copy)."""
+    if density >= 1.0:
+        return tau.clone()
+    n = tau.numel()
+    if n == 0:
+        return tau.clone()
+    k = max(1, int(density * n))
+    order = torch.argsort(tau.abs().reshape(-1).float(), descending=True)[:k]
+    mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
+    mask[order] = 1
+    return _finish(tau, mask, rescale)
+
+
+def magnitude_outliers(tau: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+    """Breadcrumbs: drop the ⌊γ·n⌋ largest magnitudes, keep the next ⌊density·n⌋ (density ≥ 1: a copy)."""
+    if density >= 1.0:
+        return tau.clone()
+    n = tau.numel()
+    keep = int(density * n)
+    top = int(gamma * n)
+    bottom = max(0, n - keep - top)
+    order = torch.sort(tau.abs().reshape(-1).float(), descending=False).indices
+    mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
+    mask[order[bottom:bottom + keep]] = 1
+    return _finish(tau, mask, rescale)
+
+
+def random(tau: torch.Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
+    """DARE drop: a Bernoulli(density) mask from `generator` (density ≥ 1: `tau` itself, no draw)."""
+    if density >= 1.0:
+        return tau
+    mask = torch.empty(tau.shape, dtype=tau.dtype, device=tau.device)
+    mask.bernoulli_(density, generator=generator)
+    return _finish(tau, mask, rescale)
+
+
+def della_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Keep probabilities: density − ε + 2ε·(rank − min)/(max − min) per row (rank of |τ|, 1-based)."""
+    rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
+    order = torch.argsort(rows.abs(), dim=1, descending=False)
+    ranks = order.argsort(dim=1).to(torch.float32) + 1
+    lo = ranks.min(dim=1, keepdim=True).values
+    hi = ranks.max(dim=1, keepdim=True).values
+    # A one-column row has hi == lo: 0/0, clamped like mergekit's NaN-free path would need; take density − ε.
+    norm = torch.nan_to_num((ranks - lo) / (hi - lo), nan=0.0).clamp(0, 1)
+    return (density - epsilon) + norm * (2 * epsilon)
+
+
+def check_della(method: str, density: float, epsilon: float) -> None:
+    if density < 1.0 and (density + epsilon >= 1.0 or density - epsilon <= 0.0):
+        raise MergeError(
+            f"Method {method!r}: density ± epsilon must stay inside (0, 1), got density {density} "
+            f"and epsilon {epsilon}.",
+            hint="Lower epsilon (default 0.15) or move density away from 0 and 1.")
+
+
+def della_magprune(tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
+                   rescale: bool = True, method: str = "della") -> torch.Tensor:
+    """DELLA MagPrune: Bernoulli mask with rank-dependent probabilities (density ≥ 1: `tau` itself)."""
+    if density >= 1.0:
+        return tau
+    check_della(method, density, epsilon)
+    probs = della_probabilities(tau, density, epsilon)
+    mask = torch.bernoulli(probs, generator=generator).to(tau.dtype)
+    return _finish(tau, mask, rescale)
