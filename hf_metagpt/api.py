@@ -58,23 +58,26 @@ def _options(options: MergeOptions | None, kwargs: dict[str, Any]) -> MergeOptio
 def load_infos(opts: MergeOptions) -> tuple[ModelInfo, list[ModelInfo]]:
     """Resolve every reference and read its config and safetensors headers (no weights)."""
     refs = [parse_ref(opts.base)] + [parse_ref(m) for m in opts.models]
-    infos = [_load_info(r, opts.token) for r in refs]
+    infos = [_load_info(r, opts.token, opts.allow_pickle) for r in refs]
     return infos[0], infos[1:]
 
 
-def _load_info(ref: ModelRef, token: str | None = None) -> ModelInfo:
-    """Local folder: read its headers. Hub ID: pin it to a commit, then read remote headers only."""
+def _load_info(ref: ModelRef, token: str | None = None, allow_pickle: bool = False) -> ModelInfo:
+    """Local folder: read its headers. Hub ID: pin it to a commit, then read remote headers only.
+
+    Pickle-only inputs (with `allow_pickle`) come back provisional: see `sources.pickle`.
+    """
     if ref.is_hub:
         from .sources import hub
 
         remote = hub.resolve(ref, token)
         hub.remember_files(remote)
-        return hub.remote_info(remote, token)
+        return hub.remote_info(remote, token, allow_pickle)
     from .sources.lora import is_adapter_folder, load_adapter_info
 
     if is_adapter_folder(ref.local_path):
         return load_adapter_info(ref)
-    return load_local_info(ref)
+    return load_local_info(ref, allow_pickle)
 
 
 def _fetch_inputs(the_plan: MergePlan, opts: MergeOptions, target: Path, overlap: bool = True) -> FileProvider | None:
@@ -86,9 +89,13 @@ def _fetch_inputs(the_plan: MergePlan, opts: MergeOptions, target: Path, overlap
     other processes read the shards from the Hub cache by themselves and a provider's threads
     cannot travel to them with the plan.
     """
-    if not any(i.ref.is_hub for i in the_plan.inputs):
-        return None
     from .engine import fetch
+
+    if not any(i.ref.is_hub for i in the_plan.inputs):
+        if opts.low_disk and any(i.weights_dir is not None for i in the_plan.inputs):
+            # converted pickle shards are deleted after their last use
+            return fetch.LowDiskFiles(the_plan, target.parent / f".{target.name}.hf-metagpt-download", opts.token)
+        return None
 
     fetch.check_disk(the_plan, target, opts.low_disk)
     if opts.low_disk:
@@ -118,6 +125,11 @@ def plan(options: MergeOptions | None = None, **kwargs: Any) -> MergePlan:
     method = get_method(opts.method, **opts.parameters)
     base, models = load_infos(opts)
     the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
+    for info in the_plan.inputs:
+        if info.provisional:
+            from .sources.pickle import plan_note
+
+            the_plan.notes.append(plan_note(info))
     if any(i.ref.is_hub for i in the_plan.inputs):
         from .engine.fetch import download_note
 
@@ -242,6 +254,13 @@ def _prepare(opts: MergeOptions, method: MergeMethod, seed: int | None, params: 
     target = Path(opts.output) if opts.output else \
         Path(tempfile.mkdtemp(prefix="hf-metagpt-")) / str(opts.push_to).rsplit("/", 1)[-1]
     check_output(target, [base, *models], opts.overwrite)
+    if any(info.provisional for info in (base, *models)):
+        # Pickle inputs: configs and tensor names are checked before any .bin is downloaded; the
+        # shards are then converted, and the plan below checks their real shapes and dtypes.
+        build_plan(opts, base, models, method_uses_norms=method.uses_group_norms, check_skeleton=False)
+        from .sources.pickle import convert_inputs
+
+        base, *models = convert_inputs([base, *models], opts.token)
     # Hub inputs: every check before the first download. Local inputs: the meta-model skeleton
     # check (seconds of imports) runs on a thread beside the merge and is awaited before publishing.
     local = not any(info.ref.is_hub for info in (base, *models))

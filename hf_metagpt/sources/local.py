@@ -20,8 +20,12 @@ SINGLE_FILE = "model.safetensors"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
-def load_local_info(ref: ModelRef) -> ModelInfo:
-    """Config and tensor headers of a local model folder (no tensor data read)."""
+def load_local_info(ref: ModelRef, allow_pickle: bool = False) -> ModelInfo:
+    """Config and tensor headers of a local model folder (no tensor data read).
+
+    `allow_pickle`: a folder with only `pytorch_model*.bin` weights gives a provisional info (see
+    `sources.pickle`) instead of an error.
+    """
     folder = ref.local_path
     assert folder is not None
     config_path = folder / "config.json"
@@ -32,6 +36,12 @@ def load_local_info(ref: ModelRef) -> ModelInfo:
         config = json.loads(config_path.read_text())
     except ValueError as exc:
         raise InputError(f"{ref.display}: config.json is not valid JSON ({exc}).") from None
+    if allow_pickle and not (folder / INDEX_FILE).is_file() and not (folder / SINGLE_FILE).is_file():
+        from .pickle import local_source, provisional_info
+
+        src = local_source(folder, ref.display)
+        if src is not None:
+            return provisional_info(ref, config, src)
     files, index = local_weight_files(folder, ref.display)
     tensors: dict[str, TensorMeta] = {}
     for rel in files:
@@ -87,9 +97,10 @@ def local_weight_files(folder: Path, model: str) -> tuple[list[str], dict[str, A
     pickles = [p.name for pat in PICKLE_PATTERNS for p in folder.glob(pat)]
     if pickles:
         raise InputError(
-            f"{model}: only pickle weights ({', '.join(sorted(pickles)[:3])}); hf-metagpt never unpickles files.",
-            hint="Convert to safetensors first, e.g. load with transformers and "
-                 "`model.save_pretrained(dir, safe_serialization=True)` in a trusted environment.",
+            f"{model}: only pickle weights ({', '.join(sorted(pickles)[:3])}); hf-metagpt does not unpickle "
+            f"files unless told to.",
+            hint="Pass --allow-pickle (recipe key allow_pickle) to convert them to safetensors with torch's "
+                 "weights-only loader (a pickle that would run code is still refused), or convert them yourself.",
         )
     raise InputError(f"{model}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}) found.",
                      hint="Point at a folder holding the model's *.safetensors files.")
