@@ -56,17 +56,33 @@ class Payload:
         return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
 
 
+_BUILT: dict[str, tuple] = {}
+
+
+def _twins(factory, size: str) -> tuple[list[Path], list[Path], Path]:
+    """A tiny family in safetensors, its pickle copy, and the merge of the safetensors originals."""
+    if size not in _BUILT:
+        root = factory.mktemp(f"pickle-{size}")
+        base, fts = build_family(root / "st", n_models=2, spec=TinySpec(max_shard_size=size))
+        st = [base, *fts]
+        pk = [pickle_copy(f, root / "pk" / f.name) for f in st]
+        out = root / "merged-st"
+        hf_metagpt.merge(base=str(st[0]), models=[str(f) for f in st[1:]], output=str(out), device="cpu",
+                         progress=False)
+        _BUILT[size] = (st, pk, out)
+    return _BUILT[size]
+
+
 @pytest.fixture(scope="module", params=["100KB", "50MB"], ids=["sharded", "single"])
 def twins(request, tmp_path_factory):
-    """A tiny family in safetensors, its pickle copy, and the merge of the safetensors originals."""
-    root = tmp_path_factory.mktemp(f"pickle-{request.param}")
-    base, fts = build_family(root / "st", n_models=2, spec=TinySpec(max_shard_size=request.param))
-    st = [base, *fts]
-    pk = [pickle_copy(f, root / "pk" / f.name) for f in st]
-    out = root / "merged-st"
-    hf_metagpt.merge(base=str(st[0]), models=[str(f) for f in st[1:]], output=str(out), device="cpu",
-                     progress=False)
-    return st, pk, out
+    """Both layouts: `pytorch_model-0000k-of-0000n.bin` + index, and a single `pytorch_model.bin`."""
+    return _twins(tmp_path_factory, request.param)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """The sharded layout only (behaviour that does not depend on the layout)."""
+    return _twins(tmp_path_factory, "100KB")
 
 
 @pytest.fixture
@@ -76,8 +92,8 @@ def cache(tmp_path, monkeypatch) -> Path:
     return root
 
 
-def test_pickle_only_folder_is_refused_by_default_and_the_message_names_the_flag(twins, tmp_path, capsys):
-    _, pk, _ = twins
+def test_pickle_only_folder_is_refused_by_default_and_the_message_names_the_flag(sharded, tmp_path, capsys):
+    _, pk, _ = sharded
     code, _, err = run_cli(["merge", "--base", str(pk[0]), str(pk[1]), str(pk[2]), "-o", str(tmp_path / "o")], capsys)
     assert code == 2
     assert "only pickle weights (pytorch_model" in err and "--allow-pickle" in err
@@ -102,8 +118,8 @@ def test_pickle_copy_merges_to_the_same_bytes_as_its_safetensors_twin(twins, tmp
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_converted_shards_are_reused_by_the_next_merge(twins, tmp_path, cache, monkeypatch):
-    _, pk, merged_st = twins
+def test_converted_shards_are_reused_by_the_next_merge(sharded, tmp_path, cache, monkeypatch):
+    _, pk, merged_st = sharded
     calls = []
     real = pickle_weights.convert_shard
     monkeypatch.setattr(pickle_weights, "convert_shard", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
@@ -116,8 +132,8 @@ def test_converted_shards_are_reused_by_the_next_merge(twins, tmp_path, cache, m
     assert shards(tmp_path / "b") == shards(merged_st)
 
 
-def test_low_disk_deletes_converted_shards_after_their_last_use(twins, tmp_path, cache):
-    _, pk, merged_st = twins
+def test_low_disk_deletes_converted_shards_after_their_last_use(sharded, tmp_path, cache):
+    _, pk, merged_st = sharded
     hf_metagpt.merge(base=str(pk[0]), models=[str(f) for f in pk[1:]], output=str(tmp_path / "o"), device="cpu",
                      progress=False, allow_pickle=True, low_disk=True)
     assert shards(tmp_path / "o") == shards(merged_st)
@@ -136,8 +152,8 @@ def test_plan_takes_names_from_the_bin_index_and_says_shapes_are_checked_later(t
         assert set(plan.base.tensors) == set(json.loads(index.read_text())["weight_map"])
 
 
-def test_a_pickle_that_would_run_code_is_refused_and_its_code_never_runs(twins, tmp_path, cache, capsys):
-    _, pk, _ = twins
+def test_a_pickle_that_would_run_code_is_refused_and_its_code_never_runs(sharded, tmp_path, cache, capsys):
+    _, pk, _ = sharded
     evil = tmp_path / "evil"
     shutil.copytree(pk[2], evil)
     marker = tmp_path / "code-ran"
@@ -162,8 +178,8 @@ def test_a_pickle_that_would_run_code_is_refused_and_its_code_never_runs(twins, 
     assert not marker.exists() and not (tmp_path / "raw.safetensors").exists()
 
 
-def test_shapes_are_checked_after_conversion_before_anything_is_written(twins, tmp_path, cache):
-    _, pk, _ = twins
+def test_shapes_are_checked_after_conversion_before_anything_is_written(sharded, tmp_path, cache):
+    _, pk, _ = sharded
     bad = tmp_path / "bad"
     shutil.copytree(pk[1], bad)
     name = "model.layers.1.mlp.down_proj.weight"
@@ -238,8 +254,8 @@ def test_hub_pickle_repo_plans_without_downloading_and_merges_to_the_same_bytes(
     assert shards(tmp_path / "again") == shards(merged_st)
 
 
-def test_hub_pickle_refusal_points_at_a_safetensors_conversion_pr(twins, hub_user, tmp_path):
-    st, pk, _ = twins
+def test_hub_pickle_refusal_points_at_a_safetensors_conversion_pr(sharded, hub_user, tmp_path):
+    st, pk, _ = sharded
     api = HfApi()
     repo = f"{hub_user}/pk-pr-{os.urandom(3).hex()}"
     api.create_repo(repo)
