@@ -257,8 +257,9 @@ def _load_weights_only(bin_path: Path, model: str, file: str) -> dict[str, Any]:
 def convert_shard(bin_path: str | Path, out_path: str | Path, *, model: str = "", file: str | None = None) -> dict[str, TensorMeta]:
     """Convert one `.bin` state-dict shard to a safetensors file (atomically); its header.
 
-    The tensors are memory-mapped (zip format) and written one after the other, so the process
-    holds about one tensor beyond the page cache (the legacy format is read whole: one shard).
+    The tensors are memory-mapped (zip format) and written one after the other: nothing is copied
+    into anonymous memory, and the mapped (reclaimable) pages of at most this one shard are resident
+    (measured: +387 MiB peak RSS for a 384 MiB shard). The legacy format is read whole: one shard too.
     Tensors that share storage (tied weights) are each written in full, as safetensors stores no
     aliasing.
 
