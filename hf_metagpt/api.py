@@ -51,20 +51,28 @@ def _options(options: MergeOptions | None, kwargs: dict[str, Any], *, for_merge:
 def load_infos(opts: MergeOptions) -> tuple[ModelInfo, list[ModelInfo]]:
     """Resolve every reference and read its config and safetensors headers (no weights)."""
     refs = [parse_ref(opts.base)] + [parse_ref(m) for m in opts.models]
-    infos = [_load_info(r, opts.token) for r in refs]
+    infos = [_load_info(r, opts.token, opts.allow_pickle) for r in refs]
     return infos[0], infos[1:]
 
 
-def _load_info(ref: ModelRef, token: str | None = None) -> ModelInfo:
-    """Local folder: read its headers. Hub ID: pin it to a commit, then read remote headers only."""
+def _load_info(ref: ModelRef, token: str | None = None, allow_pickle: bool = False) -> ModelInfo:
+    """Local folder: read its headers. Hub ID: pin it to a commit, then read remote headers only.
+
+    Pickle-only inputs (with `allow_pickle`) come back provisional: see `sources.pickle`.
+    """
     if ref.is_hub:
         from .sources import hub
 
-        return hub.remote_info(hub.resolve(ref, token), token)
+        return hub.remote_info(hub.resolve(ref, token), token, allow_pickle)
     from .sources.lora import is_adapter_folder, load_adapter_info
 
     if is_adapter_folder(ref.local_path):
         return load_adapter_info(ref)
+    if allow_pickle:
+        from .sources.pickle import load_pickle_info
+
+        if (info := load_pickle_info(ref)) is not None:
+            return info
     return load_local_info(ref)
 
 
@@ -84,6 +92,10 @@ def plan(options: MergeOptions | None = None, **kwargs: Any) -> MergePlan:
     method = get_method(opts.method, **opts.parameters)
     base, models = load_infos(opts)
     the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
+    if any(info.provisional for info in the_plan.inputs):
+        from .sources.pickle import plan_note
+
+        the_plan = the_plan.with_notes([plan_note(i) for i in the_plan.inputs if i.provisional])
     if any(i.ref.is_hub for i in the_plan.inputs):
         from .engine.fetch import download_note
 
@@ -185,6 +197,13 @@ def _prepare(opts: MergeOptions, method: MergeMethod, target: Path, device_type:
     base, models = load_infos(opts)
     # The stable folder of `--push-to` without `--output` is ours: a rerun after a failed push replaces it.
     check_output(target, [base, *models], opts.overwrite or not opts.output)
+    if any(info.provisional for info in (base, *models)):
+        # Pickle inputs: configs, tensor names and the architecture are checked before any .bin is
+        # downloaded; the shards are then converted, and the plan below checks their real shapes.
+        build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
+        from .sources.pickle import convert_inputs
+
+        base, *models = convert_inputs([base, *models], opts.token)
     the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
     for w in the_plan.warnings:
         log.warning("warning: %s", w)
@@ -225,10 +244,14 @@ def _provider(the_plan: MergePlan, opts: MergeOptions, dirs: OutputDirs) -> File
     `--low-disk`: fetched one group ahead and deleted after use (`fetch.LowDiskFiles`).
     The executor owns the provider from here on (it closes it, first, when it stops).
     """
-    if not any(i.ref.is_hub for i in the_plan.inputs):
-        return None
     from .engine import fetch
 
+    if not any(i.ref.is_hub for i in the_plan.inputs):
+        if opts.low_disk and any(i.weights_dir is not None for i in the_plan.inputs):
+            # converted pickle shards are deleted after their last use
+            return fetch.LowDiskFiles(the_plan, dirs.target.parent / f".{dirs.target.name}.hf-metagpt-download",
+                                      opts.token)
+        return None
     if opts.low_disk:
         return fetch.LowDiskFiles(the_plan, dirs.target.parent / f".{dirs.target.name}.hf-metagpt-download", opts.token)
     return fetch.OverlappedFiles(the_plan, opts.token)

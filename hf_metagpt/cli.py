@@ -38,6 +38,9 @@ def _add_merge_args(p: argparse.ArgumentParser, *, for_plan: bool = False) -> No
     p.add_argument("--lora-rank", type=int, metavar="K",
                    help="with --output-format lora: compress each module to rank K by truncated SVD")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
+    p.add_argument("--allow-pickle", action="store_true", default=None,
+                   help="merge inputs with only pickle weights (pytorch_model*.bin): converted to safetensors "
+                        "with torch's weights-only loader; a pickle that would run code is still refused")
     if for_plan:
         return
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output folder")
@@ -82,7 +85,8 @@ def _options_from_args(args: argparse.Namespace, for_merge: bool = True):
             params[key.strip()] = _parse_value(key.strip(), value)
     names = ["base", "output", "method", "granularity", "tokenizer_source", "dtype", "device",
              "max_shard_size", "seed", "token", "overwrite", "allow_nonfinite", "push_to", "private",
-             "create_pr", "revision", "commit_message", "low_disk", "strict", "output_format", "lora_rank"]
+             "create_pr", "revision", "commit_message", "low_disk", "strict", "output_format", "lora_rank",
+             "allow_pickle"]
     overrides = {n: getattr(args, n, None) for n in names}
     overrides["models"] = list(args.models) or None
     overrides["parameters"] = params

@@ -74,6 +74,8 @@ class MergeOptions:
     revision: str | None = None
     commit_message: str | None = None
     low_disk: bool = False
+    #: merge inputs that have only pickle weights (pytorch_model*.bin), converted with torch's weights-only loader
+    allow_pickle: bool = False
 
     def __post_init__(self) -> None:
         _normalise_paths(self)

@@ -51,6 +51,10 @@ def download_bytes(plan: "MergePlan", low_disk: bool = False) -> tuple[int, int]
         if not info.ref.is_hub:
             continue
         sizes = remote_files(info)
+        if info.provisional:  # pickle weights, not converted yet: their .bin shards come first
+            bins = [sizes.get(f) or 0 for f in info.pickle.bin_files]
+            total += sum(bins)
+            peak = max([peak, *bins])
         for f in needed_files(plan, i, weights=True):
             if cached_path(info, f) is None:
                 size = sizes.get(f) or 0
@@ -265,7 +269,7 @@ class OverlappedFiles:
         missing = []
         for key in self.order:
             info = plan.inputs[key[0]]
-            if not info.ref.is_hub:
+            if not info.ref.is_hub or info.weights_dir is not None:  # local, or converted pickle shards
                 continue
             got = cached_path(info, key[1])
             if got is not None:
@@ -314,6 +318,8 @@ class OverlappedFiles:
             fut = self._futures.get(key)
         if ready is not None:
             return ready
+        if info.weights_dir is not None:
+            return info.weights_dir / file
         if not info.ref.is_hub:
             assert info.ref.local_path is not None, f"{info.name} has no local files"
             return info.ref.local_path / file
@@ -356,7 +362,8 @@ class LowDiskFiles:
     Shards are requested in `plan.groups` order; when one is asked for, the next shard in that order
     is fetched on a background thread. A shard this provider fetched is deleted once the merger
     releases it (after the last group of the pass that reads it); shards already in the Hub cache
-    and local inputs are used in place and never deleted. Peak disk is about the current group's
+    and local inputs are used in place and never deleted. Converted pickle shards (`sources.pickle`)
+    are deleted after use too, and converted again from their `.bin` when a later pass needs them. Peak disk is about the current group's
     shards plus one prefetched, per model.
     """
 
@@ -377,6 +384,8 @@ class LowDiskFiles:
 
     def _local(self, i: int, file: str) -> Path | None:
         info = self.plan.inputs[i]
+        if info.weights_dir is not None:
+            return None  # converted pickle shards: converted again when missing, deleted after use
         if not info.ref.is_hub:
             return info.ref.local_path / file if info.ref.local_path else None
         return cached_path(info, file)
@@ -386,8 +395,13 @@ class LowDiskFiles:
 
         info = self.plan.inputs[i]
         dest = self.scratch / str(i)
-        path = Path(_call(info.name, hf_hub_download, info.ref.repo_id, file, revision=info.ref.sha,
-                          local_dir=dest, token=_tok(self.token)))
+        if info.weights_dir is not None:
+            from ..sources.pickle import ensure_converted, source_file
+
+            path = ensure_converted(info.pickle, source_file(info.pickle, file), info.weights_dir, self.token)
+        else:
+            path = Path(_call(info.name, hf_hub_download, info.ref.repo_id, file, revision=info.ref.sha,
+                              local_dir=dest, token=_tok(self.token)))
         with self._lock:
             self.downloads += 1
             self._fetched[(i, file)] = path
@@ -477,8 +491,8 @@ class LocalFiles:
     sequential = False
 
     def path(self, model_index: int, info: ModelInfo, file: str) -> Path:
-        assert info.ref.local_path is not None, f"{info.name} has no local files"
-        return info.ref.local_path / file
+        assert info.files_dir is not None, f"{info.name} has no local files"
+        return info.files_dir / file
 
     def release(self, model_index: int, info: ModelInfo, file: str) -> None:
         pass

@@ -24,7 +24,9 @@ CONFIG_KEYS = (
     "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "intermediate_size", "head_dim", "tie_word_embeddings",
 )
-_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# A transformer block: `layers.N.` (LLaMA, Mistral, Qwen, Gemma, GPT-NeoX, OPT's decoder, towers of
+# multimodal models) or `h.N.` (GPT-2, Falcon, BLOOM). The leftmost match names the block.
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 _VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight")
 _DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _ST_NAMES = {v: k for k, v in _DTYPE_NAMES.items()}
@@ -214,7 +216,14 @@ def skeleton_names(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
             raise ValueError("unknown architecture")
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
-        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        state = model.state_dict()
+        try:  # transformers 5 renames some weights in memory (GPT-NeoX embed_out -> lm_head): use the stored names
+            from transformers.core_model_loading import revert_weight_conversion
+
+            state = revert_weight_conversion(model, state)
+        except Exception as exc:  # older transformers, or a conversion that needs real tensors
+            log.debug("stored names of %s not derived (%s); using the module names", config.get("model_type"), exc)
+        return {k: tuple(v.shape) for k, v in state.items()}
     except Exception as exc:  # custom architectures: the check is skipped, not the merge
         log.warning("Could not build a %s skeleton to check parameter names (%s); skipping that check.",
                     config.get("model_type"), exc)
@@ -261,6 +270,8 @@ def check_tensors(base: ModelInfo, models: Sequence[ModelInfo]) -> None:
                 f"{m.name} has tensor {extra[0]!r} that the base lacks"
                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "") + ".",
                 hint="The fine-tune adds parameters the base does not have; MetaGPT needs the same parameter set.")
+        if m.provisional or base.provisional:
+            continue  # shapes and dtypes of pickle inputs are checked once converted (before any write)
         for n, bm in base.tensors.items():
             mm = m.tensors[n]
             if mm.shape == bm.shape:
@@ -280,15 +291,25 @@ def check_tensors(base: ModelInfo, models: Sequence[ModelInfo]) -> None:
 # ---------------------------------------------------------------- grouping
 
 def block_of(name: str) -> str | None:
+    """The block a tensor belongs to: `layers.N` for `model.layers.N.*`, else its path up to N.
+
+    The path keeps blocks of different towers apart (`vision_tower.encoder.layers.3` and
+    `language_model.layers.3` are two groups) and names other families' blocks as they are
+    (`transformer.h.3`, `gpt_neox.layers.3`, `decoder.layers.3`); the leading `model.` is dropped,
+    so LLaMA-style names keep the group names of METHOD.md.
+    """
     m = _BLOCK.search(name)
-    return f"layers.{m.group(1)}" if m else None
+    if not m:
+        return None
+    path = name[: m.end() - 1]
+    return path[len("model."):] if path.startswith("model.") else path
 
 
-def _order_key(name: str) -> tuple[int, int, str]:
+def _order_key(name: str) -> tuple[int, str, int, str]:
     block = _BLOCK.search(name)
     if block:
-        return (1, int(block.group(1)), name)
-    return (0 if "embed" in name else 2, 0, name)
+        return (1, name[: block.start()], int(block.group(1)), name)
+    return (0 if "embed" in name else 2, "", 0, name)
 
 
 def norm_group_of(name: str, granularity: str) -> str:
@@ -345,8 +366,8 @@ def build_plan(opts: MergeOptions, base: ModelInfo, models: Sequence[ModelInfo],
     out_dtype = out_dtype_of(opts, base)
     granularity = opts.granularity
     if granularity == "layer" and not any(block_of(n) for n in base.tensors):
-        warnings.append("no tensor names match a transformer block ('*.layers.N.*'): --granularity layer "
-                        "falls back to tensor (recorded as tensor)")
+        warnings.append("no tensor names match a transformer block ('*.layers.N.*', '*.h.N.*'): --granularity "
+                        "layer falls back to tensor (recorded as tensor)")
         granularity = "tensor"
     specs = _tensor_specs(base, models, tok, out_dtype, granularity, notes)
     shard_of = _shard_layout([nbytes for *_, nbytes in specs], parse_size(opts.max_shard_size))

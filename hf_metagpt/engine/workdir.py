@@ -73,7 +73,7 @@ def fingerprint(info: ModelInfo) -> list[Any]:
         return [info.ref.repo_id, info.ref.sha]
     out: list[Any] = [str(info.ref.local_path)]
     for f in info.weight_files:
-        st = (info.ref.local_path / f).stat()  # type: ignore[operator]
+        st = (info.files_dir / f).stat()  # type: ignore[operator]
         out.append([f, st.st_size, st.st_mtime_ns])
     return out
 

@@ -76,10 +76,12 @@ def resolve(ref: ModelRef, token: str | None = None) -> RemoteModel:
     return RemoteModel(replace(ref, sha=info.sha), files, bool(info.private))
 
 
-def remote_info(remote: RemoteModel, token: str | None = None) -> ModelInfo:
-    """Config and tensor headers of a resolved Hub model, from Range reads of the headers only."""
-    from huggingface_hub import hf_hub_download
+def remote_info(remote: RemoteModel, token: str | None = None, allow_pickle: bool = False) -> ModelInfo:
+    """Config and tensor headers of a resolved Hub model, from Range reads of the headers only.
 
+    `allow_pickle`: a repo with only `pytorch_model*.bin` weights gives a provisional info (names
+    from its `.bin` index; see `sources.pickle`) instead of an error; nothing but the index is read.
+    """
     ref = remote.ref
     name = ref.display
     if ADAPTER_CONFIG in remote.files and SINGLE_FILE not in remote.files and INDEX_FILE not in remote.files:
@@ -87,19 +89,10 @@ def remote_info(remote: RemoteModel, token: str | None = None) -> ModelInfo:
     if SINGLE_FILE not in remote.files and INDEX_FILE not in remote.files:
         pickles = sorted(f for f in remote.files if any(Path(f).match(p) for p in PICKLE_PATTERNS))
         if pickles:
-            raise InputError(
-                f"{name}: only pickle weights on the Hub ({', '.join(pickles[:3])}); hf-metagpt never unpickles files.",
-                hint="Ask for (or open a PR with) a safetensors conversion, or convert it yourself in a "
-                     "trusted environment with `save_pretrained(dir, safe_serialization=True)`.")
+            return _remote_pickle_info(remote, token, pickles, allow_pickle)
         raise InputError(f"{name}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}) at {ref.sha}.",
                          hint="Is this a model repo (or a PEFT adapter repo with adapter_config.json)?")
-    if "config.json" not in remote.files:
-        raise InputError(f"{name}: no config.json at {ref.sha}.", hint="Merging needs a transformers model repo.")
-    config_path = _call(name, hf_hub_download, ref.repo_id, "config.json", revision=ref.sha, token=_tok(token))
-    try:
-        config = json.loads(Path(config_path).read_text())
-    except ValueError as exc:
-        raise InputError(f"{name}: config.json is not valid JSON ({exc}).") from None
+    config = _remote_config(remote, token)
 
     cached = _cached_headers(remote, token)
     if cached is not None:
@@ -133,6 +126,42 @@ def remote_info(remote: RemoteModel, token: str | None = None) -> ModelInfo:
         raise InputError(f"{name}: {INDEX_FILE} lists {missing[0]!r} but no shard holds it.",
                          hint="The index is stale or damaged.")
     return ModelInfo(ref=ref, config=config, tensors=tensors, weight_files=files, files=dict(remote.files))
+
+
+def _remote_config(remote: RemoteModel, token: str | None) -> dict:
+    from huggingface_hub import hf_hub_download
+
+    ref, name = remote.ref, remote.ref.display
+    if "config.json" not in remote.files:
+        raise InputError(f"{name}: no config.json at {ref.sha}.", hint="Merging needs a transformers model repo.")
+    config_path = _call(name, hf_hub_download, ref.repo_id, "config.json", revision=ref.sha, token=_tok(token))
+    try:
+        return json.loads(Path(config_path).read_text())
+    except ValueError as exc:
+        raise InputError(f"{name}: config.json is not valid JSON ({exc}).") from None
+
+
+def _remote_pickle_info(remote: RemoteModel, token: str | None, pickles: list[str], allow_pickle: bool) -> ModelInfo:
+    """A repo with only pickle weights: refused (naming a safetensors PR when one exists) unless allowed."""
+    from dataclasses import replace
+
+    from .pickle import find_conversion_pr, pickle_names, provisional_info, remote_source
+
+    ref, name = remote.ref, remote.ref.display
+    src = remote_source(ref.repo_id, ref.sha, remote.files, name, _tok(token))  # type: ignore[arg-type]
+    pr = find_conversion_pr(ref.repo_id, pickle_names(src) if src else None, _tok(token))  # type: ignore[arg-type]
+    if src is None or not allow_pickle:
+        message = f"{name}: only pickle weights on the Hub ({', '.join(pickles[:3])}); "
+        if src is None:
+            raise InputError(message + "none in the transformers layout (pytorch_model*.bin).",
+                             hint="Use a repo with safetensors weights" + (f": use {pr} (adds safetensors)." if pr else "."))
+        message += "hf-metagpt does not unpickle files unless told to."
+        if pr:
+            message += f" use {pr} (adds safetensors)."
+        raise InputError(message, hint=("Or pass" if pr else "Pass") + " --allow-pickle (recipe key allow_pickle) to "
+                         "convert them to safetensors with torch's weights-only loader (a pickle that would run "
+                         "code is still refused).")
+    return provisional_info(ref, _remote_config(remote, token), replace(src, conversion_pr=pr))
 
 
 def _remote_adapter_info(remote: RemoteModel, token: str | None) -> ModelInfo:

@@ -113,9 +113,13 @@ def _hub_errors(ref_text: str, exc: Exception) -> MergeError | None:
     )
 
     if isinstance(exc, GatedRepoError):
-        return HubAccessError(f"{ref_text} is gated: your account has not been granted access.",
-                              hint="Accept the model's conditions on its Hub page, then pass a token "
-                                   "(--token / token=..., HF_TOKEN or `hf auth login`).")
+        from huggingface_hub import constants
+
+        page = f"{constants.ENDPOINT.rstrip('/')}/{ref_text.split('@', 1)[0]}"
+        return HubAccessError(f"{ref_text} is gated: its licence must be accepted, and the request carried no token "
+                              f"of an account that did.",
+                              hint=f"Accept the model's conditions on {page} (logged in), then pass a token of that "
+                                   "account (--token / token=..., HF_TOKEN or `hf auth login`).")
     if isinstance(exc, RepositoryNotFoundError):
         from .refs import local_folder_hint
 

@@ -20,8 +20,8 @@ SINGLE_FILE = "model.safetensors"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
-def load_local_info(ref: ModelRef) -> ModelInfo:
-    """Config and tensor headers of a local model folder (no tensor data read)."""
+def read_config(ref: ModelRef) -> dict:
+    """The config.json of a local model folder, or a clear error."""
     folder = ref.local_path
     assert folder is not None
     config_path = folder / "config.json"
@@ -29,9 +29,24 @@ def load_local_info(ref: ModelRef) -> ModelInfo:
         raise InputError(f"{ref.display}: no config.json in {ref.spec}.",
                          hint="Point at a transformers model folder (save_pretrained output).")
     try:
-        config = json.loads(config_path.read_text())
+        return json.loads(config_path.read_text())
     except ValueError as exc:
         raise InputError(f"{ref.display}: config.json is not valid JSON ({exc}).") from None
+
+
+def has_safetensors(folder: Path) -> bool:
+    return (folder / INDEX_FILE).is_file() or (folder / SINGLE_FILE).is_file()
+
+
+def load_local_info(ref: ModelRef) -> ModelInfo:
+    """Config and tensor headers of a local model folder (no tensor data read).
+
+    Pickle-only folders are refused here; `sources.pickle.load_pickle_info` reads them when the
+    user allows pickle (`--allow-pickle`).
+    """
+    folder = ref.local_path
+    assert folder is not None
+    config = read_config(ref)
     files, index = local_weight_files(folder, ref.display)
     tensors: dict[str, TensorMeta] = {}
     for rel in files:
@@ -87,9 +102,10 @@ def local_weight_files(folder: Path, model: str) -> tuple[list[str], dict[str, A
     pickles = [p.name for pat in PICKLE_PATTERNS for p in folder.glob(pat)]
     if pickles:
         raise InputError(
-            f"{model}: only pickle weights ({', '.join(sorted(pickles)[:3])}); hf-metagpt never unpickles files.",
-            hint="Convert to safetensors first, e.g. load with transformers and "
-                 "`model.save_pretrained(dir, safe_serialization=True)` in a trusted environment.",
+            f"{model}: only pickle weights ({', '.join(sorted(pickles)[:3])}); hf-metagpt does not unpickle "
+            f"files unless told to.",
+            hint="Pass --allow-pickle (recipe key allow_pickle) to convert them to safetensors with torch's "
+                 "weights-only loader (a pickle that would run code is still refused), or convert them yourself.",
         )
     raise InputError(f"{model}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}) found.",
                      hint="Point at a folder holding the model's *.safetensors files.")

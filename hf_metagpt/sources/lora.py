@@ -74,8 +74,14 @@ class UnsupportedAdapterError(InputError):
 
 
 def is_adapter_folder(folder: Path | None) -> bool:
-    """A folder holding a PEFT adapter (`adapter_config.json`) rather than a full model."""
-    return folder is not None and (folder / ADAPTER_CONFIG).is_file()
+    """A folder holding a PEFT adapter (`adapter_config.json`) rather than a full model.
+
+    A full model with an adapter beside it (some fine-tune repos keep both) is the full model, as on the Hub.
+    """
+    from .local import INDEX_FILE, SINGLE_FILE
+
+    return (folder is not None and (folder / ADAPTER_CONFIG).is_file()
+            and not (folder / INDEX_FILE).is_file() and not (folder / SINGLE_FILE).is_file())
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,10 @@ class ModelInfo:
     tensors: dict[str, TensorMeta]
     weight_files: list[str]
     files: Mapping[str, int | None] | None = None
+    #: pickle-only weights (`--allow-pickle`): a `sources.pickle.PickleSource` saying where the .bin shards are
+    pickle: Any = None
+    #: where the weight files are read when not under `ref.local_path` (converted pickle shards)
+    weights_dir: Path | None = None
 
     def at(self, folder: Path) -> "ModelInfo":
         """The same input, its files now in a local folder (a Hub snapshot downloaded for the merge)."""
@@ -30,6 +34,16 @@ class ModelInfo:
     @property
     def name(self) -> str:
         return self.ref.display
+
+    @property
+    def provisional(self) -> bool:
+        """Tensor names from a `.bin` index, shapes from the config: not converted (nor checked) yet."""
+        return self.pickle is not None and self.weights_dir is None
+
+    @property
+    def files_dir(self) -> Path | None:
+        """The folder the weight files are read from."""
+        return self.weights_dir or self.ref.local_path
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         """Shape of this model's version of base tensor `name` (adapters answer for the base's names)."""

@@ -72,7 +72,8 @@ def parse_ref(spec: str | Path | ModelRef) -> ModelRef:
             hint="Pass the folder that holds config.json and the *.safetensors files.",
         )
     m = _HUB_ID.match(text)
-    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    # Slashes after '@' belong to the revision (`org/name@refs/pr/3`), not to a path.
+    looks_local = text.startswith((".", "/", "~")) or text.split("@", 1)[0].count("/") > 1 or "\\" in text
     if m and not looks_local:
         return ModelRef(spec=text, repo_id=m.group("repo"), revision=m.group("rev"))
     hint = "Check the path, or use a Hub ID like org/name or org/name@revision."
