@@ -161,7 +161,8 @@ def _remote_pickle_info(remote: RemoteModel, token: str | None, pickles: list[st
         raise InputError(message, hint=("Or pass" if pr else "Pass") + " --allow-pickle (recipe key allow_pickle) to "
                          "convert them to safetensors with torch's weights-only loader (a pickle that would run "
                          "code is still refused).")
-    return provisional_info(ref, _remote_config(remote, token), replace(src, conversion_pr=pr))
+    return replace(provisional_info(ref, _remote_config(remote, token), replace(src, conversion_pr=pr)),
+                   files=dict(remote.files))
 
 
 def _remote_adapter_info(remote: RemoteModel, token: str | None) -> ModelInfo:

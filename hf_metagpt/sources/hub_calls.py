@@ -119,7 +119,7 @@ def _hub_errors(ref_text: str, exc: Exception) -> MergeError | None:
         return HubAccessError(f"{ref_text} is gated: its licence must be accepted, and the request carried no token "
                               f"of an account that did.",
                               hint=f"Accept the model's conditions on {page} (logged in), then pass a token of that "
-                                   "account (--token / token=..., HF_TOKEN or `hf auth login`).")
+                                   "account (--token, HF_TOKEN or `hf auth login`; token=... in Python).")
     if isinstance(exc, RepositoryNotFoundError):
         from .refs import local_folder_hint
 
