@@ -109,6 +109,34 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
     if root is None:
         raise RecipeError(f"Recipe {source} is empty.")
     top = r.mapping(root, "the recipe")
+    method = _method(r, top, root)
+    accepted = MERGEKIT_METHODS[method]
+    base = r.text(top["base_model"][1], "base_model") if "base_model" in top else None
+    if "models" not in top:
+        raise r.fail(root, "The mergekit recipe lists no `models`", hint="Add `models:` with one `- model: ...` per model.")
+    mnode = top["models"][1]
+    entries = _entries(r, mnode, accepted, method)
+    globals_ = _parameters(r, top["parameters"][1], accepted, method, per_model=False) if "parameters" in top else {}
+    out: dict[str, Any] = {"method": method}
+    refs = [_ref(r, spec, base, node) for spec, _, node in entries]
+    base, tunes = _fine_tunes(r, method, base, refs, mnode, root)
+    out["base"] = base
+    out["models"] = [refs[i] for i in tunes]
+    granularity = globals_.pop("granularity", None)
+    if granularity is not None:
+        out["granularity"] = granularity
+    if params := _method_parameters(method, accepted, globals_, entries, tunes):
+        out["parameters"] = params
+    if dtype := _dtype(r, top):
+        out["dtype"] = dtype
+    tok = _tokenizer(r, top, base, refs, tunes)
+    if tok is not None:
+        out["tokenizer_source"] = tok
+    return out
+
+
+def _method(r: "_Reader", top: dict, root: yaml.Node) -> str:
+    """The recipe's merge_method, after refusing unknown top-level keys and `slices`."""
     for key, (k, _) in top.items():
         if key not in _TOP_KEYS:
             raise r.fail(k, f"Unknown mergekit recipe key {key!r}",
@@ -119,19 +147,18 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
     if "merge_method" not in top:
         raise r.fail(root, "The mergekit recipe has no `merge_method`",
                      hint="Add e.g. `merge_method: ties`, or read it as an hf-metagpt recipe (--recipe-format auto).")
-    k, v = top["merge_method"]
+    _, v = top["merge_method"]
     method = r.value(v)
     if method in _REFUSED:
         raise r.fail(v, f"merge_method {method!r} is not supported: {_REFUSED[method]}")
     if method not in MERGEKIT_METHODS:
         raise r.fail(v, f"merge_method {method!r} is not supported",
                      hint=f"Supported: {', '.join(MERGEKIT_METHODS)}.")
-    accepted = MERGEKIT_METHODS[method]
+    return method
 
-    base = r.text(top["base_model"][1], "base_model") if "base_model" in top else None
-    if "models" not in top:
-        raise r.fail(root, "The mergekit recipe lists no `models`", hint="Add `models:` with one `- model: ...` per model.")
-    mnode = top["models"][1]
+
+def _entries(r: "_Reader", mnode: yaml.Node, accepted: Any, method: str) -> list[tuple[str, dict[str, Any], yaml.Node]]:
+    """(model spec, its parameters, its node) of each `models` entry."""
     if not isinstance(mnode, yaml.SequenceNode) or not mnode.value:
         raise r.fail(mnode, "`models` must be a non-empty list of `- model: ...` entries")
     entries: list[tuple[str, dict[str, Any], yaml.Node]] = []
@@ -147,33 +174,31 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
             raise r.fail(item, "A `models` entry has no `model:`")
         params = _parameters(r, fields["parameters"][1], accepted, method, per_model=True) if "parameters" in fields else {}
         entries.append((r.text(fields["model"][1], "model"), params, item))
+    return entries
 
-    globals_ = _parameters(r, top["parameters"][1], accepted, method, per_model=False) if "parameters" in top else {}
-    out: dict[str, Any] = {"method": method}
 
-    # Which listed models are the fine-tunes (mergekit lists the base among `models` for most methods).
-    refs = [_ref(r, spec, base, node) for spec, _, node in entries]
+def _fine_tunes(r: "_Reader", method: str, base: str | None, refs: list[str], mnode: yaml.Node,
+                root: yaml.Node) -> tuple[str, list[int]]:
+    """The base, and which listed models are the fine-tunes (mergekit lists the base among
+    `models` for most methods; parameters given to the base's entry are ignored, as mergekit does)."""
     if method == "linear":
         # Every listed model is averaged (the base too, when listed); θ0 is only the reference.
-        base = base or refs[0]
-        tunes = list(range(len(entries)))
-    else:
-        if base is None:
-            raise r.fail(root, f"merge_method {method!r} needs a base_model")
-        tunes = [i for i, ref in enumerate(refs) if ref != base]
-        if method == "slerp" and (len(tunes) != 1 or len(entries) != 2):
-            raise r.fail(mnode, "slerp merges exactly two models: base_model and one other",
-                         hint="List base_model and the other model under `models`.")
-        if not tunes:
-            raise r.fail(mnode, "The recipe lists no model besides base_model")
-        # Parameters given to the base's entry are ignored, as mergekit ignores them (θ0 is no input).
-    out["base"] = base
-    out["models"] = [refs[i] for i in tunes]
+        return base or refs[0], list(range(len(refs)))
+    if base is None:
+        raise r.fail(root, f"merge_method {method!r} needs a base_model")
+    tunes = [i for i, ref in enumerate(refs) if ref != base]
+    if method == "slerp" and (len(tunes) != 1 or len(refs) != 2):
+        raise r.fail(mnode, "slerp merges exactly two models: base_model and one other",
+                     hint="List base_model and the other model under `models`.")
+    if not tunes:
+        raise r.fail(mnode, "The recipe lists no model besides base_model")
+    return base, tunes
 
+
+def _method_parameters(method: str, accepted: Any, globals_: dict[str, Any],
+                       entries: list[tuple[str, dict[str, Any], yaml.Node]], tunes: list[int]) -> dict[str, Any]:
+    """Our `parameters`: weights per fine-tune, method-wide values, and per-model values."""
     params: dict[str, Any] = {}
-    granularity = globals_.pop("granularity", None)
-    if granularity is not None:
-        out["granularity"] = granularity
     if method == "task_arithmetic":
         globals_.pop("density", None)  # mergekit accepts it and ignores it (no sparsification)
         for _, p, _ in entries:
@@ -188,9 +213,10 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
     per_model = [{k: v for k, v in entries[i][1].items()} for i in tunes]
     if any(per_model):
         params["per_model"] = per_model
-    if params:
-        out["parameters"] = params
+    return params
 
+
+def _dtype(r: "_Reader", top: dict) -> str | None:
     dtype = None
     for key in ("dtype", "out_dtype"):  # out_dtype wins: it is what mergekit writes
         if key in top:
@@ -199,12 +225,7 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
             if name not in _DTYPES:
                 raise r.fail(node, f"{key} {name!r} is not supported", hint="Use bfloat16, float16 or float32.")
             dtype = _DTYPES[name]
-    if dtype:
-        out["dtype"] = dtype
-    tok = _tokenizer(r, top, base, refs, tunes)
-    if tok is not None:
-        out["tokenizer_source"] = tok
-    return out
+    return dtype
 
 
 def _chain(own: Any, fallback: Any) -> Any:
