@@ -1,0 +1,155 @@
+"""What `inspect` returns and shows: a typed result, its JSON object, and its text table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .geometry import COSINE_LIMIT, GRANULARITIES, SHARE_LIMIT, Geometry, Gram, overlap_warnings
+
+#: `inspect --json`'s layout version (bump when a key changes meaning).
+SCHEMA = 1
+
+
+def gram_json(gram: Gram, *, fractions: Sequence[float] | None = None) -> dict[str, Any]:
+    """One group: squared norms, shares (= MetaGPT λ of the group), cosines, the raw Gram matrix."""
+    out: dict[str, Any] = {
+        "sq_norms": list(gram.sq_norms),
+        "shares": list(gram.shares),
+        "cosine": [list(r) for r in gram.cosines],
+        "gram": [list(r) for r in gram.values],
+    }
+    if fractions is not None:
+        out["fraction_of_model"] = list(fractions)
+    return out
+
+
+def inspect_json(geometry: Geometry, *, base: str | None = None, warnings: Sequence[str] = (),
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `inspect --json` object.
+
+    `{"models": [...], "model": {"sq_norms", "cosine", ...}, "groups": {"layers.N" or tensor name:
+    {"sq_norms", "cosine", ...}}, "lambdas": {granularity: {group: [λ per model]}}, "overlaps":
+    [...], "rule": {...}, "warnings": [...]}`. Groups are METHOD.md's layer grouping (each block,
+    each tensor outside the blocks), in plan order; every number is a float (float64 sums).
+    """
+    whole = geometry.whole
+    lam = list(whole.shares)
+    fractions = geometry.fractions("layer")
+    out: dict[str, Any] = {"schema": SCHEMA}
+    if base is not None:
+        out["base"] = base
+    out["models"] = list(geometry.models)
+    out["model"] = {**gram_json(whole), "merged_sq_norm": whole.combined_sq_norm(lam),
+                    "cross_term_share": whole.cross_term_share(lam)}
+    out["groups"] = {g: gram_json(gram, fractions=fractions[g]) for g, gram in geometry.layers.items()}
+    out["lambdas"] = {gr: geometry.lambdas(gr) for gr in GRANULARITIES}
+    out["overlaps"] = [o.to_json(geometry.models) for o in geometry.overlaps()]
+    out["rule"] = {"cosine": COSINE_LIMIT, "share": SHARE_LIMIT,
+                   "text": "a pair overlaps in a group when |cos| > cosine and the group holds at least "
+                           "`share` of the pair's squared norm (the whole model always counts)"}
+    out["warnings"] = list(warnings)
+    if extra:
+        out.update(extra)
+    return out
+
+
+def _num(x: float) -> str:
+    return f"{x:.3e}" if x else "0"
+
+
+def _pairs(n: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+
+def text_table(geometry: Geometry, *, max_rows: int | None = None) -> str:
+    """Per group and for the whole model: ‖τt‖², λ (each model's share) and pairwise cosines.
+
+    Models are numbered [1]..[T] in the header so the columns stay narrow; `max_rows` keeps the
+    first and last groups of a long model.
+    """
+    t = len(geometry.models)
+    pairs = _pairs(t)
+    head = (["group"] + [f"‖τ{k + 1}‖²" for k in range(t)] + [f"λ{k + 1}" for k in range(t)]
+            + [f"cos {i + 1}·{j + 1}" for i, j in pairs])
+    rows: list[list[str]] = []
+
+    def row(name: str, gram: Gram) -> list[str]:
+        return ([name] + [_num(x) for x in gram.sq_norms] + [f"{x:.4f}" for x in gram.shares]
+                + [f"{gram.cosine(i, j):+.3f}" for i, j in pairs])
+
+    groups = list(geometry.layers.items())
+    if max_rows is not None and len(groups) > max_rows:
+        keep = max(1, max_rows - 1)
+        head_n = keep // 2 + keep % 2
+        shown = groups[:head_n] + [None] + groups[len(groups) - (keep - head_n):]
+    else:
+        shown = list(groups)
+    for item in shown:
+        rows.append(["…"] * len(head) if item is None else row(*item))
+    rows.append(row("whole model", geometry.whole))
+    widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(r[0].ljust(widths[0]) if c == 0 else r[c].rjust(widths[c]) for c in range(len(r))).rstrip()
+
+    lines = ["models: " + "  ".join(f"[{k + 1}] {m}" for k, m in enumerate(geometry.models)), "",
+             fmt(head), fmt(["-" * w for w in widths])]
+    lines += [fmt(r) for r in rows[:-1]] + [fmt(["-" * w for w in widths]), fmt(rows[-1])]
+    lines += ["", "λ each granularity would give (min … max over groups where a granularity has several):"]
+    for gr in GRANULARITIES:
+        lam = geometry.lambdas(gr)
+        cells = []
+        for k in range(t):
+            vals = [v[k] for v in lam.values()]
+            cells.append(f"[{k + 1}] {vals[0]:.4f}" if len(vals) == 1 else f"[{k + 1}] {min(vals):.4f} … {max(vals):.4f}")
+        lines.append(f"  {gr:<6} ({len(lam)} group(s)): " + "   ".join(cells))
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    """What `hf_metagpt.inspect` returns: the inputs' task-vector geometry and what it implies.
+
+    Attributes:
+        base: the base model as given (Hub inputs pinned to their commit).
+        models: the fine-tunes, in order, as displayed.
+        geometry: per-tensor Gram matrices and every view of them (`Geometry`).
+        warnings: overlap warnings (and any planning warnings).
+        seconds, bytes_read: the one streamed pass.
+    """
+
+    base: str
+    models: tuple[str, ...]
+    geometry: Geometry
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    seconds: float = 0.0
+    bytes_read: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, base: str, geometry: Geometry, *, granularity: str = "model",
+              warnings: Sequence[str] = (), **kwargs: Any) -> "InspectResult":
+        """The result with the overlap warnings appended to `warnings`."""
+        return cls(base=base, models=geometry.models, geometry=geometry,
+                   warnings=tuple(warnings) + tuple(overlap_warnings(geometry, granularity=granularity)), **kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        return inspect_json(self.geometry, base=self.base, warnings=self.warnings,
+                            extra={"seconds": self.seconds, "bytes_read": self.bytes_read, **self.extra})
+
+    def table(self, max_rows: int | None = None) -> str:
+        out = [f"Task vectors of {len(self.models)} model(s) on {self.base} (float64 dot products)", "",
+               text_table(self.geometry, max_rows=max_rows)]
+        if self.warnings:
+            out += [""] + [f"warning: {w}" for w in self.warnings]
+        return "\n".join(out)
+
+    def plot(self, folder: str | Path, *, granularity: str = "model") -> dict[str, Path]:
+        """Write the pictures (λ bars, per-layer shares, cosines) into `folder`; returns them by kind."""
+        from .plots import draw_all
+
+        return draw_all(self.geometry, Path(folder), granularity=granularity)
