@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_metagpt import kernels
+from hf_metagpt.engine import kernels
 from hf_metagpt.insight.gram import LowRank, lowrank_dense_dot, lowrank_dot, lowrank_sq_norm, mixed_gram, tau_gram, task_gram
-from hf_metagpt.lora import lora_sq_norm
+from hf_metagpt.sources.lora import lora_sq_norm
 from hf_metagpt.methods.base import squared_norm
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..methods.metagpt import metagpt_lambdas
-from ..plan import norm_group_of
+from ..engine.plan import norm_group_of
 
 GRANULARITIES = ("model", "layer", "tensor")
 

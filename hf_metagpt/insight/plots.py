@@ -60,7 +60,10 @@ def _save(fig, path: Path) -> Path:
 
 def _group_axis(ax, groups: Sequence[str], flagged: set[str]) -> None:
     step = max(1, -(-len(groups) // MAX_XLABELS))
-    ticks = [k for k in range(len(groups)) if k % step == 0 or groups[k] in flagged or not groups[k].startswith("layers.")]
+    # Every step-th block by its own number, every tensor outside the blocks, every flagged group.
+    ticks = [k for k, g in enumerate(groups)
+             if not g.startswith("layers.") or g in flagged or not g[len("layers."):].isdigit()
+             or int(g[len("layers."):]) % step == 0]
     ax.set_xticks(ticks, labels=[short_group(groups[k]) for k in ticks], rotation=90, fontsize=8)
     for k, label in zip(ticks, ax.get_xticklabels()):
         if groups[k] in flagged:  # groups the overlap rule names: the same red as the warning's

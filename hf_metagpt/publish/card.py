@@ -17,7 +17,11 @@ from ..options import local_name, looks_local, public_recipe_text
 from ..sources.hub import local_license, read_license, remote_files
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from huggingface_hub import ModelCard
+
+    from ..insight.geometry import Geometry
 
     from ..result import MergeResult
 
@@ -60,7 +64,8 @@ def choose_license(licenses: list[str | None]) -> tuple[str, str | None]:
 
 
 def plot_lambdas(result: "MergeResult", path: Path) -> Path:
-    """PNG heatmap of λ: one row per fine-tune, one column per group.
+    """PNG of λ: bars per fine-tune at `model` granularity (a one-column heatmap says less), else a
+    heatmap, one row per fine-tune and one column per group.
 
     Drawn on a bare `Figure` with the Agg canvas: no pyplot state and no `matplotlib.use`, so the
     caller's backend (a notebook's, a GUI's) is left as it was.
@@ -70,6 +75,11 @@ def plot_lambdas(result: "MergeResult", path: Path) -> Path:
     from matplotlib.figure import Figure
 
     from ..result import short_name
+
+    if list(result.coefficients) == ["model"]:
+        from ..insight.plots import plot_lambda_bars
+
+        return plot_lambda_bars([short_name(m) for m in result.models], result.coefficients["model"], path)
 
     groups = list(result.coefficients)
     names = [short_name(m) for m in result.models]
@@ -121,8 +131,12 @@ def _scrub_paths(text: str, result: "MergeResult") -> str:
 
 
 def build_card(result: "MergeResult", *, licenses: list[str | None] | None = None,
-               repo_id: str | None = None, plot: str | None = PLOT_FILE) -> "ModelCard":
+               repo_id: str | None = None, plot: str | None = PLOT_FILE, geometry: "Geometry | None" = None,
+               figures: "Mapping[str, str] | None" = None) -> "ModelCard":
     """The card of a merge: metadata the Hub understands, and a body a reader can act on.
+
+    `geometry` (the inputs' task-vector Gram matrices, models named for the public) adds the
+    section that checks MetaGPT's orthogonality assumption; `figures` names its pictures.
 
     Example:
         >>> card = build_card(result, licenses=["llama2", "llama2", "llama2", "llama2"])
@@ -180,8 +194,16 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
     if result.coefficients:
         lines += ["", "## Coefficients (λ)", "", result.lambda_table(public=True), ""]
         if plot:
-            lines += [f"![λ per group and model]({plot})", ""]
+            alt = "MetaGPT λ of each model" if list(result.coefficients) == ["model"] else "λ per group and model"
+            lines += [f"![{alt}]({plot})", ""]
         lines.append("Every group's λ and squared task-vector norms are in `metagpt_coefficients.json`.")
+    if geometry is not None:
+        from ..insight.card import geometry_section
+
+        model_lam = result.coefficients.get("model") if result.granularity == "model" else None
+        transform = {"metagpt_dare": "DARE", "metagpt_ties": "TIES trimming and sign election"}.get(result.method)
+        lines += ["", *geometry_section(geometry, granularity=result.granularity, figures=figures,
+                                        lambdas=model_lam, transformed=transform)]
 
     notes = list(result.warnings)
     if license_note:
@@ -233,9 +255,24 @@ def _mergekit_section(result: "MergeResult") -> list[str]:
 
 
 def write_card(result: "MergeResult", folder: Path, *, licenses: list[str | None] | None = None,
-               repo_id: str | None = None) -> Path:
-    """Write README.md and the λ plot into `folder` (the merge's output); returns the card's path."""
+               repo_id: str | None = None, geometry: "Geometry | None" = None) -> Path:
+    """Write README.md and the λ plot into `folder` (the merge's output); returns the card's path.
+
+    With `geometry`, also the geometry section and its pictures (models named as in the card).
+    """
     folder = Path(folder)
+    figures: dict[str, str] = {}
+    if geometry is not None:
+        from ..insight.card import relabel
+        from ..insight.plots import draw_all
+        from ..result import short_name
+
+        geometry = relabel(geometry, [short_name(m) for m in result.models])
+        try:
+            figures = {k: p.name for k, p in draw_all(geometry, folder, granularity=result.granularity,
+                                                       bars=False).items()}
+        except Exception as exc:  # a plot must never cost the merge
+            log.warning("warning: could not draw the geometry plots (%s); the card has the text only", exc)
     plot = None
     if result.coefficients:
         try:
@@ -243,7 +280,7 @@ def write_card(result: "MergeResult", folder: Path, *, licenses: list[str | None
             plot = PLOT_FILE
         except Exception as exc:  # a plot must never cost the merge
             log.warning("warning: could not draw the λ plot (%s); the card has the table only", exc)
-    card = build_card(result, licenses=licenses, repo_id=repo_id, plot=plot)
+    card = build_card(result, licenses=licenses, repo_id=repo_id, plot=plot, geometry=geometry, figures=figures)
     path = folder / CARD_FILE
     card.save(path)
     return path
