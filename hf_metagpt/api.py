@@ -317,6 +317,12 @@ def _coefficient_warnings(result: MergeResult, method: MergeMethod) -> None:
             continue
         result.warnings.append(msg)
         log.warning("warning: %s", msg)
+    if result.geometry is not None and len(result.models) > 1:
+        from .insight.geometry import overlap_warnings
+
+        for msg in overlap_warnings(result.geometry, granularity=result.granularity):
+            result.warnings.append(msg)
+            log.warning("warning: %s", msg)
 
 
 def _finish(job: _Job, method: MergeMethod, opts: MergeOptions, executor: Executor) -> MergeResult:
@@ -368,5 +374,5 @@ def _write_publish(the_plan: MergePlan, result: MergeResult, dirs: OutputDirs, t
     with disk_full_is_clear(dirs.work / "hf_metagpt_recipe.yaml"):
         (dirs.work / "hf_metagpt_recipe.yaml").write_text(result.recipe)
     with disk_full_is_clear(dirs.work / "README.md"):
-        write_card(result, dirs.work, licenses=licenses, repo_id=the_plan.options.push_to)
+        write_card(result, dirs.work, licenses=licenses, repo_id=the_plan.options.push_to, geometry=result.geometry)
     publish(dirs)

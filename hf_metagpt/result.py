@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .engine.stats import StreamStats
 from .errors import OutputError
 from .options import local_name, public_recipe_text
 from .sources.refs import ModelRef
+
+if TYPE_CHECKING:
+    from .insight.geometry import Geometry
 
 COEFFICIENTS_FILE = "metagpt_coefficients.json"
 
@@ -57,6 +60,8 @@ class MergeResult:
     #: what weighted sums and norms were accumulated in ("float64" on the fused paths; the engine
     #: sets "float32" for TIES/DARE/LoRA paths); the card words its precision sentence from it
     precision: str = "float64"
+    #: τi·τj per tensor (float64), when the engine measured them beside the norms
+    geometry: "Geometry | None" = None
 
     def __post_init__(self) -> None:
         self.recipe = public_recipe_text(self.recipe)
@@ -68,7 +73,7 @@ class MergeResult:
 
     def to_json(self) -> dict[str, Any]:
         """Content of metagpt_coefficients.json (machine-readable, no secrets)."""
-        return {
+        out = {
             "hf_metagpt_version": __version__,
             "method": self.method,
             "parameters": self.parameters,
@@ -84,6 +89,11 @@ class MergeResult:
                 for g in self.coefficients
             },
         }
+        if self.geometry is not None:
+            from .insight.report import geometry_json
+
+            out.update(geometry_json(self.geometry, out["groups"], self.granularity))
+        return out
 
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = False,
                     create_pr: bool = False, revision: str | None = None,

@@ -182,3 +182,38 @@ def test_card_without_geometry_is_unchanged_but_for_the_bars(tmp_path):
     assert SECTION_TITLE not in card.text
     with pytest.raises(ValueError, match="2 names for 3 models"):
         relabel(geometry(), ["a", "b"])
+
+
+def test_coefficients_file_keeps_the_gram_matrices_and_every_entry_exactly():
+    import json
+
+    geo = geometry()
+    result = _result("layer", geo.lambdas("layer"))
+    result.geometry = geo
+    data = json.loads(json.dumps(result.to_json()))
+    grams = geo.groups("layer")
+    for g, entry in data["groups"].items():
+        assert entry["gram"] == [list(r) for r in grams[g].values]
+        assert entry["cosine"][0][1] == grams[g].cosine(0, 1)
+    assert Geometry.from_json(data["geometry"]) == geo
+    assert data["geometry"]["model"]["sq_norms"] == list(geo.whole.sq_norms)
+    assert [o["group"] for o in data["geometry"]["overlaps"]] == ["model", "lm_head.weight"]
+    result.geometry = None
+    assert "geometry" not in result.to_json() and "gram" not in result.to_json()["groups"]["layers.0"]
+
+
+def test_merge_warnings_name_the_overlap_for_metagpt_only():
+    from hf_metagpt.api import _coefficient_warnings
+    from hf_metagpt.methods import get_method
+
+    geo = geometry()
+    result = _result("model", {"model": list(geo.whole.shares)})
+    result.geometry = geo
+    _coefficient_warnings(result, get_method("metagpt"))
+    assert len(result.warnings) == 1
+    assert result.warnings[0].startswith("org/chat and org/math overlap over the whole model")
+    assert "--granularity layer" in result.warnings[0]
+    other = _result("model", {"model": [1 / 3] * 3})
+    other.geometry = geo
+    _coefficient_warnings(other, get_method("linear"))
+    assert other.warnings == []

@@ -231,3 +231,12 @@ def test_group_grams_rejects_unknown_granularity_and_mismatched_sizes():
         Geometry(("a", "b"), (("x", Gram.zeros(3)),))
     with pytest.raises(ValueError, match="square"):
         Gram(((1.0, 2.0),))
+
+
+def test_geometry_round_trips_through_json_exactly():
+    base, fts = state_dicts({"lm_head.weight": (0, 1, 1.0)})
+    geo = geometry_of(base, fts)
+    back = Geometry.from_json(json.loads(json.dumps(geo.to_json())))
+    assert back == geo
+    with pytest.raises(ValueError, match="not a stored geometry"):
+        Geometry.from_json({"models": ["a"]})

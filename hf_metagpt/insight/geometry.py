@@ -168,6 +168,18 @@ class Geometry:
         items = entries.items() if isinstance(entries, Mapping) else entries
         return cls(tuple(models), tuple((n, g if isinstance(g, Gram) else Gram.of(g)) for n, g in items))
 
+    def to_json(self) -> dict[str, Any]:
+        """Every entry, exactly (floats round-trip through JSON): what a cache or coefficients file keeps."""
+        return {"models": list(self.models), "tensors": [[n, [list(r) for r in g.values]] for n, g in self.entries]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Geometry":
+        """The inverse of `to_json`; ValueError on a malformed object."""
+        try:
+            return cls.from_tensors([str(m) for m in data["models"]], [(str(n), g) for n, g in data["tensors"]])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a stored geometry ({exc})") from None
+
     def groups(self, granularity: str) -> dict[str, Gram]:
         """Gram matrix of every group at `granularity` (METHOD.md's grouping)."""
         out = group_grams(self.entries, granularity)

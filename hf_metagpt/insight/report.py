@@ -56,6 +56,21 @@ def inspect_json(geometry: Geometry, *, base: str | None = None, warnings: Seque
     return out
 
 
+def geometry_json(geometry: Geometry, groups: dict[str, dict[str, Any]], granularity: str) -> dict[str, Any]:
+    """What `metagpt_coefficients.json` gains from a measured geometry.
+
+    Each merge group (`groups`, updated in place) gets its Gram matrix and cosines; the returned
+    "geometry" key holds every per-tensor entry exactly (so a rerun can reuse them like the norms),
+    the whole model and the overlaps the rule flags.
+    """
+    for g, gram in geometry.groups(granularity).items():
+        if g in groups:
+            groups[g]["gram"] = [list(r) for r in gram.values]
+            groups[g]["cosine"] = [list(r) for r in gram.cosines]
+    return {"geometry": {**geometry.to_json(), "model": gram_json(geometry.whole),
+                         "overlaps": [o.to_json(geometry.models) for o in geometry.overlaps()]}}
+
+
 def _num(x: float) -> str:
     return f"{x:.3e}" if x else "0"
 
