@@ -20,6 +20,8 @@ from .errors import (  # noqa: E402
     OutputError,
     RecipeError,
 )
+from .insight.inspect import inspect  # noqa: E402
+from .insight.report import InspectResult  # noqa: E402
 from .options import MergeOptions  # noqa: E402
 from .result import MergeResult  # noqa: E402
 from .sources.hub_calls import HubAccessError, HubUnavailableError  # noqa: E402
@@ -28,6 +30,7 @@ __all__ = [
     "HubAccessError",
     "HubUnavailableError",
     "IncompatibleModelsError",
+    "InspectResult",
     "InputError",
     "IntegrityError",
     "MergeError",
@@ -37,6 +40,7 @@ __all__ = [
     "NonFiniteError",
     "OutputError",
     "RecipeError",
+    "inspect",
     "merge",
     "plan",
     "__version__",

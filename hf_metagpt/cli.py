@@ -357,6 +357,50 @@ def _add_eval_parsers(sub) -> None:
 # ==== end eval / compare ==========================================================================
 
 
+# ==== inspect =====================================================================================
+def _add_inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="task-vector norms, shares, cosines and λ of the inputs (one pass, writes nothing)",
+                       description="Stream the inputs once and show, per block (and each tensor outside the blocks) and "
+                                   "for the whole model: squared task-vector norms, each model's share, pairwise "
+                                   "cosines and the λ each granularity would give; warns where task vectors overlap "
+                                   "(MetaGPT assumes they are orthogonal). Nothing is written.")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="fine-tunes or LoRA adapters: local folders or Hub IDs")
+    p.add_argument("--base", help="the base model the fine-tunes were trained from")
+    p.add_argument("--recipe", help="take base, models and options from a merge recipe (flags override it)")
+    p.add_argument("--granularity", choices=["model", "layer", "tensor"],
+                   help="the granularity you plan to merge with (the advice depends on it; default model)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
+    p.add_argument("--plot", metavar="DIR", help="also write the pictures (λ bars, per-layer shares, cosines) into DIR")
+    p.add_argument("--tokenizer-source", help="as for merge: whose vocabulary rows count (default: the base's)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device (auto: a GPU when present)")
+    p.add_argument("--strict", action="store_true", default=None, help="refuse LoRA adapters trained on another base")
+    p.add_argument("--low-disk", action="store_true", default=None,
+                   help="fetch Hub shards as the walk needs them and delete them after use")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .insight.inspect import describe, inspect
+
+    result = inspect(args.base, args.models, recipe=args.recipe, granularity=args.granularity, token=args.token,
+                     low_disk=args.low_disk, device=args.device, strict=args.strict,
+                     tokenizer_source=args.tokenizer_source, progress=not args.quiet)
+    if args.plot:
+        for path in result.plot(args.plot).values():
+            log.info("wrote %s", path)
+    if args.json:
+        for w in result.warnings:  # stdout is the JSON object; the warnings also reach the terminal
+            log.warning("warning: %s", w)
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(describe(result))
+    return 0
+# ==== end inspect =================================================================================
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-metagpt",
@@ -373,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="check inputs and show what a merge would read and write (downloads no weights)")
     _add_merge_args(p, for_plan=True)
     p.set_defaults(func=_cmd_plan)
+    _add_inspect_parser(sub)
 
     p = sub.add_parser("install-extension", help="register this installation with the `hf` CLI as `hf metagpt`")
     p.add_argument("--force", action="store_true", help="replace an existing registration")

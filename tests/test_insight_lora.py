@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from hf_metagpt.insight.geometry import Geometry
 from hf_metagpt.insight.gram import LowRank, mixed_gram
-from hf_metagpt.lora import ADAPTER_WEIGHTS, load_adapter_info
-from hf_metagpt.refs import parse_ref
-from hf_metagpt.tiny import TinySpec, build_family
+from hf_metagpt.sources.lora import ADAPTER_WEIGHTS, load_adapter_info
+from hf_metagpt.sources.refs import parse_ref
+from hf_metagpt.demo.tiny import TinySpec, build_family
 from reference import group_of, load_state
 from test_lora import make_adapter, materialize64
 
@@ -91,3 +91,38 @@ def test_adapter_and_full_fine_tune_grams_equal_peft_materialised_float64(family
     # q_proj is updated by every adapter: their cross terms are really measured, not zero.
     q = geo.groups("tensor")["model.layers.0.self_attn.q_proj.weight"]
     assert q.values[1][2] != 0.0 and q.values[2][3] != 0.0
+
+
+def _reference_groups(base, states, granularity):
+    base_state = load_state(base)
+    want: dict[str, torch.Tensor] = {}
+    for n, t in base_state.items():
+        if not t.is_floating_point():
+            continue
+        taus = torch.stack([(s[n].double() - t.double()).reshape(-1) for s in states])
+        g = group_of(n, granularity)
+        want[g] = want.get(g, 0) + taus @ taus.t()
+    return want
+
+
+@pytest.mark.parametrize("which", ["mixed", "adapters"])
+def test_inspect_of_adapters_and_full_fine_tunes_equals_peft_materialised(family, which, monkeypatch):
+    """`mixed`: a full fine-tune beside adapters (the method path, τ formed for full tensors);
+    `adapters`: LoRA only (the low-rank path, the base in row slabs; factors counted once)."""
+    import hf_metagpt
+    from hf_metagpt.engine.pieces import UNIT_ENV
+
+    base, full, adapters = family
+    inputs = [full, *adapters] if which == "mixed" else adapters[:2]
+    monkeypatch.setenv(UNIT_ENV, "0.01")  # 10 KiB pieces: the embedding in slabs
+    result = hf_metagpt.inspect(str(base), [str(p) for p in inputs], progress=False, device="cpu")
+    states = [load_state(p) if p == full else materialize64(base, p) for p in inputs]
+    for granularity in ("model", "layer"):
+        want = _reference_groups(base, states, granularity)
+        got = result.geometry.groups(granularity)
+        assert set(got) == set(want)
+        for g, w in want.items():
+            torch.testing.assert_close(torch.tensor(got[g].values, dtype=torch.float64), w, rtol=1e-6,
+                                       atol=1e-9 * float(w.diagonal().max()))
+    names = [n for n, _ in result.geometry.entries]
+    assert len(names) == len(set(names))  # whole-tensor factors: each tensor once, even in slabs

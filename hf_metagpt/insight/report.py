@@ -163,8 +163,8 @@ class InspectResult:
             out += [""] + [f"warning: {w}" for w in self.warnings]
         return "\n".join(out)
 
-    def plot(self, folder: str | Path, *, granularity: str = "model") -> dict[str, Path]:
-        """Write the pictures (λ bars, per-layer shares, cosines) into `folder`; returns them by kind."""
+    def plot(self, folder: str | Path) -> dict[str, Path]:
+        """Write the pictures (whole-model λ bars, per-layer shares, cosines) into `folder`; returns them by kind."""
         from .plots import draw_all
 
-        return draw_all(self.geometry, Path(folder), granularity=granularity)
+        return draw_all(self.geometry, Path(folder), bars=True)
