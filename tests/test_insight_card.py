@@ -131,6 +131,12 @@ def test_geometry_section_says_when_the_assumption_holds():
     geo = geometry(overlap=False)
     text = "\n".join(geometry_section(geo, granularity="model"))
     assert "None: the orthogonality assumption holds for these inputs where it matters (largest |cos|" in text
+    best = max(((abs(gram.cosine(i, j)), g, i, j) for g, gram in geo.layers.items() for i in range(3)
+                for j in range(i + 1, 3)))
+    gram = geo.layers[best[1]]
+    share = (gram.sq_norms[best[2]] + gram.sq_norms[best[3]]) / (geo.whole.sq_norms[best[2]] + geo.whole.sq_norms[best[3]])
+    assert (f"{gram.cosine(best[2], best[3]):+.2f} in `{best[1]}`, between [{best[2] + 1}] and [{best[3] + 1}], "
+            f"a group holding {share:.1%} of their ‖τ‖²)") in text
     assert "![" not in text  # no figures passed, none linked
 
 

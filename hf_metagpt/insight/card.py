@@ -60,16 +60,19 @@ def _overlap_lines(geometry: Geometry, flagged: Sequence[Overlap]) -> list[str]:
     return out
 
 
-def _largest_pair(geometry: Geometry) -> tuple[float, str, int, int] | None:
-    """The largest |cos| of any pair in any layer group (for the 'assumption holds' sentence)."""
+def _largest_pair(geometry: Geometry) -> tuple[float, str, int, int, float] | None:
+    """The largest |cos| of any pair in any layer group, with the group's part of the pair's ‖τ‖²."""
     best = None
     t = len(geometry.models)
+    whole = geometry.whole.sq_norms
     for g, gram in geometry.layers.items():
         for i in range(t):
             for j in range(i + 1, t):
                 c = gram.cosine(i, j)
                 if best is None or abs(c) > abs(best[0]):
-                    best = (c, g, i, j)
+                    denom = whole[i] + whole[j]
+                    share = (gram.sq_norms[i] + gram.sq_norms[j]) / denom if denom > 0 else 0.0
+                    best = (c, g, i, j, share)
     return best
 
 
@@ -113,7 +116,8 @@ def geometry_section(geometry: Geometry, *, granularity: str, figures: Mapping[s
             best = _largest_pair(geometry)
             lines.append("None: the orthogonality assumption holds for these inputs where it matters"
                          + (f" (largest |cos| in any group: {best[0]:+.2f} in `{best[1]}`, between "
-                            f"[{best[2] + 1}] and [{best[3] + 1}])." if best else "."))
+                            f"[{best[2] + 1}] and [{best[3] + 1}], a group holding {best[4]:.1%} of their ‖τ‖²)."
+                            if best else "."))
         if "cosines" in figures:
             lines += ["", f"![cosine of each pair of task vectors, whole model and per layer]({figures['cosines']})"]
     fractions = geometry.fractions("layer")

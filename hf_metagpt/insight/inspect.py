@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def inspect(base: str | None = None, models: Sequence[str] | None = None, *, rec
         >>> r.geometry.whole.cosine(0, 1)   # near 0 when MetaGPT's orthogonality assumption holds
     """
     from ..api import _close, load_infos, select_device
-    from ..engine.plan import build_plan
+    from ..engine.plan import build_plan, check_against_skeleton
     from ..options import build_options
 
     # A merge's options with no output: every check `plan` makes, nothing to write.
@@ -67,18 +68,27 @@ def inspect(base: str | None = None, models: Sequence[str] | None = None, *, rec
                          tokenizer_source=tokenizer_source)
     start = time.perf_counter()
     base_info, model_infos = load_infos(opts)
-    the_plan = build_plan(opts, base_info, model_infos, method_uses_norms=True)
+    # As a merge: Hub inputs are checked against the meta-model skeleton before any download;
+    # local ones beside the pass (building the skeleton imports transformers' modeling code, seconds).
+    local = not any(i.ref.is_hub for i in (base_info, *model_infos))
+    the_plan = build_plan(opts, base_info, model_infos, method_uses_norms=True, check_skeleton=not local)
+    skeleton_warnings: list[str] = []
+    scratch = Path(tempfile.mkdtemp(prefix="hf-metagpt-inspect-"))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-skeleton") as pool:
+        skeleton = pool.submit(check_against_skeleton, base_info, skeleton_warnings) if local else None
+        try:
+            files = _fetch(the_plan, opts, scratch)
+            try:
+                geometry, stats = _measure(the_plan, files, select_device(opts.device), progress)
+            finally:
+                _close(files)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if skeleton is not None:
+            skeleton.result()  # raises the check's MergeError, as a merge would
+    the_plan.warnings.extend(skeleton_warnings)
     for w in the_plan.warnings:
         log.warning("warning: %s", w)
-    scratch = Path(tempfile.mkdtemp(prefix="hf-metagpt-inspect-"))
-    try:
-        files = _fetch(the_plan, opts, scratch)
-        try:
-            geometry, stats = _measure(the_plan, files, select_device(opts.device), progress)
-        finally:
-            _close(files)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return InspectResult.build(
         base_info.ref.pinned if base_info.ref.is_hub else base_info.ref.display, geometry,
         granularity=opts.granularity, warnings=the_plan.warnings, notes=tuple(the_plan.notes),
