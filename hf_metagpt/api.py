@@ -96,6 +96,11 @@ def plan(options: MergeOptions | None = None, **kwargs: Any) -> MergePlan:
         from .sources.pickle import plan_note
 
         the_plan = the_plan.with_notes([plan_note(i) for i in the_plan.inputs if i.provisional])
+    if method.uses_group_norms and len(models) > 1:
+        # A plan reads no weights, so it cannot measure the overlap itself: point at what does.
+        the_plan = the_plan.with_notes(["MetaGPT's λ assume the task vectors are orthogonal (τi·τj ≈ 0); "
+                                        "`hf-metagpt inspect` with the same inputs checks it in one read of the "
+                                        "weights (cosines per layer, overlapping models and layers named)"])
     if any(i.ref.is_hub for i in the_plan.inputs):
         from .engine.fetch import download_note
 

@@ -131,3 +131,11 @@ def test_inspect_by_hub_id_low_disk_equals_local(family, tmp_path, hub_user, loc
     assert remote.bytes_read > 0 and len(remote.warnings) == 1 and "lm_head.weight" in remote.warnings[0]
     data = remote.to_json()
     assert data["base"].startswith(ids[0] + "@") and len(data["base"].split("@")[1]) == 40
+
+
+def test_plan_points_at_inspect_for_metagpt_only(family, capsys):
+    base, fts = family
+    code, out, _ = run_cli(["plan", "--base", str(base), *map(str, fts)], capsys)
+    assert code == 0 and "note: MetaGPT's λ assume the task vectors are orthogonal" in out and "hf-metagpt inspect" in out
+    code, out, _ = run_cli(["plan", "--base", str(base), *map(str, fts), "--method", "ties"], capsys)
+    assert code == 0 and "hf-metagpt inspect" not in out
