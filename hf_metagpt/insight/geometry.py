@@ -263,7 +263,7 @@ def overlap_warnings(geometry: Geometry, *, granularity: str = "model", cosine: 
                  if granularity == "model" else "try ")
         out.append(
             f"{a} and {b} overlap " + ", ".join(where) + ": MetaGPT's λ assume task vectors are orthogonal "
-            f"(τi·τj ≈ 0) and ignore this; " + effect + ". " + tries[0].upper() + tries[1:]
+            "(τi·τj ≈ 0) and ignore this; " + effect + ". " + tries[0].upper() + tries[1:]
             + "`hf-metagpt compare` to check the merge against methods that resolve conflicts (ties, dare_ties) "
               f"(rule: |cos| > {cosine} where a group holds ≥ {share:.0%} of the pair's ‖τ‖²)")
     return out
