@@ -144,15 +144,18 @@ def _result(granularity: str, coefficients: dict[str, list[float]]) -> MergeResu
     base = ModelRef(spec="org/base", repo_id="org/base", sha="a" * 40)
     models = [ModelRef(spec=n, repo_id=n, sha="b" * 40) for n in NAMES[:2]]
     models.append(ModelRef(spec="/home/someone/models/code-ft/", local_path=Path("/home/someone/models/code-ft")))
-    return MergeResult(output=None, base=base, models=models, method="metagpt", parameters={},
-                       granularity=granularity, seed=None, coefficients=coefficients,
-                       sq_norms={g: [1.0, 2.0, 3.0] for g in coefficients}, stats=StreamStats(),
-                       recipe="base: org/base\n")
+    recipe = ("base: org/base@" + "a" * 40 + "\nmodels:\n- org/chat@" + "b" * 40 + "\n- org/math@" + "b" * 40
+              + "\n- /home/someone/models/code-ft/\noutput: /home/someone/merges/out\n")
+    return MergeResult(output=Path("/home/someone/merges/out"), base=base, models=models, method="metagpt",
+                       parameters={}, granularity=granularity, seed=None, coefficients=coefficients,
+                       sq_norms={g: [1.0, 2.0, 3.0] for g in coefficients}, stats=StreamStats(), recipe=recipe)
 
 
 def test_write_card_draws_bars_at_model_granularity_and_the_geometry_without_local_paths(tmp_path):
     geo = geometry()
     result = _result("model", {"model": list(geo.whole.shares)})
+    result.warnings.append("/home/someone/models/code-ft/ contributes almost nothing")
+    result.notes.append("lm_head.weight: rows 5..9 of /home/someone/models/code-ft/ dropped")
     write_card(result, tmp_path, geometry=geo)
     files = {p.name for p in tmp_path.iterdir()}
     assert {"README.md", PLOT_FILE, plots.LAYER_SHARES, plots.COSINES} <= files
@@ -165,9 +168,12 @@ def test_write_card_draws_bars_at_model_granularity_and_the_geometry_without_loc
     assert f"hf-metagpt {__version__}" in card
     assert f"![MetaGPT λ of each model]({PLOT_FILE})" in card
     assert SECTION_TITLE in card and f"]({plots.COSINES})" in card and f"]({plots.LAYER_SHARES})" in card
-    # The local input is named by its folder in the geometry section, never by the machine's path.
+    # The local input is named by its folder (table, geometry, recipe), never by the machine's path.
     section = card.split(SECTION_TITLE, 1)[1]
-    assert "`code-ft`" in section and "/home/someone" not in section
+    assert "`code-ft`" in section and "/home/someone" not in card
+    assert "| fine-tune 3 | `code-ft` (local folder) | — |" in card
+    assert "- code-ft contributes almost nothing" in card and "rows 5..9 of code-ft dropped" in card
+    assert "- ./code-ft\noutput: ./out\n" in card and "- org/chat@" + "b" * 40 in card
     assert public_name(result.models[2]) == "code-ft" and public_name(result.models[0]) == "org/chat"
 
 
