@@ -131,6 +131,8 @@ def test_inspect_by_hub_id_low_disk_equals_local(family, tmp_path, hub_user, loc
     assert remote.bytes_read > 0 and len(remote.warnings) == 1 and "lm_head.weight" in remote.warnings[0]
     data = remote.to_json()
     assert data["base"].startswith(ids[0] + "@") and len(data["base"].split("@")[1]) == 40
+    assert [m["repo_id"] for m in data["inputs"]["models"]] == ids[1:]
+    assert all(len(m["sha"]) == 40 for m in data["inputs"]["models"])
 
 
 def test_plan_points_at_inspect_for_metagpt_only(family, capsys):

@@ -61,6 +61,7 @@ def inspect(base: str | None = None, models: Sequence[str] | None = None, *, rec
     from ..api import _close, load_infos, select_device
     from ..engine.plan import build_plan, check_against_skeleton
     from ..options import build_options
+    from ..result import _ref_json
 
     # A merge's options with no output: every check `plan` makes, nothing to write.
     opts = build_options(recipe, base=base, models=list(models or []) or None, output="-", method="metagpt",
@@ -93,7 +94,8 @@ def inspect(base: str | None = None, models: Sequence[str] | None = None, *, rec
         base_info.ref.pinned if base_info.ref.is_hub else base_info.ref.display, geometry,
         granularity=opts.granularity, warnings=the_plan.warnings, notes=tuple(the_plan.notes),
         seconds=time.perf_counter() - start, bytes_read=stats.bytes_read,
-        extra={"pinned": [m.ref.pinned for m in model_infos] if any(m.ref.is_hub for m in model_infos) else None})
+        # The inputs as the coefficients file records them (Hub ones with the commit that was read).
+        extra={"inputs": {"base": _ref_json(base_info.ref), "models": [_ref_json(m.ref) for m in model_infos]}})
 
 
 def _fetch(the_plan, opts, scratch: Path):
