@@ -145,7 +145,7 @@ def _result(granularity: str, coefficients: dict[str, list[float]]) -> MergeResu
     models = [ModelRef(spec=n, repo_id=n, sha="b" * 40) for n in NAMES[:2]]
     models.append(ModelRef(spec="/home/someone/models/code-ft/", local_path=Path("/home/someone/models/code-ft")))
     recipe = ("base: org/base@" + "a" * 40 + "\nmodels:\n- org/chat@" + "b" * 40 + "\n- org/math@" + "b" * 40
-              + "\n- /home/someone/models/code-ft/\noutput: /home/someone/merges/out\n")
+              + "\n- code-ft\n")  # as api.public_recipe writes it
     return MergeResult(output=Path("/home/someone/merges/out"), base=base, models=models, method="metagpt",
                        parameters={}, granularity=granularity, seed=None, coefficients=coefficients,
                        sq_norms={g: [1.0, 2.0, 3.0] for g in coefficients}, stats=StreamStats(), recipe=recipe)
@@ -173,7 +173,7 @@ def test_write_card_draws_bars_at_model_granularity_and_the_geometry_without_loc
     assert "`code-ft`" in section and "/home/someone" not in card
     assert "| fine-tune 3 | `code-ft` (local folder) | — |" in card
     assert "- code-ft contributes almost nothing" in card and "rows 5..9 of code-ft dropped" in card
-    assert "- ./code-ft\noutput: ./out\n" in card and "- org/chat@" + "b" * 40 in card
+    assert "- code-ft\n```" in card and "- org/chat@" + "b" * 40 in card
     assert public_name(result.models[2]) == "code-ft" and public_name(result.models[0]) == "org/chat"
 
 
