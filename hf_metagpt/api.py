@@ -267,7 +267,11 @@ def _executor(job: _Job, method: MergeMethod, opts: MergeOptions, device: torch.
     ledger = NormLedger(len(job.plan.models), key=job.key)
     if method.uses_group_norms:
         if job.cached is not None:
+            from .engine.workdir import cached_grams
+
             ledger.load(job.cached)
+            group = {tp.name: tp.norm_group for tp in job.plan.tensors}
+            ledger.load_grams((group[t], t, g) for t, g in cached_grams(job.dirs.target, job.key) if t in group)
         else:
             ledger.load_saved(job.dirs.work)
     cls: type[Executor] = Executor
@@ -330,6 +334,17 @@ def _coefficient_warnings(result: MergeResult, method: MergeMethod) -> None:
             log.warning("warning: %s", msg)
 
 
+def ledger_geometry(the_plan: MergePlan, ledger: NormLedger):
+    """The task vectors' Gram matrices the ledger holds (`insight.Geometry`), or None when it lacks a
+    tensor's (norms reused from a run that recorded none)."""
+    from .insight.geometry import Geometry
+
+    entries = ledger.tensor_grams(the_plan.norm_groups)
+    if {t for t, _ in entries} != {tp.name for tp in the_plan.tensors if tp.floating}:
+        return None
+    return Geometry.from_tensors([m.ref.display for m in the_plan.models], entries)
+
+
 def _finish(job: _Job, method: MergeMethod, opts: MergeOptions, executor: Executor) -> MergeResult:
     """The result, side files, coefficients, recipe and card in the work folder; then swap it into place."""
     the_plan, dirs = job.plan, job.dirs
@@ -346,6 +361,7 @@ def _finish(job: _Job, method: MergeMethod, opts: MergeOptions, executor: Execut
         stats=executor.stats, norms_key=job.key, out_dtype=the_plan.out_dtype, warnings=list(the_plan.warnings),
         notes=list(the_plan.notes), recipe=public_recipe(opts, the_plan.base.ref, [m.ref for m in the_plan.models]),
         precision=executor.precision,
+        geometry=ledger_geometry(the_plan, executor.ledger) if method.uses_group_norms else None,
     )
     _coefficient_warnings(result, method)
     energy = getattr(executor, "energy", None)

@@ -22,6 +22,10 @@ def test_demo_publishes_merges_by_id_and_pushes_a_card(tmp_path):
     card = re.search(r"card:\s+(\S+README\.md)", out).group(1)
     plot = re.search(r"λ plot:\s+(\S+\.png)", out).group(1)
     assert os.path.getsize(plot) > 1000
+    for label in ("layer shares plot", "cosines plot"):
+        assert os.path.getsize(re.search(rf"{label}:\s+(\S+\.png)", out).group(1)) > 1000
+    assert re.search(r"task-vector cosines: 1·2 [+-]0\.\d{3}, 1·3 [+-]0\.\d{3}, 2·3 [+-]0\.\d{3}", out)
     text = open(card).read()
+    assert "## Task-vector geometry" in text and "metagpt_layer_shares.png" in text and "metagpt_cosines.png" in text
     assert "base_model_relation: merge" in text and "demo/tiny-llama-code" in text
     assert "hf_demo_" not in proc.stdout + proc.stderr + text  # the demo's token is never shown

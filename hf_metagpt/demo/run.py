@@ -82,12 +82,22 @@ def _client(root: Path, progress: bool) -> int:
 
     card_path = Path(hf_hub_download(MERGED_ID, "README.md"))
     plot_path = Path(hf_hub_download(MERGED_ID, "metagpt_lambdas.png"))
+    from ..insight.plots import COSINES, LAYER_SHARES
+
+    geometry_paths = [Path(hf_hub_download(MERGED_ID, name)) for name in (LAYER_SHARES, COSINES)]
     card = ModelCard.load(card_path)
     d = card.data
     print("\nThe pushed model card, downloaded back from the Hub:")
     print(f"  repo:                {result.pushed_url}")
     print(f"  card:                {card_path}")
     print(f"  λ plot:              {plot_path}")
+    print(f"  layer shares plot:   {geometry_paths[0]}")
+    print(f"  cosines plot:        {geometry_paths[1]}")
+    if result.geometry is not None:
+        whole = result.geometry.whole
+        pairs = [f"{i + 1}·{j + 1} {whole.cosine(i, j):+.3f}" for i in range(len(result.models))
+                 for j in range(i + 1, len(result.models))]
+        print(f"  task-vector cosines: {', '.join(pairs)} (whole model; per layer in the card)")
     print(f"  base_model:          {d.base_model}")
     print(f"  base_model_relation: {d.base_model_relation}")
     print(f"  license:             {d.license}")

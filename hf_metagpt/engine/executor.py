@@ -25,7 +25,7 @@ from ..safetensors_io import TensorMeta
 from ..sources.model import ModelInfo
 from .fetch import FileProvider, LocalFiles
 from .ledger import PROGRESS_FILE, NormLedger
-from .merging import FusedKernel, KernelContext, MergeKernel, MethodKernel, choose_kernel, compute_workers
+from .merging import FusedKernel, KernelContext, MergeKernel, MethodKernel, Record, choose_kernel, compute_workers
 from .pieces import Piece, piece_bytes, piece_metas, split_group, unit_bytes
 from .plan import MergePlan
 from .reader import BufferPool
@@ -89,8 +89,12 @@ class Executor:
         return self.kernel.precision
 
     # ------------------------------------------------------------------ threads: one owner, one way out
-    def run(self) -> None:
-        """Merge into the work folder, reusing finished shards and the ledger's known norms."""
+    def run(self, *, reduce_only: bool = False) -> None:
+        """Merge into the work folder, reusing finished shards and the ledger's known norms.
+
+        `reduce_only`: pass 1 alone (`inspect`): every tensor's norms and Gram matrices into the
+        ledger, nothing written. Needs a plan whose norm groups span stream groups (granularity model).
+        """
         threads = torch.get_num_threads()
         if self.kernel.threaded and self.device.type == "cpu":
             # The fused kernels work on cache-sized chunks: splitting each over OpenMP threads
@@ -106,7 +110,7 @@ class Executor:
             self._compute = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hf-metagpt-merge",
                                                initializer=torch.set_num_threads, initargs=(1,))
         try:
-            self._run()
+            self._reduce_only() if reduce_only else self._run()
         except BaseException:
             self._stop(cancel=True)
             raise
@@ -170,6 +174,15 @@ class Executor:
             self._gather()
         self.coefficients = {g: self._coefficients(g) for g in self.plan.norm_groups
                              if not self.method.uses_group_norms or self.ledger.is_complete(g)}
+        self.stats.seconds = time.perf_counter() - start
+
+    def _reduce_only(self) -> None:
+        start = time.perf_counter()
+        steps = self.plan_steps()
+        if steps.passes != 2:
+            raise ValueError("reduce_only needs a two-pass plan (granularity model) and no known norms")
+        self.stats.passes = 1
+        self._reduce_pass(steps.reduce_pass)
         self.stats.seconds = time.perf_counter() - start
 
     def _reduce_pass(self, steps: Sequence[Step]) -> None:
@@ -307,12 +320,15 @@ class Executor:
         assert self.share is not None
         s = self.stats
         mine = {"sq": {g: self.ledger.sums[g] for g in self.ledger.complete if g in self.ledger.sums},
+                "grams": [list(e) for e in self.ledger.grams if e[0] in self.ledger.complete],
                 "stats": (s.bytes_read, s.bytes_written, s.shards_reused, s.passes)}
         parts = self.share.gather(mine)
         for part in parts:
             for g, values in part["sq"].items():
                 if not self.ledger.is_complete(g):
                     self.ledger.load({g: values})
+        for part in parts:  # the Gram matrices of groups another process reduced
+            self.ledger.load_grams(tuple(e) for e in part["grams"])
         s.bytes_read, s.bytes_written, s.shards_reused = (sum(p["stats"][i] for p in parts) for i in range(3))
         s.passes = max(p["stats"][3] for p in parts)
         self.coefficients = {}
@@ -330,10 +346,10 @@ class _Coefficients:
     def pending(self, group: str) -> bool:
         return not self.x.ledger.is_complete(group)
 
-    def settle(self, group: str, values: list[float]) -> None:
+    def settle(self, record: "Record") -> None:
         """A one-tensor norm group reduced from the τ the method path formed: reduce and apply at once."""
-        self.x.ledger.add(group, values)
-        self.x.ledger.finish([group])
+        self.x.ledger.add_records([record])
+        self.x.ledger.finish([record[0]])
 
 
 def _progress(items: Sequence, desc: str, enabled: bool):

@@ -6,6 +6,9 @@ and a rerun of a finished merge can skip pass 1. Each entry is the sum, in plan 
 per-tensor (or per-slab) squared norms the kernels return: the same float64 additions in the same
 order whichever run, thread or process reduced them, so λ reproduce bit for bit.
 
+Beside the sums it keeps each record's Gram matrix τi·τj (tensor by tensor, in the order added;
+the sums are their diagonals): what `inspect`, the card and the overlap warnings read.
+
 The ledger is saved atomically (write, fsync, rename) and a saved ledger is read back only when
 its key matches: the key names every input (commit SHA or file identity), the method and its
 parameters, the seed, the granularity, the tokenizer source, `allow_nonfinite` and the device type
@@ -62,15 +65,33 @@ class NormLedger:
     key: str = ""
     sums: dict[str, list[float]] = field(default_factory=dict)
     complete: set[str] = field(default_factory=set)
+    #: (norm group, tensor, Gram matrix) of every record added, in order (several per tensor in slabs)
+    grams: list[tuple[str, str, list[list[float]]]] = field(default_factory=list)
 
     def add(self, group: str, values: Iterable[float]) -> None:
         acc = self.sums.setdefault(group, [0.0] * self.n_models)
         for i, v in enumerate(values):
             acc[i] += v
 
-    def add_records(self, records: Iterable[tuple[str, list[float]]]) -> None:
-        for group, values in records:
-            self.add(group, values)
+    def add_records(self, records: Iterable[tuple[str, str, list[list[float]]]]) -> None:
+        """Add each record's squared norms (its Gram matrix's diagonal) to its group, and keep the matrix."""
+        for group, tensor, gram in records:
+            self.add(group, [gram[i][i] for i in range(len(gram))])
+            self.grams.append((group, tensor, gram))
+
+    def tensor_grams(self, groups: Iterable[str] | None = None) -> list[tuple[str, list[list[float]]]]:
+        """(tensor, Gram matrix) entries of complete groups (`groups`: these, in this order; default all, as added)."""
+        if groups is None:
+            return [(t, g) for grp, t, g in self.grams if grp in self.complete]
+        by_group: dict[str, list[tuple[str, list[list[float]]]]] = {}
+        for grp, t, g in self.grams:
+            by_group.setdefault(grp, []).append((t, g))
+        return [e for grp in groups if grp in self.complete for e in by_group.get(grp, [])]
+
+    def load_grams(self, entries: Iterable[tuple[str, str, list[list[float]]]]) -> None:
+        """Gram matrices of complete groups from a cache (their sums come with `load`)."""
+        have = {grp for grp, _, _ in self.grams}
+        self.grams.extend((grp, t, g) for grp, t, g in entries if grp in self.complete and grp not in have)
 
     def finish(self, groups: Iterable[str]) -> None:
         """Mark groups complete (every tensor of theirs has been added)."""
@@ -103,7 +124,8 @@ class NormLedger:
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict[str, Any]:
         """What `save` writes: the key and the complete groups only (a partial sum is never reused)."""
-        return {"key": self.key, "sq_norms": {g: self.sums[g] for g in sorted(self.complete) if g in self.sums}}
+        return {"key": self.key, "sq_norms": {g: self.sums[g] for g in sorted(self.complete) if g in self.sums},
+                "grams": [[grp, t, g] for grp, t, g in self.grams if grp in self.complete]}
 
     def load_saved(self, work_dir: Path) -> None:
         """Complete groups of every saved ledger of this key in the work folder (any process's)."""
@@ -113,10 +135,13 @@ class NormLedger:
                 if state.get("key") != self.key:
                     continue
                 sq = {str(k): [float(x) for x in v] for k, v in state["sq_norms"].items()}
+                grams = [(str(grp), str(t), [[float(x) for x in row] for row in g])
+                         for grp, t, g in state.get("grams", [])]
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
             if all(len(v) == self.n_models for v in sq.values()):
                 self.load(sq)
+                self.load_grams(grams)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

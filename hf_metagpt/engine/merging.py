@@ -11,8 +11,10 @@ inside the loop:
 - `MethodKernel` — everything else (TIES/DARE transforms, adapters with saved modules, mixed
   inputs, `--allow-nonfinite`): τ formed per whole tensor in float32 and handed to the method.
 
-A kernel returns norms as (norm group, values) records — the executor adds them to the ledger in
-plan order — and merged tensors in the output dtype. Every merged tensor is checked: a NaN/Inf
+A kernel returns norms as (norm group, tensor, Gram matrix) records — G[i][j] = τi·τj in float64,
+whose diagonal is the squared norms (bit for bit what the norm kernels gave before; the executor
+adds them to the ledger in plan order) and whose rest says whether MetaGPT's orthogonality
+assumption holds (`insight/`) — and merged tensors in the output dtype. Every merged tensor is checked: a NaN/Inf
 names the input that holds it; a finite input that overflows the output dtype (bf16 → fp16)
 stops the merge naming the tensor.
 """
@@ -26,7 +28,8 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from ..errors import NonFiniteError, OutputError
-from ..methods.base import MergeMethod, TensorContext, squared_norm
+from ..insight.gram import mixed_gram, task_gram
+from ..methods.base import MergeMethod, TensorContext
 from ..safetensors_io import ST_TO_TORCH
 from . import kernels
 from .pieces import Piece
@@ -38,7 +41,9 @@ from .tasks import TaskSource, _f32
 #: the core count, so the float64 norm sums are the same on every machine.
 JOB = 1 << 22
 
-Records = list[tuple[str, list[float]]]
+#: (norm group, tensor, its Gram matrix τi·τj as T×T float64 values): the squared norms are the diagonal
+Record = tuple[str, str, list[list[float]]]
+Records = list[Record]
 Raws = list  # [base tensors by name (or None: not read), then each source's], one piece
 
 
@@ -50,7 +55,7 @@ class Coefficients(Protocol):
 
     def pending(self, group: str) -> bool: ...
 
-    def settle(self, group: str, values: list[float]) -> None: ...
+    def settle(self, record: Record) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -163,10 +168,11 @@ class FusedKernel(MergeKernel):
 
     def reduce(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece,
                read_base: Callable[[], dict[str, torch.Tensor]]) -> Records:
-        """‖θt − θ0‖² of every model for each tensor, with the fused kernel on the compute threads.
+        """(θi − θ0)·(θj − θ0) of every pair of models for each tensor, fused, on the compute threads.
 
         Each tensor is cut into jobs of `JOB` elements (so both threads share one large tensor);
-        a tensor's job sums are added in order. Non-finite inputs are named.
+        a tensor's job sums are added in order. The diagonal is `kernels.task_sq_norms` of the same
+        jobs bit for bit (`insight.gram.task_gram`). Non-finite inputs are named.
         """
         if piece.extra_rows:
             return []  # copied rows: no task vector
@@ -178,7 +184,7 @@ class FusedKernel(MergeKernel):
         def job(j: tuple[int, int, int]) -> torch.Tensor:
             k, lo, hi = j
             f = flats[k]
-            return kernels.task_sq_norms(f[0][lo:hi], [m[lo:hi] for m in f[1:]], device=ctx.device, chunk=ctx.chunk)
+            return task_gram(f[0][lo:hi], [m[lo:hi] for m in f[1:]], device=ctx.device, chunk=ctx.chunk)
 
         totals: list[torch.Tensor | None] = [None] * len(tensors)
         for (k, _, _), part in zip(jobs, ctx.run(job, jobs)):
@@ -188,7 +194,7 @@ class FusedKernel(MergeKernel):
             assert total is not None
             if not bool(torch.isfinite(total).all()):
                 self.name_nonfinite(tp, raws, None if slab else tp.shared_rows)
-            out.append((tp.norm_group, total.tolist()))
+            out.append((tp.norm_group, tp.name, total.tolist()))
         return out
 
     def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients) -> list[torch.Tensor]:
@@ -244,9 +250,11 @@ class LowRankKernel(MergeKernel):
             return []
         out: Records = []
         for tp in tensors:
-            exact = [src.exact_sq_norm(tp, raw) for src, raw in zip(self.ctx.sources, raws[1:])]
+            # From the factors: ⟨BiAi, BjAj⟩ exactly, never a full-size Δ.
+            exact = [src.exact_part(tp, raw) for src, raw in zip(self.ctx.sources, raws[1:])]
             assert all(e is not None for e in exact), tp.name
-            out.append((tp.norm_group, exact))  # type: ignore[arg-type]
+            gram = mixed_gram([None if isinstance(e, float) else e for e in exact])
+            out.append((tp.norm_group, tp.name, gram.tolist()))
         return out
 
     def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients) -> list[torch.Tensor]:
@@ -328,22 +336,30 @@ class MethodKernel(MergeKernel):
             taus.append(tau)
         return base, ctx.method.transform(taus, ctx.tensor_context(tp))
 
-    def _exact(self, tp: TensorPlan, raws: Raws) -> list[float | None]:
+    def _exact(self, tp: TensorPlan, raws: Raws) -> list:
+        """Each model's τ where known without forming it (LoRA factors, 0.0 untouched), else None."""
         if self.transforms:
             return [None] * len(self.ctx.sources)
-        return [src.exact_sq_norm(tp, raw) for src, raw in zip(self.ctx.sources, raws[1:])]
+        return [src.exact_part(tp, raw) for src, raw in zip(self.ctx.sources, raws[1:])]
+
+    def record(self, tp: TensorPlan, exact: list, taus: list[torch.Tensor] | None) -> Record:
+        """The tensor's Gram matrix: factors where exact, formed τ elsewhere (diagonal: the norms as
+        before, `squared_norm(τ)` or the factors' exact ‖s·B·A‖²)."""
+        parts = [None if isinstance(e, float) else e if e is not None else taus[i]  # type: ignore[index]
+                 for i, e in enumerate(exact)]
+        return (tp.norm_group, tp.name, mixed_gram(parts).tolist())
 
     def reduce(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece,
                read_base: Callable[[], dict[str, torch.Tensor]]) -> Records:
         out: Records = []
         for tp in tensors:
             exact = self._exact(tp, raws)
+            taus = None
             if any(e is None for e in exact):
                 if raws[0] is None:  # read lazily: adapters' exact norms need no base weights
                     raws[0] = read_base()
                 _, taus = self.task_vectors(tp, raws)
-                exact = [squared_norm(t) if e is None else e for e, t in zip(exact, taus)]
-            out.append((tp.norm_group, exact))  # type: ignore[arg-type]
+            out.append(self.record(tp, exact, taus))
         return out
 
     def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients) -> list[torch.Tensor]:
@@ -358,8 +374,7 @@ class MethodKernel(MergeKernel):
         ctx = self.ctx
         base, taus = self.task_vectors(tp, raws)
         if ctx.method.uses_group_norms and coefs.pending(tp.norm_group):
-            exact = self._exact(tp, raws)
-            coefs.settle(tp.norm_group, [squared_norm(t) if e is None else e for e, t in zip(exact, taus)])
+            coefs.settle(self.record(tp, self._exact(tp, raws), taus))
         merged = ctx.method.combine(base, taus, coefs(tp.norm_group), ctx.tensor_context(tp)).to(ST_TO_TORCH[tp.out_dtype])
         self.check_output(tp, merged, raws, tp.shared_rows)
         return self.with_extra_rows(tp, merged, raws)

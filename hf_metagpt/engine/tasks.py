@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors import safe_open
@@ -15,6 +15,9 @@ from .fetch import FileProvider
 from .pieces import Piece, piece_metas
 from .plan import TensorPlan
 from .reader import read_tensors
+
+if TYPE_CHECKING:
+    from ..insight.gram import LowRank
 
 
 def read_metas(info: ModelInfo, model_index: int, metas: list[TensorMeta], files: FileProvider,
@@ -84,6 +87,10 @@ class TaskSource:
         """‖τ‖² without forming τ, or None when τ must be formed to know it."""
         return None
 
+    def exact_part(self, tp: TensorPlan, raw: dict[str, torch.Tensor]) -> "LowRank | float | None":
+        """τ for the Gram matrices without forming it: LoRA factors, 0.0 when untouched, None to form τ."""
+        return None
+
 
 class AdapterSource(TaskSource):
     """τ of a LoRA adapter for one tensor at a time: s·B·A, a saved full tensor − base, or 0."""
@@ -142,6 +149,16 @@ class AdapterSource(TaskSource):
             delta = (delta.t() if m.transposed else delta).mul(m.scale)
             tau = delta if tau is None else tau.add_(delta)
         return torch.zeros_like(base) if tau is None else tau
+
+    def exact_part(self, tp: TensorPlan, raw: dict[str, torch.Tensor]) -> "LowRank | float | None":
+        from ..insight.gram import LowRank
+
+        if tp.name in self.info.full:
+            return None
+        if tp.name not in self.info.lora:
+            return 0.0
+        b, a, m = self.factors(tp, raw, torch.float64, self.device)
+        return LowRank(b, a, m.scale, m.transposed)
 
     def exact_sq_norm(self, tp: TensorPlan, raw: dict[str, torch.Tensor]) -> float | None:
         if tp.name in self.info.full:

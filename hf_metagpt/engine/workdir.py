@@ -266,6 +266,19 @@ def publish(dirs: OutputDirs) -> Path:
     return target
 
 
+def cached_grams(target: Path, key: str) -> list[tuple[str, list[list[float]]]]:
+    """The per-tensor Gram matrices a finished output of the same inputs recorded (empty if none)."""
+    from ..result import COEFFICIENTS_FILE
+
+    try:
+        data = json.loads((target / COEFFICIENTS_FILE).read_text())
+        if data.get("norms_key") != key:
+            return []
+        return [(str(t), [[float(x) for x in row] for row in g]) for t, g in data["geometry"]["tensors"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def cached_norms(target: Path, key: str) -> dict[str, list[float]] | None:
     """Squared norms from a finished output of the same inputs (a rerun or push retry skips pass 1)."""
     from ..result import COEFFICIENTS_FILE
