@@ -74,3 +74,31 @@ def test_methods_without_norms_record_no_geometry(family, tmp_path):
     assert result.geometry is None
     assert "Task-vector geometry" not in (tmp_path / "ta" / "README.md").read_text()
     assert "geometry" not in json.loads((tmp_path / "ta" / "metagpt_coefficients.json").read_text())
+
+
+@pytest.mark.parametrize("granularity", ["layer", "model"])
+def test_a_resumed_merge_has_the_same_geometry(family, tmp_path, monkeypatch, granularity):
+    """The ledger saves the Gram matrices with the norms before each shard: a resumed run keeps them."""
+    from test_engine import _crash_after_renames
+
+    base, fts = family
+    args = dict(base=str(base), models=[str(f) for f in fts], device="cpu", progress=False,
+                max_shard_size="150KB", granularity=granularity)
+    clean = hf_metagpt.merge(output=str(tmp_path / "clean"), **args)
+    _crash_after_renames(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        hf_metagpt.merge(output=str(tmp_path / "out"), **args)
+    monkeypatch.undo()
+    result = hf_metagpt.merge(output=str(tmp_path / "out"), **args)
+    assert result.stats.shards_reused == 2
+    assert result.geometry is not None and result.geometry == clean.geometry
+
+
+def test_metagpt_dare_card_says_the_geometry_is_of_the_dropped_task_vectors(family, tmp_path):
+    base, fts = family
+    result = hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(tmp_path / "d"),
+                              method="metagpt_dare", seed=1, device="cpu", progress=False)
+    assert result.geometry is not None
+    # The λ are the shares of the transformed task vectors' norms: the geometry is of those.
+    assert list(result.geometry.whole.shares) == result.coefficients["model"]
+    assert "(the task vectors after DARE, the ones the λ are computed from)" in (tmp_path / "d" / "README.md").read_text()

@@ -77,7 +77,7 @@ def _largest_pair(geometry: Geometry) -> tuple[float, str, int, int, float] | No
 
 
 def geometry_section(geometry: Geometry, *, granularity: str, figures: Mapping[str, str] | None = None,
-                     lambdas: Sequence[float] | None = None) -> list[str]:
+                     lambdas: Sequence[float] | None = None, transformed: str | None = None) -> list[str]:
     """Markdown lines: the orthogonality check, its overlaps named, and where each model changed the base.
 
     Args:
@@ -85,6 +85,7 @@ def geometry_section(geometry: Geometry, *, granularity: str, figures: Mapping[s
         granularity: the merge's granularity (the advice depends on it).
         figures: file names of the pictures beside the card, by kind (`plots.draw_all`'s keys).
         lambdas: the merge's whole-model λ, when its granularity is `model` (for the cross-term share).
+        transformed: the transform (e.g. "DARE") whose output the task vectors are, when there is one.
     """
     figures = figures or {}
     whole = geometry.whole
@@ -92,7 +93,8 @@ def geometry_section(geometry: Geometry, *, granularity: str, figures: Mapping[s
     lines = [SECTION_TITLE, "",
              "MetaGPT's closed-form λ rest on two assumptions: local linearity, and task vectors that are "
              "orthogonal (τi·τj ≈ 0 for i ≠ j). The second is measured here, on the merged inputs: float64 dot "
-             "products of every pair of task vectors, taken in the same read as the norms."]
+             "products of every pair of task vectors, taken in the same read as the norms"
+             + (f" (the task vectors after {transformed}, the ones the λ are computed from)." if transformed else ".")]
     if t < 2:
         lines += ["", "One fine-tune: there is no pair to check."]
     else:
