@@ -75,7 +75,15 @@ class ShardSink:
             w.close()
             shard = self.plan.shards[tp.shard]
             self.crcs[shard.file] = [w.crcs[t.name] for t in shard.tensors]
-            self.save_progress()
+            try:
+                # The progress record is part of finishing the shard: a full disk here is the
+                # shard's, said as clearly, and its unrecorded bytes are not kept.
+                with disk_full_is_clear(self.work_dir / shard.file):
+                    self.save_progress()
+            except BaseException:
+                del self.crcs[shard.file]
+                w.path.unlink(missing_ok=True)
+                raise
             w.path.rename(self.work_dir / shard.file)
             self.stats.bytes_written += w.size
             del self.writers[tp.shard]
