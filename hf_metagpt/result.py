@@ -90,9 +90,12 @@ class MergeResult:
             },
         }
         if self.geometry is not None:
+            from .insight.card import relabel
             from .insight.report import geometry_json
 
-            out.update(geometry_json(self.geometry, out["groups"], self.granularity))
+            # Published with the merge: models named as in the card (no local path).
+            geometry = relabel(self.geometry, [short_name(m) for m in self.models])
+            out.update(geometry_json(geometry, out["groups"], self.granularity))
         return out
 
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = False,

@@ -207,7 +207,9 @@ def test_coefficients_file_keeps_the_gram_matrices_and_every_entry_exactly():
     for g, entry in data["groups"].items():
         assert entry["gram"] == [list(r) for r in grams[g].values]
         assert entry["cosine"][0][1] == grams[g].cosine(0, 1)
-    assert Geometry.from_json(data["geometry"]) == geo
+    stored = Geometry.from_json(data["geometry"])
+    assert stored.entries == geo.entries  # exactly
+    assert stored.models == ("org/chat", "org/math", "code-ft")  # named as in the card: no local path
     assert data["geometry"]["model"]["sq_norms"] == list(geo.whole.sq_norms)
     assert [o["group"] for o in data["geometry"]["overlaps"]] == ["model", "lm_head.weight"]
     result.geometry = None
