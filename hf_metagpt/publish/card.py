@@ -166,7 +166,31 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
     lines.append(f"A merge of {len(result.models)} fine-tune(s) of `{short_name(result.base)}` made with "
                  f"hf-metagpt {__version__} using **{result.method}** "
                  f"(granularity `{result.granularity}`).")
-    lines += ["", "## Inputs", "", "| role | model | commit |", "|---|---|---|"]
+    local = [r for r in inputs if not r.repo_id]
+    lines += _inputs_section(result, local=bool(local))
+    lines += _method_section(result)
+    lines += _coefficients_section(result, plot)
+    if geometry is not None:
+        from ..insight.card import geometry_section
+
+        model_lam = result.coefficients.get("model") if result.granularity == "model" else None
+        transform = {"metagpt_dare": "DARE", "metagpt_ties": "TIES trimming and sign election"}.get(result.method)
+        lines += ["", *geometry_section(geometry, granularity=result.granularity, figures=figures,
+                                        lambdas=model_lam, transformed=transform)]
+    notes = list(result.warnings) + ([license_note] if license_note else [])
+    if notes:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in notes]
+    if result.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
+    lines += _use_section(result, repo_id)
+    lines += _reproduce_section(result, local=bool(local))
+    lines += _mergekit_section(result)
+    content = f"---\n{data.to_yaml()}\n---\n\n" + _scrub_paths("\n".join(lines), result)
+    return ModelCard(content)
+
+
+def _inputs_section(result: "MergeResult", *, local: bool) -> list[str]:
+    lines = ["", "## Inputs", "", "| role | model | commit |", "|---|---|---|"]
     lines.append(f"| base | {_ref_row(result.base)} |")
     for i, m in enumerate(result.models, 1):
         role = f"LoRA adapter {i}" if m.is_adapter else f"fine-tune {i}"
@@ -175,12 +199,14 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
     if adapters:
         lines += ["", f"{len(adapters)} of the inputs are PEFT LoRA adapters on the base (listed in `base_model` "
                       "like every Hub input): each entered the merge as its task vector Δ = s·B·A."]
-    local = [r for r in inputs if not r.repo_id]
     if local:
         lines += ["", "Local inputs cannot be listed in `base_model`; they are named above by their folder "
                       "name."]
+    return lines
 
-    lines += ["", "## Method", ""]
+
+def _method_section(result: "MergeResult") -> list[str]:
+    lines = ["", "## Method", ""]
     lines.append(_METHOD_TEXT.get(result.method, f"**{result.method}** with parameters `{result.parameters}`."))
     if result.method != "metagpt" and result.method.startswith("metagpt"):
         lines.append("")
@@ -190,48 +216,41 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
         lines += ["", f"Parameters: `{result.parameters}`" + (f", seed {result.seed}" if result.seed is not None else "") + "."]
     lines += ["", f"Tensors were read in their stored dtype, {_precision_text(result.precision)} and written in "
                   f"`{result.out_dtype or 'the base dtype'}`."]
+    return lines
 
-    if result.coefficients:
-        lines += ["", "## Coefficients (λ)", "", result.lambda_table(public=True), ""]
-        if plot:
-            alt = "MetaGPT λ of each model" if list(result.coefficients) == ["model"] else "λ per group and model"
-            lines += [f"![{alt}]({plot})", ""]
-        lines.append("Every group's λ and squared task-vector norms are in `metagpt_coefficients.json`.")
-    if geometry is not None:
-        from ..insight.card import geometry_section
 
-        model_lam = result.coefficients.get("model") if result.granularity == "model" else None
-        transform = {"metagpt_dare": "DARE", "metagpt_ties": "TIES trimming and sign election"}.get(result.method)
-        lines += ["", *geometry_section(geometry, granularity=result.granularity, figures=figures,
-                                        lambdas=model_lam, transformed=transform)]
+def _coefficients_section(result: "MergeResult", plot: str | None) -> list[str]:
+    if not result.coefficients:
+        return []
+    lines = ["", "## Coefficients (λ)", "", result.lambda_table(public=True), ""]
+    if plot:
+        alt = "MetaGPT λ of each model" if list(result.coefficients) == ["model"] else "λ per group and model"
+        lines += [f"![{alt}]({plot})", ""]
+    lines.append("Every group's λ and squared task-vector norms are in `metagpt_coefficients.json`.")
+    return lines
 
-    notes = list(result.warnings)
-    if license_note:
-        notes.append(license_note)
-    if notes:
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in notes]
-    if result.notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
 
+def _use_section(result: "MergeResult", repo_id: str | None) -> list[str]:
     # The folder name only: a local path of the merging machine means nothing on the Hub.
     load_id = repo_id or (f"./{result.output.name}" if result.output else "path/to/merged")
-    lines += ["", "## Use it", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "",
-              f'model = AutoModelForCausalLM.from_pretrained("{load_id}", dtype="auto")',
-              f'tokenizer = AutoTokenizer.from_pretrained("{load_id}")',
-              "```"]
+    return ["", "## Use it", "", "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{load_id}", dtype="auto")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{load_id}")',
+            "```"]
+
+
+def _reproduce_section(result: "MergeResult", *, local: bool) -> list[str]:
     recipe = public_recipe_text(result.recipe)
-    if recipe:
-        lines += ["", "## Reproduce it", "",
-                  f"Made with hf-metagpt {__version__}. Every Hub input is pinned to the commit that was merged"
-                  + ("; local inputs are named by their folder" if local else "") +
-                  ". Save this as `recipe.yaml` and run "
-                  "`hf-metagpt merge --recipe recipe.yaml --output DIR` (or `hf metagpt merge ...`):", "",
-                  "```yaml", recipe.rstrip("\n"), "```", ""]
-    lines += _mergekit_section(result)
-    content = f"---\n{data.to_yaml()}\n---\n\n" + _scrub_paths("\n".join(lines), result)
-    return ModelCard(content)
+    if not recipe:
+        return []
+    return ["", "## Reproduce it", "",
+            f"Made with hf-metagpt {__version__}. Every Hub input is pinned to the commit that was merged"
+            + ("; local inputs are named by their folder" if local else "") +
+            ". Save this as `recipe.yaml` and run "
+            "`hf-metagpt merge --recipe recipe.yaml --output DIR` (or `hf metagpt merge ...`):", "",
+            "```yaml", recipe.rstrip("\n"), "```", ""]
 
 
 def _precision_text(precision: str) -> str:
