@@ -136,7 +136,7 @@ def test_the_local_hub_shows_a_gated_repo_but_serves_its_files_only_with_access(
 
 def test_a_gated_file_cannot_be_claimed_by_committing_its_pointer_elsewhere(gated, hub_endpoint, hub_other_token,
                                                                             hub_other_user, local_hub):
-    ids, _, _, base = gated
+    _, _, _, base = gated
     shard = next(p for p in sorted(base.glob("model-*.safetensors")))
     oid = hashlib.sha256(shard.read_bytes()).hexdigest()
     mine = f"{hub_other_user}/claim-{os.urandom(3).hex()}"
