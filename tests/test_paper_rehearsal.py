@@ -3,8 +3,9 @@
 One repo per model ID of the recipe, each laid out the way such repos really are:
 
 * base (`meta-llama/Llama-2-7b-hf`): float16, both `pytorch_model-*.bin` and safetensors shards, a
-  README with `license: llama2` (the real repo is gated: the local Hub does not model gating yet);
-* general (`meta-llama/Llama-2-7b-chat-hf`): only pickle shards (`pytorch_model-*.bin` + index);
+  README with `license: llama2`, gated like the real repo (the test user was granted access);
+* general (`meta-llama/Llama-2-7b-chat-hf`): only pickle shards (`pytorch_model-*.bin` + index),
+  gated too;
 * math (`TIGER-Lab/MAmmoTH-7B`): float32 weights, MIT licence;
 * code (`mrm8488/llama-2-coder-7b`): an added pad token (one more vocabulary row, tokenizer files
   that say so) and trainer leftovers beside the weights.
@@ -23,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from huggingface_hub import HfApi, ModelCard, snapshot_download
+from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
+from huggingface_hub.errors import GatedRepoError
 from safetensors.torch import load_file, save_file
 
 from hf_metagpt.demo.tiny import TinySpec, build_family, tiny_tokenizer
@@ -81,7 +83,7 @@ def _readme(folder: Path, license_: str, title: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory, local_hub, hub_user):
+def replicas(tmp_path_factory, local_hub, hub_user, hub_new_user):
     recipe = yaml.safe_load(RECIPE.read_text())
     ids = [recipe["base"], *recipe["models"]]
     root = tmp_path_factory.mktemp("paper")
@@ -105,13 +107,30 @@ def replicas(tmp_path_factory, local_hub, hub_user):
     _trainer_leftovers(pub / "code")
     _readme(pub / "code", "llama2", ids[3])
 
-    api = HfApi()
+    # meta-llama's repos belong to an account of theirs, not to the test user: their gate applies to
+    # the test user, who was granted access (as if the licence had been accepted and approved).
+    publisher_token, publisher = hub_new_user("llama-publisher")
     for repo, name in zip(ids, ["base", "chat", "math", "code"]):
-        local_hub.add_org(repo.split("/")[0], [hub_user])
+        ns = repo.split("/")[0]
+        member, token = (publisher, publisher_token) if ns == "meta-llama" else (hub_user, None)
+        local_hub.add_org(ns, [member])
+        api = HfApi(token=token)
         api.create_repo(repo, exist_ok=True)
         api.upload_folder(repo_id=repo, folder_path=pub / name, commit_message=f"tiny replica of {repo}",
                           delete_patterns=["*"])
+        if ns == "meta-llama":
+            local_hub.set_gated(repo, "manual")
+            local_hub.grant_access(repo, hub_user)
     return ids, originals
+
+
+def test_the_meta_llama_replicas_are_gated(replicas, hub_other_token):
+    ids, _ = replicas
+    for repo in ids[:2]:
+        assert HfApi(token=hub_other_token).model_info(repo).gated == "manual"
+        with pytest.raises(GatedRepoError):  # an account without access gets none of their files
+            hf_hub_download(repo, "config.json", token=hub_other_token)
+    assert HfApi(token=hub_other_token).model_info(ids[2]).gated is False
 
 
 def test_the_papers_recipe_runs_by_id_pushes_and_loads(replicas, tmp_path, capsys, hub_user, local_hub):

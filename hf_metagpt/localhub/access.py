@@ -14,6 +14,8 @@ class Access:
 
     Private repos answer 401 (no token) or 404 (another user) on reads, like the Hub, so neither
     learns whether the repo exists; writes need a token of the namespace's owner or org member (403).
+    Gated repos show their info, tree and refs to everyone, and their files only to the owner and
+    the users granted access: others get 401 (no token) or 403 with ``X-Error-Code: GatedRepo``.
     """
 
     def __init__(self, tokens: dict[str, str] | None = None, orgs: dict[str, Iterable[str]] | None = None):
@@ -42,6 +44,22 @@ class Access:
 
     def can_read(self, user: str | None, repo: Repo) -> bool:
         return not repo.private or self.can_write_ns(user, repo.id.split("/")[0])
+
+    def can_download(self, user: str | None, repo: Repo) -> bool:
+        """Whether `user` may read the files of `repo` (its licence gate, if any, is passed)."""
+        return (self.can_read(user, repo) and (not repo.gated or user in repo.granted
+                                                or self.can_write_ns(user, repo.id.split("/")[0])))
+
+    def check_download(self, user: str | None, repo: Repo, base_url: str) -> None:
+        """Raise the Hub's GatedRepo answer when `user` has not been granted access to a gated repo."""
+        if self.can_download(user, repo):
+            return
+        what = f"{repo.type} {repo.id}"
+        if user is None:  # the Hub's wording for each case, which its client shows as is
+            raise HubError(401, f"Access to {what} is restricted. You must have access to it and be authenticated "
+                                "to access it. Please log in.", "GatedRepo")
+        raise HubError(403, f"Access to {what} is restricted and you are not in the authorized list. "
+                            f"Visit {base_url}/{repo.url_id} to ask for access.", "GatedRepo")
 
     @staticmethod
     def require_user(user: str | None) -> str:
@@ -80,6 +98,14 @@ class Context:
     def write(self, repo_type: str, repo_id: str, user: str | None) -> Repo:
         return self.access.repo_for_write(self.store, repo_type, repo_id, user)
 
+    def download(self, repo: Repo, user: str | None, base_url: str) -> None:
+        """Raise unless `user` may read `repo`'s files (see `Access.check_download`)."""
+        self.access.check_download(user, repo, base_url)
+
     def lfs_readable(self, user: str | None, oid: str, size: int | None = None) -> bool:
-        """Whether `user` may use this LFS object: a repo they can read holds it (see `Store.lfs_readable`)."""
-        return self.store.lfs_readable(oid, size, lambda repo: self.access.can_read(user, repo))
+        """Whether `user` may use this LFS object: a repo whose files they can read holds it.
+
+        Files of a gated repo count only for users with access: else committing a pointer to one
+        of its blobs into a repo of one's own would hand the file out (see `Store.lfs_readable`).
+        """
+        return self.store.lfs_readable(oid, size, lambda repo: self.access.can_download(user, repo))

@@ -54,7 +54,7 @@ def info(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, user
     out: dict[str, Any] = {
         "_id": hashlib.sha1(f"{repo_type}/{repo_id}".encode()).hexdigest()[:24], "id": repo_id,
         "author": ns, "sha": commit["id"], "lastModified": commit["date"], "createdAt": iso(repo.created_at),
-        "private": repo.private, "gated": False, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
+        "private": repo.private, "gated": repo.gated, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
         "siblings": siblings, "usedStorage": sum(e["size"] for e in commit["files"].values()),
     }
     if repo_type == "model":
@@ -153,7 +153,9 @@ def resolve_file(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: s
                  user: str | None) -> None:
     """`HEAD`/`GET /{id}/resolve/{rev}/{path}`: the file's bytes (or a Range of them) and the Hub's headers."""
     path = clean_path(path)
-    _, commit = snapshot(ctx, repo_type, repo_id, rev, user)
+    repo, commit = snapshot(ctx, repo_type, repo_id, rev, user)
+    # Before anything about the file: without access even a HEAD (size, ETag) is refused, like the Hub.
+    ctx.download(repo, user, h.base_url())
     entry = commit["files"].get(path)
     if entry is None:
         raise HubError(404, "Entry not found", "EntryNotFound", headers={"X-Repo-Commit": commit["id"]})
@@ -219,7 +221,8 @@ def _stream_blob(h: Exchange, blob: Path, start: int, length: int, path: str) ->
 def safetensors_metadata(ctx: Context, h: Exchange, repo_type: str, repo_id: str, filename: str,
                          user: str | None) -> None:
     """`{index, headers}` of a sharded safetensors repo at main (get_sharded_safetensors_metadata)."""
-    _, commit = snapshot(ctx, repo_type, repo_id, "main", user)
+    repo, commit = snapshot(ctx, repo_type, repo_id, "main", user)
+    ctx.download(repo, user, h.base_url())  # it hands out the shards' headers: file content
     files = commit["files"]
 
     def read(path: str, n: int | None = None, offset: int = 0) -> bytes:

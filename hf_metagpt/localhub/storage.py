@@ -52,6 +52,10 @@ class Repo:
     # LFS objects this repo may hand out: uploaded through it (sha256 checked) or named by one of
     # its commits. Nothing else: the blob store is shared, access to a blob is not.
     lfs: set[str] = field(default_factory=set)
+    # Gated like the Hub's licence-gated models: "auto" or "manual" (how requests are approved on
+    # the Hub; here both need `grant`), or False. Files are then only for the owner and `granted`.
+    gated: str | bool = False
+    granted: set[str] = field(default_factory=set)
 
     @property
     def url_id(self) -> str:
@@ -213,6 +217,10 @@ class Store:
                             repo.refs[ev["ref"]] = ev["target"]
                     elif kind == "settings":
                         repo.private = ev["private"]
+                    elif kind == "gated":
+                        repo.gated = ev["mode"]
+                    elif kind == "access":
+                        (repo.granted.add if ev["granted"] else repo.granted.discard)(ev["user"])
                     elif kind == "pr":
                         repo.pr_count = max(repo.pr_count, ev["num"])
             if good != log_file.stat().st_size:
@@ -271,6 +279,17 @@ class Store:
         with self.lock:
             self._append(repo, {"event": "settings", "private": private})
             repo.private = private
+
+    def set_gated(self, repo: Repo, mode: str | bool) -> None:
+        with self.lock:
+            self._append(repo, {"event": "gated", "mode": mode})
+            repo.gated = mode
+
+    def set_access(self, repo: Repo, user: str, granted: bool) -> None:
+        """Grant (or revoke) `user` access to a gated repo's files; survives a restart."""
+        with self.lock:
+            self._append(repo, {"event": "access", "user": user, "granted": granted})
+            (repo.granted.add if granted else repo.granted.discard)(user)
 
     def next_pr(self, repo: Repo) -> int:
         with self.lock:

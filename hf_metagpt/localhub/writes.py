@@ -89,10 +89,16 @@ def delete_repo(ctx: Context, h: Exchange, user: str | None) -> None:
 
 def settings(ctx: Context, h: Exchange, repo_type: str, repo_id: str, user: str | None) -> None:
     repo = ctx.write(repo_type, repo_id, user)
-    private = _private(as_object(h.json_body(), "Repo settings"), "Repo settings", None)
+    body = as_object(h.json_body(), "Repo settings")
+    private = _private(body, "Repo settings", None)
+    gated = body.get("gated")  # update_repo_settings(gated="auto" | "manual" | False)
+    if gated is not None and gated is not False and gated not in ("auto", "manual"):
+        raise HubError(400, "Repo settings: 'gated' must be 'auto', 'manual' or false")
     if private is not None:
         ctx.store.set_private(repo, private)
-    h.send_json({"private": repo.private})
+    if gated is not None:
+        ctx.store.set_gated(repo, gated)
+    h.send_json({"private": repo.private, "gated": repo.gated})
 
 
 def branch(ctx: Context, h: Exchange, repo_type: str, repo_id: str, name: str, user: str | None) -> None:
