@@ -52,7 +52,9 @@ def test_a_gated_repo_names_the_model_its_page_and_the_token(monkeypatch):
 def gated(tmp_path_factory, hub_new_user, hub_user, local_hub):
     """A tiny family by ID: its base gated (owned by another account), the fine-tunes public."""
     root = tmp_path_factory.mktemp("gated")
-    base, fts = build_family(root, n_models=2, spec=TinySpec(max_shard_size="100KB"))
+    # A seed no other test uses: the local Hub is shared by the whole session, and a blob some other
+    # public repo holds may rightly be committed by anyone (the claim test needs bytes only this repo has).
+    base, fts = build_family(root, n_models=2, spec=TinySpec(max_shard_size="100KB"), seed=90817)
     clean = root / "merged-locally"
     hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(clean), device="cpu", progress=False)
     owner_token, owner = hub_new_user("licensor")
