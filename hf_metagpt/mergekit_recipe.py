@@ -10,7 +10,8 @@ methods resolve them per tensor (`methods/settings.py`).
 What differs, by design:
 
 - mergekit computes in its `dtype`; we compute in float32 and write `out_dtype` (else `dtype`).
-  Results equal mergekit's run with `dtype: float32` within 1 ulp of the output dtype.
+  With `dtype: float32`, linear and task_arithmetic take mergekit's float32 steps
+  (`mergekit_order`) instead of our float64 fused sums, so their outputs are mergekit's bits.
 - `slices`/`passthrough` (layer stacking), `tokenizer_source: union` and methods we don't
   implement are refused with a message; unknown keys are errors naming their line.
 - `metagpt` (and `metagpt_ties`, `metagpt_dare`) are our extension, with `granularity` as a
@@ -125,7 +126,12 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
     granularity = globals_.pop("granularity", None)
     if granularity is not None:
         out["granularity"] = granularity
-    if params := _method_parameters(method, accepted, globals_, entries, tunes):
+    params = _method_parameters(method, accepted, globals_, entries, tunes)
+    if method in _FLOAT32_ORDER and "dtype" in top and r.value(top["dtype"][1]) == "float32":
+        # mergekit computes in its `dtype`: with float32 its sums round at every step, where our
+        # fused kernels accumulate in float64. Take its steps, so float32 outputs are its bits too.
+        params["mergekit_order"] = True
+    if params:
         out["parameters"] = params
     if dtype := _dtype(r, top):
         out["dtype"] = dtype
@@ -226,6 +232,10 @@ def _dtype(r: "_Reader", top: dict) -> str | None:
                 raise r.fail(node, f"{key} {name!r} is not supported", hint="Use bfloat16, float16 or float32.")
             dtype = _DTYPES[name]
     return dtype
+
+
+#: methods our fused kernels would sum more exactly than mergekit's float32 steps
+_FLOAT32_ORDER = ("linear", "task_arithmetic")
 
 
 def _chain(own: Any, fallback: Any) -> Any:

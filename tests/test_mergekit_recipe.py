@@ -18,7 +18,7 @@ from helpers import run_cli
 from reference import assert_within_ulp, load_state
 
 import hf_metagpt
-from hf_metagpt.demo.tiny import build_family
+from hf_metagpt.demo.tiny import TinySpec, build_family
 from hf_metagpt.errors import RecipeError
 from hf_metagpt.mergekit_recipe import parse_mergekit
 from hf_metagpt.options import build_options, parse_recipe
@@ -221,8 +221,10 @@ def test_mergekit_task_arithmetic_with_weight_gradients_takes_the_fused_path(fam
     hf_metagpt.merge(recipe=str(recipe), output=str(out), device="cpu")
     card = (out / "README.md").read_text()
     mk_text = card.split("The same merge as a mergekit recipe")[1].split("```yaml\n")[1].split("```")[0]
+    # (the card's mergekit recipe says `dtype: float32`, so read back it takes mergekit's float32 steps)
     assert parse_mergekit(mk_text)["parameters"] == {
-        "weights": [[1, 0], [{"filter": "mlp", "value": 2}, {"value": 0.5}]], "lambda": 0.8, "normalize": False}
+        "weights": [[1, 0], [{"filter": "mlp", "value": 2}, {"value": 0.5}]], "lambda": 0.8, "normalize": False,
+        "mergekit_order": True}
     b, f1, f2, actual = load_state(base), load_state(fts[0]), load_state(fts[1]), load_state(out)
     for name, v0 in b.items():
         x = layer_x(name)
@@ -262,3 +264,48 @@ def test_mergekit_model_plus_lora_goes_through_our_lora_path(tmp_path):
     # the card's mergekit recipe names the adapter on the base again (by folder names: no local path)
     card = (out / "README.md").read_text()
     assert f"model: {base.name}+{adapter.name}" in card and str(tmp_path) not in card
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_mergekit_float32_recipes_take_mergekit_steps_bit_for_bit(tmp_path, method):
+    """With `dtype: float32` mergekit rounds every float32 step; our fused kernels would sum in float64.
+    A mergekit recipe gets mergekit's steps: the output equals them bit for bit on float32 models."""
+    base, fts = build_family(tmp_path / "fam32", n_models=3, spec=TinySpec(dtype=torch.float32), seed=11)
+    w = [0.5, 0.3, 0.2]
+    entries = "\n".join(f"          - model: {f}\n            parameters: {{weight: {x}}}" for f, x in zip(fts, w))
+    head = f"        base_model: {base}\n" if method == "task_arithmetic" else ""
+    extra = "        parameters: {lambda: 0.9}\n" if method == "task_arithmetic" else ""
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yml(f"""
+        merge_method: {method}
+{head}        models:
+{entries}
+{extra}        dtype: float32
+    """))
+    assert parse_mergekit(recipe.read_text())["parameters"]["mergekit_order"] is True
+    out = tmp_path / "out"
+    hf_metagpt.merge(recipe=str(recipe), output=str(out), device="cpu")
+    b, states, actual = load_state(base), [load_state(f) for f in fts], load_state(out)
+    weights = torch.tensor(w, dtype=torch.float32)
+    differs = 0
+    for name, v0 in b.items():
+        if method == "linear":  # mergekit (measured): w1·θ1, + wt·θt fused per step, ÷ Σw, in float32
+            e = states[0][name].float() * w[0]
+            for s, x in zip(states[1:], w[1:]):
+                e = torch.addcmul(e, s[name].float(), torch.tensor(x, dtype=torch.float32))
+            e = e / weights.sum()
+        else:  # mergekit: θ0 + λ · Σ wt (θt − θ0), each product and sum in float32, in order
+            mixed = None
+            for wt, s in zip(weights, states):
+                term = (s[name].float() - v0.float()) * wt
+                mixed = term if mixed is None else mixed + term
+            e = v0.float() + mixed * 0.9
+        assert torch.equal(actual[name], e), name
+        differs += int((e.double() != _float64_merge(method, v0, [s[name] for s in states], w)).sum())
+    assert differs > 0  # the float64 sum would have given other bits: the steps matter here
+
+
+def _float64_merge(method, v0, thetas, w):
+    if method == "linear":
+        return (sum(x * t.double() for x, t in zip(w, thetas)) / sum(w)).float().double()
+    return (v0.double() + 0.9 * sum(x * (t.double() - v0.double()) for x, t in zip(w, thetas))).float().double()

@@ -365,6 +365,13 @@ class MethodKernel(MergeKernel):
     def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients) -> list[torch.Tensor]:
         return self.ctx.run(lambda tp: self.merge_tensor(tp, raws, coefs), list(tensors))
 
+    def merge_models(self, tp: TensorPlan, raws: Raws) -> torch.Tensor:
+        """A method that combines the fine-tunes themselves (mergekit's float32 linear)."""
+        merged = self.ctx.method.combine_models(_models_f32(self, tp, raws),  # type: ignore[attr-defined]
+                                                self.ctx.tensor_context(tp)).to(ST_TO_TORCH[tp.out_dtype])
+        self.check_output(tp, merged, raws, tp.shared_rows)
+        return self.with_extra_rows(tp, merged, raws)
+
     def merge_tensor(self, tp: TensorPlan, raws: Raws, coefs: Coefficients) -> torch.Tensor:
         """One merged tensor (a one-tensor norm group not yet known is reduced from its τ first)."""
         if not tp.floating:
@@ -372,12 +379,31 @@ class MethodKernel(MergeKernel):
             # pooled read buffer, and the write happens later on the writer thread).
             return raws[0][tp.name].clone()
         ctx = self.ctx
+        if getattr(ctx.method, "wants_models", False):
+            return self.merge_models(tp, raws)
         base, taus = self.task_vectors(tp, raws)
         if ctx.method.uses_group_norms and coefs.pending(tp.norm_group):
             coefs.settle(self.record(tp, self._exact(tp, raws), taus))
         merged = ctx.method.combine(base, taus, coefs(tp.norm_group), ctx.tensor_context(tp)).to(ST_TO_TORCH[tp.out_dtype])
         self.check_output(tp, merged, raws, tp.shared_rows)
         return self.with_extra_rows(tp, merged, raws)
+
+
+def _models_f32(kernel: "MethodKernel", tp: TensorPlan, raws: Raws) -> list[torch.Tensor]:
+    """Every fine-tune's θt of `tp` in float32 (a LoRA adapter's as θ0 + Δ), each checked."""
+    ctx = kernel.ctx
+    base = None
+    out = []
+    for src, raw in zip(ctx.sources, raws[1:]):
+        if src.pooled:
+            t = _f32(raw[tp.name], tp.shared_rows, ctx.device)
+        else:
+            if base is None:
+                base = _f32(raws[0][tp.name], tp.shared_rows, ctx.device)
+            t = src.task_vector(tp, raw, base).add_(base)
+        kernel.check_finite(t, src.info.name, tp.name)
+        out.append(t)
+    return out
 
 
 def transforms(method: MergeMethod) -> bool:

@@ -225,8 +225,23 @@ class TaskArithmetic(TaskArithmeticFamily):
     """Task arithmetic (Ilharco et al., ICLR 2023): θ0 + λ Σt wt τt (÷ Σ wt with normalize)."""
 
     name: ClassVar[str] = "task_arithmetic"
+    #: compute as mergekit does with `dtype: float32`: `combine`'s float32 steps in mergekit's order
+    #: instead of the fused float64 kernel (set by mergekit recipes; our results are then its bits)
+    mergekit_order: bool = False
 
-    def model_weights(self, coeffs: Sequence[float], ctx: TensorContext | None = None) -> tuple[float, list[float]]:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _bool("mergekit_order")(self.name, self.mergekit_order)
+
+    def params(self) -> dict[str, Any]:
+        out = super().params()
+        if self.mergekit_order:
+            out["mergekit_order"] = True
+        return out
+
+    def model_weights(self, coeffs: Sequence[float], ctx: TensorContext | None = None) -> tuple[float, list[float]] | None:
+        if self.mergekit_order:
+            return None  # the method path: τ and `combine` in float32, step by step as mergekit
         # θ0 + Σ ct (θt − θ0) = (1 − Σ ct)·θ0 + Σ ct·θt, with this tensor's ct.
         w = self.tensor_weights(len(coeffs), ctx)
         lam = self.tensor_lambda(ctx)
