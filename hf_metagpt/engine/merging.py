@@ -159,12 +159,51 @@ class MergeKernel:
         return torch.cat([merged, extra], dim=0)
 
 
-class FusedKernel(MergeKernel):
-    """Weighted sums of full fine-tunes with the fused chunked kernels (float64 accumulation)."""
+class WeightedSumKernel(MergeKernel):
+    """What the weighted-sum kernels share: their merge. Every floating tensor becomes w0·θ0 + Σ wt·θt
+    in jobs on the compute threads (`tensor_jobs`, `run_job`: a subclass's arithmetic); integer
+    buffers are copied from the base, copied vocabulary rows from their source; results are checked."""
 
     slabs = True
     threaded = True
     precision = "float64"
+
+    def tensor_jobs(self, tp: TensorPlan, raws: Raws, piece: Piece, w0: float,
+                    weights: list[float]) -> tuple[torch.Tensor, list[tuple]]:
+        raise NotImplementedError
+
+    def run_job(self, j: tuple) -> None:
+        raise NotImplementedError
+
+    def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients) -> list[torch.Tensor]:
+        """The merged tensors (or row slabs) of a piece."""
+        slab = piece.rows is not None
+        if piece.extra_rows:
+            return [self.copied_rows(tp, raws) for tp in tensors]
+        ctx = self.ctx
+        outs: list[torch.Tensor] = []
+        jobs: list[tuple] = []
+        for tp in tensors:
+            if not tp.floating:
+                # Integer buffers are copied from the base unchanged (cloned: the raw tensor lives
+                # in a pooled read buffer, and the write happens later on the writer thread).
+                outs.append(raws[0][tp.name].clone())
+                continue
+            w0, weights = ctx.method.model_weights(coefs(tp.norm_group), ctx.tensor_context(tp))  # type: ignore[misc]
+            out, tensor_jobs = self.tensor_jobs(tp, raws, piece, w0, weights)
+            jobs += tensor_jobs
+            outs.append(out)
+        ctx.run(self.run_job, jobs)
+        for k, tp in enumerate(tensors):
+            if tp.floating:
+                self.check_output(tp, outs[k], raws, None if slab else tp.shared_rows)
+                if not slab:
+                    outs[k] = self.with_extra_rows(tp, outs[k], raws)
+        return outs
+
+
+class FusedKernel(WeightedSumKernel):
+    """Weighted sums of full fine-tunes with the fused chunked kernels (float64 accumulation)."""
 
     def reduce(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece,
                read_base: Callable[[], dict[str, torch.Tensor]]) -> Records:
@@ -197,49 +236,25 @@ class FusedKernel(MergeKernel):
             out.append((tp.norm_group, tp.name, total.tolist()))
         return out
 
-    def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients) -> list[torch.Tensor]:
-        """The merged tensors (or row slabs) of a piece: w0·θ0 + Σ wt·θt in jobs on the compute threads."""
+    def tensor_jobs(self, tp: TensorPlan, raws: Raws, piece: Piece, w0: float,
+                    weights: list[float]) -> tuple[torch.Tensor, list[tuple]]:
+        """w0·θ0 + Σ wt·θt of one tensor (or row slab): its output and its element-range jobs."""
         slab = piece.rows is not None
-        if piece.extra_rows:
-            return [self.copied_rows(tp, raws) for tp in tensors]
-        ctx = self.ctx
-        outs: list[torch.Tensor] = []
-        jobs: list[tuple] = []
-        for tp in tensors:
-            if not tp.floating:
-                # Integer buffers are copied from the base unchanged (cloned: the raw tensor lives
-                # in a pooled read buffer, and the write happens later on the writer thread).
-                outs.append(raws[0][tp.name].clone())
-                continue
-            w0, weights = ctx.method.model_weights(coefs(tp.norm_group), ctx.tensor_context(tp))  # type: ignore[misc]
-            f = self.flats(tp, raws, slab)
-            base = raws[0][tp.name]
-            shape = base.shape if slab or tp.shared_rows is None else (tp.shared_rows, *base.shape[1:])
-            out = torch.empty(shape, dtype=ST_TO_TORCH[tp.out_dtype], device=ctx.device)
-            jobs += [(f, out.view(-1), w0, weights, lo, hi) for lo, hi in self.spans(out.numel())]
-            outs.append(out)
+        f = self.flats(tp, raws, slab)
+        base = raws[0][tp.name]
+        shape = base.shape if slab or tp.shared_rows is None else (tp.shared_rows, *base.shape[1:])
+        out = torch.empty(shape, dtype=ST_TO_TORCH[tp.out_dtype], device=self.ctx.device)
+        return out, [(f, out.view(-1), w0, weights, lo, hi) for lo, hi in self.spans(out.numel())]
 
-        def job(j: tuple) -> None:
-            f, o, w0, weights, lo, hi = j
-            kernels.weighted_models(f[0][lo:hi], [m[lo:hi] for m in f[1:]], w0, weights, o.dtype,
-                                    device=ctx.device, chunk=ctx.chunk, out=o[lo:hi])
-
-        ctx.run(job, jobs)
-        for k, tp in enumerate(tensors):
-            if not tp.floating:
-                continue
-            self.check_output(tp, outs[k], raws, None if slab else tp.shared_rows)
-            if not slab:
-                outs[k] = self.with_extra_rows(tp, outs[k], raws)
-        return outs
+    def run_job(self, j: tuple) -> None:
+        f, o, w0, weights, lo, hi = j
+        kernels.weighted_models(f[0][lo:hi], [m[lo:hi] for m in f[1:]], w0, weights, o.dtype,
+                                device=self.ctx.device, chunk=self.ctx.chunk, out=o[lo:hi])
 
 
-class LowRankKernel(MergeKernel):
+class LowRankKernel(WeightedSumKernel):
     """Weighted sums when every fine-tune is a plain LoRA adapter (no full-size τ ever formed)."""
 
-    slabs = True
-    threaded = True
-    precision = "float64"
     reduce_reads_base = False
 
     def reduce(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece,
@@ -257,46 +272,27 @@ class LowRankKernel(MergeKernel):
             out.append((tp.norm_group, tp.name, gram.tolist()))
         return out
 
-    def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients) -> list[torch.Tensor]:
+    def tensor_jobs(self, tp: TensorPlan, raws: Raws, piece: Piece, w0: float,
+                    weights: list[float]) -> tuple[torch.Tensor, list[tuple]]:
         """w0·θ0 + Σt wt·(θ0 + st·Bt·At) = (w0 + Σ wt)·θ0 + [w1·s1·B1 | w2·s2·B2 | ...]·[A1; A2; ...]:
         one stacked product of rank Σr per block of rows, in float64 (see `kernels.base_plus_lowrank`).
         """
         slab = piece.rows is not None
-        if piece.extra_rows:
-            return [self.copied_rows(tp, raws) for tp in tensors]
-        ctx = self.ctx
-        outs: list[torch.Tensor] = []
-        jobs: list[tuple] = []
-        for tp in tensors:
-            if not tp.floating:
-                outs.append(raws[0][tp.name].clone())  # raw is a view of a pooled buffer
-                continue
-            w0, weights = ctx.method.model_weights(coefs(tp.norm_group), ctx.tensor_context(tp))  # type: ignore[misc]
-            base = raws[0][tp.name]
-            if not slab and tp.shared_rows is not None:
-                base = base[: tp.shared_rows]
-            lo = piece.rows[0] if slab else 0  # type: ignore[index]
-            stacked = self._stacked(tp, raws, weights, lo, base.shape[0])
-            out = torch.empty(base.shape, dtype=ST_TO_TORCH[tp.out_dtype], device=ctx.device)
-            cols = max(1, base[0].numel()) if base.dim() else 1
-            step = max(1, JOB // cols)
-            c0 = w0 + sum(weights)
-            jobs += [(base, stacked, c0, out, r, min(r + step, base.shape[0]))
-                     for r in range(0, base.shape[0], step)]
-            outs.append(out)
+        base = raws[0][tp.name]
+        if not slab and tp.shared_rows is not None:
+            base = base[: tp.shared_rows]
+        lo = piece.rows[0] if slab else 0  # type: ignore[index]
+        stacked = self._stacked(tp, raws, weights, lo, base.shape[0])
+        out = torch.empty(base.shape, dtype=ST_TO_TORCH[tp.out_dtype], device=self.ctx.device)
+        cols = max(1, base[0].numel()) if base.dim() else 1
+        step = max(1, JOB // cols)
+        c0 = w0 + sum(weights)
+        return out, [(base, stacked, c0, out, r, min(r + step, base.shape[0])) for r in range(0, base.shape[0], step)]
 
-        def job(j: tuple) -> None:
-            base, stacked, c0, out, r0, r1 = j
-            kernels.base_plus_lowrank(base[r0:r1], [(b[r0:r1], a) if not t else (b, a[:, r0:r1]) for b, a, t in stacked],
-                                      [t for _, _, t in stacked], c0, out=out[r0:r1])
-
-        ctx.run(job, jobs)
-        for k, tp in enumerate(tensors):
-            if tp.floating:
-                self.check_output(tp, outs[k], raws, None if slab else tp.shared_rows)
-                if not slab:
-                    outs[k] = self.with_extra_rows(tp, outs[k], raws)
-        return outs
+    def run_job(self, j: tuple) -> None:
+        base, stacked, c0, out, r0, r1 = j
+        kernels.base_plus_lowrank(base[r0:r1], [(b[r0:r1], a) if not t else (b, a[:, r0:r1]) for b, a, t in stacked],
+                                  [t for _, _, t in stacked], c0, out=out[r0:r1])
 
     def _stacked(self, tp: TensorPlan, raws: Raws, weights: list[float], lo: int, rows: int) -> list[tuple]:
         """Scaled B factors side by side and A factors stacked, per orientation, for rows [lo, lo+rows)."""
