@@ -28,7 +28,7 @@ import torch
 from ..errors import MergeError
 from . import sparsify
 from .base import MergeMethod, TensorContext
-from .common import LAMBDA_ALIASES, SIGN_METHODS, ParamsMixin, check_real
+from .common import LAMBDA_ALIASES, SIGN_METHODS, ParamsMixin, check_density, check_real
 from .settings import describe, first_set, parse_setting, per_model_list
 
 #: The TIES paper keeps the top 20% (k = 20) in its main experiments.
@@ -41,16 +41,6 @@ PER_MODEL_KEYS = ("weight", "density", "gamma", "epsilon")
 
 def _number(method: str, value: Any) -> float:
     return check_real(method, "value", value)
-
-
-def _density(method: str, value: Any) -> float:
-    d = check_real(method, "density", value)
-    if not 0.0 < d <= 1.0:
-        raise MergeError(
-            f"Method {method!r}: density must be in (0, 1], got {value!r}.",
-            hint="density is the fraction of each task vector kept (1 keeps everything); "
-            "density 0 would drop everything and merge nothing.")
-    return d
 
 
 def _drop_rate(method: str, value: Any) -> float:
@@ -144,7 +134,7 @@ class TaskArithmeticFamily(ParamsMixin, MergeMethod):
 
     def _checker(self, key: str):
         if key == "density":
-            return _density
+            return check_density
         return _fraction(key)
 
     def _model_param(self, key: str, index: int, ctx: TensorContext | None) -> Any:
@@ -261,7 +251,7 @@ class SparseTaskArithmetic(TaskArithmeticFamily):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.density is not None:
-            self.density = parse_setting(self.name, "density", self.density, _density)
+            self.density = parse_setting(self.name, "density", self.density, check_density)
         self.rescale = self.default_rescale if self.rescale is None else _bool("rescale")(self.name, self.rescale)
         if self.majority_sign_method not in SIGN_METHODS or not self.consensus and self.majority_sign_method != "total":
             allowed = SIGN_METHODS if self.consensus else ("total",)
