@@ -32,7 +32,7 @@ from .reader import BufferPool
 from .schedule import Schedule, Step, last_reads, schedule
 from .stats import StreamStats
 from .tasks import TaskSource, read_metas
-from .writer import ShardSink, finished_shards
+from .writer import OutputArena, ShardSink, finished_shards
 
 if TYPE_CHECKING:
     from .distributed import Share
@@ -67,6 +67,7 @@ class Executor:
                                                             allow_nonfinite, run=self._map))
         self.unit = unit_bytes()
         self.pool = BufferPool(slots=2, keep=self.unit)  # one piece in use, the next one being read
+        self.arena = OutputArena(slots=2)  # one piece's merged tensors being written, the next one's merged
         self._reader: ThreadPoolExecutor | None = None
         self._compute: ThreadPoolExecutor | None = None
         self._sink: ShardSink | None = None
@@ -220,13 +221,13 @@ class Executor:
                 self.ledger.finish(step.finishes)
             if not step.merge:
                 continue
-            outs = self.kernel.merge(step.write, raws, step.piece, _Coefficients(self))
+            outs = self.kernel.merge(step.write, raws, step.piece, _Coefficients(self), self.arena.take())
             for tp in step.write:
-                # Handed over one by one: each merged tensor is freed once written, not when the
-                # next piece's tensors exist (a block's worth of memory). The ledger state goes
-                # with it: a shard is renamed into place only once its groups' norms are saved.
-                sink.put(tp, outs.pop(0), part=step.piece.rows is not None,
-                         ledger=self.ledger.state() if norms else None)
+                # Handed over one by one: a merged tensor not carved from the arena is freed once
+                # written. The ledger state goes with it: a shard is renamed into place only once
+                # its groups' norms are saved.
+                self.arena.hold(sink.put(tp, outs.pop(0), part=step.piece.rows is not None,
+                                         ledger=self.ledger.state() if norms else None))
         sink.finish()
         sink.save_progress(self.ledger.state() if norms else None)
         self._sink = None

@@ -21,6 +21,7 @@ stops the merge naming the tensor.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -45,6 +46,13 @@ JOB = 1 << 22
 Record = tuple[str, str, list[list[float]]]
 Records = list[Record]
 Raws = list  # [base tensors by name (or None: not read), then each source's], one piece
+#: where merged tensors go: alloc(shape, dtype) -> an uninitialised CPU tensor (`writer.OutputArena`)
+Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def fresh(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The default `Alloc`: new memory for every tensor."""
+    return torch.empty(shape, dtype=dtype)
 
 
 class Coefficients(Protocol):
@@ -99,7 +107,9 @@ class MergeKernel:
                read_base: Callable[[], dict[str, torch.Tensor]]) -> Records:
         raise NotImplementedError
 
-    def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients) -> list[torch.Tensor]:
+    def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients,
+              alloc: Alloc = fresh) -> list[torch.Tensor]:
+        """The merged tensors (or row slabs) of a piece; `alloc` gives the memory of those it may carve."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared helpers
@@ -169,34 +179,55 @@ class WeightedSumKernel(MergeKernel):
     precision = "float64"
 
     def tensor_jobs(self, tp: TensorPlan, raws: Raws, piece: Piece, w0: float,
-                    weights: list[float]) -> tuple[torch.Tensor, list[tuple]]:
+                    weights: list[float], out: torch.Tensor) -> list[tuple]:
         raise NotImplementedError
 
-    def run_job(self, j: tuple) -> None:
+    def run_job(self, j: tuple) -> float:
+        """Fill one job's part of an output; returns the sum of what it wrote (`kernels.finite_sum`)."""
         raise NotImplementedError
 
-    def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients) -> list[torch.Tensor]:
-        """The merged tensors (or row slabs) of a piece."""
+    def out_shape(self, tp: TensorPlan, raws: Raws, piece: Piece) -> torch.Size:
+        """The merged tensor's (or row slab's) shape: the base's, cut to the shared vocabulary rows."""
+        base = raws[0][tp.name]
+        if piece.rows is not None or tp.shared_rows is None:
+            return base.shape
+        return torch.Size((tp.shared_rows, *base.shape[1:]))
+
+    def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients,
+              alloc: Alloc = fresh) -> list[torch.Tensor]:
+        """The merged tensors (or row slabs) of a piece, in memory from `alloc` (on the CPU).
+
+        Each job sums what it wrote while it is in cache; only a tensor with a non-finite sum gets
+        the exact (slow) check that names the input or the overflow.
+        """
         slab = piece.rows is not None
         if piece.extra_rows:
             return [self.copied_rows(tp, raws) for tp in tensors]
         ctx = self.ctx
+        if ctx.device.type != "cpu":
+            alloc = lambda shape, dtype: torch.empty(shape, dtype=dtype, device=ctx.device)  # noqa: E731
         outs: list[torch.Tensor] = []
         jobs: list[tuple] = []
-        for tp in tensors:
+        owners: list[int] = []
+        for k, tp in enumerate(tensors):
             if not tp.floating:
-                # Integer buffers are copied from the base unchanged (cloned: the raw tensor lives
+                # Integer buffers are copied from the base unchanged (copied: the raw tensor lives
                 # in a pooled read buffer, and the write happens later on the writer thread).
-                outs.append(raws[0][tp.name].clone())
+                src = raws[0][tp.name]
+                outs.append(alloc(src.shape, src.dtype).copy_(src))
                 continue
             w0, weights = ctx.method.model_weights(coefs(tp.norm_group), ctx.tensor_context(tp))  # type: ignore[misc]
-            out, tensor_jobs = self.tensor_jobs(tp, raws, piece, w0, weights)
+            out = alloc(self.out_shape(tp, raws, piece), ST_TO_TORCH[tp.out_dtype])
+            tensor_jobs = self.tensor_jobs(tp, raws, piece, w0, weights, out)
             jobs += tensor_jobs
+            owners += [k] * len(tensor_jobs)
             outs.append(out)
-        ctx.run(self.run_job, jobs)
+        sums = ctx.run(self.run_job, jobs)
+        suspect = {k for k, total in zip(owners, sums) if not math.isfinite(total)}
         for k, tp in enumerate(tensors):
             if tp.floating:
-                self.check_output(tp, outs[k], raws, None if slab else tp.shared_rows)
+                if k in suspect:
+                    self.check_output(tp, outs[k], raws, None if slab else tp.shared_rows)
                 if not slab:
                     outs[k] = self.with_extra_rows(tp, outs[k], raws)
         return outs
@@ -237,19 +268,17 @@ class FusedKernel(WeightedSumKernel):
         return out
 
     def tensor_jobs(self, tp: TensorPlan, raws: Raws, piece: Piece, w0: float,
-                    weights: list[float]) -> tuple[torch.Tensor, list[tuple]]:
-        """w0·θ0 + Σ wt·θt of one tensor (or row slab): its output and its element-range jobs."""
-        slab = piece.rows is not None
-        f = self.flats(tp, raws, slab)
-        base = raws[0][tp.name]
-        shape = base.shape if slab or tp.shared_rows is None else (tp.shared_rows, *base.shape[1:])
-        out = torch.empty(shape, dtype=ST_TO_TORCH[tp.out_dtype], device=self.ctx.device)
-        return out, [(f, out.view(-1), w0, weights, lo, hi) for lo, hi in self.spans(out.numel())]
+                    weights: list[float], out: torch.Tensor) -> list[tuple]:
+        """w0·θ0 + Σ wt·θt of one tensor (or row slab) into `out`: its element-range jobs."""
+        f = self.flats(tp, raws, piece.rows is not None)
+        return [(f, out.view(-1), w0, weights, lo, hi) for lo, hi in self.spans(out.numel())]
 
-    def run_job(self, j: tuple) -> None:
+    def run_job(self, j: tuple) -> float:
         f, o, w0, weights, lo, hi = j
+        total = torch.zeros((), dtype=torch.float64, device=o.device)
         kernels.weighted_models(f[0][lo:hi], [m[lo:hi] for m in f[1:]], w0, weights, o.dtype,
-                                device=self.ctx.device, chunk=self.ctx.chunk, out=o[lo:hi])
+                                device=self.ctx.device, chunk=self.ctx.chunk, out=o[lo:hi], out_sum=total)
+        return float(total)
 
 
 class LowRankKernel(WeightedSumKernel):
@@ -273,7 +302,7 @@ class LowRankKernel(WeightedSumKernel):
         return out
 
     def tensor_jobs(self, tp: TensorPlan, raws: Raws, piece: Piece, w0: float,
-                    weights: list[float]) -> tuple[torch.Tensor, list[tuple]]:
+                    weights: list[float], out: torch.Tensor) -> list[tuple]:
         """w0·θ0 + Σt wt·(θ0 + st·Bt·At) = (w0 + Σ wt)·θ0 + [w1·s1·B1 | w2·s2·B2 | ...]·[A1; A2; ...]:
         one stacked product of rank Σr per block of rows, in float64 (see `kernels.base_plus_lowrank`).
         """
@@ -283,16 +312,16 @@ class LowRankKernel(WeightedSumKernel):
             base = base[: tp.shared_rows]
         lo = piece.rows[0] if slab else 0  # type: ignore[index]
         stacked = self._stacked(tp, raws, weights, lo, base.shape[0])
-        out = torch.empty(base.shape, dtype=ST_TO_TORCH[tp.out_dtype], device=self.ctx.device)
         cols = max(1, base[0].numel()) if base.dim() else 1
         step = max(1, JOB // cols)
         c0 = w0 + sum(weights)
-        return out, [(base, stacked, c0, out, r, min(r + step, base.shape[0])) for r in range(0, base.shape[0], step)]
+        return [(base, stacked, c0, out, r, min(r + step, base.shape[0])) for r in range(0, base.shape[0], step)]
 
-    def run_job(self, j: tuple) -> None:
+    def run_job(self, j: tuple) -> float:
         base, stacked, c0, out, r0, r1 = j
         kernels.base_plus_lowrank(base[r0:r1], [(b[r0:r1], a) if not t else (b, a[:, r0:r1]) for b, a, t in stacked],
                                   [t for _, _, t in stacked], c0, out=out[r0:r1])
+        return float(kernels.finite_sum(out[r0:r1]))
 
     def _stacked(self, tp: TensorPlan, raws: Raws, weights: list[float], lo: int, rows: int) -> list[tuple]:
         """Scaled B factors side by side and A factors stacked, per orientation, for rows [lo, lo+rows)."""
@@ -358,7 +387,8 @@ class MethodKernel(MergeKernel):
             out.append(self.record(tp, exact, taus))
         return out
 
-    def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients) -> list[torch.Tensor]:
+    def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients,
+              alloc: Alloc = fresh) -> list[torch.Tensor]:
         return self.ctx.run(lambda tp: self.merge_tensor(tp, raws, coefs), list(tensors))
 
     def merge_models(self, tp: TensorPlan, raws: Raws) -> torch.Tensor:

@@ -15,7 +15,8 @@ import struct
 import time
 import zlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from pathlib import Path
 
 import torch
@@ -53,15 +54,18 @@ class ShardSink:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-write")
         self._pending: deque = deque()
 
-    def put(self, tp: TensorPlan, tensor: torch.Tensor, part: bool = False, ledger: dict | None = None) -> None:
+    def put(self, tp: TensorPlan, tensor: torch.Tensor, part: bool = False, ledger: dict | None = None) -> Future:
         """Queue a merged tensor (`part`: its next rows; the tensor is complete with its last slab).
 
         `ledger`: the norm ledger's state once this tensor's group was complete (saved with the
-        shard that holds it, before that shard is renamed into place).
+        shard that holds it, before that shard is renamed into place). Returns the write's future:
+        the tensor's memory may be reused once it is done (`OutputArena.hold`).
         """
-        self._pending.append(self._pool.submit(self._write, tp, tensor, part, ledger))
+        fut = self._pool.submit(self._write, tp, tensor, part, ledger)
+        self._pending.append(fut)
         while len(self._pending) > self.depth:
             self._pending.popleft().result()  # re-raises the writer's error here
+        return fut
 
     def _write(self, tp: TensorPlan, tensor: torch.Tensor, part: bool, ledger: dict | None) -> None:
         if ledger is not None:
@@ -105,6 +109,69 @@ class ShardSink:
         self._pool.shutdown(wait=True)
         for w in self.writers.values():
             w.abort()
+
+
+#: Byte alignment of each tensor carved from an arena buffer (a cache line; every dtype's size divides it).
+ALIGN = 64
+
+
+class OutputArena:
+    """Reused memory for the merged tensors of a piece: one buffer per turn, carved tensor by tensor.
+
+    A fresh `torch.empty` for every merged tensor is a fresh mapping from the allocator: each of
+    its pages is faulted in and zeroed by the kernel, then unmapped once the writer is done — for a
+    1.1B merge, 2.2 GB of page faults (measured: over a second of system time per pass). Here a
+    piece's merged tensors are carved from the buffer of its turn, and that buffer comes back two
+    pieces later, once every write that reads from it has finished (`hold`). A buffer grows to the
+    largest piece's output seen on its turn; a request that does not fit gets fresh memory this
+    turn (so the first pieces, or a method whose outputs are not carved, work as before).
+    """
+
+    def __init__(self, slots: int = 2) -> None:
+        self.slots = slots
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._need: dict[int, int] = {}
+        self._held: dict[int, list[Future]] = {}
+        self._turn = 0
+        self._carver: "_Carver | None" = None
+
+    def take(self) -> "_Carver":
+        """The allocator for the next piece's merged tensors (waits for the writes of this turn's last use)."""
+        turn = self._turn
+        self._turn = (turn + 1) % self.slots
+        wait_all(self._held.pop(turn, []))
+        need = self._need.get(turn, 0)
+        buf = self._buffers.get(turn)
+        if need and (buf is None or buf.numel() < need):
+            self._buffers.pop(turn, None)
+            buf = self._buffers[turn] = torch.empty(need, dtype=torch.uint8)
+        self._carver = _Carver(self, turn, buf)
+        return self._carver
+
+    def hold(self, fut: Future) -> None:
+        """A write reading from the current piece's tensors: their buffer waits for it."""
+        if self._carver is not None:
+            self._held.setdefault(self._carver.turn, []).append(fut)
+
+
+class _Carver:
+    """`alloc(shape, dtype)`: tensors side by side in one arena buffer (fresh memory once it is full)."""
+
+    def __init__(self, arena: OutputArena, turn: int, buf: torch.Tensor | None) -> None:
+        self.arena = arena
+        self.turn = turn
+        self.buf = buf
+        self.want = 0  # bytes this piece asked for so far
+
+    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = torch.Size(shape).numel() * dtype.itemsize
+        start = self.want
+        self.want = start + (n + ALIGN - 1) // ALIGN * ALIGN
+        arena = self.arena
+        arena._need[self.turn] = max(arena._need.get(self.turn, 0), self.want)
+        if self.buf is None or self.want > self.buf.numel() or n == 0:
+            return torch.empty(shape, dtype=dtype)
+        return self.buf[start:start + n].view(dtype).view(shape)
 
 
 def shard_header(plan: MergePlan, k: int) -> bytes:
