@@ -111,11 +111,11 @@ def test_interrupted_run_leaves_no_output_and_resumes_to_same_bytes(family, tmp_
     calls = {"n": 0}
     real = merging.FusedKernel.merge
 
-    def crash_later(self, tensors, raws, piece, coefs):
+    def crash_later(self, tensors, raws, piece, coefs, *alloc):
         calls["n"] += len(tensors)
         if calls["n"] >= 25:
             raise KeyboardInterrupt("simulated kill")
-        return real(self, tensors, raws, piece, coefs)
+        return real(self, tensors, raws, piece, coefs, *alloc)
 
     monkeypatch.setattr(merging.FusedKernel, "merge", crash_later)
     out = tmp_path / "out"

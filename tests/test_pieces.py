@@ -189,10 +189,10 @@ def test_pass_two_merges_the_last_group_first_with_the_same_bytes(family, tmp_pa
     order: list[str] = []
     real = merging.FusedKernel.merge
 
-    def spy(self, tensors, raws, piece, coefs):
+    def spy(self, tensors, raws, piece, coefs, *alloc):
         if not order or order[-1] != piece.group.name:
             order.append(piece.group.name)
-        return real(self, tensors, raws, piece, coefs)
+        return real(self, tensors, raws, piece, coefs, *alloc)
 
     monkeypatch.setattr(merging.FusedKernel, "merge", spy)
     names = [g.name for g in _plan(base, fts).groups]

@@ -78,3 +78,46 @@ def test_large_finite_bf16_values_whose_float32_sum_overflows_still_merge(tmp_pa
     merged = {k: v for s in (tmp_path / "out").glob("*.safetensors") for k, v in load_file(s).items()}
     assert torch.equal(merged["model.norm.weight"],
                        torch.full_like(merged["model.norm.weight"], big))
+
+
+def test_architecture_answers_are_kept_per_config_and_transformers_release(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from hf_metagpt.engine import archcache
+    from hf_metagpt.engine.plan import skeleton_names
+
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "home"))
+    config = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 40}
+    calls = []
+
+    def ask():
+        calls.append(1)
+        return {"w": [2, 3]}
+
+    assert archcache.cached("skeleton", config, ask) == {"w": [2, 3]}
+    assert archcache.cached("skeleton", config, ask) == {"w": [2, 3]} and len(calls) == 1
+    path = archcache.entry_path("skeleton", config)
+    assert path.parent == tmp_path / "home" / "hf-metagpt" / "architectures"
+    # Another transformers release, another config: asked again. A damaged entry: asked again.
+    monkeypatch.setattr(archcache, "_transformers_version", lambda: "0.0.1")
+    assert archcache.entry_path("skeleton", config) != path
+    archcache.cached("skeleton", config, ask)
+    archcache.cached("skeleton", {**config, "hidden_size": 32}, ask)
+    assert len(calls) == 3
+    monkeypatch.undo()
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "home"))
+    path.write_text("{not json")
+    assert archcache.cached("skeleton", config, ask) == {"w": [2, 3]} and len(calls) == 4
+    # No answer (an architecture transformers does not know) is not kept.
+    assert archcache.cached("skeleton", {"model_type": "nope"}, lambda: None) is None
+    assert not archcache.entry_path("skeleton", {"model_type": "nope"}).exists()
+    # The real skeleton: the same names and shapes from transformers and from the cache.
+    real = {**config, "hidden_size": 24}
+    fresh = skeleton_names(real)
+    assert fresh["model.layers.1.mlp.down_proj.weight"] == (24, 32)
+    assert archcache.entry_path("skeleton", real).exists()
+    assert skeleton_names(real) == fresh
+    monkeypatch.setenv(archcache.CACHE_ENV, "0")
+    assert archcache.entry_path("skeleton", real) is None
+    assert skeleton_names(real) == fresh

@@ -209,7 +209,9 @@ class Executor:
         """Merge every piece and write its tensors into their shards (finished shards are skipped)."""
         label = "pass 2/2: merge" if self.stats.passes == 2 else "merge"
         name = PROGRESS_FILE if self.share is None else f"progress.partial.{self.share.index}.json"
-        sink = self._sink = ShardSink(self.plan, self.work_dir, self.stats, progress_name=name)
+        # Two pieces' merged tensors may wait for the writer (`ShardSink`): about half the unit.
+        sink = self._sink = ShardSink(self.plan, self.work_dir, self.stats, progress_name=name,
+                                      max_bytes=self.unit // 2)
         norms = self.method.uses_group_norms
 
         def read(step: Step) -> list:

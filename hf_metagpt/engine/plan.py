@@ -15,6 +15,7 @@ from ..errors import IncompatibleModelsError, InputError, MergeError
 from ..options import MergeOptions, parse_size
 from ..safetensors_io import dtype_itemsize
 from ..sources.model import ModelInfo
+from . import archcache
 
 log = logging.getLogger(__name__)
 
@@ -167,20 +168,30 @@ def config_object(config: dict[str, Any]):
         return None
 
 
-def _config_value(config: dict[str, Any], obj: Any, key: str) -> Any:
+def config_facts(config: dict[str, Any]) -> dict[str, Any] | None:
+    """transformers' values of `CONFIG_KEYS` for this config (its class's defaults where the file
+    omits a field), or None when it does not know the architecture. Cached (`archcache`)."""
+    def ask() -> dict[str, Any] | None:
+        obj = config_object(config)
+        return None if obj is None else {key: getattr(obj, key, None) for key in CONFIG_KEYS}
+
+    return archcache.cached("config", config, ask)
+
+
+def _config_value(config: dict[str, Any], facts: dict[str, Any] | None, key: str) -> Any:
     """A config field as transformers reads it: the class's default where the file omits it
     (GPT-2 configs omit `tie_word_embeddings`, which transformers reads as True)."""
-    if key in config or obj is None:
+    if key in config or facts is None:
         return config.get(key)
-    return getattr(obj, key, None)
+    return facts.get(key)
 
 
 def tied_embeddings(config: dict[str, Any]) -> bool:
-    return bool(_config_value(config, config_object(config), "tie_word_embeddings"))
+    return bool(_config_value(config, config_facts(config), "tie_word_embeddings"))
 
 
 def check_configs(base: ModelInfo, models: Sequence[ModelInfo]) -> None:
-    b_obj = config_object(base.config) if models else None
+    b_facts = config_facts(base.config) if models else None
     for m in models:
         b_arch = base.config.get("architectures")
         m_arch = m.config.get("architectures")
@@ -188,9 +199,9 @@ def check_configs(base: ModelInfo, models: Sequence[ModelInfo]) -> None:
             raise IncompatibleModelsError(
                 f"{m.name} is a {m_arch[0]} but the base {base.name} is a {b_arch[0]}.",
                 hint="All fine-tunes must share the base's architecture.")
-        m_obj = config_object(m.config)
+        m_facts = config_facts(m.config)
         for key in CONFIG_KEYS:
-            bv, mv = _config_value(base.config, b_obj, key), _config_value(m.config, m_obj, key)
+            bv, mv = _config_value(base.config, b_facts, key), _config_value(m.config, m_facts, key)
             if key == "tie_word_embeddings":
                 bv, mv = bool(bv), bool(mv)
             elif bv is None or mv is None:
@@ -204,9 +215,16 @@ def check_configs(base: ModelInfo, models: Sequence[ModelInfo]) -> None:
 def skeleton_names(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
     """Parameter names and shapes the base config implies, from an empty-weight (meta) model.
 
-    Built under torch's own `meta` device context (no weights, and unlike accelerate's
-    `init_empty_weights` nothing in `torch.nn` is patched for other threads meanwhile).
+    Cached per config and transformers release (`archcache`): building the model is most of a
+    merge's start-up.
     """
+    names = archcache.cached("skeleton", config, lambda: _skeleton_names(config))
+    return None if names is None else {k: tuple(v) for k, v in names.items()}
+
+
+def _skeleton_names(config: dict[str, Any]) -> dict[str, list[int]] | None:
+    """Built under torch's own `meta` device context (no weights, and unlike accelerate's
+    `init_empty_weights` nothing in `torch.nn` is patched for other threads meanwhile)."""
     try:
         import torch
         from transformers import AutoModelForCausalLM
@@ -223,7 +241,7 @@ def skeleton_names(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
             state = revert_weight_conversion(model, state)
         except Exception as exc:  # older transformers, or a conversion that needs real tensors
             log.debug("stored names of %s not derived (%s); using the module names", config.get("model_type"), exc)
-        return {k: tuple(v.shape) for k, v in state.items()}
+        return {k: list(v.shape) for k, v in state.items()}
     except Exception as exc:  # custom architectures: the check is skipped, not the merge
         log.warning("Could not build a %s skeleton to check parameter names (%s); skipping that check.",
                     config.get("model_type"), exc)

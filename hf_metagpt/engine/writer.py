@@ -36,23 +36,28 @@ class ShardSink:
     """Writes merged tensors into their shards, in plan order, on the writer thread it owns.
 
     Writing is mostly the kernel copying into the page cache and throttling on write-back; on
-    its own thread it overlaps with reading and merging the next tensors. At most `depth`
-    merged tensors wait, so memory stays bounded. A finished shard is fsynced, recorded in the
-    progress file (with the ledger state that came with its last tensor), then renamed into place.
+    its own thread it overlaps with reading and merging the next tensors. Merged tensors wait
+    while they hold at most `max_bytes` together (always at least one), so memory stays bounded:
+    with the output arena's two turns, a piece's tensors are written while the next piece merges
+    (a bound of one tensor made the merge wait for each write). A finished shard is fsynced,
+    recorded in the progress file (with the ledger state that came with its last tensor), then
+    renamed into place.
     """
 
     def __init__(self, plan: MergePlan, work_dir: Path, stats: StreamStats, *, progress_name: str = PROGRESS_FILE,
-                 depth: int = 1) -> None:
+                 max_bytes: int = 0) -> None:
         self.plan = plan
         self.work_dir = work_dir
         self.stats = stats
-        self.depth = depth
+        self.max_bytes = max_bytes
         self.progress_name = progress_name
         self.writers: dict[int, ShardWriter] = {}
         self.crcs: dict[str, list[int]] = {}  # finished shards of this run: CRC-32 of each tensor
         self._ledger: dict = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-write")
-        self._pending: deque = deque()
+        self._pending: deque[tuple[Future, int]] = deque()  # (write, bytes it holds)
+        self._waiting = 0
+        self._failed = False  # set on the writer thread by the first failed write
 
     def put(self, tp: TensorPlan, tensor: torch.Tensor, part: bool = False, ledger: dict | None = None) -> Future:
         """Queue a merged tensor (`part`: its next rows; the tensor is complete with its last slab).
@@ -62,12 +67,26 @@ class ShardSink:
         the tensor's memory may be reused once it is done (`OutputArena.hold`).
         """
         fut = self._pool.submit(self._write, tp, tensor, part, ledger)
-        self._pending.append(fut)
-        while len(self._pending) > self.depth:
-            self._pending.popleft().result()  # re-raises the writer's error here
+        self._pending.append((fut, tensor.numel() * tensor.element_size()))
+        self._waiting += self._pending[-1][1]
+        while len(self._pending) > 1 and (self._waiting > self.max_bytes or self._pending[0][0].done()):
+            done, n = self._pending.popleft()
+            self._waiting -= n
+            done.result()  # re-raises the writer's error here
         return fut
 
     def _write(self, tp: TensorPlan, tensor: torch.Tensor, part: bool, ledger: dict | None) -> None:
+        # Writes queued behind a failed one are not done: the error (a full disk, a kill) stops
+        # the shards as it finds them, as if each write had been waited for.
+        if self._failed:
+            raise RuntimeError("an earlier write failed")
+        try:
+            self._write_one(tp, tensor, part, ledger)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _write_one(self, tp: TensorPlan, tensor: torch.Tensor, part: bool, ledger: dict | None) -> None:
         if ledger is not None:
             self._ledger = ledger
         w = self.writers.get(tp.shard)
@@ -100,11 +119,11 @@ class ShardSink:
 
     def finish(self) -> None:
         while self._pending:
-            self._pending.popleft().result()
+            self._pending.popleft()[0].result()
         self._pool.shutdown()
 
     def abort(self) -> None:
-        for fut in self._pending:
+        for fut, _ in self._pending:
             fut.cancel()
         self._pool.shutdown(wait=True)
         for w in self.writers.values():
