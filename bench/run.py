@@ -1,8 +1,10 @@
-"""Time hf-metagpt merges against the read floor (and mergekit), on one fixture, in one run.
+"""Time hf-metagpt merges against the read+write floor (and mergekit), on one fixture, in one run.
 
-Every merge is paired with a cold read floor taken just before it, so what we quote is the
-ratio ``merge / floor`` of a pair run back to back: the disk here is too uneven from hour to hour
-for absolute seconds to mean much. See bench/README.md for the method.
+A merge must read every input byte once and write its output once, so the floor is a cold read of
+all inputs (`cat` after evicting them from the page cache) plus a buffered write of an output-sized
+file (`dd` into a fresh file). Every merge is paired with a floor taken just before it, and what we
+quote is the ratio ``merge / floor`` of each pair: the disk here is too uneven from hour to hour for
+absolute seconds to mean much. See bench/README.md for the method.
 
     python bench/make_fixture.py           # once: bench/fixtures/llama-1.1b (4 x 2.2 GB)
     python bench/run.py                    # floor + hf-metagpt (layer and model granularity)
@@ -51,7 +53,7 @@ class Run:
     ok: bool
     rss_source: str
     note: str = ""
-    floor_s: float | None = None  # the cold floor read just before this run, for the ratio
+    floor_s: float | None = None  # the read+write floor measured just before this run, for the ratio
 
     @property
     def ratio(self) -> float | None:
@@ -159,18 +161,66 @@ def read_floor(inputs: list[Path], cold: bool = True) -> Run:
     return timed("floor cold" if cold else "floor warm", ["cat", *map(str, inputs)])
 
 
-def measure(case: Case, inputs: list[Path]) -> Run:
-    """A cold floor, then the case itself on cold inputs; the pair gives one ratio."""
+def write_floor(nbytes: int, folder: Path) -> Run:
+    """A buffered ``dd`` of ``nbytes`` zeros into a fresh file in ``folder`` (then synced, evicted, removed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "floor-write.bin"
+    target.unlink(missing_ok=True)
+    run = timed("floor write", ["dd", "if=/dev/zero", f"of={target}", "bs=64M", f"count={nbytes}",
+                                "iflag=count_bytes", "status=none"])
+    clear_output(folder)
+    return run
+
+
+@dataclass
+class Floor:
+    """One read+write floor: the cold read of every input, then the write of an output-sized file."""
+
+    read: Run
+    write: Run
+
+    @property
+    def wall_s(self) -> float:
+        return self.read.wall_s + self.write.wall_s
+
+
+def floor(inputs: list[Path], out_bytes: int, scratch: Path) -> Floor:
+    return Floor(read_floor(inputs, cold=True), write_floor(out_bytes, scratch))
+
+
+def warm_up_memory(reserve: int = 1 << 30) -> float:
+    """Touch every free page of RAM once (then give it back); returns the seconds it took.
+
+    On a VM whose host backs guest memory only when it is first touched (and takes freed pages back
+    lazily), the first writes into fresh page-cache pages cost up to ten times more than later ones
+    (a 2.2 GB `dd` into a new file: 7 s the first time, 0.7 s after). Done once before the pairs, so
+    neither the floor nor a merge pays for the machine's history.
+    """
+    import numpy as np
+
+    free = psutil.virtual_memory().free
+    t0 = time.perf_counter()
+    blocks, left = [], max(0, free - reserve)
+    while left > 0:
+        n = min(left, 1 << 30)
+        blocks.append(np.ones(n, dtype=np.uint8))
+        left -= n
+    del blocks
+    return time.perf_counter() - t0
+
+
+def measure(case: Case, inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[Run, Floor]:
+    """A read+write floor, then the case itself on cold inputs; the pair gives one ratio."""
     clear_output(case.output)
-    floor = read_floor(inputs, cold=True)
+    fl = floor(inputs, out_bytes, scratch)
     evict(inputs)
     run = timed(case.name, case.argv)
-    run.floor_s = floor.wall_s
+    run.floor_s = fl.wall_s
     if run.ok and not any(case.output.glob("*.safetensors")):
         run.ok, run.note = False, "exit 0 but no .safetensors in the output"
     os.sync()  # write-back of the output must not spill into the next measurement
     clear_output(case.output)
-    return run
+    return run, fl
 
 
 # --------------------------------------------------------------------------- tools
@@ -288,7 +338,7 @@ def summarize(name: str, runs: list[Run], mk_wall: float | None, pending: str = 
             "user_s": _med([r.user_s for r in ok]),
             "sys_s": _med([r.sys_s for r in ok]),
         }
-        row["ratio_mergekit"] = row["wall_s"] / mk_wall if mk_wall else None
+        row["speedup_mergekit"] = mk_wall / row["wall_s"] if mk_wall else None
     return row
 
 
@@ -301,7 +351,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"({m['disk_free_gb_at_start']} GB free); load at start {m['load_avg_at_start']}; "
         f"repeats: {meta['repeat']} (medians, span in brackets); commit {meta['git']}.",
         "",
-        "| what | wall | ÷ floor | ÷ mergekit | peak RSS | user / sys CPU |",
+        "| what | wall | ÷ floor | mergekit ÷ this | peak RSS | user / sys CPU |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -312,12 +362,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         out.append(
             f"| {r['what']} | {_fmt(r['wall_s'], '.1f', ' s')}{r['wall_span']} "
             f"| {_fmt(r.get('ratio_floor'), '.2f', '×')}{r.get('ratio_span', '')} "
-            f"| {_fmt(r.get('ratio_mergekit'), '.2f', '×')} "
+            f"| {_fmt(r.get('speedup_mergekit'), '.2f', '×')} "
             f"| {_fmt(r.get('peak_rss_gb'), '.2f', ' GB')} "
             f"| {_fmt(r.get('user_s'), '.1f')} / {_fmt(r.get('sys_s'), '.1f')} s |"
         )
-    out += ["", f"RSS: {meta['rss_source']}. ÷ floor: each run over the cold `cat` floor read "
-                f"just before it. {meta['mergekit']}"]
+    out += ["", f"RSS: {meta['rss_source']}. ÷ floor: each run over the read+write floor measured just "
+                f"before it (cold `cat` of the inputs, then a buffered `dd` of {meta['out_gb']:.2f} GB, the output's "
+                f"size); medians of the pairs. mergekit ÷ this: mergekit's median wall over this row's. "
+                f"Memory warm-up before the pairs: {meta['warm_up_s']:.1f} s. {meta['mergekit']}"]
     return "\n".join(out) + "\n"
 
 
@@ -365,37 +417,45 @@ def main(argv: list[str] | None = None) -> int:
                    f"weight {MERGEKIT_WEIGHT:.3f} per task." if exe else f"mergekit: {ver}")
 
     print(f"fixture: {fixture} — {len(models)} models, {len(inputs)} shards, {input_gb:.2f} GB", flush=True)
-    floors_cold: list[Run] = []
-    floors_warm: list[Run] = []
+    # The output has the base's dtype and tensors: its size is the base's shards'.
+    out_bytes = sum(f.stat().st_size for f in shard_files(models[0]))
+    scratch = out_root / "floor"
+    warm_s = warm_up_memory()
+    first = floor(inputs, out_bytes, scratch)  # once, not counted: the first fresh-file write of the hour
+    print(f"memory warm-up {warm_s:.1f} s; first floor (not counted) read {first.read.wall_s:.1f} s "
+          f"+ write {first.write.wall_s:.1f} s", flush=True)
+    floors: list[Floor] = []
     for i in range(args.repeat):
-        cold = read_floor(inputs, cold=True)
-        warm = read_floor(inputs, cold=False)
-        floors_cold.append(cold)
-        floors_warm.append(warm)
-        print(f"[{i + 1}/{args.repeat}] floor cold {cold.wall_s:.1f} s, warm {warm.wall_s:.1f} s", flush=True)
+        if "floor" in only and not any(not c.pending for c in cases):
+            fl = floor(inputs, out_bytes, scratch)
+            floors.append(fl)
+            print(f"[{i + 1}/{args.repeat}] floor read {fl.read.wall_s:.1f} s + write {fl.write.wall_s:.1f} s",
+                  flush=True)
         for case in cases:
             if case.pending:
                 continue
-            run = measure(case, inputs)
+            run, fl = measure(case, inputs, out_bytes, scratch)
+            floors.append(fl)
             case.runs.append(run)
             if not run.ok and case.name.startswith("hf-metagpt"):
                 case.pending = run.note  # the engine is not ready: do not retry each repeat
             rss = _fmt(run.peak_rss_bytes / 1e9 if run.peak_rss_bytes else None, ".2f", " GB")
-            print(f"[{i + 1}/{args.repeat}] {case.name}: {run.wall_s:.1f} s, {rss}, "
-                  f"floor {run.floor_s:.1f} s, ratio {_fmt(run.ratio, '.2f', '×')} {run.note}", flush=True)
+            print(f"[{i + 1}/{args.repeat}] {case.name}: {run.wall_s:.1f} s, {rss}, floor {fl.read.wall_s:.1f} "
+                  f"+ {fl.write.wall_s:.1f} s, ratio {_fmt(run.ratio, '.2f', '×')} {run.note}", flush=True)
     shutil.rmtree(out_root, ignore_errors=True)
 
     mk = next((c for c in cases if c.name.startswith("mergekit")), None)
     mk_wall = _med([r.wall_s for r in mk.runs if r.ok]) if mk else None
-    floor_cold_row = summarize("floor: `cat` of all inputs, cold", floors_cold, None)
-    floor_cold_row["ratio_floor"] = 1.0
-    floor_cold_row["ratio_span"] = ""
-    floor_cold_row["peak_rss_gb"] = None
-    floor_warm_row = summarize("floor: `cat`, warm (second read)", floors_warm, None)
-    floor_warm_row["ratio_floor"] = _med([w.wall_s / c.wall_s for w, c in zip(floors_warm, floors_cold)])
-    floor_warm_row["ratio_span"] = ""
-    floor_warm_row["peak_rss_gb"] = None
-    rows = [floor_cold_row, floor_warm_row]
+    rows = []
+    for name, runs in (("floor: cold read of all inputs (`cat`)", [f.read for f in floors]),
+                       ("floor: buffered write of an output-sized file (`dd`)", [f.write for f in floors])):
+        row = summarize(name, runs, None)
+        row["ratio_floor"], row["ratio_span"], row["peak_rss_gb"] = None, "", None
+        rows.append(row)
+    total = [Run("floor", f.wall_s, None, None, None, True, "", floor_s=f.wall_s) for f in floors]
+    row = summarize("floor: read + write (each ratio's denominator)", total, mk_wall)
+    row["ratio_span"], row["peak_rss_gb"] = "", None
+    rows.append(row)
     for c in cases:
         if c.runs and any(r.ok for r in c.runs):
             rows.append(summarize(c.name, c.runs, mk_wall if c is not mk else None))
@@ -413,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         "fixture_desc": f"{fixture.name}: base + {len(models) - 1} fine-tunes, {len(inputs)} shards, "
                         f"{input_gb:.2f} GB bf16",
         "input_bytes": int(input_gb * 1e9),
+        "out_gb": out_bytes / 1e9,
+        "warm_up_s": warm_s,
         "repeat": args.repeat,
         "git": git_rev(),
         "machine": machine(),
@@ -427,8 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = {
         "meta": meta,
         "rows": rows,
-        "floors_cold": [asdict(r) for r in floors_cold],
-        "floors_warm": [asdict(r) for r in floors_warm],
+        "floors": [{"read": asdict(f.read), "write": asdict(f.write), "total_s": f.wall_s} for f in floors],
         "cases": [{"name": c.name, "argv": [a.replace(str(REPO_DIR) + "/", "") for a in c.argv],
                    "pending": c.pending, "runs": [asdict(r) | {"ratio": r.ratio} for r in c.runs]}
                   for c in cases],

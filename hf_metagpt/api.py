@@ -163,13 +163,22 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
     device = select_device(opts.device)
     target = output_folder(opts)
     lock = OutputLock(target).acquire() if main else None
+    plotting = None
     try:
         job = _on_main(world, lambda: _prepare(opts, method, target, device.type, overlap=world is None))
         files = _provider(job.plan, opts, job.dirs) if world is None else None
         executor = _executor(job, method, opts, device, files, world, progress)
+        if main:  # the card's plotting library loads while the merge runs (joined before the card)
+            from .insight.plots import preload
+
+            plotting = preload()
         executor.run()
+        if plotting is not None:
+            plotting.join()
         result = _on_main(world, lambda: _finish(job, method, opts, executor))
     finally:
+        if plotting is not None:
+            plotting.join()
         if lock is not None:
             lock.release()
     if opts.push_to and main:

@@ -179,3 +179,78 @@ def test_a_merge_writes_the_same_bytes_direct_and_buffered(tmp_path, monkeypatch
     assert len(files) > 2
     for name in files:
         assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "buffered" / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------- exactness of the fused weighted sum
+
+def _ulp(x, dtype: torch.dtype):
+    """One ulp of `dtype` at the exact value x (a Fraction), taken in the lower binade at a power of two."""
+    import math
+    from fractions import Fraction
+
+    info = torch.finfo(dtype)
+    digits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}[dtype]
+    tiny = Fraction(info.smallest_normal)
+    sub = tiny / 2 ** (digits - 1)  # the subnormal spacing
+    ax = abs(x)
+    if ax < tiny:
+        return sub
+    _, e = math.frexp(float(ax) * (1 - 2 ** -40))  # ax < 2**e (lower binade at an exact power of two)
+    return max(Fraction(2) ** (e - digits), sub)
+
+
+def _within_one_ulp(out: torch.Tensor, base, models, w0, weights) -> list[int]:
+    """Indices where `out` is more than one ulp of its dtype from the exact Σ w·θ (rational arithmetic)."""
+    from fractions import Fraction
+
+    bad = []
+    cols = [base.double().tolist(), *[m.double().tolist() for m in models]]
+    ws = [Fraction(w0), *map(Fraction, weights)]
+    for i, got in enumerate(out.double().tolist()):
+        exact = sum((w * Fraction(c[i]) for w, c in zip(ws, cols)), Fraction(0))
+        if abs(Fraction(got) - exact) > _ulp(exact, out.dtype):
+            bad.append(i)
+    return bad
+
+
+def _adversarial(case: str):
+    """(base, models, w0, weights, out dtype): inputs a float32 accumulator gets wrong, or nearly."""
+    g = torch.Generator().manual_seed(7)
+    n = 300
+    x = (1 + torch.rand(n, generator=g)).to(torch.bfloat16)
+    if case == "cancellation":
+        # w1·x − w2·x with w1 − w2 = 2⁻³⁰: the result is 2⁻³⁰·x, a billionth of the terms.
+        base = (torch.randn(n, generator=g) * 1e-3).to(torch.bfloat16)
+        return base, [x, -x, x], 0.0, [0.5 + 2 ** -30, 0.5, 0.0], torch.bfloat16
+    if case == "cancellation-with-base":
+        # θ0 + Σλ(θt − θ0) = w0·θ0 + Σλθt with w0 = 1 − Σλ = 2⁻²⁸ and λ1θ1 + λ2θ2 cancelling to 2⁻²⁸·x:
+        # the result is 2⁻²⁷·x (float32 rounds λ2 to 0.5 and gets half of it).
+        lam = [0.5, 0.5 - 2 ** -28, 0.0]
+        return x, [x, -x, (x * 3).to(torch.bfloat16)], 1 - sum(lam), lam, torch.bfloat16
+    if case == "large":
+        big = (torch.rand(n, generator=g) * 3.3e38).to(torch.bfloat16)
+        return big, [-big, big, (big * 0.5).to(torch.bfloat16)], 0.1, [0.3, 0.3, 0.3], torch.bfloat16
+    if case == "tiny":
+        small = (torch.randn(n, generator=g) * 1e-38).to(torch.bfloat16)  # bf16 subnormals and near them
+        return small, [small * 3, -small, small * 0.5], 0.2, [0.3, 0.2, 0.3], torch.bfloat16
+    if case == "float16-range":
+        v = torch.randn(n, generator=g)
+        base = (v * 3e4).to(torch.bfloat16)
+        return base, [(-base * 0.999).to(torch.bfloat16), (v * 1e-5).to(torch.bfloat16), base * 0], \
+            0.5, [0.5, 0.75, 0.125], torch.float16
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["cancellation", "cancellation-with-base", "large", "tiny", "float16-range"])
+def test_fused_weighted_sum_is_within_one_ulp_of_the_exact_sum_on_adversarial_values(case, monkeypatch):
+    """The bound the README states for 16-bit outputs, against exact rational arithmetic: the float64
+    accumulator's error (≤ (T+2)·2⁻⁵³·Σ|w·θ|) stays far below half an output ulp even when the terms
+    cancel a billion-fold; a float32 accumulator does not (asserted, so this test can tell them apart)."""
+    monkeypatch.setattr(kernels, "CHUNK", 64)  # several chunks and a ragged last one
+    base, models, w0, weights, out_dtype = _adversarial(case)
+    out = kernels.weighted_models(base, models, w0, weights, out_dtype)
+    assert torch.isfinite(out).all()
+    assert _within_one_ulp(out, base, models, w0, weights) == []
+    if case.startswith("cancellation"):
+        f32 = (base.float() * w0 + sum(m.float() * w for m, w in zip(models, weights))).to(out_dtype)
+        assert len(_within_one_ulp(f32, base, models, w0, weights)) > 100
