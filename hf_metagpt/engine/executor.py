@@ -28,7 +28,7 @@ from .ledger import PROGRESS_FILE, NormLedger
 from .merging import FusedKernel, KernelContext, MergeKernel, MethodKernel, Record, choose_kernel, compute_workers
 from .pieces import Piece, piece_bytes, piece_metas, split_group, unit_bytes
 from .plan import MergePlan
-from .reader import BufferPool
+from .reader import BufferPool, advise
 from .schedule import Schedule, Step, last_reads, schedule
 from .stats import StreamStats
 from .tasks import TaskSource, read_metas
@@ -268,19 +268,41 @@ class Executor:
         infos = self._pooled_infos()
         sizes = [piece_bytes(s.piece, infos) for s in steps]
         budget = 2 * self.unit
-        pending = self._reader.submit(read, steps[0]) if steps else None
+
+        def read_next(k: int) -> list:
+            # Local files: the piece after this one is asked of the disk before this one is read,
+            # so the disk keeps reading while this thread waits for the merge.
+            if k + 1 < len(steps) and isinstance(self.files, LocalFiles):
+                self._advise(steps[k + 1])
+            return read(steps[k])
+
+        pending = self._reader.submit(read_next, 0) if steps else None
         for k, step in enumerate(_progress(steps, desc, self.progress)):
             raws = pending.result()  # type: ignore[union-attr]
             ahead = k + 1 < len(steps) and sizes[k] + sizes[k + 1] <= budget
-            pending = self._reader.submit(read, steps[k + 1]) if ahead else None
+            pending = self._reader.submit(read_next, k + 1) if ahead else None
             try:
                 yield step, raws
             finally:
                 del raws
             if pending is None and k + 1 < len(steps):
-                pending = self._reader.submit(read, steps[k + 1])
+                pending = self._reader.submit(read_next, k + 1)
             for i, file in done_after.get(k, ()):
                 self.files.release(i, self.plan.inputs[i], file)
+
+    def _advise(self, step: Step) -> None:
+        """Readahead of a step's pooled inputs (`reader.advise`); a failure only loses the hint."""
+        parts = [(self.plan.base, 0, piece_metas(step.piece, self.plan.base, 0))]
+        parts += [(src.info, src.index, src.metas(step.piece)) for src in self.sources if src.pooled]
+        try:
+            for info, i, metas in parts:
+                by_file: dict[str, list[TensorMeta]] = {}
+                for m in metas:
+                    by_file.setdefault(m.file, []).append(m)
+                for file, part in by_file.items():
+                    advise(self.files.path(i, info, file), part)
+        except OSError as exc:
+            log.debug("readahead hint failed: %s", exc)
 
     def _read_base(self, piece: Piece) -> dict[str, torch.Tensor]:
         """The base's tensors of a piece, read on demand (not pooled: both pool turns are in use)."""
