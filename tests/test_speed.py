@@ -3,8 +3,10 @@ it is written, and the cheap finiteness check falls back to the exact one instea
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import zlib
 from concurrent.futures import Future
 
 import pytest
@@ -159,9 +161,9 @@ def test_direct_writes_in_any_order_and_slabs_give_the_bytes_safetensors_reads(t
         assert path.stat().st_size == w.size
         got = load_file(path)
         assert all(torch.equal(got[k], v) for k, v in tensors.items())
-        assert w.crcs == {k: __import__("zlib").crc32(v.contiguous().view(torch.uint8).numpy().tobytes())
+        assert w.crcs == {k: zlib.crc32(v.contiguous().view(torch.uint8).numpy().tobytes())
                           for k, v in tensors.items()}
-    if not hasattr(__import__("os"), "O_DIRECT"):
+    if not hasattr(os, "O_DIRECT"):
         pytest.skip("no O_DIRECT on this platform")
     # Where the file system takes O_DIRECT, every shard above was written with it.
     assert direct in (0, 25)
@@ -254,3 +256,78 @@ def test_fused_weighted_sum_is_within_one_ulp_of_the_exact_sum_on_adversarial_va
     if case.startswith("cancellation"):
         f32 = (base.float() * w0 + sum(m.float() * w for m, w in zip(models, weights))).to(out_dtype)
         assert len(_within_one_ulp(f32, base, models, w0, weights)) > 100
+
+
+# ---------------------------------------------------------------- direct reads
+
+def _evict(folder):
+    import os
+
+    os.sync()
+    for f in folder.rglob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _can_probe_cache(path) -> bool:
+    import os
+
+    from hf_metagpt.engine import reader
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return reader._cached(fd, 0) is not None
+    finally:
+        os.close(fd)
+
+
+def test_direct_reads_give_the_tensors_buffered_reads_give(tmp_path):
+    from hf_metagpt.engine import reader
+    from hf_metagpt.safetensors_io import read_header
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"t{i}": torch.randn(int(torch.randint(1, 3000, (1,), generator=g)), 3, generator=g).to(dtype)
+               for i, dtype in enumerate([torch.bfloat16, torch.float32, torch.float16, torch.bfloat16, torch.float32])}
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, path)
+    metas = list(read_header(path).values())
+    _evict(tmp_path)
+    pool = torch.empty(sum(m.nbytes for m in metas) + reader.DIRECT_SLACK * len(metas), dtype=torch.uint8)
+    got, used = reader.read_tensors_into(path, metas, pool[1:], direct=True)  # an odd start in the pool
+    assert used <= pool.numel() - 1
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    if not _can_probe_cache(path):
+        pytest.skip("no RWF_NOWAIT here: every run is read buffered")
+    # A truncated file is named, direct or not.
+    path.write_bytes(path.read_bytes()[:-4000])
+    _evict(tmp_path)
+    with pytest.raises(Exception, match="ended early"):
+        reader.read_tensors(path, metas, direct=True)
+
+
+def test_a_one_pass_merge_reads_directly_and_a_two_pass_merge_through_the_cache(tmp_path, monkeypatch):
+    from hf_metagpt.engine import reader, writer
+
+    base, fts = build_family(tmp_path / "fam", n_models=3, spec=TinySpec(dtype=torch.bfloat16))
+    args = dict(base=str(base), models=[str(f) for f in fts], device="cpu", progress=False, max_shard_size="50KB")
+    calls = []
+    real = reader._read_direct
+    monkeypatch.setattr(reader, "_read_direct", lambda *a: (calls.append(a[4]), real(*a))[1])
+    _evict(tmp_path / "fam")
+    hf_metagpt.merge(output=str(tmp_path / "layer"), granularity="layer", **args)
+    direct_layer = len(calls)
+    calls.clear()
+    _evict(tmp_path / "fam")
+    hf_metagpt.merge(output=str(tmp_path / "model"), **args)  # pass 2 reads what pass 1 left in the cache
+    assert calls == []
+    monkeypatch.setenv(writer.DIRECT_ENV, "0")
+    _evict(tmp_path / "fam")
+    hf_metagpt.merge(output=str(tmp_path / "layer-buffered"), granularity="layer", **args)
+    for name in sorted(p.name for p in (tmp_path / "layer").glob("*.safetensors")):
+        assert (tmp_path / "layer" / name).read_bytes() == (tmp_path / "layer-buffered" / name).read_bytes()
+    if not _can_probe_cache(next(base.glob("*.safetensors"))):
+        pytest.skip("no RWF_NOWAIT here: every run is read buffered")
+    assert direct_layer > 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
@@ -28,7 +29,7 @@ from .ledger import PROGRESS_FILE, NormLedger
 from .merging import FusedKernel, KernelContext, MergeKernel, MethodKernel, Record, choose_kernel, compute_workers
 from .pieces import Piece, piece_bytes, piece_metas, split_group, unit_bytes
 from .plan import MergePlan
-from .reader import BufferPool, advise
+from .reader import DIRECT_SLACK, BufferPool, advise, direct_reads_enabled
 from .schedule import Schedule, Step, last_reads, schedule
 from .stats import StreamStats
 from .tasks import TaskSource, read_metas
@@ -72,6 +73,7 @@ class Executor:
         self._compute: ThreadPoolExecutor | None = None
         self._sink: ShardSink | None = None
         self._stopped = False
+        self._once: frozenset = frozenset()  # pieces this run reads only once (`_read_once`)
 
     def _source(self, info: ModelInfo, index: int, allow_nonfinite: bool) -> TaskSource:
         check = self._check_input
@@ -159,9 +161,26 @@ class Executor:
                         process=self.share.index if self.share is not None else 0,
                         reverse_pass_2=not getattr(self.files, "sequential", False))
 
+    def _read_once(self, steps: Schedule) -> None:
+        """Which pieces this run reads only once (`_direct`): their bytes are read with O_DIRECT.
+
+        A piece read again later (pass 1 then pass 2 of a whole-model λ, or a block larger than the
+        unit, reduced and then merged) is read through the page cache, which then serves the second
+        read. Local files only: a Hub file was just downloaded, so it is in the cache anyway.
+        """
+        self._once = frozenset()
+        if not isinstance(self.files, LocalFiles) or not direct_reads_enabled():
+            return
+        seen = Counter(_piece_key(st.piece) for st in (*steps.reduce_pass, *steps.merge_pass))
+        self._once = frozenset(k for k, n in seen.items() if n == 1)
+
+    def _direct(self, step: Step) -> bool:
+        return _piece_key(step.piece) in self._once
+
     def _run(self) -> None:
         start = time.perf_counter()
         steps = self.plan_steps()
+        self._read_once(steps)
         if self.share is not None:
             log.debug("process %d of %d writes shards %s", self.share.index, self.share.count,
                       sorted(k + 1 for k in self.share.shards))
@@ -189,7 +208,8 @@ class Executor:
     def _reduce_pass(self, steps: Sequence[Step]) -> None:
         """Pass 1 of a whole-model λ: every norm group's squared norms (split over processes when shared)."""
         # Adapters' exact norms need no base weights (the method kernel reads them lazily if it must).
-        read = lambda s: self._read(s.piece, with_base=isinstance(self.kernel, FusedKernel))  # noqa: E731
+        read = lambda s: self._read(s.piece, with_base=isinstance(self.kernel, FusedKernel),  # noqa: E731
+                                    direct=self._direct(s))
         if self.share is None:
             for step, raws in self._walk(steps, "pass 1/2: norms", read):
                 self.ledger.add_records(self._reduce(step, raws))
@@ -215,7 +235,8 @@ class Executor:
         norms = self.method.uses_group_norms
 
         def read(step: Step) -> list:
-            return self._read(step.piece, with_base=step.merge or self.kernel.reduce_reads_base)
+            return self._read(step.piece, with_base=step.merge or self.kernel.reduce_reads_base,
+                              direct=self._direct(step))
 
         for step, raws in self._walk(steps, label, read):
             if step.reduce:
@@ -272,8 +293,8 @@ class Executor:
         def read_next(k: int) -> list:
             # Local files: the piece after this one is asked of the disk before this one is read,
             # so the disk keeps reading while this thread waits for the merge.
-            if k + 1 < len(steps) and isinstance(self.files, LocalFiles):
-                self._advise(steps[k + 1])
+            if k + 1 < len(steps) and isinstance(self.files, LocalFiles) and not self._direct(steps[k + 1]):
+                self._advise(steps[k + 1])  # (a direct read would then find it cached and copy it)
             return read(steps[k])
 
         pending = self._reader.submit(read_next, 0) if steps else None
@@ -310,25 +331,28 @@ class Executor:
         self.stats.bytes_read += n
         return data
 
-    def _read(self, piece: Piece, with_base: bool = True) -> list:
+    def _read(self, piece: Piece, with_base: bool = True, direct: bool = False) -> list:
         """[base tensors (None when not read), then each source's] for one piece.
 
-        Every input's bytes share one pooled buffer, side by side.
+        Every input's bytes share one pooled buffer, side by side. `direct`: no later step reads
+        this piece again, so runs not in the page cache are read with O_DIRECT (`reader`).
         """
         parts: list[tuple[ModelInfo, int, list[TensorMeta]]] = []
         if with_base:
             parts.append((self.plan.base, 0, piece_metas(piece, self.plan.base, 0)))
         parts += [(src.info, src.index, src.metas(piece)) for src in self.sources if src.pooled]
-        buf = self.pool.take(sum(m.nbytes for _, _, metas in parts for m in metas))
+        slack = DIRECT_SLACK if direct else 0
+        buf = self.pool.take(sum(m.nbytes + slack for _, _, metas in parts for m in metas))
         raws: list = [None] * len(self.plan.inputs)
-        pos = 0
+        pos = read = 0
         for info, i, metas in parts:
-            size = sum(m.nbytes for m in metas)
-            raws[i], _ = read_metas(info, i, metas, self.files, buf[pos:pos + size])
+            size = sum(m.nbytes + slack for m in metas)
+            raws[i], n = read_metas(info, i, metas, self.files, buf[pos:pos + size], direct=direct)
             pos += size
-        self.stats.bytes_read += pos
+            read += n
+        self.stats.bytes_read += read
         self.stats.pieces_read += 1
-        self.stats.largest_read = max(self.stats.largest_read, pos)
+        self.stats.largest_read = max(self.stats.largest_read, read)
         for src in self.sources:
             if not src.pooled:
                 raws[src.index], n = src.read(piece)
@@ -375,6 +399,10 @@ class _Coefficients:
         """A one-tensor norm group reduced from the τ the method path formed: reduce and apply at once."""
         self.x.ledger.add_records([record])
         self.x.ledger.finish([record[0]])
+
+
+def _piece_key(piece: Piece) -> tuple:
+    return piece.group.name, tuple(t.name for t in piece.tensors), piece.rows
 
 
 def _progress(items: Sequence, desc: str, enabled: bool):

@@ -14,18 +14,20 @@ from ..sources.model import ModelInfo
 from .fetch import FileProvider
 from .pieces import Piece, piece_metas
 from .plan import TensorPlan
-from .reader import read_tensors
+from .reader import read_tensors_into
 
 if TYPE_CHECKING:
     from ..insight.gram import LowRank
 
 
 def read_metas(info: ModelInfo, model_index: int, metas: list[TensorMeta], files: FileProvider,
-               buffer: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], int]:
+               buffer: torch.Tensor | None = None, direct: bool = False) -> tuple[dict[str, torch.Tensor], int]:
     """Read these tensors (or row slabs) of one model: one large read per contiguous run per shard.
 
     With a `buffer`, the bytes land there (a pooled buffer: no fresh pages to fault in) and the
-    returned tensors are views of it, valid until the buffer's next turn.
+    returned tensors are views of it, valid until the buffer's next turn. `direct`: runs not in the
+    page cache are read with O_DIRECT (`reader.read_tensors`; the buffer then needs
+    `reader.DIRECT_SLACK` more bytes per tensor). Returns the tensors and the bytes read.
     """
     by_file: dict[str, list[TensorMeta]] = {}
     for meta in metas:
@@ -34,10 +36,10 @@ def read_metas(info: ModelInfo, model_index: int, metas: list[TensorMeta], files
     out: dict[str, torch.Tensor] = {}
     pos = 0
     for file, part in by_file.items():
-        size = sum(m.nbytes for m in part)
-        out.update(read_tensors(files.path(model_index, info, file), part,
-                                buffer=buffer[pos:pos + size] if buffer is not None else None))
-        pos += size
+        got, used = read_tensors_into(files.path(model_index, info, file), part,
+                                      buffer=buffer[pos:] if buffer is not None else None, direct=direct)
+        out.update(got)
+        pos += used
     return out, nbytes
 
 
