@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -100,6 +101,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     opts = _options_from_args(args)
     if args.num_processes is not None and args.num_processes != 1:
         return _launch(args, opts)
+    # This process exists for one merge: what the imports built (torch's modules: about a million
+    # objects) lives until it exits, so the cyclic collector stops rescanning it in every full
+    # collection (perf: 6-7 % of a warm 1.1B merge's CPU before, 3 % after).
+    gc.freeze()
     try:
         result = merge(opts, progress=not args.quiet)
     finally:
