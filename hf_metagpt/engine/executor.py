@@ -29,7 +29,7 @@ from .ledger import PROGRESS_FILE, NormLedger
 from .merging import FusedKernel, KernelContext, MergeKernel, MethodKernel, Record, choose_kernel, compute_workers
 from .pieces import Piece, piece_bytes, piece_metas, split_group, unit_bytes
 from .plan import MergePlan
-from .reader import DIRECT_SLACK, BufferPool, advise, direct_reads_enabled
+from .reader import DIRECT_SLACK, BufferPool, advise, direct_io_enabled
 from .schedule import Schedule, Step, last_reads, schedule
 from .stats import StreamStats
 from .tasks import TaskSource, read_metas
@@ -169,7 +169,7 @@ class Executor:
         read. Local files only: a Hub file was just downloaded, so it is in the cache anyway.
         """
         self._once = frozenset()
-        if not isinstance(self.files, LocalFiles) or not direct_reads_enabled():
+        if not isinstance(self.files, LocalFiles) or not direct_io_enabled():
             return
         seen = Counter(_piece_key(st.piece) for st in (*steps.reduce_pass, *steps.merge_pass))
         self._once = frozenset(k for k, n in seen.items() if n == 1)

@@ -97,6 +97,8 @@ def advise(path: Path, metas: list[TensorMeta]) -> None:
         os.close(fd)
 
 
+#: Environment variable: 0 reads and writes through the page cache only (no O_DIRECT).
+DIRECT_ENV = "HF_METAGPT_DIRECT_IO"
 #: Block size of direct reads (file offsets, lengths and addresses are multiples of it).
 BLOCK = 4096
 #: Extra bytes of the pooled buffer per tensor read directly: a run's start and end are widened to
@@ -104,9 +106,9 @@ BLOCK = 4096
 DIRECT_SLACK = 3 * BLOCK
 
 
-def direct_reads_enabled() -> bool:
+def direct_io_enabled() -> bool:
     """O_DIRECT reads and writes, unless `HF_METAGPT_DIRECT_IO=0` (or the platform has none)."""
-    return hasattr(os, "O_DIRECT") and os.environ.get("HF_METAGPT_DIRECT_IO", "1") != "0"
+    return hasattr(os, "O_DIRECT") and os.environ.get(DIRECT_ENV, "1") != "0"
 
 
 def _cached(fd: int, offset: int) -> bool | None:

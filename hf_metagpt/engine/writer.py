@@ -28,6 +28,7 @@ from ..errors import InputError
 from ..safetensors_io import build_header, disk_full_is_clear, parse_header_json
 from .ledger import PROGRESS_FILE, PROGRESS_FILES, write_json_atomic
 from .plan import MergePlan, TensorPlan
+from .reader import DIRECT_ENV, direct_io_enabled  # noqa: F401 (DIRECT_ENV: the switch's name)
 from .stats import StreamStats
 
 
@@ -254,8 +255,6 @@ SLOW_WRITE_ENV = "HF_METAGPT_TEST_SLOW_WRITE"
 
 #: Bytes written between two requests to start writing a shard back to disk (buffered writes).
 WRITEBACK_STEP = 64 << 20
-#: Environment variable: 0 writes shards through the page cache (buffered) instead of with O_DIRECT.
-DIRECT_ENV = "HF_METAGPT_DIRECT_IO"
 #: Block size of direct writes: file offsets, lengths and memory addresses are multiples of it
 #: (4 KiB: a multiple of every disk's logical block size).
 BLOCK = 4096
@@ -327,7 +326,7 @@ class ShardWriter:
 
 def open_output(path: Path, size: int) -> "DirectFile | BufferedFile":
     """A new shard file of `size` bytes: written with O_DIRECT where the file system takes it."""
-    if os.environ.get(DIRECT_ENV, "1") != "0" and hasattr(os, "O_DIRECT"):
+    if direct_io_enabled():  # the same switch for both directions
         direct = DirectFile.open(path, size)
         if direct is not None:
             return direct
