@@ -273,15 +273,20 @@ def _evict(folder):
 
 
 def _can_probe_cache(path) -> bool:
-    import os
-
+    """Whether this file system lets the reader tell cached pages (RWF_NOWAIT) and read with O_DIRECT."""
     from hf_metagpt.engine import reader
 
     fd = os.open(path, os.O_RDONLY)
     try:
-        return reader._cached(fd, 0) is not None
+        if reader._cached(fd, 0) is None:
+            return False
     finally:
         os.close(fd)
+    dfd = reader._open_direct(path)
+    if dfd is None:
+        return False
+    os.close(dfd)
+    return True
 
 
 def test_direct_reads_give_the_tensors_buffered_reads_give(tmp_path):
@@ -300,7 +305,7 @@ def test_direct_reads_give_the_tensors_buffered_reads_give(tmp_path):
     assert used <= pool.numel() - 1
     assert all(torch.equal(got[k], v) for k, v in tensors.items())
     if not _can_probe_cache(path):
-        pytest.skip("no RWF_NOWAIT here: every run is read buffered")
+        pytest.skip("no RWF_NOWAIT or O_DIRECT here: every run is read buffered")
     # A truncated file is named, direct or not.
     path.write_bytes(path.read_bytes()[:-4000])
     _evict(tmp_path)
@@ -329,5 +334,5 @@ def test_a_one_pass_merge_reads_directly_and_a_two_pass_merge_through_the_cache(
     for name in sorted(p.name for p in (tmp_path / "layer").glob("*.safetensors")):
         assert (tmp_path / "layer" / name).read_bytes() == (tmp_path / "layer-buffered" / name).read_bytes()
     if not _can_probe_cache(next(base.glob("*.safetensors"))):
-        pytest.skip("no RWF_NOWAIT here: every run is read buffered")
+        pytest.skip("no RWF_NOWAIT or O_DIRECT here: every run is read buffered")
     assert direct_layer > 0
