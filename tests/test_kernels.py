@@ -112,11 +112,12 @@ def test_reader_reports_truncation(tmp_path):
 def test_shard_writer_in_any_order_and_slabs_starts_writeback_and_writes_what_safetensors_reads(tmp_path, monkeypatch):
     import os
 
+    from hf_metagpt.engine import reader
     from hf_metagpt.engine import writer as safetensors_io
 
     calls = []
     real = os.posix_fadvise
-    monkeypatch.setenv(safetensors_io.DIRECT_ENV, "0")  # the buffered path (tests/test_speed.py: O_DIRECT)
+    monkeypatch.setenv(reader.DIRECT_ENV, "0")  # the buffered path (tests/test_speed.py: O_DIRECT)
     monkeypatch.setattr(safetensors_io, "WRITEBACK_STEP", 100)
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: (calls.append((off, n, adv)), real(fd, off, n, adv))[1])
     a, b, c = torch.randn(8, 16).bfloat16(), torch.arange(10, dtype=torch.int64), torch.zeros(0, 4)

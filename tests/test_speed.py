@@ -170,12 +170,12 @@ def test_direct_writes_in_any_order_and_slabs_give_the_bytes_safetensors_reads(t
 
 
 def test_a_merge_writes_the_same_bytes_direct_and_buffered(tmp_path, monkeypatch):
-    from hf_metagpt.engine import writer
+    from hf_metagpt.engine import reader
 
     base, fts = build_family(tmp_path / "fam", n_models=3, spec=TinySpec(dtype=torch.bfloat16))
     args = dict(base=str(base), models=[str(f) for f in fts], device="cpu", progress=False, max_shard_size="50KB")
     hf_metagpt.merge(output=str(tmp_path / "direct"), **args)
-    monkeypatch.setenv(writer.DIRECT_ENV, "0")
+    monkeypatch.setenv(reader.DIRECT_ENV, "0")
     hf_metagpt.merge(output=str(tmp_path / "buffered"), **args)
     files = sorted(p.name for p in (tmp_path / "direct").glob("*.safetensors"))
     assert len(files) > 2
@@ -314,7 +314,7 @@ def test_direct_reads_give_the_tensors_buffered_reads_give(tmp_path):
 
 
 def test_a_one_pass_merge_reads_directly_and_a_two_pass_merge_through_the_cache(tmp_path, monkeypatch):
-    from hf_metagpt.engine import reader, writer
+    from hf_metagpt.engine import reader
 
     base, fts = build_family(tmp_path / "fam", n_models=3, spec=TinySpec(dtype=torch.bfloat16))
     args = dict(base=str(base), models=[str(f) for f in fts], device="cpu", progress=False, max_shard_size="50KB")
@@ -328,7 +328,7 @@ def test_a_one_pass_merge_reads_directly_and_a_two_pass_merge_through_the_cache(
     _evict(tmp_path / "fam")
     hf_metagpt.merge(output=str(tmp_path / "model"), **args)  # pass 2 reads what pass 1 left in the cache
     assert calls == []
-    monkeypatch.setenv(writer.DIRECT_ENV, "0")
+    monkeypatch.setenv(reader.DIRECT_ENV, "0")
     _evict(tmp_path / "fam")
     hf_metagpt.merge(output=str(tmp_path / "layer-buffered"), granularity="layer", **args)
     for name in sorted(p.name for p in (tmp_path / "layer").glob("*.safetensors")):

@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 from ..errors import MergeError
 
 if TYPE_CHECKING:
+    from .ledger import NormLedger
     from .plan import MergePlan
+    from .stats import StreamStats
 
 # Processes wait for the slowest one at a few points (the end of pass 1, before publishing); the
 # default 30-minute limit of torch.distributed could end a large merge on slow disks.
@@ -155,6 +157,26 @@ class Share:
 
     def gather(self, obj: Any) -> list[Any]:
         return self.world.gather(obj)
+
+    def share_results(self, ledger: "NormLedger", stats: "StreamStats") -> None:
+        """Every process's norms, Gram matrices and statistics into this one's (a merge's end).
+
+        The norms of a group are the same whoever reduced it; the caller recomputes coefficients
+        in plan order, the order (and values) one process records them in.
+        """
+        mine = {"sq": {g: ledger.sums[g] for g in ledger.complete if g in ledger.sums},
+                "grams": [list(e) for e in ledger.grams if e[0] in ledger.complete],
+                "stats": (stats.bytes_read, stats.bytes_written, stats.shards_reused, stats.passes)}
+        parts = self.gather(mine)
+        for part in parts:
+            for g, values in part["sq"].items():
+                if not ledger.is_complete(g):
+                    ledger.load({g: values})
+        for part in parts:  # the Gram matrices of groups another process reduced
+            ledger.load_grams(tuple(e) for e in part["grams"])
+        stats.bytes_read, stats.bytes_written, stats.shards_reused = (sum(p["stats"][i] for p in parts)
+                                                                      for i in range(3))
+        stats.passes = max(p["stats"][3] for p in parts)
 
 
 def check_supported(output_format: str, low_disk: bool) -> None:

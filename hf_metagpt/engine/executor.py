@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
@@ -29,10 +28,10 @@ from .ledger import PROGRESS_FILE, NormLedger
 from .merging import FusedKernel, KernelContext, MergeKernel, MethodKernel, Record, choose_kernel, compute_workers
 from .pieces import Piece, piece_bytes, piece_metas, split_group, unit_bytes
 from .plan import MergePlan
-from .reader import DIRECT_SLACK, BufferPool, advise, direct_io_enabled
-from .schedule import Schedule, Step, last_reads, schedule
+from .reader import DIRECT_SLACK, BufferPool, direct_io_enabled
+from .schedule import Schedule, Step, last_reads, piece_key, read_once, schedule
 from .stats import StreamStats
-from .tasks import TaskSource, read_metas
+from .tasks import TaskSource, advise_metas, read_metas
 from .writer import OutputArena, ShardSink, finished_shards
 
 if TYPE_CHECKING:
@@ -73,7 +72,7 @@ class Executor:
         self._compute: ThreadPoolExecutor | None = None
         self._sink: ShardSink | None = None
         self._stopped = False
-        self._once: frozenset = frozenset()  # pieces this run reads only once (`_read_once`)
+        self._once: frozenset = frozenset()  # pieces this run reads with O_DIRECT (`_direct`)
 
     def _source(self, info: ModelInfo, index: int, allow_nonfinite: bool) -> TaskSource:
         check = self._check_input
@@ -161,26 +160,16 @@ class Executor:
                         process=self.share.index if self.share is not None else 0,
                         reverse_pass_2=not getattr(self.files, "sequential", False))
 
-    def _read_once(self, steps: Schedule) -> None:
-        """Which pieces this run reads only once (`_direct`): their bytes are read with O_DIRECT.
-
-        A piece read again later (pass 1 then pass 2 of a whole-model λ, or a block larger than the
-        unit, reduced and then merged) is read through the page cache, which then serves the second
-        read. Local files only: a Hub file was just downloaded, so it is in the cache anyway.
-        """
-        self._once = frozenset()
-        if not isinstance(self.files, LocalFiles) or not direct_io_enabled():
-            return
-        seen = Counter(_piece_key(st.piece) for st in (*steps.reduce_pass, *steps.merge_pass))
-        self._once = frozenset(k for k, n in seen.items() if n == 1)
-
     def _direct(self, step: Step) -> bool:
-        return _piece_key(step.piece) in self._once
+        """Read this step's piece with O_DIRECT: local files that no other step reads (`read_once`)."""
+        return piece_key(step.piece) in self._once
 
     def _run(self) -> None:
         start = time.perf_counter()
         steps = self.plan_steps()
-        self._read_once(steps)
+        # A Hub file was just downloaded, so it is in the page cache anyway: local files only.
+        local = isinstance(self.files, LocalFiles) and direct_io_enabled()
+        self._once = read_once(steps) if local else frozenset()
         if self.share is not None:
             log.debug("process %d of %d writes shards %s", self.share.index, self.share.count,
                       sorted(k + 1 for k in self.share.shards))
@@ -190,8 +179,9 @@ class Executor:
         if steps.passes == 2:
             self._reduce_pass(steps.reduce_pass)
         self._merge_pass(steps.merge_pass)
-        if self.share is not None:
-            self._gather()
+        if self.share is not None:  # every process's norms and statistics, then λ recomputed in plan order
+            self.share.share_results(self.ledger, self.stats)
+            self.coefficients = {}
         self.coefficients = {g: self._coefficients(g) for g in self.plan.norm_groups
                              if not self.method.uses_group_norms or self.ledger.is_complete(g)}
         self.stats.seconds = time.perf_counter() - start
@@ -312,16 +302,12 @@ class Executor:
                 self.files.release(i, self.plan.inputs[i], file)
 
     def _advise(self, step: Step) -> None:
-        """Readahead of a step's pooled inputs (`reader.advise`); a failure only loses the hint."""
-        parts = [(self.plan.base, 0, piece_metas(step.piece, self.plan.base, 0))]
-        parts += [(src.info, src.index, src.metas(step.piece)) for src in self.sources if src.pooled]
+        """Readahead of a step's pooled inputs (`tasks.advise_metas`); a failure only loses the hint."""
         try:
-            for info, i, metas in parts:
-                by_file: dict[str, list[TensorMeta]] = {}
-                for m in metas:
-                    by_file.setdefault(m.file, []).append(m)
-                for file, part in by_file.items():
-                    advise(self.files.path(i, info, file), part)
+            advise_metas(self.plan.base, 0, piece_metas(step.piece, self.plan.base, 0), self.files)
+            for src in self.sources:
+                if src.pooled:
+                    advise_metas(src.info, src.index, src.metas(step.piece), self.files)
         except OSError as exc:
             log.debug("readahead hint failed: %s", exc)
 
@@ -359,28 +345,6 @@ class Executor:
                 self.stats.bytes_read += n
         return raws
 
-    # ------------------------------------------------------------------ several processes
-    def _gather(self) -> None:
-        """Every process's norms and statistics on every process (a multi-process merge's end).
-
-        The norms of a group are the same whoever reduced it; coefficients are then recomputed in
-        plan order, the order (and values) one process records them in.
-        """
-        assert self.share is not None
-        s = self.stats
-        mine = {"sq": {g: self.ledger.sums[g] for g in self.ledger.complete if g in self.ledger.sums},
-                "grams": [list(e) for e in self.ledger.grams if e[0] in self.ledger.complete],
-                "stats": (s.bytes_read, s.bytes_written, s.shards_reused, s.passes)}
-        parts = self.share.gather(mine)
-        for part in parts:
-            for g, values in part["sq"].items():
-                if not self.ledger.is_complete(g):
-                    self.ledger.load({g: values})
-        for part in parts:  # the Gram matrices of groups another process reduced
-            self.ledger.load_grams(tuple(e) for e in part["grams"])
-        s.bytes_read, s.bytes_written, s.shards_reused = (sum(p["stats"][i] for p in parts) for i in range(3))
-        s.passes = max(p["stats"][3] for p in parts)
-        self.coefficients = {}
 
 
 class _Coefficients:
@@ -399,10 +363,6 @@ class _Coefficients:
         """A one-tensor norm group reduced from the τ the method path formed: reduce and apply at once."""
         self.x.ledger.add_records([record])
         self.x.ledger.finish([record[0]])
-
-
-def _piece_key(piece: Piece) -> tuple:
-    return piece.group.name, tuple(t.name for t in piece.tensors), piece.rows
 
 
 def _progress(items: Sequence, desc: str, enabled: bool):

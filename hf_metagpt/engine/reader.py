@@ -58,12 +58,16 @@ class BufferPool:
         return buf[:nbytes]
 
 
+def _truncated(path: Path) -> InputError:
+    return InputError(f"{path.name} ended early while reading (truncated?).", hint="Re-download the file.")
+
+
 def _readinto(fd: int, view: memoryview, offset: int, path: Path) -> None:
     done = 0
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n <= 0:
-            raise InputError(f"{path.name} ended early while reading (truncated?).", hint="Re-download the file.")
+            raise _truncated(path)
         done += n
 
 
@@ -99,7 +103,8 @@ def advise(path: Path, metas: list[TensorMeta]) -> None:
 
 #: Environment variable: 0 reads and writes through the page cache only (no O_DIRECT).
 DIRECT_ENV = "HF_METAGPT_DIRECT_IO"
-#: Block size of direct reads (file offsets, lengths and addresses are multiples of it).
+#: Block size of direct reads and writes: file offsets, lengths and memory addresses are multiples
+#: of it (4 KiB: a multiple of every disk's logical block size).
 BLOCK = 4096
 #: Extra bytes of the pooled buffer per tensor read directly: a run's start and end are widened to
 #: whole blocks, and its place in the buffer is moved to a block boundary.
@@ -208,8 +213,8 @@ def _read_direct(dfd: int, buf: torch.Tensor, mv: memoryview, pos: int, lo: int,
                 return None, pos
             raise
         if n <= 0:
-            raise InputError(f"{path.name} ended early while reading (truncated?).", hint="Re-download the file.")
+            raise _truncated(path)
         done += n
         if done < need and done % BLOCK:
-            raise InputError(f"{path.name} ended early while reading (truncated?).", hint="Re-download the file.")
+            raise _truncated(path)
     return pos + pad + (lo - a), pos + pad + (b - a)

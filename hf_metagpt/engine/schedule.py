@@ -15,6 +15,8 @@ never from the τ a method forms on its own).
 
 from __future__ import annotations
 
+from collections import Counter
+
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -158,3 +160,19 @@ def last_reads(steps: Sequence[Step], files_of: Callable[[Step], Iterable[tuple[
     for key, k in last.items():
         out.setdefault(k, []).append(key)
     return out
+
+
+def piece_key(piece: Piece) -> tuple:
+    """What identifies a piece's bytes: its group, tensors and row slab."""
+    return piece.group.name, tuple(t.name for t in piece.tensors), piece.rows
+
+
+def read_once(steps: Schedule) -> frozenset[tuple]:
+    """The pieces (`piece_key`) that only one step of the schedule reads, in either pass.
+
+    A piece read again later (pass 1 then pass 2 of a whole-model λ, or a block larger than the
+    unit, reduced and then merged) should come through the page cache, which serves the second read;
+    one read once has no use for it (the executor reads those with O_DIRECT).
+    """
+    seen = Counter(piece_key(st.piece) for st in (*steps.reduce_pass, *steps.merge_pass))
+    return frozenset(k for k, n in seen.items() if n == 1)

@@ -14,7 +14,7 @@ from ..sources.model import ModelInfo
 from .fetch import FileProvider
 from .pieces import Piece, piece_metas
 from .plan import TensorPlan
-from .reader import read_tensors_into
+from .reader import advise, read_tensors_into
 
 if TYPE_CHECKING:
     from ..insight.gram import LowRank
@@ -29,18 +29,28 @@ def read_metas(info: ModelInfo, model_index: int, metas: list[TensorMeta], files
     page cache are read with O_DIRECT (`reader.read_tensors`; the buffer then needs
     `reader.DIRECT_SLACK` more bytes per tensor). Returns the tensors and the bytes read.
     """
-    by_file: dict[str, list[TensorMeta]] = {}
-    for meta in metas:
-        by_file.setdefault(meta.file, []).append(meta)
     nbytes = sum(m.nbytes for m in metas)
     out: dict[str, torch.Tensor] = {}
     pos = 0
-    for file, part in by_file.items():
+    for file, part in _by_file(metas).items():
         got, used = read_tensors_into(files.path(model_index, info, file), part,
                                       buffer=buffer[pos:] if buffer is not None else None, direct=direct)
         out.update(got)
         pos += used
     return out, nbytes
+
+
+def advise_metas(info: ModelInfo, model_index: int, metas: list[TensorMeta], files: FileProvider) -> None:
+    """Ask the kernel to read these tensors ahead (`reader.advise`, per shard), without waiting."""
+    for file, part in _by_file(metas).items():
+        advise(files.path(model_index, info, file), part)
+
+
+def _by_file(metas: list[TensorMeta]) -> dict[str, list[TensorMeta]]:
+    by_file: dict[str, list[TensorMeta]] = {}
+    for meta in metas:
+        by_file.setdefault(meta.file, []).append(meta)
+    return by_file
 
 
 def _f32(t: torch.Tensor, rows: int | None, device: torch.device) -> torch.Tensor:

@@ -28,7 +28,7 @@ from ..errors import InputError
 from ..safetensors_io import build_header, disk_full_is_clear, parse_header_json
 from .ledger import PROGRESS_FILE, PROGRESS_FILES, write_json_atomic
 from .plan import MergePlan, TensorPlan
-from .reader import DIRECT_ENV, direct_io_enabled  # noqa: F401 (DIRECT_ENV: the switch's name)
+from .reader import BLOCK, direct_io_enabled
 from .stats import StreamStats
 
 
@@ -255,9 +255,6 @@ SLOW_WRITE_ENV = "HF_METAGPT_TEST_SLOW_WRITE"
 
 #: Bytes written between two requests to start writing a shard back to disk (buffered writes).
 WRITEBACK_STEP = 64 << 20
-#: Block size of direct writes: file offsets, lengths and memory addresses are multiples of it
-#: (4 KiB: a multiple of every disk's logical block size).
-BLOCK = 4096
 #: Bytes of the aligned bounce buffer a direct write copies unaligned memory through.
 BOUNCE = 8 << 20
 
