@@ -230,15 +230,7 @@ def check_against(folder: Path, stored: dict[str, TensorMeta], inputs: Sequence[
     from ..methods.base import TensorContext
 
     problems = _Problems(folder)
-    try:
-        coeffs = json.loads((folder / COEFFICIENTS_FILE).read_text())
-        method_name, granularity = coeffs["method"], coeffs["granularity"]
-        groups = {g: v for g, v in coeffs["groups"].items()}
-        params = coeffs.get("parameters") or {}
-        mseed = coeffs.get("seed")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise IntegrityError(f"{folder}: {COEFFICIENTS_FILE} is missing or damaged ({exc!r}); --against needs it.",
-                             hint="Verify without --against, or re-run the merge.") from None
+    method_name, granularity, groups, params, mseed = _read_coefficients(folder)
     refs = [parse_ref(x) for x in inputs]
     if any(r.is_hub for r in refs):
         raise MergeError("verify --against reads local folders only.",
@@ -248,19 +240,7 @@ def check_against(folder: Path, stored: dict[str, TensorMeta], inputs: Sequence[
     if n_models < 1:
         raise MergeError("--against needs the base and its fine-tunes, in the merge's order.")
     method = get_method(method_name, **params)
-
-    for g, v in groups.items():
-        lams = v.get("lambdas") if isinstance(v, dict) else None
-        if not isinstance(lams, list) or len(lams) != n_models:
-            raise IntegrityError(f"{COEFFICIENTS_FILE} has {len(lams) if isinstance(lams, list) else 'no'} λ for "
-                                 f"group {g!r}, but {n_models} fine-tune(s) were given to --against.",
-                                 hint="Pass the same base and fine-tunes, in the same order, as the merge.")
-        sq = v.get("sq_norms")
-        if method.uses_group_norms and sq is not None:
-            want = method.coefficients([float(x) for x in sq], n_models)
-            if any(abs(a - b) > 1e-12 + 1e-9 * abs(b) for a, b in zip(lams, want)):
-                problems.add(f"group {g!r}: recorded λ {lams} do not follow from its squared norms {sq} ({want})")
-    problems.raise_if_any(hint=f"{COEFFICIENTS_FILE} is inconsistent; re-run the merge.")
+    _check_lambdas(groups, method, n_models, problems)
 
     names = sorted(stored)
     rng = random.Random(seed)
@@ -305,6 +285,34 @@ def check_against(folder: Path, stored: dict[str, TensorMeta], inputs: Sequence[
                 problems.add(f"tensor {name!r}: rows {rows}.. match no input's extra rows")
         report.recomputed.append(name)
     problems.raise_if_any(hint="The output does not match its inputs and coefficients; re-run the merge (with --overwrite).")
+
+
+def _read_coefficients(folder: Path) -> tuple[str, str, dict[str, Any], dict[str, Any], int | None]:
+    """(method, granularity, groups, parameters, seed) from the output's coefficients file."""
+    try:
+        coeffs = json.loads((folder / COEFFICIENTS_FILE).read_text())
+        method_name, granularity = coeffs["method"], coeffs["granularity"]
+        groups = {g: v for g, v in coeffs["groups"].items()}
+        return method_name, granularity, groups, coeffs.get("parameters") or {}, coeffs.get("seed")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IntegrityError(f"{folder}: {COEFFICIENTS_FILE} is missing or damaged ({exc!r}); --against needs it.",
+                             hint="Verify without --against, or re-run the merge.") from None
+
+
+def _check_lambdas(groups: dict[str, Any], method: Any, n_models: int, problems: "_Problems") -> None:
+    """Each group has one λ per fine-tune, and (norm-based methods) the λ its squared norms give."""
+    for g, v in groups.items():
+        lams = v.get("lambdas") if isinstance(v, dict) else None
+        if not isinstance(lams, list) or len(lams) != n_models:
+            raise IntegrityError(f"{COEFFICIENTS_FILE} has {len(lams) if isinstance(lams, list) else 'no'} λ for "
+                                 f"group {g!r}, but {n_models} fine-tune(s) were given to --against.",
+                                 hint="Pass the same base and fine-tunes, in the same order, as the merge.")
+        sq = v.get("sq_norms")
+        if method.uses_group_norms and sq is not None:
+            want = method.coefficients([float(x) for x in sq], n_models)
+            if any(abs(a - b) > 1e-12 + 1e-9 * abs(b) for a, b in zip(lams, want)):
+                problems.add(f"group {g!r}: recorded λ {lams} do not follow from its squared norms {sq} ({want})")
+    problems.raise_if_any(hint=f"{COEFFICIENTS_FILE} is inconsistent; re-run the merge.")
 
 
 def _read_output(folder: Path, meta: TensorMeta) -> torch.Tensor:
