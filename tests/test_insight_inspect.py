@@ -31,12 +31,16 @@ def _add_shared(folders: list[Path], name: str, scale: float, seed: int = 7) -> 
                 save_file(tensors, shard, metadata={"format": "pt"})
 
 
+def overlapping_family(root: Path) -> tuple[Path, list[Path]]:
+    """A base and chat/math/code fine-tunes where chat and math overlap in lm_head."""
+    base, fts = build_family(root, names=["chat", "math", "code"])
+    _add_shared(fts[:2], "lm_head.weight", 0.05)
+    return base, fts
+
+
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inspect")
-    base, fts = build_family(root, names=["chat", "math", "code"])
-    _add_shared(fts[:2], "lm_head.weight", 0.05)  # chat and math overlap in lm_head
-    return base, fts
+    return overlapping_family(tmp_path_factory.mktemp("inspect"))
 
 
 def reference(base: Path, fts: list[Path], granularity: str) -> dict[str, list[list[float]]]:

@@ -8,17 +8,13 @@ import pytest
 import torch
 
 import hf_metagpt
-from hf_metagpt.demo.tiny import build_family
 from hf_metagpt.insight.geometry import Geometry
-from test_insight_inspect import _add_shared, reference
+from test_insight_inspect import overlapping_family, reference
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("insight_merge")
-    base, fts = build_family(root, names=["chat", "math", "code"])
-    _add_shared(fts[:2], "lm_head.weight", 0.05)  # chat and math overlap in lm_head
-    return base, fts
+    return overlapping_family(tmp_path_factory.mktemp("insight_merge"))
 
 
 def test_merge_records_geometry_warns_and_explains_it_in_the_card(family, tmp_path):
