@@ -154,11 +154,10 @@ def timed(name: str, argv: list[str], stdout=subprocess.DEVNULL) -> Run:
     return Run(name, wall, rss, user, system, rc == 0, source, note[:300])
 
 
-def read_floor(inputs: list[Path], cold: bool = True) -> Run:
-    """``cat`` of every input shard to /dev/null, after evicting them when ``cold``."""
-    if cold:
-        evict(inputs)
-    return timed("floor cold" if cold else "floor warm", ["cat", *map(str, inputs)])
+def read_floor(inputs: list[Path]) -> Run:
+    """``cat`` of every input shard to /dev/null, after evicting them from the page cache."""
+    evict(inputs)
+    return timed("floor read", ["cat", *map(str, inputs)])
 
 
 def write_floor(nbytes: int, folder: Path) -> Run:
@@ -185,7 +184,7 @@ class Floor:
 
 
 def floor(inputs: list[Path], out_bytes: int, scratch: Path) -> Floor:
-    return Floor(read_floor(inputs, cold=True), write_floor(out_bytes, scratch))
+    return Floor(read_floor(inputs), write_floor(out_bytes, scratch))
 
 
 def warm_up_memory(reserve: int = 1 << 30) -> float:
