@@ -1,6 +1,6 @@
 """An independent MetaGPT: whole state dicts in float64, plain torch, no hf_metagpt code.
 
-Written from shared/METHOD.md alone so the engine's streaming, grouping and precision choices are
+Written from docs/method.md alone so the engine's streaming, grouping and precision choices are
 checked against the formula, not against themselves.
 """
 

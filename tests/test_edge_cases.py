@@ -1,4 +1,4 @@
-"""MetaGPT's edge cases (shared/METHOD.md) and the clear errors of bad inputs."""
+"""MetaGPT's edge cases (docs/method.md) and the clear errors of bad inputs."""
 
 from __future__ import annotations
 

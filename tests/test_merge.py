@@ -94,7 +94,7 @@ def test_output_dtype_float32_and_recipe_matches_flags(family, tmp_path):
     expected, _ = reference_metagpt(states[0], states[1:], "layer")
     actual = load_state(out)
     for name, e in expected.items():
-        # Computed in float32 as shared/METHOD.md says: exact to a few ulp of the inputs' size.
+        # Computed in float32 as docs/method.md says: exact to a few ulp of the inputs' size.
         scale = torch.stack([s[name].double().abs() for s in states]).amax(0)
         assert_within_ulp(actual[name], e, torch.float32, ulps=2, scale=scale)
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"

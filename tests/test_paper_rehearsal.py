@@ -10,7 +10,7 @@ One repo per model ID of the recipe, each laid out the way such repos really are
 * code (`mrm8488/llama-2-coder-7b`): an added pad token (one more vocabulary row, tokenizer files
   that say so) and trainer leftovers beside the weights.
 
-The recipe is run by ID with `--allow-pickle`, pushed, downloaded back, loaded with transformers,
+The recipe is run by ID as shipped (it sets `allow_pickle`), pushed, downloaded back, loaded with transformers,
 and checked against an independent MetaGPT and on its card.
 """
 
@@ -136,13 +136,17 @@ def test_the_meta_llama_replicas_are_gated(replicas, hub_other_token):
 def test_the_papers_recipe_runs_by_id_pushes_and_loads(replicas, tmp_path, capsys, hub_user, local_hub):
     ids, originals = replicas
     out = tmp_path / "merged"
-    args = ["merge", "--recipe", str(RECIPE), "--device", "cpu", "-o", str(out)]
-    code, _, err = run_cli(args, capsys)
+    # Without the recipe's `allow_pickle: true` the pickle-only fine-tune is refused, naming the flag.
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(RECIPE.read_text().replace("allow_pickle: true", ""))
+    code, _, err = run_cli(["merge", "--recipe", str(strict), "--device", "cpu", "-o", str(out)], capsys)
     assert code == 2 and f"{ids[1]}: only pickle weights on the Hub" in err and "--allow-pickle" in err
 
+    # The recipe as shipped runs as it is: no flag to add.
+    args = ["merge", "--recipe", str(RECIPE), "--device", "cpu", "-o", str(out)]
     pushed = f"{hub_user}/llama2-7b-metagpt-rehearsal"
     local_hub.clear_requests()
-    code, stdout, err = run_cli([*args, "--allow-pickle", "--push-to", pushed], capsys)
+    code, stdout, err = run_cli([*args, "--push-to", pushed], capsys)
     assert code == 0, err
     # The base's pickle twin and the code fine-tune's trainer leftovers were never fetched.
     fetched = {r.path for r in local_hub.requests if "/resolve/" in r.path and r.method == "GET"

@@ -5,7 +5,7 @@ known, and MetaGPT's norms are Σ (θt − θ0)². Done on whole tensors, each s
 float32 temporary per model and walks memory several times (the naive engine spent most of its
 time there). Here every tensor is walked in chunks that stay in the CPU cache: each chunk is
 converted once into a reused float64 buffer, and the norm or the weighted sum is accumulated in
-place: at least as exact as the float32 path shared/METHOD.md asks for, with one rounding to the
+place: at least as exact as the float32 path docs/method.md asks for, with one rounding to the
 output dtype at the end.
 """
 

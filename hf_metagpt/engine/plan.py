@@ -20,7 +20,7 @@ from . import archcache
 log = logging.getLogger(__name__)
 
 # Config fields that must agree for task vectors to make sense (vocab_size is handled by the
-# vocabulary policy of shared/METHOD.md instead).
+# vocabulary policy of docs/method.md instead).
 CONFIG_KEYS = (
     "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "intermediate_size", "head_dim", "tie_word_embeddings",
@@ -413,7 +413,7 @@ def build_plan(opts: MergeOptions, base: ModelInfo, models: Sequence[ModelInfo],
 def _tensor_specs(base: ModelInfo, models: Sequence[ModelInfo], tok: int, out_dtype: str, granularity: str,
                   notes: list[str]) -> list[tuple]:
     """(TensorPlan fields but the shard, then its output bytes) for every base tensor, in stream order;
-    applies the vocabulary policy of shared/METHOD.md (and says what it drops or copies)."""
+    applies the vocabulary policy of docs/method.md (and says what it drops or copies)."""
     inputs = [base, *models]
     specs = []
     for name in sorted(base.tensors, key=_order_key):
