@@ -165,17 +165,23 @@ def keep_majority_sign_(taus: list[torch.Tensor], method: str = "total") -> list
     of exactly 0 elects + (peft's `calculate_majority_sign_mask`: `>= 0`), so a parameter's
     positive entries survive. Zeros never agree with a sign, so they stay zero. `taus` must be
     contiguous tensors the caller owns.
-    """
-    from peft.utils.merge_utils import (
-        calculate_majority_sign_mask,  # lazy: importing peft costs seconds
-    )
 
+    The sum is taken in model order, one elementwise float32 addition after another (peft's
+    `tensor.sum(dim=0)` over the stacked models, on the CPU): a GPU's reduction may add in
+    another order, and near-cancelling sums can then round to the other sign.
+    """
+    check_sign_method("ties", method)
     flats = [_flat(t) for t in taus]
     n = flats[0].numel()
     for start in range(0, n, CHUNK):
         stop = min(start + CHUNK, n)
-        stacked = torch.stack([f[start:stop] for f in flats])
-        mask = calculate_majority_sign_mask(stacked, method=method)
-        for f, m in zip(flats, mask):
-            f[start:stop].mul_(m)
+        total = None
+        for f in flats:
+            term = f[start:stop] if method == "total" else f[start:stop].sign()
+            total = term.clone() if total is None else total.add_(term)
+        assert total is not None
+        elected = torch.where(total >= 0, 1.0, -1.0).to(flats[0].dtype)
+        del total
+        for f in flats:
+            f[start:stop].mul_(f[start:stop].sign() == elected)
     return taus

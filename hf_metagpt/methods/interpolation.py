@@ -4,6 +4,11 @@ Their coefficients depend on the tensor itself (an angle, a cosine, a mean squar
 computed in `combine`, per tensor, in float32, in the order mergekit 0.1.5 computes them (its
 documented behaviour and its outputs, measured by `bench/mergekit_agreement.py`; no code of it).
 `coefficients` only records the plain per-model shares for the card.
+
+Those coefficients (sums, norms, acos/sin, the variance top-k) are computed from CPU copies
+whatever the device (`sparsify.host`): a GPU sums in another order and its transcendental functions
+round otherwise, so the coefficients, and then the output bytes, would depend on the device. The
+elementwise arithmetic that applies them is IEEE-exact on both and runs where the tensors are.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from ..errors import MergeError
 from .base import MergeMethod, TensorContext
 from .common import ParamsMixin, check_real
 from .settings import describe, first_set, parse_setting
+from .sparsify import host
 
 #: SLERP falls back to linear interpolation when the normalised tensors are this close to parallel.
 DOT_THRESHOLD = 0.9995
@@ -48,12 +54,14 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     b = v1.reshape(-1)
     if a.numel() == 0:
         return v0.clone()
-    na = torch.linalg.vector_norm(a)
-    nb = torch.linalg.vector_norm(b)
+    ha, hb = host(a), host(b)
+    na = torch.linalg.vector_norm(ha)
+    nb = torch.linalg.vector_norm(hb)
     na = torch.where(na > _NORM_EPS, na, torch.ones_like(na))
     nb = torch.where(nb > _NORM_EPS, nb, torch.ones_like(nb))
-    dot = ((a / na) * (b / nb)).sum().clamp(-1, 1)
-    tt = torch.tensor(t, dtype=torch.float32, device=v0.device)
+    dot = ((ha / na) * (hb / nb)).sum().clamp(-1, 1)
+    del ha, hb
+    tt = torch.tensor(t, dtype=torch.float32)
     if float(dot.abs()) > DOT_THRESHOLD:
         ca, cb = 1 - tt, tt
     else:
@@ -61,7 +69,7 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
         sin_theta = torch.sin(theta)
         ca = torch.sin((1 - tt) * theta) / sin_theta
         cb = torch.sin(tt * theta) / sin_theta
-    return (ca * a + cb * b).reshape(v0.shape)
+    return (ca.to(a.device) * a + cb.to(a.device) * b).reshape(v0.shape)
 
 
 @dataclass
@@ -126,8 +134,9 @@ class ModelStock(ParamsMixin, MergeMethod):
             w0 = base.reshape(-1)
             offs = [t.reshape(-1) for t in taus]
         cosines = []
-        for i, a in enumerate(offs):
-            for b in offs[i + 1:]:
+        hoffs = [host(o) for o in offs]
+        for i, a in enumerate(hoffs):
+            for b in hoffs[i + 1:]:
                 norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
                 cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
         cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
@@ -135,6 +144,7 @@ class ModelStock(ParamsMixin, MergeMethod):
         den = 1 + (n - 1) * cos
         singular = den.abs() < 1e-6
         t = torch.where(singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, torch.ones_like(den), den))
+        t = t.to(w0.device)
         models = [w0 + o for o in offs]
         average = models[0]
         for m in models[1:]:
@@ -150,7 +160,7 @@ def sce_select_mask(taus: list[torch.Tensor], select_topk: float) -> torch.Tenso
     """SCE "select": keep the ⌊select_topk · #{var ≠ 0}⌋ parameters of largest variance across models."""
     if select_topk >= 1:
         return None
-    stacked = torch.stack(taus)
+    stacked = torch.stack([host(t) for t in taus])
     var = torch.var(stacked, dim=0, unbiased=False)
     del stacked
     k = int(int(torch.count_nonzero(var)) * select_topk)
@@ -158,16 +168,18 @@ def sce_select_mask(taus: list[torch.Tensor], select_topk: float) -> torch.Tenso
     if k > 0:
         idx = torch.topk(var.abs().reshape(-1), k=k, largest=True).indices
         mask.view(-1)[idx] = 1
-    return mask
+    return mask.to(taus[0].device)
 
 
 def sce_weights(taus: list[torch.Tensor]) -> torch.Tensor:
     """SCE "calculate": mean(τt²) per model as shares of their sum (uniform when the sum is < 1e-6)."""
-    w = torch.stack([t.square().reshape(-1).mean() for t in taus])
+    w = torch.stack([host(t).square().reshape(-1).mean() for t in taus])
     total = float(torch.sum(w))
     if abs(total) < 1e-6:
-        return torch.ones_like(w) / w.shape[0]
-    return w / total
+        w = torch.ones_like(w) / w.shape[0]
+    else:
+        w = w / total
+    return w.to(taus[0].device)
 
 
 @dataclass

@@ -3,8 +3,8 @@
 Each returns a new tensor (never `tau` itself unless nothing is dropped) and keeps `tau` intact.
 
 - `magnitude` (TIES): keep the k = max(1, ⌊density·n⌋) largest |τ|; at equal magnitudes the
-  order of `torch.argsort(|τ|, descending=True)` decides, the same call mergekit 0.1.5 makes, so
-  both tools keep the same entries on the same machine and torch version.
+  order of `torch.argsort(|τ|, descending=True)` *on the CPU* decides, the call mergekit 0.1.5
+  makes on CPU, so both tools keep the same entries on any device with the same torch version.
 - `magnitude_outliers` (Model Breadcrumbs): drop the ⌊γ·n⌋ largest and then the smallest
   magnitudes, keeping ⌊density·n⌋ entries (the outlier cut shrinks when both don't fit).
 - `random` (DARE): keep each entry with probability density (a Bernoulli mask drawn from the
@@ -28,13 +28,32 @@ SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
 _RESCALE_EPS = 1e-7
 
 
+def host(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself on the CPU, else a CPU copy: where a result must not depend on the device."""
+    return t if t.device.type == "cpu" else t.cpu()
+
+
+def host_sort_indices(values: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Indices of `values` (1-D) in sorted order, computed on the CPU whatever the device.
+
+    Fine-tunes stored in bf16 have few distinct magnitudes (about 2 000 among 3 M entries), so many
+    entries tie at a trim's threshold and the sort's tie order decides which of them are kept.
+    torch's CPU sort is unstable but deterministic (the same order for the same values, whatever the
+    thread count) and is the order mergekit gets on CPU; a CUDA sort breaks ties differently (TIES
+    on CUDA kept other entries in 39 of 39 tensors). Sorting on the CPU makes the kept set, and so
+    the output bytes, the same on every device. The indices stay on the CPU.
+    """
+    return torch.sort(host(values), descending=descending).indices
+
+
 def rescale_l1(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """`kept` scaled to ‖tau‖₁ (float32 sums, as mergekit); unscaled when either norm is ~0."""
-    before = tau.abs().sum()
-    after = kept.abs().sum()
+    # Summed on the CPU: a GPU reduction adds in another order, and the float32 sums differ.
+    before = host(tau).abs().sum()
+    after = host(kept).abs().sum()
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
         return kept
-    return kept * (before / after)
+    return kept * (before / after).to(kept.device)
 
 
 def _finish(tau: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
@@ -52,10 +71,10 @@ def magnitude(tau: torch.Tensor, density: float, rescale: bool = False) -> torch
     if n == 0:
         return tau.clone()
     k = max(1, int(density * n))
-    order = torch.argsort(tau.abs().reshape(-1).float(), descending=True)[:k]
-    mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
+    order = host_sort_indices(tau.abs().reshape(-1).float(), descending=True)[:k]
+    mask = torch.zeros(n, dtype=tau.dtype)
     mask[order] = 1
-    return _finish(tau, mask, rescale)
+    return _finish(tau, mask.to(tau.device), rescale)
 
 
 def magnitude_outliers(tau: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
@@ -66,10 +85,10 @@ def magnitude_outliers(tau: torch.Tensor, density: float, gamma: float, rescale:
     keep = int(density * n)
     top = int(gamma * n)
     bottom = max(0, n - keep - top)
-    order = torch.sort(tau.abs().reshape(-1).float(), descending=False).indices
-    mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
+    order = host_sort_indices(tau.abs().reshape(-1).float(), descending=False)
+    mask = torch.zeros(n, dtype=tau.dtype)
     mask[order[bottom:bottom + keep]] = 1
-    return _finish(tau, mask, rescale)
+    return _finish(tau, mask.to(tau.device), rescale)
 
 
 def random(tau: torch.Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
