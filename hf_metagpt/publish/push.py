@@ -53,6 +53,7 @@ def push(folder: str | Path, repo_id: str, *, token: str | None = None, private:
         'https://huggingface.co/me/llama-2-7b-metagpt'
     """
     folder = Path(folder)
+    _refuse_offline(repo_id)
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         raise InputError(f"{folder} is not a model folder (no config.json).",
                          hint="Push the output folder of a merge.")
@@ -150,6 +151,15 @@ def retarget_card(folder: Path, repo_id: str) -> bool:
     return True
 
 
+def _refuse_offline(repo_id: str) -> None:
+    from ..sources.hub import offline
+
+    if offline():
+        raise HubAccessError(f"Pushing to {repo_id} needs the Hub, and HF_HUB_OFFLINE is set.",
+                             hint="Merge with --output only, then push the folder later with network access "
+                                  "(`hf-metagpt push DIR REPO`), or unset HF_HUB_OFFLINE.")
+
+
 def check_push_access(repo_id: str, token: str | None = None, *, create_pr: bool = False) -> None:
     """Check, before any weight is read, that `token` may push to `repo_id` (reads nothing but metadata).
 
@@ -171,6 +181,7 @@ def check_push_access(repo_id: str, token: str | None = None, *, create_pr: bool
     """
     from huggingface_hub.errors import LocalTokenNotFoundError, RepositoryNotFoundError
 
+    _refuse_offline(repo_id)
     api = _api(token)
     try:
         me = _call(repo_id, api.whoami)

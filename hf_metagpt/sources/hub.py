@@ -6,13 +6,15 @@ nothing. Tokens come from `token=` or huggingface_hub's usual sources (`HF_TOKEN
 and are only ever handed to huggingface_hub: never printed, logged or written.
 
 Endpoint, cache and offline settings are huggingface_hub's own (`HF_ENDPOINT`, `HF_HOME`,
-`HF_HUB_CACHE`, ...); nothing here re-reads them.
+`HF_HUB_CACHE`, `HF_HUB_OFFLINE`, ...); nothing here re-reads them. Offline, `resolve` pins a reference
+to the commit its revision points at in the Hub cache and lists the files cached there.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -68,12 +70,114 @@ def resolve(ref: ModelRef, token: str | None = None) -> RemoteModel:
     from dataclasses import replace
 
     assert ref.repo_id is not None
+    if offline():
+        return _resolve_cached(ref)
     info = _call(ref.display, _api(token).model_info, ref.repo_id, revision=ref.revision, files_metadata=True)
     if not info.sha:
         raise HubAccessError(f"{ref.display}: the Hub gave no commit SHA for this revision.")
     files = {s.rfilename: s.size for s in (info.siblings or [])}
+    _remember_revision(ref, info.sha)
     log.info("%s -> %s", ref.display, info.sha)
     return RemoteModel(replace(ref, sha=info.sha), files, bool(info.private))
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub read it (at its import): every Hub input comes from its cache."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+OFFLINE_HINT = ("Download it once with network access (a merge or `hf download REPO` fills the Hub cache), "
+                "point HF_HOME/HF_HUB_CACHE at the cache that holds it, or unset HF_HUB_OFFLINE.")
+
+
+def _resolve_cached(ref: ModelRef) -> RemoteModel:
+    """Offline: pin a Hub reference to the commit its revision points at in the Hub cache.
+
+    The file listing is the cached snapshot's (the files downloaded before); what a merge needs and the
+    cache lacks is named by `remote_info`, before anything is written.
+    """
+    from huggingface_hub import snapshot_download
+
+    revision = ref.revision or "main"
+    try:
+        folder = Path(snapshot_download(ref.repo_id, revision=revision, local_files_only=True))
+    except Exception as exc:  # LocalEntryNotFoundError and friends: the revision is not recorded there
+        log.debug("%s: no cached snapshot for %s: %s", ref.display, revision, exc)
+        folder = _only_snapshot(ref, revision)
+    sha = folder.name
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    log.warning("%s: HF_HUB_OFFLINE is set, using the Hub cache at commit %s (%s as last downloaded)",
+                ref.display, sha, revision)
+    return RemoteModel(replace(ref, sha=sha), files, False)
+
+
+def _repo_cache(repo_id: str) -> Path:
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
+def _remember_revision(ref: ModelRef, sha: str) -> None:
+    """Record in the Hub cache which commit a branch or tag pointed at (`refs/NAME`, the cache's layout).
+
+    Every download is pinned to the SHA, and huggingface_hub records a revision only when it downloads
+    by that revision: without this an offline run could not tell which cached commit `main` was.
+    """
+    revision = ref.revision or "main"
+    if revision == sha:
+        return
+    try:
+        path = _repo_cache(ref.repo_id).joinpath("refs", *revision.split("/"))  # type: ignore[arg-type]
+        if path.is_file() and path.read_text().strip() == sha:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(sha)
+        os.replace(tmp, path)
+    except (OSError, ValueError) as exc:  # a read-only cache only loses the offline shortcut
+        log.debug("could not record %s -> %s in the Hub cache: %s", ref.display, sha, exc)
+
+
+def _only_snapshot(ref: ModelRef, revision: str) -> Path:
+    """The cached snapshot to use when the revision is not recorded: the only one, or an error."""
+    snapshots = _repo_cache(ref.repo_id) / "snapshots"  # type: ignore[arg-type]
+    shas = sorted(p.name for p in snapshots.iterdir() if p.is_dir()) if snapshots.is_dir() else []
+    if len(shas) == 1 and revision != shas[0] and not _is_sha(revision):
+        return snapshots / shas[0]
+    if not shas or _is_sha(revision):
+        raise HubAccessError(f"{ref.display}: not in the Hub cache and HF_HUB_OFFLINE is set, so the Hub "
+                             f"cannot be asked for it (revision {revision}).", hint=OFFLINE_HINT)
+    raise HubAccessError(f"{ref.display}: the Hub cache holds {len(shas)} commits of {ref.repo_id} "
+                         f"({', '.join(shas)}) and does not record which one {revision} is; HF_HUB_OFFLINE is set.",
+                         hint=f"Name the commit: {ref.repo_id}@SHA.")
+
+
+def _is_sha(revision: str) -> bool:
+    return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
+
+
+def _missing_offline(ref: ModelRef, missing: list[str]) -> HubAccessError:
+    shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    return HubAccessError(f"{ref.display}: {shown} not in the Hub cache at commit {ref.sha}, and HF_HUB_OFFLINE "
+                          f"is set.", hint=OFFLINE_HINT)
+
+
+def _offline_weights_missing(remote: RemoteModel) -> HubAccessError:
+    """Which weight files of a cached snapshot are missing (the index names them when it is cached)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    ref = remote.ref
+    if INDEX_FILE not in remote.files:
+        return _missing_offline(ref, [f"its weights ({SINGLE_FILE} or {INDEX_FILE})"])
+    path = try_to_load_from_cache(ref.repo_id, INDEX_FILE, revision=ref.sha)
+    try:
+        files = weight_files_from_index(json.loads(Path(path).read_text()), ref.display)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OSError):
+        return _missing_offline(ref, [INDEX_FILE])
+    return _missing_offline(ref, [f for f in files if f not in remote.files] or files)
 
 
 def remote_info(remote: RemoteModel, token: str | None = None, allow_pickle: bool = False) -> ModelInfo:
@@ -90,6 +194,8 @@ def remote_info(remote: RemoteModel, token: str | None = None, allow_pickle: boo
         pickles = sorted(f for f in remote.files if any(Path(f).match(p) for p in PICKLE_PATTERNS))
         if pickles:
             return _remote_pickle_info(remote, token, pickles, allow_pickle)
+        if offline():
+            raise _offline_weights_missing(remote)
         raise InputError(f"{name}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}) at {ref.sha}.",
                          hint="Is this a model repo (or a PEFT adapter repo with adapter_config.json)?")
     config = _remote_config(remote, token)
@@ -98,6 +204,8 @@ def remote_info(remote: RemoteModel, token: str | None = None, allow_pickle: boo
     if cached is not None:
         tensors, files = cached
         return ModelInfo(ref=ref, config=config, tensors=tensors, weight_files=files, files=dict(remote.files))
+    if offline():
+        raise _offline_weights_missing(remote)
 
     from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
 
@@ -133,6 +241,8 @@ def _remote_config(remote: RemoteModel, token: str | None) -> dict:
 
     ref, name = remote.ref, remote.ref.display
     if "config.json" not in remote.files:
+        if offline():
+            raise _missing_offline(ref, ["config.json"])
         raise InputError(f"{name}: no config.json at {ref.sha}.", hint="Merging needs a transformers model repo.")
     config_path = _call(name, hf_hub_download, ref.repo_id, "config.json", revision=ref.sha, token=_tok(token))
     try:
