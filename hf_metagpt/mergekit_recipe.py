@@ -22,6 +22,7 @@ This module reads text; it never imports mergekit (LGPL) and shares none of its 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -111,18 +112,37 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
         raise RecipeError(f"Recipe {source} is empty.")
     top = r.mapping(root, "the recipe")
     method = _method(r, top, root)
-    accepted = MERGEKIT_METHODS[method]
+    accepted = MERGEKIT_METHODS.get(method, _PASSTHROUGH)
     base = r.text(top["base_model"][1], "base_model") if "base_model" in top else None
-    if "models" not in top:
-        raise r.fail(root, "The mergekit recipe lists no `models`", hint="Add `models:` with one `- model: ...` per model.")
-    mnode = top["models"][1]
-    entries = _entries(r, mnode, accepted, method)
     globals_ = _parameters(r, top["parameters"][1], accepted, method, per_model=False) if "parameters" in top else {}
     out: dict[str, Any] = {"method": method}
+    if "slices" in top:
+        if "models" in top:
+            raise r.fail(top["slices"][0], "The recipe gives both `slices` and `models`",
+                         hint="mergekit takes one of them: list whole models under `models:`, or layer ranges under `slices:`.")
+        mnode = top["slices"][1]
+        layout = read_slices(r, mnode, accepted, method)
+        method, entries, globals_ = layout.translate(method, globals_, base)
+        accepted = MERGEKIT_METHODS.get(method, accepted)
+        out["method"] = method
+        out["layers"] = layout.maps
+    else:
+        if "models" not in top:
+            raise r.fail(root, "The mergekit recipe lists no `models`",
+                         hint="Add `models:` with one `- model: ...` per model (or `slices:` with layer ranges).")
+        mnode = top["models"][1]
+        entries = _entries(r, mnode, accepted, method)
     refs = [_ref(r, spec, base, node) for spec, _, node in entries]
+    base_spec = base
     base, tunes = _fine_tunes(r, method, base, refs, mnode, root)
     out["base"] = base
     out["models"] = [refs[i] for i in tunes]
+    if "layers" in out:
+        # one layer map per input, in the order the plan reads them: the base, then each fine-tune
+        maps = out.pop("layers")
+        specs = [spec for spec, _, _ in entries]
+        base_map = maps[specs.index(base_spec)] if base_spec in specs else maps[0]
+        out["layers"] = [base_map, *(maps[i] for i in tunes)]
     granularity = globals_.pop("granularity", None)
     if granularity is not None:
         out["granularity"] = granularity
@@ -146,15 +166,14 @@ def _method(r: "_Reader", top: dict, root: yaml.Node) -> str:
     for key, (k, _) in top.items():
         if key not in _TOP_KEYS:
             raise r.fail(k, f"Unknown mergekit recipe key {key!r}",
-                         hint=f"Supported keys: {', '.join(_TOP_KEYS[:-1])}.")
-    if "slices" in top:
-        raise r.fail(top["slices"][0], "mergekit `slices` (layer ranges, layer stacking) are not supported",
-                     hint="List whole models under `models:`; hf-metagpt merges every tensor of models of one architecture.")
+                         hint=f"Supported keys: {', '.join(_TOP_KEYS)}.")
     if "merge_method" not in top:
         raise r.fail(root, "The mergekit recipe has no `merge_method`",
                      hint="Add e.g. `merge_method: ties`, or read it as an hf-metagpt recipe (--recipe-format auto).")
     _, v = top["merge_method"]
     method = r.value(v)
+    if method == "passthrough" and "slices" in top:
+        return method  # layer stacking: `Slices.translate` makes it a merge of 0/1 weights per layer
     if method in _REFUSED:
         raise r.fail(v, f"merge_method {method!r} is not supported: {_REFUSED[method]}")
     if method not in MERGEKIT_METHODS:
@@ -255,6 +274,13 @@ def _is_filter_list(value: Any) -> bool:
 def _parameters(r: _Reader, node: yaml.Node, accepted: tuple[str, ...], method: str, *, per_model: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, (kn, vn) in r.mapping(node, "parameters").items():
+        if method == "passthrough" and key == "scale":
+            value = r.value(vn)
+            _check_setting(r, vn, key, value)
+            if not _numeric_setting(_at(value, 0.0)) or not _numeric_setting(_at(value, 1.0)):
+                raise r.fail(vn, f"scale must be a number (or numbers per layer or per filter), got {value!r}")
+            out[key] = value
+            continue
         if key not in accepted:
             raise r.fail(kn, f"Unknown parameter {key!r} for merge_method {method!r}",
                          hint=f"{method} takes: {', '.join(accepted)}.")
@@ -350,6 +376,228 @@ def _tokenizer(r: _Reader, top: dict, base: str | None, refs: list[str], tunes: 
         return spec
     raise r.fail(node, f"tokenizer_source {value!r} is not one of the models",
                  hint="Use base or the `model:` of one of the models.")
+
+
+# --------------------------------------------------------------------------- slices
+
+#: passthrough's one parameter (a factor on the copied tensor); with slices it becomes a linear weight
+_PASSTHROUGH = ("scale",)
+
+
+@dataclass
+class _Source:
+    spec: str
+    lo: int
+    hi: int
+    params: dict[str, Any]
+    node: yaml.Node
+
+
+@dataclass
+class _Slice:
+    sources: list[_Source]
+    params: dict[str, Any]
+    node: yaml.Node
+
+    @property
+    def length(self) -> int:
+        return self.sources[0].hi - self.sources[0].lo
+
+
+def read_slices(r: _Reader, node: yaml.Node, accepted: tuple[str, ...], method: str) -> "Slices":
+    """mergekit's `slices:` (each a list of `sources`, each a `model` and its `layer_range`)."""
+    if not isinstance(node, yaml.SequenceNode) or not node.value:
+        raise r.fail(node, "`slices` must be a non-empty list of `- sources: [...]` entries")
+    slices = []
+    for snode in node.value:
+        fields = r.mapping(snode, "a slice")
+        for key, (kn, _) in fields.items():
+            if key not in ("sources", "parameters"):
+                raise r.fail(kn, f"Unknown key {key!r} in a slice", hint="A slice has `sources:` and `parameters:`.")
+        if "sources" not in fields:
+            raise r.fail(snode, "A slice has no `sources`", hint="Add `sources:` with `- model: ...` and `layer_range: [start, end]`.")
+        srcs_node = fields["sources"][1]
+        if not isinstance(srcs_node, yaml.SequenceNode) or not srcs_node.value:
+            raise r.fail(srcs_node, "`sources` must be a non-empty list of `- model: ...` entries")
+        sources = []
+        for src in srcs_node.value:
+            f = r.mapping(src, "a slice source")
+            for key, (kn, _) in f.items():
+                if key not in ("model", "layer_range", "parameters"):
+                    raise r.fail(kn, f"Unknown key {key!r} in a slice source",
+                                 hint="A source has `model:`, `layer_range:` and `parameters:`.")
+            if "model" not in f or "layer_range" not in f:
+                raise r.fail(src, "A slice source needs `model:` and `layer_range: [start, end]`")
+            rng = r.value(f["layer_range"][1])
+            if (not isinstance(rng, list) or len(rng) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in rng)
+                    or rng[0] < 0 or rng[1] <= rng[0]):
+                raise r.fail(f["layer_range"][1], f"layer_range must be [start, end] with 0 <= start < end, got {rng!r}",
+                             hint="Layers start..end-1 are taken, as in Python's range.")
+            params = _parameters(r, f["parameters"][1], accepted, method, per_model=True) if "parameters" in f else {}
+            sources.append(_Source(r.text(f["model"][1], "model"), rng[0], rng[1], params, src))
+        lengths = {s.hi - s.lo for s in sources}
+        if len(lengths) > 1:
+            raise r.fail(srcs_node, f"The sources of a slice cover different numbers of layers ({sorted(lengths)})",
+                         hint="mergekit merges layer i of every source of a slice: give every layer_range the same length.")
+        params = _parameters(r, fields["parameters"][1], accepted, method, per_model=False) if "parameters" in fields else {}
+        slices.append(_Slice(sources, params, snode))
+    return Slices(r, slices, node)
+
+
+class Slices:
+    """The output layers of a `slices:` recipe: which input layer of which model each one reads.
+
+    Output layer j of the concatenated slices reads layer `lo + i` of every source of its slice
+    (i its place in the slice). Tensors outside the layers (embeddings before, final norm and head
+    after) come from the first slice's sources and the last slice's, with those slices' parameters
+    at the slice's start (what mergekit 0.1.5 writes). A gradient list in a slice runs across that
+    slice's layers: layer i of a slice of L takes it at i / (L − 1).
+
+    We merge model by model, so every input is read for every output layer through a *layer map*
+    (`MergeOptions.layers`: output layer j reads input layer map[j]); parameters become per-layer
+    `- filter: layers.j.` settings. passthrough (each output layer copied from one source) becomes
+    linear with weight 1 (or the source's `scale`) on that source and 0 on the others.
+    """
+
+    def __init__(self, r: _Reader, slices: list[_Slice], node: yaml.Node) -> None:
+        self.r, self.slices, self.node = r, slices, node
+        self.specs = list(dict.fromkeys(src.spec for sl in slices for src in sl.sources))
+        self.maps: list[list[int]] = []
+        self.positions: list[tuple[_Slice, float]] = []  # per output layer: its slice and its place in it
+        for sl in slices:
+            n = sl.length
+            for i in range(n):
+                self.positions.append((sl, i / (n - 1) if n > 1 else 0.0))
+
+    @property
+    def simple(self) -> bool:
+        """One slice whose sources all read layers 0..n-1: `models:` with a layer count to check."""
+        return len(self.slices) == 1 and all(s.lo == 0 for s in self.slices[0].sources)
+
+    def _map(self, spec: str) -> list[int]:
+        out = []
+        fallback = next(s.lo for sl in self.slices for s in sl.sources if s.spec == spec)
+        for sl in self.slices:
+            src = next((s for s in sl.sources if s.spec == spec), None)
+            out += list(range(src.lo, src.hi)) if src is not None else [fallback] * sl.length
+        return out
+
+    def translate(self, method: str, globals_: dict[str, Any], base: str | None
+                  ) -> tuple[str, list[tuple[str, dict[str, Any], yaml.Node]], dict[str, Any]]:
+        """(method, `models` entries, method-wide parameters) of the same merge; sets `self.maps`."""
+        r = self.r
+        for sl in self.slices:
+            seen = [s.spec for s in sl.sources]
+            if len(set(seen)) != len(seen):
+                raise r.fail(sl.node, "A slice lists the same model twice",
+                             hint="List each model once per slice.")
+        self.maps = [self._map(spec) for spec in self.specs]
+        nodes = {}
+        for sl in self.slices:
+            for s in sl.sources:
+                nodes.setdefault(s.spec, s.node)
+        if method == "passthrough":
+            return self._passthrough(globals_, nodes)
+        for sl in self.slices:
+            missing = [spec for spec in self.specs if spec not in {s.spec for s in sl.sources}]
+            if missing:
+                raise r.fail(sl.node, f"This slice does not list {missing[0]!r}, which other slices merge",
+                             hint="hf-metagpt merges the same models in every slice (layer ranges may differ); "
+                                  "list every model in every slice, or use merge_method: passthrough to stack layers.")
+        if self.simple:
+            sl = self.slices[0]
+            entries = [(s.spec, dict(s.params), s.node) for s in sl.sources]
+            return method, entries, {**globals_, **sl.params}
+        keys = sorted({k for sl in self.slices for s in sl.sources for k in s.params}
+                      | {k for sl in self.slices for k in sl.params} | set(globals_))
+        entries = []
+        for spec in self.specs:
+            if spec == base and method != "linear":
+                params = {}  # the base's own parameters are not used (as mergekit)
+            else:
+                params = {k: v for k in keys if k in _PER_MODEL and (v := self._by_layer(k, globals_, spec)) is not None}
+            entries.append((spec, params, nodes[spec]))
+        out_globals = {k: v for k in keys if k not in _PER_MODEL and (v := self._by_layer(k, globals_, None)) is not None}
+        return method, entries, out_globals
+
+    def _value(self, sl: _Slice, key: str, globals_: dict[str, Any], spec: str | None) -> Any:
+        own = None
+        if spec is not None:
+            src = next((s for s in sl.sources if s.spec == spec), None)
+            own = src.params.get(key) if src is not None else None
+        return _chain(own, _chain(sl.params.get(key), globals_.get(key)))
+
+    def _by_layer(self, key: str, globals_: dict[str, Any], spec: str | None) -> Any:
+        """One setting for every output tensor: per-layer filters, then the first and the last slice's."""
+        first, last = self.slices[0], self.slices[-1]
+        values = [_at(self._value(sl, key, globals_, spec), x) for sl, x in self.positions]
+        pre = _at(self._value(first, key, globals_, spec), 0.0)
+        post = _at(self._value(last, key, globals_, spec), 0.0)
+        everything = [*values, pre, post]
+        if all(v is None for v in everything):
+            return None
+        if all(v == everything[0] for v in everything):
+            return everything[0]
+        if any(v is None for v in everything):
+            raise self.r.fail(self.node, f"Parameter {key!r} is set for some slices only",
+                              hint=f"Set {key} in every slice (or once in the top-level `parameters:`).")
+        if not all(_numeric_setting(v) for v in everything):
+            raise self.r.fail(self.node, f"Parameter {key!r} differs from slice to slice",
+                              hint=f"hf-metagpt takes one {key} for the whole merge; give it once in the top-level `parameters:`.")
+        return _layer_filters(values, pre, post)
+
+    def _passthrough(self, globals_: dict[str, Any], nodes: dict[str, yaml.Node]):
+        """Stacking as linear: weight 1 (or `scale`) where a model supplies the layer, else 0."""
+        r = self.r
+        for sl in self.slices:
+            if len(sl.sources) != 1:
+                raise r.fail(sl.node, "merge_method passthrough copies each layer from one model, "
+                                      f"but this slice lists {len(sl.sources)}",
+                             hint="Give each passthrough slice one source, or use a merge method (slerp, linear, ...) for this slice.")
+        entries = []
+        first, last = self.slices[0].sources[0].spec, self.slices[-1].sources[0].spec
+        for spec in self.specs:
+            def weight(sl: _Slice, x: float, spec: str = spec) -> Any:
+                src = sl.sources[0]
+                if src.spec != spec:
+                    return 0.0
+                scale = _chain(src.params.get("scale"), _chain(sl.params.get("scale"), globals_.get("scale")))
+                return 1.0 if scale is None else _at(scale, x)
+
+            values = [weight(sl, x) for sl, x in self.positions]
+            pre = 1.0 if spec == first else 0.0
+            post = 1.0 if spec == last else 0.0
+            entries.append((spec, {"weight": _layer_filters(values, pre, post)}, nodes[spec]))
+        return "linear", entries, {"normalize": False}
+
+
+def _numeric_setting(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, (int, float)):
+        return True
+    return _is_filter_list(v) and all(_numeric_setting(e["value"]) for e in v)
+
+
+def _at(value: Any, x: float) -> Any:
+    """A setting with its layer gradients evaluated at x (its place in a slice); filters kept."""
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        s = x * (len(value) - 1)
+        i0 = int(s)
+        i1 = min(len(value) - 1, i0 + 1)
+        frac = s - i0
+        return (1 - frac) * value[i0] + frac * value[i1]
+    if _is_filter_list(value):
+        return [{**e, "value": _at(e["value"], x)} for e in value]
+    return value
+
+
+def _layer_filters(values: list[Any], pre: Any, post: Any) -> list[dict[str, Any]]:
+    """`- filter: layers.j.` entries for output layers j, then embeddings (pre) and the rest (post)."""
+    out = [{"filter": f"layers.{j}.", "value": v} for j, v in enumerate(values)]
+    out.append({"filter": "embed", "value": pre})
+    out.append({"value": post})
+    return out
 
 
 # --------------------------------------------------------------------------- our merge → mergekit YAML

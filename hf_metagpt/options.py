@@ -62,6 +62,9 @@ class MergeOptions:
     allow_nonfinite: bool = False
     #: refuse a LoRA adapter whose base_model_name_or_path names another base (default: warn)
     strict: bool = False
+    #: mergekit `slices:`: output layer j of input i reads its layer layers[i][j] (one map per input, the
+    #: base first); None reads every layer as it is (`engine/layers.py`)
+    layers: list[list[int]] | None = None
     #: "model" (full weights, default) or "lora" (one merged adapter; every input must be a LoRA adapter)
     output_format: str = "model"
     #: with output_format lora: compress each module's merged update to this rank (truncated SVD)
@@ -110,6 +113,10 @@ class MergeOptions:
                     f"Invalid {name} {getattr(self, name)!r}.", hint=f"Use one of: {', '.join(allowed)}."
                 )
         parse_size(self.max_shard_size)
+        if self.layers is not None:
+            from .engine.layers import check_layers
+
+            check_layers(self.layers, 1 + len(self.models))
         if self.lora_rank is not None:
             if self.output_format != "lora":
                 raise RecipeError("lora_rank only applies to output_format lora.",

@@ -116,7 +116,7 @@ def test_linear_slerp_and_metagpt_recipes():
      "density must be in (0, 1], got 1.5 (r.yml, line 5)"),
     ("merge_method: slerp\nbase_model: a/b\nmodels: [a/b, a/c]\nparameters:\n  t:\n    - filter: mlp\n      valu: 1\n",
      "A filtered value of 't' must have `filter` and `value`, got ['filter', 'valu'] (r.yml, line 6)"),
-    ("slices:\n  - sources: []\nmerge_method: passthrough\n", "mergekit `slices`"),
+    ("slices:\n  - sources: []\nmerge_method: passthrough\n", "`sources` must be a non-empty list of `- model: ...` entries (r.yml, line 2)"),
     ("merge_method: passthrough\nmodels: [a/b]\n", "merge_method 'passthrough' is not supported: passthrough stacks layers"),
     ("merge_method: nuslerp\nmodels: [a/b]\n", "merge_method 'nuslerp' is not supported (r.yml, line 1)"),
     ("merge_method: ties\nmodels: [a/b, a/c]\n", "merge_method 'ties' needs a base_model"),

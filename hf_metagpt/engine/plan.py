@@ -370,6 +370,11 @@ def build_plan(opts: MergeOptions, base: ModelInfo, models: Sequence[ModelInfo],
     """
     warnings: list[str] = []
     notes: list[str] = []
+    if opts.layers is not None:
+        from .layers import apply_layers
+
+        base, models, layer_notes = apply_layers(opts.layers, base, models)
+        notes.extend(layer_notes)
     if base.ref.is_adapter:
         raise InputError(f"The base {base.name} is a PEFT adapter; the base must be a full model.",
                          hint="Pass the model the adapter was trained on as --base, and the adapter as a fine-tune.")

@@ -89,10 +89,13 @@ def ledger_key(plan: MergePlan, method_name: str, params: dict[str, Any], seed: 
     `allow_nonfinite` (NaN treated as unchanged) and, for seeded methods, the device type (CPU and
     CUDA generators draw different DARE masks). Local files are identified by path, size and
     modification time, not by a hash of their bytes: hashing every input would read it once more."""
-    return _digest({"inputs": [fingerprint(i) for i in plan.inputs], "method": method_name,
-                    "params": params, "seed": seed, "granularity": plan.granularity,
-                    "tokenizer_source": plan.tokenizer_source, "allow_nonfinite": allow_nonfinite,
-                    "device": device_type if seed is not None else None})
+    key = {"inputs": [fingerprint(i) for i in plan.inputs], "method": method_name,
+           "params": params, "seed": seed, "granularity": plan.granularity,
+           "tokenizer_source": plan.tokenizer_source, "allow_nonfinite": allow_nonfinite,
+           "device": device_type if seed is not None else None}
+    if plan.options.layers is not None:  # which input layers feed which output layers (mergekit slices)
+        key["layers"] = plan.options.layers
+    return _digest(key)
 
 
 def plan_key(plan: MergePlan, nkey: str) -> str:
