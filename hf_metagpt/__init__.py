@@ -9,6 +9,7 @@ Every error a user can cause is a `MergeError` (or a subclass below); its `hint`
 
 __version__ = "0.1.0"
 
+from ._logging import protect_loggers  # noqa: E402
 from .api import merge, plan  # noqa: E402
 from .engine.plan import MergePlan  # noqa: E402
 from .errors import (  # noqa: E402
@@ -25,6 +26,8 @@ from .insight.report import InspectResult  # noqa: E402
 from .options import MergeOptions  # noqa: E402
 from .result import MergeResult  # noqa: E402
 from .sources.hub_calls import HubAccessError, HubUnavailableError  # noqa: E402
+
+protect_loggers()  # no signed URL or token in a log line of httpx or huggingface_hub (changes no level)
 
 __all__ = [
     "HubAccessError",

@@ -26,6 +26,7 @@ from .engine.workdir import (OutputDirs, OutputLock, cached_norms, check_output,
 from .errors import IntegrityError, MergeError
 from .methods import get_method
 from .methods.base import MergeMethod
+from ._logging import bars_off, honour_progress
 from ._platform import peak_rss_bytes
 from .options import MergeOptions, build_options, public_recipe
 from .result import MergeResult
@@ -51,7 +52,10 @@ def _options(options: MergeOptions | None, kwargs: dict[str, Any], *, for_merge:
 def load_infos(opts: MergeOptions) -> tuple[ModelInfo, list[ModelInfo]]:
     """Resolve every reference and read its config and safetensors headers (no weights)."""
     refs = [parse_ref(opts.base)] + [parse_ref(m) for m in opts.models]
-    infos = [_load_info(r, opts.token, opts.allow_pickle) for r in refs]
+    # huggingface_hub draws a "Parse safetensors files" bar per sharded Hub model: a blink each,
+    # repeated per input; the stage is short and the plan says what was read.
+    with bars_off(True):
+        infos = [_load_info(r, opts.token, opts.allow_pickle) for r in refs]
     return infos[0], infos[1:]
 
 
@@ -130,6 +134,7 @@ class _Job:
     cached: dict[str, list[float]] | None
 
 
+@honour_progress
 def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwargs: Any) -> MergeResult:
     """Merge a base model and its fine-tunes with MetaGPT (or another method), write it, push it if asked.
 
@@ -137,7 +142,7 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
         options: a `MergeOptions`; or give its fields as keyword arguments instead, e.g.
             `base` and `models` (local folders as `str | os.PathLike`, or Hub IDs `org/name[@rev]`),
             `output`, `method`, `granularity`, `parameters`, `dtype`, `push_to`, `token`, ...
-        progress: show progress bars.
+        progress: show progress bars (False: none at all, huggingface_hub's downloads and uploads included).
 
     Returns:
         A `MergeResult`: λ per group and model, squared norms, statistics, warnings.

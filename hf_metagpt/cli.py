@@ -412,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge fine-tuned LLMs with MetaGPT, streamed layer by layer, and publish them.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", "-q", action="store_true", help="print the result only: no progress bars, no notes")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="also the libraries' messages (each HTTP request; signed URLs and tokens are masked)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("merge", help="merge a base and its fine-tunes", description="Merge a base model and fine-tunes.")
@@ -473,7 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     # `-q` also after the subcommand (`hf-metagpt merge ... -q`); SUPPRESS keeps a `-q` given before it.
     for name, sp in sub.choices.items():
         if name != "hub":
-            sp.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+            sp.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                            help="print the result only: no progress bars, no notes")
+            sp.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                            help="also the libraries' messages (each HTTP request; signed URLs masked)")
     return parser
 
 
@@ -493,11 +498,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `merge --num-processes` runs it again
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(levelname)s: %(message)s" if args.debug else "%(message)s",
-        stream=sys.stderr,
-    )
+    from ._logging import configure_cli
+
+    configure_cli(quiet=bool(getattr(args, "quiet", False)), verbose=bool(getattr(args, "verbose", False)),
+                  debug=args.debug)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .._logging import honour_progress
 from ..errors import MergeError, OutputError
 from .geometry import Geometry
 from .report import InspectResult
@@ -29,6 +30,7 @@ from .report import InspectResult
 log = logging.getLogger("hf_metagpt")
 
 
+@honour_progress
 def inspect(base: str | None = None, models: Sequence[str] | None = None, *, recipe: str | Path | None = None,
             granularity: str | None = None, token: str | None = None, low_disk: bool | None = None,
             device: str | None = None, strict: bool | None = None, tokenizer_source: str | None = None,

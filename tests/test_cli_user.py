@@ -1,0 +1,132 @@
+"""What a user meets first at the command line (issue [users]): quiet output, no signed URL in any
+log line, clear messages for guessed parameters and mergekit habits, no tracebacks.
+
+Every CLI test here runs `python -m hf_metagpt` in a fresh interpreter, as a user would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_metagpt.demo.tiny import build_family
+from tests.helpers import publish
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: what a signed URL carries (S3, CloudFront, the Hub's CDN and Xet bridge, the local Hub's LFS upload)
+SIGNED = re.compile(r"X-Amz-Signature|X-Amz-Credential|[?&](Expires|Signature|Policy|Key-Pair-Id|sig|token)=",
+                    re.IGNORECASE)
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
+        stdin=None) -> subprocess.CompletedProcess:
+    """`python -m hf_metagpt ARGS` in a new interpreter that imports this checkout."""
+    full = dict(os.environ)
+    full["PYTHONPATH"] = os.pathsep.join([str(ROOT), full.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "hf_metagpt", *args], capture_output=True, text=True,
+                          cwd=cwd, env=full, timeout=timeout, stdin=stdin)
+
+
+def clean_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """The run failed with exit code 2 and one `error:` message holding every needle, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("error: ") == 1, proc.stderr[-3000:]
+    for n in needles:
+        assert n in proc.stderr, (n, proc.stderr[-3000:])
+    return proc.stderr
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> tuple[Path, list[Path]]:
+    return build_family(tmp_path_factory.mktemp("user-family"), n_models=2)
+
+
+@pytest.fixture(scope="module")
+def hub_family(family, hub_user) -> list[str]:
+    base, fts = family
+    return publish([base, *fts], hub_user, "userscli")
+
+
+# ---- item 3 / D8: quiet means quiet; no signed URL in any log line ----------------------------------
+
+def _bars(text: str) -> list[str]:
+    return [line for line in re.split(r"[\r\n]", text) if re.search(r"\d+%\|", line)]
+
+
+def test_quiet_by_id_merge_and_push_prints_the_summary_only(hub_family, hub_user, tmp_path):
+    base, *fts = hub_family
+    proc = cli("-q", "merge", *fts, "--base", base, "-o", str(tmp_path / "m"), "--push-to", f"{hub_user}/uq-pushed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "HTTP Request" not in proc.stderr and "HTTP Request" not in proc.stdout
+    assert _bars(proc.stderr) == [], proc.stderr[-3000:]
+    assert "Matplotlib" not in proc.stderr and "font cache" not in proc.stderr
+    assert not SIGNED.search(proc.stderr + proc.stdout)
+    assert proc.stderr == ""  # nothing but the summary, on stdout
+    assert "Merged 2 model" in proc.stdout and f"Pushed: " in proc.stdout and "| model |" in proc.stdout
+
+
+def test_default_verbosity_shows_no_http_requests_and_one_bar_per_stage(hub_family, hub_user, tmp_path):
+    base, *fts = hub_family
+    proc = cli("merge", *fts, "--base", base, "-o", str(tmp_path / "m"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "HTTP Request" not in proc.stderr
+    assert "Parse safetensors files" not in proc.stderr  # one bar per model, repeated: not a stage of ours
+    assert not SIGNED.search(proc.stderr + proc.stdout)
+
+
+def test_verbose_shows_requests_but_never_a_signed_url(hub_family, hub_user, tmp_path):
+    base, *fts = hub_family
+    # another method than the other tests': other bytes, so the push really uploads (no dedup)
+    proc = cli("-v", "merge", *fts, "--base", base, "-o", str(tmp_path / "m"), "--method", "linear",
+               "--push-to", f"{hub_user}/uv-pushed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "HTTP Request" in proc.stderr  # -v shows the library's requests ...
+    assert "/_lfs/" in proc.stderr  # ... the LFS upload to a signed URL among them ...
+    assert not SIGNED.search(proc.stderr + proc.stdout), [
+        line for line in proc.stderr.splitlines() if SIGNED.search(line)]  # ... without its signature
+
+
+def test_debug_never_logs_a_signed_url(hub_family, hub_user, tmp_path):
+    base, *fts = hub_family
+    proc = cli("--debug", "-q", "merge", *fts, "--base", base, "-o", str(tmp_path / "m"), "--method", "task_arithmetic",
+               "--push-to", f"{hub_user}/ud-pushed", env={"HF_DEBUG": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "/_lfs/" in proc.stderr
+    assert not SIGNED.search(proc.stderr + proc.stdout), [
+        line for line in proc.stderr.splitlines() if SIGNED.search(line)]
+
+
+def test_redaction_keeps_plain_urls_and_hides_every_signature():
+    from hf_metagpt._logging import redact
+
+    plain = "GET https://huggingface.co/api/models/org/x/revision/main?expand=siblings"
+    assert redact(plain) == plain
+    for url in ["https://cdn-lfs.hf.co/repos/a/b/c?response-content-disposition=x&Expires=1&Signature=abc&Key-Pair-Id=K",
+                "https://s3.amazonaws.com/b/k?X-Amz-Algorithm=A&X-Amz-Credential=C&X-Amz-Signature=S",
+                "https://cas-bridge.xethub.hf.co/x?X-Xet-Signed-Range=1&Policy=P&Signature=S",
+                "http://127.0.0.1:1/_lfs/oid?size=3&repo=r&sig=deadbeef",
+                "https://example.org/dl?token=hf_secret"]:
+        out = redact(f'HTTP Request: PUT {url} "HTTP/1.1 200 OK"')
+        assert not SIGNED.search(out), out
+        assert url.split("?")[0] in out and out.endswith('"HTTP/1.1 200 OK"')
+    assert "hf_abcdefghijklmnopqrstuvwxyz" not in redact("Authorization: Bearer hf_abcdefghijklmnopqrstuvwxyz")
+
+
+def test_python_progress_false_shows_no_bar_at_all(hub_family, tmp_path):
+    base, *fts = hub_family
+    code = ("import hf_metagpt, sys\n"
+            f"r = hf_metagpt.merge(base={base!r}, models={fts!r}, output={str(tmp_path / 'm')!r}, progress=False)\n"
+            "print('done')\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _bars(proc.stderr) == [], proc.stderr[-3000:]
+    assert "it/s" not in proc.stderr and "Parse safetensors" not in proc.stderr
