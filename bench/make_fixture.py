@@ -5,8 +5,9 @@ about 1 GB plus ``model.safetensors.index.json``) and carry a ``config.json`` th
 ``LlamaConfig`` accepts. Each fine-tune is the base plus Gaussian noise whose scale depends on the
 layer and on the task, so MetaGPT's per-layer coefficients differ from layer to layer.
 
-Nothing holds a whole model: tensors are generated one at a time (the base tensor and its three
-fine-tuned versions together) and each model's shard is written as soon as it fills.
+Nothing holds a whole model: every shard's header is laid out first, then worker processes (one
+per core by default, `--workers N`) generate the tensors, largest first, each tensor of each model
+from its own seeded generator, and write them in place: the same bytes whatever the worker count.
 
     python bench/make_fixture.py                    # TinyLlama-1.1B shape, 4 x 2.2 GB
     python bench/make_fixture.py --size 3b --out bench/fixtures/llama-3b
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 BENCH_DIR = Path(__file__).resolve().parent
 SHARD_BYTES = 1_000_000_000  # like save_pretrained(max_shard_size="1GB")
@@ -57,6 +57,8 @@ SHAPES = {
     "3b": Shape(3200, 8640, 26, 32, 32),
     # meta-llama/Llama-2-7b-hf
     "7b": Shape(4096, 11008, 32, 32, 32, max_position_embeddings=4096),
+    # a quick check of the scripts (4 x 26 MB): not a benchmark
+    "tiny": Shape(512, 1408, 4, 8, 2, vocab_size=8000),
 }
 
 
@@ -133,59 +135,106 @@ def config_json(shape: Shape, name: str) -> dict:
 GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "max_length": 2048, "pad_token_id": 0}
 
 
-class ShardWriter:
-    """Collects one model's tensors and writes a ~1 GB shard whenever the next would overflow."""
-
-    def __init__(self, folder: Path, n_shards: int):
-        self.folder, self.n_shards = folder, n_shards
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shard = 0
-        self.weight_map: dict[str, str] = {}
-        self.total_bytes = 0
-
-    def add(self, name: str, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self.pending and self.pending_bytes + nbytes > SHARD_BYTES:
-            self.flush()
-        self.pending[name] = t
-        self.pending_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        self.shard += 1
-        fname = f"model-{self.shard:05d}-of-{self.n_shards:05d}.safetensors"
-        save_file(self.pending, str(self.folder / fname), metadata={"format": "pt"})
-        for k in self.pending:
-            self.weight_map[k] = fname
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> None:
-        self.flush()
-        assert self.shard == self.n_shards, (self.shard, self.n_shards)
-        index = {
-            "metadata": {"total_size": self.total_bytes},
-            "weight_map": dict(sorted(self.weight_map.items())),
-        }
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+def shard_layout(specs: list[tuple[str, tuple[int, ...], int | None]]) -> list[list[int]]:
+    """Tensor indices per shard: save_pretrained's greedy packing (a shard closes before the tensor
+    that would take it over SHARD_BYTES)."""
+    shards: list[list[int]] = []
+    filled = 0
+    for i, (_, dims, _) in enumerate(specs):
+        nbytes = math.prod(dims) * 2
+        if shards and filled and filled + nbytes > SHARD_BYTES:
+            shards.append([])
+            filled = 0
+        if not shards:
+            shards.append([])
+        shards[-1].append(i)
+        filled += nbytes
+    return shards
 
 
 def count_shards(specs: list[tuple[str, tuple[int, ...], int | None]]) -> int:
-    """Replays ShardWriter's packing to know n in 'of-0000n' before writing the first shard."""
-    n, filled = 0, 0
-    for _, dims, _ in specs:
+    """How many ~1 GB shards each model gets (n in 'of-0000n')."""
+    return len(shard_layout(specs))
+
+
+def safetensors_header(entries: list[tuple[str, tuple[int, ...]]]) -> tuple[bytes, list[int]]:
+    """A bf16 safetensors header (metadata {"format": "pt"}, tensors in the given order, padded
+    with spaces to 8 bytes as safetensors pads it) and each tensor's data offset after it."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offsets, pos = [], 0
+    for name, dims in entries:
         nbytes = math.prod(dims) * 2
-        if filled and filled + nbytes > SHARD_BYTES:
-            n, filled = n + 1, 0
-        filled += nbytes
-    return n + (1 if filled else 0)
+        header[name] = {"dtype": "BF16", "shape": list(dims), "data_offsets": [pos, pos + nbytes]}
+        offsets.append(pos)
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, offsets
 
 
-def make_fixture(out: Path, size: str = "1.1b", seed: int = 0, overwrite: bool = False) -> list[Path]:
-    """Writes ``out/base`` and ``out/task_{a,b,c}``; returns the four folders."""
-    shape = SHAPES[size]
+def _generator(seed: int, tensor: int, model: int) -> torch.Generator:
+    """Each (tensor, model) draws from its own seeded generator: the bytes do not depend on which
+    worker draws them, or in what order."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + tensor) * 8 + model)
+
+
+def generate(specs, index: int, seed: int, n_layers: int) -> list[torch.Tensor]:
+    """The base tensor `index` and its three fine-tuned versions (bf16)."""
+    _, dims, layer = specs[index]
+    # bf16 randn is about twice as fast as float32 here and the fixture is bf16 anyway.
+    base = torch.randn(dims, generator=_generator(seed, index, 0), dtype=torch.bfloat16)
+    if len(dims) == 1:  # RMSNorm gains sit around 1, not 0
+        base.mul_(0.05).add_(1.0)
+    else:
+        base.mul_(0.02)
+    out = [base]
+    for t in range(len(TASKS)):
+        noise = torch.randn(dims, generator=_generator(seed, index, t + 1), dtype=torch.bfloat16)
+        out.append(noise.mul_(task_scale(t, layer, n_layers)).add_(base))
+    return out
+
+
+# The job, set in each worker by `_init` (and in the parent for one worker).
+_JOB: dict = {}
+
+
+def _init(job: dict) -> None:
+    _JOB.update(job)
+
+
+def _write_tensor(index: int) -> int:
+    """Worker: generate tensor `index` for the four models and write each at its place in its shard."""
+    torch.set_num_threads(1)
+    job = _JOB
+    tensors = generate(job["specs"], index, job["seed"], job["n_layers"])
+    path_of, offset = job["where"][index]
+    for folder, t in zip(job["folders"], tensors):
+        fd = os.open(folder / path_of, os.O_WRONLY)
+        try:
+            view = memoryview(t.view(torch.uint8).numpy())
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+        finally:
+            os.close(fd)
+    return index
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def make_fixture(out: Path, size: str = "1.1b", seed: int = 0, overwrite: bool = False,
+                 workers: int | None = None, shape: Shape | None = None) -> list[Path]:
+    """Writes ``out/base`` and ``out/task_{a,b,c}``; returns the four folders.
+
+    Every shard's header and layout is known before any value is drawn, so the files are created
+    at their final size and `workers` processes fill them tensor by tensor (largest first), each
+    tensor of each model from its own seeded generator: the bytes are the same for any `workers`.
+    """
+    import multiprocessing
+
+    shape = shape or SHAPES[size]
     names = ("base",) + TASKS
     folders = [out / n for n in names]
     if out.exists() and any(out.iterdir()):
@@ -194,27 +243,46 @@ def make_fixture(out: Path, size: str = "1.1b", seed: int = 0, overwrite: bool =
         for f in folders:
             shutil.rmtree(f, ignore_errors=True)
     specs = tensor_specs(shape)
-    n_shards = count_shards(specs)
-    writers = []
+    layout = shard_layout(specs)
+    n_shards = len(layout)
+    where: dict[int, tuple[str, int]] = {}
+    weight_map: dict[str, str] = {}
+    headers = []
+    for k, members in enumerate(layout, 1):
+        fname = f"model-{k:05d}-of-{n_shards:05d}.safetensors"
+        head, offsets = safetensors_header([(specs[i][0], specs[i][1]) for i in members])
+        headers.append((fname, head, len(head) + sum(math.prod(specs[i][1]) * 2 for i in members)))
+        for i, off in zip(members, offsets):
+            where[i] = (fname, len(head) + off)
+            weight_map[specs[i][0]] = fname
+    total = sum(math.prod(d) * 2 for _, d, _ in specs)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     for name, folder in zip(names, folders):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(config_json(shape, name), indent=2) + "\n")
         (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
-        writers.append(ShardWriter(folder, n_shards))
-
-    gen = torch.Generator().manual_seed(seed)
-    for name, dims, layer in specs:
-        # bf16 randn is about twice as fast as float32 here and the fixture is bf16 anyway.
-        if len(dims) == 1:  # RMSNorm gains sit around 1, not 0
-            base = torch.randn(dims, generator=gen, dtype=torch.bfloat16).mul_(0.05).add_(1.0)
-        else:
-            base = torch.randn(dims, generator=gen, dtype=torch.bfloat16).mul_(0.02)
-        writers[0].add(name, base)
-        for t in range(len(TASKS)):
-            noise = torch.randn(dims, generator=gen, dtype=torch.bfloat16)
-            writers[t + 1].add(name, noise.mul_(task_scale(t, layer, shape.num_hidden_layers)).add_(base))
-    for w in writers:
-        w.finish()
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for fname, head, size_ in headers:
+            with open(folder / fname, "wb") as f:
+                f.write(head)
+                f.truncate(size_)
+    job = dict(specs=specs, seed=seed, n_layers=shape.num_hidden_layers, where=where, folders=folders)
+    order = sorted(range(len(specs)), key=lambda i: -math.prod(specs[i][1]))
+    n = max(1, min(workers or default_workers(), len(specs)))
+    if n == 1:
+        threads = torch.get_num_threads()
+        _init(job)
+        try:
+            for i in order:
+                _write_tensor(i)
+        finally:
+            _JOB.clear()
+            torch.set_num_threads(threads)
+    else:
+        # spawn, not fork: a parent that already ran torch's OpenMP threads can hang forked children
+        with multiprocessing.get_context("spawn").Pool(n, initializer=_init, initargs=(job,)) as pool:
+            for _ in pool.imap_unordered(_write_tensor, order, chunksize=1):
+                pass
     return folders
 
 
@@ -224,10 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="folder (default bench/fixtures/llama-SIZE)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing fixture")
+    p.add_argument("--workers", type=int, default=None, help="generating processes (default: one per core)")
     args = p.parse_args(argv)
     out = args.out or BENCH_DIR / "fixtures" / f"llama-{args.size}"
     t0 = time.perf_counter()
-    folders = make_fixture(out, args.size, args.seed, args.overwrite)
+    folders = make_fixture(out, args.size, args.seed, args.overwrite, args.workers)
     total = sum(f.stat().st_size for d in folders for f in d.glob("*.safetensors"))
     print(f"wrote {len(folders)} models, {total / 1e9:.2f} GB, to {out} in {time.perf_counter() - t0:.0f} s")
     for d in folders:
