@@ -17,9 +17,9 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from .engine.distributed import MainProcessStopped, Share, World, check_supported, connect
-from .engine.executor import Executor
+from .engine.executor import Executor, RunResult, RunShape
 from .engine.fetch import FileProvider
-from .engine.ledger import NormLedger
+from .engine.ledger import PROGRESS_FILE, NormLedger
 from .engine.plan import MergePlan, build_plan
 from .engine.workdir import (OutputDirs, OutputLock, cached_norms, check_output, ledger_key, plan_key, prepare,
                              publish, write_side_files)
@@ -129,6 +129,7 @@ class _Job:
     """What the main process prepared (and, in a shared merge, handed to the others)."""
 
     plan: MergePlan
+    shape: RunShape
     dirs: OutputDirs
     key: str
     cached: dict[str, list[float]] | None
@@ -170,17 +171,16 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
     lock = OutputLock(target).acquire() if main else None
     plotting = None
     try:
-        job = _on_main(world, lambda: _prepare(opts, method, target, device.type, overlap=world is None))
-        files = _provider(job.plan, opts, job.dirs) if world is None else None
-        executor = _executor(job, method, opts, device, files, world, progress)
+        job = _on_main(world, lambda: _prepare(opts, method, target, device.type, world))
+        executor = _executor(job, method, opts, device, world, progress)
         if main:  # the card's plotting library loads while the merge runs (joined before the card)
             from .insight.plots import preload
 
             plotting = preload()
-        executor.run()
+        run = executor.run()
         if plotting is not None:
             plotting.join()
-        result = _on_main(world, lambda: _finish(job, method, opts, executor))
+        result = _on_main(world, lambda: _finish(job, method, opts, run))
     finally:
         if plotting is not None:
             plotting.join()
@@ -207,11 +207,31 @@ def output_folder(opts: MergeOptions) -> Path:
     return Path(constants.HF_HOME) / "hf-metagpt" / "push" / str(opts.push_to).replace("/", "--")
 
 
-def _prepare(opts: MergeOptions, method: MergeMethod, target: Path, device_type: str, *, overlap: bool) -> _Job:
+def run_shape(opts: MergeOptions, the_plan: MergePlan, processes: int = 1, *, output: str | None = None) -> RunShape:
+    """The run's shape, decided once: what it writes and where its files come from.
+
+    Hub shards download while the merge runs (`overlapped`, one process) or one group ahead and
+    deleted after use (`low_disk`, also for converted pickle shards); a shared merge reads files
+    downloaded before it starts (`local`).
+    """
+    hub = any(i.ref.is_hub for i in the_plan.inputs)
+    converted = any(i.weights_dir is not None for i in the_plan.inputs)
+    if opts.low_disk and (hub or converted):
+        files = "low_disk"
+    elif hub and processes == 1:
+        files = "overlapped"
+    else:
+        files = "local"
+    if output is None:
+        output = "adapter" if opts.output_format == "lora" else "shards"
+    return RunShape(output=output, files=files, processes=processes)
+
+
+def _prepare(opts: MergeOptions, method: MergeMethod, target: Path, device_type: str, world: World | None) -> _Job:
     """Resolve the inputs, run every check that needs no weights, prepare the work folder, fetch side files.
 
-    `overlap`: shards download while the merge runs (one process; see `_provider`); otherwise
-    everything is downloaded now (the other processes of a shared merge read the Hub cache).
+    One process: shards download while the merge runs (`run_shape`); a shared merge downloads
+    everything now (the other processes read the Hub cache).
     """
     base, models = load_infos(opts)
     # The stable folder of `--push-to` without `--output` is ours: a rerun after a failed push replaces it.
@@ -228,7 +248,8 @@ def _prepare(opts: MergeOptions, method: MergeMethod, target: Path, device_type:
         log.warning("warning: %s", w)
     for n in the_plan.notes:
         log.info("note: %s", n)
-    if opts.output_format == "lora":
+    shape = run_shape(opts, the_plan, world.count if world is not None else 1)
+    if shape.output == "adapter":
         from .engine.adapter_output import check_lora_output
 
         check_lora_output(the_plan, method)
@@ -243,41 +264,78 @@ def _prepare(opts: MergeOptions, method: MergeMethod, target: Path, device_type:
         from .engine import fetch
 
         fetch.check_disk(the_plan, target, opts.low_disk)
-        if opts.low_disk:
+        if shape.files == "low_disk":
             the_plan = fetch.download(the_plan, opts.token, weights=False)
-        elif overlap:
+        elif shape.files == "overlapped":
             the_plan = fetch.download(the_plan, opts.token, weights=False, weight_index=True)
         else:
             the_plan = fetch.download(the_plan, opts.token)
     # A merged adapter is another output than the shards of the same plan: never resume one from the other.
-    lora_out = opts.output_format == "lora"
-    dirs = prepare(target, plan_key(the_plan, key if not lora_out else f"{key}|lora|{opts.lora_rank}"))
+    adapter = shape.output == "adapter"
+    dirs = prepare(target, plan_key(the_plan, key if not adapter else f"{key}|lora|{opts.lora_rank}"))
     cached = cached_norms(dirs.target, key) if method.uses_group_norms else None
-    return _Job(the_plan, dirs, key, cached)
+    return _Job(the_plan, shape, dirs, key, cached)
 
 
-def _provider(the_plan: MergePlan, opts: MergeOptions, dirs: OutputDirs) -> FileProvider | None:
-    """Where the Hub inputs' shards come from while the merge runs (None: local inputs only).
+def file_provider(shape: RunShape, the_plan: MergePlan, scratch: Path, token: str | None = None) -> FileProvider:
+    """Where the inputs' files come from while the run reads them (`RunShape.files`).
 
-    Default: downloaded on threads into the Hub cache in walk order (`fetch.OverlappedFiles`).
-    `--low-disk`: fetched one group ahead and deleted after use (`fetch.LowDiskFiles`).
-    The executor owns the provider from here on (it closes it, first, when it stops).
+    `overlapped`: Hub shards downloaded on threads into the Hub cache in walk order
+    (`fetch.OverlappedFiles`); `low_disk`: fetched one group ahead into `scratch` and deleted
+    after use, converted pickle shards too (`fetch.LowDiskFiles`); `local`: read in place.
     """
     from .engine import fetch
 
-    if not any(i.ref.is_hub for i in the_plan.inputs):
-        if opts.low_disk and any(i.weights_dir is not None for i in the_plan.inputs):
-            # converted pickle shards are deleted after their last use
-            return fetch.LowDiskFiles(the_plan, dirs.target.parent / f".{dirs.target.name}.hf-metagpt-download",
-                                      opts.token)
-        return None
-    if opts.low_disk:
-        return fetch.LowDiskFiles(the_plan, dirs.target.parent / f".{dirs.target.name}.hf-metagpt-download", opts.token)
-    return fetch.OverlappedFiles(the_plan, opts.token)
+    if shape.files == "overlapped":
+        return fetch.OverlappedFiles(the_plan, token)
+    if shape.files == "low_disk":
+        return fetch.LowDiskFiles(the_plan, scratch, token)
+    return fetch.LocalFiles()
+
+
+def build_executor(shape: RunShape, the_plan: MergePlan, method: MergeMethod, work: Path, *, ledger: NormLedger,
+                   device: torch.device, scratch: Path, token: str | None = None, seed: int | None = None,
+                   allow_nonfinite: bool = False, lora_rank: int | None = None, share: Share | None = None,
+                   progress: bool = True) -> Executor:
+    """The executor of a run of this shape: its file provider and feed, kernel and sink, chosen here once.
+
+    The executor owns the provider from here on (it closes it, first, when it stops); should
+    building the rest fail, the provider is closed here (its downloads may be running already).
+    """
+    from .engine.feed import PieceFeed
+    from .engine.merging import build_kernel, sources_of
+    from .engine.pieces import unit_bytes
+
+    files = file_provider(shape, the_plan, scratch, token)
+    try:
+        sources = sources_of(the_plan, files, device, allow_nonfinite=allow_nonfinite)
+        kernel = build_kernel(the_plan, method, sources, device, seed=seed, allow_nonfinite=allow_nonfinite,
+                              processes=shape.processes)
+        unit = unit_bytes()
+        feed = PieceFeed(the_plan, sources, files, unit, local=shape.files == "local")
+        if shape.output == "adapter":
+            from .engine.adapter_output import AdapterKernel, AdapterSink, check_lora_output
+
+            check_lora_output(the_plan, method)
+            kernel, sink = AdapterKernel(kernel, lora_rank), AdapterSink(the_plan, work, lora_rank)
+        elif shape.output == "norms":
+            from .engine.sinks import NoOutput
+
+            sink = NoOutput()
+        else:
+            from .engine.writer import ShardSink
+
+            # Two pieces' merged tensors may wait for the writer: about half the unit.
+            sink = ShardSink(the_plan, work, max_bytes=unit // 2, only=share.shards if share is not None else None,
+                             progress_name=PROGRESS_FILE if share is None else f"progress.partial.{share.index}.json")
+    except BaseException:
+        files.close(timeout=2.0)
+        raise
+    return Executor(the_plan, kernel, feed, sink, ledger=ledger, share=share, progress=progress)
 
 
 def _executor(job: _Job, method: MergeMethod, opts: MergeOptions, device: torch.device,
-              files: FileProvider | None, world: World | None, progress: bool) -> Executor:
+              world: World | None, progress: bool) -> Executor:
     ledger = NormLedger(len(job.plan.models), key=job.key)
     if method.uses_group_norms:
         if job.cached is not None:
@@ -288,22 +346,12 @@ def _executor(job: _Job, method: MergeMethod, opts: MergeOptions, device: torch.
             ledger.load_grams((group[t], t, g) for t, g in cached_grams(job.dirs.target, job.key) if t in group)
         else:
             ledger.load_saved(job.dirs.work)
-    cls: type[Executor] = Executor
-    extra: dict[str, Any] = {}
-    if opts.output_format == "lora":
-        from .engine.adapter_output import AdapterOutput
-
-        cls, extra = AdapterOutput, {"lora_rank": opts.lora_rank}
-    share = Share.of(world, job.plan) if world is not None else None
-    try:
-        return cls(job.plan, method, job.dirs.work, device=device, ledger=ledger, files=files,
-                   seed=opts.seed if method.uses_seed else None, allow_nonfinite=opts.allow_nonfinite,
-                   progress=progress, share=share, **extra)
-    except BaseException:
-        close = getattr(files, "close", None)
-        if close is not None:
-            close(timeout=2.0)  # shard downloads may be running already
-        raise
+    target = job.dirs.target
+    return build_executor(job.shape, job.plan, method, job.dirs.work, ledger=ledger, device=device,
+                          scratch=target.parent / f".{target.name}.hf-metagpt-download", token=opts.token,
+                          seed=opts.seed if method.uses_seed else None, allow_nonfinite=opts.allow_nonfinite,
+                          lora_rank=opts.lora_rank, share=Share.of(world, job.plan) if world is not None else None,
+                          progress=progress)
 
 
 def _on_main(world: World | None, fn: Callable[[], T]) -> T:
@@ -359,10 +407,10 @@ def ledger_geometry(the_plan: MergePlan, ledger: NormLedger):
     return Geometry.from_tensors([m.ref.display for m in the_plan.models], entries)
 
 
-def _finish(job: _Job, method: MergeMethod, opts: MergeOptions, executor: Executor) -> MergeResult:
+def _finish(job: _Job, method: MergeMethod, opts: MergeOptions, run: RunResult) -> MergeResult:
     """The result, side files, coefficients, recipe and card in the work folder; then swap it into place."""
     the_plan, dirs = job.plan, job.dirs
-    missing = [g for g in the_plan.norm_groups if g not in executor.coefficients]
+    missing = [g for g in the_plan.norm_groups if g not in run.coefficients]
     if missing:  # the ledger is saved before every shard: a resumed run must know every group
         raise IntegrityError(f"The merge has no coefficients for {len(missing)} group(s), e.g. {missing[0]!r}; "
                              f"nothing was published.",
@@ -370,27 +418,27 @@ def _finish(job: _Job, method: MergeMethod, opts: MergeOptions, executor: Execut
     result = MergeResult(
         output=dirs.target, base=the_plan.base.ref, models=[m.ref for m in the_plan.models], method=method.name,
         parameters=method.params(), granularity=the_plan.granularity, seed=opts.seed if method.uses_seed else None,
-        coefficients=executor.coefficients,
-        sq_norms=executor.ledger.table(the_plan.norm_groups).as_lists() if method.uses_group_norms else {},
-        stats=executor.stats, norms_key=job.key, out_dtype=the_plan.out_dtype, warnings=list(the_plan.warnings),
+        coefficients=dict(run.coefficients),
+        sq_norms=run.ledger.table(the_plan.norm_groups).as_lists() if method.uses_group_norms else {},
+        stats=run.stats, norms_key=job.key, out_dtype=the_plan.out_dtype, warnings=list(the_plan.warnings),
         notes=list(the_plan.notes), recipe=public_recipe(opts, the_plan.base.ref, [m.ref for m in the_plan.models]),
-        precision=executor.precision,
-        geometry=ledger_geometry(the_plan, executor.ledger) if method.uses_group_norms else None,
+        precision=run.precision,
+        geometry=ledger_geometry(the_plan, run.ledger) if method.uses_group_norms else None,
     )
     _coefficient_warnings(result, method)
-    energy = getattr(executor, "energy", None)
-    if energy is not None and opts.lora_rank is not None:
+    if run.energy is not None and opts.lora_rank is not None:
         from .engine.adapter_output import energy_note
 
-        if note := energy_note(energy, opts.lora_rank):
+        if note := energy_note(dict(run.energy), opts.lora_rank):
             result.notes.append(note)
             log.info("note: %s", note)
-    _write_publish(the_plan, result, dirs, opts.token)
+    _write_publish(the_plan, job.shape, result, dirs, opts.token)
     result.peak_rss = peak_rss_bytes()
     return result
 
 
-def _write_publish(the_plan: MergePlan, result: MergeResult, dirs: OutputDirs, token: str | None = None) -> None:
+def _write_publish(the_plan: MergePlan, shape: RunShape, result: MergeResult, dirs: OutputDirs,
+                   token: str | None = None) -> None:
     from .publish.card import all_licenses, write_card
     from .result import COEFFICIENTS_FILE
     from .safetensors_io import disk_full_is_clear
@@ -398,7 +446,7 @@ def _write_publish(the_plan: MergePlan, result: MergeResult, dirs: OutputDirs, t
     licenses = all_licenses(the_plan, token)
     # No space for a side file: one clear OutputError; nothing is published (the target stays absent).
     with disk_full_is_clear(dirs.work / "config.json"):
-        if the_plan.options.output_format == "lora":
+        if shape.output == "adapter":
             from .engine.adapter_output import write_adapter_side_files
 
             write_adapter_side_files(the_plan, dirs.work)

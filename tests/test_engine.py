@@ -199,13 +199,13 @@ def test_architecture_mismatch_of_local_inputs_is_refused_before_any_weight_is_r
     for ft in fts:
         c = json.loads((ft / "config.json").read_text())
         assert c["intermediate_size"] * 2 == cfg["intermediate_size"]
-    from hf_metagpt.engine import executor, tasks
+    from hf_metagpt.engine import feed, tasks
 
     def no_reads(*a, **k):
         raise AssertionError("a weight was read before the architecture check")
 
     monkeypatch.setattr(tasks, "read_metas", no_reads)
-    monkeypatch.setattr(executor, "read_metas", no_reads)
+    monkeypatch.setattr(feed, "read_metas", no_reads)
     fake_fts = []
     for k, ft in enumerate(fts):
         f = copy_model(ft, tmp_path / f"ft{k}")
@@ -295,3 +295,71 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_merge(family, tm
     with pytest.raises(OutputError, match="is a mount point"):
         hf_metagpt.merge(output=str(target), **_args(base, fts))
     assert not (tmp_path / ".mnt.hf-metagpt-partial").exists()
+
+
+# ---------------------------------------------------------------- the executor's seams
+
+class _MemorySink:
+    """A sink of the test's own: the merged tensors in memory (what a GPU or parallel sink plugs into)."""
+
+    writes = True
+    bytes_written = 0
+    energy = None
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, list[torch.Tensor]] = {}
+        self.calls: list[str] = []
+
+    def finished(self) -> set[int]:
+        return set()
+
+    def open(self) -> None:
+        self.calls.append("open")
+
+    def alloc(self):
+        return lambda shape, dtype: torch.empty(shape, dtype=dtype)
+
+    def write(self, step, outs, ledger) -> None:
+        for tp, out in zip(step.write, outs):
+            self.tensors.setdefault(tp.name, []).append(out.clone())
+
+    def finish(self, ledger) -> None:
+        self.calls.append("finish")
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+
+
+@pytest.mark.parametrize("granularity", ["model", "layer"])
+def test_executor_runs_plan_kernel_feed_and_a_foreign_sink(family, tmp_path, granularity):
+    """Executor(plan, kernel, feed, sink).run(): a sink of another kind gets the very tensors the
+    shard sink writes, and the RunResult holds the merge's λ and counters."""
+    from hf_metagpt.engine.executor import Executor
+    from hf_metagpt.engine.feed import PieceFeed
+    from hf_metagpt.engine.fetch import LocalFiles
+    from hf_metagpt.engine.ledger import NormLedger
+    from hf_metagpt.engine.merging import build_kernel, sources_of
+    from hf_metagpt.engine.pieces import unit_bytes
+    from hf_metagpt.methods import get_method
+
+    base, fts = family
+    the_plan = hf_metagpt.plan(base=str(base), models=[str(f) for f in fts], granularity=granularity)
+    method = get_method("metagpt")
+    cpu = torch.device("cpu")
+    files = LocalFiles()
+    sources = sources_of(the_plan, files, cpu)
+    sink = _MemorySink()
+    kernel = build_kernel(the_plan, method, sources, cpu)
+    feed = PieceFeed(the_plan, sources, files, unit_bytes(), local=True)
+    run = Executor(the_plan, kernel, feed, sink, ledger=NormLedger(len(the_plan.models)), progress=False).run()
+    merged = hf_metagpt.merge(output=str(tmp_path / "out"), granularity=granularity, **_args(base, fts))
+    assert sink.calls == ["open", "finish"]
+    assert dict(run.coefficients) == merged.coefficients and run.precision == merged.precision == "float64"
+    assert run.stats.passes == merged.stats.passes == (2 if granularity == "model" else 1)
+    assert run.stats.bytes_read == merged.stats.bytes_read > 0 and run.stats.bytes_written == 0
+    written = {}
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        written.update(load_file(shard))
+    assert set(sink.tensors) == set(written)
+    for name, parts in sink.tensors.items():
+        assert torch.equal(torch.cat(parts) if len(parts) > 1 else parts[0], written[name]), name

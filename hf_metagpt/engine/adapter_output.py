@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 import re
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Callable, Sequence
 
 import torch
 
 from ..errors import MergeError
 from ..methods.base import MergeMethod
 from ..sources.lora import ADAPTER_WEIGHTS, ENERGY_FILE, LORA_OUTPUT_METHODS, PREFIX
-from .executor import Executor, _Coefficients, _progress
-from .merging import MethodKernel
-from .pieces import Piece, split_group
-from .plan import MergePlan
-from .schedule import reduce_steps
+from .merging import Coefficients, MergeKernel, MethodKernel, Raws, Records
+from .pieces import Piece
+from .plan import MergePlan, TensorPlan
+from .schedule import Step
+from .sinks import Alloc, fresh
 
 
 def check_lora_output(plan: MergePlan, method: MergeMethod) -> None:
@@ -26,7 +26,7 @@ def check_lora_output(plan: MergePlan, method: MergeMethod) -> None:
     if plain:
         raise MergeError(f"--output-format lora needs every input to be a LoRA adapter; {plain[0]} is a full model.",
                          hint="Use the default --output-format model to merge adapters with full fine-tunes.")
-    if method.name not in LORA_OUTPUT_METHODS or (method.name == "linear" and not getattr(method, "normalize", True)):
+    if method.name not in LORA_OUTPUT_METHODS or (method.name == "linear" and not method.params().get("normalize", True)):
         raise MergeError(f"--output-format lora cannot express method {method.name!r} exactly as one adapter.",
                          hint=f"Use one of {', '.join(LORA_OUTPUT_METHODS)} (linear with normalize), "
                               f"or the default --output-format model.")
@@ -39,69 +39,125 @@ def check_lora_output(plan: MergePlan, method: MergeMethod) -> None:
                              hint="Use the default --output-format model, which applies the vocabulary policy.")
 
 
-class AdapterOutput(Executor):
-    """Writes one exact adapter (rank Σ rt per module) instead of full shards.
+@dataclass(frozen=True)
+class AdapterPart:
+    """One module of the merged adapter: stacked factors (`a_key`, `b_key`), or a tensor saved whole."""
 
-    Norms come from the r×r identity (pass 1 reads the adapters only); the factors of one stream
-    group are read again and stacked. Modules some input saves in full (modules_to_save) are
-    merged like the full output (`MethodKernel`) and saved as modules_to_save.
+    module: str
+    tensors: dict[str, torch.Tensor]
+    #: the stacked rank (None: a module saved whole, modules_to_save)
+    rank: int | None = None
+    #: share of ‖B·A‖² kept by the rank cut (None: no --lora-rank)
+    energy: float | None = None
+
+
+class AdapterKernel(MergeKernel):
+    """Merges LoRA adapters into one exact adapter: Σt ct·Δt = Σt (ct·st·Bt)·At, ranks stacked.
+
+    Norms come from the kernel `choose_kernel` picks for the adapters (`inner`: exact from the
+    factors, r×r). Modules some input saves in full (modules_to_save) are merged like the full
+    output (`MethodKernel`) and saved as modules_to_save. `merge` returns an `AdapterPart` (or
+    None) per tensor, for `AdapterSink`.
     """
 
-    def __init__(self, plan: MergePlan, method: MergeMethod, work_dir: Path, *, lora_rank: int | None = None,
-                 **kwargs: Any) -> None:
-        check_lora_output(plan, method)
-        super().__init__(plan, method, work_dir, **kwargs)
+    slabs = False
+    fused = True  # every norm group is reduced by `reduce` before its tensors merge
+
+    def __init__(self, inner: MergeKernel, lora_rank: int | None = None) -> None:
+        super().__init__(inner.ctx)
+        self.inner = inner
+        self.full = MethodKernel(inner.ctx)
         self.lora_rank = lora_rank
-        self.energy: dict[str, float] = {}
-        self.full = MethodKernel(self.kernel.ctx)
+        self.threaded = inner.threaded
+        self.precision = inner.precision
+        self.reduce_reads_base = inner.reduce_reads_base
+        # the base's weights only for modules saved whole (merged through the method path)
+        self.merge_reads_base = any(s.saves_whole_tensors for s in inner.ctx.sources)
 
-    def _run(self) -> None:
-        start = time.perf_counter()
-        if self.method.uses_group_norms and not self.ledger.known(self.plan.norm_groups):
-            self.stats.passes = 2
-            infos = self._pooled_infos()
-            pieces = [split_group(g, infos, self.unit, slabs=self.kernel.slabs) for g in self.plan.groups]
-            self._reduce_pass(reduce_steps(self.plan, pieces))
-        self.coefficients = {g: self._coefficients(g) for g in self.plan.norm_groups}
-        self._write_adapter()
-        self.stats.seconds = time.perf_counter() - start
+    def reduce(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece,
+               read_base: Callable[[], dict[str, torch.Tensor]]) -> Records:
+        return self.inner.reduce(tensors, raws, piece, read_base)
 
-    def _write_adapter(self) -> None:
+    def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients,
+              alloc: Alloc = fresh) -> list:
+        return [self.part(tp, raws, coefs) if tp.floating else None for tp in tensors]
+
+    def part(self, tp: TensorPlan, raws: Raws, coefs: Coefficients) -> AdapterPart | None:
+        sources = self.ctx.sources
+        if any(tp.name in s.info.full for s in sources):  # type: ignore[attr-defined]
+            module = tp.name[: -len(".weight")] if tp.name.endswith(".weight") else tp.name
+            return AdapterPart(module, {PREFIX + tp.name: self.full.merge_tensor(tp, raws, coefs).contiguous()})
+        coeffs = coefs(tp.norm_group)
+        parts = [(c, s.factors(tp, raw, torch.float32, self.ctx.device))  # type: ignore[attr-defined]
+                 for c, s, raw in zip(coeffs, sources, raws[1:]) if tp.name in s.info.lora]  # type: ignore[attr-defined]
+        if not parts:
+            return None
+        # Σt ct·Δt = Σt (ct·st·Bt)·At: B columns scaled, ranks stacked; scaling 1 (alpha = r).
+        b = torch.cat([bt * (c * m.scale) for c, (bt, _, m) in parts], dim=1)
+        a = torch.cat([at for _, (_, at, _) in parts], dim=0)
+        energy = None
+        if self.lora_rank is not None and b.shape[1] > self.lora_rank:
+            b, a, energy = truncate_rank(b, a, self.lora_rank)
+        elif self.lora_rank is not None:
+            energy = 1.0
+        m0 = parts[0][1][2]
+        return AdapterPart(m0.module, {m0.a_key: a.contiguous().cpu(), m0.b_key: b.contiguous().cpu()},
+                           rank=a.shape[0], energy=energy)
+
+
+class AdapterSink:
+    """Collects the merged adapter's modules and writes the adapter (config, weights, energy) at the end.
+
+    Modules are put together in plan order whatever order the steps ran in, so the files are the
+    same for every schedule.
+    """
+
+    writes = True
+
+    def __init__(self, plan: MergePlan, work_dir: Path, lora_rank: int | None = None) -> None:
+        self.plan = plan
+        self.work_dir = work_dir
+        self.lora_rank = lora_rank
+        self.bytes_written = 0
+        self.energy: dict[str, float] | None = None
+        self._parts: dict[str, AdapterPart] = {}
+
+    def finished(self) -> set[int]:
+        return set()  # one file, written at the end: nothing to resume
+
+    def open(self) -> None:
+        pass
+
+    def alloc(self) -> Alloc:
+        return fresh
+
+    def write(self, step: Step, outs: list, ledger: dict | None) -> None:
+        for tp, part in zip(step.write, outs):
+            if part is not None:
+                self._parts[tp.name] = part
+
+    def abort(self) -> None:
+        self._parts.clear()
+
+    def finish(self, ledger: dict | None) -> None:
         from peft import LoraConfig
         from safetensors.torch import save_file
 
         tensors: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}
         saved: list[str] = []
-        coefs = _Coefficients(self)
-        for group in _progress(self.plan.groups, "write adapter", self.progress):
-            floating = [t for t in group.tensors if t.floating]
-            raws = self._read(Piece.whole(group), with_base=False)
-            for tp in floating:
-                coeffs = self.coefficients[tp.norm_group]
-                if any(tp.name in s.info.full for s in self.sources):
-                    if raws[0] is None:
-                        raws[0] = self._read_base(Piece.whole(group))
-                    tensors[PREFIX + tp.name] = self.full.merge_tensor(tp, raws, coefs).contiguous()
-                    saved.append(tp.name[: -len(".weight")] if tp.name.endswith(".weight") else tp.name)
-                    continue
-                parts = [(c, s.factors(tp, raw, torch.float32, self.device))
-                         for c, s, raw in zip(coeffs, self.sources, raws[1:]) if tp.name in s.info.lora]
-                if not parts:
-                    continue
-                # Σt ct·Δt = Σt (ct·st·Bt)·At: B columns scaled, ranks stacked; scaling 1 (alpha = r).
-                b = torch.cat([bt * (c * m.scale) for c, (bt, _, m) in parts], dim=1)
-                a = torch.cat([at for _, (_, at, _) in parts], dim=0)
-                if self.lora_rank is not None and b.shape[1] > self.lora_rank:
-                    b, a, kept = truncate_rank(b, a, self.lora_rank)
-                    self.energy[tp.name] = kept
-                elif self.lora_rank is not None:
-                    self.energy[tp.name] = 1.0
-                m0 = parts[0][1][2]
-                tensors[m0.a_key] = a.contiguous().cpu()
-                tensors[m0.b_key] = b.contiguous().cpu()
-                ranks[m0.module] = a.shape[0]
-            del raws
+        energy: dict[str, float] = {}
+        for tp in self.plan.tensors:
+            part = self._parts.get(tp.name)
+            if part is None:
+                continue
+            tensors.update(part.tensors)
+            if part.rank is None:
+                saved.append(part.module)
+                continue
+            ranks[part.module] = part.rank
+            if part.energy is not None:
+                energy[tp.name] = part.energy
         if not ranks and not saved:
             raise MergeError("The adapters update nothing: the merged adapter would be empty.")
         first = self.plan.models[0].peft_config  # type: ignore[attr-defined]
@@ -120,10 +176,11 @@ class AdapterOutput(Executor):
         out = self.work_dir / ADAPTER_WEIGHTS
         save_file(tensors, str(out) + ".tmp", metadata={"format": "pt"})
         Path(str(out) + ".tmp").replace(out)
-        self.stats.bytes_written = out.stat().st_size
+        self.bytes_written = out.stat().st_size
         if self.lora_rank is not None:
+            self.energy = energy
             (self.work_dir / ENERGY_FILE).write_text(json.dumps(
-                {"lora_rank": self.lora_rank, "retained_energy": self.energy}, indent=2))
+                {"lora_rank": self.lora_rank, "retained_energy": energy}, indent=2))
 
 
 def truncate_rank(b: torch.Tensor, a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:

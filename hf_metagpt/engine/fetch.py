@@ -255,6 +255,8 @@ class OverlappedFiles:
     file it asks for, and no further download starts. `close` stops everything.
     """
 
+    sequential = False
+
     def __init__(self, plan: "MergePlan", token: str | None = None, workers: int = OVERLAP_WORKERS) -> None:
         self.plan = plan
         self.token = token
@@ -367,7 +369,7 @@ class LowDiskFiles:
     shards plus one prefetched, per model.
     """
 
-    #: reads must follow plan order (shards are fetched just ahead and deleted after): see stream
+    #: reads must follow plan order (shards are fetched just ahead and deleted after)
     sequential = True
 
     def __init__(self, plan: "MergePlan", scratch: Path, token: str | None = None) -> None:
@@ -474,15 +476,20 @@ class LowDiskFiles:
 
 
 class FileProvider(Protocol):
-    """Where a model's weight file is on disk; `hub` implements ones that download on demand.
+    """Where a model's weight file is on disk: in place (`LocalFiles`), or downloaded on demand.
 
-    A provider whose class sets `sequential = True` must be read in plan order (the low-disk
-    one fetches just ahead and deletes behind); others may be read in any order.
+    A provider with `sequential = True` must be read in plan order (the low-disk one fetches just
+    ahead and deletes behind); others may be read in any order.
     """
+
+    sequential: bool
 
     def path(self, model_index: int, info: ModelInfo, file: str) -> Path: ...
 
     def release(self, model_index: int, info: ModelInfo, file: str) -> None: ...
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop any download (waiting up to `timeout` s for running ones) and remove scratch files."""
 
 
 class LocalFiles:
@@ -495,4 +502,7 @@ class LocalFiles:
         return info.files_dir / file
 
     def release(self, model_index: int, info: ModelInfo, file: str) -> None:
+        pass
+
+    def close(self, timeout: float | None = None) -> None:
         pass

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -35,7 +36,9 @@ from ..safetensors_io import ST_TO_TORCH
 from . import kernels
 from .pieces import Piece
 from .plan import MergePlan, TensorPlan
-from .tasks import TaskSource, _f32
+from .sinks import Alloc, fresh
+from .fetch import FileProvider
+from .tasks import AdapterSource, TaskSource, _f32
 
 #: Elements per job of the fused kernels: a tensor is cut into jobs so that both compute threads
 #: share one large tensor too (a 3B MLP matrix, an embedding slab). A constant, not a function of
@@ -46,13 +49,48 @@ JOB = 1 << 22
 Record = tuple[str, str, list[list[float]]]
 Records = list[Record]
 Raws = list  # [base tensors by name (or None: not read), then each source's], one piece
-#: where merged tensors go: alloc(shape, dtype) -> an uninitialised CPU tensor (`writer.OutputArena`)
-Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 
-def fresh(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The default `Alloc`: new memory for every tensor."""
-    return torch.empty(shape, dtype=dtype)
+def check_finite(t: torch.Tensor, model: str, name: str, allow_nonfinite: bool) -> None:
+    """Raise for NaN/Inf in an input, or zero them (treated as unchanged) with --allow-nonfinite."""
+    if bool(torch.isfinite(t).all()):
+        return
+    if not allow_nonfinite:
+        raise NonFiniteError(f"{model}: tensor {name!r} holds NaN or Inf values.",
+                             hint="The checkpoint is damaged; pass --allow-nonfinite (allow_nonfinite=True) "
+                                  "to treat those entries as unchanged from the base.")
+    torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class Workers:
+    """The compute threads a kernel's jobs run on (`count` of them; 1: the calling thread).
+
+    The kernel is built with them; the executor starts and stops them (it owns every thread).
+    Each worker is single-threaded like the executor's thread: OpenMP's thread count is per
+    thread, and a worker left at the default would split BLAS reductions (the norms) by the core
+    count, so the same merge would differ in the last bits from machine to machine (or from one
+    `accelerate launch` process, which torchrun gives one thread).
+    """
+
+    def __init__(self, count: int = 1) -> None:
+        self.count = count
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        if self.count > 1:
+            self._pool = ThreadPoolExecutor(max_workers=self.count, thread_name_prefix="hf-metagpt-merge",
+                                            initializer=torch.set_num_threads, initargs=(1,))
+
+    def stop(self, *, cancel: bool) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
+            self._pool = None
+
+    def map(self, fn: Callable, items: list) -> list:
+        """fn over items, on the compute threads when there are several; results in input order."""
+        if self._pool is None or len(items) < 2:
+            return [fn(x) for x in items]
+        return list(self._pool.map(fn, items))
 
 
 class Coefficients(Protocol):
@@ -76,8 +114,12 @@ class KernelContext:
     device: torch.device
     seed: int | None
     allow_nonfinite: bool
-    #: fn over items on the executor's compute threads, results in input order
-    run: Callable[[Callable, list], list]
+    #: the compute threads the kernel's jobs run on (started and stopped by the executor)
+    workers: Workers
+
+    def run(self, fn: Callable, items: list) -> list:
+        """fn over items on the compute threads, results in input order."""
+        return self.workers.map(fn, items)
 
     @property
     def chunk(self) -> int:
@@ -89,7 +131,11 @@ class KernelContext:
 
 
 class MergeKernel:
-    """Shared parts: finiteness policy, flat views, extra vocabulary rows, output checks."""
+    """Shared parts: finiteness policy, flat views, extra vocabulary rows, output checks.
+
+    What a kernel needs of the run it declares in class attributes, read by the executor and
+    the schedule (never probed by type).
+    """
 
     #: may merge row slabs of a tensor (the pieces may cut tensors)
     slabs = False
@@ -97,8 +143,15 @@ class MergeKernel:
     threaded = False
     #: what the weighted sums accumulate in (said on the card)
     precision = "float32"
-    #: reducing norms needs the base's weights (adapters' exact norms do not)
+    #: reducing norms inside a merge pass needs the base's weights (adapters' exact norms do not)
     reduce_reads_base = True
+    #: pass 1 (norms only) reads the base with the piece; otherwise `reduce` reads it when it must
+    pass1_reads_base = False
+    #: reduces norms itself (`schedule`'s `fused`); otherwise a one-tensor norm group is reduced
+    #: from the τ the merge forms (`Coefficients.settle`)
+    fused = False
+    #: merging reads the base's weights with the piece
+    merge_reads_base = True
 
     def __init__(self, ctx: KernelContext) -> None:
         self.ctx = ctx
@@ -113,15 +166,16 @@ class MergeKernel:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared helpers
+    @property
+    def one_torch_thread(self) -> bool:
+        """Run with one OpenMP thread: the fused kernels work on cache-sized chunks, and splitting
+        each over OpenMP threads costs more than it gains (measured 10-30x slower on a busy 2-core
+        machine); the other core is better spent on the prefetch thread's reads."""
+        return self.threaded and self.ctx.device.type == "cpu"
+
     def check_finite(self, t: torch.Tensor, model: str, name: str) -> None:
         """Raise for NaN/Inf in an input, or zero them (treated as unchanged) with --allow-nonfinite."""
-        if bool(torch.isfinite(t).all()):
-            return
-        if not self.ctx.allow_nonfinite:
-            raise NonFiniteError(f"{model}: tensor {name!r} holds NaN or Inf values.",
-                                 hint="The checkpoint is damaged; pass --allow-nonfinite (allow_nonfinite=True) "
-                                      "to treat those entries as unchanged from the base.")
-        torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
+        check_finite(t, model, name, self.ctx.allow_nonfinite)
 
     def name_nonfinite(self, tp: TensorPlan, raws: Raws, rows: int | None) -> None:
         """Raise for the first input whose copy of `tp` holds NaN/Inf (the slow check, on failure only)."""
@@ -177,6 +231,7 @@ class WeightedSumKernel(MergeKernel):
     slabs = True
     threaded = True
     precision = "float64"
+    fused = True
 
     def tensor_jobs(self, tp: TensorPlan, raws: Raws, piece: Piece, w0: float,
                     weights: list[float], out: torch.Tensor) -> list[tuple]:
@@ -235,6 +290,8 @@ class WeightedSumKernel(MergeKernel):
 
 class FusedKernel(WeightedSumKernel):
     """Weighted sums of full fine-tunes with the fused chunked kernels (float64 accumulation)."""
+
+    pass1_reads_base = True
 
     def reduce(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece,
                read_base: Callable[[], dict[str, torch.Tensor]]) -> Records:
@@ -393,8 +450,7 @@ class MethodKernel(MergeKernel):
 
     def merge_models(self, tp: TensorPlan, raws: Raws) -> torch.Tensor:
         """A method that combines the fine-tunes themselves (mergekit's float32 linear)."""
-        merged = self.ctx.method.combine_models(_models_f32(self, tp, raws),  # type: ignore[attr-defined]
-                                                self.ctx.tensor_context(tp)).to(ST_TO_TORCH[tp.out_dtype])
+        merged = self.ctx.method.combine_models(_models_f32(self, tp, raws), self.ctx.tensor_context(tp)).to(ST_TO_TORCH[tp.out_dtype])
         self.check_output(tp, merged, raws, tp.shared_rows)
         return self.with_extra_rows(tp, merged, raws)
 
@@ -405,7 +461,7 @@ class MethodKernel(MergeKernel):
             # pooled read buffer, and the write happens later on the writer thread).
             return raws[0][tp.name].clone()
         ctx = self.ctx
-        if getattr(ctx.method, "wants_models", False):
+        if ctx.method.wants_models:
             return self.merge_models(tp, raws)
         base, taus = self.task_vectors(tp, raws)
         if ctx.method.uses_group_norms and coefs.pending(tp.norm_group):
@@ -446,9 +502,27 @@ def choose_kernel(method: MergeMethod, sources: Sequence[TaskSource], allow_nonf
     if weighted and all(s.pooled for s in sources):
         return FusedKernel
     # Adapters that replace whole tensors (modules_to_save) take the method's functions.
-    if weighted and all(not s.pooled for s in sources) and not any(getattr(s.info, "full", None) for s in sources):
+    if weighted and all(not s.pooled for s in sources) and not any(s.saves_whole_tensors for s in sources):
         return LowRankKernel
     return MethodKernel
+
+
+def sources_of(plan: MergePlan, files: FileProvider, device: torch.device, *,
+               allow_nonfinite: bool = False) -> tuple[TaskSource, ...]:
+    """Every fine-tune of the plan as the engine reads it (an adapter as `AdapterSource`)."""
+    def check(t: torch.Tensor, model: str, name: str) -> None:
+        check_finite(t, model, name, allow_nonfinite)
+
+    return tuple((AdapterSource if info.ref.is_adapter else TaskSource)(info, i, files, device, check)
+                 for i, info in enumerate(plan.models, 1))
+
+
+def build_kernel(plan: MergePlan, method: MergeMethod, sources: Sequence[TaskSource], device: torch.device, *,
+                 seed: int | None = None, allow_nonfinite: bool = False, processes: int = 1) -> MergeKernel:
+    """The kernel for this merge (`choose_kernel`) with its compute threads (`compute_workers`; not started)."""
+    cls = choose_kernel(method, sources, allow_nonfinite)
+    workers = Workers(compute_workers(cls, device, processes))
+    return cls(KernelContext(plan, method, tuple(sources), device, seed, allow_nonfinite, workers))
 
 
 def compute_workers(kernel: type[MergeKernel], device: torch.device, processes: int = 1) -> int:

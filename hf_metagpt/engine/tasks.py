@@ -70,6 +70,8 @@ class TaskSource:
 
     #: read into the engine's pooled buffer (large shards); adapters read their small files themselves
     pooled = True
+    #: some tensors are saved whole (an adapter's modules_to_save): the method path merges them
+    saves_whole_tensors = False
 
     def __init__(self, info: ModelInfo, index: int, files: FileProvider, device: torch.device,
                  check: Callable[[torch.Tensor, str, str], None]) -> None:
@@ -108,7 +110,12 @@ class AdapterSource(TaskSource):
     """τ of a LoRA adapter for one tensor at a time: s·B·A, a saved full tensor − base, or 0."""
 
     info: AdapterInfo
+
     pooled = False  # adapter files are small: read on their own, not into the engine's pooled buffer
+
+    @property
+    def saves_whole_tensors(self) -> bool:  # type: ignore[override]
+        return bool(self.info.full)
 
     def files_of(self, tensors: list[TensorPlan]) -> set[str]:
         return {ADAPTER_WEIGHTS} if any(self._keys(tp) for tp in tensors) else set()

@@ -29,7 +29,7 @@ from ..safetensors_io import build_header, disk_full_is_clear, parse_header_json
 from .ledger import PROGRESS_FILE, PROGRESS_FILES, write_json_atomic
 from .plan import MergePlan, TensorPlan
 from .reader import BLOCK, direct_io_enabled
-from .stats import StreamStats
+from .schedule import Step
 
 
 def _entries(tensors: list[TensorPlan]) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -48,20 +48,47 @@ class ShardSink:
     renamed into place.
     """
 
-    def __init__(self, plan: MergePlan, work_dir: Path, stats: StreamStats, *, progress_name: str = PROGRESS_FILE,
-                 max_bytes: int = 0) -> None:
+    #: the run writes merged tensors (`sinks.Sink`)
+    writes = True
+    #: no adapter truncation here (`sinks.Sink`)
+    energy = None
+
+    def __init__(self, plan: MergePlan, work_dir: Path, *, progress_name: str = PROGRESS_FILE,
+                 max_bytes: int = 0, only: set[int] | None = None) -> None:
         self.plan = plan
         self.work_dir = work_dir
-        self.stats = stats
         self.max_bytes = max_bytes
         self.progress_name = progress_name
+        self.only = only  # the shards this process writes in a shared merge (None: all)
+        self.bytes_written = 0
+        self.arena = OutputArena(slots=2)  # one piece's merged tensors being written, the next one's merged
         self.writers: dict[int, ShardWriter] = {}
         self.crcs: dict[str, list[int]] = {}  # finished shards of this run: CRC-32 of each tensor
         self._ledger: dict = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-write")
+        self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[tuple[Future, int]] = deque()  # (write, bytes it holds)
         self._waiting = 0
         self._failed = False  # set on the writer thread by the first failed write
+
+    def finished(self) -> set[int]:
+        """Shards an earlier run finished (kept: the schedule neither reads nor writes them)."""
+        return finished_shards(self.plan, self.work_dir, only=self.only)
+
+    def open(self) -> None:
+        """Start the writer thread (the executor's to start and stop)."""
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-write")
+
+    def alloc(self) -> Alloc:
+        """Memory for the next piece's merged tensors: carved from the output arena."""
+        return self.arena.take()
+
+    def write(self, step: Step, outs: list[torch.Tensor], ledger: dict | None) -> None:
+        """A step's merged tensors (or row slabs), handed over one by one: a merged tensor not
+        carved from the arena is freed once written. The ledger state goes with each: a shard is
+        renamed into place only once its groups' norms are saved."""
+        part = step.piece.rows is not None
+        for tp, out in zip(step.write, outs):
+            self.arena.hold(self.put(tp, out, part=part, ledger=ledger))
 
     def put(self, tp: TensorPlan, tensor: torch.Tensor, part: bool = False, ledger: dict | None = None) -> Future:
         """Queue a merged tensor (`part`: its next rows; the tensor is complete with its last slab).
@@ -70,6 +97,7 @@ class ShardSink:
         shard that holds it, before that shard is renamed into place). Returns the write's future:
         the tensor's memory may be reused once it is done (`OutputArena.hold`).
         """
+        assert self._pool is not None, "open the sink first"
         fut = self._pool.submit(self._write, tp, tensor, part, ledger)
         self._pending.append((fut, tensor.numel() * tensor.element_size()))
         self._waiting += self._pending[-1][1]
@@ -112,7 +140,7 @@ class ShardSink:
                 w.path.unlink(missing_ok=True)
                 raise
             w.path.rename(self.work_dir / shard.file)
-            self.stats.bytes_written += w.size
+            self.bytes_written += w.size
             del self.writers[tp.shard]
 
     def save_progress(self, ledger: dict | None = None) -> None:
@@ -121,15 +149,22 @@ class ShardSink:
             self._ledger = ledger
         write_json_atomic(self.work_dir / self.progress_name, {**self._ledger, "shards": self.crcs})
 
-    def finish(self) -> None:
+    def finish(self, ledger: dict | None = None) -> None:
+        """Wait for every write, then save the progress file with the final ledger state."""
         while self._pending:
             self._pending.popleft()[0].result()
-        self._pool.shutdown()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        self.save_progress(ledger)
 
     def abort(self) -> None:
+        """Cancel queued writes and remove unfinished shards (a failed or interrupted run)."""
         for fut, _ in self._pending:
             fut.cancel()
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         for w in self.writers.values():
             w.abort()
 

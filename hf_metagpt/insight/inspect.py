@@ -4,7 +4,7 @@ The pipeline of a merge up to its norms: resolve the references, plan (every che
 fetch Hub shards as a merge would (`--low-disk` honoured), then one pass that reduces, per tensor,
 the Gram matrix τi·τj the norms are the diagonal of (`gram.py`). No output folder, no card.
 
-`_measure` runs the engine's own norm pass (`Executor.run(reduce_only=True)`), whose kernels
+`_measure` runs the engine's own norm pass (an executor whose sink writes nothing), whose kernels
 return a Gram matrix per tensor into the ledger: the same pieces, paths (fused chunks for full
 fine-tunes, factors for LoRA adapters, formed τ otherwise) and order as pass 1 of a merge, so the
 diagonals are a merge's norms bit for bit.
@@ -61,7 +61,7 @@ def inspect(base: str | None = None, models: Sequence[str] | None = None, *, rec
     """
     from dataclasses import replace
 
-    from ..api import _options, load_infos, select_device
+    from ..api import _options, load_infos, run_shape, select_device
     from ..engine.plan import build_plan
     from ..result import _ref_json
 
@@ -78,8 +78,9 @@ def inspect(base: str | None = None, models: Sequence[str] | None = None, *, rec
         log.warning("warning: %s", w)
     scratch = Path(tempfile.mkdtemp(prefix="hf-metagpt-inspect-"))
     try:
-        the_plan, files = _fetch(the_plan, opts, scratch)
-        geometry, stats = _measure(the_plan, files, select_device(opts.device), progress)
+        shape = run_shape(opts, the_plan, output="norms")
+        the_plan = _fetch(the_plan, shape, opts, scratch)
+        geometry, stats = _measure(the_plan, shape, opts.token, scratch, select_device(opts.device), progress)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return InspectResult.build(
@@ -90,56 +91,45 @@ def inspect(base: str | None = None, models: Sequence[str] | None = None, *, rec
         extra={"inputs": {"base": _ref_json(base_info.ref), "models": [_ref_json(m.ref) for m in model_infos]}})
 
 
-def _fetch(the_plan, opts, scratch: Path):
-    """(the plan reading local snapshots, the shards' provider) as a merge gets them; disk is checked
-    for the downloads only (nothing is written)."""
+def _fetch(the_plan, shape, opts, scratch: Path):
+    """The plan reading local snapshots of the Hub inputs, fetched as a merge of this shape fetches them;
+    disk is checked for the downloads only (nothing is written)."""
     if not any(i.ref.is_hub for i in the_plan.inputs):
-        return the_plan, None
+        return the_plan
     from huggingface_hub import constants
 
     from ..engine import fetch
 
-    need, largest = fetch.download_bytes(the_plan, opts.low_disk)
-    where = scratch if opts.low_disk else Path(constants.HF_HUB_CACHE)
+    low_disk = shape.files == "low_disk"
+    need, largest = fetch.download_bytes(the_plan, low_disk)
+    where = scratch if low_disk else Path(constants.HF_HUB_CACHE)
     probe = next((p for p in [where, *where.parents] if p.exists()), Path("."))
-    need = largest * 3 * len(the_plan.inputs) if opts.low_disk else need
+    need = largest * 3 * len(the_plan.inputs) if low_disk else need
     free = shutil.disk_usage(probe).free
     if need > free:
         raise OutputError(f"Not enough disk space: {need / 1e9:.2f} GB of downloads under {probe}, "
                           f"{free / 1e9:.2f} GB free.",
                           hint="Free some space, point HF_HOME/HF_HUB_CACHE elsewhere, or use --low-disk "
                                "(shards are fetched as needed and deleted after use).")
-    if opts.low_disk:
-        the_plan = fetch.download(the_plan, opts.token, weights=False)
-        return the_plan, fetch.LowDiskFiles(the_plan, scratch / "download", opts.token)
-    the_plan = fetch.download(the_plan, opts.token, weights=False, weight_index=True)
-    return the_plan, fetch.OverlappedFiles(the_plan, opts.token)
+    if low_disk:
+        return fetch.download(the_plan, opts.token, weights=False)
+    return fetch.download(the_plan, opts.token, weights=False, weight_index=True)
 
 
-def _measure(the_plan, files, device: torch.device, progress: bool) -> tuple[Geometry, Any]:
+def _measure(the_plan, shape, token, scratch: Path, device: torch.device, progress: bool) -> tuple[Geometry, Any]:
     """The engine's norm pass (pass 1 of a whole-model merge), keeping its Gram matrices; nothing written."""
-    from ..engine.executor import Executor
+    from ..api import build_executor
     from ..engine.ledger import NormLedger
     from ..methods import get_method
 
-    work = Path(tempfile.mkdtemp(prefix="hf-metagpt-inspect-work-"))  # the executor wants one; stays empty
-    try:
-        ledger = NormLedger(len(the_plan.models))
-        try:
-            executor = Executor(the_plan, get_method("metagpt"), work, device=device, ledger=ledger, files=files,
-                                progress=progress)
-        except BaseException:
-            close = getattr(files, "close", None)
-            if close is not None:
-                close(timeout=2.0)  # shard downloads may be running already
-            raise
-        executor.run(reduce_only=True)  # owns the provider from here: closes it when it stops
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    ledger = NormLedger(len(the_plan.models))
+    executor = build_executor(shape, the_plan, get_method("metagpt"), scratch / "work", ledger=ledger, device=device,
+                              scratch=scratch / "download", token=token, progress=progress)
+    run = executor.run()  # owns the provider from here: closes it when it stops
     entries = ledger.tensor_grams(the_plan.norm_groups)
     if {n for n, _ in entries} != {tp.name for tp in the_plan.tensors if tp.floating}:
         raise MergeError("inspect: the norm pass missed some tensors' Gram matrices.")  # a bug: say it plainly
-    return Geometry.from_tensors([m.ref.display for m in the_plan.models], entries), executor.stats
+    return Geometry.from_tensors([m.ref.display for m in the_plan.models], entries), run.stats
 
 
 def describe(result: InspectResult, *, max_rows: int | None = 40) -> str:
