@@ -63,9 +63,9 @@ def push(folder: str | Path, repo_id: str, *, token: str | None = None, private:
     repo_url = _call(repo_id, api.create_repo, repo_id, private=private, exist_ok=True, repo_type="model")
     if revision and revision != "main":
         _call(f"{repo_id}@{revision}", api.create_branch, repo_id, branch=revision, exist_ok=True)
-    retarget_card(folder, repo_id)
+    card = card_for_repo(folder, repo_id)
     message = commit_message or f"Upload MetaGPT merge ({folder.name}) with hf-metagpt"
-    info = _upload_one_commit(api, repo_id, folder, message, revision, create_pr)
+    info = _upload_one_commit(api, repo_id, folder, message, revision, create_pr, card)
     if create_pr and not getattr(info, "pr_url", None):
         log.warning("warning: nothing changed since the last commit of %s: no pull request opened", repo_id)
     url = getattr(info, "pr_url", None) or str(repo_url)
@@ -75,7 +75,8 @@ def push(folder: str | Path, repo_id: str, *, token: str | None = None, private:
     return url
 
 
-def _upload_one_commit(api, repo_id: str, folder: Path, message: str, revision: str | None, create_pr: bool):
+def _upload_one_commit(api, repo_id: str, folder: Path, message: str, revision: str | None, create_pr: bool,
+                       card: bytes | None = None):
     """`upload_folder` as exactly one commit, retried on transient failures.
 
     The client retries preupload and LFS transfers itself, but not the commit POST. A retry here
@@ -88,6 +89,10 @@ def _upload_one_commit(api, repo_id: str, folder: Path, message: str, revision: 
     delay = _retry_base()
     for attempt in range(RETRIES + 1):
         try:
+            if card is not None:  # the folder's files, with this push's card in place of README.md
+                return api.create_commit(repo_id=repo_id, operations=_operations(folder, card),
+                                         commit_message=message, revision=revision, create_pr=create_pr,
+                                         parent_commit=head)
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message,
                                      revision=revision, create_pr=create_pr, parent_commit=head,
                                      ignore_patterns=IGNORE_PATTERNS)
@@ -111,6 +116,19 @@ def _upload_one_commit(api, repo_id: str, folder: Path, message: str, revision: 
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _operations(folder: Path, card: bytes) -> list:
+    """What `upload_folder` would add (the same files left out), with README.md's content replaced by `card`."""
+    from huggingface_hub import CommitOperationAdd
+
+    skipped = set(skipped_files(folder))
+    ops = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel not in skipped:
+            ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=card if rel == "README.md" else str(path)))
+    return ops
+
+
 def _landed_commit(api, repo_id: str, revision: str | None, head: str, message: str):
     """What `push` needs of our commit (oid, url) if the branch moved from `head` to it; else None."""
     from types import SimpleNamespace
@@ -132,23 +150,27 @@ def pushed_commit(repo_id: str, token: str | None = None, revision: str | None =
     return _call(repo_id, _api(token).model_info, repo_id, revision=revision).sha
 
 
-def retarget_card(folder: Path, repo_id: str) -> bool:
-    """Point a card written for a local folder at the repo it is pushed to (title, loading code).
+def card_for_repo(folder: Path, repo_id: str) -> bytes | None:
+    """The folder's card as it must read in `repo_id` (title, loading code), or None when it needs no change.
 
-    A card made without `--push-to` says `from_pretrained("./NAME")`; on the Hub it must name the
-    repo. Only the lines `card.build_card` writes are touched. Returns whether the card changed.
+    The card `card.build_card` writes has one `# TITLE` line after its front matter and loads the model
+    with `from_pretrained("...")`; whatever they name (the local folder, or the repo of an earlier
+    push), they name `repo_id` here. The folder itself is never rewritten: the result goes into the
+    upload only, so pushing one folder to several repos gives each its own card.
     """
+    import re
+
     path = folder / "README.md"
     if not path.is_file():
-        return False
+        return None
     text = path.read_text(encoding="utf-8")
-    local = f'from_pretrained("./{folder.name}"'
-    if local not in text:
-        return False
-    text = text.replace(local, f'from_pretrained("{repo_id}"')
-    text = text.replace(f"\n# {folder.name}\n", f"\n# {repo_id.split('/')[-1]}\n", 1)
-    path.write_text(text, encoding="utf-8")
-    return True
+    if "hf-metagpt" not in text:  # not a card of ours: uploaded as it is
+        return None
+    new = re.sub(r'from_pretrained\("[^"\n]*"', f'from_pretrained("{repo_id}"', text)
+    front = re.match(r"---\n.*?\n---\n", new, flags=re.S)
+    start = front.end() if front else 0
+    new = new[:start] + re.sub(r"^# .*$", f"# {repo_id.split('/')[-1]}", new[start:], count=1, flags=re.M)
+    return None if new == text else new.encode("utf-8")
 
 
 def _refuse_offline(repo_id: str) -> None:
