@@ -22,9 +22,9 @@ def _add_merge_args(p: argparse.ArgumentParser, *, for_plan: bool = False) -> No
     p.add_argument("--recipe-format", choices=["auto", "hf-metagpt", "mergekit"], default="auto",
                    help="how to read --recipe (auto: mergekit's when it has a merge_method key)")
     p.add_argument("--output", "-o", help="output folder")
-    p.add_argument("--method", help="merge method (default: metagpt)")
+    p.add_argument("--method", help="merge method (default: metagpt; the list is below)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="method parameter, e.g. --param density=0.5 (repeatable)")
+                   help="method parameter, e.g. --param density=0.5 or --param weights=[0.3,0.7] (repeatable)")
     p.add_argument("--granularity", choices=["model", "layer", "tensor"],
                    help="where MetaGPT takes its norms: model (the paper, default), layer or tensor (our extension)")
     p.add_argument("--tokenizer-source", help="'base' (default) or one of the fine-tunes: whose vocabulary and tokenizer the output gets")
@@ -406,18 +406,40 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 # ==== end inspect =================================================================================
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _methods_epilog() -> str:
+    """`merge --help`'s list of methods (one line each, from their docstrings) and examples."""
+    from .methods import METHODS, summary
+
+    width = max(map(len, METHODS)) + 2
+    lines = ["methods (--method NAME; a wrong --param names the ones the method takes):"]
+    lines += [f"  {name:<{width}}{summary(name)}" for name in METHODS]
+    lines += ["", "examples:",
+              "  hf-metagpt merge chat/ math/ --base base/ -o merged/",
+              "  hf-metagpt merge org/chat org/math --base org/base -o merged/ --method ties --param density=0.5",
+              "  hf-metagpt merge --recipe recipe.yml -o merged/        (a mergekit recipe works too)"]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-metagpt",
         description="Merge fine-tuned LLMs with MetaGPT, streamed layer by layer, and publish them.",
     )
+    parser.add_argument("--version", action="version", version=f"hf-metagpt {_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("--quiet", "-q", action="store_true", help="print the result only: no progress bars, no notes")
     parser.add_argument("--verbose", "-v", action="store_true",
                         help="also the libraries' messages (each HTTP request; signed URLs and tokens are masked)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("merge", help="merge a base and its fine-tunes", description="Merge a base model and fine-tunes.")
+    p = sub.add_parser("merge", help="merge a base and its fine-tunes", description="Merge a base model and fine-tunes.",
+                       epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_merge_args(p)
     p.set_defaults(func=_cmd_merge)
 

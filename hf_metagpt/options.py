@@ -94,6 +94,11 @@ class MergeOptions:
             RecipeError: a missing or invalid value, with a hint for the CLI and the Python API.
         """
         _normalise_paths(self)  # fields may have been assigned after construction
+        if isinstance(self.method, str):  # `--method TIES`, `dare-linear`: the names are lower case with `_`
+            self.method = self.method.strip().lower().replace("-", "_")
+        if not isinstance(self.parameters, dict):
+            raise TypeError(f"parameters must be a dict of method parameters, such as {{'density': 0.5}} or "
+                            f"{{'weights': [0.3, 0.7]}}, not {type(self.parameters).__name__} {self.parameters!r}")
         if not self.base:
             raise RecipeError("No base model given.",
                               hint="Pass --base MODEL (base=... in Python, `base:` in a recipe).")

@@ -130,3 +130,70 @@ def test_python_progress_false_shows_no_bar_at_all(hub_family, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _bars(proc.stderr) == [], proc.stderr[-3000:]
     assert "it/s" not in proc.stderr and "Parse safetensors" not in proc.stderr
+
+
+# ---- item 9: parameters a user can guess -------------------------------------------------------------
+
+def test_density_with_the_default_method_names_the_methods_that_take_it(family, tmp_path):
+    base, fts = family
+    proc = cli("merge", *map(str, fts), "--base", str(base), "-o", str(tmp_path / "o"), "--param", "density=0.5")
+    err = clean_error(proc, "'metagpt'", "density", "--method ties", "weights=[0.3,0.7]")
+    assert "unexpected keyword" not in err and "__init__" not in err
+    assert "takes no parameters" in err  # what the default method does take
+    assert not (tmp_path / "o").exists()
+
+
+def test_near_misses_get_a_did_you_mean_and_only_user_facing_names(family, tmp_path):
+    base, fts = family
+    proc = cli("merge", *map(str, fts), "--base", str(base), "-o", str(tmp_path / "o"), "--method", "linear",
+               "--param", "weight=[0.3,0.7]")
+    err = clean_error(proc, "'weight'", "Did you mean 'weights'?", "weights=[0.3,0.7]")
+    for internal in ("mergekit_order", "per_model", "lambda_", "drop_rate"):
+        assert internal not in err, err
+    proc = cli("plan", *map(str, fts), "--base", str(base), "--method", "tie")
+    clean_error(proc, "Unknown merge method 'tie'", "Did you mean 'ties'?")
+    proc = cli("plan", *map(str, fts), "--base", str(base), "--method", "ties", "--param", "lambda_=2",
+               "--param", "densty=0.3")
+    err = clean_error(proc, "'densty'", "Did you mean 'density'?")
+    assert "lambda_" not in err.split("hint:", 1)[1].replace("'lambda_'", "")  # listed as `lambda`
+
+
+def test_method_names_are_case_insensitive(family, tmp_path):
+    base, fts = family
+    proc = cli("-q", "merge", *map(str, fts), "--base", str(base), "-o", str(tmp_path / "o"), "--method", "TIES",
+               "--param", "density=0.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    assert json.loads((tmp_path / "o" / "metagpt_coefficients.json").read_text())["method"] == "ties"
+    assert "method: ties" in (tmp_path / "o" / "hf_metagpt_recipe.yaml").read_text()
+
+
+def test_python_parameters_as_a_string_is_a_type_error_with_a_hint(family, tmp_path):
+    import hf_metagpt
+
+    base, fts = family
+    with pytest.raises(TypeError) as info:
+        hf_metagpt.plan(base=str(base), models=[str(f) for f in fts], method="ties", parameters="density=0.5")
+    assert "parameters" in str(info.value) and "{'density': 0.5}" in str(info.value)
+    assert "must be a mapping" not in str(info.value)
+
+
+def test_merge_help_lists_every_method_with_one_line_and_two_examples():
+    from hf_metagpt.methods import METHODS
+
+    proc = cli("merge", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    for name in METHODS:
+        assert re.search(rf"^\s+{name}\s+\S", text, re.MULTILINE), name
+    examples = [line for line in text.splitlines() if line.strip().startswith("hf-metagpt merge ")]
+    assert len(examples) >= 2, text
+    assert "--method ties --param density=0.5" in text
+
+
+def test_version():
+    import hf_metagpt
+
+    proc = cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"hf-metagpt {hf_metagpt.__version__}", proc

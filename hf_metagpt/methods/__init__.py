@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from ..errors import MergeError
@@ -35,18 +36,103 @@ METHODS: dict[str, Callable[..., MergeMethod]] = {
 }
 
 
+#: fields a recipe translator sets (mergekit's per-model values, its float32 order): not for users to type
+INTERNAL_PARAMETERS = frozenset({"per_model", "mergekit_order"})
+#: how a field is spelled by users where Python needs another name
+USER_NAMES = {"lambda_": "lambda"}
+#: the methods a "which method takes it" hint proposes first (the common peers of MetaGPT)
+_PREFERRED = ("ties", "linear", "task_arithmetic", "slerp", "dare_ties", "dare_linear", "model_stock")
+#: a value of each parameter, for messages (the syntax a user can copy)
+_EXAMPLES = {"weights": "weights=[0.3,0.7]", "density": "density=0.5", "lambda": "lambda=1.0", "t": "t=0.5",
+             "normalize": "normalize=true", "rescale": "rescale=true", "majority_sign_method": "majority_sign_method=total",
+             "epsilon": "epsilon=0.15", "gamma": "gamma=0.01", "select_topk": "select_topk=0.5",
+             "filter_wise": "filter_wise=false", "int8_mask": "int8_mask=false"}
+
+
+def canonical_method(name: Any) -> Any:
+    """'TIES', ' Dare-Linear ' -> 'ties', 'dare_linear' (other values are returned unchanged)."""
+    return name.strip().lower().replace("-", "_") if isinstance(name, str) else name
+
+
+def _method_class(name: str) -> type:
+    factory = METHODS[name]
+    return getattr(factory, "__self__", factory)  # `Cls.from_params` -> Cls
+
+
+def parameter_names(name: str) -> list[str]:
+    """The parameters of method `name` as users write them (`lambda`, not `lambda_`; no internal fields)."""
+    cls = _method_class(canonical_method(name))
+    if not dataclasses.is_dataclass(cls):
+        return []
+    return [USER_NAMES.get(f.name, f.name) for f in dataclasses.fields(cls)
+            if f.init and f.name not in INTERNAL_PARAMETERS]
+
+
+def accepted_parameters(name: str) -> set[str]:
+    """Every key method `name` takes: its fields (the Python spelling too) and their aliases."""
+    cls = _method_class(canonical_method(name))
+    if not dataclasses.is_dataclass(cls):
+        return set()
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    return fields | set(USER_NAMES.get(f, f) for f in fields) | set(getattr(cls, "aliases", {}))
+
+
+def summary(name: str) -> str:
+    """The first line of the method's docstring (for `merge --help`)."""
+    return ((_method_class(name).__doc__ or "").strip().splitlines() or [""])[0]
+
+
+def _example(param: str) -> str:
+    return "--param " + _EXAMPLES.get(param, f"{param}=VALUE")
+
+
+def unknown_parameter(method: str, key: str) -> MergeError:
+    """The error for a parameter `method` does not take: a near miss, the methods that take it, the syntax."""
+    import difflib
+
+    method = canonical_method(method)
+    names = parameter_names(method)
+    hints: list[str] = []
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6) if names else []
+    if close:
+        hints.append(f"Did you mean {close[0]!r}?")
+    takers = [m for m in METHODS if m != method and m != "dare" and key in parameter_names(m)]
+    if takers and not close:
+        best = next((m for m in _PREFERRED if m in takers), takers[0])
+        hints.append(f"{key} is a parameter of {', '.join(takers)}: e.g. --method {best} "
+                     f"(method=\"{best}\" in Python).")
+    if names:
+        hints.append(f"{method} takes: {', '.join(_example(n)[8:] for n in names)}.")
+    else:
+        hints.append(f"{method} takes no parameters"
+                     + (" (its λ come from the task vectors' norms)." if _method_class(method).uses_group_norms else "."))
+    hints.append("Lists go in brackets, e.g. --param weights=[0.3,0.7] (parameters={\"weights\": [0.3, 0.7]} in "
+                 "Python); `hf-metagpt merge --help` describes each method.")
+    return MergeError(f"Unknown parameter {key!r} for method {method!r}.", hint=" ".join(hints))
+
+
+def unknown_method(name: Any) -> MergeError:
+    import difflib
+
+    close = difflib.get_close_matches(canonical_method(str(name)), list(METHODS), n=1, cutoff=0.6)
+    hint = (f"Did you mean {close[0]!r}? " if close else "") + f"Choose one of: {', '.join(sorted(METHODS))} " \
+        "(`hf-metagpt merge --help` describes each)."
+    return MergeError(f"Unknown merge method {name!r}.", hint=hint)
+
+
 def get_method(name: str, **params: Any) -> MergeMethod:
-    """Build a method by its CLI/recipe name with its parameters."""
+    """Build a method by its CLI/recipe name (any case, `-` or `_`) with its parameters."""
+    key = canonical_method(name)
+    if key not in METHODS:
+        raise unknown_method(name)
+    accepted = accepted_parameters(key)
+    for param in params:
+        if param not in accepted:
+            raise unknown_parameter(key, param)
     try:
-        factory = METHODS[name]
-    except KeyError:
-        raise MergeError(
-            f"Unknown merge method {name!r}.", hint=f"Choose one of: {', '.join(sorted(METHODS))}."
-        ) from None
-    try:
-        return factory(**params)
+        return METHODS[key](**params)
     except TypeError as exc:
-        raise MergeError(f"Bad parameters for method {name!r}: {exc}") from None
+        raise MergeError(f"Bad parameters for method {key!r}: {exc}") from None
 
 
 __all__ = [
@@ -68,7 +154,9 @@ __all__ = [
     "TaskArithmetic",
     "Ties",
     "TensorContext",
+    "canonical_method",
     "get_method",
+    "parameter_names",
     "metagpt_lambdas",
     "metagpt_merge",
     "squared_norm",

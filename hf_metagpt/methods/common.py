@@ -98,12 +98,12 @@ class ParamsMixin:
                 value = convert(cls.name, value)
             elif key in fields:
                 field = key
+            elif key == "lambda" and "lambda_" in fields:
+                field = "lambda_"
             else:
-                accepted = sorted([*fields, *cls.aliases])
-                raise MergeError(
-                    f"Unknown parameter {key!r} for method {cls.name!r}.",
-                    hint=f"Accepted: {', '.join(accepted) if accepted else 'none'}.",
-                )
+                from . import unknown_parameter
+
+                raise unknown_parameter(cls.name, key)
             if field in kwargs:
                 raise MergeError(
                     f"Method {cls.name!r}: {given_as[field]!r} and {key!r} set the same parameter.",

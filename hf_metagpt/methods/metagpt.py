@@ -29,7 +29,7 @@ def metagpt_merge(base: torch.Tensor, taus: list[torch.Tensor], lambdas: Sequenc
 
 @dataclass
 class MetaGPT(MergeMethod):
-    """The paper's closed-form λ from squared task-vector norms."""
+    """MetaGPT, the default: the paper's closed-form λ from squared task-vector norms (no parameters)."""
 
     name = "metagpt"
     uses_group_norms = True
