@@ -56,6 +56,9 @@ def _add_merge_args(p: argparse.ArgumentParser, *, for_plan: bool = False) -> No
     p.add_argument("--num-processes", type=int, metavar="N",
                    help="split the merge over N processes (runs `accelerate launch`; each process writes its "
                         "share of the shards; the output is the same bytes)")
+    p.add_argument("--workers", metavar="N",
+                   help="compute threads per process (default: from the cores, free memory and device; "
+                        "also HF_METAGPT_WORKERS); the output is the same bytes for any N")
 
 
 def _parse_value(key: str, text: str):
@@ -99,6 +102,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .engine.distributed import disconnect, is_main_process, launched_processes
 
     opts = _options_from_args(args)
+    if getattr(args, "workers", None) is not None:
+        from .engine.sizing import WORKERS_ENV, parse_override
+
+        os.environ[WORKERS_ENV] = str(parse_override(args.workers, "--workers"))
     if args.num_processes is not None and args.num_processes != 1:
         return _launch(args, opts)
     # This process exists for one merge: what the imports built (torch's modules: about a million

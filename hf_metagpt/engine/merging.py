@@ -526,8 +526,9 @@ def build_kernel(plan: MergePlan, method: MergeMethod, sources: Sequence[TaskSou
 
 
 def compute_workers(kernel: type[MergeKernel], device: torch.device, processes: int = 1) -> int:
-    """Compute threads: two single-threaded workers for GIL-free kernels on a CPU with cores to spare."""
-    cores = os.cpu_count() or 1
-    if not kernel.threaded or device.type != "cpu" or cores < 2 or processes >= cores:
-        return 1
-    return 2
+    """Compute threads of this merge process (`sizing.plan_workers`: the cores, free memory, the
+    device, and `--workers` / HF_METAGPT_WORKERS)."""
+    from .sizing import env_override, free_memory, plan_workers
+
+    return plan_workers(os.cpu_count() or 1, free_memory(), device.type, env_override(),
+                        threaded=kernel.threaded, processes=processes).compute

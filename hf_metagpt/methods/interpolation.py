@@ -6,8 +6,9 @@ documented behaviour and its outputs, measured by `bench/mergekit_agreement.py`;
 `coefficients` only records the plain per-model shares for the card.
 
 Those coefficients (sums, norms, acos/sin, the variance top-k) are computed from CPU copies
-whatever the device (`sparsify.host`): a GPU sums in another order and its transcendental functions
-round otherwise, so the coefficients, and then the output bytes, would depend on the device. The
+whatever the device (`sparsify.host`), on one thread (`sparsify.single_threaded`): a GPU, or a
+CPU with more threads, sums in another order and a GPU's transcendental functions round
+otherwise, so the coefficients, and then the output bytes, would depend on the machine. The
 elementwise arithmetic that applies them is IEEE-exact on both and runs where the tensors are.
 """
 
@@ -22,7 +23,7 @@ from ..errors import MergeError
 from .base import MergeMethod, TensorContext
 from .common import ParamsMixin, check_real
 from .settings import describe, first_set, parse_setting
-from .sparsify import host
+from .sparsify import host, single_threaded
 
 #: SLERP falls back to linear interpolation when the normalised tensors are this close to parallel.
 DOT_THRESHOLD = 0.9995
@@ -55,11 +56,12 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     if a.numel() == 0:
         return v0.clone()
     ha, hb = host(a), host(b)
-    na = torch.linalg.vector_norm(ha)
-    nb = torch.linalg.vector_norm(hb)
-    na = torch.where(na > _NORM_EPS, na, torch.ones_like(na))
-    nb = torch.where(nb > _NORM_EPS, nb, torch.ones_like(nb))
-    dot = ((ha / na) * (hb / nb)).sum().clamp(-1, 1)
+    with single_threaded():
+        na = torch.linalg.vector_norm(ha)
+        nb = torch.linalg.vector_norm(hb)
+        na = torch.where(na > _NORM_EPS, na, torch.ones_like(na))
+        nb = torch.where(nb > _NORM_EPS, nb, torch.ones_like(nb))
+        dot = ((ha / na) * (hb / nb)).sum().clamp(-1, 1)
     del ha, hb
     tt = torch.tensor(t, dtype=torch.float32)
     if float(dot.abs()) > DOT_THRESHOLD:
@@ -135,10 +137,11 @@ class ModelStock(ParamsMixin, MergeMethod):
             offs = [t.reshape(-1) for t in taus]
         cosines = []
         hoffs = [host(o) for o in offs]
-        for i, a in enumerate(hoffs):
-            for b in hoffs[i + 1:]:
-                norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-                cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+        with single_threaded():
+            for i, a in enumerate(hoffs):
+                for b in hoffs[i + 1:]:
+                    norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+                    cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
         cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
         n = len(offs)
         den = 1 + (n - 1) * cos
@@ -173,7 +176,8 @@ def sce_select_mask(taus: list[torch.Tensor], select_topk: float) -> torch.Tenso
 
 def sce_weights(taus: list[torch.Tensor]) -> torch.Tensor:
     """SCE "calculate": mean(τt²) per model as shares of their sum (uniform when the sum is < 1e-6)."""
-    w = torch.stack([host(t).square().reshape(-1).mean() for t in taus])
+    with single_threaded():
+        w = torch.stack([host(t).square().reshape(-1).mean() for t in taus])
     total = float(torch.sum(w))
     if abs(total) < 1e-6:
         w = torch.ones_like(w) / w.shape[0]

@@ -20,6 +20,9 @@ in expectation, and exact per tensor. Tensors whose ‖·‖₁ is under 1e-7 ar
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 from ..errors import MergeError
@@ -31,6 +34,24 @@ _RESCALE_EPS = 1e-7
 def host(t: torch.Tensor) -> torch.Tensor:
     """`t` itself on the CPU, else a CPU copy: where a result must not depend on the device."""
     return t if t.device.type == "cpu" else t.cpu()
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """torch on one thread meanwhile: a CPU sum over more than torch's grain (32 768 elements) is
+    split over its threads and the partial sums added, so a float32 sum of the same tensor differs
+    in the last bits between 1, 2 and 16 threads, and so would a coefficient taken from it, on
+    machines with other core counts. One thread adds in torch's sequential (vectorised) order.
+    OpenMP's thread count is per calling thread: other threads are not affected."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def host_sort_indices(values: torch.Tensor, descending: bool) -> torch.Tensor:
@@ -48,9 +69,10 @@ def host_sort_indices(values: torch.Tensor, descending: bool) -> torch.Tensor:
 
 def rescale_l1(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """`kept` scaled to ‖tau‖₁ (float32 sums, as mergekit); unscaled when either norm is ~0."""
-    # Summed on the CPU: a GPU reduction adds in another order, and the float32 sums differ.
-    before = host(tau).abs().sum()
-    after = host(kept).abs().sum()
+    # Summed on the CPU on one thread: a GPU reduction, or more threads, add in another order.
+    with single_threaded():
+        before = host(tau).abs().sum()
+        after = host(kept).abs().sum()
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
         return kept
     return kept * (before / after).to(kept.device)

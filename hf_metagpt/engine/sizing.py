@@ -1,0 +1,103 @@
+"""How many threads a merge uses, from what the machine has: a pure function and its override.
+
+`plan_workers(cores, free_bytes, device, override)` gives the readers, compute workers and
+writers of one merge process, and how many OpenMP threads torch may use on the calling thread:
+
+- CPU, a kernel whose jobs release the GIL (the fused weighted sums): one compute worker per core
+  left after the reader (two on two cores, as measured best there), at most `MAX_COMPUTE`, and no
+  more than free memory holds (`WORKER_BYTES` of float64 chunk buffers each);
+- GPU: one thread issues the kernels (the GPU is the parallel part) and torch's CPU threads are
+  bounded to `GPU_TORCH_THREADS`: left at the core count they spin in OpenMP barriers around every
+  small host op (a 1.1B merge on 16 cores burnt 223 s of CPU in 29 s);
+- the method path (TIES, DARE, SLERP, ...: whole-tensor torch ops): one compute thread, torch's
+  own threads for its ops.
+
+`--workers N` / `HF_METAGPT_WORKERS=N` sets the compute workers (for a shared machine: 1 keeps a
+merge on about one core). The bytes never depend on any of these counts: jobs have fixed element
+ranges and their sums are combined in job order (`merging.FusedKernel.reduce`), each worker runs
+torch single-threaded, and the method path's reductions run single-threaded (`methods.sparsify.host`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import MergeError
+
+WORKERS_ENV = "HF_METAGPT_WORKERS"
+#: compute workers at most (memory bandwidth, not cores, bounds a merge well before this)
+MAX_COMPUTE = 32
+#: memory one compute worker needs besides the pooled pieces (its float64 chunk buffers), with margin
+WORKER_BYTES = 64 << 20
+#: torch's intra-op threads on the calling thread of a GPU run
+GPU_TORCH_THREADS = 2
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Threads of one merge process."""
+
+    readers: int
+    compute: int
+    writers: int
+    #: OpenMP threads torch may use on the merging thread (None: leave torch's setting)
+    torch_threads: int | None
+    #: "auto" (from the machine) or "override" (`--workers` / HF_METAGPT_WORKERS)
+    source: str
+
+
+def parse_override(value: str | int | None, what: str = WORKERS_ENV) -> int | None:
+    """A positive worker count, or None when not given; a MergeError naming the setting otherwise."""
+    if value is None or value == "":
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or str(value).strip() not in (str(n), f"+{n}"):
+        raise MergeError(f"{what}={value!r}: the number of compute workers must be a whole number ≥ 1.",
+                         hint=f"Use e.g. --workers 4 or {WORKERS_ENV}=4 (1 keeps a merge on about one core).")
+    return n
+
+
+def env_override() -> int | None:
+    return parse_override(os.environ.get(WORKERS_ENV))
+
+
+def plan_workers(cores: int, free_bytes: int, device: str, override: int | None = None, *,
+                 threaded: bool = True, processes: int = 1) -> WorkerPlan:
+    """The threads of one merge process on a machine with `cores` cores and `free_bytes` of free memory.
+
+    `device` is "cpu" or a GPU type ("cuda"); `threaded`: the kernel's jobs release the GIL (worth
+    several compute workers); `processes`: merge processes sharing the machine (`--num-processes`).
+    """
+    cores = max(1, cores)
+    mine = max(1, cores // max(1, processes))
+    if device != "cpu":
+        threads = max(1, min(GPU_TORCH_THREADS, mine))
+        return WorkerPlan(readers=1, compute=1, writers=1, torch_threads=threads,
+                          source="override" if override else "auto")
+    if override is not None:
+        return WorkerPlan(readers=1, compute=override if threaded else 1, writers=1,
+                          torch_threads=1 if threaded else None, source="override")
+    if not threaded:
+        return WorkerPlan(readers=1, compute=1, writers=1, torch_threads=None, source="auto")
+    if mine < 2:
+        compute = 1
+    elif mine < 4:
+        compute = 2  # two cores: two workers and the reader share them (measured best on 2 cores)
+    else:
+        compute = mine - 1  # one core for the reader and the writer, which mostly wait on I/O
+    compute = max(1, min(compute, MAX_COMPUTE, free_bytes // WORKER_BYTES or 1))
+    return WorkerPlan(readers=1, compute=compute, writers=1, torch_threads=1, source="auto")
+
+
+def free_memory() -> int:
+    """Bytes of memory available now (MemAvailable), or a large number when unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 — no psutil, or no /proc
+        return 1 << 40
