@@ -21,8 +21,8 @@ from .engine.executor import Executor, RunResult, RunShape
 from .engine.fetch import FileProvider
 from .engine.ledger import PROGRESS_FILE, NormLedger
 from .engine.plan import MergePlan, build_plan
-from .engine.workdir import (OutputDirs, OutputLock, cached_norms, check_output, ledger_key, plan_key, prepare,
-                             publish, write_side_files)
+from .engine.workdir import (OutputDirs, OutputLock, cached_norms, check_output, check_side_files, ledger_key,
+                             plan_key, prepare, publish, write_side_files)
 from .errors import IntegrityError, MergeError
 from .methods import get_method
 from .methods.base import MergeMethod
@@ -270,9 +270,11 @@ def _prepare(opts: MergeOptions, method: MergeMethod, target: Path, device_type:
             the_plan = fetch.download(the_plan, opts.token, weights=False, weight_index=True)
         else:
             the_plan = fetch.download(the_plan, opts.token)
+    check_side_files(the_plan)
     # A merged adapter is another output than the shards of the same plan: never resume one from the other.
     adapter = shape.output == "adapter"
-    dirs = prepare(target, plan_key(the_plan, key if not adapter else f"{key}|lora|{opts.lora_rank}"))
+    dirs = prepare(target, plan_key(the_plan, key if not adapter else f"{key}|lora|{opts.lora_rank}"),
+                   overwrite=opts.overwrite or not opts.output)
     cached = cached_norms(dirs.target, key) if method.uses_group_norms else None
     return _Job(the_plan, shape, dirs, key, cached)
 
@@ -432,13 +434,14 @@ def _finish(job: _Job, method: MergeMethod, opts: MergeOptions, run: RunResult) 
         if note := energy_note(dict(run.energy), opts.lora_rank):
             result.notes.append(note)
             log.info("note: %s", note)
-    _write_publish(the_plan, job.shape, result, dirs, opts.token)
+    _write_publish(the_plan, job.shape, result, dirs, opts.token,
+                   norms=run.ledger.state() if method.uses_group_norms else None)
     result.peak_rss = peak_rss_bytes()
     return result
 
 
 def _write_publish(the_plan: MergePlan, shape: RunShape, result: MergeResult, dirs: OutputDirs,
-                   token: str | None = None) -> None:
+                   token: str | None = None, norms: dict[str, Any] | None = None) -> None:
     from .publish.card import all_licenses, write_card
     from .result import COEFFICIENTS_FILE
     from .safetensors_io import disk_full_is_clear
@@ -458,4 +461,4 @@ def _write_publish(the_plan: MergePlan, shape: RunShape, result: MergeResult, di
         (dirs.work / "hf_metagpt_recipe.yaml").write_text(result.recipe)
     with disk_full_is_clear(dirs.work / "README.md"):
         write_card(result, dirs.work, licenses=licenses, repo_id=the_plan.options.push_to, geometry=result.geometry)
-    publish(dirs)
+    publish(dirs, norms)

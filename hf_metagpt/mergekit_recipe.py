@@ -172,6 +172,9 @@ def _method(r: "_Reader", top: dict, root: yaml.Node) -> str:
                      hint="Add e.g. `merge_method: ties`, or read it as an hf-metagpt recipe (--recipe-format auto).")
     _, v = top["merge_method"]
     method = r.value(v)
+    if not isinstance(method, str):
+        raise r.fail(v, f"merge_method must be a method name, got a {type(method).__name__}: {method!r}",
+                     hint=f"Write one name, e.g. `merge_method: ties` (supported: {', '.join(MERGEKIT_METHODS)}).")
     if method == "passthrough" and "slices" in top:
         return method  # layer stacking: `Slices.translate` makes it a merge of 0/1 weights per layer
     if method in _REFUSED:
@@ -247,6 +250,9 @@ def _dtype(r: "_Reader", top: dict) -> str | None:
         if key in top:
             node = top[key][1]
             name = r.value(node)
+            if not isinstance(name, str):
+                raise r.fail(node, f"{key} must be a dtype name, got a {type(name).__name__}: {name!r}",
+                             hint="Use bfloat16, float16 or float32.")
             if name not in _DTYPES:
                 raise r.fail(node, f"{key} {name!r} is not supported", hint="Use bfloat16, float16 or float32.")
             dtype = _DTYPES[name]

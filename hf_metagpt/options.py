@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import re
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -201,17 +202,56 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 RECIPE_FORMATS = ("auto", "hf-metagpt", "mergekit")
 
 
+#: The largest recipe file read (bytes): a recipe of thousands of models fits many times over.
+MAX_RECIPE_BYTES = 1 << 20
+#: The most values a recipe may hold once its YAML aliases are expanded (each `*alias` counts again).
+MAX_RECIPE_VALUES = 100_000
+
+
 def load_recipe(path: str | Path, fmt: str = "auto") -> dict[str, Any]:
     """Read a recipe file into checked option values (unknown keys and wrong types name their line).
 
     `fmt` "auto" reads a recipe with a `merge_method` key as mergekit's (`mergekit_recipe.py`).
+    Only a regular file of at most `MAX_RECIPE_BYTES` is read (never a device, a pipe or a folder).
     """
     path = Path(path)
+    hint = "Point --recipe at a YAML file."
+    not_regular = RecipeError(f"Recipe {path} is not a regular file (a device, a pipe or a folder).", hint=hint)
     try:
-        text = path.read_text()
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before opening: opening a pipe would wait for a writer
+            raise not_regular
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise not_regular
+            raw = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as exc:
-        raise RecipeError(f"Cannot read recipe {path}: {exc.strerror}.") from None
+        raise RecipeError(f"Cannot read recipe {path}: {exc.strerror or exc}.") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"Recipe {path} is larger than {MAX_RECIPE_BYTES >> 20} MiB: too large to be a recipe.",
+                          hint=hint)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"Recipe {path} is not UTF-8 text (byte {exc.start}).", hint=hint) from None
     return parse_recipe(text, str(path), fmt)
+
+
+def check_expanded_size(node: yaml.Node | None, source: str, limit: int = MAX_RECIPE_VALUES) -> None:
+    """Refuse YAML whose aliases expand past `limit` values (a "billion laughs" recipe: each level of
+    aliases doubles what every reader of the recipe walks). Stops counting at the limit: bounded time."""
+    count = 0
+    stack = [node] if node is not None else []
+    while stack:
+        n = stack.pop()
+        count += 1
+        if count > limit:
+            raise RecipeError(f"Recipe {source} expands to more than {limit} values (nested YAML aliases?).",
+                              hint="Write the values out, or use fewer `&anchor`/`*alias` references.")
+        if isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+        elif isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                stack.extend((k, v))
 
 
 class _Loader(yaml.SafeLoader):
@@ -235,12 +275,18 @@ def parse_recipe(text: str, source: str = "<recipe>", fmt: str = "auto") -> dict
     """Parse recipe text; errors name the key and its line."""
     if fmt not in RECIPE_FORMATS:
         raise RecipeError(f"Invalid recipe format {fmt!r}.", hint=f"Use one of: {', '.join(RECIPE_FORMATS)}.")
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        check_expanded_size(node, source)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"Recipe {source} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"Recipe {source} is nested too deeply to be a recipe.") from None
     if fmt == "mergekit":
         from .mergekit_recipe import parse_mergekit
 
         return parse_mergekit(text, source)
     try:
-        node = yaml.compose(text, Loader=_Loader)
         data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"Recipe {source} is not valid YAML: {exc}") from None

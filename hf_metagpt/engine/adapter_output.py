@@ -203,14 +203,10 @@ def write_adapter_side_files(plan: MergePlan, work: Path) -> None:
     """Tokenizer files of the tokenizer source beside the merged adapter (when it has any)."""
     import shutil
 
-    from ..sources.local import TOKENIZER_FILES
+    from .workdir import tokenizer_files
 
-    src = plan.inputs[plan.tokenizer_source].ref.local_path
-    if src is None:
-        return
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, work / name)
+    for name, src in tokenizer_files(plan):
+        shutil.copyfile(src, work / name)
 
 
 def energy_note(energy: dict[str, float], k: int) -> str | None:

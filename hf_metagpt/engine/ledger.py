@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,9 +140,14 @@ class NormLedger:
                          for grp, t, g in state.get("grams", [])]
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
-            if all(len(v) == self.n_models for v in sq.values()):
+            if all(len(v) == self.n_models for v in sq.values()) and valid_norms(sq):
                 self.load(sq)
                 self.load_grams(grams)
+
+
+def valid_norms(sq: Mapping[str, Iterable[float]]) -> bool:
+    """Squared norms are finite and never negative: anything else did not come from a merge."""
+    return all(math.isfinite(x) and x >= 0.0 for v in sq.values() for x in v)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import OutputError
-from ..sources.local import INDEX_FILE, TOKENIZER_FILES
+from ..errors import InputError, OutputError
+from ..sources.local import INDEX_FILE, TOKENIZER_FILES, side_file
 from ..sources.model import ModelInfo
-from .ledger import PROGRESS_FILES
+from .ledger import PROGRESS_FILES, digest, valid_norms, write_json_atomic
 from .plan import MergePlan
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,46 @@ class OutputDirs:
     target: Path
     work: Path
     resumed: bool = False
+    #: the output may replace a finished merge already there (`--overwrite`); rechecked at publish
+    overwrite: bool = False
+
+
+#: What a merge writes into its output folder (a folder holding anything else is never replaced).
+MERGE_FILES = frozenset({
+    "config.json", "generation_config.json", INDEX_FILE, "README.md", "hf_metagpt_recipe.yaml",
+    "adapter_config.json", "compare.png", ".gitattributes", *TOKENIZER_FILES,
+})
+MERGE_PATTERNS = ("*.safetensors", "metagpt_*", "hf_metagpt_*", "lora_*.json")
+
+
+def foreign_entries(target: Path) -> list[str]:
+    """Entries of an existing output folder that no merge writes (a `.git`, a subfolder, notes...)."""
+    from fnmatch import fnmatchcase
+
+    out = []
+    for entry in sorted(target.iterdir()):
+        ours = entry.name in MERGE_FILES or any(fnmatchcase(entry.name, p) for p in MERGE_PATTERNS)
+        if not ours or entry.is_symlink() or not entry.is_file():
+            out.append(entry.name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
+    return out
+
+
+def check_replaceable(target: Path, overwrite: bool, *, at_publish: bool = False) -> None:
+    """An existing output is replaced only when empty, or with `overwrite` when it holds nothing but
+    what a merge writes: `--overwrite` never deletes a project, a git checkout or someone's notes."""
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    when = " (it was filled while the merge ran)" if at_publish else ""
+    if not overwrite:
+        raise OutputError(f"The output folder {target} is not empty{when}.",
+                          hint="Pass --overwrite (overwrite=True) to replace it, or choose another folder.")
+    foreign = foreign_entries(target)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"The output folder {target} holds {shown}, which a merge does not write{when}: "
+                          f"--overwrite replaces only a folder that holds a merge's files.",
+                          hint="Choose another output folder, or move those entries away (or delete the folder "
+                               "yourself) and run again.")
 
 
 def check_output(target: Path, inputs: Sequence[ModelInfo], overwrite: bool) -> None:
@@ -55,9 +95,7 @@ def check_output(target: Path, inputs: Sequence[ModelInfo], overwrite: bool) -> 
                               hint="Choose an output folder that does not contain the inputs.")
     if target.exists() and not target.is_dir():
         raise OutputError(f"The output {target} exists and is a file.", hint="Choose a folder path.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise OutputError(f"The output folder {target} is not empty.",
-                          hint="Pass --overwrite (overwrite=True) to replace it, or choose another folder.")
+    check_replaceable(target, overwrite)
     if os.path.ismount(target):
         raise OutputError(f"The output {target} is a mount point: the finished merge could not be renamed onto it.",
                           hint=f"Write into a folder inside it, e.g. {target / 'merged'}.")
@@ -182,7 +220,7 @@ class OutputLock:
         self.release()
 
 
-def prepare(target: Path, key: str) -> OutputDirs:
+def prepare(target: Path, key: str, *, overwrite: bool = False) -> OutputDirs:
     """Create (or resume) the work folder for this plan (the caller holds the output's lock)."""
     target = target.expanduser().resolve()
     try:
@@ -199,11 +237,11 @@ def prepare(target: Path, key: str) -> OutputDirs:
             same = False
         if same:
             log.info("Resuming an interrupted merge from %s", work)
-            return OutputDirs(target, work, resumed=True)
+            return OutputDirs(target, work, resumed=True, overwrite=overwrite)
         shutil.rmtree(work)
     work.mkdir(parents=True)
     key_file.write_text(json.dumps({"key": key}))
-    return OutputDirs(target, work)
+    return OutputDirs(target, work, overwrite=overwrite)
 
 
 def write_side_files(plan: MergePlan, work: Path) -> None:
@@ -222,23 +260,51 @@ def write_side_files(plan: MergePlan, work: Path) -> None:
             config["vocab_size"] = t.out_shape[0]
     (work / "config.json").write_text(json.dumps(config, indent=2))
 
-    base_dir = plan.base.ref.local_path
-    gen = base_dir / "generation_config.json" if base_dir else None
-    if gen is not None and gen.is_file():
-        shutil.copyfile(gen, work / "generation_config.json")
+    gen = _generation_config(plan)
+    if gen is not None:
+        (work / "generation_config.json").write_text(json.dumps(gen, indent=2))
     else:
         _default_generation_config(config, work)
 
-    tok_info = plan.inputs[plan.tokenizer_source]
-    tok_dir = tok_info.ref.local_path
     copied = []
-    if tok_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (tok_dir / name).is_file():
-                shutil.copyfile(tok_dir / name, work / name)
-                copied.append(name)
+    for name, src in tokenizer_files(plan):
+        shutil.copyfile(src, work / name)
+        copied.append(name)
     if not copied:
-        log.warning("No tokenizer files found in %s; the output has no tokenizer.", tok_info.name)
+        log.warning("No tokenizer files found in %s; the output has no tokenizer.",
+                    plan.inputs[plan.tokenizer_source].name)
+
+
+def tokenizer_files(plan: MergePlan) -> list[tuple[str, Path]]:
+    """The tokenizer source's tokenizer files (name, path); a link out of its folder is refused."""
+    info = plan.inputs[plan.tokenizer_source]
+    folder = info.ref.local_path
+    if folder is None:
+        return []
+    return [(name, p) for name in TOKENIZER_FILES if (p := side_file(folder, name, info.name)) is not None]
+
+
+def _generation_config(plan: MergePlan) -> dict[str, Any] | None:
+    """The base's generation_config.json, parsed (None when it has none); one that is not a JSON object is refused."""
+    folder = plan.base.ref.local_path
+    path = side_file(folder, "generation_config.json", plan.base.name) if folder is not None else None
+    if path is None:
+        return None
+    try:
+        gen = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"{plan.base.name}: generation_config.json is not valid JSON ({exc}).",
+                         hint="Fix or remove the base's generation_config.json.") from None
+    if not isinstance(gen, dict):
+        raise InputError(f"{plan.base.name}: generation_config.json holds a {type(gen).__name__}, not a JSON object.",
+                         hint="Fix or remove the base's generation_config.json.")
+    return gen
+
+
+def check_side_files(plan: MergePlan) -> None:
+    """Before any weight is read: the side files a merge will copy are inside their models and parse."""
+    tokenizer_files(plan)
+    _generation_config(plan)
 
 
 def _default_generation_config(config: dict[str, Any], work: Path) -> None:
@@ -248,9 +314,22 @@ def _default_generation_config(config: dict[str, Any], work: Path) -> None:
     GenerationConfig(**{k: config[k] for k in keys if config.get(k) is not None}).save_pretrained(work)
 
 
-def publish(dirs: OutputDirs) -> Path:
-    """Swap the finished work folder into place (the old output is removed only after)."""
+def publish(dirs: OutputDirs, norms: dict[str, Any] | None = None) -> Path:
+    """Swap the finished work folder into place (the old output is removed only after).
+
+    The output is checked again first: whatever appeared in it while the merge ran (a file, another
+    merge's output) is never deleted; the finished merge then stays in the work folder. `norms`:
+    the ledger's state (`NormLedger.state`), kept in the Hub cache home for a rerun (`cached_norms`).
+    """
     target, work = dirs.target, dirs.work
+    try:
+        check_replaceable(target, dirs.overwrite, at_publish=True)
+    except OutputError as exc:
+        raise OutputError(exc.message, hint=f"{exc.hint} The finished merge is kept in {work}: a rerun into the "
+                                            f"same output resumes from it.") from None
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"The output {target} appeared as a file while the merge ran; it was left alone.",
+                          hint=f"Remove it and run again (the finished merge in {work} is reused).")
     (work / PLAN_KEY_FILE).unlink(missing_ok=True)
     for leftover in [*work.glob(PROGRESS_FILES), *work.glob("*.tmp")]:
         leftover.unlink()
@@ -266,31 +345,82 @@ def publish(dirs: OutputDirs) -> Path:
     work.rename(target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    if norms is not None:
+        keep_norms(target, norms)
     return target
 
 
-def cached_grams(target: Path, key: str) -> list[tuple[str, list[list[float]]]]:
-    """The per-tensor Gram matrices a finished output of the same inputs recorded (empty if none)."""
-    from ..result import COEFFICIENTS_FILE
+#: finished merges whose ledgers are kept (the oldest beyond this are removed)
+KEPT_LEDGERS = 32
 
+
+def norms_file_for(target: Path, key: str) -> Path:
+    """Where a finished merge keeps its ledger: in this user's Hub cache home, by output folder and norms'
+    key, never in the output (a folder downloaded from the Hub, or pushed to it, never carries one)."""
+    from huggingface_hub import constants
+
+    name = digest([str(target.expanduser().resolve()), key])
+    return Path(constants.HF_HOME) / "hf-metagpt" / "norms" / f"{name}.json"
+
+
+def keep_norms(target: Path, norms: dict[str, Any]) -> None:
+    """Keep a finished merge's ledger (`NormLedger.state`) with its checksum for reruns (`cached_norms`)."""
+    path = norms_file_for(target, str(norms.get("key")))
     try:
-        data = json.loads((target / COEFFICIENTS_FILE).read_text())
-        if data.get("norms_key") != key:
-            return []
-        return [(str(t), [[float(x) for x in row] for row in g]) for t, g in data["geometry"]["tensors"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {**norms, "sha256": digest(norms)})
+        kept = sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for stale in kept[KEPT_LEDGERS:]:
+            stale.unlink(missing_ok=True)
+    except OSError as exc:  # only a rerun's pass 1 depends on it
+        log.warning("Could not keep the squared norms for a rerun (%s): a rerun computes them again.", exc)
+
+
+def _saved_ledger(target: Path, key: str) -> dict[str, Any] | None:
+    """The ledger a finished merge of this key into `target` kept, when intact (sha256, key) and the
+    output is still there."""
+    path = norms_file_for(target, key)
+    if not target.is_dir():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        claimed = data.pop("sha256")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+        log.warning("Ignoring the squared norms kept in %s (unreadable): pass 1 runs again.", path)
+        return None
+    if claimed != digest(data):
+        log.warning("Ignoring the squared norms kept in %s (their checksum does not match): pass 1 runs again.", path)
+        return None
+    return data if data.get("key") == key else None
+
+
+def cached_grams(target: Path, key: str) -> list[tuple[str, list[list[float]]]]:
+    """The per-tensor Gram matrices a finished merge of the same inputs into `target` kept (empty if none)."""
+    data = _saved_ledger(target, key)
+    if data is None:
+        return []
+    try:
+        return [(str(t), [[float(x) for x in row] for row in g]) for _, t, g in data.get("grams", [])]
+    except (ValueError, TypeError):
         return []
 
 
 def cached_norms(target: Path, key: str) -> dict[str, list[float]] | None:
-    """Squared norms from a finished output of the same inputs (a rerun or push retry skips pass 1)."""
-    from ..result import COEFFICIENTS_FILE
+    """Squared norms a finished merge of the same inputs into `target` kept (a rerun or push retry skips pass 1).
 
-    path = target / COEFFICIENTS_FILE
-    try:
-        data = json.loads(path.read_text())
-        if data.get("norms_key") != key:
-            return None
-        return {g: [float(x) for x in v["sq_norms"]] for g, v in data["groups"].items() if v.get("sq_norms") is not None}
-    except (OSError, ValueError, KeyError, TypeError):
+    Only this tool's own ledger counts, never a folder's metagpt_coefficients.json (whoever published
+    that chose its numbers: the key of Hub inputs is predictable); negative or non-finite norms are refused."""
+    data = _saved_ledger(target, key)
+    if data is None:
         return None
+    try:
+        sq = {str(g): [float(x) for x in v] for g, v in data["sq_norms"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if not valid_norms(sq):
+        log.warning("Ignoring the squared norms kept in %s (negative or not finite): pass 1 runs again.",
+                    norms_file_for(target, key))
+        return None
+    return sq

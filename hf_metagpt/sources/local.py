@@ -120,6 +120,28 @@ def check_index(index: dict[str, Any], model: str, tensors: dict[str, TensorMeta
                              hint="The index is stale or damaged; re-download the model.")
 
 
+def side_file(folder: Path, name: str, model: str) -> Path | None:
+    """A model's side file (tokenizer, generation config) to copy into a merge, or None when it has none.
+
+    The file may be a link into the model folder, or, in a Hub cache snapshot, into that repository's
+    `blobs/`; a link anywhere else is refused: whatever it points at would be copied into the merge
+    and pushed with it.
+    """
+    path = folder / name
+    if not path.is_file():  # absent, a folder, a device or a dangling link: nothing to copy
+        return None
+    root = folder.resolve()
+    real = path.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":  # huggingface_hub's cache: snapshots/<sha>/NAME -> ../../blobs/<hash>
+        allowed.append(root.parent.parent / "blobs")
+    if not any(real == a or a in real.parents for a in allowed):
+        raise InputError(f"{model}: {name} is a link to {real}, outside the model folder {root}.",
+                         hint=f"Copy the file into the model folder in place of the link (or remove it): side files "
+                              f"are copied into the merge and pushed with it, so only files inside a model are used.")
+    return path
+
+
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
