@@ -22,12 +22,16 @@ This module reads text; it never imports mergekit (LGPL) and shares none of its 
 
 from __future__ import annotations
 
+import difflib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from .errors import RecipeError
+
+log = logging.getLogger("hf_metagpt")
 
 #: mergekit's methods that we run, and which parameters each takes (mergekit's names).
 _GTA = ("weight", "density", "lambda", "normalize", "rescale", "int8_mask")
@@ -49,6 +53,9 @@ MERGEKIT_METHODS: dict[str, tuple[str, ...]] = {
     "metagpt_ties": ("granularity", "density", "majority_sign_method"),
     "metagpt_dare": ("granularity", "density"),
 }
+#: Methods for which mergekit stops when a model has no `weight` (the base excepted)
+_WEIGHT_REQUIRED = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                    "breadcrumbs_ties", "della", "della_linear")
 #: Methods whose `density` defaults to 1 in mergekit (keep everything).
 _MERGEKIT_DENSITY_DEFAULT = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 #: Methods that take parameters per model (the others only method-wide ones).
@@ -56,13 +63,22 @@ _PER_MODEL_METHODS = ("linear", "task_arithmetic", *_MERGEKIT_DENSITY_DEFAULT)
 #: Parameters that mergekit sets per model (NON_BASE scope); the others are method-wide.
 _PER_MODEL = {"weight", "density", "gamma", "epsilon"}
 _TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-             "tokenizer_source", "tokenizer", "slices")
+             "tokenizer_source", "tokenizer", "slices", "chat_template")
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
            "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
 _REFUSED = {
     "passthrough": "passthrough stacks layers from several models (a frankenmerge); hf-metagpt merges "
                    "models of one architecture tensor by tensor.",
 }
+
+
+#: every parameter name some mergekit method takes (a top-level one is a misplaced parameter)
+_ALL_PARAMETERS = {p for ps in MERGEKIT_METHODS.values() for p in ps} | {"t", "scale", "int8_mask", "normalize"}
+
+
+def _did_you_mean(key: str, known: Any) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def is_mergekit(data: Any) -> bool:
@@ -80,10 +96,16 @@ class _Reader:
     def fail(self, node: yaml.Node, message: str, hint: str | None = None) -> RecipeError:
         return RecipeError(f"{message} ({self.where(node)}).", hint=hint)
 
+    def warn(self, node: yaml.Node, message: str) -> None:
+        """Something mergekit accepts and ignores: said, not refused."""
+        log.warning("warning: %s (%s)", message, self.where(node))
+
     def value(self, node: yaml.Node) -> Any:
         return yaml.SafeLoader("").construct_object(node, deep=True)
 
     def mapping(self, node: yaml.Node, what: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        if what == "parameters" and isinstance(node, yaml.ScalarNode) and self.value(node) is None:
+            return {}  # `parameters:` with nothing under it (mergekit reads it as none)
         if not isinstance(node, yaml.MappingNode):
             raise self.fail(node, f"{what} must be a mapping")
         out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
@@ -132,6 +154,9 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
                          hint="Add `models:` with one `- model: ...` per model (or `slices:` with layer ranges).")
         mnode = top["models"][1]
         entries = _entries(r, mnode, accepted, method)
+    if method == "linear" and base is not None and base not in [spec for spec, _, _ in entries]:
+        # mergekit's linear averages every input, base_model included when it is not listed
+        entries = [(base, {}, top["base_model"][1]), *entries]
     refs = [_ref(r, spec, base, node) for spec, _, node in entries]
     base_spec = base
     base, tunes = _fine_tunes(r, method, base, refs, mnode, root)
@@ -146,6 +171,12 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
     granularity = globals_.pop("granularity", None)
     if granularity is not None:
         out["granularity"] = granularity
+    if method in _WEIGHT_REQUIRED and "weight" not in globals_:
+        for i in tunes:
+            if "weight" not in entries[i][1]:
+                raise r.fail(entries[i][2], f"Model {entries[i][0]!r} has no weight",
+                             hint=f"mergekit's {method} needs a weight for every model (it stops with 'Missing required "
+                                  "parameter weight'): add `weight:` under its `parameters:`, or one in the top-level `parameters:`.")
     params = _method_parameters(method, accepted, globals_, entries, tunes)
     if method in _FLOAT32_ORDER and "dtype" in top and r.value(top["dtype"][1]) == "float32":
         # mergekit computes in its `dtype`: with float32 its sums round at every step, where our
@@ -163,10 +194,15 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
 
 def _method(r: "_Reader", top: dict, root: yaml.Node) -> str:
     """The recipe's merge_method, after refusing unknown top-level keys and `slices`."""
-    for key, (k, _) in top.items():
+    for key, (k, _) in list(top.items()):
+        if key == "modules":
+            raise r.fail(k, "mergekit `modules` (a merge per module of a multi-module model) is not supported",
+                         hint="Merge each module with a recipe of its own.")
         if key not in _TOP_KEYS:
-            raise r.fail(k, f"Unknown mergekit recipe key {key!r}",
-                         hint=f"Supported keys: {', '.join(_TOP_KEYS)}.")
+            where = ("mergekit reads it only under `parameters:`" if key in _ALL_PARAMETERS
+                     else "it is not a mergekit key")
+            r.warn(k, f"recipe key {key!r} is ignored: {where}, and mergekit 0.1.5 ignores it too{_did_you_mean(key, _TOP_KEYS)}")
+            del top[key]
     if "merge_method" not in top:
         raise r.fail(root, "The mergekit recipe has no `merge_method`",
                      hint="Add e.g. `merge_method: ties`, or read it as an hf-metagpt recipe (--recipe-format auto).")
@@ -197,7 +233,8 @@ def _entries(r: "_Reader", mnode: yaml.Node, accepted: Any, method: str) -> list
         fields = r.mapping(item, "a `models` entry")
         for key, (kn, _) in fields.items():
             if key not in ("model", "parameters"):
-                raise r.fail(kn, f"Unknown key {key!r} in a `models` entry", hint="Use `model:` and `parameters:`.")
+                r.warn(kn, f"key {key!r} of a `models` entry is ignored: mergekit reads only `model:` and "
+                           f"`parameters:` there, and ignores it too{_did_you_mean(key, ('model', 'parameters'))}")
         if "model" not in fields:
             raise r.fail(item, "A `models` entry has no `model:`")
         params = _parameters(r, fields["parameters"][1], accepted, method, per_model=True) if "parameters" in fields else {}
@@ -213,7 +250,8 @@ def _fine_tunes(r: "_Reader", method: str, base: str | None, refs: list[str], mn
         # Every listed model is averaged (the base too, when listed); θ0 is only the reference.
         return base or refs[0], list(range(len(refs)))
     if base is None:
-        raise r.fail(root, f"merge_method {method!r} needs a base_model")
+        raise r.fail(root, f"merge_method {method!r} needs a base_model",
+                     hint="Add `base_model:` (mergekit refuses this recipe too: 'Merge method requires a base input').")
     tunes = [i for i, ref in enumerate(refs) if ref != base]
     if method == "slerp" and (len(tunes) != 1 or len(refs) != 2):
         raise r.fail(mnode, "slerp merges exactly two models: base_model and one other",
@@ -288,8 +326,9 @@ def _parameters(r: _Reader, node: yaml.Node, accepted: tuple[str, ...], method: 
             out[key] = value
             continue
         if key not in accepted:
-            raise r.fail(kn, f"Unknown parameter {key!r} for merge_method {method!r}",
-                         hint=f"{method} takes: {', '.join(accepted)}.")
+            r.warn(kn, f"parameter {key!r} is ignored: merge_method {method} does not take it "
+                       f"(it takes {', '.join(accepted)}), and mergekit 0.1.5 ignores it too{_did_you_mean(key, accepted)}")
+            continue
         if per_model and (key not in _PER_MODEL or method not in _PER_MODEL_METHODS):
             raise r.fail(kn, f"Parameter {key!r} applies to the whole merge, not to one model",
                          hint="Move it to the top-level `parameters:`.")

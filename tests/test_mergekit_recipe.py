@@ -107,9 +107,9 @@ def test_linear_slerp_and_metagpt_recipes():
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ("merge_method: ties\nbase_model: a/b\nmodels: [a/c]\nname: x\n", "Unknown mergekit recipe key 'name' (r.yml, line 4)"),
-    ("merge_method: ties\nbase_model: a/b\nmodels:\n  - model: a/c\n    parameters:\n      densty: 0.5\n",
-     "Unknown parameter 'densty' for merge_method 'ties' (r.yml, line 6)"),
+    ("merge_method: ties\nbase_model: a/b\nmodels: [a/c]\nmodules: {}\n", "mergekit `modules` (a merge per module"),
+    ("merge_method: ties\nbase_model: a/b\nmodels:\n  - model: a/c\n    parameters:\n      density: 0.5\n",
+     "Model 'a/c' has no weight (r.yml, line 4)"),
     ("merge_method: ties\nbase_model: a/b\nmodels:\n  - model: a/c\n    parameters:\n      lambda: 2\n",
      "Parameter 'lambda' applies to the whole merge, not to one model (r.yml, line 6)"),
     ("merge_method: ties\nbase_model: a/b\nmodels: [a/c]\nparameters:\n  density: 1.5\n",
@@ -121,11 +121,11 @@ def test_linear_slerp_and_metagpt_recipes():
     ("merge_method: nuslerp\nmodels: [a/b]\n", "merge_method 'nuslerp' is not supported (r.yml, line 1)"),
     ("merge_method: ties\nmodels: [a/b, a/c]\n", "merge_method 'ties' needs a base_model"),
     ("merge_method: slerp\nbase_model: a/b\nmodels: [a/b, a/c, a/d]\n", "slerp merges exactly two models"),
-    ("merge_method: ties\nbase_model: a/b\nmodels: [a/b, a/c]\ntokenizer_source: union\n",
-     "tokenizer_source union (a merged vocabulary) is not supported (r.yml, line 4)"),
+    ("merge_method: ties\nbase_model: a/b\nmodels: [a/b, a/c]\nparameters: {weight: 1}\ntokenizer_source: union\n",
+     "tokenizer_source union (a merged vocabulary) is not supported (r.yml, line 5)"),
     ("merge_method: ties\nbase_model: a/b\nmodels:\n  - model: a/x+a/lora\n",
      "applies a LoRA adapter to 'a/x', which is not base_model 'a/b' (r.yml, line 4)"),
-    ("merge_method: ties\nbase_model: a/b\nmodels: [a/c]\ndtype: int8\n", "dtype 'int8' is not supported (r.yml, line 4)"),
+    ("merge_method: ties\nbase_model: a/b\nmodels: [a/c]\nparameters: {weight: 1}\ndtype: int8\n", "dtype 'int8' is not supported (r.yml, line 5)"),
 ])
 def test_bad_recipes_name_the_problem_and_its_line(text, fragment):
     with pytest.raises(RecipeError) as info:
