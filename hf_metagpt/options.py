@@ -123,6 +123,9 @@ class MergeOptions:
             from .engine.layers import check_layers
 
             check_layers(self.layers, 1 + len(self.models))
+        from .publish.push import check_push_options
+
+        check_push_options(self.push_to, create_pr=self.create_pr, revision=self.revision)
         if self.lora_rank is not None:
             if self.output_format != "lora":
                 raise RecipeError("lora_rank only applies to output_format lora.",

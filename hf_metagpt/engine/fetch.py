@@ -15,7 +15,7 @@ from typing import Protocol
 
 from ..errors import OutputError
 from ..sources.hub import BASE_SIDE_FILES, SIDE_FILES, remote_files, cached_path
-from ..sources.hub_calls import DownloadStopped, _call, _call_until, _tok
+from ..sources.hub_calls import DownloadStopped, call, call_until, tok
 from ..sources.local import INDEX_FILE, TOKENIZER_FILES
 from ..sources.model import ModelInfo
 from .plan import MergePlan
@@ -117,8 +117,8 @@ def download(plan: "MergePlan", token: str | None = None, *, weights: bool = Tru
     for i, info in enumerate(plan.inputs):
         if info.ref.is_hub:
             files = needed_files(plan, i, weights=weights, weight_index=weight_index)
-            folder = _call(info.name, snapshot_download, info.ref.repo_id, revision=info.ref.sha,
-                           allow_patterns=files, token=_tok(token))
+            folder = call(info.name, snapshot_download, info.ref.repo_id, revision=info.ref.sha,
+                           allow_patterns=files, token=tok(token))
             info = info.at(Path(folder))
         inputs.append(info)
     return plan.with_inputs(inputs)
@@ -167,9 +167,13 @@ def _download_thread_init(bar: type, lock: object) -> None:
 def _stoppable_bar(stop: threading.Event) -> type:
     """huggingface_hub's progress-bar class, raising `DownloadStopped` once `stop` is set.
 
-    `hf_hub_download` has no way to be cancelled; the progress update it makes for every chunk it
-    writes is the one hook inside the transfer, so a closed provider ends its running downloads
-    within a chunk. The partial blob stays in the cache as `.incomplete`; the next download resumes it.
+    `hf_hub_download` has no way to be cancelled; over HTTP the progress update it makes for every
+    piece it writes is the one hook inside the transfer, so a closed provider ends its running
+    downloads within a piece. What is lost (measured with huggingface_hub 2.4,
+    tests/test_hub_real.py): a connection lost mid-file is resumed by the client itself with a
+    Range request from its last whole 10 MiB piece, but a download that ends with an error (this
+    stop, a kill, an HTTP error on the resume) deletes its uniquely named partial file, and the next
+    download of that shard starts again from byte 0.
     """
     from huggingface_hub.utils import tqdm as hf_tqdm
 
@@ -251,7 +255,7 @@ class OverlappedFiles:
     `path` waits only for the file the merge asks for, so group k is merged while the shards of
     later groups are still arriving. Files go to the normal Hub cache at the pinned SHA (a second
     merge downloads nothing) and are never deleted; cached files and local inputs are used in
-    place. A failed download (after `_call`'s retries) is raised by the next `path` call, whichever
+    place. A failed download (after `call`'s retries) is raised by the next `path` call, whichever
     file it asks for, and no further download starts. `close` stops everything.
     """
 
@@ -292,8 +296,8 @@ class OverlappedFiles:
         try:
             if self._stop.is_set():
                 raise DownloadStopped(f"{info.name}: download of {file} not started (the merge ended).")
-            path = Path(_call_until(self._stop, info.name, hf_hub_download, info.ref.repo_id, file,
-                                    revision=info.ref.sha, token=_tok(self.token), tqdm_class=self._bar))
+            path = Path(call_until(self._stop, info.name, hf_hub_download, info.ref.repo_id, file,
+                                    revision=info.ref.sha, token=tok(self.token), tqdm_class=self._bar))
         except BaseException as exc:
             with self._lock:
                 if self._error is None and not isinstance(exc, DownloadStopped):
@@ -402,8 +406,8 @@ class LowDiskFiles:
 
             path = ensure_converted(info.pickle, source_file(info.pickle, file), info.weights_dir, self.token)
         else:
-            path = Path(_call(info.name, hf_hub_download, info.ref.repo_id, file, revision=info.ref.sha,
-                              local_dir=dest, token=_tok(self.token)))
+            path = Path(call(info.name, hf_hub_download, info.ref.repo_id, file, revision=info.ref.sha,
+                              local_dir=dest, token=tok(self.token)))
         with self._lock:
             self.downloads += 1
             self._fetched[(i, file)] = path

@@ -18,6 +18,6 @@ server before the client is first imported.
 """
 
 from .common import Limits, git_blob_sha1, parse_token_spec
-from .server import Fault, LocalHub, RequestRecord, is_loopback
+from .server import Fault, LocalHub, RateLimit, RequestRecord, is_loopback
 
-__all__ = ["LocalHub", "Limits", "Fault", "RequestRecord", "parse_token_spec", "git_blob_sha1", "is_loopback"]
+__all__ = ["LocalHub", "Limits", "Fault", "RateLimit", "RequestRecord", "parse_token_spec", "git_blob_sha1", "is_loopback"]

@@ -6,7 +6,7 @@ unquoted, so a quoted slash never creates a segment of its own.
 
 from __future__ import annotations
 
-from urllib.parse import unquote
+from urllib.parse import quote, unquote, urlencode
 
 from . import lfs, reads, writes
 from .access import Context
@@ -22,6 +22,8 @@ def route(ctx: Context, h: Exchange, user: str | None) -> None:
     if any(p in (".", "..") for p in parts):
         raise HubError(400, "Invalid path: '.' and '..' segments are not allowed")
     m = h.command
+    if ctx.store.aliases and _redirect_alias(ctx, h, parts, raw_parts):
+        return None
     if parts[:1] == ["api"]:
         return route_api(ctx, h, m, parts[1:], user)
     if parts[:1] == ["_lfs"] and len(parts) == 2 and m == "PUT":
@@ -92,3 +94,33 @@ def _repo_api(ctx: Context, h: Exchange, m: str, repo_type: str, repo_id: str, o
     if op == "safetensors-metadata" and rest and m == "GET":
         return reads.safetensors_metadata(ctx, h, repo_type, repo_id, "/".join(rest), user)
     raise HubError(404, "Not Found", "EndpointNotFound")
+
+
+def _redirect_alias(ctx: Context, h: Exchange, parts: list[str], raw_parts: list[str]) -> bool:
+    """A renamed repo or a canonical ID without namespace (`gpt2`): answer a 307 to its current URL, like the Hub.
+
+    The Location is relative and keeps the rest of the path and the query; an existing repo of the
+    same name wins over an alias.
+    """
+    if parts[:1] == ["api"]:
+        if len(parts) < 3 or parts[1] not in REPO_TYPES:
+            return False
+        repo_type, at, prefix = REPO_TYPES[parts[1]], 2, "/api/" + raw_parts[1]
+    else:
+        repo_type, at, prefix = "model", 0, ""
+        if parts and parts[0] in ("datasets", "spaces") and len(parts) >= 3:
+            repo_type, at, prefix = REPO_TYPES[parts[0]], 1, "/" + raw_parts[0]
+    aliases, repos = ctx.store.aliases, ctx.store.repos
+    for width in (2, 1):
+        key = "/".join(parts[at:at + width])
+        if len(parts) < at + width or (repo_type, key) in repos or (repo_type, key) not in aliases:
+            continue
+        if parts[0] != "api" and parts[at + width:at + width + 1] != ["resolve"]:
+            continue  # file URLs: /{id}/resolve/{rev}/{path}
+        rest = "/".join(raw_parts[at + width:])
+        location = f"{prefix}/{quote(aliases[(repo_type, key)])}" + (f"/{rest}" if rest else "")
+        query = urlencode(h.query, doseq=True)
+        h.send_json({"error": "Repository moved", "url": location}, 307,
+                    headers={"Location": location + (f"?{query}" if query else "")})
+        return True
+    return False

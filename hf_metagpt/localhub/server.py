@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import re
 import secrets
@@ -30,6 +31,9 @@ from .storage import Repo, Store
 from .transport import Handler, Server
 
 log = logging.getLogger(__name__)
+
+#: paths whose query string is a signature (LFS upload, CDN and Xet transfer URLs): never kept in the log
+SIGNED_PREFIXES = ("/_lfs/", "/cdn/", "/xorbs/")
 
 
 @dataclass
@@ -60,6 +64,38 @@ class Fault:
 
 
 @dataclass
+class RateLimit:
+    """A Hub-like fixed-window rate limit: at most `limit` matching requests per `window` seconds.
+
+    Past the limit, requests answer 429 with the Hub's headers, ``RateLimit: "<resource>";r=0;t=<s>``
+    (seconds until the window resets) and ``RateLimit-Policy: "fixed window";"<resource>";q=<limit>;w=<window>``,
+    until the window ends. `limited` counts the 429s it answered.
+    """
+
+    pattern: re.Pattern
+    limit: int
+    window: float
+    resource: str = "resolvers"
+    started: float = 0.0
+    used: int = 0
+    limited: int = 0
+
+    def check(self, path: str, now: float) -> dict[str, str] | None:
+        """None when a request for `path` may pass (counted); else the 429's headers."""
+        if self.pattern.search(path) is None:
+            return None
+        if now >= self.started + self.window:
+            self.started, self.used = now, 0
+        policy = f'"fixed window";"{self.resource}";q={self.limit};w={self.window:g}'
+        if self.used < self.limit:
+            self.used += 1
+            return None
+        self.limited += 1
+        reset = max(1, math.ceil(self.started + self.window - now))
+        return {"RateLimit": f'"{self.resource}";r=0;t={reset}', "RateLimit-Policy": policy}
+
+
+@dataclass
 class RequestRecord:
     """One request as seen by the server (never headers with credentials)."""
 
@@ -69,6 +105,8 @@ class RequestRecord:
     range: str | None
     authenticated_as: str | None
     status: int | None = None
+    #: an Authorization header came with the request (a signed CDN URL must never get one)
+    authorization: bool = False
 
 
 def is_loopback(host: str) -> bool:
@@ -115,6 +153,7 @@ class LocalHub:
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
         self._faults: list[Fault] = []
+        self._rate_limits: list[RateLimit] = []
         self._requests: list[RequestRecord] = []
         self._meta_lock = threading.Lock()
         # Signs LFS upload URLs: the client PUTs to them without credentials, like to a bucket.
@@ -208,6 +247,24 @@ class LocalHub:
         """Create (or extend) an organization whose members may write in its namespace."""
         self.access.add_org(org, members)
 
+    # ---- renamed repos and canonical IDs
+    def rename_repo(self, repo_id: str, new_id: str, *, repo_type: str = "model") -> None:
+        """Rename a repo like the Hub's settings page: its old URLs answer a 307 to the new ones."""
+        ns, _, name = new_id.partition("/")
+        try:
+            new_id = repo_id_of(ns, name)
+        except HubError as err:
+            raise ValueError(err.message) from None
+        self.context.store.rename(self._repo(repo_id, repo_type), new_id)
+
+    def add_canonical(self, name: str, repo_id: str, *, repo_type: str = "model") -> None:
+        """Serve `repo_id` under a canonical name without namespace too (`gpt2` -> `openai-community/gpt2`),
+        through a 307 as the Hub does."""
+        if not NAME_RE.match(name):
+            raise ValueError(f"Invalid canonical name {name!r}")
+        self._repo(repo_id, repo_type)
+        self.context.store.add_alias(repo_type, name, repo_id)
+
     # ---- gated repos
     def set_gated(self, repo_id: str, mode: str | bool = "manual", *, repo_type: str = "model") -> None:
         """Gate a repo like a licence-gated model on the Hub (`mode` "auto" or "manual"), or ungate it (False).
@@ -264,9 +321,24 @@ class LocalHub:
             self._faults.append(fault)
         return fault
 
+    def rate_limit(self, path_regex: str, *, limit: int, window: float = 300.0,
+                   resource: str = "resolvers") -> RateLimit:
+        """Rate-limit requests whose unquoted path matches, like the Hub: `limit` per fixed `window` s.
+
+        Over the limit they answer 429 with ``RateLimit``/``RateLimit-Policy`` headers saying when
+        the window resets (the Hub's windows last 300 s; tests use a second or two). Removed by
+        `clear_faults`. Returns the `RateLimit` (its `limited` counts the 429s).
+        """
+        rl = RateLimit(re.compile(path_regex), limit, window, resource, started=time.monotonic())
+        with self._meta_lock:
+            self._rate_limits.append(rl)
+        return rl
+
     def clear_faults(self) -> None:
+        """Remove every injected fault and rate limit."""
         with self._meta_lock:
             self._faults.clear()
+            self._rate_limits.clear()
 
     @property
     def requests(self) -> list[RequestRecord]:
@@ -284,20 +356,31 @@ class LocalHub:
         if h._rec is not None:
             h._rec.status, h._rec.authenticated_as = status, user
             return
-        query = "" if h.raw_path.startswith("/_lfs/") else h.path.partition("?")[2]
-        h._rec = RequestRecord(h.command, unquote(h.raw_path), query, h.headers.get("Range"), user, status)
+        query = "" if h.raw_path.startswith(SIGNED_PREFIXES) else h.path.partition("?")[2]
+        h._rec = RequestRecord(h.command, unquote(h.raw_path), query, h.headers.get("Range"), user, status,
+                               authorization=h.headers.get("Authorization") is not None)
         with self._meta_lock:
             self._requests.append(h._rec)
 
     def apply_fault(self, h: "Handler") -> bool:
         path = unquote(h.raw_path)
+        limited: dict[str, str] | None = None
         with self._meta_lock:
             fault = next((f for f in self._faults if f._matches(h.command, path)), None)
-            if fault is None:
+            if fault is not None:
+                fault.hits += 1
+                if fault.times is not None:
+                    fault.times -= 1
+            else:
+                now = time.monotonic()
+                limited = next((hd for rl in self._rate_limits if (hd := rl.check(path, now)) is not None), None)
+        if fault is None:
+            if limited is None:
                 return False
-            fault.hits += 1
-            if fault.times is not None:
-                fault.times -= 1
+            reset = limited["RateLimit"].rsplit("=", 1)[1]
+            h.send_error_json(HubError(429, f"You have been rate-limited; you can retry this action in about "
+                                            f"{reset} seconds.", headers=limited))
+            return True
         if fault.delay:
             time.sleep(fault.delay)
         h.drop_after = fault.drop_after

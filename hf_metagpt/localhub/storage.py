@@ -76,7 +76,47 @@ class Store:
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
         self.repos: dict[tuple[str, str], Repo] = {}
         self._holders: dict[str, set[tuple[str, str]]] = {}  # LFS oid -> repos whose `lfs` holds it
+        # Renamed repos and canonical IDs without a namespace (`gpt2`): (type, old id) -> current id.
+        # The Hub answers their URLs with a 307 to the current ones.
+        self.aliases: dict[tuple[str, str], str] = {}
+        aliases = root / "aliases.json"
+        if aliases.is_file():
+            for t, old, new in json.loads(aliases.read_text()):
+                self.aliases[(t, old)] = new
         self._load()
+
+    def _save_aliases(self) -> None:
+        tmp = self._tmp_file()
+        tmp.write_text(json.dumps(sorted([t, old, new] for (t, old), new in self.aliases.items())))
+        os.replace(tmp, self.root / "aliases.json")
+
+    def add_alias(self, repo_type: str, old_id: str, new_id: str) -> None:
+        """Make `old_id` (a former name, or a canonical name without namespace) redirect to `new_id`."""
+        with self.lock:
+            self.aliases[(repo_type, old_id)] = new_id
+            for key, target in list(self.aliases.items()):  # chains of renames point at the last name
+                if target == old_id and key[0] == repo_type:
+                    self.aliases[key] = new_id
+            self._save_aliases()
+
+    def rename(self, repo: Repo, new_id: str) -> None:
+        """Move a repo to `new_id` (like the Hub's repo settings); its old URLs redirect there."""
+        with self.lock:
+            if (repo.type, new_id) in self.repos:
+                raise HubError(409, f"{new_id} already exists")
+            d = self._repo_dir(repo.type, new_id)
+            d.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(repo.dir, d)
+            old = repo.id
+            self.repos.pop((repo.type, old))
+            for holders in self._holders.values():
+                if (repo.type, old) in holders:
+                    holders.discard((repo.type, old))
+                    holders.add((repo.type, new_id))
+            repo.id, repo.dir = new_id, d
+            self.repos[(repo.type, new_id)] = repo
+            self.aliases.pop((repo.type, new_id), None)
+            self.add_alias(repo.type, old, new_id)
 
     # ---- blobs
     def blob_path(self, kind: str, oid: str) -> Path:

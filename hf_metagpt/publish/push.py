@@ -5,23 +5,12 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..sources.hub_calls import (
-    RETRIES,
-    RETRY_MAX,
-    HubAccessError,
-    _api,
-    _call,
-    _failed_request,
-    _gave_up,
-    _hub_errors,
-    _retry_base,
-    _transient,
-)
+from ..sources.hub_calls import HubAccessError, call, retrying
+from ..sources.hub_calls import api as hub_api
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +30,24 @@ def skipped_files(folder: str | os.PathLike) -> list[str]:
     return sorted(out)
 
 
+def check_push_options(push_to: str | None, *, create_pr: bool = False, revision: str | None = None) -> None:
+    """Refuse push options that cannot work together, before anything is read or merged.
+
+    A pull request is always opened against the default branch (huggingface_hub raises a
+    ValueError for `create_pr` with another `revision` — after the whole merge, when this is not
+    checked first); `--create-pr` and `--revision` mean nothing without somewhere to push.
+    """
+    if create_pr and revision not in (None, "", "main"):
+        raise InputError(f"--create-pr cannot be combined with --revision {revision} (create_pr=True with "
+                         f"revision={revision!r}): a pull request is always opened against main.",
+                         hint=f"Drop --revision to open a pull request against main, or drop --create-pr to "
+                              f"commit to the branch {revision!r}.")
+    if not push_to and (create_pr or revision):
+        what = "--create-pr (create_pr=True)" if create_pr else f"--revision {revision} (revision=...)"
+        raise InputError(f"{what} only applies to a push, and no --push-to (push_to=...) was given.",
+                         hint="Add --push-to ORG/NAME, or drop the option.")
+
+
 def push(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = False,
          create_pr: bool = False, revision: str | None = None, commit_message: str | None = None) -> str:
     """Upload a merged model folder to `repo_id` as one commit and return the URL to look at.
@@ -52,6 +59,7 @@ def push(folder: str | Path, repo_id: str, *, token: str | None = None, private:
         >>> push("merged/", "me/llama-2-7b-metagpt", private=True)
         'https://huggingface.co/me/llama-2-7b-metagpt'
     """
+    check_push_options(repo_id, create_pr=create_pr, revision=revision)
     folder = Path(folder)
     _refuse_offline(repo_id)
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
@@ -59,10 +67,10 @@ def push(folder: str | Path, repo_id: str, *, token: str | None = None, private:
                          hint="Push the output folder of a merge.")
     if skipped := skipped_files(folder):
         log.info("not uploaded (dotfiles and *.env are never pushed): %s", ", ".join(skipped))
-    api = _api(token)
-    repo_url = _call(repo_id, api.create_repo, repo_id, private=private, exist_ok=True, repo_type="model")
+    api = hub_api(token)
+    repo_url = call(repo_id, api.create_repo, repo_id, private=private, exist_ok=True, repo_type="model")
     if revision and revision != "main":
-        _call(f"{repo_id}@{revision}", api.create_branch, repo_id, branch=revision, exist_ok=True)
+        call(f"{repo_id}@{revision}", api.create_branch, repo_id, branch=revision, exist_ok=True)
     card = card_for_repo(folder, repo_id)
     message = commit_message or f"Upload MetaGPT merge ({folder.name}) with hf-metagpt"
     info = _upload_one_commit(api, repo_id, folder, message, revision, create_pr, card)
@@ -85,35 +93,24 @@ def _upload_one_commit(api, repo_id: str, folder: Path, message: str, revision: 
     answer was lost is found (the head moved to a commit with our message) instead of repeated.
     """
     ref_text = repo_id if not revision else f"{repo_id}@{revision}"
-    head = None if create_pr else _call(ref_text, lambda: api.model_info(repo_id, revision=revision).sha)
-    delay = _retry_base()
-    for attempt in range(RETRIES + 1):
-        try:
-            if card is not None:  # the folder's files, with this push's card in place of README.md
-                return api.create_commit(repo_id=repo_id, operations=_operations(folder, card),
-                                         commit_message=message, revision=revision, create_pr=create_pr,
-                                         parent_commit=head)
-            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message,
-                                     revision=revision, create_pr=create_pr, parent_commit=head,
-                                     ignore_patterns=IGNORE_PATTERNS)
-        except Exception as exc:
-            if not _transient(exc):
-                mapped = _hub_errors(ref_text, exc)
-                if mapped is None:
-                    raise
-                raise mapped from None
-            if head is not None:
-                landed = _landed_commit(api, repo_id, revision, head, message)
-                if landed is not None:
-                    log.info("%s: the commit landed although its answer was lost", ref_text)
-                    return landed
-            if attempt >= RETRIES:
-                raise _gave_up(ref_text, exc) from None
-            log.warning("warning: %s: push failed (%s); retrying in %.1f s (%d/%d)", ref_text, _failed_request(exc),
-                        delay, attempt + 1, RETRIES)
-            time.sleep(delay)
-            delay = min(RETRY_MAX, delay * 2)
-    raise AssertionError("unreachable")  # pragma: no cover
+    head = None if create_pr else call(ref_text, lambda: api.model_info(repo_id, revision=revision).sha)
+
+    def attempt():
+        if card is not None:  # the folder's files, with this push's card in place of README.md
+            return api.create_commit(repo_id=repo_id, operations=_operations(folder, card), commit_message=message,
+                                     revision=revision, create_pr=create_pr, parent_commit=head)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message, revision=revision,
+                                 create_pr=create_pr, parent_commit=head, ignore_patterns=IGNORE_PATTERNS)
+
+    def recover(exc):
+        if head is None:
+            return None
+        landed = _landed_commit(api, repo_id, revision, head, message)
+        if landed is not None:
+            log.info("%s: the commit landed although its answer was lost", ref_text)
+        return landed
+
+    return retrying(ref_text, attempt, recover=recover, doing="push failed: ")
 
 
 def _operations(folder: Path, card: bytes) -> list:
@@ -147,7 +144,7 @@ def _landed_commit(api, repo_id: str, revision: str | None, head: str, message: 
 
 def pushed_commit(repo_id: str, token: str | None = None, revision: str | None = None) -> str:
     """SHA of the head of `revision` of a repo (for messages and tests)."""
-    return _call(repo_id, _api(token).model_info, repo_id, revision=revision).sha
+    return call(repo_id, hub_api(token).model_info, repo_id, revision=revision).sha
 
 
 def card_for_repo(folder: Path, repo_id: str) -> bytes | None:
@@ -204,9 +201,9 @@ def check_push_access(repo_id: str, token: str | None = None, *, create_pr: bool
     from huggingface_hub.errors import LocalTokenNotFoundError, RepositoryNotFoundError
 
     _refuse_offline(repo_id)
-    api = _api(token)
+    api = hub_api(token)
     try:
-        me = _call(repo_id, api.whoami)
+        me = call(repo_id, api.whoami)
     except LocalTokenNotFoundError:
         raise HubAccessError(f"Pushing to {repo_id} needs a Hub token, and none was found.",
                              hint="Pass --token (token=... in Python), set HF_TOKEN, or run `hf auth login`.") from None
@@ -218,7 +215,7 @@ def check_push_access(repo_id: str, token: str | None = None, *, create_pr: bool
                                   "with --token (token=...) or HF_TOKEN.") from None
     exists = False
     try:
-        _call(repo_id, api.repo_info, repo_id, repo_type="model")
+        call(repo_id, api.repo_info, repo_id, repo_type="model")
         exists = True
     except HubAccessError as exc:
         if not isinstance(exc.__context__, RepositoryNotFoundError) and "not found" not in exc.message:

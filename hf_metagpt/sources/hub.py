@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..safetensors_io import TensorMeta, parse_header_json, read_header
-from .hub_calls import HubAccessError, _api, _call, _tok
+from .hub_calls import HubAccessError, api, call, tok
 from .local import (
     INDEX_FILE,
     PICKLE_PATTERNS,
@@ -45,7 +45,7 @@ BASE_SIDE_FILES = ("generation_config.json",)
 # timeouts, network errors, with backoff), a file's HEAD once more with backoff when nothing is
 # cached, and a dropped or timed-out file download (resumed with Range, 5 times). Not retried:
 # model_info/repo_info, tree listings, the safetensors header Range reads, a 5xx on a file's GET,
-# create_repo/create_branch and the commit POST itself. `_call` retries those, a few times with
+# create_repo/create_branch and the commit POST itself. `hub_calls.call` retries those, a few times with
 # exponential backoff, and then says clearly what failed.
 
 
@@ -72,7 +72,7 @@ def resolve(ref: ModelRef, token: str | None = None) -> RemoteModel:
     assert ref.repo_id is not None
     if offline():
         return _resolve_cached(ref)
-    info = _call(ref.display, _api(token).model_info, ref.repo_id, revision=ref.revision, files_metadata=True)
+    info = call(ref.display, api(token).model_info, ref.repo_id, revision=ref.revision, files_metadata=True)
     if not info.sha:
         raise HubAccessError(f"{ref.display}: the Hub gave no commit SHA for this revision.")
     files = {s.rfilename: s.size for s in (info.siblings or [])}
@@ -207,33 +207,65 @@ def remote_info(remote: RemoteModel, token: str | None = None, allow_pickle: boo
     if offline():
         raise _offline_weights_missing(remote)
 
-    from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
-
-    try:
-        meta = _call(name, _api(token).get_safetensors_metadata, ref.repo_id, revision=ref.sha)
-    except (NotASafetensorsRepoError, SafetensorsParsingError) as exc:
-        raise InputError(f"{name}: cannot read its safetensors headers ({exc}).",
-                         hint="The repo's weights are damaged or not safetensors.") from None
+    weight_map, files, headers = _remote_headers(remote, token)
     tensors: dict[str, TensorMeta] = {}
-    files = sorted({safe_relative(str(f), name) for f in meta.weight_map.values()})
     for file in files:
-        fm = meta.files_metadata.get(file)
-        if fm is None:
-            raise InputError(f"{name}: shard {file} named in the index could not be read.")
-        header = {t: {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": list(i.data_offsets)}
-                  for t, i in fm.tensors.items()}
-        for tname, tm in parse_header_json(json.dumps(header).encode(), file).items():
-            if meta.weight_map.get(tname, file) != file and meta.sharded:
-                raise InputError(f"{name}: {INDEX_FILE} places {tname!r} in {meta.weight_map[tname]}, "
+        for tname, tm in parse_header_json(json.dumps(headers[file]).encode(), file).items():
+            if weight_map.get(tname, file) != file:
+                raise InputError(f"{name}: {INDEX_FILE} places {tname!r} in {weight_map[tname]}, "
                                  f"but {file} holds it.", hint="The index is stale or damaged.")
             if tname in tensors:
                 raise InputError(f"{name}: tensor {tname!r} is stored twice ({tensors[tname].file}, {file}).")
             tensors[tname] = tm
-    missing = [t for t in meta.weight_map if t not in tensors]
+    missing = [t for t in weight_map if t not in tensors]
     if missing:
         raise InputError(f"{name}: {INDEX_FILE} lists {missing[0]!r} but no shard holds it.",
                          hint="The index is stale or damaged.")
     return ModelInfo(ref=ref, config=config, tensors=tensors, weight_files=files, files=dict(remote.files))
+
+
+#: shard headers read at a time (huggingface_hub's get_safetensors_metadata reads them on a thread pool too)
+HEADER_READERS = 8
+
+
+def _remote_headers(remote: RemoteModel, token: str | None) -> tuple[dict[str, str], list[str], dict[str, dict]]:
+    """(weight map, shard files, header of each shard) of a Hub model, from Range reads of the headers.
+
+    Each shard's header is its own retried call: a 5xx or a 429 on one shard retries that shard
+    only, and headers already read are never read again (a 60-shard model meeting a rate limit
+    made ~300 requests when the whole listing was retried).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import SafetensorsParsingError
+
+    ref, name = remote.ref, remote.ref.display
+    if INDEX_FILE in remote.files:
+        index_path = call(name, hf_hub_download, ref.repo_id, INDEX_FILE, revision=ref.sha, token=tok(token))
+        try:
+            index = json.loads(Path(index_path).read_text())
+        except ValueError as exc:
+            raise InputError(f"{name}: {INDEX_FILE} is not valid JSON ({exc}).",
+                             hint="The repo's index is damaged.") from None
+        files = weight_files_from_index(index, name)
+        weight_map = {str(k): safe_relative(v, name) for k, v in index["weight_map"].items()}
+    else:
+        files, weight_map = [SINGLE_FILE], {}
+    hub = api(token)
+
+    def read(file: str) -> dict:
+        try:
+            meta = call(name, hub.parse_safetensors_file_metadata, ref.repo_id, file, revision=ref.sha)
+        except SafetensorsParsingError as exc:
+            raise InputError(f"{name}: cannot read the safetensors header of {file} ({exc}).",
+                             hint="The repo's weights are damaged or not safetensors.") from None
+        return {t: {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": list(i.data_offsets)}
+                for t, i in meta.tensors.items()}
+
+    with ThreadPoolExecutor(max_workers=min(HEADER_READERS, len(files))) as pool:
+        headers = dict(zip(files, pool.map(read, files)))
+    return weight_map, files, headers
 
 
 def _remote_config(remote: RemoteModel, token: str | None) -> dict:
@@ -244,7 +276,7 @@ def _remote_config(remote: RemoteModel, token: str | None) -> dict:
         if offline():
             raise _missing_offline(ref, ["config.json"])
         raise InputError(f"{name}: no config.json at {ref.sha}.", hint="Merging needs a transformers model repo.")
-    config_path = _call(name, hf_hub_download, ref.repo_id, "config.json", revision=ref.sha, token=_tok(token))
+    config_path = call(name, hf_hub_download, ref.repo_id, "config.json", revision=ref.sha, token=tok(token))
     try:
         return json.loads(Path(config_path).read_text())
     except ValueError as exc:
@@ -258,8 +290,8 @@ def _remote_pickle_info(remote: RemoteModel, token: str | None, pickles: list[st
     from .pickle import find_conversion_pr, pickle_names, provisional_info, remote_source
 
     ref, name = remote.ref, remote.ref.display
-    src = remote_source(ref.repo_id, ref.sha, remote.files, name, _tok(token))  # type: ignore[arg-type]
-    pr = find_conversion_pr(ref.repo_id, pickle_names(src) if src else None, _tok(token))  # type: ignore[arg-type]
+    src = remote_source(ref.repo_id, ref.sha, remote.files, name, tok(token))  # type: ignore[arg-type]
+    pr = find_conversion_pr(ref.repo_id, pickle_names(src) if src else None, tok(token))  # type: ignore[arg-type]
     if src is None or not allow_pickle:
         message = f"{name}: only pickle weights on the Hub ({', '.join(pickles[:3])}); "
         if src is None:
@@ -294,8 +326,8 @@ def _remote_adapter_info(remote: RemoteModel, token: str | None) -> ModelInfo:
                                   "safe_serialization=True)) and push the safetensors version.")
         raise InputError(f"{ref.display}: {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} at {ref.sha}.",
                          hint="Push the complete PEFT adapter folder (save_pretrained output).")
-    folder = _call(ref.display, snapshot_download, ref.repo_id, revision=ref.sha,
-                   allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS], token=_tok(token))
+    folder = call(ref.display, snapshot_download, ref.repo_id, revision=ref.sha,
+                   allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS], token=tok(token))
     return replace(load_adapter_info(ref, Path(folder)), files=dict(remote.files))
 
 
@@ -308,7 +340,7 @@ def _cached_headers(remote: RemoteModel, token: str | None) -> tuple[dict[str, T
         if try_to_load_from_cache(ref.repo_id, INDEX_FILE, revision=ref.sha) is None:
             return None
         # At a commit SHA a cached file is returned without any request.
-        index_path = Path(hf_hub_download(ref.repo_id, INDEX_FILE, revision=ref.sha, token=_tok(token)))
+        index_path = Path(hf_hub_download(ref.repo_id, INDEX_FILE, revision=ref.sha, token=tok(token)))
         try:
             index = json.loads(index_path.read_text())
             files = weight_files_from_index(index, ref.display)
@@ -338,7 +370,7 @@ def read_license(ref: ModelRef, files: dict[str, int | None], token: str | None 
     from huggingface_hub import ModelCard, hf_hub_download
 
     try:
-        path = _call(ref.display, hf_hub_download, ref.repo_id, "README.md", revision=ref.sha, token=_tok(token))
+        path = call(ref.display, hf_hub_download, ref.repo_id, "README.md", revision=ref.sha, token=tok(token))
         lic = ModelCard.load(path, ignore_metadata_errors=True).data.license
     except Exception as exc:  # a broken card must not stop a merge; the card says "unknown"
         log.debug("could not read the card of %s: %s", ref.display, exc)

@@ -37,7 +37,7 @@ RETRY_MAX = 20.0
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 
 
-def _retry_base() -> float:
+def retry_base() -> float:
     try:
         return max(0.0, float(os.environ.get(RETRY_BASE_ENV) or RETRY_BASE))
     except ValueError:
@@ -52,7 +52,7 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return (httpx_mod.TransportError,)
 
 
-def _transient(exc: BaseException) -> bool:
+def transient(exc: BaseException) -> bool:
     """A failure worth retrying: 5xx/408/429 from the Hub, a timeout or a lost connection.
 
     The client sometimes wraps the cause (`snapshot_download` turns a failed listing into
@@ -74,7 +74,7 @@ def _transient(exc: BaseException) -> bool:
     return False
 
 
-def _failed_request(exc: BaseException) -> str:
+def failed_request(exc: BaseException) -> str:
     """'HTTP 503 on GET .../resolve/<sha>/model-00001.safetensors' (no query string, no secrets)."""
     from urllib.parse import unquote, urlsplit
 
@@ -96,13 +96,13 @@ def _failed_request(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _api(token: str | None):
+def api(token: str | None):
     from huggingface_hub import HfApi
 
     return HfApi(token=token, library_name="hf-metagpt")
 
 
-def _hub_errors(ref_text: str, exc: Exception) -> MergeError | None:
+def hub_error(ref_text: str, exc: Exception) -> MergeError | None:
     """Map huggingface_hub's typed errors to one-line messages that say what to do."""
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -137,7 +137,7 @@ def _hub_errors(ref_text: str, exc: Exception) -> MergeError | None:
         # HTTP answer (a 403 on a gated file, a 404) is the news, not the connection.
         cause = _http_cause(exc)
         if cause is not None and cause is not exc:
-            mapped = _hub_errors(ref_text, cause)
+            mapped = hub_error(ref_text, cause)
             if mapped is not None:
                 return mapped
         return HubAccessError(f"{ref_text}: the Hub could not be reached and the files are not in the cache.",
@@ -170,61 +170,175 @@ def _http_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _call(ref_text: str, fn, *args, **kwargs):
+def call(ref_text: str, fn, *args, **kwargs):
     """Call huggingface_hub; retry transient failures with backoff; map errors to clear messages.
 
     Only for idempotent calls (reads, `create_repo(exist_ok=True)`, `create_branch(exist_ok=True)`).
     """
-    return _call_until(None, ref_text, fn, *args, **kwargs)
+    return retrying(ref_text, lambda: fn(*args, **kwargs))
 
 
 class DownloadStopped(MergeError):
     """A background download was abandoned because its provider was closed (the merge ended)."""
 
 
-def _call_until(stop: threading.Event | None, ref_text: str, fn, *args, **kwargs):
-    """`_call` whose backoff waits end early, with `DownloadStopped`, once `stop` is set.
+def call_until(stop: threading.Event | None, ref_text: str, fn, *args, **kwargs):
+    """`call` whose waits end early, with `DownloadStopped`, once `stop` is set.
 
     A background download must not hold up the end of a failed merge for a 20 s backoff.
     """
-    delay = _retry_base()
-    for attempt in range(RETRIES + 1):
+    return retrying(ref_text, lambda: fn(*args, **kwargs), stop=stop)
+
+
+def retrying(ref_text: str, attempt, *, stop: threading.Event | None = None, recover=None,
+             doing: str = "", published: bool = False):
+    """Run `attempt()` until it succeeds: the one retry loop of every Hub call (reads, downloads, push).
+
+    Transient failures (5xx, 408, timeouts, lost connections) are retried `RETRIES` times with
+    exponential backoff from `retry_base()`. A 429 that announces its reset (`RateLimit:
+    "resolvers";r=0;t=N`, or `Retry-After`) waits that long instead, saying so, once for every
+    thread that meets it (see `RateLimitGate`); a reset further away than `rate_limit_max_wait()`
+    fails at once with the time to retry. `stop` ends any wait with `DownloadStopped`. Before a
+    retry, `recover(exc)` may return the result after all (a push whose answer was lost but whose
+    commit landed). Other failures become `HubAccessError`s with a hint (`hub_error`).
+    """
+    delay = retry_base()
+    failures = 0
+    while True:
+        RATE_LIMIT.wait(stop, ref_text)
         try:
-            return fn(*args, **kwargs)
+            return attempt()
         except MergeError:
             raise
         except Exception as exc:
-            if _transient(exc):
-                if attempt < RETRIES:
-                    log.warning("warning: %s: %s; retrying in %.1f s (%d/%d)", ref_text, _failed_request(exc),
-                                delay, attempt + 1, RETRIES)
-                    if stop is None:
-                        time.sleep(delay)
-                    elif stop.wait(delay):
-                        raise DownloadStopped(f"{ref_text}: download stopped (the merge ended).") from None
-                    delay = min(RETRY_MAX, delay * 2)
-                    continue
-                raise _gave_up(ref_text, exc) from None
-            mapped = _hub_errors(ref_text, exc)
-            if mapped is None:
-                raise
-            raise mapped from None
-    raise AssertionError("unreachable")  # pragma: no cover
+            if not transient(exc):
+                mapped = hub_error(ref_text, exc)
+                if mapped is None:
+                    raise
+                raise mapped from None
+            if recover is not None:
+                got = recover(exc)
+                if got is not None:
+                    return got
+            reset = rate_limit_reset(exc)
+            if reset is not None:
+                if reset > rate_limit_max_wait():
+                    raise _rate_limited(ref_text, exc, reset, published) from None
+                if RATE_LIMIT.close_for(reset, ref_text, failed_request(exc)):
+                    failures += 1  # bounded: a limit that never resets ends like any other failure
+                if failures > RETRIES:
+                    raise gave_up(ref_text, exc, published=published) from None
+                continue
+            failures += 1
+            if failures > RETRIES:
+                raise gave_up(ref_text, exc, published=published) from None
+            log.warning("warning: %s: %s%s; retrying in %.1f s (%d/%d)", ref_text, doing, failed_request(exc),
+                        delay, failures, RETRIES)
+            if stop is None:
+                time.sleep(delay)
+            elif stop.wait(delay):
+                raise DownloadStopped(f"{ref_text}: download stopped (the merge ended).") from None
+            delay = min(RETRY_MAX, delay * 2)
 
 
-def _gave_up(ref_text: str, exc: BaseException, *, published: bool = False) -> HubUnavailableError:
+#: environment variable: the longest rate-limit reset (seconds) worth waiting for; a later one fails at once
+RATE_LIMIT_WAIT_ENV = "HF_METAGPT_RATE_LIMIT_MAX_WAIT"
+
+
+#: the Hub's rate-limit windows last 5 minutes: a reset is never further away than that, plus a margin
+RATE_LIMIT_MAX_WAIT = 330.0
+
+
+def rate_limit_max_wait() -> float:
+    try:
+        return max(0.0, float(os.environ.get(RATE_LIMIT_WAIT_ENV) or RATE_LIMIT_MAX_WAIT))
+    except ValueError:
+        return RATE_LIMIT_MAX_WAIT
+
+
+def rate_limit_reset(exc: BaseException) -> float | None:
+    """Seconds until the Hub's rate limit resets, for a 429 that says (`RateLimit` t=, else `Retry-After`); else None."""
+    cause = _http_cause(exc)
+    response = getattr(cause, "response", None)
+    if response is None or getattr(response, "status_code", None) != 429:
+        return None
+    from huggingface_hub.utils import parse_ratelimit_headers
+
+    info = parse_ratelimit_headers(response.headers)
+    if info is not None and info.remaining == 0:
+        return float(info.reset_in_seconds)
+    retry_after = response.headers.get("Retry-After")
+    try:
+        return float(retry_after) if retry_after is not None else None
+    except ValueError:
+        return None
+
+
+class RateLimitGate:
+    """When the Hub's rate limit reopens: every call waits for it before its next request.
+
+    A 429 closes the gate until the reset it announces (plus one second, as huggingface_hub
+    does); the threads that meet the same limit wait for the same moment, and the message is
+    logged once per closing, not once per thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._until = 0.0
+
+    def close_for(self, reset: float, ref_text: str, request: str) -> bool:
+        """Close the gate `reset` s from now; True when this extended it (a new closing, logged)."""
+        now = time.monotonic()
+        until = now + reset + 1.0
+        with self._lock:
+            if self._until > now and until <= self._until + 1.0:
+                return False  # the same closing, met by another thread
+            self._until = until
+        log.warning("warning: %s: rate-limited by the Hub (%s); waiting %.0f s for the announced reset "
+                    "(RateLimit t=%.0f), then continuing", ref_text, request, reset + 1.0, reset)
+        return True
+
+    def wait(self, stop: threading.Event | None, ref_text: str) -> None:
+        with self._lock:
+            left = self._until - time.monotonic()
+        if left <= 0:
+            return
+        if stop is None:
+            time.sleep(left)
+        elif stop.wait(left):
+            raise DownloadStopped(f"{ref_text}: download stopped (the merge ended).") from None
+
+
+RATE_LIMIT = RateLimitGate()
+
+
+def _rate_limited(ref_text: str, exc: BaseException, reset: float, published: bool) -> HubUnavailableError:
+    hint = (f"Retry in {reset / 60:.0f} min" if reset >= 120 else f"Retry in {reset:.0f} s")
+    hint += ("; nothing was published" if not published else "")
+    hint += (f". Waits up to {rate_limit_max_wait():.0f} s are taken automatically ({RATE_LIMIT_WAIT_ENV}); "
+             "logging in (HF_TOKEN or `hf auth login`) gives higher limits.")
+    return HubUnavailableError(f"{ref_text}: rate-limited by the Hub ({failed_request(exc)}); its limit resets "
+                               f"in {reset:.0f} s.", hint=hint)
+
+
+def gave_up(ref_text: str, exc: BaseException, *, published: bool = False) -> HubUnavailableError:
     hint = "The Hub or the network is having trouble. Retry the same command later"
     hint += ("; nothing was published (a push is one commit)" if not published else "")
     hint += "; files already downloaded stay in the Hub cache and are not fetched again."
-    if "GET" in _failed_request(exc) and "/" in ref_text:
+    if "GET" in failed_request(exc) and "/" in ref_text:
         from .refs import local_folder_hint
 
         # `org/name` is also how a relative folder is written: a mistyped path lands here.
         hint += local_folder_hint(ref_text) or (f" If {ref_text.split('@')[0]!r} was meant as a local "
                                                 "folder: no such folder exists here.")
     return HubUnavailableError(f"{ref_text}: the Hub kept failing after {RETRIES + 1} attempts "
-                               f"({_failed_request(exc)}).", hint=hint)
+                               f"({failed_request(exc)}).", hint=hint)
 
 
-def _tok(token: str | None) -> str | None:
+def tok(token: str | None) -> str | None:
     return token  # None: huggingface_hub's own sources (HF_TOKEN, the stored login)
+
+
+# The names other modules imported before this module's API was public; kept so that branches
+# written against them still import. New code uses the public names.
+_call, _call_until, _api, _tok = call, call_until, api, tok

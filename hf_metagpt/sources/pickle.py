@@ -30,7 +30,7 @@ from typing import Any, Iterable
 
 from ..errors import InputError
 from ..safetensors_io import TORCH_TO_ST, TensorMeta, build_header, disk_full_is_clear, dtype_itemsize, read_header
-from .hub_calls import _api, _call
+from .hub_calls import api as hub_api, call
 from .local import INDEX_FILE, SINGLE_FILE, has_safetensors, read_config, safe_relative
 from .model import ModelInfo
 from .refs import ModelRef
@@ -119,7 +119,7 @@ def remote_source(repo_id: str, sha: str, files: Iterable[str], model: str, toke
 
     files = set(files)
     if PICKLE_INDEX in files:
-        path = _call(model, hf_hub_download, repo_id, PICKLE_INDEX, revision=sha, token=token)
+        path = call(model, hf_hub_download, repo_id, PICKLE_INDEX, revision=sha, token=token)
         return _source_from_index(Path(path).read_text(), model, repo_id=repo_id, sha=sha)
     if PICKLE_SINGLE in files:
         return PickleSource(model=model, bin_files=(PICKLE_SINGLE,), index=None, repo_id=repo_id, sha=sha)
@@ -135,7 +135,7 @@ def find_conversion_pr(repo_id: str, names: Iterable[str] | None, token: str | N
     """
     wanted = set(names) if names is not None else None
     try:
-        api = _api(token)
+        api = hub_api(token)
         prs = api.list_repo_refs(repo_id, include_pull_requests=True).pull_requests or []
         # Newest first: a later conversion supersedes an older one.
         for pr in sorted(prs, key=lambda r: int(r.ref.rsplit("/", 1)[-1]), reverse=True):
@@ -313,7 +313,7 @@ def ensure_converted(src: PickleSource, bin_file: str, out_dir: Path, token: str
         from huggingface_hub import hf_hub_download
 
         scratch = out_dir.parent / f".{out_dir.name}.{os.getpid()}-{threading.get_ident()}.download"
-        bin_path = Path(_call(src.model, hf_hub_download, src.repo_id, bin_file, revision=src.sha,
+        bin_path = Path(call(src.model, hf_hub_download, src.repo_id, bin_file, revision=src.sha,
                               local_dir=scratch, token=token))
     else:
         assert src.folder is not None

@@ -1,6 +1,7 @@
 """Model references: what the user typed, and where the weights really are.
 
-A reference is a local folder or a Hub ID (`org/name` or `org/name@revision`). Hub references are
+A reference is a local folder or a Hub ID (`org/name`, `org/name@revision`, or a canonical name
+without namespace such as `gpt2`). Hub references are
 pinned to a commit SHA by `hub.resolve` before anything is read, and every later read uses that
 SHA; `local_path` is filled once the needed files are on disk.
 """
@@ -13,9 +14,11 @@ from pathlib import Path
 
 from ..errors import InputError
 
-# Hub repo IDs: one namespace, one name, the characters the Hub allows (huggingface_hub's
-# validate_repo_id is stricter about lengths; it runs again when the ID reaches the client).
-_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<rev>.+))?$")
+# Hub repo IDs: `namespace/name`, or a canonical name without namespace (`gpt2`,
+# `bert-base-uncased`: the Hub answers them with a 307 to their current repo), in the characters the
+# Hub allows (huggingface_hub's validate_repo_id is stricter about lengths; it runs again when the
+# ID reaches the client).
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*(?:/[\w.\-]+)?)(?:@(?P<rev>.+))?$")
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,10 @@ def local_folder_hint(ref_text: str) -> str:
     """For a Hub ID that failed: ' No local folder X exists either (closest: Y).' when X's parent
     folder exists here, so the ID was likely meant as a local path; '' otherwise."""
     spec = ref_text.split("@", 1)[0]
+    if "/" not in spec:  # a canonical Hub name (`gpt2`) is spelled like a folder of the working directory
+        nearby = closest_folder(spec)
+        return (f" No local folder {spec!r} exists here either"
+                + (f"; the closest is {nearby!r}." if nearby else "."))
     parent = Path(spec).expanduser().parent
     if str(parent) in ("", ".") or not parent.is_dir():
         return ""

