@@ -368,7 +368,8 @@ def test_quiet_after_the_subcommand_silences_the_hub_header_bars(family, hub_use
     ids = _upload_family(HfApi(), hub_user, "quiet", folders)
     capsys.readouterr()
     assert main(["plan", "--base", ids[0], *ids[1:]]) == 0
-    assert "Parse safetensors files" in capsys.readouterr().err
+    # headers are read one retried call per shard (hub._remote_headers): no library bar for them at all
+    assert "Parse safetensors files" not in capsys.readouterr().err
     ids = _upload_family(HfApi(), hub_user, "quiet2", folders)  # fresh repos: headers read again
     assert main(["plan", "--base", ids[0], *ids[1:], "-q"]) == 0
     captured = capsys.readouterr()
