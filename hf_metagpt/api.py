@@ -28,7 +28,7 @@ from .methods import get_method
 from .methods.base import MergeMethod
 from ._logging import bars_off, honour_progress
 from ._platform import peak_rss_bytes
-from .options import MergeOptions, build_options, public_recipe
+from .options import MergeOptions, build_options, method_parameters, public_recipe
 from .result import MergeResult
 from .sources.local import load_local_info
 from .sources.model import ModelInfo
@@ -93,7 +93,7 @@ def plan(options: MergeOptions | None = None, **kwargs: Any) -> MergePlan:
         >>> print(hf_metagpt.plan(base="base/", models=["chat/", "math/"]).describe())
     """
     opts = _options(options, kwargs, for_merge=False)
-    method = get_method(opts.method, **opts.parameters)
+    method = get_method(opts.method, **method_parameters(opts))
     base, models = load_infos(opts)
     the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
     if any(info.provisional for info in the_plan.inputs):
@@ -158,7 +158,7 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
         >>> result.coefficients["model"]   # one λ per fine-tune (the paper's setting)
     """
     opts = _options(options, kwargs)
-    method = get_method(opts.method, **opts.parameters)
+    method = get_method(opts.method, **method_parameters(opts))
     # Launched as several processes (`accelerate launch`, `--num-processes`): each writes its share
     # of the shards, the main one prepares and publishes (see `distributed`). None: one process.
     world = connect(opts.device)

@@ -31,6 +31,9 @@ def _add_merge_args(p: argparse.ArgumentParser, *, for_plan: bool = False) -> No
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="output dtype (auto: the base's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device (auto: a GPU when present)")
     p.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB (default)")
+    p.add_argument("--arithmetic", choices=["auto", "mergekit", "own"],
+                   help="mergekit: mergekit 0.1.5's steps in the recipe's dtype, its bytes (auto: for a mergekit "
+                        "recipe); own: hf-metagpt's float64 sums (auto: for our recipes)")
     p.add_argument("--seed", type=int, help="seed for methods that draw random numbers (DARE)")
     p.add_argument("--strict", action="store_true", default=None,
                    help="refuse LoRA adapters trained on another base (base_model_name_or_path); default: warn")
@@ -90,7 +93,7 @@ def _options_from_args(args: argparse.Namespace, for_merge: bool = True):
     names = ["base", "output", "method", "granularity", "tokenizer_source", "dtype", "device",
              "max_shard_size", "seed", "token", "overwrite", "allow_nonfinite", "push_to", "private",
              "create_pr", "revision", "commit_message", "low_disk", "strict", "output_format", "lora_rank",
-             "allow_pickle"]
+             "allow_pickle", "arithmetic"]
     overrides = {n: getattr(args, n, None) for n in names}
     overrides["models"] = list(args.models) or None
     overrides["parameters"] = params

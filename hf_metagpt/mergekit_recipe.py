@@ -9,9 +9,9 @@ methods resolve them per tensor (`methods/settings.py`).
 
 What differs, by design:
 
-- mergekit computes in its `dtype`; we compute in float32 and write `out_dtype` (else `dtype`).
-  With `dtype: float32`, linear and task_arithmetic take mergekit's float32 steps
-  (`mergekit_order`) instead of our float64 fused sums, so their outputs are mergekit's bits.
+- mergekit computes in its `dtype` and writes `out_dtype` (else `dtype`). Its methods here take
+  mergekit's steps in that dtype (`mergekit_order`, `methods/mergekit_order.py`), so their outputs
+  are mergekit's bits; `--arithmetic own` merges with our float64/float32 sums instead.
 - `slices`/`passthrough` (layer stacking), `tokenizer_source: union` and methods we don't
   implement are refused with a message; unknown keys are errors naming their line.
 - `metagpt` (and `metagpt_ties`, `metagpt_dare`) are our extension, with `granularity` as a
@@ -178,10 +178,11 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
                              hint=f"mergekit's {method} needs a weight for every model (it stops with 'Missing required "
                                   "parameter weight'): add `weight:` under its `parameters:`, or one in the top-level `parameters:`.")
     params = _method_parameters(method, accepted, globals_, entries, tunes)
-    if method in _FLOAT32_ORDER and "dtype" in top and r.value(top["dtype"][1]) == "float32":
-        # mergekit computes in its `dtype`: with float32 its sums round at every step, where our
-        # fused kernels accumulate in float64. Take its steps, so float32 outputs are its bits too.
-        params["mergekit_order"] = True
+    if method in MERGEKIT_ORDER:
+        # mergekit computes in its `dtype` (else in the inputs' dtype), rounding at every step where
+        # our kernels accumulate in float64: take its steps, so the outputs are its bits
+        # (`methods/mergekit_order.py`; `--arithmetic own` for ours).
+        params["mergekit_order"] = _compute_dtype(r, top)
     if params:
         out["parameters"] = params
     if dtype := _dtype(r, top):
@@ -297,8 +298,19 @@ def _dtype(r: "_Reader", top: dict) -> str | None:
     return dtype
 
 
-#: methods our fused kernels would sum more exactly than mergekit's float32 steps
-_FLOAT32_ORDER = ("linear", "task_arithmetic")
+#: methods with mergekit's arithmetic (`methods/mergekit_order.py`)
+from .methods.mergekit_order import METHODS as MERGEKIT_ORDER  # noqa: E402
+
+
+def _compute_dtype(r: "_Reader", top: dict) -> str:
+    """What mergekit computes in: `dtype` (not `out_dtype`, which it only writes), else the inputs' dtype."""
+    if "dtype" not in top:
+        return "auto"
+    node = top["dtype"][1]
+    name = r.value(node)
+    if name not in _DTYPES:
+        raise r.fail(node, f"dtype {name!r} is not supported", hint="Use bfloat16, float16 or float32.")
+    return _DTYPES[name]
 
 
 def _chain(own: Any, fallback: Any) -> Any:
@@ -655,7 +667,8 @@ def to_mergekit(method: str, params: dict[str, Any], base: str, models: list[str
     """The mergekit recipe of a merge (`method.params()` and pinned references), or None when
     mergekit cannot express it (MetaGPT's λ, TIES's frequency sign election).
 
-    `dtype: float32` because that is where our results equal mergekit's; `out_dtype` is what we wrote.
+    `dtype`: the dtype the merge computed in with mergekit's arithmetic (none for the inputs' own),
+    float32 for ours (where mergekit's results come closest to our float64 sums); `out_dtype` is what we wrote.
     """
     if method == "dare":
         method = "dare_linear"
@@ -691,7 +704,10 @@ def to_mergekit(method: str, params: dict[str, Any], base: str, models: list[str
     doc["models"] = entries
     if top:
         doc["parameters"] = top
-    doc["dtype"] = "float32"
+    order = params.get("mergekit_order")
+    if order != "auto":  # "auto": mergekit computes in the inputs' dtype, as the merge did
+        # float32 for our own arithmetic: where mergekit's results are closest to our float64 sums
+        doc["dtype"] = order if isinstance(order, str) else "float32"
     if out_dtype:
         doc["out_dtype"] = _OUT_DTYPES.get(out_dtype, out_dtype)
     return yaml.safe_dump(doc, sort_keys=False)

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 GRANULARITIES = ("model", "layer", "tensor")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+#: auto: mergekit's arithmetic for a mergekit recipe, ours otherwise; mergekit; own (float64 sums)
+ARITHMETICS = ("auto", "mergekit", "own")
 DEVICES = ("auto", "cpu", "cuda")
 OUTPUT_FORMATS = ("model", "lora")
 
@@ -80,6 +82,9 @@ class MergeOptions:
     low_disk: bool = False
     #: merge inputs that have only pickle weights (pytorch_model*.bin), converted with torch's weights-only loader
     allow_pickle: bool = False
+    #: "mergekit": mergekit 0.1.5's steps in the compute dtype (its bytes; what a mergekit recipe gets
+    #: with "auto"), "own": hf-metagpt's float64 sums; see `method_parameters`
+    arithmetic: str = "auto"
 
     def __post_init__(self) -> None:
         _normalise_paths(self)
@@ -113,7 +118,7 @@ class MergeOptions:
                               hint="Pass --output DIR (output=... in Python, `output:` in a recipe), "
                                    "or --push-to ORG/NAME (push_to=...).")
         for name, allowed in (("granularity", GRANULARITIES), ("dtype", DTYPES), ("device", DEVICES),
-                              ("output_format", OUTPUT_FORMATS)):
+                              ("output_format", OUTPUT_FORMATS), ("arithmetic", ARITHMETICS)):
             if getattr(self, name) not in allowed:
                 raise RecipeError(
                     f"Invalid {name} {getattr(self, name)!r}.", hint=f"Use one of: {', '.join(allowed)}."
@@ -143,6 +148,22 @@ class MergeOptions:
                 continue
             out[f.name] = value
         return out
+
+
+def method_parameters(opts: MergeOptions) -> dict[str, Any]:
+    """The method's parameters with `arithmetic` applied: "own" drops a mergekit recipe's
+    `mergekit_order`; "mergekit" sets it (the recipe's dtype, else the inputs') where the method has it."""
+    params = dict(opts.parameters)
+    if opts.arithmetic == "own":
+        params.pop("mergekit_order", None)
+    elif opts.arithmetic == "mergekit" and not params.get("mergekit_order"):
+        from .methods.mergekit_order import METHODS
+
+        if opts.method not in METHODS:
+            raise RecipeError(f"arithmetic mergekit: mergekit has no method {opts.method!r}.",
+                              hint=f"mergekit's arithmetic applies to {', '.join(METHODS)}; use --arithmetic own.")
+        params["mergekit_order"] = opts.dtype if opts.dtype != "auto" else "auto"
+    return params
 
 
 def _normalise_paths(opts: MergeOptions) -> None:

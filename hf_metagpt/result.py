@@ -58,7 +58,7 @@ class MergeResult:
     recipe: str = ""
     pushed_url: str | None = None
     #: what weighted sums and norms were accumulated in ("float64" on the fused paths; the engine
-    #: sets "float32" for TIES/DARE/LoRA paths); the card words its precision sentence from it
+    #: sets "float32" for TIES/DARE/LoRA paths, "mergekit bfloat16" for mergekit's arithmetic); the card words its precision sentence from it
     precision: str = "float64"
     #: τi·τj per tensor (float64), when the engine measured them beside the norms
     geometry: "Geometry | None" = None
@@ -164,6 +164,9 @@ class MergeResult:
             f"wrote {s.bytes_written / 1e9:.3f} GB, peak memory {self.peak_rss / 1e9:.2f} GB"
             + (f", {s.shards_reused} shard(s) reused" if s.shards_reused else "")
         )
+        if self.precision.startswith("mergekit "):
+            lines.append(f"Arithmetic: mergekit's, in {self.precision.split(' ', 1)[1]} "
+                         "(--arithmetic own: hf-metagpt's float64 sums)")
         if self.pushed_url:
             lines.append(f"Pushed: {self.pushed_url}")
         return "\n".join(lines)

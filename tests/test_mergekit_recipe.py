@@ -62,8 +62,9 @@ def test_a_full_recipe_becomes_our_options():
             "lambda": 0.9,
             "density": 1.0,  # mergekit's default density, not our TIES default
             "per_model": [{"density": [0.2, 0.8]}, {"density": 0.5}],
+            "mergekit_order": "float32",  # mergekit computes in `dtype`: its steps in float32
         },
-        "dtype": "bfloat16",  # out_dtype wins (we compute in float32 whatever dtype says)
+        "dtype": "bfloat16",  # out_dtype wins: what is written
         "tokenizer_source": "org/a",
     }
     opts = build_options(None, **values, output="out")
@@ -83,7 +84,7 @@ def test_linear_slerp_and_metagpt_recipes():
     """))
     # linear averages every listed model; without base_model the first is θ0 (and an input too)
     assert lin == {"method": "linear", "base": "m/one", "models": ["m/one", "m/two"],
-                   "parameters": {"weights": [2, 1], "normalize": False}}
+                   "parameters": {"weights": [2, 1], "normalize": False, "mergekit_order": "auto"}}
     sl = parse_mergekit(yml("""
         merge_method: slerp
         base_model: m/base
@@ -93,7 +94,9 @@ def test_linear_slerp_and_metagpt_recipes():
         parameters:
           t: [0, 0.5, 1]
     """))
-    assert sl == {"method": "slerp", "base": "m/base", "models": ["m/other"], "parameters": {"t": [0, 0.5, 1]}}
+    assert sl == {"method": "slerp", "base": "m/base", "models": ["m/other"],
+                  "parameters": {"t": [0, 0.5, 1], "mergekit_order": "auto"}}  # no dtype: the inputs'
+
     mg = parse_mergekit(yml("""
         merge_method: metagpt
         base_model: m/base
@@ -194,7 +197,8 @@ def test_cli_runs_a_mergekit_slerp_recipe_with_t_per_layer_and_filter(family, tm
     mk_text = card.split("The same merge as a mergekit recipe")[1].split("```yaml\n")[1].split("```")[0]
     again = parse_mergekit(mk_text)
     assert again == {"method": "slerp", "base": base.name, "models": [ft.name], "dtype": "bfloat16",
-                     "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.3}]}}
+                     "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.3}],
+                                    "mergekit_order": "bfloat16"}}
 
 
 def test_mergekit_task_arithmetic_with_weight_gradients_takes_the_fused_path(family, tmp_path):
@@ -218,13 +222,14 @@ def test_mergekit_task_arithmetic_with_weight_gradients_takes_the_fused_path(fam
           lambda: 0.8
     """))
     out = tmp_path / "out"
-    hf_metagpt.merge(recipe=str(recipe), output=str(out), device="cpu")
+    result = hf_metagpt.merge(recipe=str(recipe), output=str(out), device="cpu", arithmetic="own")
+    assert result.precision == "float64"  # --arithmetic own: the fused float64 kernel, not mergekit's steps
     card = (out / "README.md").read_text()
     mk_text = card.split("The same merge as a mergekit recipe")[1].split("```yaml\n")[1].split("```")[0]
-    # (the card's mergekit recipe says `dtype: float32`, so read back it takes mergekit's float32 steps)
+    # (our own float64 sums: the card's mergekit recipe says `dtype: float32`, the closest mergekit comes)
     assert parse_mergekit(mk_text)["parameters"] == {
         "weights": [[1, 0], [{"filter": "mlp", "value": 2}, {"value": 0.5}]], "lambda": 0.8, "normalize": False,
-        "mergekit_order": True}
+        "mergekit_order": "float32"}
     b, f1, f2, actual = load_state(base), load_state(fts[0]), load_state(fts[1]), load_state(out)
     for name, v0 in b.items():
         x = layer_x(name)
@@ -282,7 +287,7 @@ def test_mergekit_float32_recipes_take_mergekit_steps_bit_for_bit(tmp_path, meth
 {entries}
 {extra}        dtype: float32
     """))
-    assert parse_mergekit(recipe.read_text())["parameters"]["mergekit_order"] is True
+    assert parse_mergekit(recipe.read_text())["parameters"]["mergekit_order"] == "float32"
     out = tmp_path / "out"
     hf_metagpt.merge(recipe=str(recipe), output=str(out), device="cpu")
     b, states, actual = load_state(base), [load_state(f) for f in fts], load_state(out)

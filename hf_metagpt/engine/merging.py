@@ -31,6 +31,7 @@ import torch
 
 from ..errors import NonFiniteError, OutputError
 from ..insight.gram import mixed_gram, task_gram
+from ..methods import mergekit_order
 from ..methods.base import MergeMethod, TensorContext
 from ..safetensors_io import ST_TO_TORCH
 from . import kernels
@@ -406,6 +407,10 @@ class MethodKernel(MergeKernel):
         # A method that rewrites task vectors (DARE, TIES) needs the norms of the rewritten ones,
         # so exact adapter norms apply only when it leaves them as they are.
         self.transforms = transforms(ctx.method)
+        order = getattr(ctx.method, "mergekit_order", False)
+        if order:
+            # said on the card and in the summary: "mergekit bfloat16" (auto: the inputs' dtype)
+            self.precision = f"mergekit {order}"
 
     def task_vectors(self, tp: TensorPlan, raws: Raws) -> tuple[torch.Tensor, list[torch.Tensor]]:
         ctx = self.ctx
@@ -449,8 +454,16 @@ class MethodKernel(MergeKernel):
         return self.ctx.run(lambda tp: self.merge_tensor(tp, raws, coefs), list(tensors))
 
     def merge_models(self, tp: TensorPlan, raws: Raws) -> torch.Tensor:
-        """A method that combines the fine-tunes themselves (mergekit's float32 linear)."""
-        merged = self.ctx.method.combine_models(_models_f32(self, tp, raws), self.ctx.tensor_context(tp)).to(ST_TO_TORCH[tp.out_dtype])
+        """mergekit's arithmetic (`methods/mergekit_order.py`): base and models cast to the method's
+        compute dtype, as mergekit casts what it loads, and merged step by step in it."""
+        ctx = self.ctx
+        stored = [r[tp.name].dtype for r in raws if r is not None and tp.name in r]
+        dtype = mergekit_order.compute_dtype(ctx.method, stored)
+        base = _f32(raws[0][tp.name], tp.shared_rows, ctx.device)
+        self.check_finite(base, ctx.plan.base.name, tp.name)
+        models = [t.to(dtype) for t in _models_f32(self, tp, raws, base)]
+        merged = mergekit_order.merge(ctx.method, base.to(dtype), models, ctx.tensor_context(tp))
+        merged = merged.to(ST_TO_TORCH[tp.out_dtype])
         self.check_output(tp, merged, raws, tp.shared_rows)
         return self.with_extra_rows(tp, merged, raws)
 
@@ -461,7 +474,7 @@ class MethodKernel(MergeKernel):
             # pooled read buffer, and the write happens later on the writer thread).
             return raws[0][tp.name].clone()
         ctx = self.ctx
-        if ctx.method.wants_models:
+        if getattr(ctx.method, "mergekit_order", False):
             return self.merge_models(tp, raws)
         base, taus = self.task_vectors(tp, raws)
         if ctx.method.uses_group_norms and coefs.pending(tp.norm_group):
@@ -471,17 +484,14 @@ class MethodKernel(MergeKernel):
         return self.with_extra_rows(tp, merged, raws)
 
 
-def _models_f32(kernel: "MethodKernel", tp: TensorPlan, raws: Raws) -> list[torch.Tensor]:
-    """Every fine-tune's θt of `tp` in float32 (a LoRA adapter's as θ0 + Δ), each checked."""
+def _models_f32(kernel: "MethodKernel", tp: TensorPlan, raws: Raws, base: torch.Tensor) -> list[torch.Tensor]:
+    """Every fine-tune's θt of `tp` in float32 (a LoRA adapter's as θ0 + Δ, `base` in float32), each checked."""
     ctx = kernel.ctx
-    base = None
     out = []
     for src, raw in zip(ctx.sources, raws[1:]):
         if src.pooled:
             t = _f32(raw[tp.name], tp.shared_rows, ctx.device)
         else:
-            if base is None:
-                base = _f32(raws[0][tp.name], tp.shared_rows, ctx.device)
             t = src.task_vector(tp, raw, base).add_(base)
         kernel.check_finite(t, src.info.name, tp.name)
         out.append(t)

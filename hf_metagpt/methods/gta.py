@@ -29,6 +29,7 @@ from ..errors import MergeError
 from . import sparsify
 from .base import MergeMethod, TensorContext
 from .common import LAMBDA_ALIASES, SIGN_METHODS, ParamsMixin, check_density, check_real
+from .mergekit_order import parse_order
 from .settings import describe, first_set, parse_setting, per_model_list
 
 #: The TIES paper keeps the top 20% (k = 20) in its main experiments.
@@ -107,8 +108,12 @@ class TaskArithmeticFamily(ParamsMixin, MergeMethod):
     normalize: bool | None = None
     per_model: list[dict[str, Any]] | None = None
     int8_mask: bool = False  # mergekit's mask storage switch: no effect on the values
+    #: compute as mergekit does in this dtype (`mergekit_order.py`; set by mergekit recipes) instead of
+    #: our float32/float64 sums: False, "auto" or a dtype name (True: float32)
+    mergekit_order: Any = False
 
     def __post_init__(self) -> None:
+        self.mergekit_order = parse_order(self.name, self.mergekit_order) or False
         self.weights = per_model_list(self.name, "weights", self.weights, lambda m, v: check_real(m, "weights", v))
         self.lambda_ = parse_setting(self.name, "lambda_", self.lambda_, lambda m, v: check_real(m, "lambda", v))
         self.normalize = self.default_normalize if self.normalize is None else _bool("normalize")(self.name, self.normalize)
@@ -202,6 +207,8 @@ class TaskArithmeticFamily(ParamsMixin, MergeMethod):
                                "lambda_": describe(self.lambda_), "normalize": self.normalize}
         if self.per_model is not None:
             out["per_model"] = [{k: describe(v) for k, v in p.items()} for p in self.per_model]
+        if self.mergekit_order:
+            out["mergekit_order"] = self.mergekit_order
         return out
 
 
@@ -215,23 +222,10 @@ class TaskArithmetic(TaskArithmeticFamily):
     """Task arithmetic (Ilharco et al., ICLR 2023): θ0 + λ Σt wt τt (÷ Σ wt with normalize)."""
 
     name: ClassVar[str] = "task_arithmetic"
-    #: compute as mergekit does with `dtype: float32`: `combine`'s float32 steps in mergekit's order
-    #: instead of the fused float64 kernel (set by mergekit recipes; our results are then its bits)
-    mergekit_order: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _bool("mergekit_order")(self.name, self.mergekit_order)
-
-    def params(self) -> dict[str, Any]:
-        out = super().params()
-        if self.mergekit_order:
-            out["mergekit_order"] = True
-        return out
 
     def model_weights(self, coeffs: Sequence[float], ctx: TensorContext | None = None) -> tuple[float, list[float]] | None:
         if self.mergekit_order:
-            return None  # the method path: τ and `combine` in float32, step by step as mergekit
+            return None  # the method path: mergekit's steps in its dtype (`mergekit_order.py`)
         # θ0 + Σ ct (θt − θ0) = (1 − Σ ct)·θ0 + Σ ct·θt, with this tensor's ct.
         w = self.tensor_weights(len(coeffs), ctx)
         lam = self.tensor_lambda(ctx)

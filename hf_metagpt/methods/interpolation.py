@@ -22,6 +22,7 @@ import torch
 from ..errors import MergeError
 from .base import MergeMethod, TensorContext
 from .common import ParamsMixin, check_real
+from .mergekit_order import parse_order
 from .settings import describe, first_set, parse_setting
 from .sparsify import host, single_threaded
 
@@ -37,6 +38,13 @@ def _fraction(name: str, lo: float = 0.0, hi: float = 1.0):
             raise MergeError(f"Method {method!r}: {name} must be in [{lo:g}, {hi:g}], got {value!r}.")
         return v
     return check
+
+
+def _with_order(method: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with the method's `mergekit_order` when it is set (so a rerun computes the same way)."""
+    if method.mergekit_order:
+        params["mergekit_order"] = method.mergekit_order
+    return params
 
 
 def _need(method: str, n_models: int, low: int, high: int | None, what: str) -> None:
@@ -81,9 +89,12 @@ class Slerp(ParamsMixin, MergeMethod):
     name: ClassVar[str] = "slerp"
 
     t: Any = 0.5
+    #: compute as mergekit does in this dtype (`mergekit_order.py`; set by mergekit recipes)
+    mergekit_order: Any = False
 
     def __post_init__(self) -> None:
         self.t = parse_setting(self.name, "t", self.t, _fraction("t"))
+        self.mergekit_order = parse_order(self.name, self.mergekit_order) or False
 
     def tensor_t(self, ctx: TensorContext | None = None) -> float:
         value = first_set(ctx, self.t)
@@ -102,7 +113,7 @@ class Slerp(ParamsMixin, MergeMethod):
         return slerp(self.tensor_t(ctx), base, base + tau)
 
     def params(self) -> dict[str, Any]:
-        return {"t": describe(self.t)}
+        return _with_order(self, {"t": describe(self.t)})
 
 
 @dataclass
@@ -116,10 +127,13 @@ class ModelStock(ParamsMixin, MergeMethod):
     name: ClassVar[str] = "model_stock"
 
     filter_wise: bool = False
+    #: compute as mergekit does in this dtype (`mergekit_order.py`; set by mergekit recipes)
+    mergekit_order: Any = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.filter_wise, bool):
             raise MergeError(f"Method 'model_stock': filter_wise must be true or false, got {self.filter_wise!r}.")
+        self.mergekit_order = parse_order(self.name, self.mergekit_order) or False
 
     def coefficients(self, sq_norms: Sequence[float] | None, n_models: int) -> list[float]:
         _need(self.name, n_models, 2, None, "the base with two or more fine-tunes")
@@ -156,7 +170,7 @@ class ModelStock(ParamsMixin, MergeMethod):
         return (t * average + (1 - t) * w0).reshape(shape)
 
     def params(self) -> dict[str, Any]:
-        return {"filter_wise": self.filter_wise}
+        return _with_order(self, {"filter_wise": self.filter_wise})
 
 
 def sce_select_mask(taus: list[torch.Tensor], select_topk: float) -> torch.Tensor | None:
@@ -198,9 +212,12 @@ class SCE(ParamsMixin, MergeMethod):
 
     select_topk: Any = 1.0
     int8_mask: bool = False  # mergekit's mask storage switch: no effect on the values
+    #: compute as mergekit does in this dtype (`mergekit_order.py`; set by mergekit recipes)
+    mergekit_order: Any = False
 
     def __post_init__(self) -> None:
         self.select_topk = parse_setting(self.name, "select_topk", self.select_topk, _fraction("select_topk"))
+        self.mergekit_order = parse_order(self.name, self.mergekit_order) or False
 
     def coefficients(self, sq_norms: Sequence[float] | None, n_models: int) -> list[float]:
         return [1.0 / n_models] * n_models
@@ -229,7 +246,7 @@ class SCE(ParamsMixin, MergeMethod):
         return base.add_(merged.div_(weight_sum.clamp_(min=1e-6)))
 
     def params(self) -> dict[str, Any]:
-        return {"select_topk": describe(self.select_topk)}
+        return _with_order(self, {"select_topk": describe(self.select_topk)})
 
 
 __all__ = ["SCE", "ModelStock", "Slerp", "slerp", "sce_select_mask", "sce_weights"]

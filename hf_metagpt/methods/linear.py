@@ -10,6 +10,7 @@ import torch
 from ..errors import MergeError
 from .base import MergeMethod, TensorContext, weighted_sum
 from .common import ParamsMixin, check_real
+from .mergekit_order import parse_order
 from .settings import describe, first_set, per_model_list
 
 
@@ -26,20 +27,15 @@ class Linear(ParamsMixin, MergeMethod):
 
     weights: list[Any] | None = None
     normalize: bool = True
-    #: compute as mergekit does with `dtype: float32` — Σ wt·θt summed in float32 over the stacked
-    #: models, then ÷ Σ wt — instead of our float64 accumulation (set by mergekit recipes; see gta.py)
-    mergekit_order: bool = False
+    #: compute as mergekit does (`mergekit_order.py`: float32 steps in its order, whatever its dtype)
+    #: instead of our float64 accumulation: False, "auto" or a dtype name (set by mergekit recipes)
+    mergekit_order: Any = False
 
     def __post_init__(self) -> None:
         self.weights = per_model_list(self.name, "weights", self.weights, lambda m, v: check_real(m, "weights", v))
-        for flag in ("normalize", "mergekit_order"):
-            if not isinstance(getattr(self, flag), bool):
-                raise MergeError(f"Method 'linear': {flag} must be true or false, got {getattr(self, flag)!r}.")
-
-    @property
-    def wants_models(self) -> bool:
-        """The engine hands `combine_models` the fine-tunes themselves (θt in float32, not τt)."""
-        return self.mergekit_order
+        if not isinstance(self.normalize, bool):
+            raise MergeError(f"Method 'linear': normalize must be true or false, got {self.normalize!r}.")
+        self.mergekit_order = parse_order(self.name, self.mergekit_order) or False
 
     def tensor_coefficients(self, n_models: int, ctx: TensorContext | None = None) -> list[float]:
         """wt (÷ Σ wt with normalize) of this tensor."""
@@ -74,25 +70,9 @@ class Linear(ParamsMixin, MergeMethod):
             base = base.mul_(float(sum(coeffs)))
         return weighted_sum(base, taus, coeffs)
 
-    def combine_models(self, models: list[torch.Tensor], ctx: TensorContext | None = None) -> torch.Tensor:
-        """mergekit's float32 steps: w1·θ1, then each + wt·θt as one fused multiply-add, then ÷ Σ wt.
-
-        This order was measured against mergekit 0.1.5 (`dtype: float32`): it reproduced all 164,416
-        elements of bench/mergekit_agreement.py's linear merge bit for bit, where a stacked sum, a
-        plain sequential sum or any other order of the terms differed in 1–2 % of the elements.
-        """
-        w = [float(first_set(ctx, x, default=1.0)) for x in self.weights] if self.weights is not None \
-            else [1.0] * len(models)
-        res = models[0] * w[0]
-        for t, x in zip(models[1:], w[1:]):
-            res = res.add(t, alpha=x)
-        if self.normalize:
-            res = res / torch.tensor(w, dtype=res.dtype).sum()
-        return res
-
     def model_weights(self, coeffs: Sequence[float], ctx: TensorContext | None = None) -> tuple[float, list[float]] | None:
         if self.mergekit_order:
-            return None  # the method path: `combine_models`, step by step in float32
+            return None  # the method path: mergekit's float32 steps (`mergekit_order.linear`)
         # Σ wt θt either way (normalized weights sum to 1): the base weighs exactly 0, not the
         # rounding residue of 1 − Σ wt, which would leak θ0 into parameters that cancel to 0.
         w = self.tensor_coefficients(len(coeffs), ctx) if ctx is not None else [float(c) for c in coeffs]
@@ -102,5 +82,5 @@ class Linear(ParamsMixin, MergeMethod):
         out = {"weights": None if self.weights is None else [describe(w) for w in self.weights],
                "normalize": self.normalize}
         if self.mergekit_order:
-            out["mergekit_order"] = True
+            out["mergekit_order"] = self.mergekit_order
         return out

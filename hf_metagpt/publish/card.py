@@ -254,6 +254,10 @@ def _reproduce_section(result: "MergeResult", *, local: bool) -> list[str]:
 
 
 def _precision_text(precision: str) -> str:
+    if precision.startswith("mergekit "):
+        dtype = precision.split(" ", 1)[1].replace("auto", "the inputs' dtype")
+        return (f"merged with mergekit's arithmetic (mergekit 0.1.5's steps in {dtype}, in its order; "
+                "`--arithmetic own` merges with hf-metagpt's float64 sums instead)")
     if precision == "float64":
         return "merged in float32 or better (weighted sums and norms accumulated in float64)"
     return f"merged in {precision} (weighted sums and norms accumulated in {precision})"
