@@ -166,3 +166,28 @@ def test_ties_result_follows_the_pinned_trim():
     den = sum(agree)
     den[den == 0] = 1
     assert torch.equal(merged, base + num / den)
+
+
+@pytest.mark.parametrize("granularity, unit_mb", [("model", None), ("layer", "0.05"), ("tensor", None)])
+def test_gpu_kernel_code_gives_the_cpu_kernel_bytes(tiny_family, tmp_path, monkeypatch, granularity, unit_mb):
+    """`GpuFusedKernel` (one upload per piece, one read-back) run on the CPU device: the same bytes
+    and λ as `FusedKernel`, slabs and all. On a GPU the test above compares the devices."""
+    import hf_metagpt
+    from hf_metagpt.engine import merging
+
+    base, fts = tiny_family
+    if unit_mb:
+        monkeypatch.setenv("HF_METAGPT_UNIT_MB", unit_mb)
+    results = {}
+    for kind in ("cpu", "gpu-code"):
+        if kind == "gpu-code":
+            plain = merging.choose_kernel
+            monkeypatch.setattr(merging, "choose_kernel", lambda *a: (
+                merging.GpuFusedKernel if plain(*a) is merging.FusedKernel else plain(*a)))
+        out = tmp_path / kind
+        res = hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(out), granularity=granularity,
+                               device="cpu", progress=False)
+        results[kind] = ({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.safetensors"))},
+                         res.coefficients)
+    assert results["cpu"][0] and results["cpu"] == results["gpu-code"]
+    assert merging.build_kernel.__module__ == merging.__name__

@@ -7,7 +7,7 @@ writers of one merge process, and how many OpenMP threads torch may use on the c
   left after the reader (two on two cores, as measured best there), at most `MAX_COMPUTE`, and no
   more than free memory holds (`WORKER_BYTES` of float64 chunk buffers each);
 - GPU: one thread issues the kernels (the GPU is the parallel part) and torch's CPU threads are
-  bounded to `GPU_TORCH_THREADS`: left at the core count they spin in OpenMP barriers around every
+  bounded to `GPU_TORCH_THREADS` (1): left at the core count they spin in OpenMP barriers around every
   small host op (a 1.1B merge on 16 cores burnt 223 s of CPU in 29 s);
 - the method path (TIES, DARE, SLERP, ...: whole-tensor torch ops): one compute thread, torch's
   own threads for its ops.
@@ -31,7 +31,7 @@ MAX_COMPUTE = 32
 #: memory one compute worker needs besides the pooled pieces (its float64 chunk buffers), with margin
 WORKER_BYTES = 64 << 20
 #: torch's intra-op threads on the calling thread of a GPU run
-GPU_TORCH_THREADS = 2
+GPU_TORCH_THREADS = 1
 
 
 @dataclass(frozen=True)
