@@ -206,15 +206,16 @@ def check_folder(folder: Path) -> tuple[VerifyReport, dict[str, TensorMeta], dic
     return report, stored, config
 
 
-def _ulp_close(actual: torch.Tensor, expected: torch.Tensor, ulps: float = 1.0) -> torch.Tensor:
-    """Boolean mask of entries where `actual` is more than `ulps` ulp (of its dtype) from `expected`."""
+def _ulp_close(actual: torch.Tensor, expected: torch.Tensor, ulps: float = 1.0,
+               slack: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Boolean mask of entries where `actual` is more than `ulps` ulp (of its dtype) plus `slack` from `expected`."""
     dt = actual.dtype
     mant = _MANTISSA.get(dt, 23)
     tiny = torch.finfo(dt).smallest_normal * torch.finfo(dt).eps if dt in _MANTISSA else 0.0
     a, e = actual.double(), expected.double()
     mag = torch.maximum(a.abs(), e.abs())
     ulp = torch.where(mag > 0, 2.0 ** (torch.floor(torch.log2(mag.clamp_min(1e-300))) - mant), torch.zeros_like(mag))
-    return (a - e).abs() > ulps * ulp + tiny
+    return (a - e).abs() > ulps * ulp + tiny + slack
 
 
 def _read(info: ModelInfo, name: str) -> torch.Tensor:
@@ -230,7 +231,7 @@ def check_against(folder: Path, stored: dict[str, TensorMeta], inputs: Sequence[
     from ..methods.base import TensorContext
 
     problems = _Problems(folder)
-    method_name, granularity, groups, params, mseed = _read_coefficients(folder)
+    method_name, granularity, groups, params, mseed, precision = _read_coefficients(folder)
     refs = [parse_ref(x) for x in inputs]
     if any(r.is_hub for r in refs):
         raise MergeError("verify --against reads local folders only.",
@@ -268,13 +269,11 @@ def check_against(folder: Path, stored: dict[str, TensorMeta], inputs: Sequence[
         if entry is None:
             problems.add(f"tensor {name!r}: {COEFFICIENTS_FILE} has no λ for its group {group!r}")
             continue
-        base = cut(raws[0]).to(torch.float32)
-        taus = [cut(r).to(torch.float32) - base for r in raws[1:]]
-        taus = [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in taus]  # as --allow-nonfinite
         ctx = TensorContext.of(name, mseed, infos[0].config.get("num_hidden_layers"))
-        taus = method.transform(taus, ctx)
-        expected = method.combine(base, taus, [float(x) for x in entry["lambdas"]], ctx).to(out.dtype)
-        bad = _ulp_close(cut(out), expected)
+        expected, slack = _recompute(method, [cut(r) for r in raws], [float(x) for x in entry["lambdas"]], ctx,
+                                     precision)
+        expected = expected.to(out.dtype)
+        bad = _ulp_close(cut(out), expected, slack=slack)
         if bool(bad.any()):
             diff = (cut(out).double() - expected.double()).abs().max().item()
             problems.add(f"tensor {name!r} differs from its recomputation in {int(bad.sum())} element(s) "
@@ -287,13 +286,41 @@ def check_against(folder: Path, stored: dict[str, TensorMeta], inputs: Sequence[
     problems.raise_if_any(hint="The output does not match its inputs and coefficients; re-run the merge (with --overwrite).")
 
 
-def _read_coefficients(folder: Path) -> tuple[str, str, dict[str, Any], dict[str, Any], int | None]:
-    """(method, granularity, groups, parameters, seed) from the output's coefficients file."""
+def _recompute(method: Any, raws: list[torch.Tensor], lambdas: list[float], ctx: Any,
+               precision: str) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """The merged tensor the way the merge computed it, and how far that arithmetic may stray.
+
+    A weighted sum the merge accumulated in float64 (`precision`, from the coefficients file) is
+    recomputed in float64: exact to the output's rounding even where the task vectors cancel the
+    base. The method path (TIES, DARE, ...) runs in float32, as the merge does; its rounding is
+    bounded by the magnitudes summed, (T + 2)·eps32·(|θ0| + Σ|λt·τt|), which is far below any
+    real error (a wrong λ or tensor moves entries by a share of |τ|)."""
+    weights = method.model_weights(lambdas, ctx) if precision == "float64" else None
+    if weights is not None:
+        w0, ws = weights
+        acc = raws[0].to(torch.float64) * w0
+        for w, r in zip(ws, raws[1:]):
+            acc += r.to(torch.float64) * w
+        return acc, 0.0
+    base = raws[0].to(torch.float32)
+    taus = [r.to(torch.float32) - base for r in raws[1:]]
+    taus = [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in taus]  # as --allow-nonfinite
+    taus = method.transform(taus, ctx)
+    magnitude = base.abs().double()
+    for lam, tau in zip(lambdas, taus):
+        magnitude += abs(lam) * tau.abs().double()
+    slack = (len(taus) + 2) * torch.finfo(torch.float32).eps * magnitude
+    return method.combine(base, taus, lambdas, ctx), slack
+
+
+def _read_coefficients(folder: Path) -> tuple[str, str, dict[str, Any], dict[str, Any], int | None, str]:
+    """(method, granularity, groups, parameters, seed, precision) from the output's coefficients file."""
     try:
         coeffs = json.loads((folder / COEFFICIENTS_FILE).read_text())
         method_name, granularity = coeffs["method"], coeffs["granularity"]
         groups = {g: v for g, v in coeffs["groups"].items()}
-        return method_name, granularity, groups, coeffs.get("parameters") or {}, coeffs.get("seed")
+        return (method_name, granularity, groups, coeffs.get("parameters") or {}, coeffs.get("seed"),
+                str(coeffs.get("precision") or "float32"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise IntegrityError(f"{folder}: {COEFFICIENTS_FILE} is missing or damaged ({exc!r}); --against needs it.",
                              hint="Verify without --against, or re-run the merge.") from None

@@ -25,6 +25,7 @@ from .local import (
     INDEX_FILE,
     PICKLE_PATTERNS,
     SINGLE_FILE,
+    check_config,
     check_index,
     safe_relative,
     weight_files_from_index,
@@ -278,9 +279,10 @@ def _remote_config(remote: RemoteModel, token: str | None) -> dict:
         raise InputError(f"{name}: no config.json at {ref.sha}.", hint="Merging needs a transformers model repo.")
     config_path = call(name, hf_hub_download, ref.repo_id, "config.json", revision=ref.sha, token=tok(token))
     try:
-        return json.loads(Path(config_path).read_text())
-    except ValueError as exc:
+        config = json.loads(Path(config_path).read_text())
+    except (ValueError, RecursionError) as exc:
         raise InputError(f"{name}: config.json is not valid JSON ({exc}).") from None
+    return check_config(config, name)
 
 
 def _remote_pickle_info(remote: RemoteModel, token: str | None, pickles: list[str], allow_pickle: bool) -> ModelInfo:

@@ -29,9 +29,40 @@ def read_config(ref: ModelRef) -> dict:
         raise InputError(f"{ref.display}: no config.json in {ref.spec}.",
                          hint="Point at a transformers model folder (save_pretrained output).")
     try:
-        return json.loads(config_path.read_text())
-    except ValueError as exc:
+        config = json.loads(config_path.read_text())
+    except (ValueError, RecursionError) as exc:
         raise InputError(f"{ref.display}: config.json is not valid JSON ({exc}).") from None
+    return check_config(config, ref.display)
+
+
+#: config.json fields the plan compares or reads, which must be counts when present
+CONFIG_COUNTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "head_dim", "vocab_size")
+
+
+def check_config(config: Any, model: str) -> dict[str, Any]:
+    """A model's parsed config.json, when it is a JSON object whose fields the plan reads have their
+    types (a string where a count belongs would compare as different, or crash a check)."""
+    hint = "The model's config.json is damaged or hand-edited wrongly; fix it or re-download the model."
+    if not isinstance(config, dict):
+        raise InputError(f"{model}: config.json holds a {type(config).__name__}, not a JSON object.", hint=hint)
+    arch = config.get("architectures")
+    if arch is not None and (not isinstance(arch, list) or not all(isinstance(a, str) and a for a in arch)):
+        raise InputError(f"{model}: config.json field 'architectures' must be a list of class names "
+                         f"(e.g. [\"LlamaForCausalLM\"]), got {arch!r}.", hint=hint)
+    for key in ("model_type",):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise InputError(f"{model}: config.json field {key!r} must be text, got {config[key]!r}.", hint=hint)
+    for key in CONFIG_COUNTS:
+        v = config.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise InputError(f"{model}: config.json field {key!r} must be a whole number, got {v!r} "
+                             f"({type(v).__name__}).", hint=hint)
+    tie = config.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise InputError(f"{model}: config.json field 'tie_word_embeddings' must be true or false, got {tie!r}.",
+                         hint=hint)
+    return config
 
 
 def has_safetensors(folder: Path) -> bool:

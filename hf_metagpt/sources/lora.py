@@ -235,10 +235,55 @@ def _read_config(folder: Path, name: str):
             f"on that modified base.",
             hint="Convert it to plain LoRA with peft (save_pretrained(..., "
                  "path_initial_model_for_weight_conversion=...)) first.")
+    _check_ranks(cfg, name)
     if getattr(cfg, "bias", "none") not in ("none", None):
         # bias='all'/'lora_only' saves trained biases as full tensors; they are handled as such.
         log.info("%s: trained biases (bias=%s) are merged as full tensors", name, cfg.bias)
     return cfg
+
+
+#: the largest LoRA scale (lora_alpha / r, or / √r with rsLoRA) taken as real: training never comes near it,
+#: and far larger ones overflow the merged weights (which would then look like a broken base)
+MAX_LORA_SCALE = 1e5
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_ranks(cfg, name: str) -> None:
+    """r, lora_alpha, rank_pattern and alpha_pattern as peft uses them: positive whole ranks, finite alphas,
+    patterns as mappings; each rank/alpha pair gives a scale below `MAX_LORA_SCALE`."""
+    hint = f"Fix {ADAPTER_CONFIG} (r and rank_pattern: positive whole numbers; lora_alpha and alpha_pattern: numbers)."
+
+    def rank(v: object, where: str) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise UnsupportedAdapterError(f"{name}: {ADAPTER_CONFIG} gives {where}={v!r}; a LoRA rank must be a "
+                                          f"positive whole number.", hint=hint)
+        return v
+
+    def alpha(v: object, where: str) -> float:
+        if not _is_number(v):
+            raise UnsupportedAdapterError(f"{name}: {ADAPTER_CONFIG} gives {where}={v!r}; lora_alpha must be a "
+                                          f"finite number.", hint=hint)
+        return float(v)  # type: ignore[arg-type]
+
+    patterns = {}
+    for attr in ("rank_pattern", "alpha_pattern"):
+        value = getattr(cfg, attr, None) or {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UnsupportedAdapterError(f"{name}: {ADAPTER_CONFIG} gives {attr} as {value!r}; it must map "
+                                          f"module names to values.", hint=hint)
+        patterns[attr] = value
+    ranks = [rank(cfg.r, "r")] + [rank(v, f"rank_pattern[{k!r}]") for k, v in patterns["rank_pattern"].items()]
+    alphas = [alpha(cfg.lora_alpha, "lora_alpha")] + [alpha(v, f"alpha_pattern[{k!r}]")
+                                                       for k, v in patterns["alpha_pattern"].items()]
+    root = math.sqrt if getattr(cfg, "use_rslora", False) else float
+    scale = max(abs(a) for a in alphas) / root(min(ranks))
+    if scale > MAX_LORA_SCALE:
+        raise UnsupportedAdapterError(
+            f"{name}: {ADAPTER_CONFIG}'s lora_alpha {max(alphas, key=abs):g} with rank {min(ranks)} scales the update "
+            f"by {scale:.3g}, far beyond any trained adapter (at most {MAX_LORA_SCALE:g} is accepted).", hint=hint)
 
 
 def _map_keys(name: str, cfg, tensors: dict[str, TensorMeta]) -> tuple[dict[str, LoraModule], dict[str, str]]:
