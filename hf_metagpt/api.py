@@ -23,7 +23,7 @@ from .engine.ledger import PROGRESS_FILE, NormLedger
 from .engine.plan import MergePlan, build_plan
 from .engine.workdir import (OutputDirs, OutputLock, cached_norms, check_output, check_side_files, ledger_key,
                              plan_key, prepare, publish, write_side_files)
-from .errors import IntegrityError, MergeError
+from .errors import IntegrityError, MergeError, RecipeError
 from .methods import get_method
 from .methods.base import MergeMethod
 from ._logging import bars_off, honour_progress
@@ -93,7 +93,7 @@ def plan(options: MergeOptions | None = None, **kwargs: Any) -> MergePlan:
         >>> print(hf_metagpt.plan(base="base/", models=["chat/", "math/"]).describe())
     """
     opts = _options(options, kwargs, for_merge=False)
-    method = get_method(opts.method, **method_parameters(opts))
+    method = _method(opts)
     base, models = load_infos(opts)
     the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
     if any(info.provisional for info in the_plan.inputs):
@@ -158,7 +158,7 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
         >>> result.coefficients["model"]   # one λ per fine-tune (the paper's setting)
     """
     opts = _options(options, kwargs)
-    method = get_method(opts.method, **method_parameters(opts))
+    method = _method(opts)
     # Launched as several processes (`accelerate launch`, `--num-processes`): each writes its share
     # of the shards, the main one prepares and publishes (see `distributed`). None: one process.
     world = connect(opts.device)
@@ -398,6 +398,17 @@ def _coefficient_warnings(result: MergeResult, method: MergeMethod) -> None:
             log.warning("warning: %s", msg)
 
 
+def _method(opts: MergeOptions) -> MergeMethod:
+    """The merge method of `opts`; a granularity other than `model` only for the methods that use it."""
+    method = get_method(opts.method, **method_parameters(opts))
+    if opts.granularity != "model" and not method.uses_group_norms:
+        raise RecipeError(f"--granularity applies to the MetaGPT methods (metagpt, metagpt_ties, metagpt_dare), "
+                          f"not to {method.name}, which has no λ per group: --granularity {opts.granularity} "
+                          f"would change nothing.",
+                          hint="Drop --granularity (granularity: in a recipe), or use --method metagpt.")
+    return method
+
+
 def ledger_geometry(the_plan: MergePlan, ledger: NormLedger):
     """The task vectors' Gram matrices the ledger holds (`insight.Geometry`), or None when it lacks a
     tensor's (norms reused from a run that recorded none)."""
@@ -460,5 +471,6 @@ def _write_publish(the_plan: MergePlan, shape: RunShape, result: MergeResult, di
     with disk_full_is_clear(dirs.work / "hf_metagpt_recipe.yaml"):
         (dirs.work / "hf_metagpt_recipe.yaml").write_text(result.recipe)
     with disk_full_is_clear(dirs.work / "README.md"):
-        write_card(result, dirs.work, licenses=licenses, repo_id=the_plan.options.push_to, geometry=result.geometry)
+        write_card(result, dirs.work, licenses=licenses, repo_id=the_plan.options.push_to, geometry=result.geometry,
+                   adapter=shape.output == "adapter")
     publish(dirs, norms)

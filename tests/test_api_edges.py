@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -121,7 +122,7 @@ def test_card_names_local_inputs_by_folder_and_never_the_output_path(tmp_path):
     assert str(tmp_path) not in text
     assert "output:" not in text
     assert f"hf-metagpt {hf_metagpt.__version__}" in text
-    recipe = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    recipe = yaml.safe_load(text.split("## Reproduce it", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0])
     assert recipe == {"base": "base", "models": ["chat", "org/math@" + "b" * 40], "method": "ties"}
     assert "`chat` (local folder)" in text and "- chat contributes almost nothing" in text
 
@@ -159,7 +160,7 @@ def test_writing_a_card_leaves_the_matplotlib_backend_alone(tmp_path):
     try:
         folder = tmp_path / "card"
         folder.mkdir()
-        write_card(_result(tmp_path, "method: ties\n"), folder)
+        write_card(dataclasses.replace(_result(tmp_path, "method: metagpt\n"), method="metagpt"), folder)
         assert matplotlib.get_backend() == "pdf"
         assert (folder / "metagpt_lambdas.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:

@@ -126,7 +126,7 @@ def test_card_metadata_field_by_field(hub_merge, family, hub_user):
     for ref in [result.base, *result.models]:
         assert ref.sha and ref.sha in card.text and ref.repo_id in card.text
     assert "metagpt_lambdas.png" in card.text and "the paper's method" in card.text
-    recipe_text = card.text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    recipe_text = card.text.split("## Reproduce it", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     recipe = yaml.safe_load(recipe_text)
     assert recipe["base"] == f"{ids[0]}@{result.base.sha}"
     assert recipe["models"] == [f"{m.repo_id}@{m.sha}" for m in result.models]

@@ -275,6 +275,10 @@ def test_cli_merges_adapters_into_one_adapter(lora_family, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     assert (out / "adapter_config.json").is_file() and (out / "lora_rank_energy.json").is_file()
     assert "output_format: lora" in (out / "hf_metagpt_recipe.yaml").read_text()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")  # an adapter is loaded with peft, and its card says so
+    assert card.data.library_name == "peft" and "AutoPeftModelForCausalLM.from_pretrained" in card.text
 
 
 def test_transforming_method_forms_adapter_task_vectors(lora_family, tmp_path):

@@ -407,7 +407,7 @@ def build_plan(opts: MergeOptions, base: ModelInfo, models: Sequence[ModelInfo],
         if tp.floating:
             spans.setdefault(tp.norm_group, set()).add(tp.stream_group)
     two_pass = method_uses_norms and any(len(s) > 1 for s in spans.values())
-    if len(models) == 1:
+    if len(models) == 1 and method_uses_norms:  # MetaGPT's λ; slerp and the others take one model their way
         warnings.append(f"only one fine-tune: every λ is 1 and the result equals {models[0].name}")
     warnings.extend(_repeated_models(models))
     return MergePlan(options=opts, base=base, models=models, tokenizer_source=tok, out_dtype=out_dtype,

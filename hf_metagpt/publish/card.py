@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
 PLOT_FILE = "metagpt_lambdas.png"
-TAGS = ["merge", "metagpt", "hf-metagpt"]
+TAGS = ["merge", "metagpt", "hf-metagpt"]  # a MetaGPT merge's; other methods name theirs (`method_tags`)
+#: the methods whose coefficients are MetaGPT's λ (norm shares): only their cards show λ and granularity
+METAGPT_METHODS = ("metagpt", "metagpt_ties", "metagpt_dare")
 PAPER = "https://arxiv.org/abs/2406.11385"
 
 _METHOD_TEXT = {
@@ -49,6 +51,117 @@ _GRANULARITY_TEXT = {
               "groups) — an hf-metagpt extension, **not** the paper's method."),
     "tensor": "one λ per fine-tune and tensor — an hf-metagpt extension, **not** the paper's method.",
 }
+
+
+_TIES = ("**TIES-Merging** (Yadav et al., *TIES-Merging: Resolving Interference When Merging Models*, "
+         "NeurIPS 2023, [arXiv:2306.01708](https://arxiv.org/abs/2306.01708))")
+_DARE = ("**DARE** (Yu et al., *Language Models are Super Mario*, ICML 2024, "
+         "[arXiv:2311.03099](https://arxiv.org/abs/2311.03099))")
+_SIGNS = ("a sign is elected per parameter (that of Σ_t w_t τ̃_t) and only the entries that agree with it "
+          "are summed")
+_METHOD_TEXT.update({
+    "linear": (
+        "**Linear** merge (a weighted average, as in model soups: Wortsman et al., ICML 2022, "
+        "[arXiv:2203.05482](https://arxiv.org/abs/2203.05482)). Every tensor is\n\n"
+        "    θ = Σ_t w_t θ_t / Σ_t w_t        (without `normalize`: Σ_t w_t θ_t)\n\n"
+        "the average of the fine-tunes weighted by `weights` (1 each by default). The base's weights do not "
+        "enter; its config and tokenizer do."
+    ),
+    "task_arithmetic": (
+        "**Task arithmetic** (Ilharco et al., *Editing Models with Task Arithmetic*, ICLR 2023, "
+        "[arXiv:2212.04089](https://arxiv.org/abs/2212.04089)). With base θ₀, task vectors τ_t = θ_t − θ₀ "
+        "and weights w_t (1 each by default):\n\n"
+        "    θ = θ₀ + λ · Σ_t w_t τ_t        (÷ Σ_t w_t with `normalize`)"
+    ),
+    "ties": (
+        f"{_TIES}. Each task vector τ_t = θ_t − θ₀ is trimmed to its largest `density` fraction of "
+        f"magnitudes (τ̃_t), {_SIGNS}:\n\n"
+        "    θ = θ₀ + λ · Σ_t w_t m_t τ̃_t / Σ_t w_t m_t        (m_t = 1 where τ̃_t agrees with the elected sign)"
+    ),
+    "dare_linear": (
+        f"{_DARE}. Each task vector τ_t = θ_t − θ₀ keeps every entry with probability `density` (a seeded "
+        "random mask) and is rescaled to keep its size (τ̃_t); then, as in task arithmetic,\n\n"
+        "    θ = θ₀ + λ · Σ_t w_t τ̃_t        (÷ Σ_t w_t with `normalize`)"
+    ),
+    "dare_ties": (
+        f"{_DARE}, with TIES's sign election. Each task vector τ_t = θ_t − θ₀ keeps every entry with "
+        f"probability `density` (a seeded random mask) and is rescaled (τ̃_t); {_SIGNS}:\n\n"
+        "    θ = θ₀ + λ · Σ_t w_t m_t τ̃_t        (÷ Σ_t w_t m_t with `normalize`)"
+    ),
+    "breadcrumbs": (
+        "**Model Breadcrumbs** (Davari & Belilovsky, 2023, [arXiv:2312.06795](https://arxiv.org/abs/2312.06795)). "
+        "Each task vector drops its largest `gamma` fraction of magnitudes (outliers) and then the smallest, "
+        "keeping `density` of its entries (τ̃_t):\n\n"
+        "    θ = θ₀ + λ · Σ_t w_t τ̃_t        (÷ Σ_t w_t with `normalize`)"
+    ),
+    "breadcrumbs_ties": (
+        "**Model Breadcrumbs** (Davari & Belilovsky, 2023, [arXiv:2312.06795](https://arxiv.org/abs/2312.06795)) "
+        f"with TIES's sign election: each task vector drops its largest `gamma` and smallest magnitudes, keeping "
+        f"`density` (τ̃_t); {_SIGNS}:\n\n"
+        "    θ = θ₀ + λ · Σ_t w_t m_t τ̃_t        (÷ Σ_t w_t m_t with `normalize`)"
+    ),
+    "della": (
+        "**DELLA** (Deep et al., 2024, [arXiv:2406.11617](https://arxiv.org/abs/2406.11617)). Each task vector "
+        "keeps every entry with a probability of `density` ± `epsilon` by its magnitude rank in its row, "
+        f"rescaled (τ̃_t); {_SIGNS}:\n\n"
+        "    θ = θ₀ + λ · Σ_t w_t m_t τ̃_t        (÷ Σ_t w_t m_t with `normalize`)"
+    ),
+    "della_linear": (
+        "**DELLA** (Deep et al., 2024, [arXiv:2406.11617](https://arxiv.org/abs/2406.11617)) without sign "
+        "election. Each task vector keeps every entry with a probability of `density` ± `epsilon` by its "
+        "magnitude rank in its row, rescaled (τ̃_t):\n\n"
+        "    θ = θ₀ + λ · Σ_t w_t τ̃_t        (÷ Σ_t w_t with `normalize`)"
+    ),
+    "slerp": (
+        "**SLERP**, spherical linear interpolation between two models, tensor by tensor:\n\n"
+        "    θ = sin((1 − t)Ω) / sin Ω · θ₀ + sin(tΩ) / sin Ω · θ₁\n\n"
+        "with cos Ω the cosine between the two normalised tensors (a straight linear interpolation where "
+        "they are almost parallel). t = 0 is the first endpoint (the base), t = 1 the second."
+    ),
+    "model_stock": (
+        "**Model Stock** (Jang et al., *Model Stock: All we need is just a few fine-tuned models*, ECCV 2024, "
+        "[arXiv:2403.19522](https://arxiv.org/abs/2403.19522)). Per tensor, the fine-tunes' mean is pulled "
+        "back toward the base (the anchor) by how much their task vectors agree:\n\n"
+        "    θ = t · mean_t(θ_t) + (1 − t) · θ₀,    t = N·cos / (1 + (N − 1)·cos)\n\n"
+        "cos being the mean pairwise cosine of the N task vectors (per row with `filter_wise`)."
+    ),
+    "sce": (
+        "**SCE** (Wan et al., *FuseChat*, 2024, [arXiv:2408.07990](https://arxiv.org/abs/2408.07990)): select "
+        "the parameters of largest variance across the models (`select_topk`), weight each model per tensor "
+        "by its energy (w_t = mean(τ_t²) / Σ_k mean(τ_k²)), and erase the entries that disagree with the "
+        "elected sign:\n\n"
+        "    θ = θ₀ + Σ_t w_t m_t τ_t / Σ_t w_t m_t"
+    ),
+    "metagpt_ties": (
+        f"TIES trimming and sign election first ({_TIES}: each task vector keeps its largest `density` "
+        "fraction of magnitudes, and only entries agreeing with the elected sign stay), then MetaGPT's λ "
+        "computed from the trimmed task vectors — an hf-metagpt combination of the two."
+    ),
+    "metagpt_dare": (
+        f"DARE first ({_DARE}: each task vector keeps every entry with probability `density`, a seeded mask, "
+        "rescaled by 1/density), then MetaGPT's λ computed from the dropped task vectors — an hf-metagpt "
+        "combination of the two."
+    ),
+})
+_METHOD_TEXT["dare"] = _METHOD_TEXT["dare_linear"]
+#: how the first sentence names the method
+_LABEL = {"metagpt": "MetaGPT", "metagpt_ties": "MetaGPT + TIES", "metagpt_dare": "MetaGPT + DARE",
+          "linear": "linear", "task_arithmetic": "task-arithmetic", "ties": "TIES", "dare_linear": "DARE",
+          "dare_ties": "DARE-TIES", "breadcrumbs": "Model Breadcrumbs", "breadcrumbs_ties": "Model Breadcrumbs (TIES)",
+          "della": "DELLA", "della_linear": "DELLA (linear)", "model_stock": "Model Stock", "sce": "SCE"}
+
+
+def uses_lambdas(method: str) -> bool:
+    """Whether a method's coefficients are MetaGPT's λ (and its granularity means something)."""
+    return method in METAGPT_METHODS
+
+
+def method_tags(method: str) -> list[str]:
+    """The card's tags: `merge`, the method (and MetaGPT for its combinations), `hf-metagpt`."""
+    if method == "metagpt":
+        return list(TAGS)
+    extra = ["metagpt"] if method in METAGPT_METHODS else []
+    return ["merge", method, *extra, "hf-metagpt"]
 
 
 def choose_license(licenses: list[str | None]) -> tuple[str, str | None]:
@@ -132,11 +245,12 @@ def _scrub_paths(text: str, result: "MergeResult") -> str:
 
 def build_card(result: "MergeResult", *, licenses: list[str | None] | None = None,
                repo_id: str | None = None, plot: str | None = PLOT_FILE, geometry: "Geometry | None" = None,
-               figures: "Mapping[str, str] | None" = None) -> "ModelCard":
+               figures: "Mapping[str, str] | None" = None, adapter: bool = False) -> "ModelCard":
     """The card of a merge: metadata the Hub understands, and a body a reader can act on.
 
     `geometry` (the inputs' task-vector Gram matrices, models named for the public) adds the
-    section that checks MetaGPT's orthogonality assumption; `figures` names its pictures.
+    section that checks MetaGPT's orthogonality assumption; `figures` names its pictures. `adapter`:
+    the output is a PEFT LoRA adapter (`--output-format lora`), loaded with peft.
 
     Example:
         >>> card = build_card(result, licenses=["llama2", "llama2", "llama2", "llama2"])
@@ -153,24 +267,27 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
     data = ModelCardData(
         base_model=hub_ids or None,
         base_model_relation="merge" if hub_ids else None,
-        library_name="transformers",
+        library_name="peft" if adapter else "transformers",
         pipeline_tag="text-generation",
         license=license_,
-        tags=list(TAGS),
+        tags=method_tags(result.method),
     )
     if not hub_ids:
         data.base_model_relation = None
+    if license_ == "other":  # the Hub asks a custom licence for a name and a link
+        known = sorted({lic for lic in (licenses or []) if lic and lic != "other"})
+        data.license_name = "-and-".join(known) if len(known) > 1 else "other"
+        data.license_link = "README.md#licence"
 
     title = repo_id.split("/")[-1] if repo_id else (result.output.name if result.output else "merged model")
     lines = [f"# {title}", ""]
-    lines.append(f"A merge of {len(result.models)} fine-tune(s) of `{short_name(result.base)}` made with "
-                 f"hf-metagpt {__version__} using **{result.method}** "
-                 f"(granularity `{result.granularity}`).")
+    lines.append(_intro(result))
     local = [r for r in inputs if not r.repo_id]
     lines += _inputs_section(result, local=bool(local))
     lines += _method_section(result)
-    lines += _coefficients_section(result, plot)
-    if geometry is not None:
+    if uses_lambdas(result.method):
+        lines += _coefficients_section(result, plot)
+    if geometry is not None and uses_lambdas(result.method):
         from ..insight.card import geometry_section
 
         model_lam = result.coefficients.get("model") if result.granularity == "model" else None
@@ -182,7 +299,9 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in notes]
     if result.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
-    lines += _use_section(result, repo_id)
+    lines += _use_section(result, repo_id, adapter=adapter)
+    lines += _limitations_section(result)
+    lines += _licence_section(result, licenses)
     lines += _reproduce_section(result, local=bool(local))
     lines += _mergekit_section(result)
     content = f"---\n{data.to_yaml()}\n---\n\n" + _scrub_paths("\n".join(lines), result)
@@ -191,9 +310,10 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
 
 def _inputs_section(result: "MergeResult", *, local: bool) -> list[str]:
     lines = ["", "## Inputs", "", "| role | model | commit |", "|---|---|---|"]
-    lines.append(f"| base | {_ref_row(result.base)} |")
+    base_role, model_role = _ROLES.get(result.method, ("base", "fine-tune {i}"))
+    lines.append(f"| {base_role} | {_ref_row(result.base)} |")
     for i, m in enumerate(result.models, 1):
-        role = f"LoRA adapter {i}" if m.is_adapter else f"fine-tune {i}"
+        role = f"LoRA adapter {i}" if m.is_adapter else model_role.format(i=i)
         lines.append(f"| {role} | {_ref_row(m)} |")
     adapters = [m for m in result.models if m.is_adapter]
     if adapters:
@@ -205,17 +325,71 @@ def _inputs_section(result: "MergeResult", *, local: bool) -> list[str]:
     return lines
 
 
+_ROLES = {"slerp": ("endpoint t = 0 (base)", "endpoint t = 1"),
+          "model_stock": ("anchor (base)", "fine-tune {i}"),
+          "linear": ("base (config and tokenizer; not averaged)", "averaged model {i}")}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _intro(result: "MergeResult") -> str:
+    from ..result import short_name
+
+    base = f"`{short_name(result.base)}`"
+    made = f"made with hf-metagpt {__version__}"
+    if result.method == "slerp" and len(result.models) == 1:
+        t = result.parameters.get("t")
+        at = f" at t = {t}" if isinstance(t, (int, float)) else ""
+        return (f"A spherical interpolation (SLERP) between {base} and `{short_name(result.models[0])}`{at}, "
+                f"{made}.")
+    label = _LABEL.get(result.method, result.method)
+    article = "An" if label[0].lower() in "aeiou" else "A"
+    text = f"{article} {label} merge of {_plural(len(result.models), 'fine-tune')} of {base}, {made}"
+    if uses_lambdas(result.method):
+        text += f" (granularity `{result.granularity}`)"
+    return text + "."
+
+
+def public_parameters(result: "MergeResult") -> dict:
+    """The method's parameters as a user writes them (`lambda`, not `lambda_`; unset ones left out)."""
+    out = {str(k).rstrip("_"): v for k, v in result.parameters.items() if v is not None}
+    if uses_lambdas(result.method):
+        out["granularity"] = result.granularity
+    if result.seed is not None:
+        out["seed"] = result.seed
+    return out
+
+
 def _method_section(result: "MergeResult") -> list[str]:
+    import yaml
+
     lines = ["", "## Method", ""]
-    lines.append(_METHOD_TEXT.get(result.method, f"**{result.method}** with parameters `{result.parameters}`."))
-    if result.method != "metagpt" and result.method.startswith("metagpt"):
-        lines.append("")
-        lines.append(_METHOD_TEXT["metagpt"])
-    lines += ["", f"Granularity `{result.granularity}`: {_GRANULARITY_TEXT.get(result.granularity, '')}"]
-    if result.parameters:
-        lines += ["", f"Parameters: `{result.parameters}`" + (f", seed {result.seed}" if result.seed is not None else "") + "."]
-    lines += ["", f"Tensors were read in their stored dtype, {_precision_text(result.precision)} and written in "
+    lines.append(_METHOD_TEXT.get(result.method, f"**{result.method}**."))
+    if result.method in ("metagpt_ties", "metagpt_dare"):
+        lines += ["", _METHOD_TEXT["metagpt"]]
+    if uses_lambdas(result.method):
+        lines += ["", f"Granularity `{result.granularity}`: {_GRANULARITY_TEXT.get(result.granularity, '')}"]
+    params = public_parameters(result)
+    if params:
+        lines += ["", "Parameters:", "", "```yaml",
+                  yaml.safe_dump(params, sort_keys=False, allow_unicode=True, default_flow_style=False).rstrip("\n"),
+                  "```"]
+    lines += ["", f"Tensors were read in their stored dtype, {_precision_text(result)} and written in "
                   f"`{result.out_dtype or 'the base dtype'}`."]
+    return lines
+
+
+def _limitations_section(result: "MergeResult") -> list[str]:
+    lines = ["", "## Evaluation and limitations", "",
+             "This merge was not evaluated by hf-metagpt: no benchmark was run on it. A merge can lose some of "
+             "each fine-tune's skill, and it inherits the limitations, biases and licences of every input. "
+             "Evaluate it on your own tasks before use (`hf-metagpt compare` merges with several methods and "
+             "measures each on task data)."]
+    if uses_lambdas(result.method):
+        lines += ["", "MetaGPT's λ assume the fine-tunes changed the base in unrelated directions (orthogonal "
+                      "task vectors); the geometry section above, where present, says how far that holds here."]
     return lines
 
 
@@ -230,9 +404,25 @@ def _coefficients_section(result: "MergeResult", plot: str | None) -> list[str]:
     return lines
 
 
-def _use_section(result: "MergeResult", repo_id: str | None) -> list[str]:
+def _licence_section(result: "MergeResult", licenses: list[str | None] | None) -> list[str]:
+    from ..result import short_name
+
+    inputs = [result.base, *result.models]
+    known = licenses if licenses is not None else [None] * len(inputs)
+    lines = ["", "## Licence", "", "A merge is bound by the licence of every input:", "",
+             "| input | licence |", "|---|---|"]
+    lines += [f"| `{short_name(r)}` | {lic or 'unknown'} |" for r, lic in zip(inputs, known)]
+    return lines
+
+
+def _use_section(result: "MergeResult", repo_id: str | None, *, adapter: bool = False) -> list[str]:
     # The folder name only: a local path of the merging machine means nothing on the Hub.
     load_id = repo_id or (f"./{result.output.name}" if result.output else "path/to/merged")
+    if adapter:
+        return ["", "## Use it", "", "A PEFT LoRA adapter on the base (loading it also downloads the base):", "",
+                "```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+                f'model = AutoPeftModelForCausalLM.from_pretrained("{load_id}", dtype="auto")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{load_id}")', "```"]
     return ["", "## Use it", "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
@@ -253,14 +443,16 @@ def _reproduce_section(result: "MergeResult", *, local: bool) -> list[str]:
             "```yaml", recipe.rstrip("\n"), "```", ""]
 
 
-def _precision_text(precision: str) -> str:
+def _precision_text(result: "MergeResult") -> str:
+    precision = result.precision
     if precision.startswith("mergekit "):
         dtype = precision.split(" ", 1)[1].replace("auto", "the inputs' dtype")
         return (f"merged with mergekit's arithmetic (mergekit 0.1.5's steps in {dtype}, in its order; "
                 "`--arithmetic own` merges with hf-metagpt's float64 sums instead)")
+    what = "weighted sums and norms" if uses_lambdas(result.method) else "weighted sums"
     if precision == "float64":
-        return "merged in float32 or better (weighted sums and norms accumulated in float64)"
-    return f"merged in {precision} (weighted sums and norms accumulated in {precision})"
+        return f"merged in float32 or better ({what} accumulated in float64)"
+    return f"merged in {precision} ({what} accumulated in {precision})"
 
 
 def _mergekit_section(result: "MergeResult") -> list[str]:
@@ -278,13 +470,15 @@ def _mergekit_section(result: "MergeResult") -> list[str]:
 
 
 def write_card(result: "MergeResult", folder: Path, *, licenses: list[str | None] | None = None,
-               repo_id: str | None = None, geometry: "Geometry | None" = None) -> Path:
+               repo_id: str | None = None, geometry: "Geometry | None" = None, adapter: bool = False) -> Path:
     """Write README.md and the λ plot into `folder` (the merge's output); returns the card's path.
 
     With `geometry`, also the geometry section and its pictures (models named as in the card).
     """
     folder = Path(folder)
     figures: dict[str, str] = {}
+    if not uses_lambdas(result.method):
+        geometry = None
     if geometry is not None:
         from ..insight.card import relabel
         from ..insight.plots import draw_all
@@ -297,13 +491,14 @@ def write_card(result: "MergeResult", folder: Path, *, licenses: list[str | None
         except Exception as exc:  # a plot must never cost the merge
             log.warning("warning: could not draw the geometry plots (%s); the card has the text only", exc)
     plot = None
-    if result.coefficients:
+    if result.coefficients and uses_lambdas(result.method):
         try:
             plot_lambdas(result, folder / PLOT_FILE)
             plot = PLOT_FILE
         except Exception as exc:  # a plot must never cost the merge
             log.warning("warning: could not draw the λ plot (%s); the card has the table only", exc)
-    card = build_card(result, licenses=licenses, repo_id=repo_id, plot=plot, geometry=geometry, figures=figures)
+    card = build_card(result, licenses=licenses, repo_id=repo_id, plot=plot, geometry=geometry, figures=figures,
+                      adapter=adapter)
     path = folder / CARD_FILE
     card.save(path)
     return path
