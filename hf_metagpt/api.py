@@ -271,6 +271,10 @@ def _prepare(opts: MergeOptions, method: MergeMethod, target: Path, device_type:
         else:
             the_plan = fetch.download(the_plan, opts.token)
     check_side_files(the_plan)
+    if shape.output != "adapter":
+        from .sources.chat_template import plan_template
+
+        the_plan = plan_template(the_plan)
     # A merged adapter is another output than the shards of the same plan: never resume one from the other.
     adapter = shape.output == "adapter"
     dirs = prepare(target, plan_key(the_plan, key if not adapter else f"{key}|lora|{opts.lora_rank}"),

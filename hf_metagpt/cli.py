@@ -28,6 +28,9 @@ def _add_merge_args(p: argparse.ArgumentParser, *, for_plan: bool = False) -> No
     p.add_argument("--granularity", choices=["model", "layer", "tensor"],
                    help="where MetaGPT takes its norms: model (the paper, default), layer or tensor (our extension)")
     p.add_argument("--tokenizer-source", help="'base' (default) or one of the fine-tunes: whose vocabulary and tokenizer the output gets")
+    p.add_argument("--chat-template", help="the output's chat template: auto (the most common among the models), chatml, "
+                                           "llama3, one of the models, or the template text (default: the tokenizer "
+                                           "source's; the fine-tunes' when it has none)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="output dtype (auto: the base's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device (auto: a GPU when present)")
     p.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB (default)")
@@ -90,7 +93,7 @@ def _options_from_args(args: argparse.Namespace, for_merge: bool = True):
                 raise MergeError(f"Bad --param {item!r}.", hint="Use --param KEY=VALUE, e.g. --param density=0.5.")
             key, value = item.split("=", 1)
             params[key.strip()] = _parse_value(key.strip(), value)
-    names = ["base", "output", "method", "granularity", "tokenizer_source", "dtype", "device",
+    names = ["base", "output", "method", "granularity", "tokenizer_source", "chat_template", "dtype", "device",
              "max_shard_size", "seed", "token", "overwrite", "allow_nonfinite", "push_to", "private",
              "create_pr", "revision", "commit_message", "low_disk", "strict", "output_format", "lora_rank",
              "allow_pickle", "arithmetic"]

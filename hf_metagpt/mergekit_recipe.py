@@ -187,6 +187,12 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
         out["parameters"] = params
     if dtype := _dtype(r, top):
         out["dtype"] = dtype
+    if "chat_template" in top:
+        node = top["chat_template"][1]
+        value = r.value(node)
+        if not isinstance(value, str) or not value.strip():
+            raise r.fail(node, f"chat_template must be auto, a template name or the template text, got {value!r}")
+        out["chat_template"] = value
     tok = _tokenizer(r, top, base, refs, tunes)
     if tok is not None:
         out["tokenizer_source"] = tok

@@ -57,6 +57,9 @@ class MergeOptions:
     granularity: str = "model"
     #: "base" or one of the fine-tunes (as written in `models`): whose vocabulary and tokenizer
     tokenizer_source: str = "base"
+    #: the output tokenizer's chat template: None (the tokenizer source's; the fine-tunes' when it has
+    #: none), "auto" (the most common), "chatml"/"llama3", one of the models, or the template text
+    chat_template: str | None = None
     dtype: str = "auto"
     device: str = "auto"
     max_shard_size: str = "5GB"
@@ -124,6 +127,10 @@ class MergeOptions:
                     f"Invalid {name} {getattr(self, name)!r}.", hint=f"Use one of: {', '.join(allowed)}."
                 )
         parse_size(self.max_shard_size)
+        if self.chat_template is not None:
+            from .sources.chat_template import check_choice
+
+            check_choice(self.chat_template)
         if self.layers is not None:
             from .engine.layers import check_layers
 

@@ -16,6 +16,7 @@ from typing import Protocol
 from ..errors import OutputError
 from ..sources.hub import BASE_SIDE_FILES, SIDE_FILES, remote_files, cached_path
 from ..sources.hub_calls import DownloadStopped, call, call_until, tok
+from ..sources.chat_template import TEMPLATE_FILES
 from ..sources.local import INDEX_FILE, TOKENIZER_FILES
 from ..sources.model import ModelInfo
 from .plan import MergePlan
@@ -40,6 +41,8 @@ def needed_files(plan: "MergePlan", index: int, *, weights: bool = True, weight_
         want += BASE_SIDE_FILES
     if index == plan.tokenizer_source:
         want += TOKENIZER_FILES
+    else:  # where the output's chat template may come from (sources/chat_template.py)
+        want += TEMPLATE_FILES
     return [f for f in dict.fromkeys(want) if f in remote]
 
 

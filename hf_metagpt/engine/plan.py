@@ -93,6 +93,8 @@ class MergePlan:
     granularity: str = "model"
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    #: the output tokenizer's chat template when it is not the tokenizer source's own (None: its own)
+    chat_template: str | None = None
 
     def with_notes(self, notes: Sequence[str] = (), warnings: Sequence[str] = ()) -> "MergePlan":
         return replace(self, notes=self.notes + tuple(notes), warnings=self.warnings + tuple(warnings))

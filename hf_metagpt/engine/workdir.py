@@ -273,6 +273,10 @@ def write_side_files(plan: MergePlan, work: Path) -> None:
     if not copied:
         log.warning("No tokenizer files found in %s; the output has no tokenizer.",
                     plan.inputs[plan.tokenizer_source].name)
+    elif plan.chat_template is not None:
+        from ..sources.chat_template import write_template
+
+        write_template(work, plan.chat_template)
 
 
 def tokenizer_files(plan: MergePlan) -> list[tuple[str, Path]]:
