@@ -17,7 +17,16 @@ from reference import load_state
 
 from hf_metagpt.demo.tiny import TinySpec, build_family
 from hf_metagpt.errors import RecipeError
-from hf_metagpt.mergekit_recipe import parse_mergekit
+from hf_metagpt.mergekit_recipe import parse_mergekit as _parse
+
+
+def parse_mergekit(text: str, source: str = "<recipe>") -> dict:
+    """The recipe's values without the arithmetic choice (methods/mergekit_order.py's, tested there)."""
+    values = _parse(text, source)
+    values.get("parameters", {}).pop("mergekit_order", None)
+    if values.get("parameters") == {}:
+        del values["parameters"]
+    return values
 
 MODELS = """base_model: org/base
 models:
