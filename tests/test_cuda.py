@@ -39,6 +39,14 @@ DETERMINISTIC_CASES = [
     ("model_stock", "model_stock", {}, "model", 3),
     ("model_stock-filter_wise", "model_stock", {"filter_wise": True}, "model", 3),
     ("sce", "sce", {"select_topk": 0.5}, "model", 3),
+    # mergekit's arithmetic in the recipe's dtype (mergekit_order.py)
+    ("ties-mergekit-bf16", "ties", {"density": 0.3, "mergekit_order": "bfloat16"}, "model", 3),
+    ("breadcrumbs_ties-mergekit-bf16", "breadcrumbs_ties", {"density": 0.6, "gamma": 0.05,
+                                                            "mergekit_order": "bfloat16"}, "model", 3),
+    ("model_stock-mergekit-f32", "model_stock", {"mergekit_order": "float32"}, "model", 3),
+    ("model_stock-mergekit-bf16", "model_stock", {"filter_wise": True, "mergekit_order": "bfloat16"}, "model", 3),
+    ("sce-mergekit-bf16", "sce", {"select_topk": 0.5, "mergekit_order": "bfloat16"}, "model", 3),
+    ("slerp-mergekit-bf16", "slerp", {"t": 0.3, "mergekit_order": "bfloat16"}, "model", 1),
 ]
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
@@ -114,6 +122,18 @@ def test_trim_breaks_ties_in_the_cpu_sort_order():
         assert torch.equal(sparsify.magnitude(tau, 0.2) != 0, kept)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_division_by_a_number_is_a_true_division():
+    """CUDA divides by a Python number through its reciprocal; `div_exact` divides by a same-device
+    tensor, which is the CPU's true division (and x·(1/3) is not, in a third of the elements)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(100_000, generator=g) * 10
+    for n in (3, 7):
+        assert torch.equal(sparsify.div_exact(x, n), x / n)
+        assert not torch.equal(sparsify.div_exact(x, n), x * (1 / n))
+        xb = x.bfloat16()
+        assert torch.equal(sparsify.div_exact(xb, n), xb / n)
 
 
 def test_host_sort_indices_are_on_the_cpu():

@@ -24,7 +24,7 @@ from .base import MergeMethod, TensorContext
 from .common import ParamsMixin, check_real
 from .mergekit_order import parse_order
 from .settings import describe, first_set, parse_setting
-from .sparsify import host, single_threaded
+from .sparsify import div_exact, host, single_threaded
 
 #: SLERP falls back to linear interpolation when the normalised tensors are this close to parallel.
 DOT_THRESHOLD = 0.9995
@@ -166,7 +166,7 @@ class ModelStock(ParamsMixin, MergeMethod):
         average = models[0]
         for m in models[1:]:
             average = average + m
-        average = average / n
+        average = div_exact(average, n)
         return (t * average + (1 - t) * w0).reshape(shape)
 
     def params(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import MergeError
-from .sparsify import host
+from .sparsify import div_exact, host, single_threaded
 
 #: names a recipe may give `mergekit_order` (True: float32, its first form; "auto": the inputs' dtype,
 #: what mergekit computes in when a recipe gives no `dtype`)
@@ -164,10 +164,11 @@ def model_stock(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any
         ws = [t.reshape(-1) for t in models]
     offs = [host(w - w0) for w in ws]
     cosines = []
-    for i, a in enumerate(offs):
-        for b in offs[i + 1:]:
-            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    with single_threaded():
+        for i, a in enumerate(offs):
+            for b in offs[i + 1:]:
+                norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+                cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     del offs
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(ws)
@@ -175,7 +176,7 @@ def model_stock(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any
     avg = ws[0]
     for w in ws[1:]:
         avg = avg + w
-    avg = avg / n
+    avg = div_exact(avg, n)
     return (t * avg + (1 - t) * w0).reshape(shape)
 
 
@@ -195,7 +196,8 @@ def sce(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any) -> tor
             mask.view(-1)[torch.topk(var.abs().reshape(-1), k=k, largest=True).indices] = 1
         mask = mask.to(base.device)
         taus = [t * mask for t in taus]
-    shares = torch.stack([host(t).square().reshape(-1).mean() for t in taus])
+    with single_threaded():
+        shares = torch.stack([host(t).square().reshape(-1).mean() for t in taus])
     total = torch.sum(shares).item()
     shares = torch.ones_like(shares) / shares.shape[0] if abs(total) < 1e-6 else shares / total
     w = list(shares.to(base.device).unbind())

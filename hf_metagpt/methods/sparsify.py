@@ -36,6 +36,13 @@ def host(t: torch.Tensor) -> torch.Tensor:
     return t if t.device.type == "cpu" else t.cpu()
 
 
+def div_exact(x: torch.Tensor, n: float) -> torch.Tensor:
+    """x / n with a true division on every device. A CUDA division by a Python number multiplies
+    by its reciprocal (a float32 `avg / 3` then differs from the CPU's in a third of the elements);
+    by a tensor on the same device it divides, as the CPU does."""
+    return x / torch.tensor(n, dtype=x.dtype, device=x.device)
+
+
 @contextmanager
 def single_threaded() -> Iterator[None]:
     """torch on one thread meanwhile: a CPU sum over more than torch's grain (32 768 elements) is
