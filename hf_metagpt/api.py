@@ -159,6 +159,12 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwarg
     """
     opts = _options(options, kwargs)
     method = _method(opts)
+    if opts.push_to and "/" not in opts.push_to:  # `NAME`: the token's namespace, known before anything is read
+        from dataclasses import replace
+
+        from .publish.push import full_repo_id
+
+        opts = replace(opts, push_to=full_repo_id(opts.push_to, opts.token))
     # Launched as several processes (`accelerate launch`, `--num-processes`): each writes its share
     # of the shards, the main one prepares and publishes (see `distributed`). None: one process.
     world = connect(opts.device)
@@ -233,6 +239,10 @@ def _prepare(opts: MergeOptions, method: MergeMethod, target: Path, device_type:
     One process: shards download while the merge runs (`run_shape`); a shared merge downloads
     everything now (the other processes read the Hub cache).
     """
+    if opts.push_to:  # before the first read: a push that cannot happen stops the merge now
+        from .publish.push import check_push_access
+
+        check_push_access(opts.push_to, opts.token, create_pr=opts.create_pr)
     base, models = load_infos(opts)
     # The stable folder of `--push-to` without `--output` is ours: a rerun after a failed push replaces it.
     check_output(target, [base, *models], opts.overwrite or not opts.output)
@@ -253,10 +263,6 @@ def _prepare(opts: MergeOptions, method: MergeMethod, target: Path, device_type:
         from .engine.adapter_output import check_lora_output
 
         check_lora_output(the_plan, method)
-    if opts.push_to:
-        from .publish.push import check_push_access
-
-        check_push_access(opts.push_to, opts.token, create_pr=opts.create_pr)
     seed = opts.seed if method.uses_seed else None
     key = ledger_key(the_plan, method.name, method.params(), seed, allow_nonfinite=opts.allow_nonfinite,
                      device_type=device_type)

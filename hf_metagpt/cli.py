@@ -202,8 +202,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
+    from .options import check_repo_id
     from .publish.push import push
 
+    check_repo_id(args.repo_id, "repo ID", "repo_id")
     url = push(args.folder, args.repo_id, token=args.token, private=args.private, create_pr=args.create_pr,
                revision=args.revision, commit_message=args.commit_message)
     print(url)
@@ -560,6 +562,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(exc, MainProcessStopped):  # the main process prints why
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of stdout went away (`inspect --json | head -c 100`): nothing left to say to it.
+        # stdout is pointed at /dev/null so the interpreter's final flush does not fail again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, as the shell reports a command whose pipe's reader stopped
     except OSError as exc:
         # A file the user named cannot be written or read (a read-only or full output parent, a
         # folder where a file should be): the path and the reason, not a traceback. An OSError

@@ -131,6 +131,16 @@ class MergeOptions:
             from .sources.chat_template import check_choice
 
             check_choice(self.chat_template)
+        if self.push_to is not None:
+            check_repo_id(self.push_to, "--push-to", "push_to")
+        elif for_merge:
+            given = [flag for flag, name in (("--create-pr", "create_pr"), ("--private", "private"),
+                                             ("--revision", "revision"), ("--commit-message", "commit_message"))
+                     if getattr(self, name) not in (None, False)]
+            if given:
+                raise RecipeError(f"{given[0]} only applies to a push, and no --push-to was given.",
+                                  hint="Add --push-to ORG/NAME (push_to=... in Python), or drop "
+                                       + " and ".join(given) + ".")
         if self.layers is not None:
             from .engine.layers import check_layers
 
@@ -185,6 +195,32 @@ def _normalise_paths(opts: MergeOptions) -> None:
                           hint="Pass models=[\"chat/\", \"math/\"] (a list, even of one).")
     if models is not None and not isinstance(models, list) or any(isinstance(m, os.PathLike) for m in models or ()):
         opts.models = [_fspath(m) for m in models]
+
+
+def check_repo_id(value: Any, flag: str = "--push-to", name: str = "push_to") -> str:
+    """A Hub repo ID to push to: `ORG/NAME`, or `NAME` for the token's own namespace (checked without
+    a network: huggingface_hub's own rules), else a RecipeError naming the flag and the form."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    hint = (f"Use ORG/NAME, or NAME for your own namespace: letters, digits, '-', '_' and '.', "
+            f"e.g. {flag} me/my-merge ({name}=... in Python).")
+    if not isinstance(value, str) or not value.strip():
+        raise RecipeError(f"Invalid {flag} {value!r}: not a repo ID.", hint=hint)
+    try:
+        validate_repo_id(value)
+    except HFValidationError as exc:
+        if value.count("/") > 1:
+            reason = "a repo ID has at most one '/'"
+        elif value.startswith("/") or value.endswith("/"):
+            reason = "the organization or the name is empty"
+        elif any(c.isspace() for c in value):
+            reason = "a repo ID has no spaces"
+        else:
+            reason = (f"{str(exc).split(':')[0].rstrip('.')} (huggingface_hub's rule: no '-' or '.' at either "
+                      "end of the name, 96 characters at most)")
+        raise RecipeError(f"Invalid {flag} {value!r}: {reason}.", hint=hint) from None
+    return value
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -197,3 +197,54 @@ def test_version():
 
     proc = cli("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"hf-metagpt {hf_metagpt.__version__}", proc
+
+
+# ---- item 6: no tracebacks; nothing created before the name is checked ----------------------------------
+
+@pytest.mark.parametrize("target", ["my model", "me/my model", "a/b/c", "me/"])
+def test_invalid_push_target_is_refused_before_anything_is_read(family, tmp_path, target):
+    base, fts = family
+    # a base on a Hub that does not answer: the refusal must come before any request
+    proc = cli("merge", *map(str, fts), "--base", str(base), "-o", str(tmp_path / "o"), "--push-to", target,
+               env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    err = clean_error(proc, f"{target!r}", "ORG/NAME")
+    assert "HFValidationError" not in err and "Hub kept failing" not in err
+    assert not (tmp_path / "o").exists()
+    proc = cli("push", str(tmp_path), target, env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    clean_error(proc, f"{target!r}", "ORG/NAME")
+
+
+def test_push_to_a_bare_name_goes_to_the_users_namespace_and_leaves_no_empty_repo(family, hub_user, tmp_path):
+    from huggingface_hub import HfApi
+
+    base, fts = family
+    proc = cli("-q", "merge", *map(str, fts), "--base", str(base), "-o", str(tmp_path / "o"),
+               "--push-to", "bare-name-p02b")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"/{hub_user}/bare-name-p02b" in proc.stdout
+    files = HfApi().list_repo_files(f"{hub_user}/bare-name-p02b")
+    assert "config.json" in files and "README.md" in files
+    # `push DIR NAME` the same way
+    proc = cli("push", str(tmp_path / "o"), "bare-name-p02c")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "config.json" in HfApi().list_repo_files(f"{hub_user}/bare-name-p02c")
+
+
+@pytest.mark.parametrize("flag", [["--create-pr"], ["--private"], ["--revision", "dev"], ["--commit-message", "m"]])
+def test_push_options_without_push_to_are_refused_before_the_first_read(family, tmp_path, flag):
+    base, fts = family
+    proc = cli("merge", *map(str, fts), "--base", "nobody/not-there", "-o", str(tmp_path / "o"), *flag,
+               env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    clean_error(proc, flag[0], "--push-to")
+
+
+def test_inspect_json_into_a_closed_pipe_is_not_a_traceback(family):
+    base, fts = family
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "hf_metagpt", "-q", "inspect", "--json", *map(str, fts),
+                             "--base", str(base)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # `| head -c 100` that has read its 100 bytes
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=600)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err[-3000:]
+    assert code == 141, (code, err[-3000:])

@@ -62,6 +62,7 @@ def push(folder: str | Path, repo_id: str, *, token: str | None = None, private:
     check_push_options(repo_id, create_pr=create_pr, revision=revision)
     folder = Path(folder)
     _refuse_offline(repo_id)
+    repo_id = full_repo_id(repo_id, token)  # `NAME`: created and pushed as USER/NAME (one repo, not an empty one)
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         raise InputError(f"{folder} is not a model folder (no config.json).",
                          hint="Push the output folder of a merge.")
@@ -177,6 +178,28 @@ def _refuse_offline(repo_id: str) -> None:
         raise HubAccessError(f"Pushing to {repo_id} needs the Hub, and HF_HUB_OFFLINE is set.",
                              hint="Merge with --output only, then push the folder later with network access "
                                   "(`hf-metagpt push DIR REPO`), or unset HF_HUB_OFFLINE.")
+
+
+def full_repo_id(repo_id: str, token: str | None = None) -> str:
+    """`NAME` as `USER/NAME` for the token's user (asked with `whoami`); `ORG/NAME` unchanged.
+
+    huggingface_hub creates a bare `NAME` in the token's namespace but uploads to it by the bare
+    name, which the Hub does not find: the namespace is resolved before anything is created.
+    """
+    if "/" in repo_id:
+        return repo_id
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    try:
+        me = _call(repo_id, _api(token).whoami)
+    except LocalTokenNotFoundError:
+        raise HubAccessError(f"Pushing to {repo_id} needs a Hub token, and none was found.",
+                             hint="Pass --token (token=... in Python), set HF_TOKEN, or run `hf auth login`.") from None
+    user = str(me.get("name") or "")
+    if not user:
+        raise HubAccessError(f"Pushing to {repo_id}: the Hub did not say whose token this is.",
+                             hint=f"Give the namespace: ORG/{repo_id}.")
+    return f"{user}/{repo_id}"
 
 
 def check_push_access(repo_id: str, token: str | None = None, *, create_pr: bool = False) -> None:
