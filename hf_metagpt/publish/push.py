@@ -191,7 +191,7 @@ def full_repo_id(repo_id: str, token: str | None = None) -> str:
     from huggingface_hub.errors import LocalTokenNotFoundError
 
     try:
-        me = _call(repo_id, _api(token).whoami)
+        me = call(repo_id, hub_api(token).whoami)
     except LocalTokenNotFoundError:
         raise HubAccessError(f"Pushing to {repo_id} needs a Hub token, and none was found.",
                              hint="Pass --token (token=... in Python), set HF_TOKEN, or run `hf auth login`.") from None
