@@ -433,8 +433,6 @@ def max_layer(doc: object) -> int:
 
 def stand_ins(doc: dict, work: Path) -> dict[str, str]:
     """Tiny models (and LoRA adapters) for every reference of a recipe: name -> folder."""
-    from hf_metagpt.demo.tiny import TinySpec, build_family
-
     refs = recipe_refs(doc)
     plain: list[str] = []
     for r in refs:
@@ -446,9 +444,7 @@ def stand_ins(doc: dict, work: Path) -> dict[str, str]:
         plain.remove(base.split("+", 1)[0])
         plain.insert(0, base.split("+", 1)[0])
     layers = max_layer(doc) or 8
-    spec = TinySpec(num_hidden_layers=layers, dtype=torch.bfloat16, max_shard_size="5MB")
-    base_dir, fts = build_family(work / "family", n_models=max(1, len(plain) - 1), spec=spec, seed=11)
-    folders = [base_dir, *fts]
+    folders = family(work.parent / "families", layers, len(plain))
     mapping = {name: str(folders[i]) for i, name in enumerate(plain)}
     for k, r in enumerate(refs):
         if "+" in r:
@@ -457,6 +453,24 @@ def stand_ins(doc: dict, work: Path) -> dict[str, str]:
             make_lora(Path(mapping[model]), folder, seed=100 + k)
             mapping[r] = f"{mapping[model]}+{folder}"
     return mapping
+
+
+def family(root: Path, layers: int, count: int) -> list[Path]:
+    """`count` tiny models (a base and fine-tunes) with `layers` layers, built once per layer count
+    (the largest count asked for so far; seeded, so a smaller family is its first members)."""
+    from hf_metagpt.demo.tiny import TinySpec, build_family
+
+    folder = root / f"L{layers}"
+    built = sorted(folder.glob("ft*")) if folder.is_dir() else []
+    if len(built) + 1 < count:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        spec = TinySpec(num_hidden_layers=layers, dtype=torch.bfloat16, max_shard_size="5MB")
+        base_dir, fts = build_family(folder, n_models=max(count - 1, 6), spec=spec, seed=11)
+        built = fts
+    fts = sorted(built, key=lambda f: int(f.name[2:]))
+    return [folder / "base", *fts][:max(count, 1)]
 
 
 def make_lora(base: Path, folder: Path, seed: int) -> None:

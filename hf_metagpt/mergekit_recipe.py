@@ -48,6 +48,7 @@ MERGEKIT_METHODS: dict[str, tuple[str, ...]] = {
     "slerp": ("t",),
     "model_stock": ("filter_wise",),
     "sce": ("select_topk", "int8_mask"),
+    "nuslerp": ("weight", "nuslerp_flatten", "nuslerp_row_wise"),
     # our extension
     "metagpt": ("granularity",),
     "metagpt_ties": ("granularity", "density", "majority_sign_method"),
@@ -59,7 +60,7 @@ _WEIGHT_REQUIRED = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_line
 #: Methods whose `density` defaults to 1 in mergekit (keep everything).
 _MERGEKIT_DENSITY_DEFAULT = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 #: Methods that take parameters per model (the others only method-wide ones).
-_PER_MODEL_METHODS = ("linear", "task_arithmetic", *_MERGEKIT_DENSITY_DEFAULT)
+_PER_MODEL_METHODS = ("linear", "task_arithmetic", "nuslerp", *_MERGEKIT_DENSITY_DEFAULT)
 #: Parameters that mergekit sets per model (NON_BASE scope); the others are method-wide.
 _PER_MODEL = {"weight", "density", "gamma", "epsilon"}
 _TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
@@ -69,6 +70,17 @@ _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp
 _REFUSED = {
     "passthrough": "passthrough stacks layers from several models (a frankenmerge); hf-metagpt merges "
                    "models of one architecture tensor by tensor.",
+}
+#: mergekit methods we do not compute, and what mergekit would have done (said when we refuse)
+_NOT_HERE = {
+    "karcher": "mergekit would take the Karcher (Riemannian) mean of the models: each tensor's unit "
+               "vectors averaged on the sphere by up to max_iter steps (tol), scaled by the mean of their "
+               "norms, with equal weights",
+    "arcee_fusion": "mergekit would fuse two models: the base's tensor, overwritten where the other model's "
+                    "change scores above a dynamic threshold (importance from the change and a KL divergence)",
+    "multislerp": "mergekit would interpolate several models on the sphere around their weighted mean",
+    "nearswap": "mergekit would move the base toward the other model where they are close: "
+                "w = clamp(t / |θ0 − θ1|, 0, 1), w·θ1 + (1 − w)·θ0",
 }
 
 
@@ -178,6 +190,8 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
                              hint=f"mergekit's {method} needs a weight for every model (it stops with 'Missing required "
                                   "parameter weight'): add `weight:` under its `parameters:`, or one in the top-level `parameters:`.")
     params = _method_parameters(method, accepted, globals_, entries, tunes)
+    if method == "nuslerp" and base_spec is None:
+        params["task_vectors"] = False  # no base_model: mergekit interpolates the two models themselves
     if method in MERGEKIT_ORDER:
         # mergekit computes in its `dtype` (else in the inputs' dtype), rounding at every step where
         # our kernels accumulate in float64: take its steps, so the outputs are its bits
@@ -222,6 +236,9 @@ def _method(r: "_Reader", top: dict, root: yaml.Node) -> str:
         return method  # layer stacking: `Slices.translate` makes it a merge of 0/1 weights per layer
     if method in _REFUSED:
         raise r.fail(v, f"merge_method {method!r} is not supported: {_REFUSED[method]}")
+    if method in _NOT_HERE:
+        raise r.fail(v, f"merge_method {method!r} is not supported: {_NOT_HERE[method]}",
+                     hint=f"Run this recipe with mergekit itself, or choose one of: {', '.join(MERGEKIT_METHODS)}.")
     if method not in MERGEKIT_METHODS:
         raise r.fail(v, f"merge_method {method!r} is not supported",
                      hint=f"Supported: {', '.join(MERGEKIT_METHODS)}.")
@@ -253,8 +270,12 @@ def _fine_tunes(r: "_Reader", method: str, base: str | None, refs: list[str], mn
                 root: yaml.Node) -> tuple[str, list[int]]:
     """The base, and which listed models are the fine-tunes (mergekit lists the base among
     `models` for most methods; parameters given to the base's entry are ignored, as mergekit does)."""
-    if method == "linear":
+    if method == "nuslerp" and len([x for x in refs if x != base]) != 2:
+        raise r.fail(mnode, "nuslerp merges exactly two models (and, optionally, a base_model whose task vectors they give)",
+                     hint="List two models under `models` (mergekit refuses other counts too).")
+    if method == "linear" or (method == "nuslerp" and base is None):
         # Every listed model is averaged (the base too, when listed); θ0 is only the reference.
+        # (nuslerp without base_model interpolates the two models themselves: `task_vectors: false`)
         return base or refs[0], list(range(len(refs)))
     if base is None:
         raise r.fail(root, f"merge_method {method!r} needs a base_model",

@@ -12,6 +12,7 @@ from .gta import Breadcrumbs, BreadcrumbsTies, Della, DellaLinear
 from .interpolation import SCE, ModelStock, Slerp
 from .linear import Linear
 from .metagpt import MetaGPT, metagpt_lambdas, metagpt_merge
+from .nuslerp import NuSlerp
 from .task_arithmetic import TaskArithmetic
 from .ties import MetaGPTTies, Ties
 
@@ -33,6 +34,7 @@ METHODS: dict[str, Callable[..., MergeMethod]] = {
     "slerp": Slerp.from_params,
     "model_stock": ModelStock.from_params,
     "sce": SCE.from_params,
+    "nuslerp": NuSlerp.from_params,
 }
 
 
@@ -151,6 +153,7 @@ __all__ = [
     "MetaGPT",
     "MetaGPTDare",
     "MetaGPTTies",
+    "NuSlerp",
     "TaskArithmetic",
     "Ties",
     "TensorContext",

@@ -21,6 +21,7 @@ torch's reduction over a stacked dimension does on the CPU).
 - linear: in float32 whatever `d` (the weights are a float32 tensor, which promotes the products):
   w1·θ1, then + wt·θt as one fused multiply-add per model, then ÷ Σ wt.
 - slerp: SLERP of the two `d` inputs in float32 (`interpolation.slerp`), rounded once.
+- nuslerp: its formula (`nuslerp.py`) step by step in `d`.
 - model_stock: τt = θt ⊖ θ0, the pairwise cosines, t = N·cos/(1 + (N−1)·cos), the average
   ((θ1 ⊕ θ2) ⊕ ...) ⊘ N and t ⊙ avg ⊕ (1 ⊖ t) ⊙ θ0, all in `d`.
 - sce: τt in `d`; the variance top-k mask and the shares wt = mean(τt²)/Σk mean(τk²) in `d`;
@@ -47,7 +48,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 #: our methods that have mergekit's arithmetic (`dare` is our alias of dare_linear)
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "dare", "breadcrumbs",
-           "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "sce")
+           "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "sce", "nuslerp")
 
 
 def parse_order(method: str, value: Any) -> str | None:
@@ -213,7 +214,10 @@ def merge(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any) -> t
     from .gta import TaskArithmeticFamily
     from .interpolation import SCE, ModelStock, Slerp
     from .linear import Linear
+    from .nuslerp import NuSlerp
 
+    if isinstance(m, NuSlerp):
+        return m.interpolate(base, models, ctx)
     if isinstance(m, Linear):
         return linear(m, models, ctx)
     if isinstance(m, TaskArithmeticFamily):
