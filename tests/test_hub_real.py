@@ -218,3 +218,103 @@ def test_interrupted_shard_download_resumes_within_a_call_and_restarts_after_a_f
     gets = [(r.range, r.status) for r in hub_faults.requests if r.method == "GET"]
     assert gets == [(None, 200), (f"bytes={piece}-", 500), (None, 200)]  # the retried call starts from 0
     assert not list((tmp_path / "c2").rglob("*.incomplete"))  # the partial file was deleted, not kept
+
+
+# ---------------------------------------------------------------- CDN redirects and Xet storage
+
+@pytest.fixture
+def storage(local_hub, monkeypatch):
+    """The local Hub serving LFS files as the Hub does now; the client with Xet on (as installed)."""
+    import huggingface_hub.constants as hf_constants
+
+    def use(*, cdn: bool = False, xet: bool = False, client_xet: bool = True):
+        local_hub.set_storage(cdn=cdn, xet=xet)
+        monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", not client_xet)
+        return local_hub
+
+    yield use
+    local_hub.set_storage(cdn=False, xet=False)
+
+
+def _storage_requests(hub, kind: str):
+    return [r for r in hub.requests if r.path.startswith(kind)]
+
+
+def test_lfs_files_redirect_to_a_cdn_that_never_sees_the_token(family, tmp_path, hub_user, storage, hub_faults):
+    folders, expected = family
+    ids = publish(folders, hub_user, "cdn")
+    hub = storage(cdn=True, client_xet=False)
+    hub.clear_requests()
+    _merge(ids, tmp_path / "out")
+    assert shards(tmp_path / "out") == expected
+    redirects = [r for r in hub.requests if "/resolve/" in r.path and r.path.endswith(".safetensors")]
+    assert redirects and {r.status for r in redirects} == {302}
+    cdn = _storage_requests(hub, "/cdn/lfs/")
+    assert cdn and {r.status for r in cdn} <= {200, 206}
+    assert not any(r.authorization for r in cdn)  # the client dropped the token off the Hub
+    assert all(r.query == "" for r in cdn)  # signatures are never kept in the request log
+    # A client that forwarded its token would be refused, like by a bucket's signed URL.
+    import httpx2
+
+    head = httpx2.head(f"{hub.endpoint}/{ids[0]}/resolve/main/{redirects[0].path.rsplit('/', 1)[1]}",
+                       headers={"Authorization": "Bearer hf_testtoken_tester"})
+    location = head.headers["Location"]
+    assert location.startswith(hub.storage_url + "/cdn/lfs/")
+    assert httpx2.get(location, headers={"Authorization": "Bearer hf_testtoken_tester"}).status_code == 400
+    assert httpx2.get(location, headers={"Range": "bytes=0-7"}).status_code == 206
+
+
+def test_xet_backed_files_download_through_the_real_hf_xet_client(family, tmp_path, hub_user, storage):
+    folders, expected = family
+    ids = publish(folders, hub_user, "xetdl")
+    hub = storage(xet=True)
+    hub.clear_requests()
+    _merge(ids, tmp_path / "out")
+    assert shards(tmp_path / "out") == expected
+    heads = [r for r in hub.requests if r.method == "HEAD" and r.path.endswith(".safetensors")]
+    assert heads and {r.status for r in heads} == {302}
+    assert [r for r in hub.requests if "/xet-read-token/" in r.path and r.status == 200]
+    recon = _storage_requests(hub, "/v2/reconstructions/") + _storage_requests(hub, "/v1/reconstructions/")
+    assert recon and {r.status for r in recon} == {200} and all(r.authorization for r in recon)
+    xorbs = _storage_requests(hub, "/xorbs/default/")
+    assert xorbs and {r.status for r in xorbs} == {206}
+    assert not any(r.authorization for r in xorbs) and all(r.range for r in xorbs)
+    # the safetensors header reads follow the 302 to the signed URL (without the token); the shards
+    # themselves came through hf_xet only
+    cdn = _storage_requests(hub, "/cdn/")
+    assert all(r.range == "bytes=0-100000" and not r.authorization for r in cdn)
+
+
+def test_xet_resolve_answers_like_the_hub(hub_user, storage):
+    import httpx2
+
+    hub = storage(xet=True)
+    api = HfApi()
+    repo = f"{hub_user}/xet-headers"
+    api.create_repo(repo, exist_ok=True, private=True)
+    import huggingface_hub.constants as hf_constants
+
+    hf_constants.HF_HUB_DISABLE_XET = True  # upload through LFS; the fixture puts the switch back
+    sha = api.upload_file(path_or_fileobj=b"\0" * 300_000, path_in_repo="w.safetensors", repo_id=repo).oid
+    r = httpx2.head(f"{hub.endpoint}/{repo}/resolve/main/w.safetensors",
+                    headers={"Authorization": "Bearer hf_testtoken_tester"})
+    assert r.status_code == 302 and r.headers["X-Repo-Commit"] == sha
+    import hf_xet
+
+    data_path = Path(hub.data_dir) / "blobs" / "lfs"
+    blob = next(p for p in data_path.rglob("*") if p.is_file() and p.stat().st_size == 300_000)
+    assert r.headers["X-Xet-Hash"] == hf_xet.hash_files([str(blob)])[0].hash  # the real Xet file hash
+    assert r.headers["Link"] == f'<{hub.endpoint}/api/models/{repo}/xet-read-token/{sha}>; rel="xet-auth"'
+    assert r.headers["X-Linked-Size"] == "300000"
+    t = httpx2.get(f"{hub.endpoint}/api/models/{repo}/xet-read-token/{sha}",
+                   headers={"Authorization": "Bearer hf_testtoken_tester"})
+    assert t.status_code == 200 and t.json()["casUrl"] == hub.storage_url
+    assert t.headers["X-Xet-Access-Token"] == t.json()["accessToken"]
+    # a private repo's CAS token needs the Hub token of someone who may read it
+    assert httpx2.get(f"{hub.endpoint}/api/models/{repo}/xet-read-token/{sha}").status_code == 401
+    assert httpx2.get(f"{hub.endpoint}/api/models/{repo}/xet-read-token/{sha}",
+                      headers={"Authorization": "Bearer hf_testtoken_other"}).status_code == 404
+    # a read token does not upload
+    w = httpx2.post(f"{hub.storage_url}/v1/xorbs/default/{'0' * 64}", content=b"x",
+                    headers={"Authorization": f"Bearer {t.json()['accessToken']}"})
+    assert w.status_code == 403

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from ..errors import OutputError
 from ..sources.hub import BASE_SIDE_FILES, SIDE_FILES, remote_files, cached_path
-from ..sources.hub_calls import DownloadStopped, call, call_until, tok
+from ..sources.hub_calls import DownloadStopped, call, call_until, stop_xet_transfers, tok
 from ..sources.chat_template import TEMPLATE_FILES
 from ..sources.local import INDEX_FILE, TOKENIZER_FILES
 from ..sources.model import ModelInfo
@@ -145,6 +145,10 @@ def walk_order(plan: "MergePlan") -> list[tuple[int, str]]:
     return list(order)
 
 
+#: name prefix of the threads that download shards (the progress hook raises only on them)
+DOWNLOAD_THREADS = "hf-metagpt-download"
+
+
 #: shard downloads at a time in the default mode: about what snapshot_download runs (8), fewer so
 #: the files the first groups need are not slowed down by later ones sharing the bandwidth.
 OVERLAP_WORKERS = 4
@@ -172,7 +176,7 @@ def _stoppable_bar(stop: threading.Event) -> type:
 
     `hf_hub_download` has no way to be cancelled; over HTTP the progress update it makes for every
     piece it writes is the one hook inside the transfer, so a closed provider ends its running
-    downloads within a piece. What is lost (measured with huggingface_hub 2.4,
+    downloads within a piece (Xet downloads are cancelled by `close`, see `stop_xet_transfers`). What is lost (measured with huggingface_hub 2.4,
     tests/test_hub_real.py): a connection lost mid-file is resumed by the client itself with a
     Range request from its last whole 10 MiB piece, but a download that ends with an error (this
     stop, a kill, an HTTP error on the resume) deletes its uniquely named partial file, and the next
@@ -182,7 +186,9 @@ def _stoppable_bar(stop: threading.Event) -> type:
 
     class StoppableBar(hf_tqdm):  # type: ignore[misc, valid-type]
         def update(self, n: float | None = 1) -> bool | None:
-            if stop.is_set():
+            # Over Xet this runs on hf_xet's poller thread, where raising stops nothing but the
+            # bar (and prints a traceback): `stop_xet_transfers` ends those downloads instead.
+            if stop.is_set() and threading.current_thread().name.startswith(DOWNLOAD_THREADS):
                 raise DownloadStopped("download stopped (the merge ended).")
             return super().update(n)
 
@@ -285,7 +291,7 @@ class OverlappedFiles:
                 self._ready[key] = got
             else:
                 missing.append(key)
-        self._pool = DownloadPool(workers, "hf-metagpt-download", initializer=_download_thread_init,
+        self._pool = DownloadPool(workers, DOWNLOAD_THREADS, initializer=_download_thread_init,
                                   initargs=(self._bar, self._bar.get_lock()))
         for key in missing:
             self._futures[key] = self._pool.submit(self._fetch, *key)
@@ -302,6 +308,9 @@ class OverlappedFiles:
             path = Path(call_until(self._stop, info.name, hf_hub_download, info.ref.repo_id, file,
                                     revision=info.ref.sha, token=tok(self.token), tqdm_class=self._bar))
         except BaseException as exc:
+            if self._stop.is_set() and not isinstance(exc, DownloadStopped):
+                # cancelled (an aborted Xet transfer raises its own error): the stop is the news
+                raise DownloadStopped(f"{info.name}: download of {file} stopped (the merge ended).") from None
             with self._lock:
                 if self._error is None and not isinstance(exc, DownloadStopped):
                     self._error = exc
@@ -362,6 +371,10 @@ class OverlappedFiles:
         to `timeout` s (a failed or interrupted merge gives one: a request stalled on the network
         must not hold it up; its daemon thread ends with the request)."""
         self._stop.set()
+        with self._lock:
+            running = [f for f in self._futures.values() if f.running()]
+        if running:
+            stop_xet_transfers()
         self._pool.shutdown(wait=True, cancel_futures=True, timeout=timeout)
 
 
@@ -473,6 +486,8 @@ class LowDiskFiles:
         with self._lock:
             futs = list(self._fetching.values())
             self._fetching.clear()
+        if timeout is not None and any(f.running() for f in futs):
+            stop_xet_transfers()  # a failed merge: a Xet prefetch would otherwise run to its end
         for f in futs:
             try:
                 f.result(timeout=timeout)

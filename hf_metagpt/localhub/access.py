@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from .common import NAME_RE, HubError, Limits
@@ -83,6 +83,21 @@ class Access:
         return repo
 
 
+@dataclass
+class Features:
+    """How the Hub answers file downloads (switchable while serving; see `LocalHub.set_storage`).
+
+    `cdn`: LFS files redirect (302) to a signed URL of the storage side, another origin, which must
+    not receive the token. `xet`: LFS files are Xet-backed (X-Xet-Hash, ``Link: rel="xet-auth"``,
+    CAS reconstruction), as new uploads on the Hub are; the 302 to the storage side stays for
+    clients without hf_xet. `storage_url`: the storage side's base URL.
+    """
+
+    cdn: bool = False
+    xet: bool = False
+    storage_url: str = ""
+
+
 @dataclass(frozen=True)
 class Context:
     """What every endpoint needs: the store, the access rules and the key that signs upload URLs."""
@@ -91,6 +106,7 @@ class Context:
     access: Access
     secret: bytes
     limits: Limits = Limits()
+    features: Features = field(default_factory=Features)
 
     def read(self, repo_type: str, repo_id: str, user: str | None) -> Repo:
         return self.access.repo_for_read(self.store, repo_type, repo_id, user)

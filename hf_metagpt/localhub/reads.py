@@ -167,6 +167,8 @@ def resolve_file(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: s
                "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}"}
     if lfs:
         headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(size)})
+    if lfs and (ctx.features.cdn or ctx.features.xet):
+        return _redirect_to_storage(ctx, h, repo_type, repo_id, commit["id"], lfs["oid"], blob, headers)
     start, end, status = 0, size - 1, 200
     rng = h.headers.get("Range")
     if rng and h.command == "GET":
@@ -181,10 +183,40 @@ def resolve_file(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: s
     length = max(0, end - start + 1)
     h.send_head(status, length, headers, content_type="application/octet-stream")
     if h.command != "HEAD":
-        _stream_blob(h, blob, start, length, path)
+        stream_blob(h, blob, start, length, path)
 
 
-def _stream_blob(h: Exchange, blob: Path, start: int, length: int, path: str) -> None:
+def _redirect_to_storage(ctx: Context, h: Exchange, repo_type: str, repo_id: str, commit: str, sha256: str,
+                         blob: Path, headers: dict) -> None:
+    """An LFS file as the Hub answers it: a 302 to a signed URL of the storage side (the client must not
+    send its token there) and, for Xet-backed files, the Xet hash and where to get a CAS token."""
+    from .cas import cdn_url
+
+    headers = {**headers, "Location": cdn_url(ctx, sha256)}
+    if ctx.features.xet:
+        file_hash = ctx.store.xet.ensure(sha256, blob)
+        token_url = f"{h.base_url()}/api/{repo_type}s/{repo_id}/xet-read-token/{commit}"
+        headers.update({"X-Xet-Hash": file_hash, "Link": f'<{token_url}>; rel="xet-auth"'})
+    h.send_bytes(302, b"", headers, content_type="text/plain")
+
+
+def xet_token(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, write: bool,
+              user: str | None) -> None:
+    """`GET /api/{type}s/{id}/xet-{read,write}-token/{rev}`: a CAS token for this repo (hub-docs docs/xet/auth.md)."""
+    from .cas import xet_token as make_token
+
+    if write:
+        ctx.write(repo_type, repo_id, user)
+    else:
+        repo, _ = snapshot(ctx, repo_type, repo_id, rev, user)
+        ctx.download(repo, user, h.base_url())
+    token, exp = make_token(ctx, repo_type, repo_id, "write" if write else "read")
+    cas = ctx.features.storage_url
+    h.send_json({"accessToken": token, "exp": exp, "casUrl": cas},
+                headers={"X-Xet-Cas-Url": cas, "X-Xet-Access-Token": token, "X-Xet-Token-Expiration": str(exp)})
+
+
+def stream_blob(h: Exchange, blob: Path, start: int, length: int, path: str) -> None:
     try:
         with open(blob, "rb") as f:
             cut = h.drop_after

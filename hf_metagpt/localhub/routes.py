@@ -66,7 +66,8 @@ def route_api(ctx: Context, h: Exchange, m: str, parts: list[str], user: str | N
 def _repo_api(ctx: Context, h: Exchange, m: str, repo_type: str, repo_id: str, op: str, rest: list[str],
               user: str | None) -> None:
     rev = "/".join(rest) if rest else "main"
-    if rest and op in ("revision", "paths-info", "commits", "tag", "preupload", "commit"):
+    if rest and op in ("revision", "paths-info", "commits", "tag", "preupload", "commit", "xet-read-token",
+                       "xet-write-token"):
         check_revision(rev)  # before any use: it may reach an error message
     if op == "" and m == "GET":
         return reads.info(ctx, h, repo_type, repo_id, "main", user)
@@ -91,6 +92,8 @@ def _repo_api(ctx: Context, h: Exchange, m: str, repo_type: str, repo_id: str, o
         return writes.commit(ctx, h, repo_type, repo_id, rev, user)
     if op == "settings" and not rest and m == "PUT":
         return writes.settings(ctx, h, repo_type, repo_id, user)
+    if op in ("xet-read-token", "xet-write-token") and rest and m == "GET":
+        return reads.xet_token(ctx, h, repo_type, repo_id, rev, op == "xet-write-token", user)
     if op == "safetensors-metadata" and rest and m == "GET":
         return reads.safetensors_metadata(ctx, h, repo_type, repo_id, "/".join(rest), user)
     raise HubError(404, "Not Found", "EndpointNotFound")

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import unquote
 
-from .access import Access, Context
+from . import cas
+from .access import Access, Context, Features
 from .common import NAME_RE, REPO_TYPES, HubError, Limits, repo_id_of
 from .storage import Repo, Store
 from .transport import Handler, Server
@@ -143,8 +144,12 @@ class LocalHub:
 
     def __init__(self, data_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
                  tokens: dict[str, str] | None = None, orgs: dict[str, Iterable[str]] | None = None,
-                 limits: Limits | None = None, tls: tuple[str | os.PathLike, str | os.PathLike] | None = None):
+                 limits: Limits | None = None, tls: tuple[str | os.PathLike, str | os.PathLike] | None = None,
+                 cdn: bool = False, xet: bool = False):
         self.data_dir = Path(data_dir)
+        self.features = Features(cdn=cdn, xet=xet)
+        self._storage: Server | None = None
+        self._storage_thread: threading.Thread | None = None
         self.limits = limits or Limits()
         self.tls = tls
         self.host, self.port = host, port
@@ -196,12 +201,19 @@ class LocalHub:
         """Load the data folder, serve in a background thread, and return the endpoint URL."""
         if self._server is not None:
             return self.endpoint
-        self._context = Context(Store(self.data_dir), self.access, self._secret, self.limits)
+        self._context = Context(Store(self.data_dir), self.access, self._secret, self.limits, self.features)
         tls = None
         if self.tls is not None:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             tls.load_cert_chain(*self.tls)
         self._server = Server((self.host, self.port), self, self.limits, tls)
+        # The storage side (CDN and Xet CAS) on a port of its own: another origin, like the Hub's.
+        self._storage = Server((self.host, 0), self, self.limits, tls, router=cas.route, hub_tokens=False)
+        host = self.host if self.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        self.features.storage_url = f"{self._storage.scheme}://{host}:{self._storage.server_address[1]}"
+        self._storage_thread = threading.Thread(target=self._storage.serve_forever, name="local-hub-storage",
+                                                daemon=True)
+        self._storage_thread.start()
         self._thread = threading.Thread(target=self._server.serve_forever, name="local-hub", daemon=True)
         self._thread.start()
         log.info("local hub serving %s from %s", self.endpoint, self.data_dir)
@@ -222,6 +234,13 @@ class LocalHub:
 
     def stop(self) -> None:
         """Stop serving and close every open connection (pooled keep-alive ones included)."""
+        storage, self._storage = self._storage, None
+        if storage is not None:
+            storage.shutdown()
+            storage.server_close()
+            storage.close_all()
+            if self._storage_thread is not None:
+                self._storage_thread.join()
         server, self._server = self._server, None
         if server is None:
             return
@@ -246,6 +265,22 @@ class LocalHub:
     def add_org(self, org: str, members: Iterable[str]) -> None:
         """Create (or extend) an organization whose members may write in its namespace."""
         self.access.add_org(org, members)
+
+    # ---- how files are served
+    @property
+    def storage_url(self) -> str:
+        """Base URL of the storage side (CDN and Xet CAS): another origin than `endpoint`."""
+        return self.features.storage_url
+
+    def set_storage(self, *, cdn: bool | None = None, xet: bool | None = None) -> None:
+        """Switch how LFS files are served from now on: `cdn` redirects them to signed URLs of the
+        storage side (which refuses an Authorization header); `xet` makes them Xet-backed like new
+        uploads on the Hub (X-Xet-Hash, xet-auth link, CAS reconstruction), and uploads then go
+        through Xet too (the xet-write-token endpoint answers)."""
+        if cdn is not None:
+            self.features.cdn = cdn
+        if xet is not None:
+            self.features.xet = xet
 
     # ---- renamed repos and canonical IDs
     def rename_repo(self, repo_id: str, new_id: str, *, repo_type: str = "model") -> None:

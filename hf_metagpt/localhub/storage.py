@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
+from .xet import XetStore
 from .common import (
     CHUNK,
     DEFAULT_GITATTRIBUTES,
@@ -79,6 +80,7 @@ class Store:
         # Renamed repos and canonical IDs without a namespace (`gpt2`): (type, old id) -> current id.
         # The Hub answers their URLs with a 307 to the current ones.
         self.aliases: dict[tuple[str, str], str] = {}
+        self.xet = XetStore(root / "xet")
         aliases = root / "aliases.json"
         if aliases.is_file():
             for t, old, new in json.loads(aliases.read_text()):

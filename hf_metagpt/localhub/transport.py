@@ -52,8 +52,10 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, addr: tuple[str, int], hub: Hooks, limits: Limits,
-                 tls: ssl.SSLContext | None = None):
+                 tls: ssl.SSLContext | None = None, router: Any = route, hub_tokens: bool = True):
         self.hub, self.limits, self.tls = hub, limits, tls
+        self.router = router  # path -> endpoint: the Hub's API, or the storage side's (cas.route)
+        self.hub_tokens = hub_tokens  # Authorization carries Hub tokens (the storage side checks its own)
         self.request_queue_size = limits.backlog  # read by server_activate's listen()
         self.connections: set[socket.socket] = set()
         self.workers: set[threading.Thread] = set()
@@ -255,11 +257,12 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.raw_path, self.query = _split_target(self.path)
             self.body = BodyReader(self.rfile, self.headers)
-            user = hub.access.authenticate(self.headers.get("Authorization"))
+            if self.server.hub_tokens:
+                user = hub.access.authenticate(self.headers.get("Authorization"))
             hub.record(self, user, None)
             if hub.apply_fault(self):
                 return
-            route(hub.context, self, user)
+            self.server.router(hub.context, self, user)
         except HubError as err:
             self.send_error_json(err)
         except IncompleteBody:

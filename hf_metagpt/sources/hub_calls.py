@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 
@@ -22,6 +23,9 @@ class HubUnavailableError(HubAccessError):
 
 #: attempts after the first one
 RETRIES = 4
+
+#: attempts after the first one for a Xet transfer (hf_xet has retried it already)
+XET_RETRIES = 1
 
 
 #: environment variable: the first backoff delay in seconds (doubled after each failure)
@@ -61,6 +65,9 @@ def transient(exc: BaseException) -> bool:
     from huggingface_hub.errors import HfHubHTTPError
 
     transport = _transport_errors()
+    xet = xet_status(exc)
+    if xet is not None:
+        return xet == 0 or xet in _RETRY_STATUS
     seen = 0
     e: BaseException | None = exc
     while e is not None and seen < 8:
@@ -78,6 +85,8 @@ def failed_request(exc: BaseException) -> str:
     """'HTTP 503 on GET .../resolve/<sha>/model-00001.safetensors' (no query string, no secrets)."""
     from urllib.parse import unquote, urlsplit
 
+    if xet_status(exc) is not None:
+        return _xet_summary(exc)
     e: BaseException | None = exc
     for _ in range(8):
         if e is None:
@@ -112,6 +121,9 @@ def hub_error(ref_text: str, exc: Exception) -> MergeError | None:
         RevisionNotFoundError,
     )
 
+    status = xet_status(exc)
+    if status is not None:
+        return _xet_error(ref_text, exc, status)
     if isinstance(exc, GatedRepoError):
         from huggingface_hub import constants
 
@@ -168,6 +180,82 @@ def _http_cause(exc: BaseException) -> BaseException | None:
             return e
         e = e.__cause__ or e.__context__
     return None
+
+
+#: how hf_xet reports a failed request: `RuntimeError("Task error: File reconstruction error: CAS Client
+#: Error: Request error: HTTP status client error (403 Forbidden), domain: http://.../v2/reconstructions/...")`
+_XET_STATUS = re.compile(r"HTTP status (?:client|server) error \((\d{3})[^)]*\)")
+_XET_MARKERS = ("CAS Client Error", "Request error", "Network error", "File reconstruction error", "Xet")
+
+
+def xet_status(exc: BaseException) -> int | None:
+    """For an error of the Xet storage client (hf_xet): the HTTP status it met, 0 for a network error
+    without one; None for any other exception."""
+    for e in _chain(exc):
+        module = type(e).__module__ or ""
+        text = str(e)
+        if module.startswith("hf_xet") or (isinstance(e, (RuntimeError, ConnectionError))
+                                           and any(m in text for m in _XET_MARKERS)):
+            m = _XET_STATUS.search(text)
+            if m:
+                return int(m.group(1))
+            name = type(e).__name__
+            if "Authentication" in name:
+                return 401
+            if "NotFound" in name:
+                return 404
+            return 0
+    return None
+
+
+def _chain(exc: BaseException):
+    e: BaseException | None = exc
+    for _ in range(8):
+        if e is None:
+            return
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _xet_summary(exc: BaseException) -> str:
+    """'Xet storage: HTTP 403 on GET /v2/reconstructions/<hash>' (no host, no query, no token)."""
+    text = str(next((e for e in _chain(exc) if xet_status(e) is not None), exc))
+    status = xet_status(exc)
+    path = re.search(r"domain: \S+?://[^/\s]+(/[^\s?,)]*)", text)
+    where = f" on {path.group(1)}" if path else ""
+    return f"Xet storage: HTTP {status}{where}" if status else f"Xet storage: network error{where}"
+
+
+def _xet_error(ref_text: str, exc: BaseException, status: int) -> MergeError:
+    what = _xet_summary(exc)
+    if status in (401, 403):
+        return HubAccessError(f"{ref_text}: the Hub's Xet storage refused the transfer ({what}).",
+                              hint="Pass a token that may read (or, for a push, write) this repo (--token / "
+                                   "token=..., HF_TOKEN or `hf auth login`); for a gated model, accept its "
+                                   "conditions first. Xet can be bypassed with HF_HUB_DISABLE_XET=1.")
+    if status == 404:
+        return HubAccessError(f"{ref_text}: a file the repo lists is missing from the Hub's Xet storage ({what}).",
+                              hint="The repo may have changed; retry, or pin a revision with @SHA.")
+    return HubUnavailableError(f"{ref_text}: the Hub's Xet storage kept failing ({what}).",
+                               hint="Retry later; files already downloaded stay in the Hub cache. "
+                                    "HF_HUB_DISABLE_XET=1 downloads over plain HTTP instead.")
+
+
+def stop_xet_transfers() -> None:
+    """Cancel every Xet transfer of this process now (huggingface_hub's own Ctrl-C path).
+
+    hf_xet runs a download on its own threads: raising from a progress callback does not stop
+    it (the callback runs on hf_xet's poller thread). Aborting the session does; huggingface_hub
+    starts a fresh one for the next transfer.
+    """
+    try:
+        from huggingface_hub.utils._xet import abort_xet_session
+    except ImportError:  # pragma: no cover - a huggingface_hub without Xet
+        return
+    try:
+        abort_xet_session()
+    except Exception as exc:  # noqa: BLE001 - best effort: the downloads then end on their own
+        log.debug("could not abort the Xet session: %s", exc)
 
 
 def call(ref_text: str, fn, *args, **kwargs):
@@ -230,7 +318,8 @@ def retrying(ref_text: str, attempt, *, stop: threading.Event | None = None, rec
                     raise gave_up(ref_text, exc, published=published) from None
                 continue
             failures += 1
-            if failures > RETRIES:
+            # hf_xet retries a failed transfer itself for about a minute: one more try of ours is enough
+            if failures > (XET_RETRIES if xet_status(exc) is not None else RETRIES):
                 raise gave_up(ref_text, exc, published=published) from None
             log.warning("warning: %s: %s%s; retrying in %.1f s (%d/%d)", ref_text, doing, failed_request(exc),
                         delay, failures, RETRIES)
