@@ -185,10 +185,14 @@ def _stoppable_bar(stop: threading.Event) -> type:
     from huggingface_hub.utils import tqdm as hf_tqdm
 
     class StoppableBar(hf_tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs) -> None:
+            self._downloader = threading.get_ident()  # the thread running the download
+            super().__init__(*args, **kwargs)
+
         def update(self, n: float | None = 1) -> bool | None:
             # Over Xet this runs on hf_xet's poller thread, where raising stops nothing but the
             # bar (and prints a traceback): `stop_xet_transfers` ends those downloads instead.
-            if stop.is_set() and threading.current_thread().name.startswith(DOWNLOAD_THREADS):
+            if stop.is_set() and threading.get_ident() == self._downloader:
                 raise DownloadStopped("download stopped (the merge ended).")
             return super().update(n)
 
