@@ -317,6 +317,7 @@ def build_executor(shape: RunShape, the_plan: MergePlan, method: MergeMethod, wo
     from .engine.feed import PieceFeed
     from .engine.merging import build_kernel, sources_of
     from .engine.pieces import unit_bytes
+    from .engine.sizing import readers
 
     files = file_provider(shape, the_plan, scratch, token)
     try:
@@ -324,7 +325,8 @@ def build_executor(shape: RunShape, the_plan: MergePlan, method: MergeMethod, wo
         kernel = build_kernel(the_plan, method, sources, device, seed=seed, allow_nonfinite=allow_nonfinite,
                               processes=shape.processes)
         unit = unit_bytes()
-        feed = PieceFeed(the_plan, sources, files, unit, local=shape.files == "local")
+        feed = PieceFeed(the_plan, sources, files, unit, local=shape.files == "local",
+                         readers=readers(device, shape.processes))
         if shape.output == "adapter":
             from .engine.adapter_output import AdapterKernel, AdapterSink, check_lora_output
 

@@ -29,14 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
     (1, 8 * GB, "cpu", None, True, 1, (1, 1, 1, 1)),
     (2, 8 * GB, "cpu", None, True, 1, (1, 2, 1, 1)),      # unchanged on two cores
     (3, 8 * GB, "cpu", None, True, 1, (1, 2, 1, 1)),
-    (16, 8 * GB, "cpu", None, True, 1, (1, 15, 1, 1)),    # one core left for the reader and writer
-    (64, 64 * GB, "cpu", None, True, 1, (1, 32, 1, 1)),   # MAX_COMPUTE
-    (16, 3 * WORKER_BYTES, "cpu", None, True, 1, (1, 3, 1, 1)),  # what free memory holds
+    (16, 8 * GB, "cpu", None, True, 1, (4, 12, 1, 1)),    # four readers, the rest compute
+    (64, 64 * GB, "cpu", None, True, 1, (4, 32, 1, 1)),   # MAX_COMPUTE
+    (16, 3 * WORKER_BYTES, "cpu", None, True, 1, (4, 3, 1, 1)),  # what free memory holds
     (16, 8 * GB, "cpu", None, True, 4, (1, 3, 1, 1)),     # four processes share 16 cores
     (2, 8 * GB, "cpu", None, True, 2, (1, 1, 1, 1)),
-    (16, 8 * GB, "cpu", None, False, 1, (1, 1, 1, None)),  # the method path: torch's own threads
-    (16, 8 * GB, "cuda", None, True, 1, (1, 1, 1, GPU_TORCH_THREADS)),
-    (16, 8 * GB, "cuda", None, False, 1, (1, 1, 1, GPU_TORCH_THREADS)),
+    (16, 8 * GB, "cpu", None, False, 1, (4, 1, 1, None)),  # the method path: torch's own threads
+    (16, 8 * GB, "cuda", None, True, 1, (4, 1, 1, GPU_TORCH_THREADS)),
+    (16, 8 * GB, "cuda", None, False, 1, (4, 1, 1, GPU_TORCH_THREADS)),
     (1, 8 * GB, "cuda", None, True, 1, (1, 1, 1, 1)),
     (2, 8 * GB, "cpu", 8, True, 1, (1, 8, 1, 1)),         # an override is taken as given
     (64, 64 * GB, "cpu", 1, True, 1, (1, 1, 1, 1)),
@@ -150,3 +150,38 @@ def test_cli_workers(family, tmp_path):
         assert r.returncode == 0, r.stderr
         outs[n] = _digest(tmp_path / n)
     assert outs["1"] == outs["3"]
+
+
+@pytest.mark.parametrize("granularity, unit_mb", [("model", None), ("layer", "0.05")])
+def test_bytes_do_not_depend_on_the_reader_count(family, tmp_path, monkeypatch, granularity, unit_mb):
+    """Readers fill each input's own place in the pooled buffer: 1 or 4 of them read the same pieces."""
+    from hf_metagpt.engine import feed as feed_mod
+    from hf_metagpt.engine import sizing
+
+    base, fts = family
+    if unit_mb:
+        monkeypatch.setenv("HF_METAGPT_UNIT_MB", unit_mb)
+    used = []
+    real_init = feed_mod.PieceFeed.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        used.append(self.readers)
+
+    monkeypatch.setattr(feed_mod.PieceFeed, "__init__", spy)
+    digests = {}
+    for n in (1, 4):
+        monkeypatch.setattr(sizing, "readers", lambda device, processes=1, n=n: n)
+        out = tmp_path / f"r{n}"
+        hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(out), granularity=granularity,
+                         device="cpu", progress=False)
+        digests[n] = _digest(out)
+    assert used == [1, 4]
+    assert digests[1] == digests[4]
+
+
+def test_readers_from_the_machine():
+    assert [plan_workers(c, 64 * GB, "cpu").readers for c in (1, 2, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 4]
+    assert plan_workers(16, 64 * GB, "cpu").compute == 12  # 16 cores: 4 readers, 12 compute workers
+    assert plan_workers(16, 64 * GB, "cuda").readers == 4
+    assert plan_workers(16, 64 * GB, "cpu", 3).readers == 1

@@ -86,10 +86,13 @@ class PieceFeed:
         files: where the input files are (`fetch.LocalFiles`, `OverlappedFiles`, `LowDiskFiles`).
         unit: bytes of all inputs read at once (`pieces.unit_bytes`).
         local: every file is on a local disk already (direct reads and readahead hints pay).
+        readers: threads reading one piece's inputs side by side (local files only; `sizing`):
+            each input's bytes go to their own place in the pooled buffer, so the piece is the
+            same whatever the count.
     """
 
     def __init__(self, plan: MergePlan, sources: Sequence[TaskSource], files: FileProvider, unit: int, *,
-                 local: bool) -> None:
+                 local: bool, readers: int = 1) -> None:
         self.plan = plan
         self.sources = tuple(sources)
         self.files = files
@@ -98,6 +101,8 @@ class PieceFeed:
         self.counts = FeedCounts()
         self.pool = BufferPool(slots=2, keep=unit)  # one piece in use, the next one being read
         self._reader: ThreadPoolExecutor | None = None
+        self.readers = max(1, readers) if local else 1
+        self._parts: ThreadPoolExecutor | None = None
         self._once: frozenset = frozenset()  # pieces this run reads with O_DIRECT (`prepare`)
         self._stopped = False
 
@@ -107,6 +112,8 @@ class PieceFeed:
 
     def start(self) -> None:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-read")
+        if self.readers > 1:
+            self._parts = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="hf-metagpt-read-part")
 
     def stop(self, *, cancel: bool) -> None:
         if self._stopped:
@@ -116,6 +123,9 @@ class PieceFeed:
         if self._reader is not None:
             self._reader.shutdown(wait=True, cancel_futures=cancel)
             self._reader = None
+        if self._parts is not None:
+            self._parts.shutdown(wait=True, cancel_futures=cancel)
+            self._parts = None
 
     def _pooled_infos(self) -> list[ModelInfo | None]:
         """The inputs read into the pooled buffer (base and full fine-tunes; adapters read their own)."""
@@ -206,11 +216,22 @@ class PieceFeed:
         slack = DIRECT_SLACK if direct else 0
         buf = self.pool.take(sum(m.nbytes + slack for _, _, metas in parts for m in metas))
         raws: Raws = [None] * len(self.plan.inputs)
-        pos = read = 0
+        jobs = []
+        pos = 0
         for info, i, metas in parts:
             size = sum(m.nbytes + slack for m in metas)
-            raws[i], n = read_metas(info, i, metas, self.files, buf[pos:pos + size], direct=direct)
+            jobs.append((info, i, metas, buf[pos:pos + size]))
             pos += size
+
+        def one(job: tuple) -> tuple:
+            info, i, metas, into = job
+            return read_metas(info, i, metas, self.files, into, direct=direct)
+
+        pool = self._parts
+        done = list(pool.map(one, jobs)) if pool is not None and len(jobs) > 1 else [one(j) for j in jobs]
+        read = 0
+        for (_, i, _, _), (data, n) in zip(jobs, done):
+            raws[i] = data
             read += n
         counts = self.counts
         counts.bytes_read += read
