@@ -236,15 +236,70 @@ def _cmd_install_extension(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_hub_serve(args: argparse.Namespace) -> int:
-    from .localhub import LocalHub, is_loopback, parse_token_spec
+#: `hub serve` also reads tokens from here: USER:TOKEN or TOKEN entries, separated by commas or whitespace
+HUB_TOKENS_ENV = "HF_METAGPT_HUB_TOKENS"
 
+
+def _hub_port(text: str) -> int:
+    """`--port`: 0 (a free port) to 65535."""
     try:
-        tokens = dict(parse_token_spec(spec) for spec in args.token)
-    except ValueError as exc:
-        raise MergeError(str(exc), hint="Use --token TOKEN or --token USER:TOKEN.") from None
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535; 0 picks a free one)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535; 0 picks a free one)")
+    return port
+
+
+def _hub_tokens(args: argparse.Namespace) -> dict[str, str]:
+    """{token: user} from --token, --token-file and HF_METAGPT_HUB_TOKENS (the last two keep tokens out of
+    the process's command line, which every local user can read)."""
+    from pathlib import Path
+
+    from .localhub import parse_token_spec
+
+    specs = [(spec, "--token") for spec in args.token]
+    for path in args.token_file:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MergeError(f"Cannot read --token-file {path}: {getattr(exc, 'strerror', None) or exc}.",
+                             hint="Give a text file with one USER:TOKEN (or TOKEN) per line.") from None
+        specs += [(line.strip(), f"--token-file {path}, line {i}") for i, line in enumerate(text.splitlines(), 1)
+                  if line.strip() and not line.lstrip().startswith("#")]
+    specs += [(spec, HUB_TOKENS_ENV) for spec in os.environ.get(HUB_TOKENS_ENV, "").replace(",", " ").split()]
+    tokens = {}
+    for spec, where in specs:
+        try:
+            token, user = parse_token_spec(spec)
+        except ValueError:  # the message would repeat the token: name where it came from instead
+            raise MergeError(f"A token spec in {where} is not TOKEN or USER:TOKEN.",
+                             hint="Write TOKEN or USER:TOKEN (USER: letters, digits, '-', '_', '.').") from None
+        tokens[token] = user
+    return tokens
+
+
+def _cmd_hub_serve(args: argparse.Namespace) -> int:
+    import ssl
+    from pathlib import Path
+
+    from .localhub import LocalHub, is_loopback
+
+    tokens = _hub_tokens(args)
     if bool(args.cert) != bool(args.key):
         raise MergeError("--cert and --key go together.", hint="Pass both PEM files to serve HTTPS, or neither.")
+    for flag, path in (("--cert", args.cert), ("--key", args.key)):
+        if path and not Path(path).is_file():
+            raise MergeError(f"The {flag} file {path} does not exist (or is not a file).",
+                             hint=f"Pass the path of a PEM file to {flag}.")
+    data = Path(args.data)
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        if not os.access(data, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise MergeError(f"Cannot keep the local Hub's data in --data {args.data}: {exc.strerror or exc}.",
+                         hint="Choose a folder you can write to (it is created if missing).") from None
     if not is_loopback(args.host) and not args.cert:
         print(f"Warning: serving plain HTTP on {args.host}: tokens travel in clear over the network. "
               "Use --cert/--key for HTTPS, or keep the default --host 127.0.0.1.", file=sys.stderr)
@@ -252,9 +307,12 @@ def _cmd_hub_serve(args: argparse.Namespace) -> int:
                    tls=(args.cert, args.key) if args.cert else None)
     try:
         endpoint = hub.start()
-    except OSError as exc:  # address in use, unreadable or mismatched certificate and key
-        raise MergeError(f"Could not serve on {args.host}:{args.port}: {exc}",
-                         hint="Pick another --port, or check the --cert/--key files (PEM).") from None
+    except ssl.SSLError as exc:
+        raise MergeError(f"Could not load --cert {args.cert} with --key {args.key}: {exc.reason or exc}.",
+                         hint="Pass a PEM certificate and its matching PEM private key.") from None
+    except OSError as exc:  # address in use, a host that is not ours
+        raise MergeError(f"Could not serve on {args.host}:{args.port}: {exc.strerror or exc}.",
+                         hint="Pick another --port (0 picks a free one), or a --host of this machine.") from None
     users = ", ".join(sorted(set(tokens.values()))) or "nobody (read-only: add --token USER:TOKEN)"
     print(f"Local Hub serving {args.data} at {endpoint}; tokens accepted for: {users}", file=sys.stderr)
     print("Set these where the client runs, before huggingface_hub is imported:", file=sys.stderr)
@@ -502,9 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve a local Hugging Face Hub-compatible API until Ctrl-C.")
     p.add_argument("--data", default="hub-data", help="folder keeping repos and files (default: ./hub-data)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    p.add_argument("--port", type=_hub_port, default=0, help="port, 0-65535 (default: a free one)")
     p.add_argument("--token", action="append", default=[], metavar="[USER:]TOKEN",
-                   help="accept this token (for USER, default 'user'); repeatable; never printed")
+                   help="accept this token (for USER, default 'user'); repeatable; never printed. Other local "
+                        "users can read a command line: prefer --token-file or HF_METAGPT_HUB_TOKENS")
+    p.add_argument("--token-file", action="append", default=[], metavar="FILE",
+                   help="accept the tokens in FILE: one [USER:]TOKEN per line ('#' comments); repeatable")
     p.add_argument("--cert", help="TLS certificate file (PEM): serve HTTPS; needs --key")
     p.add_argument("--key", help="TLS private key file (PEM) for --cert")
     p.set_defaults(func=_cmd_hub_serve)

@@ -3,7 +3,8 @@
 Every read of a connection goes through `SocketReader`, whose timeout depends on what is expected:
 the next request of a kept-alive connection (``idle_timeout``), the rest of its headers once the
 first byte came (one ``header_timeout`` for all of them, so a client dripping a byte at a time is cut
-off: slowloris), or its body (``body_timeout`` per read). `BodyReader` refuses a negative, non-numeric,
+off: slowloris), or its body (``body_timeout`` per read, and at least ``min_body_rate`` on average after
+``body_grace`` seconds: a slow body is cut off too). `BodyReader` refuses a negative, non-numeric,
 repeated-and-different or over-limit Content-Length, both Content-Length and Transfer-Encoding,
 malformed chunk sizes and chunks longer than announced, each with a 4xx before any use.
 """
@@ -42,8 +43,11 @@ class SocketReader(io.RawIOBase):
         self._phase = "idle"
 
     def expect_body(self) -> None:
-        """Headers are in: body reads (and the answer's writes) each get `body_timeout`."""
+        """Headers are in: body reads (and the answer's writes) each get `body_timeout`, and the body
+        as a whole must average `min_body_rate` after `body_grace` seconds (a byte every few seconds
+        would pass any per-read timeout)."""
         self._phase = "body"
+        self._body_start, self._body_bytes = time.monotonic(), 0
         self._sock.settimeout(self._limits.body_timeout)
 
     def readinto(self, buffer: Any) -> int:
@@ -55,7 +59,15 @@ class SocketReader(io.RawIOBase):
             if left <= 0:
                 raise TimeoutError("request headers took too long")
             self._sock.settimeout(left)
+        elif self._phase == "body":
+            limits = self._limits
+            left = self._body_start + limits.body_grace + self._body_bytes / limits.min_body_rate - now
+            if left <= 0:
+                raise TimeoutError("request body arrives too slowly")
+            self._sock.settimeout(min(limits.body_timeout, left))
         n = self._sock.recv_into(buffer)
+        if self._phase == "body":
+            self._body_bytes += n
         if self._phase == "idle" and n:
             self._phase, self._deadline = "headers", now + self._limits.header_timeout
         return n

@@ -67,6 +67,13 @@ class Limits:
         max_connections: connections served at once; more get 503 with ``Retry-After``.
         backlog: the listen queue; the default of 5 made bursts of clients wait 1/3/7/15 s for SYN retries.
         tree_page: entries per page of a tree listing (the rest follows a ``Link: rel="next"``).
+        min_body_rate: bytes per second a request body must average once `body_grace` seconds have
+            passed (a client dripping a byte at a time would otherwise hold a connection for ever).
+        body_grace: seconds a body may take before `min_body_rate` applies.
+        max_per_client: connections one client address may hold at once (the rest get 503). Loopback
+            clients share one address (every local tool and test), so they are exempt unless
+            `cap_loopback`.
+        request_log: requests kept in `LocalHub.requests` (the oldest are dropped beyond it).
     """
 
     header_timeout: float = 10.0
@@ -76,6 +83,11 @@ class Limits:
     backlog: int = 1024
     retry_after: int = 1
     tree_page: int = 1000
+    min_body_rate: float = 64 * 1024
+    body_grace: float = 10.0
+    max_per_client: int = 64
+    cap_loopback: bool = False
+    request_log: int = 10_000
 
 
 def git_blob_sha1(data: bytes) -> str:

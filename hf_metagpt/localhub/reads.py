@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import socket
 from pathlib import Path
@@ -13,7 +12,7 @@ from urllib.parse import parse_qs, quote, urlencode
 from .access import Context
 from .common import CHUNK, MAX_JSON_BODY, MAX_PATHS_INFO, HubError, clean_path, iso
 from .exchange import Exchange
-from .schema import as_object, field
+from .schema import as_object, field, parse_json
 from .storage import Repo, resolve
 
 log = logging.getLogger(__name__)
@@ -100,10 +99,7 @@ def tree(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, path
 def paths_info(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, user: str | None) -> None:
     raw = h.body.read_all(MAX_JSON_BODY)
     if (h.headers.get("Content-Type") or "").startswith("application/json"):
-        try:
-            body = as_object(json.loads(raw or b"{}"), "Paths-info request")
-        except ValueError:
-            raise HubError(400, "Request body is not valid JSON") from None
+        body = as_object(parse_json(raw or b"{}", "Request body"), "Paths-info request")
         paths = field(body, "paths", list, "Paths-info request", default=[], max_len=MAX_PATHS_INFO)
     else:
         paths = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True).get("paths", [])
@@ -267,13 +263,17 @@ def safetensors_metadata(ctx: Context, h: Exchange, repo_type: str, repo_id: str
             f.seek(offset)
             return f.read(-1 if n is None else n)
 
-    index = json.loads(read(clean_path(filename)))
+    name = clean_path(filename)
+    index = as_object(parse_json(read(name), name), name)
+    weight_map = index.get("weight_map", {})
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise HubError(400, f"{name}: weight_map must map tensor names to file names")
     headers = {}
-    for shard in sorted(set(index.get("weight_map", {}).values())):
+    for shard in sorted(set(weight_map.values())):
         n = int.from_bytes(read(clean_path(shard), 8), "little")
         if n > 100 * 1024 * 1024:
             raise HubError(400, f"{shard}: safetensors header too large")
-        headers[shard] = json.loads(read(shard, n, 8))
+        headers[shard] = as_object(parse_json(read(shard, n, 8), f"{shard}'s header"), f"{shard}'s header")
     h.send_json({"index": {k: v for k, v in index.items() if k != "weight_map"}, "headers": headers})
 
 

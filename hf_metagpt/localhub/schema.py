@@ -6,11 +6,22 @@ came back as a 500 with a traceback in the log.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .common import HubError, printable
 
 _TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", list: "a list", dict: "an object"}
+
+
+def parse_json(raw: bytes | str, what: str) -> Any:
+    """`raw` parsed as JSON; else 400 (invalid text, or nested too deeply for the parser: `[[[[…`)."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise HubError(400, f"{what} is not valid JSON") from None
+    except RecursionError:
+        raise HubError(400, f"{what} is nested too deeply") from None
 
 
 def as_object(value: Any, what: str) -> dict:

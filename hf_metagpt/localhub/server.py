@@ -20,6 +20,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -159,7 +160,8 @@ class LocalHub:
         self._thread: threading.Thread | None = None
         self._faults: list[Fault] = []
         self._rate_limits: list[RateLimit] = []
-        self._requests: list[RequestRecord] = []
+        # Bounded: `hub serve` answers requests for days (the oldest records are dropped).
+        self._requests: deque[RequestRecord] = deque(maxlen=self.limits.request_log)
         self._meta_lock = threading.Lock()
         # Signs LFS upload URLs: the client PUTs to them without credentials, like to a bucket.
         self._secret = secrets.token_bytes(32)

@@ -8,6 +8,7 @@ sent reaches a header or a log line raw).
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import logging
 import queue
@@ -24,6 +25,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from .body import BodyReader, IncompleteBody, SocketReader
 from .common import MAX_JSON_BODY, HubError, Limits, printable
 from .routes import route
+from .schema import parse_json
 
 
 class Hooks(Protocol):
@@ -43,7 +45,8 @@ _HOST_RE = re.compile(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9
 
 
 class Server(ThreadingHTTPServer):
-    """One thread per connection, at most `limits.max_connections` of them; the rest get a 503.
+    """One thread per connection, at most `limits.max_connections` of them (`max_per_client` from one
+    address); the rest get a 503.
 
     The server owns every thread it starts: `close_all` ends each connection and joins its thread.
     """
@@ -59,6 +62,7 @@ class Server(ThreadingHTTPServer):
         self.request_queue_size = limits.backlog  # read by server_activate's listen()
         self.connections: set[socket.socket] = set()
         self.workers: set[threading.Thread] = set()
+        self.per_client: dict[str, int] = {}  # open connections per client address (`max_per_client`)
         self.conn_lock = threading.Lock()
         self.rejecter = Rejecter(limits.retry_after)
         super().__init__(addr, Handler)
@@ -71,24 +75,42 @@ class Server(ThreadingHTTPServer):
     def scheme(self) -> str:
         return "http" if self.tls is None else "https"
 
+    def _client_key(self, client_address: Any) -> str | None:
+        """The address a per-client cap counts against (None: exempt, a loopback client by default)."""
+        host = str(client_address[0]) if isinstance(client_address, tuple) and client_address else ""
+        try:
+            loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
+        except ValueError:
+            loopback = False
+        return None if loopback and not self.limits.cap_loopback else host
+
     def process_request(self, request: Any, client_address: Any) -> None:
+        client = self._client_key(client_address)
         with self.conn_lock:
-            full = len(self.workers) >= self.limits.max_connections
+            full = (len(self.workers) >= self.limits.max_connections
+                    or (client is not None and self.per_client.get(client, 0) >= self.limits.max_per_client))
             if not full:
                 worker = threading.Thread(target=self.process_request_thread, args=(request, client_address),
                                           name="local-hub-connection", daemon=True)
                 self.workers.add(worker)
+                if client is not None:
+                    self.per_client[client] = self.per_client.get(client, 0) + 1
         if full:
             self.rejecter.offer(request)
             return
         worker.start()
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        client = self._client_key(client_address)
         try:
             super().process_request_thread(request, client_address)
         finally:
             with self.conn_lock:
                 self.workers.discard(threading.current_thread())
+                if client is not None:
+                    left = self.per_client.pop(client, 1) - 1
+                    if left > 0:
+                        self.per_client[client] = left
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients that vanish mid-request (or faults that drop them) are routine here.
@@ -272,6 +294,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error_json(HubError(408, "Request body timed out"))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except RecursionError:  # JSON nested past the parser's depth on a route that parsed it itself
+            self.send_error_json(HubError(400, "Request is nested too deeply"))
         except Exception as exc:  # a bug in the server must not kill the connection silently
             log.exception("local hub: internal error on %s %s", self.command, self._shown_path())
             self.send_error_json(HubError(500, f"Internal error: {type(exc).__name__}"))
@@ -321,11 +345,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def json_body(self) -> Any:
-        raw = self.body.read_all(MAX_JSON_BODY)
-        try:
-            return json.loads(raw or b"{}")
-        except ValueError:
-            raise HubError(400, "Request body is not valid JSON") from None
+        return parse_json(self.body.read_all(MAX_JSON_BODY) or b"{}", "Request body")
 
     def base_url(self) -> str:
         """The URL the client reached us at (its Host header, if well formed), for URLs in answers."""

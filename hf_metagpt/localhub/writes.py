@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import fnmatch
-import json
 from typing import Any
 
 from .access import Context
@@ -30,7 +29,7 @@ from .common import (
     repo_id_of,
 )
 from .exchange import Exchange
-from .schema import as_object, field, objects, size_field
+from .schema import as_object, field, objects, parse_json, size_field
 from .storage import resolve
 
 
@@ -235,11 +234,7 @@ def _read_commit(ctx: Context, h: Exchange, user: str) -> tuple[dict, list[tuple
             break
         if not line.strip():
             continue
-        try:
-            item = json.loads(line)
-        except ValueError:
-            raise HubError(400, "Invalid NDJSON commit payload: a line is not JSON") from None
-        item = as_object(item, "Commit payload line")
+        item = as_object(parse_json(line, "A line of the NDJSON commit payload"), "Commit payload line")
         key = field(item, "key", str, "Commit payload line", required=True)
         value = as_object(item.get("value"), f"Commit payload: {printable(key)} value")
         if key == "header":
