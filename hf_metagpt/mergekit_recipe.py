@@ -209,7 +209,10 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
         out["chat_template"] = value
     tok = _tokenizer(r, top, base, refs, tunes)
     if tok is not None:
-        out["tokenizer_source"] = tok
+        # mergekit: the output's vocabulary rows are the tokenizer's tokens (`sources/vocab.py`)
+        out["vocabulary"] = "union" if tok == "union" else "tokenizer"
+        if tok != "union":
+            out["tokenizer_source"] = tok
     return out
 
 
@@ -438,9 +441,15 @@ def _tokenizer(r: _Reader, top: dict, base: str | None, refs: list[str], tunes: 
     if "tokenizer" in top:
         tnode = top["tokenizer"][1]
         fields = r.mapping(tnode, "tokenizer")
-        for key, (kn, _) in fields.items():
+        for key, (kn, vn) in fields.items():
+            if key == "tokens" and r.value(vn) in (None, {}):
+                continue
+            if key == "tokens":
+                raise r.fail(kn, "tokenizer.tokens (the embedding row of a named token, set by hand) is not supported",
+                             hint="Leave it out: tokens every model has are merged, a token one model adds keeps that model's row.")
             if key != "source":
-                raise r.fail(kn, f"tokenizer.{key} is not supported", hint="Only tokenizer.source is read.")
+                raise r.fail(kn, f"tokenizer.{key} is not supported",
+                             hint="Only tokenizer.source (base, union or a model) is read.")
         if "source" in fields:
             node = fields["source"][1]
             value = r.value(node)
@@ -449,8 +458,7 @@ def _tokenizer(r: _Reader, top: dict, base: str | None, refs: list[str], tunes: 
     if value == "base":
         return "base"
     if value == "union":
-        raise r.fail(node, "tokenizer_source union (a merged vocabulary) is not supported",
-                     hint="Use base or one of the models; hf-metagpt keeps one model's vocabulary.")
+        return "union"
     spec = str(value)
     if spec.startswith("model:"):
         spec = spec[len("model:"):]

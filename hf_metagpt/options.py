@@ -57,6 +57,9 @@ class MergeOptions:
     granularity: str = "model"
     #: "base" or one of the fine-tunes (as written in `models`): whose vocabulary and tokenizer
     tokenizer_source: str = "base"
+    #: mergekit's tokenizer sources: "tokenizer" (the output's vocabulary rows are the tokenizer source's
+    #: tokens) or "union" (every input's tokens; `sources/vocab.py`); None: the rows of the embeddings
+    vocabulary: str | None = None
     #: the output tokenizer's chat template: None (the tokenizer source's; the fine-tunes' when it has
     #: none), "auto" (the most common), "chatml"/"llama3", one of the models, or the template text
     chat_template: str | None = None
@@ -127,6 +130,8 @@ class MergeOptions:
                     f"Invalid {name} {getattr(self, name)!r}.", hint=f"Use one of: {', '.join(allowed)}."
                 )
         parse_size(self.max_shard_size)
+        if self.vocabulary not in (None, "tokenizer", "union"):
+            raise RecipeError(f"Invalid vocabulary {self.vocabulary!r}.", hint="Use tokenizer or union (or leave it out).")
         if self.chat_template is not None:
             from .sources.chat_template import check_choice
 

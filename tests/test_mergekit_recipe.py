@@ -66,6 +66,7 @@ def test_a_full_recipe_becomes_our_options():
         },
         "dtype": "bfloat16",  # out_dtype wins: what is written
         "tokenizer_source": "org/a",
+        "vocabulary": "tokenizer",  # mergekit's meaning: the rows are the tokenizer's tokens
     }
     opts = build_options(None, **values, output="out")
     m = hf_metagpt.methods.get_method(opts.method, **opts.parameters)
@@ -125,8 +126,8 @@ def test_linear_slerp_and_metagpt_recipes():
     ("merge_method: nuslerp\nmodels: [a/b]\n", "nuslerp merges exactly two models (and, optionally, a base_model whose task vectors they give) (r.yml, line 2)"),
     ("merge_method: ties\nmodels: [a/b, a/c]\n", "merge_method 'ties' needs a base_model"),
     ("merge_method: slerp\nbase_model: a/b\nmodels: [a/b, a/c, a/d]\n", "slerp merges exactly two models"),
-    ("merge_method: ties\nbase_model: a/b\nmodels: [a/b, a/c]\nparameters: {weight: 1}\ntokenizer_source: union\n",
-     "tokenizer_source union (a merged vocabulary) is not supported (r.yml, line 5)"),
+    ("merge_method: ties\nbase_model: a/b\nmodels: [a/b, a/c]\nparameters: {weight: 1}\ntokenizer:\n  source: union\n"
+     "  pad_to_multiple_of: 64\n", "tokenizer.pad_to_multiple_of is not supported (r.yml, line 7)"),
     ("merge_method: ties\nbase_model: a/b\nmodels:\n  - model: a/x+a/lora\n",
      "applies a LoRA adapter to 'a/x', which is not base_model 'a/b' (r.yml, line 4)"),
     ("merge_method: ties\nbase_model: a/b\nmodels: [a/c]\nparameters: {weight: 1}\ndtype: int8\n", "dtype 'int8' is not supported (r.yml, line 5)"),

@@ -222,7 +222,7 @@ class MergeKernel:
         """The merged shared rows of a whole tensor, followed by the extra rows of their source (if any)."""
         if tp.extra_source is None:
             return merged
-        extra = raws[tp.extra_source][tp.name][tp.shared_rows:].to(self.ctx.device, merged.dtype)
+        extra = raws[tp.extra_source][tp.name][tp.shared_rows:tp.out_shape[0]].to(self.ctx.device, merged.dtype)
         return torch.cat([merged, extra], dim=0)
 
 
@@ -429,7 +429,7 @@ class GpuFusedKernel(FusedKernel):
     def with_extra_rows(self, tp: TensorPlan, merged: torch.Tensor, raws: Raws) -> torch.Tensor:
         if tp.extra_source is None:
             return merged
-        extra = raws[tp.extra_source][tp.name][tp.shared_rows:].to(merged.dtype)
+        extra = raws[tp.extra_source][tp.name][tp.shared_rows:tp.out_shape[0]].to(merged.dtype)
         return torch.cat([merged, extra], dim=0)
 
     def merge(self, tensors: Sequence[TensorPlan], raws: Raws, piece: Piece, coefs: Coefficients,

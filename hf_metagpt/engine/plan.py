@@ -388,13 +388,24 @@ def build_plan(opts: MergeOptions, base: ModelInfo, models: Sequence[ModelInfo],
     if check_skeleton:
         check_against_skeleton(base, warnings)
     tok = resolve_tokenizer_source(opts, models)
+    vocab = None
+    if opts.vocabulary is not None:  # mergekit's tokenizer sources (`sources/vocab.py`)
+        from ..sources.vocab import vocab_rows
+
+        tok, out_rows, shared, vocab_warnings = vocab_rows(opts.vocabulary, tok, [base, *models], opts.token)
+        warnings.extend(vocab_warnings)
+        vocab = (out_rows, shared)
+        source = "base" if tok == 0 else models[tok - 1].name
+        notes.append(f"vocabulary: {out_rows} rows, the tokens of {source}'s tokenizer"
+                     + (" (the union of the models')" if opts.vocabulary == "union" else "")
+                     + (f"; rows {shared}..{out_rows - 1} are {source}'s own" if out_rows > shared else ""))
     out_dtype = out_dtype_of(opts, base)
     granularity = opts.granularity
     if granularity == "layer" and not any(block_of(n) for n in base.tensors):
         warnings.append("no tensor names match a transformer block ('*.layers.N.*', '*.h.N.*'): --granularity "
                         "layer falls back to tensor (recorded as tensor)")
         granularity = "tensor"
-    specs = _tensor_specs(base, models, tok, out_dtype, granularity, notes)
+    specs = _tensor_specs(base, models, tok, out_dtype, granularity, notes, vocab)
     shard_of = _shard_layout([nbytes for *_, nbytes in specs], parse_size(opts.max_shard_size))
     plans = [TensorPlan(*spec[:-1], shard=shard_of[k]) for k, spec in enumerate(specs)]
     groups = tuple(StreamGroup(name, tuple(tps)) for name, tps in _runs(plans, lambda t: t.stream_group))
@@ -418,7 +429,7 @@ def build_plan(opts: MergeOptions, base: ModelInfo, models: Sequence[ModelInfo],
 
 
 def _tensor_specs(base: ModelInfo, models: Sequence[ModelInfo], tok: int, out_dtype: str, granularity: str,
-                  notes: list[str]) -> list[tuple]:
+                  notes: list[str], vocab: tuple[int, int] | None = None) -> list[tuple]:
     """(TensorPlan fields but the shard, then its output bytes) for every base tensor, in stream order;
     applies the vocabulary policy of docs/method.md (and says what it drops or copies)."""
     inputs = [base, *models]
@@ -426,7 +437,17 @@ def _tensor_specs(base: ModelInfo, models: Sequence[ModelInfo], tok: int, out_dt
     for name in sorted(base.tensors, key=_order_key):
         bm = base.tensors[name]
         shape, shared, extra = bm.shape, None, None
-        if is_vocab_tensor(name) and len({i.shape_of(name)[0] for i in inputs}) > 1:
+        if is_vocab_tensor(name) and vocab is not None:
+            out_rows, n_shared = vocab
+            rows = [i.shape_of(name)[0] for i in inputs]
+            if rows[tok] < out_rows:
+                raise IncompatibleModelsError(
+                    f"{name}: {inputs[tok].name} has {rows[tok]} rows but its tokenizer {out_rows} tokens.",
+                    hint="The tokenizer does not match the embeddings; use another tokenizer source.")
+            shape = (out_rows, *bm.shape[1:])
+            if not (n_shared == out_rows and all(r == out_rows for r in rows)):
+                shared, extra = n_shared, (tok if out_rows > n_shared else None)
+        elif is_vocab_tensor(name) and len({i.shape_of(name)[0] for i in inputs}) > 1:
             rows = [i.shape_of(name)[0] for i in inputs]
             shared = min(rows)
             out_rows = rows[tok]
