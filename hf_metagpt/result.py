@@ -136,6 +136,11 @@ class MergeResult:
     def write_coefficients(self, folder: Path) -> Path:
         path = folder / COEFFICIENTS_FILE
         path.write_text(json.dumps(self.to_json(), indent=2))
+        if self.geometry is not None:  # every Gram matrix, compactly (the JSON keeps them for few models)
+            from .insight.card import GRAM_FILE, relabel
+            from .insight.report import write_gram
+
+            write_gram(relabel(self.geometry, [short_name(m) for m in self.models]), folder / GRAM_FILE)
         return path
 
     def lambda_table(self, max_rows: int | None = None, *, public: bool = False) -> str:

@@ -363,6 +363,10 @@ def out_dtype_of(opts: MergeOptions, base: ModelInfo) -> str:
     return "F32"
 
 
+#: past this many fine-tunes a MetaGPT merge warns (its geometry and side files grow with T²)
+MANY_MODELS = 32
+
+
 def build_plan(opts: MergeOptions, base: ModelInfo, models: Sequence[ModelInfo], method_uses_norms: bool = True,
                check_skeleton: bool = True) -> MergePlan:
     """Check every input against the base and lay out groups and shards (a value; nothing is read).
@@ -420,6 +424,11 @@ def build_plan(opts: MergeOptions, base: ModelInfo, models: Sequence[ModelInfo],
         if tp.floating:
             spans.setdefault(tp.norm_group, set()).add(tp.stream_group)
     two_pass = method_uses_norms and any(len(s) > 1 for s in spans.values())
+    if len(models) > MANY_MODELS and method_uses_norms:
+        warnings.append(f"{len(models)} fine-tunes: MetaGPT's λ shrink like 1/{len(models)}, and the task-vector "
+                        f"geometry grows with their square ({len(models) ** 2} dot products per tensor). The card "
+                        "and its plots show the most similar pairs only; every Gram matrix is in "
+                        "metagpt_gram.safetensors.")
     if len(models) == 1 and method_uses_norms:  # MetaGPT's λ; slerp and the others take one model their way
         warnings.append(f"only one fine-tune: every λ is 1 and the result equals {models[0].name}")
     warnings.extend(_repeated_models(models))

@@ -15,6 +15,9 @@ from typing import Any
 from .geometry import COSINE_LIMIT, SHARE_LIMIT, Geometry, Overlap
 
 SECTION_TITLE = "## Task-vector geometry"
+#: every per-tensor Gram matrix τi·τj of a merge, float64, beside the card (one compact file; T² per tensor)
+GRAM_FILE = "metagpt_gram.safetensors"
+MAX_MODELS_SHOWN = 12  # as plots.MAX_MODELS_SHOWN (the card's tables follow the pictures)
 #: groups listed per model under "where each fine-tune changed the base".
 TOP_GROUPS = 3
 
@@ -46,18 +49,44 @@ def _cosine_table(geometry: Geometry) -> list[str]:
     return lines
 
 
+def _top_pairs_table(geometry: Geometry) -> list[str]:
+    """Past MAX_MODELS_SHOWN models: the most similar pairs instead of the T×T matrix."""
+    from .plots import top_pairs
+
+    t = len(geometry.models)
+    pairs = top_pairs(geometry)
+    lines = [f"{t} fine-tunes make {t * (t - 1) // 2} pairs; the {len(pairs)} with the largest |cos| (overlaps "
+             f"first). Every Gram matrix is in `{GRAM_FILE}`.", "",
+             "| pair | cos, whole model | largest \\|cos\\| in a group |", "|---|---:|---|"]
+    for i, j in pairs:
+        c, g = max(((gram.cosine(i, j), name) for name, gram in geometry.layers.items()), key=lambda x: abs(x[0]),
+                   default=(0.0, "-"))
+        lines.append(f"| [{i + 1}] `{geometry.models[i]}` · [{j + 1}] `{geometry.models[j]}` | "
+                     f"{geometry.whole.cosine(i, j):+.3f} | {c:+.3f} in `{g}` |")
+    return lines
+
+
 def _overlap_lines(geometry: Geometry, flagged: Sequence[Overlap]) -> list[str]:
+    from .plots import MAX_PAIRS
+
     by_pair: dict[tuple[int, int], list[Overlap]] = {}
     for o in flagged:
         by_pair.setdefault((o.i, o.j), []).append(o)
     out = []
+    if len(by_pair) > MAX_PAIRS:
+        worst = sorted(by_pair, key=lambda p: -max(abs(o.cosine) for o in by_pair[p]))[:MAX_PAIRS]
+        more = len(by_pair) - MAX_PAIRS
+        by_pair = {p: by_pair[p] for p in worst}
+        out_tail = [f"- … and {more} more pairs (every overlap is in `metagpt_coefficients.json`)"]
+    else:
+        out_tail = []
     for (i, j), found in by_pair.items():
         parts = []
         for o in sorted(found, key=lambda o: (o.group != "model", -o.share)):
             parts.append(f"whole model (cos {o.cosine:+.2f})" if o.group == "model"
                          else f"`{o.group}` (cos {o.cosine:+.2f}, {o.share:.0%} of their ‖τ‖²)")
         out.append(f"- `{geometry.models[i]}` and `{geometry.models[j]}`: " + ", ".join(parts))
-    return out
+    return out + out_tail
 
 
 def _largest_pair(geometry: Geometry) -> tuple[float, str, int, int, float] | None:
@@ -98,7 +127,7 @@ def geometry_section(geometry: Geometry, *, granularity: str, figures: Mapping[s
     if t < 2:
         lines += ["", "One fine-tune: there is no pair to check."]
     else:
-        lines += ["", *_cosine_table(geometry)]
+        lines += ["", *(_cosine_table(geometry) if t <= MAX_MODELS_SHOWN else _top_pairs_table(geometry))]
         lam = list(lambdas) if lambdas is not None else list(whole.shares)
         cross = whole.cross_term_share(lam)
         lines += ["", f"With the whole-model λ, the cross terms τi·τj make up {cross:+.1%} of the merged update's "
@@ -125,13 +154,16 @@ def geometry_section(geometry: Geometry, *, granularity: str, figures: Mapping[s
     fractions = geometry.fractions("layer")
     lines += ["", "### Where each fine-tune changed the base", "",
               "Each model's squared task-vector norm ‖τt‖², split over the layers (each row sums to 1):", ""]
-    for k, m in enumerate(geometry.models):
+    listed = geometry.models if t <= 2 * MAX_MODELS_SHOWN else geometry.models[:2 * MAX_MODELS_SHOWN]
+    for k, m in enumerate(listed):
         if whole.sq_norms[k] == 0.0:
             lines.append(f"- `{m}`: equal to the base everywhere")
             continue
         top = sorted(fractions, key=lambda g: -fractions[g][k])[:TOP_GROUPS]
         lines.append(f"- `{m}`: " + ", ".join(f"{fractions[g][k]:.0%} in `{g}`"
                                              for g in top))
+    if len(listed) < t:
+        lines.append(f"- … and {t - len(listed)} more fine-tunes (every norm per tensor is in `{GRAM_FILE}`)")
     if "layer_shares" in figures:
         lines += ["", f"![share of each model's ‖τ‖² per layer]({figures['layer_shares']})"]
     return lines

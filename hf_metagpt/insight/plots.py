@@ -20,6 +20,11 @@ WIDTH_IN = 8.5
 DPI = 120
 #: at most this many x labels on a per-layer axis (every k-th block otherwise).
 MAX_XLABELS = 36
+#: past this many models the pictures show a selection (D15: their cost grows with T²): cosine
+#: values written in the matrix, one line per pair, one labelled row per model
+MAX_MODELS_SHOWN = 12
+#: at most this many pairs get a line in the per-layer cosine plot (the largest |cos| first)
+MAX_PAIRS = 10
 _NAME_CHARS = 30
 
 
@@ -74,6 +79,23 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def top_pairs(geometry: Geometry, limit: int = MAX_PAIRS) -> list[tuple[int, int]]:
+    """The `limit` pairs (i < j) with the largest |cos| in any layer group or the whole model, flagged
+    overlaps first: the ones a reader must see when there are too many pairs to draw them all."""
+    t = len(geometry.models)
+    flagged = {(o.i, o.j) for o in geometry.overlaps()}
+    grams = [geometry.whole, *geometry.layers.values()]
+    score = {(i, j): max(abs(g.cosine(i, j)) for g in grams) for i in range(t) for j in range(i + 1, t)}
+    return sorted(score, key=lambda p: (p not in flagged, -score[p], p))[:limit]
+
+
+def _model_axis(ax, names: Sequence[str]) -> None:
+    """One row per model, labelled while they fit (every k-th past MAX_MODELS_SHOWN * 2)."""
+    step = max(1, -(-len(names) // (2 * MAX_MODELS_SHOWN)))
+    ticks = list(range(0, len(names), step))
+    ax.set_yticks(ticks, labels=[short_name(names[k]) for k in ticks], fontsize=10 if step == 1 and len(names) <= 12 else 7)
+
+
 def _group_axis(ax, groups: Sequence[str], flagged: set[str]) -> None:
     step = max(1, -(-len(groups) // MAX_XLABELS))
     # Every step-th block by its own number, every tensor outside the blocks, every flagged group.
@@ -91,6 +113,11 @@ def _group_axis(ax, groups: Sequence[str], flagged: set[str]) -> None:
 def plot_lambda_bars(models: Sequence[str], lambdas: Sequence[float], path: Path, *,
                      title: str = "MetaGPT λ per model (granularity model)") -> Path:
     """One horizontal bar per model with its λ written beside it."""
+    total = len(models)
+    if total > 2 * MAX_MODELS_SHOWN:  # the largest λ only: a bar per model stops being readable
+        keep = sorted(range(total), key=lambda k: -lambdas[k])[:2 * MAX_MODELS_SHOWN]
+        models, lambdas = [models[k] for k in keep], [lambdas[k] for k in keep]
+        title += f" — the {len(keep)} largest of {total}"
     fig = _figure(1.3 + 0.42 * len(models))
     ax = fig.add_subplot()
     y = list(range(len(models)))[::-1]
@@ -114,11 +141,11 @@ def plot_layer_shares(geometry: Geometry, path: Path) -> Path:
     groups = list(fractions)
     data = np.array([[fractions[g][k] for g in groups] for k in range(len(geometry.models))], dtype=float)
     flagged = {o.group for o in geometry.overlaps() if o.group != "model"}
-    fig = _figure(2.2 + 0.42 * len(geometry.models))
+    fig = _figure(2.2 + min(0.42 * len(geometry.models), 10.0))
     ax = fig.add_subplot()
     im = ax.imshow(data, aspect="auto", cmap="magma", vmin=0.0, vmax=max(1e-12, float(data.max(initial=0.0))),
                    interpolation="nearest")
-    ax.set_yticks(range(len(geometry.models)), labels=[short_name(m) for m in geometry.models], fontsize=10)
+    _model_axis(ax, geometry.models)
     _group_axis(ax, groups, flagged)
     if data.size <= 48:
         for i in range(data.shape[0]):
@@ -142,31 +169,41 @@ def plot_cosines(geometry: Geometry, path: Path) -> Path | None:
     layers = geometry.layers
     groups = list(layers)
     flagged = {o.group for o in geometry.overlaps() if o.group != "model"}
-    fig = _figure(3.6 + 0.15 * t + (0.2 * t if t > 3 else 0.0))
+    shown = min(t, MAX_MODELS_SHOWN)
+    fig = _figure(3.6 + 0.15 * shown + (0.2 * shown if shown > 3 else 0.0))
     left, right = fig.subplots(1, 2, width_ratios=[1, 2.4])
-    im = left.imshow(whole, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
-    labels = [f"[{k + 1}]" for k in range(t)]
-    left.set_xticks(range(t), labels=labels, fontsize=10)
-    left.set_yticks(range(t), labels=labels, fontsize=10)
-    for i in range(t):
-        for j in range(t):
-            left.text(j, i, f"{whole[i, j]:+.2f}", ha="center", va="center", fontsize=9 if t <= 4 else 7,
-                      color="white" if abs(whole[i, j]) > 0.6 else "black")
+    im = left.imshow(whole, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
+    step = max(1, -(-t // MAX_MODELS_SHOWN))
+    ticks = list(range(0, t, step))
+    left.set_xticks(ticks, labels=[f"[{k + 1}]" for k in ticks], fontsize=10 if t <= 4 else 7,
+                    rotation=90 if t > MAX_MODELS_SHOWN else 0)
+    left.set_yticks(ticks, labels=[f"[{k + 1}]" for k in ticks], fontsize=10 if t <= 4 else 7)
+    if t <= MAX_MODELS_SHOWN:  # the values themselves while they fit their cells
+        for i in range(t):
+            for j in range(t):
+                left.text(j, i, f"{whole[i, j]:+.2f}", ha="center", va="center", fontsize=9 if t <= 4 else 7,
+                          color="white" if abs(whole[i, j]) > 0.6 else "black")
     left.set_title("cosine, whole model", fontsize=10)
     fig.colorbar(im, ax=left, fraction=0.046, pad=0.04)
     x = np.arange(len(groups))
     right.axhspan(-COSINE_LIMIT, COSINE_LIMIT, color="#eeeeee", zorder=0)
-    for i in range(t):
-        for j in range(i + 1, t):
-            right.plot(x, [layers[g].cosine(i, j) for g in groups], marker="o", markersize=3, linewidth=1.2,
-                       label=f"[{i + 1}]·[{j + 1}]")
+    pairs = top_pairs(geometry)
+    for i, j in pairs:
+        right.plot(x, [layers[g].cosine(i, j) for g in groups], marker="o", markersize=3, linewidth=1.2,
+                   label=f"[{i + 1}]·[{j + 1}]")
     right.set_ylim(-1.05, 1.05)
     right.axhline(0.0, color="#888888", linewidth=0.6)
     right.set_ylabel("cosine", fontsize=10)
-    right.set_title(f"cosine per layer (grey: |cos| ≤ {COSINE_LIMIT})", fontsize=10)
+    every = t * (t - 1) // 2
+    right.set_title(f"cosine per layer (grey: |cos| ≤ {COSINE_LIMIT})"
+                    + (f"; the {len(pairs)} of {every} pairs with the largest |cos|" if len(pairs) < every else ""),
+                    fontsize=10)
     _group_axis(right, groups, flagged)
-    right.legend(fontsize=8, ncols=min(3, t * (t - 1) // 2), loc="best")
-    key = [f"[{k + 1}] {short_name(m)}" for k, m in enumerate(geometry.models)]
+    right.legend(fontsize=8, ncols=min(3, len(pairs)), loc="best")
+    named = sorted({k for p in pairs for k in p}) if t > MAX_MODELS_SHOWN else range(t)
+    key = [f"[{k + 1}] {short_name(geometry.models[k])}" for k in named]
+    if t > MAX_MODELS_SHOWN:
+        key = key[:MAX_MODELS_SHOWN] + ([f"… ({t} models; the card's inputs table numbers them)"])
     # One line while it fits the figure's width, else one model per line.
     fig.suptitle("   ".join(key) if sum(len(k) + 3 for k in key) <= 95 else "\n".join(key), fontsize=10)
     return _save(fig, path)

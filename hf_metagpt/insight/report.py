@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,19 +57,58 @@ def inspect_json(geometry: Geometry, *, base: str | None = None, warnings: Seque
     return out
 
 
+#: up to this many models the coefficients file also holds every per-tensor Gram matrix and each group's
+#: (T² numbers each); past it they are in GRAM_FILE only, and the JSON keeps the whole model's
+JSON_GRAM_MODELS = 12
+
+
 def geometry_json(geometry: Geometry, groups: dict[str, dict[str, Any]], granularity: str) -> dict[str, Any]:
     """What `metagpt_coefficients.json` gains from a measured geometry.
 
     Each merge group (`groups`, updated in place) gets its Gram matrix and cosines; the returned
-    "geometry" key holds every per-tensor entry exactly (so a rerun can reuse them like the norms),
-    the whole model and the overlaps the rule flags.
+    "geometry" key holds every per-tensor entry exactly, the whole model and the overlaps the rule
+    flags. Past JSON_GRAM_MODELS models (the file grows with T²) the per-tensor entries and the
+    per-group matrices are left to `write_gram` (every entry, float64, one file) and the JSON names it.
     """
+    from .card import GRAM_FILE
+
+    small = len(geometry.models) <= JSON_GRAM_MODELS
     for g, gram in geometry.groups(granularity).items():
-        if g in groups:
+        if g in groups and (small or g == "model"):
             groups[g]["gram"] = [list(r) for r in gram.values]
-            groups[g]["cosine"] = [list(r) for r in gram.cosines]
-    return {"geometry": {**geometry.to_json(), "model": gram_json(geometry.whole),
+            if small:
+                groups[g]["cosine"] = [list(r) for r in gram.cosines]
+    stored = geometry.to_json() if small else {"models": list(geometry.models), "tensors_file": GRAM_FILE}
+    whole = gram_json(geometry.whole)
+    if not small:  # its Gram matrix is the "model" group's, and the file's
+        whole = {k: v for k, v in whole.items() if k not in ("gram", "cosine")}
+    return {"geometry": {**stored, "model": whole,
                          "overlaps": [o.to_json(geometry.models) for o in geometry.overlaps()]}}
+
+
+def write_gram(geometry: Geometry, path: str | Path) -> Path:
+    """Every per-tensor Gram matrix τi·τj, float64, as one safetensors file: `grams` [E, T, T] in the
+    engine's order, the entry names and the models in its metadata (`read_gram` reads it back)."""
+    import torch
+    from safetensors.torch import save_file
+
+    t = len(geometry.models)
+    stacked = torch.tensor([list(g.values) for _, g in geometry.entries], dtype=torch.float64).reshape(-1, t, t)
+    save_file({"grams": stacked.contiguous()}, str(path),
+              metadata={"format": "hf-metagpt gram", "models": json.dumps(list(geometry.models)),
+                        "names": json.dumps([n for n, _ in geometry.entries])})
+    return Path(path)
+
+
+def read_gram(path: str | Path) -> Geometry:
+    """The geometry `write_gram` saved, exactly."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+        grams = fh.get_tensor("grams")
+    names = json.loads(meta["names"])
+    return Geometry.from_tensors(json.loads(meta["models"]), list(zip(names, grams.tolist())))
 
 
 def _num(x: float) -> str:

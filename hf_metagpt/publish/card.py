@@ -276,7 +276,7 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
         data.base_model_relation = None
     if license_ == "other":  # the Hub asks a custom licence for a name and a link
         known = sorted({lic for lic in (licenses or []) if lic and lic != "other"})
-        data.license_name = "-and-".join(known) if len(known) > 1 else "other"
+        data.license_name = "-and-".join(known) if len(known) > 1 else ("unknown" if not known else "other")
         data.license_link = "README.md#licence"
 
     title = repo_id.split("/")[-1] if repo_id else (result.output.name if result.output else "merged model")
@@ -355,8 +355,6 @@ def _intro(result: "MergeResult") -> str:
 def public_parameters(result: "MergeResult") -> dict:
     """The method's parameters as a user writes them (`lambda`, not `lambda_`; unset ones left out)."""
     out = {str(k).rstrip("_"): v for k, v in result.parameters.items() if v is not None}
-    if uses_lambdas(result.method):
-        out["granularity"] = result.granularity
     if result.seed is not None:
         out["seed"] = result.seed
     return out
