@@ -466,7 +466,9 @@ def family(root: Path, layers: int, count: int) -> list[Path]:
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
-        spec = TinySpec(num_hidden_layers=layers, dtype=torch.bfloat16, max_shard_size="5MB")
+        # vocab_size = the tiny tokenizer's 99 tokens, as most real models have (mergekit cuts the
+        # embeddings to the tokenizer's length when a recipe names a tokenizer source)
+        spec = TinySpec(num_hidden_layers=layers, vocab_size=99, dtype=torch.bfloat16, max_shard_size="5MB")
         base_dir, fts = build_family(folder, n_models=max(count - 1, 6), spec=spec, seed=11)
         built = fts
     fts = sorted(built, key=lambda f: int(f.name[2:]))
