@@ -48,6 +48,7 @@ def _add_merge_args(p: argparse.ArgumentParser, *, for_plan: bool = False) -> No
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="merge inputs with only pickle weights (pytorch_model*.bin): converted to safetensors "
                         "with torch's weights-only loader; a pickle that would run code is still refused")
+    _add_mergekit_flags(p)
     if for_plan:
         return
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output folder")
@@ -82,8 +83,11 @@ def _parse_value(key: str, text: str):
                               "--param weights=[0.5,0.5] (quote it in the shell).") from None
 
 
-def _options_from_args(args: argparse.Namespace, for_merge: bool = True):
-    from .options import build_options
+def options_from_args(args: argparse.Namespace, for_merge: bool = True):
+    """The MergeOptions of a parsed `merge`/`plan` command line (recipe, flags, --param)."""
+    import dataclasses
+
+    from .options import MergeOptions, build_options
 
     params = None
     if args.param:
@@ -93,21 +97,78 @@ def _options_from_args(args: argparse.Namespace, for_merge: bool = True):
                 raise MergeError(f"Bad --param {item!r}.", hint="Use --param KEY=VALUE, e.g. --param density=0.5.")
             key, value = item.split("=", 1)
             params[key.strip()] = _parse_value(key.strip(), value)
-    names = ["base", "output", "method", "granularity", "tokenizer_source", "chat_template", "dtype", "device",
-             "max_shard_size", "seed", "token", "overwrite", "allow_nonfinite", "push_to", "private",
-             "create_pr", "revision", "commit_message", "low_disk", "strict", "output_format", "lora_rank",
-             "allow_pickle", "arithmetic"]
-    overrides = {n: getattr(args, n, None) for n in names}
-    overrides["models"] = list(args.models) or None
+    _refuse_mergekit_flags(args)
+    models = _recipe_given_as_model(args, for_merge)
+    # Every flag whose destination is a MergeOptions field is an override (None: not given); the
+    # parser is the one list of options (models and --param are read above).
+    fields = {f.name for f in dataclasses.fields(MergeOptions)} - {"models", "parameters"}
+    overrides = {n: v for n, v in vars(args).items() if n in fields}
+    overrides["models"] = models or None
     overrides["parameters"] = params
     return build_options(args.recipe, getattr(args, "recipe_format", "auto"), for_merge=for_merge, **overrides)
+
+
+_options_from_args = options_from_args  # the name tests and older callers use
+
+
+#: mergekit-yaml's flags that people bring along: each gets an answer instead of "unrecognized arguments"
+_MERGEKIT_FLAGS = {
+    "allow_crimes": ("--allow-crimes",
+                     "--allow-crimes (mergekit: merge models of different architectures) has no equivalent here.",
+                     "hf-metagpt merges fine-tunes of one base: task vectors are differences of the same tensors, "
+                     "so every input must have the base's architecture and shapes. Drop the flag."),
+    "trust_remote_code": ("--trust-remote-code",
+                          "--trust-remote-code is not needed: hf-metagpt never runs a model's code (it reads "
+                          "config.json and the weights' headers and tensors only).",
+                          "Drop the flag."),
+    "out_shard_size": ("--out-shard-size",
+                       "--out-shard-size is mergekit's flag and counts parameters (5B: 5 billion).",
+                       "Use --max-shard-size with a size in bytes: 5GB (the default), or 10GB for 5 billion "
+                       "bfloat16 parameters per shard."),
+}
+
+
+def _add_mergekit_flags(p: argparse.ArgumentParser) -> None:
+    for dest, (flag, *_rest) in _MERGEKIT_FLAGS.items():
+        if dest == "out_shard_size":
+            p.add_argument(flag, dest=dest, help=argparse.SUPPRESS)
+        else:
+            p.add_argument(flag, dest=dest, action="store_true", help=argparse.SUPPRESS)
+
+
+def _refuse_mergekit_flags(args: argparse.Namespace) -> None:
+    for dest, (_flag, message, hint) in _MERGEKIT_FLAGS.items():
+        if getattr(args, dest, None) not in (None, False):
+            raise MergeError(message, hint=hint)
+
+
+def _recipe_given_as_model(args: argparse.Namespace, for_merge: bool) -> list[str]:
+    """The positional models; `merge RECIPE.yml OUT` (mergekit-yaml's order) is read as --recipe/-o."""
+    from pathlib import Path
+
+    models = list(args.models)
+    recipes = [m for m in models if m.lower().endswith((".yml", ".yaml")) and Path(m).is_file()]
+    if not recipes:
+        return models
+    alone = models[0] == recipes[0] and args.recipe is None and args.base is None
+    if alone and (models[1:] == [] or (for_merge and len(models) == 2 and args.output is None)):
+        args.recipe = models[0]
+        if len(models) == 2:
+            args.output = models[1]
+        log.info("note: read %s as the recipe%s (mergekit-yaml's order; --recipe and -o say it explicitly)",
+                 models[0], f" and {models[1]} as the output" if len(models) == 2 else "")
+        return []
+    out = " -o OUT" if for_merge else ""
+    raise MergeError(f"{recipes[0]} is a recipe file, given where the models go.",
+                     hint=f"Use --recipe {recipes[0]}{out} (mergekit-yaml's `merge RECIPE.yml OUT` also works, "
+                          "with nothing else but flags).")
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .api import merge
     from .engine.distributed import disconnect, is_main_process, launched_processes
 
-    opts = _options_from_args(args)
+    opts = options_from_args(args)
     if getattr(args, "workers", None) is not None:
         from .engine.sizing import WORKERS_ENV, parse_override
 
@@ -196,7 +257,7 @@ def child_argv(argv: Sequence[str]) -> list[str]:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .api import plan
 
-    opts = _options_from_args(args, for_merge=False)
+    opts = options_from_args(args, for_merge=False)
     print(plan(opts).describe())
     return 0
 

@@ -232,6 +232,10 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+def _gb(value: float) -> str:
+    return f"{value:g}"
+
+
 def parse_size(size: str | int) -> int:
     """'5GB' -> 5_000_000_000 (transformers' convention: decimal units, KiB/MiB/GiB binary)."""
     if isinstance(size, int):
@@ -245,6 +249,13 @@ def parse_size(size: str | int) -> int:
         value = float(num)
     except ValueError:
         value = -1
+    if unit == "B" and math.isfinite(value) and 0 < value < 10**6:
+        # mergekit's `--out-shard-size 5B` means 5 billion parameters; here '5B' would be 5 bytes (a
+        # shard per tensor): refused rather than guessed.
+        raise RecipeError(f"Invalid size {size!r}: sizes here are bytes, and in mergekit {num}B means "
+                          f"{num} billion parameters.",
+                          hint=f"Use 5GB (the default), or {_gb(value * 2)}GB for {num} billion bfloat16 "
+                               f"parameters per shard.")
     # inf/nan and sizes under one byte ('1e-9') are refused here rather than crash or mean 0 later.
     if unit not in _UNITS or not math.isfinite(value) or value * _UNITS[unit] < 1:
         raise RecipeError(f"Invalid size {size!r}.", hint="Use a size like 5GB, 500MB or 2GiB.")

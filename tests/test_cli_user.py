@@ -248,3 +248,92 @@ def test_inspect_json_into_a_closed_pipe_is_not_a_traceback(family):
     code = proc.wait(timeout=600)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err[-3000:]
     assert code == 141, (code, err[-3000:])
+
+
+# ---- item 5: mergekit habits ----------------------------------------------------------------------------
+
+def _recipe(tmp_path: Path, base: Path, fts: list[Path]) -> Path:
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text("merge_method: task_arithmetic\nbase_model: " + str(base) + "\nmodels:\n"
+                      + "".join(f"  - model: {f}\n    parameters:\n      weight: 0.5\n" for f in fts)
+                      + "dtype: float32\n")
+    return recipe
+
+
+def test_mergekit_yaml_positional_style_is_accepted(family, tmp_path):
+    base, fts = family
+    recipe = _recipe(tmp_path, base, fts)
+    out = tmp_path / "out"
+    proc = cli("-q", "merge", str(recipe), str(out))  # mergekit-yaml RECIPE.yml OUT
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+    ref = tmp_path / "ref"
+    proc = cli("-q", "merge", "--recipe", str(recipe), "-o", str(ref))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from tests.helpers import shards
+
+    assert shards(out) == shards(ref)  # the same merge as --recipe/-o
+
+
+def test_a_recipe_among_models_points_to_recipe_and_output(family, tmp_path):
+    base, fts = family
+    recipe = _recipe(tmp_path, base, fts)
+    proc = cli("merge", str(recipe), str(tmp_path / "o"), "--base", str(base))
+    clean_error(proc, "recipe.yml", "--recipe", "-o")
+    proc = cli("merge", str(recipe), str(fts[0]), str(tmp_path / "o"))
+    clean_error(proc, "recipe.yml", "--recipe", "-o")
+
+
+def test_mergekit_shard_size_in_parameters_is_refused_clearly(family, tmp_path):
+    base, fts = family
+    proc = cli("merge", *map(str, fts), "--base", str(base), "-o", str(tmp_path / "o"), "--max-shard-size", "5B")
+    clean_error(proc, "'5B'", "5 billion parameters", "5GB")
+    assert not (tmp_path / "o").exists()
+    proc = cli("merge", *map(str, fts), "--base", str(base), "-o", str(tmp_path / "o"), "--out-shard-size", "5B")
+    clean_error(proc, "--out-shard-size", "--max-shard-size")
+
+
+@pytest.mark.parametrize("flag, reason", [("--allow-crimes", "architecture"), ("--trust-remote-code", "code")])
+def test_mergekit_flags_get_an_answer(family, tmp_path, flag, reason):
+    base, fts = family
+    proc = cli("merge", *map(str, fts), "--base", str(base), "-o", str(tmp_path / "o"), flag)
+    err = clean_error(proc, flag, reason)
+    assert "unrecognized arguments" not in err
+
+
+def test_option_names_are_derived_from_the_parser():
+    """Every merge flag whose destination is a MergeOptions field reaches the options (no hand-kept list)."""
+    import argparse
+    import dataclasses
+
+    from hf_metagpt.cli import build_parser, options_from_args
+    from hf_metagpt.options import MergeOptions
+
+    parser = build_parser()
+    merge_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["merge"]
+    fields = {f.name for f in dataclasses.fields(MergeOptions)}
+    strings = {"base": "b", "output": "o", "push_to": "me/x", "revision": "dev", "commit_message": "msg",
+               "tokenizer_source": "base", "chat_template": "auto", "max_shard_size": "2GB", "method": "linear",
+               "token": "hf_x"}
+    argv, expected = ["merge", "m1"], {}
+    for action in merge_parser._actions:
+        if action.dest not in fields or not action.option_strings or action.dest == "create_pr":
+            continue  # (--create-pr: a pull request is against main, not --revision dev)
+        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+            expected[action.dest] = True
+        elif action.choices:
+            argv += [flag, list(action.choices)[-1]]
+            expected[action.dest] = list(action.choices)[-1]
+        elif action.type is int:
+            argv += [flag, "3"]
+            expected[action.dest] = 3
+        else:
+            argv += [flag, strings[action.dest]]
+            expected[action.dest] = strings[action.dest]
+    assert len(expected) >= 20, expected
+    expected["output_format"], expected["lora_rank"] = "lora", 3  # the one pair that must agree
+    argv += ["--output-format", "lora"]
+    opts = options_from_args(parser.parse_args(argv))
+    assert {k: getattr(opts, k) for k in expected} == expected
