@@ -317,15 +317,19 @@ def _dtype(r: "_Reader", top: dict) -> str | None:
     dtype = None
     for key in ("dtype", "out_dtype"):  # out_dtype wins: it is what mergekit writes
         if key in top:
-            node = top[key][1]
-            name = r.value(node)
-            if not isinstance(name, str):
-                raise r.fail(node, f"{key} must be a dtype name, got a {type(name).__name__}: {name!r}",
-                             hint="Use bfloat16, float16 or float32.")
-            if name not in _DTYPES:
-                raise r.fail(node, f"{key} {name!r} is not supported", hint="Use bfloat16, float16 or float32.")
-            dtype = _DTYPES[name]
+            dtype = _dtype_name(r, key, top[key][1])
     return dtype
+
+
+def _dtype_name(r: "_Reader", key: str, node: Any) -> str:
+    """The torch dtype name a recipe's `dtype`/`out_dtype` node names; a list, mapping or unknown name is refused."""
+    name = r.value(node)
+    if not isinstance(name, str):
+        raise r.fail(node, f"{key} must be a dtype name, got a {type(name).__name__}: {name!r}",
+                     hint="Use bfloat16, float16 or float32.")
+    if name not in _DTYPES:
+        raise r.fail(node, f"{key} {name!r} is not supported", hint="Use bfloat16, float16 or float32.")
+    return _DTYPES[name]
 
 
 #: methods with mergekit's arithmetic (`methods/mergekit_order.py`)
@@ -336,11 +340,7 @@ def _compute_dtype(r: "_Reader", top: dict) -> str:
     """What mergekit computes in: `dtype` (not `out_dtype`, which it only writes), else the inputs' dtype."""
     if "dtype" not in top:
         return "auto"
-    node = top["dtype"][1]
-    name = r.value(node)
-    if name not in _DTYPES:
-        raise r.fail(node, f"dtype {name!r} is not supported", hint="Use bfloat16, float16 or float32.")
-    return _DTYPES[name]
+    return _dtype_name(r, "dtype", top["dtype"][1])
 
 
 def _chain(own: Any, fallback: Any) -> Any:
