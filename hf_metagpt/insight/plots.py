@@ -196,14 +196,13 @@ def plot_cosines(geometry: Geometry, path: Path) -> Path | None:
     right.set_ylabel("cosine", fontsize=10)
     every = t * (t - 1) // 2
     right.set_title(f"cosine per layer (grey: |cos| ≤ {COSINE_LIMIT})"
-                    + (f"; the {len(pairs)} of {every} pairs with the largest |cos|" if len(pairs) < every else ""),
+                    + (f"\nthe {len(pairs)} of {every} pairs with the largest |cos|" if len(pairs) < every else ""),
                     fontsize=10)
     _group_axis(right, groups, flagged)
     right.legend(fontsize=8, ncols=min(3, len(pairs)), loc="best")
-    named = sorted({k for p in pairs for k in p}) if t > MAX_MODELS_SHOWN else range(t)
-    key = [f"[{k + 1}] {short_name(geometry.models[k])}" for k in named]
-    if t > MAX_MODELS_SHOWN:
-        key = key[:MAX_MODELS_SHOWN] + ([f"… ({t} models; the card's inputs table numbers them)"])
+    key = [f"[{k + 1}] {short_name(m)}" for k, m in enumerate(geometry.models)]
+    if t > MAX_MODELS_SHOWN:  # a key of every model would outgrow the picture
+        key = [f"[k]: fine-tune k of the card's inputs table ({t} fine-tunes)"]
     # One line while it fits the figure's width, else one model per line.
     fig.suptitle("   ".join(key) if sum(len(k) + 3 for k in key) <= 95 else "\n".join(key), fontsize=10)
     return _save(fig, path)

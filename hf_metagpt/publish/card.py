@@ -203,8 +203,7 @@ def plot_lambdas(result: "MergeResult", path: Path) -> Path:
     ax = fig.add_subplot()
     im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-12, float(data.max(initial=0.0))))
     ax.set_yticks(range(len(names)), labels=names)
-    step = max(1, len(groups) // 24)
-    ax.set_xticks(range(0, len(groups), step), labels=groups[::step], rotation=60, ha="right", fontsize=7)
+    _lambda_axis(ax, groups)
     ax.set_title(f"{result.method} λ per {result.granularity} group")
     if len(groups) * len(names) <= 60:
         for i in range(len(names)):
@@ -213,6 +212,27 @@ def plot_lambdas(result: "MergeResult", path: Path) -> Path:
     fig.colorbar(im, ax=ax, label="λ")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
+
+
+def _lambda_axis(ax, groups: list[str]) -> None:
+    """x labels a reader can follow on hundreds of columns (a 7B model has 291 tensors): one per block,
+    at its first column (every k-th block past MAX_XLABELS), and each tensor outside the blocks."""
+    from ..insight.geometry import norm_group_of
+    from ..insight.plots import MAX_XLABELS, short_group
+
+    blocks = [norm_group_of(g, "layer") for g in groups]
+    starts = [k for k, b in enumerate(blocks) if k == 0 or b != blocks[k - 1]]
+    n_blocks = sum(1 for k in starts if blocks[k].startswith("layers."))
+    step = max(1, -(-n_blocks // MAX_XLABELS))
+    ticks = [k for n, k in enumerate(starts) if not blocks[k].startswith("layers.") or n % step == 0]
+    one_per_tensor = len(starts) < len(groups)
+    ax.set_xticks(ticks, labels=[short_group(blocks[k]) if blocks[k] != groups[k] or one_per_tensor
+                                 else short_group(groups[k]) for k in ticks],
+                  rotation=90, fontsize=8 if len(ticks) > 24 else 9)
+    if one_per_tensor:
+        for k in starts[1:]:
+            ax.axvline(k - 0.5, color="white", linewidth=0.4)
+        ax.set_xlabel("block (layers.N, one column per tensor) or tensor outside the blocks", fontsize=9)
 
 
 def _ref_row(ref) -> str:
