@@ -51,12 +51,22 @@ def _options(options: MergeOptions | None, kwargs: dict[str, Any], *, for_merge:
 
 def load_infos(opts: MergeOptions) -> tuple[ModelInfo, list[ModelInfo]]:
     """Resolve every reference and read its config and safetensors headers (no weights)."""
-    refs = [parse_ref(opts.base)] + [parse_ref(m) for m in opts.models]
     # huggingface_hub draws a "Parse safetensors files" bar per sharded Hub model: a blink each,
     # repeated per input; the stage is short and the plan says what was read.
     with bars_off(True):
-        infos = [_load_info(r, opts.token, opts.allow_pickle) for r in refs]
+        infos = [_load_spec(s, opts.token, opts.allow_pickle) for s in [opts.base, *opts.models]]
     return infos[0], infos[1:]
+
+
+def _load_spec(spec: str, token: str | None = None, allow_pickle: bool = False) -> ModelInfo:
+    """One input: a reference, or mergekit's `model+adapter` (the adapter applied before the merge)."""
+    from .sources.lora_applied import applied_info, split
+
+    parts = split(spec)
+    if parts is None:
+        return _load_info(parse_ref(spec), token, allow_pickle)
+    model, adapter = (_load_info(parse_ref(p), token, allow_pickle) for p in parts)
+    return applied_info(str(spec), model, adapter)
 
 
 def _load_info(ref: ModelRef, token: str | None = None, allow_pickle: bool = False) -> ModelInfo:
@@ -253,6 +263,12 @@ def _prepare(opts: MergeOptions, method: MergeMethod, target: Path, device_type:
         from .sources.pickle import convert_inputs
 
         base, *models = convert_inputs([base, *models], opts.token)
+    if any(info.lora_applied is not None for info in (base, *models)):
+        # mergekit's `model+adapter`: checked as the model's headers, then applied once into a cache folder
+        build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
+        from .sources.lora_applied import materialize
+
+        base, *models = [materialize(i, opts.token) if i.lora_applied is not None else i for i in (base, *models)]
     the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
     for w in the_plan.warnings:
         log.warning("warning: %s", w)

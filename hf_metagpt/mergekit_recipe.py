@@ -427,9 +427,8 @@ def _ref(r: _Reader, spec: str, base: str | None, node: yaml.Node) -> str:
     if not adapter:
         raise r.fail(node, f"Model {spec!r} has an empty LoRA part after '+'")
     if base is not None and model == base:
-        return adapter
-    raise r.fail(node, f"Model {spec!r} applies a LoRA adapter to {model!r}, which is not base_model {base!r}",
-                 hint="hf-metagpt applies every LoRA fine-tune to the base model; list the adapter as `base_model+adapter`.")
+        return adapter  # a LoRA fine-tune of the base: its task vector is s·B·A (our LoRA path)
+    return spec  # the adapter applied to that model before the merge (`sources/lora_applied.py`)
 
 
 def _tokenizer(r: _Reader, top: dict, base: str | None, refs: list[str], tunes: list[int]) -> str | None:

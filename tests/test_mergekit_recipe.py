@@ -128,8 +128,8 @@ def test_linear_slerp_and_metagpt_recipes():
     ("merge_method: slerp\nbase_model: a/b\nmodels: [a/b, a/c, a/d]\n", "slerp merges exactly two models"),
     ("merge_method: ties\nbase_model: a/b\nmodels: [a/b, a/c]\nparameters: {weight: 1}\ntokenizer:\n  source: union\n"
      "  pad_to_multiple_of: 64\n", "tokenizer.pad_to_multiple_of is not supported (r.yml, line 7)"),
-    ("merge_method: ties\nbase_model: a/b\nmodels:\n  - model: a/x+a/lora\n",
-     "applies a LoRA adapter to 'a/x', which is not base_model 'a/b' (r.yml, line 4)"),
+    ("merge_method: ties\nbase_model: a/b\nmodels:\n  - model: a/x+\n    parameters: {weight: 1}\n",
+     "Model 'a/x+' has an empty LoRA part after '+' (r.yml, line 4)"),
     ("merge_method: ties\nbase_model: a/b\nmodels: [a/c]\nparameters: {weight: 1}\ndtype: int8\n", "dtype 'int8' is not supported (r.yml, line 5)"),
 ])
 def test_bad_recipes_name_the_problem_and_its_line(text, fragment):

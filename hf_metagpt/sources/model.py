@@ -26,6 +26,9 @@ class ModelInfo:
     pickle: Any = None
     #: where the weight files are read when not under `ref.local_path` (converted pickle shards)
     weights_dir: Path | None = None
+    #: `model+adapter` (mergekit's reference): the LoRA adapter applied to this model before the merge
+    #: (`sources/lora_applied.py`); None once applied or for a plain input
+    lora_applied: Any = None
 
     def at(self, folder: Path) -> "ModelInfo":
         """The same input, its files now in a local folder (a Hub snapshot downloaded for the merge)."""
