@@ -29,6 +29,14 @@ def _script_path() -> Path:
     )
 
 
+#: The manifest's source. `hf extensions update` (and the update hint) look `OWNER/REPO` up on GitHub
+#: and install whatever they find there: the owner must be a name no GitHub account or organization
+#: can take (those are alphanumerics and hyphens; a dot is refused), so an update can only come from
+#: this installation (`pip install -U hf-metagpt`), never from a repository someone else registers.
+SOURCE_OWNER = "pip.local"
+SOURCE_REPO = "hf-metagpt"
+
+
 def install_extension(force: bool = False) -> Path:
     """Write the `hf-metagpt` manifest so `hf metagpt` runs this installation; returns the script path."""
     try:
@@ -48,16 +56,17 @@ def install_extension(force: bool = False) -> Path:
     manifest = ext_dir / MANIFEST_FILENAME
     if manifest.exists() and not force:
         current = ExtensionManifest.load(ext_dir)
-        if Path(current.executable_path) == script:
+        if Path(current.executable_path) == script and current.owner == SOURCE_OWNER:
             return script
     ExtensionManifest(
-        owner="local",
-        repo="hf-metagpt",
-        repo_id="local/hf-metagpt",
+        owner=SOURCE_OWNER,
+        repo=SOURCE_REPO,
+        repo_id=f"{SOURCE_OWNER}/{SOURCE_REPO}",
         short_name="metagpt",
         executable_path=str(script),
         type="python",
         installed_at=datetime.now(timezone.utc),
-        description="Merge fine-tuned LLMs with MetaGPT and publish them (pip-installed copy).",
+        description="Merge fine-tuned LLMs with MetaGPT and publish them (pip-installed copy: update it with "
+                    "pip install -U hf-metagpt; `hf extensions update` skips it).",
     ).save(ext_dir)
     return script

@@ -337,3 +337,49 @@ def test_option_names_are_derived_from_the_parser():
     argv += ["--output-format", "lora"]
     opts = options_from_args(parser.parse_args(argv))
     assert {k: getattr(opts, k) for k in expected} == expected
+
+
+# ---- item 8: the extension manifest cannot be updated from someone else's repository ----------------------
+
+#: GitHub's rule for user and organization names: alphanumerics and single inner hyphens, 39 at most
+GITHUB_OWNER = re.compile(r"^[A-Za-z0-9](?:-?[A-Za-z0-9]){0,38}$")
+
+
+def test_extension_manifest_names_a_source_nobody_can_own_and_update_skips_it(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import httpx2
+    from huggingface_hub.cli import extensions
+
+    from hf_metagpt.extension import install_extension
+
+    if shutil.which("hf-metagpt") is None:
+        pytest.fail("the hf-metagpt console script must be installed (pip install -e .)")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ext_dir = tmp_path / ".local/share/hf/extensions/hf-metagpt"
+    # an older registration (source local/hf-metagpt: a GitHub name anyone could register) is replaced
+    extensions.ExtensionManifest(owner="local", repo="hf-metagpt", repo_id="local/hf-metagpt", short_name="metagpt",
+                                 executable_path=shutil.which("hf-metagpt"), type="python",
+                                 installed_at=extensions.datetime.now()).save(ext_dir)
+    script = install_extension()
+    manifest = json.loads((ext_dir / "manifest.json").read_text())
+    assert Path(manifest["executable_path"]) == script
+    assert not GITHUB_OWNER.match(manifest["owner"]), manifest  # no GitHub account or org can have it
+    assert manifest["repo_id"] == f"{manifest['owner']}/{manifest['repo']}"
+    before = (ext_dir / "manifest.json").read_bytes()
+
+    asked: list[str] = []
+
+    def github(method, url, **kwargs):  # GitHub's answer for an owner that does not exist
+        asked.append(url)
+        request = httpx2.Request(method, url)
+        raise httpx2.HTTPStatusError("404 Not Found", request=request, response=httpx2.Response(404, request=request))
+
+    installs: list = []
+    monkeypatch.setattr(extensions, "_github_request", github)
+    monkeypatch.setattr(extensions, "_install_extension", lambda **kw: installs.append(kw))
+    status = extensions._update_installed_extension(extensions.ExtensionManifest.load(ext_dir))
+    assert status == extensions._ExtensionUpdateStatus.SKIPPED and installs == []
+    assert asked and all(f"/{manifest['owner']}/" in u for u in asked)
+    assert (ext_dir / "manifest.json").read_bytes() == before
