@@ -164,9 +164,12 @@ class MergeResult:
             f"Merged {len(self.models)} model(s) into {self.base.display} with {self.method} "
             f"(granularity {self.granularity}){where}"
         )
+        secs = max(s.seconds, 1e-9)
+        where = (f" on {s.device} ({s.workers} compute thread(s), {s.readers} reader(s))" if s.device else "")
         lines.append(
-            f"time {s.seconds:.1f} s, read {s.bytes_read / 1e9:.3f} GB in {s.passes} pass(es), "
-            f"wrote {s.bytes_written / 1e9:.3f} GB, peak memory {self.peak_rss / 1e9:.2f} GB"
+            f"time {s.seconds:.1f} s{where}, read {s.bytes_read / 1e9:.3f} GB in {s.passes} pass(es) "
+            f"({s.bytes_read / 1e9 / secs:.2f} GB/s), wrote {s.bytes_written / 1e9:.3f} GB "
+            f"({s.bytes_written / 1e9 / secs:.2f} GB/s), peak memory {self.peak_rss / 1e9:.2f} GB"
             + (f", {s.shards_reused} shard(s) reused" if s.shards_reused else "")
         )
         if self.precision.startswith("mergekit "):

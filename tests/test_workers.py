@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,13 @@ def test_cli_workers(family, tmp_path):
                            env=env)
         assert r.returncode == 0, r.stderr
         outs[n] = _digest(tmp_path / n)
+        # the summary says where it ran, on how many threads, and how fast it read and wrote
+        line = next(x for x in r.stdout.splitlines() if x.startswith("time "))
+        assert f" on cpu ({n} compute thread(s), 1 reader(s)), read " in line
+        read_gb, read_rate = (float(x) for x in re.search(r"read ([0-9.]+) GB in 2 pass\(es\) \(([0-9.]+) GB/s\)",
+                                                            line).groups())
+        assert read_gb > 0 and read_rate > 0
+        assert re.search(r"wrote [0-9.]+ GB \([0-9.]+ GB/s\)", line)
     assert outs["1"] == outs["3"]
 
 

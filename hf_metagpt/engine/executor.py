@@ -146,6 +146,9 @@ class Executor:
             self._stop(cancel=False)
             torch.set_num_threads(threads)
         counts = self.feed.counts
+        self.stats.device = str(self.kernel.ctx.device)
+        self.stats.workers = self.kernel.ctx.workers.count
+        self.stats.readers = getattr(self.feed, "readers", 1)
         if self.share is None:  # a shared run's counters were gathered from every process
             self.stats.bytes_read = counts.bytes_read
             self.stats.bytes_written = self.sink.bytes_written

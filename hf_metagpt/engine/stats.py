@@ -14,3 +14,6 @@ class StreamStats:
     seconds: float = 0.0
     pieces_read: int = 0  # pooled reads (pieces, reduce-only steps included)
     largest_read: int = 0  # bytes of the largest pooled read: the engine holds at most two
+    device: str = ""  # where the arithmetic ran ("cpu", "cuda:0")
+    workers: int = 1  # compute threads (a GPU run: the one that issues its work)
+    readers: int = 1  # threads reading a piece's inputs
