@@ -10,8 +10,9 @@ What it does, in this order, each step skipped rather than run past `--budget` s
    tool carries them; see bench/README.md), or uses `--mergekit-exe` / `bench/.venv-mergekit`;
 3. merges a small family with every deterministic method on the CPU and on CUDA and compares the bytes
    (`tests/test_cuda.py`'s cases; the largest difference in output ulps where they differ);
-4. takes the read+write floor cold (page cache dropped: `/proc/sys/vm/drop_caches` with `--drop-caches`,
-   else each file evicted with posix_fadvise) and warm (inputs in the page cache);
+4. takes the read+write floor cold (the inputs evicted from the page cache with posix_fadvise, the
+   libraries left cached; `--drop-caches` drops the whole page cache instead, the interpreter's and
+   torch's files too) and warm (inputs in the page cache);
 5. times hf-metagpt on CPU and CUDA × model and layer granularity, and mergekit 0.1.5 task_arithmetic on CPU,
    `--cuda` and `--gpu-rich --async-write`, each cold then warm (wall, user/sys CPU, peak RSS), and
    compares the bytes of the 1.1B MetaGPT output of CPU and CUDA; then repeats the rows while time is left,
@@ -128,7 +129,7 @@ def floor(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[float, flo
 
 def digest(folder: Path) -> str:
     h = hashlib.sha256()
-    for p in sorted(folder.glob("*.safetensors")):
+    for p in sorted(folder.glob("model*.safetensors")):
         with open(p, "rb") as f:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
@@ -232,8 +233,8 @@ def bytes_only(result: Path, budget: float) -> int:
                     outs[device] = out
                 row["identical"] = bool(row["cpu"]) and row["cpu"] == row["cuda"]
                 if not row["identical"]:
-                    a = {k: v for f in sorted(outs["cpu"].glob("*.safetensors")) for k, v in load_file(f).items()}
-                    b = {k: v for f in sorted(outs["cuda"].glob("*.safetensors")) for k, v in load_file(f).items()}
+                    a = {k: v for f in sorted(outs["cpu"].glob("model*.safetensors")) for k, v in load_file(f).items()}
+                    b = {k: v for f in sorted(outs["cuda"].glob("model*.safetensors")) for k, v in load_file(f).items()}
                     row["tensors_differing"] = sum(not torch.equal(a[k], b[k]) for k in a)
                     row["tensors"] = len(a)
                     row["max_ulps"] = max(_ulps(a[k], b[k]) for k in a)
@@ -465,6 +466,14 @@ def main(argv: list[str] | None = None) -> int:
     out_root = scratch / "outputs"
     out_root.mkdir(parents=True, exist_ok=True)
 
+    # Untimed warm-up: the first run on a fresh machine builds matplotlib's font cache and the
+    # architecture cache (`plan`); a user's second merge does not pay them again.
+    t = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_DIR), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", "import matplotlib.pyplot"], env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "hf_metagpt", "-q", "plan", "--base", str(models[0]), *map(str, models[1:])],
+                   env=env, capture_output=True)
+    chk.log(f"warm-up (font and architecture caches): {time.perf_counter() - t:.1f} s")
     mk = (None, {}, "--no-mergekit") if args.no_mergekit else mergekit_exe(chk, args.mergekit_exe)
     chk.log(f"mergekit: {mk[2]}")
     bytes_check(chk, cuda, min(args.bytes_budget, max(0.0, chk.left() * 0.2)))

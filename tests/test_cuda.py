@@ -67,7 +67,7 @@ def merge_digest(base: Path, fts: list[Path], out: Path, case: tuple, device: st
     _, method, params, granularity, n = case
     hf_metagpt.merge(base=str(base), models=[str(f) for f in fts[:n]], output=str(out), method=method,
                      parameters=params, granularity=granularity, device=device, progress=False)
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.safetensors"))}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("model*.safetensors"))}
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_gpu_kernel_code_gives_the_cpu_kernel_bytes(tiny_family, tmp_path, monke
         out = tmp_path / kind
         res = hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(out), granularity=granularity,
                                device="cpu", progress=False)
-        results[kind] = ({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.safetensors"))},
+        results[kind] = ({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("model*.safetensors"))},
                          res.coefficients)
     assert results["cpu"][0] and results["cpu"] == results["gpu-code"]
     assert merging.build_kernel.__module__ == merging.__name__
