@@ -12,8 +12,13 @@ What differs, by design:
 - mergekit computes in its `dtype` and writes `out_dtype` (else `dtype`). Its methods here take
   mergekit's steps in that dtype (`mergekit_order`, `methods/mergekit_order.py`), so their outputs
   are mergekit's bits; `--arithmetic own` merges with our float64/float32 sums instead.
-- `slices`/`passthrough` (layer stacking), `tokenizer_source: union` and methods we don't
-  implement are refused with a message; unknown keys are errors naming their line.
+- `slices:` become layer maps (`MergeOptions.layers`, `engine/layers.py`) and per-layer parameter
+  filters; passthrough stacking becomes linear with 0/1 weights per layer (`Slices`).
+- `tokenizer_source`/`tokenizer.source` set `vocabulary` (`sources/vocab.py`): the rows follow the
+  tokenizer, as in mergekit; `chat_template` is `sources/chat_template.py`'s; `model+adapter`
+  references are applied before the merge (`sources/lora_applied.py`).
+- Keys and parameters mergekit ignores are warnings naming their line (it ignores them too);
+  mergekit's refusals (no base_model where one is needed, a model without weight) stay refusals.
 - `metagpt` (and `metagpt_ties`, `metagpt_dare`) are our extension, with `granularity` as a
   top-level parameter.
 

@@ -476,7 +476,11 @@ def _precision_text(result: "MergeResult") -> str:
 def _mergekit_section(result: "MergeResult") -> list[str]:
     """The same merge as a mergekit recipe, for the methods mergekit has (none for MetaGPT's λ)."""
     from ..mergekit_recipe import to_mergekit
+    from ..options import load_yaml
 
+    recipe = load_yaml(result.recipe) if result.recipe else None
+    if isinstance(recipe, dict) and (recipe.get("layers") or recipe.get("vocabulary")):
+        return []  # layer maps (slices) and tokenizer vocabularies: the recipe it came from says it best
     text = to_mergekit(result.method, result.parameters, result.base.pinned, [m.pinned for m in result.models],
                        result.out_dtype or None, [m.is_adapter for m in result.models])
     if text is None:
