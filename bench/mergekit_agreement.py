@@ -462,7 +462,7 @@ def family(root: Path, layers: int, count: int) -> list[Path]:
 
     folder = root / f"L{layers}"
     built = sorted(folder.glob("ft*")) if folder.is_dir() else []
-    if len(built) + 1 < count:
+    if not (folder / "base").is_dir() or len(built) + 1 < count:
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
@@ -542,7 +542,8 @@ def run_real(exe: Path, args: argparse.Namespace) -> int:
         mk_runs = []
         for seed in ((1, 2) if random else (1,)):
             out = w / f"mergekit-{seed}"
-            mk = subprocess.run([str(exe), str(cfg), str(out), *MERGEKIT_FLAGS, "--random-seed", str(seed)],
+            mk = subprocess.run([str(exe), str(cfg), str(out), *MERGEKIT_FLAGS, "--random-seed", str(seed),
+                                 "--lora-merge-cache", str(w / "lora-cache")],
                                 capture_output=True, text=True)
             mk_runs.append((mk, out))
         mk, mk_out = mk_runs[0]
