@@ -13,29 +13,37 @@ from ._logging import protect_loggers  # noqa: E402
 from .api import merge, plan  # noqa: E402
 from .engine.plan import MergePlan  # noqa: E402
 from .errors import (  # noqa: E402
+    DownloadStopped,
+    HubAccessError,
+    HubUnavailableError,
     IncompatibleModelsError,
     InputError,
     IntegrityError,
+    MainProcessStopped,
     MergeError,
     NonFiniteError,
     OutputError,
     RecipeError,
+    TaskSpecError,
+    UnsafePickleError,
+    UnsupportedAdapterError,
 )
 from .insight.inspect import inspect  # noqa: E402
 from .insight.report import InspectResult  # noqa: E402
 from .options import MergeOptions  # noqa: E402
 from .result import MergeResult  # noqa: E402
-from .sources.hub_calls import HubAccessError, HubUnavailableError  # noqa: E402
 
 protect_loggers()  # no signed URL or token in a log line of httpx or huggingface_hub (changes no level)
 
 __all__ = [
+    "DownloadStopped",
     "HubAccessError",
     "HubUnavailableError",
     "IncompatibleModelsError",
     "InspectResult",
     "InputError",
     "IntegrityError",
+    "MainProcessStopped",
     "MergeError",
     "MergeOptions",
     "MergePlan",
@@ -43,6 +51,9 @@ __all__ = [
     "NonFiniteError",
     "OutputError",
     "RecipeError",
+    "TaskSpecError",
+    "UnsafePickleError",
+    "UnsupportedAdapterError",
     "inspect",
     "merge",
     "plan",

@@ -16,14 +16,14 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from .engine.distributed import MainProcessStopped, Share, World, check_supported, connect
+from .engine.distributed import Share, World, check_supported, connect
 from .engine.executor import Executor, RunResult, RunShape
 from .engine.fetch import FileProvider
 from .engine.ledger import PROGRESS_FILE, NormLedger
 from .engine.plan import MergePlan, build_plan
 from .engine.workdir import (OutputDirs, OutputLock, cached_norms, check_output, check_side_files, ledger_key,
                              plan_key, prepare, publish, write_side_files)
-from .errors import IntegrityError, MergeError, RecipeError
+from .errors import IntegrityError, MainProcessStopped, MergeError, RecipeError
 from .methods import get_method
 from .methods.base import MergeMethod
 from ._logging import bars_off, honour_progress

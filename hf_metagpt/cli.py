@@ -677,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MergeError as exc:
-        from .engine.distributed import MainProcessStopped
+        from .errors import MainProcessStopped
 
         if args.debug:
             raise

@@ -43,3 +43,31 @@ class NonFiniteError(MergeError):
 
 class IntegrityError(MergeError):
     """A merged folder fails `hf-metagpt verify`: missing, damaged or inconsistent files."""
+
+
+class UnsupportedAdapterError(InputError):
+    """A PEFT adapter hf-metagpt cannot turn into an exact task vector."""
+
+
+class UnsafePickleError(InputError):
+    """A pickle file asks to run code (or build objects) that weights-only loading does not allow."""
+
+
+class TaskSpecError(InputError):
+    """A `--task NAME=DATASET[:split][:field]` spec cannot be used."""
+
+
+class HubAccessError(MergeError):
+    """A Hub repo or revision cannot be read (missing, private, gated) or written."""
+
+
+class HubUnavailableError(HubAccessError):
+    """The Hub kept failing (5xx, timeouts, dropped connections) after every retry."""
+
+
+class DownloadStopped(MergeError):
+    """A background download was abandoned because its provider was closed (the merge ended)."""
+
+
+class MainProcessStopped(MergeError):
+    """The main process of a shared merge failed before the merge (it prints the reason; the others only stop)."""

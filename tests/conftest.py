@@ -97,3 +97,15 @@ def hub_faults():
     yield _HUB
     _HUB.clear_faults()
 # ==== end of local Hub block ======================================================================
+
+
+# ==== test speed (issue [seams]) ==================================================================
+# No test sleeps through the real retry backoff (1 s doubling to 20 s): retried Hub calls wait
+# 0.01 s first. A test that wants other delays sets RETRY_BASE_ENV itself (its setenv wins), and
+# subprocesses inherit the setting.
+@pytest.fixture(autouse=True)
+def _short_retry_backoff(monkeypatch):
+    from hf_metagpt.constants import RETRY_BASE_ENV
+
+    monkeypatch.setenv(RETRY_BASE_ENV, "0.01")
+# ==== end of test speed block =====================================================================

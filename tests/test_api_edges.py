@@ -23,7 +23,7 @@ from hf_metagpt.options import MergeOptions, build_options, parse_recipe, public
 from hf_metagpt.publish.card import build_card, write_card
 from hf_metagpt.publish.push import check_push_access, push, push_refusal
 from hf_metagpt.result import MergeResult
-from hf_metagpt.sources.hub_calls import HubAccessError
+from hf_metagpt.errors import HubAccessError
 from hf_metagpt.sources.refs import ModelRef
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import hf_metagpt
-from hf_metagpt.engine.plan import block_of, norm_group_of
+from hf_metagpt.engine.plan import norm_group_of
+from hf_metagpt.sources.architecture import block_of
 from reference import assert_within_ulp, load_state
 
 
@@ -94,3 +95,45 @@ def test_layer_granularity_groups_per_block_for_other_families(kind, tmp_path):
     for n, b in base.items():
         expected = b.double() + sum(lam[group(n)][i] * (ft[n].double() - b.double()) for i, ft in enumerate(fts))
         assert_within_ulp(merged[n], expected, b.dtype, scale=b)
+
+
+# Per-layer parameters (mergekit gradients) read a tensor's layer from the same rule as the plan's
+# blocks. Before they shared it, `layers.N` alone was read: on GPT-2/Falcon/BLOOM names (`h.N`)
+# every tensor took the gradient's first value.
+@pytest.mark.parametrize("n_layers", [2, 12])
+def test_gradient_values_per_layer_are_the_same_for_h_n_and_layers_n_names(n_layers):
+    from hf_metagpt.methods import settings
+    from hf_metagpt.methods.base import TensorContext
+
+    g = settings.parse_setting("m", "t", [0, 1], lambda m, v: v)
+    gpt2 = [settings.resolve(g, TensorContext.of(f"transformer.h.{k}.attn.c_attn.weight", 0, n_layers))
+            for k in range(n_layers)]
+    llama = [settings.resolve(g, TensorContext.of(f"model.layers.{k}.self_attn.q_proj.weight", 0, n_layers))
+             for k in range(n_layers)]
+    falcon = [settings.resolve(g, TensorContext.of(f"transformer.h.{k}.self_attention.dense.weight", 0, n_layers))
+              for k in range(n_layers)]
+    assert gpt2 == llama == falcon == [k / (n_layers - 1) for k in range(n_layers)]
+    assert TensorContext.of("transformer.h.11.mlp.c_fc.weight", 0, 12).layer == 11
+    assert TensorContext.of("transformer.wte.weight", 0, 12).layer is None
+
+
+def test_task_arithmetic_weight_gradient_on_gpt2_blocks(tmp_path):
+    """weights [[0, 1], 1] on GPT-2: block k of 3 takes w1 = k/2 (not 0 everywhere), against an
+    independent float64 sum per stored name."""
+    folders = _family(tmp_path, "gpt2")
+    out = tmp_path / "out"
+    hf_metagpt.merge(base=str(folders[0]), models=[str(f) for f in folders[1:]], output=str(out),
+                     method="task_arithmetic", parameters={"weights": [[0.0, 1.0], 1.0]}, device="cpu",
+                     progress=False)
+    base, fts = load_state(folders[0]), [load_state(f) for f in folders[1:]]
+    merged = load_state(out)
+    seen = set()
+    for n, b in base.items():
+        if not b.is_floating_point():
+            continue
+        k = int(n.split(".")[2]) if n.startswith("transformer.h.") else None
+        w1 = 0.0 if k is None else k / 2  # outside the blocks: the gradient's first value
+        seen.add(w1)
+        expected = b.double() + w1 * (fts[0][n].double() - b.double()) + (fts[1][n].double() - b.double())
+        assert_within_ulp(merged[n], expected, b.dtype, scale=b)
+    assert seen == {0.0, 0.5, 1.0}

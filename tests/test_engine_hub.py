@@ -12,7 +12,7 @@ from huggingface_hub import HfApi, constants
 
 import hf_metagpt
 from hf_metagpt.demo.tiny import build_family
-from hf_metagpt.sources.hub_calls import HubAccessError
+from hf_metagpt.errors import HubAccessError
 
 from helpers import publish, shards
 

@@ -24,7 +24,8 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
 import hf_metagpt
 from hf_metagpt.demo.tiny import TinySpec, build_family
 from hf_metagpt.localhub import LocalHub
-from hf_metagpt.sources.hub_calls import HubAccessError, call as _call
+from hf_metagpt.errors import HubAccessError
+from hf_metagpt.sources.hub_calls import call as _call
 from helpers import shards
 
 

@@ -28,7 +28,6 @@ from hf_metagpt.cli import main as cli_main
 from hf_metagpt.errors import InputError, MergeError, RecipeError
 from hf_metagpt.sources.local import INDEX_FILE, safe_relative, weight_files_from_index
 from hf_metagpt.options import MergeOptions, parse_recipe, parse_size
-from hf_metagpt.engine.writer import SLOW_WRITE_ENV
 from hf_metagpt.safetensors_io import parse_header_json, read_header
 from hf_metagpt.demo.tiny import build_family
 from helpers import copy_model, run_cli
@@ -302,9 +301,12 @@ def test_sigkill_mid_write_keeps_target_and_resumes_to_identical_bytes(family, t
         before = {p.name: p.read_bytes() for p in out.iterdir()}
         extra = ["--overwrite"]
     work = tmp_path / ".out.hf-metagpt-partial"
-    env = dict(os.environ, **{SLOW_WRITE_ENV: "0.25"})
-    proc = subprocess.Popen(_merge_cmd(base, fts, out, *extra), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    # The child sleeps 0.25 s after each finished shard (patched here: no test hook in the package).
+    slow = ("import sys, time; from hf_metagpt.engine import writer; close = writer.ShardWriter.close; "
+            "writer.ShardWriter.close = lambda self: (close(self), time.sleep(0.25))[0]; "
+            "from hf_metagpt.cli import main; sys.exit(main(sys.argv[1:]))")
+    cmd = _merge_cmd(base, fts, out, *extra)
+    proc = subprocess.Popen([cmd[0], "-c", slow, *cmd[3:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 90
     try:
         while not list(work.glob("model-*.safetensors")):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import hf_metagpt
 from hf_metagpt.errors import IncompatibleModelsError
-from hf_metagpt.sources.hub_calls import HubAccessError
+from hf_metagpt.errors import HubAccessError
 from hf_metagpt.demo.tiny import build_family
 
 NAMES = ["base", "chat", "math", "code"]

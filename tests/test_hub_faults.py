@@ -18,7 +18,9 @@ from huggingface_hub import HfApi
 import hf_metagpt
 import hf_metagpt.engine.fetch as fetch
 from hf_metagpt.cli import main as cli_main
-from hf_metagpt.sources.hub_calls import RETRIES, RETRY_BASE_ENV, HubUnavailableError
+from hf_metagpt.errors import HubUnavailableError
+from hf_metagpt.constants import RETRY_BASE_ENV
+from hf_metagpt.sources.hub_calls import RETRIES
 from hf_metagpt.demo.tiny import build_family
 from helpers import publish, shards
 

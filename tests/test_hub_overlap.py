@@ -18,8 +18,10 @@ from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_
 
 import hf_metagpt
 import hf_metagpt.engine.fetch as fetch
+from hf_metagpt.constants import RETRY_BASE_ENV
+from hf_metagpt.errors import DownloadStopped, HubUnavailableError
+from hf_metagpt.sources.hub_calls import RETRIES
 from hf_metagpt.sources.hub_calls import call_until as _call_until
-from hf_metagpt.sources.hub_calls import RETRIES, RETRY_BASE_ENV, DownloadStopped, HubUnavailableError
 from hf_metagpt.demo.tiny import build_family
 from helpers import publish, shards
 

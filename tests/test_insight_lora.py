@@ -110,7 +110,7 @@ def test_inspect_of_adapters_and_full_fine_tunes_equals_peft_materialised(family
     """`mixed`: a full fine-tune beside adapters (the method path, τ formed for full tensors);
     `adapters`: LoRA only (the low-rank path, the base in row slabs; factors counted once)."""
     import hf_metagpt
-    from hf_metagpt.engine.pieces import UNIT_ENV
+    from hf_metagpt.constants import UNIT_ENV
 
     base, full, adapters = family
     inputs = [full, *adapters] if which == "mixed" else adapters[:2]

@@ -12,7 +12,8 @@ import torch
 import hf_metagpt
 from hf_metagpt.errors import IncompatibleModelsError, InputError, MergeError
 from hf_metagpt.engine.adapter_output import truncate_rank
-from hf_metagpt.sources.lora import UnsupportedAdapterError, lora_sq_norm
+from hf_metagpt.errors import UnsupportedAdapterError
+from hf_metagpt.sources.lora import lora_sq_norm
 from hf_metagpt.demo.tiny import TinySpec, build_family
 from reference import assert_within_ulp, load_state, reference_metagpt
 
@@ -301,7 +302,7 @@ def test_plain_adapters_merge_as_stacked_low_rank_products_in_slabs(lora_family,
     """Adapters without saved modules: c0·θ0 + [w·s·B]·[A] per block of rows, never a full-size τ;
     an embedding LoRA (Δ = (B·A)ᵀ) included, the base cut into row slabs and jobs."""
     from hf_metagpt.engine import kernels, merging
-    from hf_metagpt.engine.pieces import UNIT_ENV
+    from hf_metagpt.constants import UNIT_ENV
 
     f = lora_family
     emb = f["root"] / "ad_embed"

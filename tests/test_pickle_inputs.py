@@ -14,9 +14,11 @@ from huggingface_hub import HfApi
 from safetensors.torch import load_file
 
 import hf_metagpt
+from hf_metagpt import constants
 from hf_metagpt.sources import pickle as pickle_weights
 from hf_metagpt.errors import IncompatibleModelsError, InputError
-from hf_metagpt.sources.pickle import UnsafePickleError, convert_shard
+from hf_metagpt.errors import UnsafePickleError
+from hf_metagpt.sources.pickle import convert_shard
 from hf_metagpt.demo.tiny import TinySpec, build_family
 
 from helpers import run_cli, shards
@@ -88,7 +90,7 @@ def sharded(tmp_path_factory):
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "converted"
-    monkeypatch.setenv(pickle_weights.CACHE_ENV, str(root))
+    monkeypatch.setenv(constants.PICKLE_CACHE_ENV, str(root))
     return root
 
 

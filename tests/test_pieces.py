@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 import hf_metagpt
 from hf_metagpt.errors import InputError
-from hf_metagpt.engine.pieces import UNIT_ENV, Piece, piece_bytes, split_group, unit_bytes
+from hf_metagpt.constants import UNIT_ENV
+from hf_metagpt.engine.pieces import Piece, piece_bytes, split_group, unit_bytes
 from hf_metagpt.demo.tiny import build_family
 from helpers import add_tokens, shards
 from reference import assert_within_ulp, load_state, reference_metagpt

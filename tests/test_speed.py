@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hf_metagpt
+from hf_metagpt import constants
 from hf_metagpt.demo.tiny import TinySpec, build_family
 from hf_metagpt.engine import kernels
 from hf_metagpt.engine.writer import OutputArena
@@ -85,8 +86,8 @@ def test_large_finite_bf16_values_whose_float32_sum_overflows_still_merge(tmp_pa
 def test_architecture_answers_are_kept_per_config_and_transformers_release(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from hf_metagpt.engine import archcache
-    from hf_metagpt.engine.plan import skeleton_names
+    from hf_metagpt.sources import archcache
+    from hf_metagpt.sources.architecture import skeleton_names
 
     monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "home"))
     config = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
@@ -120,7 +121,7 @@ def test_architecture_answers_are_kept_per_config_and_transformers_release(tmp_p
     assert fresh["model.layers.1.mlp.down_proj.weight"] == (24, 32)
     assert archcache.entry_path("skeleton", real).exists()
     assert skeleton_names(real) == fresh
-    monkeypatch.setenv(archcache.CACHE_ENV, "0")
+    monkeypatch.setenv(constants.ARCH_CACHE_ENV, "0")
     assert archcache.entry_path("skeleton", real) is None
     assert skeleton_names(real) == fresh
 
@@ -175,7 +176,7 @@ def test_a_merge_writes_the_same_bytes_direct_and_buffered(tmp_path, monkeypatch
     base, fts = build_family(tmp_path / "fam", n_models=3, spec=TinySpec(dtype=torch.bfloat16))
     args = dict(base=str(base), models=[str(f) for f in fts], device="cpu", progress=False, max_shard_size="50KB")
     hf_metagpt.merge(output=str(tmp_path / "direct"), **args)
-    monkeypatch.setenv(reader.DIRECT_ENV, "0")
+    monkeypatch.setenv(constants.DIRECT_ENV, "0")
     hf_metagpt.merge(output=str(tmp_path / "buffered"), **args)
     files = sorted(p.name for p in (tmp_path / "direct").glob("*.safetensors"))
     assert len(files) > 2
@@ -328,7 +329,7 @@ def test_a_one_pass_merge_reads_directly_and_a_two_pass_merge_through_the_cache(
     _evict(tmp_path / "fam")
     hf_metagpt.merge(output=str(tmp_path / "model"), **args)  # pass 2 reads what pass 1 left in the cache
     assert calls == []
-    monkeypatch.setenv(reader.DIRECT_ENV, "0")
+    monkeypatch.setenv(constants.DIRECT_ENV, "0")
     _evict(tmp_path / "fam")
     hf_metagpt.merge(output=str(tmp_path / "layer-buffered"), granularity="layer", **args)
     for name in sorted(p.name for p in (tmp_path / "layer").glob("*.safetensors")):

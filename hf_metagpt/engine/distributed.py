@@ -41,9 +41,6 @@ if TYPE_CHECKING:
 TIMEOUT = timedelta(hours=24)
 
 
-class MainProcessStopped(MergeError):
-    """The main process failed before the merge (it prints the reason; the others only stop)."""
-
 
 def launched_processes() -> int:
     """Processes of this job as the launcher (torchrun, accelerate launch) set them; 1 otherwise."""

@@ -20,12 +20,13 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
+from ..constants import direct_io_enabled
 from ..safetensors_io import TensorMeta
 from ..sources.model import ModelInfo
 from .fetch import FileProvider
 from .pieces import Piece, piece_bytes, piece_metas, split_group
 from .plan import MergePlan
-from .reader import DIRECT_SLACK, BufferPool, direct_io_enabled
+from .reader import DIRECT_SLACK, BufferPool
 from .schedule import Schedule, Step, last_reads, piece_key, read_once
 from .tasks import TaskSource, advise_metas, read_metas
 

@@ -13,9 +13,9 @@ from concurrent.futures import CancelledError, Future, TimeoutError
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import OutputError
 from ..sources.hub import BASE_SIDE_FILES, SIDE_FILES, remote_files, cached_path
-from ..sources.hub_calls import DownloadStopped, call, call_until, stop_xet_transfers, tok
+from ..errors import DownloadStopped, OutputError
+from ..sources.hub_calls import call, call_until, stop_xet_transfers, tok
 from ..sources.chat_template import TEMPLATE_FILES
 from ..sources.local import INDEX_FILE, TOKENIZER_FILES
 from ..sources.model import ModelInfo

@@ -9,16 +9,14 @@ memory bounded as for any merge — and layers may repeat (stacking) or be left 
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import replace
 from typing import Sequence
 
 from ..errors import InputError, RecipeError
+from ..sources.architecture import split_block
 from ..sources.model import ModelInfo
 
-#: `<prefix>N.` of a transformer block, as `plan.block_of` reads blocks
-_BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layers|h)\.)(\d+)\.")
 #: config fields with one entry per layer (remapped with the layers)
 _PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
 
@@ -41,7 +39,7 @@ def check_layers(layers: object, n_inputs: int) -> list[list[int]] | None:
 
 def layer_prefix(info: ModelInfo) -> str | None:
     """The name prefix of the model's layer stack (`model.layers.`), the one with the most tensors."""
-    counts = Counter(m.group(1) for name in info.tensors if (m := _BLOCK.match(name)))
+    counts = Counter(b[0] for name in info.tensors if (b := split_block(name)))
     return counts.most_common(1)[0][0] if counts else None
 
 
@@ -70,9 +68,9 @@ def layer_view(info: ModelInfo, layer_map: Sequence[int]) -> ModelInfo:
     by_layer: dict[int, list[tuple[str, str]]] = {}
     tensors = {}
     for name, meta in info.tensors.items():
-        m = _BLOCK.match(name)
-        if m and m.group(1) == prefix:
-            by_layer.setdefault(int(m.group(2)), []).append((name, name[m.end(2):]))
+        b = split_block(name)
+        if b and b[0] == prefix:
+            by_layer.setdefault(b[1], []).append((name, b[2]))
         else:
             tensors[name] = meta
     for j, k in enumerate(layer_map):

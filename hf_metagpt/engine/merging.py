@@ -34,6 +34,7 @@ from ..insight.gram import mixed_gram, task_gram
 from ..methods import mergekit_order
 from ..methods.base import MergeMethod, TensorContext
 from ..safetensors_io import ST_TO_TORCH
+from ..sources.architecture import num_layers
 from . import kernels
 from .pieces import Piece
 from .plan import MergePlan, TensorPlan
@@ -117,6 +118,8 @@ class KernelContext:
     allow_nonfinite: bool
     #: the compute threads the kernel's jobs run on (started and stopped by the executor)
     workers: Workers
+    #: the base's layer count as transformers reads its config (per-layer parameters)
+    n_layers: int | None = None
 
     def run(self, fn: Callable, items: list) -> list:
         """fn over items on the compute threads, results in input order."""
@@ -128,7 +131,7 @@ class KernelContext:
 
     def tensor_context(self, tp: TensorPlan) -> TensorContext:
         """What the method may know of `tp`: name, seed and its layer (per-layer parameters)."""
-        return TensorContext.of(tp.name, self.seed, self.plan.base.config.get("num_hidden_layers"))
+        return TensorContext.of(tp.name, self.seed, self.n_layers)
 
 
 class MergeKernel:
@@ -664,7 +667,8 @@ def build_kernel(plan: MergePlan, method: MergeMethod, sources: Sequence[TaskSou
     if cls is FusedKernel and device.type != "cpu":
         cls = GpuFusedKernel
     workers = Workers(compute_workers(cls, device, processes))
-    return cls(KernelContext(plan, method, tuple(sources), device, seed, allow_nonfinite, workers))
+    return cls(KernelContext(plan, method, tuple(sources), device, seed, allow_nonfinite, workers,
+                             num_layers(plan.base.config)))
 
 
 def compute_workers(kernel: type[MergeKernel], device: torch.device, processes: int = 1) -> int:

@@ -12,16 +12,14 @@ Pure functions of the plan: no I/O here.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+from ..constants import UNIT_ENV, env
 from ..safetensors_io import TensorMeta
 from ..sources.model import ModelInfo
 from .plan import StreamGroup, TensorPlan
 
-#: Environment variable: the unit budget in MiB (bytes of stored input of all models read at once).
-UNIT_ENV = "HF_METAGPT_UNIT_MB"
 #: 384 MiB holds a whole TinyLlama-1.1B block of four inputs (352 MB): the one-pass layer
 #: granularity then reads each block once. Larger blocks are cut (their norms are reduced first,
 #: then the pieces are read again, from the page cache, to merge). The engine holds two pieces
@@ -31,7 +29,7 @@ DEFAULT_UNIT_BYTES = 384 << 20
 
 def unit_bytes() -> int:
     """The unit budget from `HF_METAGPT_UNIT_MB`, or the default."""
-    raw = os.environ.get(UNIT_ENV)
+    raw = env(UNIT_ENV)
     if not raw:
         return DEFAULT_UNIT_BYTES
     try:

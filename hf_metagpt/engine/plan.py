@@ -7,27 +7,18 @@ fetched by `hub`), so a merge that cannot work stops before a single shard is re
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Sequence
 
 from ..errors import IncompatibleModelsError, InputError, MergeError
 from ..options import MergeOptions, parse_size
 from ..safetensors_io import dtype_itemsize
 from ..sources.model import ModelInfo
-from . import archcache
+from ..sources.architecture import (BLOCK, CONFIG_KEYS, block_of, config_facts, config_value,
+                                     skeleton_mismatches, skeleton_names, tied_embeddings)
 
 log = logging.getLogger(__name__)
 
-# Config fields that must agree for task vectors to make sense (vocab_size is handled by the
-# vocabulary policy of docs/method.md instead).
-CONFIG_KEYS = (
-    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "intermediate_size", "head_dim", "tie_word_embeddings",
-)
-# A transformer block: `layers.N.` (LLaMA, Mistral, Qwen, Gemma, GPT-NeoX, OPT's decoder, towers of
-# multimodal models) or `h.N.` (GPT-2, Falcon, BLOOM). The leftmost match names the block.
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 _VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight")
 _DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _ST_NAMES = {v: k for k, v in _DTYPE_NAMES.items()}
@@ -157,41 +148,6 @@ def _fmt_bytes(n: int) -> str:
 
 # ---------------------------------------------------------------- checks across models
 
-def config_object(config: dict[str, Any]):
-    """The config as transformers' config class reads it (its defaults filled in), or None when
-    transformers does not know the architecture (custom code: the checks then use the raw file)."""
-    try:
-        from transformers import AutoConfig
-
-        cfg = dict(config)
-        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    except Exception as exc:  # unknown or custom model_type
-        log.debug("transformers cannot read a %s config: %s", config.get("model_type"), exc)
-        return None
-
-
-def config_facts(config: dict[str, Any]) -> dict[str, Any] | None:
-    """transformers' values of `CONFIG_KEYS` for this config (its class's defaults where the file
-    omits a field), or None when it does not know the architecture. Cached (`archcache`)."""
-    def ask() -> dict[str, Any] | None:
-        obj = config_object(config)
-        return None if obj is None else {key: getattr(obj, key, None) for key in CONFIG_KEYS}
-
-    return archcache.cached("config", config, ask)
-
-
-def _config_value(config: dict[str, Any], facts: dict[str, Any] | None, key: str) -> Any:
-    """A config field as transformers reads it: the class's default where the file omits it
-    (GPT-2 configs omit `tie_word_embeddings`, which transformers reads as True)."""
-    if key in config or facts is None:
-        return config.get(key)
-    return facts.get(key)
-
-
-def tied_embeddings(config: dict[str, Any]) -> bool:
-    return bool(_config_value(config, config_facts(config), "tie_word_embeddings"))
-
-
 def check_configs(base: ModelInfo, models: Sequence[ModelInfo]) -> None:
     b_facts = config_facts(base.config) if models else None
     for m in models:
@@ -203,7 +159,7 @@ def check_configs(base: ModelInfo, models: Sequence[ModelInfo]) -> None:
                 hint="All fine-tunes must share the base's architecture.")
         m_facts = config_facts(m.config)
         for key in CONFIG_KEYS:
-            bv, mv = _config_value(base.config, b_facts, key), _config_value(m.config, m_facts, key)
+            bv, mv = config_value(base.config, b_facts, key), config_value(m.config, m_facts, key)
             if key == "tie_word_embeddings":
                 bv, mv = bool(bv), bool(mv)
             elif bv is None or mv is None:
@@ -214,62 +170,22 @@ def check_configs(base: ModelInfo, models: Sequence[ModelInfo]) -> None:
                     hint="Task vectors only exist between fine-tunes of the same base model; check the model IDs.")
 
 
-def skeleton_names(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
-    """Parameter names and shapes the base config implies, from an empty-weight (meta) model.
-
-    Cached per config and transformers release (`archcache`): building the model is most of a
-    merge's start-up.
-    """
-    names = archcache.cached("skeleton", config, lambda: _skeleton_names(config))
-    return None if names is None else {k: tuple(v) for k, v in names.items()}
-
-
-def _skeleton_names(config: dict[str, Any]) -> dict[str, list[int]] | None:
-    """Built under torch's own `meta` device context (no weights, and unlike accelerate's
-    `init_empty_weights` nothing in `torch.nn` is patched for other threads meanwhile)."""
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        cfg = config_object(config)
-        if cfg is None:
-            raise ValueError("unknown architecture")
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
-        state = model.state_dict()
-        try:  # transformers 5 renames some weights in memory (GPT-NeoX embed_out -> lm_head): use the stored names
-            from transformers.core_model_loading import revert_weight_conversion
-
-            state = revert_weight_conversion(model, state)
-        except Exception as exc:  # older transformers, or a conversion that needs real tensors
-            log.debug("stored names of %s not derived (%s); using the module names", config.get("model_type"), exc)
-        return {k: list(v.shape) for k, v in state.items()}
-    except Exception as exc:  # custom architectures: the check is skipped, not the merge
-        log.warning("Could not build a %s skeleton to check parameter names (%s); skipping that check.",
-                    config.get("model_type"), exc)
-        return None
-
-
 def check_against_skeleton(base: ModelInfo, warnings: list[str]) -> None:
     expected = skeleton_names(base.config)
     if expected is None:
         return
-    stored = base.tensors
-    tied = tied_embeddings(base.config)
-    missing = [n for n in expected if n not in stored and not (tied and n.endswith("lm_head.weight"))]
+    missing, unexpected, shapes = skeleton_mismatches(expected, base.tensors, tied_embeddings(base.config))
     if missing:
         raise IncompatibleModelsError(
             f"The base {base.name} lacks {len(missing)} parameter(s) its config implies, e.g. {missing[0]!r}.",
             hint="The checkpoint is incomplete or its config does not match its weights.")
-    unexpected = [n for n in stored if n not in expected]
     if unexpected:
         warnings.append(f"the base stores {len(unexpected)} tensor(s) its architecture does not use "
                         f"(e.g. {unexpected[0]!r}); they are merged and written as they are")
-    for n, shape in expected.items():
-        if n in stored and stored[n].shape != shape:
-            raise IncompatibleModelsError(
-                f"The base {base.name} stores {n!r} with shape {list(stored[n].shape)} but its config implies {list(shape)}.",
-                hint="The config does not match the weights; fix config.json.")
+    for n, stored, implied in shapes[:1]:
+        raise IncompatibleModelsError(
+            f"The base {base.name} stores {n!r} with shape {list(stored)} but its config implies {list(implied)}.",
+            hint="The config does not match the weights; fix config.json.")
 
 
 def is_vocab_tensor(name: str) -> bool:
@@ -310,23 +226,8 @@ def check_tensors(base: ModelInfo, models: Sequence[ModelInfo]) -> None:
 
 # ---------------------------------------------------------------- grouping
 
-def block_of(name: str) -> str | None:
-    """The block a tensor belongs to: `layers.N` for `model.layers.N.*`, else its path up to N.
-
-    The path keeps blocks of different towers apart (`vision_tower.encoder.layers.3` and
-    `language_model.layers.3` are two groups) and names other families' blocks as they are
-    (`transformer.h.3`, `gpt_neox.layers.3`, `decoder.layers.3`); the leading `model.` is dropped,
-    so LLaMA-style names keep the group names of METHOD.md.
-    """
-    m = _BLOCK.search(name)
-    if not m:
-        return None
-    path = name[: m.end() - 1]
-    return path[len("model."):] if path.startswith("model.") else path
-
-
 def _order_key(name: str) -> tuple[int, str, int, str]:
-    block = _BLOCK.search(name)
+    block = BLOCK.search(name)
     if block:
         return (1, name[: block.start()], int(block.group(1)), name)
     return (0 if "embed" in name else 2, "", 0, name)

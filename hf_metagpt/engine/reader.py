@@ -102,18 +102,12 @@ def advise(path: Path, metas: list[TensorMeta]) -> None:
 
 
 #: Environment variable: 0 reads and writes through the page cache only (no O_DIRECT).
-DIRECT_ENV = "HF_METAGPT_DIRECT_IO"
 #: Block size of direct reads and writes: file offsets, lengths and memory addresses are multiples
 #: of it (4 KiB: a multiple of every disk's logical block size).
 BLOCK = 4096
 #: Extra bytes of the pooled buffer per tensor read directly: a run's start and end are widened to
 #: whole blocks, and its place in the buffer is moved to a block boundary.
 DIRECT_SLACK = 3 * BLOCK
-
-
-def direct_io_enabled() -> bool:
-    """O_DIRECT reads and writes, unless `HF_METAGPT_DIRECT_IO=0` (or the platform has none)."""
-    return hasattr(os, "O_DIRECT") and os.environ.get(DIRECT_ENV, "1") != "0"
 
 
 def _cached(fd: int, offset: int) -> bool | None:

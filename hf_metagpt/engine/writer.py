@@ -15,7 +15,6 @@ import json
 import mmap
 import os
 import struct
-import time
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,11 +23,12 @@ from pathlib import Path
 
 import torch
 
+from ..constants import direct_io_enabled
 from ..errors import InputError
 from ..safetensors_io import build_header, disk_full_is_clear, parse_header_json
 from .ledger import PROGRESS_FILE, PROGRESS_FILES, write_json_atomic
 from .plan import MergePlan, TensorPlan
-from .reader import BLOCK, direct_io_enabled
+from .reader import BLOCK
 from .schedule import Step
 
 
@@ -284,10 +284,6 @@ def shard_crcs(path: Path, header_len: int, tensors: list[TensorPlan]) -> list[i
     return out
 
 
-# Test-only: seconds to sleep after each finished shard, so a test can kill a merge mid-write.
-SLOW_WRITE_ENV = "HF_METAGPT_TEST_SLOW_WRITE"
-
-
 #: Bytes written between two requests to start writing a shard back to disk (buffered writes).
 WRITEBACK_STEP = 64 << 20
 #: Bytes of the aligned bounce buffer a direct write copies unaligned memory through.
@@ -347,8 +343,6 @@ class ShardWriter:
         """Flush to disk; the caller renames the file into place only after this."""
         with disk_full_is_clear(self.path):
             self._file.close()  # type: ignore[union-attr]
-        if delay := float(os.environ.get(SLOW_WRITE_ENV) or 0):
-            time.sleep(delay)  # test-only (see SLOW_WRITE_ENV)
 
     def abort(self) -> None:
         if self._file is not None:

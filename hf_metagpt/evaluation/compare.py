@@ -27,7 +27,8 @@ import yaml
 from ..errors import MergeError, RecipeError
 from ..options import MergeOptions, build_options, parse_recipe
 from ..result import MergeResult
-from .evaluate import EvalTable, TaskSpec, TaskSpecError, evaluate, parse_task
+from ..errors import TaskSpecError
+from .evaluate import EvalTable, TaskSpec, evaluate, parse_task
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, MergeError
+from ..errors import InputError, MergeError, TaskSpecError
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,6 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": 
 _SPLIT_PREFERENCE = ("test", "validation", "train")
 _TASK_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
-
-class TaskSpecError(InputError):
-    """A `--task NAME=DATASET[:split][:field]` spec cannot be used."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import torch
 from safetensors import safe_open
 
-from ..engine.plan import is_vocab_tensor, norm_group_of, skeleton_names
+from ..engine.plan import is_vocab_tensor, norm_group_of
+from ..sources.architecture import num_layers, skeleton_mismatches, skeleton_names
 from ..errors import IntegrityError, MergeError
 from ..safetensors_io import TensorMeta, read_header
 from ..sources.local import INDEX_FILE, SINGLE_FILE, load_local_info, safe_relative
@@ -182,14 +183,11 @@ def check_folder(folder: Path) -> tuple[VerifyReport, dict[str, TensorMeta], dic
             problems.add(f"tensor {name!r} is stored as {meta.dtype}, but config.json says {dtype}")
     expected = skeleton_names(config) if "model_type" in config else None
     if expected is not None:
-        tied = bool(config.get("tie_word_embeddings"))
-        for n, shape in expected.items():
-            if n not in stored:
-                if not (tied and n.endswith("lm_head.weight")):
-                    problems.add(f"tensor {n!r}, which config.json implies, is not stored")
-            elif stored[n].shape != shape:
-                problems.add(f"tensor {n!r} has shape {list(stored[n].shape)}, config.json implies {list(shape)}")
-        extra = [n for n in stored if n not in expected]
+        missing, extra, shapes = skeleton_mismatches(expected, stored, bool(config.get("tie_word_embeddings")))
+        for n in missing:
+            problems.add(f"tensor {n!r}, which config.json implies, is not stored")
+        for n, shape, implied in shapes:
+            problems.add(f"tensor {n!r} has shape {list(shape)}, config.json implies {list(implied)}")
         if extra:
             report.notes.append(f"{len(extra)} tensor(s) the architecture does not use, e.g. {extra[0]!r}")
     else:
@@ -242,6 +240,7 @@ def check_against(folder: Path, stored: dict[str, TensorMeta], inputs: Sequence[
         raise MergeError("--against needs the base and its fine-tunes, in the merge's order.")
     method = get_method(method_name, **params)
     _check_lambdas(groups, method, n_models, problems)
+    n_layers = num_layers(infos[0].config)
 
     names = sorted(stored)
     rng = random.Random(seed)
@@ -269,7 +268,7 @@ def check_against(folder: Path, stored: dict[str, TensorMeta], inputs: Sequence[
         if entry is None:
             problems.add(f"tensor {name!r}: {COEFFICIENTS_FILE} has no λ for its group {group!r}")
             continue
-        ctx = TensorContext.of(name, mseed, infos[0].config.get("num_hidden_layers"))
+        ctx = TensorContext.of(name, mseed, n_layers)
         expected, slack = _recompute(method, [cut(r) for r in raws], [float(x) for x in entry["lambdas"]], ctx,
                                      precision)
         expected = expected.to(out.dtype)

@@ -17,22 +17,21 @@ sees more than one tensor.
 from __future__ import annotations
 
 import hashlib
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import torch
 
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+from ..sources.architecture import layer_of
 
 
 @dataclass(frozen=True)
 class TensorContext:
     """What a method may know about the tensor it is merging.
 
-    `layer` is the N of `*.layers.N.*` (None for embeddings, final norm, head) and `n_layers` the
+    `layer` is the N of the tensor's block, `*.layers.N.*` or `*.h.N.*` (`architecture.layer_of`;
+    None for embeddings, final norm, head) and `n_layers` the
     model's `num_hidden_layers`: mergekit-style parameters given as lists are interpolated across
     the layers with them, and `- filter:` entries match `name` (`methods/settings.py`).
     """
@@ -44,9 +43,8 @@ class TensorContext:
 
     @classmethod
     def of(cls, name: str, seed: int | None = None, n_layers: Any = None) -> "TensorContext":
-        """The context of tensor `name`: its layer read from `layers.N.` (the engine's blocks)."""
-        m = _LAYER.search(name)
-        return cls(name, seed, int(m.group(1)) if m else None,
+        """The context of tensor `name`: its layer from its block (`architecture.layer_of`, as the plan's groups)."""
+        return cls(name, seed, layer_of(name),
                    n_layers if isinstance(n_layers, int) and not isinstance(n_layers, bool) else None)
 
     def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..safetensors_io import TensorMeta, parse_header_json, read_header
-from .hub_calls import HubAccessError, api, call, tok
+from ..errors import HubAccessError
+from .hub_calls import api, call, tok
 from .local import (
     INDEX_FILE,
     PICKLE_PATTERNS,

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
 
-from ..errors import MergeError
+from ..constants import RATE_LIMIT_WAIT_ENV, RETRY_BASE_ENV, seconds
+from ..errors import DownloadStopped, HubAccessError, HubUnavailableError, MergeError
 
 log = logging.getLogger(__name__)
-
-
-class HubAccessError(MergeError):
-    """A Hub repo or revision cannot be read (missing, private, gated) or written."""
-
-
-class HubUnavailableError(HubAccessError):
-    """The Hub kept failing (5xx, timeouts, dropped connections) after every retry."""
 
 
 #: attempts after the first one
@@ -26,10 +18,6 @@ RETRIES = 4
 
 #: attempts after the first one for a Xet transfer (hf_xet has retried it already)
 XET_RETRIES = 1
-
-
-#: environment variable: the first backoff delay in seconds (doubled after each failure)
-RETRY_BASE_ENV = "HF_METAGPT_RETRY_BASE"
 
 
 RETRY_BASE = 1.0
@@ -42,10 +30,8 @@ _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 
 
 def retry_base() -> float:
-    try:
-        return max(0.0, float(os.environ.get(RETRY_BASE_ENV) or RETRY_BASE))
-    except ValueError:
-        return RETRY_BASE
+    """The first backoff delay (`constants.RETRY_BASE_ENV`, else `RETRY_BASE`)."""
+    return seconds(RETRY_BASE_ENV, RETRY_BASE)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -266,10 +252,6 @@ def call(ref_text: str, fn, *args, **kwargs):
     return retrying(ref_text, lambda: fn(*args, **kwargs))
 
 
-class DownloadStopped(MergeError):
-    """A background download was abandoned because its provider was closed (the merge ended)."""
-
-
 def call_until(stop: threading.Event | None, ref_text: str, fn, *args, **kwargs):
     """`call` whose waits end early, with `DownloadStopped`, once `stop` is set.
 
@@ -330,19 +312,13 @@ def retrying(ref_text: str, attempt, *, stop: threading.Event | None = None, rec
             delay = min(RETRY_MAX, delay * 2)
 
 
-#: environment variable: the longest rate-limit reset (seconds) worth waiting for; a later one fails at once
-RATE_LIMIT_WAIT_ENV = "HF_METAGPT_RATE_LIMIT_MAX_WAIT"
-
-
 #: the Hub's rate-limit windows last 5 minutes: a reset is never further away than that, plus a margin
 RATE_LIMIT_MAX_WAIT = 330.0
 
 
 def rate_limit_max_wait() -> float:
-    try:
-        return max(0.0, float(os.environ.get(RATE_LIMIT_WAIT_ENV) or RATE_LIMIT_MAX_WAIT))
-    except ValueError:
-        return RATE_LIMIT_MAX_WAIT
+    """The longest rate-limit reset worth waiting for (`constants.RATE_LIMIT_WAIT_ENV`)."""
+    return seconds(RATE_LIMIT_WAIT_ENV, RATE_LIMIT_MAX_WAIT)
 
 
 def rate_limit_reset(exc: BaseException) -> float | None:

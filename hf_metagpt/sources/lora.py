@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..errors import IncompatibleModelsError, InputError
+from ..errors import IncompatibleModelsError, InputError, UnsupportedAdapterError
 from ..safetensors_io import TensorMeta, read_header
 from .model import ModelInfo
 from .refs import ModelRef
@@ -68,9 +68,6 @@ _VARIANTS = {
 #: methods whose merge is θ0 + Σ ct τt, so a merged adapter can be exact.
 LORA_OUTPUT_METHODS = ("metagpt", "task_arithmetic", "linear")
 
-
-class UnsupportedAdapterError(InputError):
-    """A PEFT adapter hf-metagpt cannot turn into an exact task vector."""
 
 
 def is_adapter_folder(folder: Path | None) -> bool:

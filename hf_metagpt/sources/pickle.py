@@ -28,7 +28,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..errors import InputError
+from ..constants import PICKLE_CACHE_ENV, env
+from ..errors import InputError, UnsafePickleError
 from ..safetensors_io import TORCH_TO_ST, TensorMeta, build_header, disk_full_is_clear, dtype_itemsize, read_header
 from .hub_calls import api as hub_api, call
 from .local import INDEX_FILE, SINGLE_FILE, has_safetensors, read_config, safe_relative
@@ -40,13 +41,9 @@ log = logging.getLogger(__name__)
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 #: environment variable: where converted shards are kept (default: `hf-metagpt/converted` under HF_HOME)
-CACHE_ENV = "HF_METAGPT_PICKLE_CACHE"
 _HASH_CHUNK = 8 << 20
 _CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
-
-class UnsafePickleError(InputError):
-    """A pickle file asks to run code (or build objects) that weights-only loading does not allow."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +160,7 @@ def provisional_info(ref: ModelRef, config: dict[str, Any], src: PickleSource) -
     Shapes and dtypes are not trusted: `build_plan` skips comparing them (`ModelInfo.provisional`)
     and `convert_inputs` replaces this with the converted shards' real headers.
     """
-    from ..engine.plan import skeleton_names  # what the config implies; the plan's own check uses it too
+    from .architecture import skeleton_names  # what the config implies; the plan's own check uses it too
 
     shapes = skeleton_names(config) or {}
     dtype = _CONFIG_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), "F32")
@@ -200,8 +197,8 @@ def plan_note(info: ModelInfo) -> str:
 def cache_root() -> Path:
     from huggingface_hub import constants
 
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path(constants.HF_HOME) / "hf-metagpt" / "converted"
+    where = env(PICKLE_CACHE_ENV)
+    return Path(where).expanduser() if where else Path(constants.HF_HOME) / "hf-metagpt" / "converted"
 
 
 def file_sha256(path: Path) -> str:

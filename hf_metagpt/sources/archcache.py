@@ -21,10 +21,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+from ..constants import arch_cache_enabled
+
 log = logging.getLogger(__name__)
 
-#: Environment variable: set to 0 to ask transformers every time (nothing read or written here).
-CACHE_ENV = "HF_METAGPT_ARCH_CACHE"
 
 
 def cache_dir() -> Path:
@@ -43,7 +43,7 @@ def _transformers_version() -> str | None:
 def entry_path(kind: str, config: dict[str, Any]) -> Path | None:
     """Where the answer of `kind` for `config` is kept (None: not cacheable)."""
     version = _transformers_version()
-    if version is None or os.environ.get(CACHE_ENV, "1") == "0":
+    if version is None or not arch_cache_enabled():
         return None
     try:
         blob = json.dumps({"kind": kind, "transformers": version, "config": config}, sort_keys=True)
