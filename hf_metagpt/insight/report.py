@@ -90,13 +90,19 @@ def write_gram(geometry: Geometry, path: str | Path) -> Path:
     """Every per-tensor Gram matrix τi·τj, float64, as one safetensors file: `grams` [E, T, T] in the
     engine's order, the entry names and the models in its metadata (`read_gram` reads it back)."""
     import torch
-    from safetensors.torch import save_file
+
+    from ..safetensors_io import build_header
 
     t = len(geometry.models)
     stacked = torch.tensor([list(g.values) for _, g in geometry.entries], dtype=torch.float64).reshape(-1, t, t)
-    save_file({"grams": stacked.contiguous()}, str(path),
-              metadata={"format": "hf-metagpt gram", "models": json.dumps(list(geometry.models)),
-                        "names": json.dumps([n for n, _ in geometry.entries])})
+    # Our own header writer: safetensors' writer keeps metadata in a hash map, whose order (and so
+    # the file's bytes) changes from process to process.
+    header, _ = build_header([("grams", "F64", tuple(stacked.shape))],
+                             {"format": "hf-metagpt gram", "models": json.dumps(list(geometry.models)),
+                              "names": json.dumps([n for n, _ in geometry.entries])})
+    with open(path, "wb") as f:
+        f.write(header)
+        f.write(stacked.contiguous().numpy().tobytes())
     return Path(path)
 
 
