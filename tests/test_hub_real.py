@@ -318,3 +318,129 @@ def test_xet_resolve_answers_like_the_hub(hub_user, storage):
     w = httpx2.post(f"{hub.storage_url}/v1/xorbs/default/{'0' * 64}", content=b"x",
                     headers={"Authorization": f"Bearer {t.json()['accessToken']}"})
     assert w.status_code == 403
+
+
+# ---------------------------------------------------------------- push through Xet
+
+def _pr_refs(repo: str) -> list[str]:
+    return sorted(r.ref for r in HfApi().list_repo_refs(repo, include_pull_requests=True).pull_requests or [])
+
+
+def test_push_goes_through_xet_plain_create_pr_and_revision_with_one_pr_on_a_lost_answer(
+        family, tmp_path, hub_user, storage, hub_faults):
+    from huggingface_hub import hf_hub_download
+
+    from hf_metagpt.publish.push import push
+
+    folders, expected = family
+    out = tmp_path / "merged"
+    hf_metagpt.merge(base=str(folders[0]), models=[str(f) for f in folders[1:]], output=str(out), device="cpu",
+                     progress=False)
+    hub = storage(xet=True)
+    repo = f"{hub_user}/xet-push"
+    hub.clear_requests()
+    push(out, repo)
+    posted = [(r.method, r.path.rsplit("/", 1)[0] if "/xorbs/" in r.path else r.path, r.status)
+              for r in hub.requests if r.path.startswith(("/v1/", "/v2/", "/_lfs/"))]
+    assert ("POST", "/v1/xorbs/default", 200) in posted and ("POST", "/v2/shards", 200) in posted
+    assert not [p for p in posted if p[1].startswith("/_lfs/")]  # no git-LFS transfer: Xet only
+    for name, data in expected.items():
+        got = hf_hub_download(repo, name, cache_dir=tmp_path / "c1")
+        assert Path(got).read_bytes() == data  # rebuilt from the xorbs, served back through Xet
+
+    (out / "dev.txt").write_text("a change for the branch")
+    push(out, repo, revision="dev", commit_message="to dev")
+    assert HfApi().list_repo_commits(repo, revision="dev")[0].title == "to dev"
+
+    (out / "extra.txt").write_text("a change for the pull request")
+    lost = hub_faults.inject_fault(rf"^/api/models/{re.escape(repo)}/commit/main$", method="POST",
+                                   lose_answer=True)
+    before = _pr_refs(repo)
+    url = push(out, repo, create_pr=True, commit_message="proposal")
+    after = _pr_refs(repo)
+    assert lost.hits == 1
+    assert len(after) == len(before) + 1  # the retry found the PR its lost answer had opened
+    assert url.endswith(f"/{repo}/discussions/{after[-1].rsplit('/', 1)[1]}")
+    assert HfApi().list_repo_commits(repo, revision=after[-1])[0].title == "proposal"
+
+
+def test_a_lost_commit_answer_on_a_plain_push_makes_one_commit(family, tmp_path, hub_user, hub_faults):
+    from hf_metagpt.publish.push import push
+
+    folders, _ = family
+    out = tmp_path / "merged"
+    hf_metagpt.merge(base=str(folders[0]), models=[str(folders[1])], output=str(out), device="cpu", progress=False)
+    repo = f"{hub_user}/lost-answer"
+    push(out, repo)
+    n = len(HfApi().list_repo_commits(repo))
+    (out / "extra.txt").write_text("one more file")
+    fault = hub_faults.inject_fault(rf"^/api/models/{re.escape(repo)}/commit/main$", method="POST", lose_answer=True)
+    push(out, repo, commit_message="second")
+    assert fault.hits == 1
+    commits = HfApi().list_repo_commits(repo)
+    assert len(commits) == n + 1 and commits[0].title == "second"
+
+
+# ---------------------------------------------------------------- Xet: cancellation and errors
+
+def _unseen_family(root: Path, seed: int) -> list[Path]:
+    """Weights no earlier test downloaded: hf_xet's chunk cache and huggingface_hub's blobs shared by
+    Xet hash would otherwise serve them without a transfer."""
+    base, fts = build_family(root, n_models=2, seed=seed)
+    return [base, *fts]
+
+
+def test_closing_the_downloads_cancels_xet_transfers_within_2_s(tmp_path, hub_user, storage, hub_faults, capfd):
+    import threading
+
+    import hf_metagpt.engine.fetch as fetch
+
+    folders = _unseen_family(tmp_path / "fam", seed=2511)
+    ids = publish(folders, hub_user, "xetcancel")
+    hub = storage(xet=True)
+    plan = hf_metagpt.plan(base=ids[0], models=ids[1:], output="-")
+    fetch.download(plan, weights=False, weight_index=True)
+    slow = hub_faults.inject_fault(r"^/xorbs/default/", status=None, delay=6.0, times=None, method="GET")
+    capfd.readouterr()
+    files = fetch.OverlappedFiles(plan, workers=2)
+    deadline = time.monotonic() + 20
+    while slow.hits == 0 and time.monotonic() < deadline:  # a Xet transfer is under way
+        time.sleep(0.05)
+    assert slow.hits >= 1
+    start = time.monotonic()
+    files.close()
+    took = time.monotonic() - start
+    assert took < 2.0, took  # not the 6 s the slowed xorb fetch takes (nor the queued shards after it)
+    assert not [t for t in threading.enumerate() if t.name.startswith(fetch.DOWNLOAD_THREADS)]
+    assert "Traceback" not in capfd.readouterr().err  # nothing raised on hf_xet's poller thread
+
+
+def test_xet_errors_are_mapped_to_hub_errors_with_a_hint(tmp_path, hub_user, storage, hub_faults):
+    folders = _unseen_family(tmp_path / "fam", seed=2512)
+    ids = publish(folders, hub_user, "xeterr")
+    storage(xet=True)
+    hub_faults.inject_fault(r"^/v[12]/reconstructions/", status=403, times=None, method="GET")
+    start = time.monotonic()
+    with pytest.raises(hub_calls.HubAccessError) as err:
+        _merge(ids, tmp_path / "out")
+    assert time.monotonic() - start < 60
+    assert not isinstance(err.value, hub_calls.HubUnavailableError)
+    assert "the Hub's Xet storage refused the transfer (Xet storage: HTTP 403 on /v2/reconstructions/" \
+        in err.value.message
+    assert "HF_HUB_DISABLE_XET=1" in err.value.hint and "token" in err.value.hint
+    assert "http://" not in str(err.value)  # no host, no signed URL
+
+
+def test_xet_failures_are_classified():
+    e503 = RuntimeError("Task error: File reconstruction error: CAS Client Error: Request error: HTTP status "
+                        "server error (503 Service Unavailable), domain: http://127.0.0.1:1/v2/reconstructions/ab")
+    assert hub_calls.xet_status(e503) == 503 and hub_calls.transient(e503)
+    mapped = hub_calls.hub_error("org/m", e503)
+    assert isinstance(mapped, hub_calls.HubUnavailableError)
+    assert mapped.message == ("org/m: the Hub's Xet storage kept failing (Xet storage: HTTP 503 on "
+                              "/v2/reconstructions/ab).")
+    e404 = RuntimeError("CAS Client Error: Request error: HTTP status client error (404 Not Found), domain: x")
+    assert hub_calls.xet_status(e404) == 404 and not hub_calls.transient(e404)
+    net = ConnectionError("Network error: Request error: error sending request")
+    assert hub_calls.xet_status(net) == 0 and hub_calls.transient(net)
+    assert hub_calls.xet_status(RuntimeError("something else")) is None

@@ -56,6 +56,8 @@ class Fault:
     drop: bool = False
     hits: int = 0
     drop_after: int | None = None
+    #: serve the request (a commit lands) but lose its answer: the connection closes unanswered
+    lose_answer: bool = False
 
     def _matches(self, method: str, path: str) -> bool:
         if self.times is not None and self.times <= 0:
@@ -109,6 +111,19 @@ class RequestRecord:
     status: int | None = None
     #: an Authorization header came with the request (a signed CDN URL must never get one)
     authorization: bool = False
+
+
+class _Discard:
+    """A write end that drops everything: the answer of a request whose answer is 'lost'."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def is_loopback(host: str) -> bool:
@@ -344,16 +359,17 @@ class LocalHub:
     # ---- fault injection and request log
     def inject_fault(self, path_regex: str, *, status: int | None = 500, times: int | None = 1,
                      method: str | None = None, delay: float = 0.0, drop: bool = False,
-                     drop_after: int | None = None) -> Fault:
+                     drop_after: int | None = None, lose_answer: bool = False) -> Fault:
         """Make requests whose unquoted URL path matches `path_regex` fail.
 
         Answers `status` with a JSON error (or closes the connection without an answer if `drop`),
         after sleeping `delay` seconds, for the next `times` matching requests (None: forever).
         `drop_after=N`: serve the file but cut the connection after N body bytes (status ignored).
+        `lose_answer=True`: serve the request normally (its effects happen) but never send the answer.
         Returns the `Fault`; its `hits` counts the requests it caught.
         """
-        fault = Fault(re.compile(path_regex), None if drop_after is not None else status, times, method, delay,
-                      drop, drop_after=drop_after)
+        fault = Fault(re.compile(path_regex), None if drop_after is not None or lose_answer else status, times,
+                      method, delay, drop, drop_after=drop_after, lose_answer=lose_answer)
         with self._meta_lock:
             self._faults.append(fault)
         return fault
@@ -421,6 +437,10 @@ class LocalHub:
         if fault.delay:
             time.sleep(fault.delay)
         h.drop_after = fault.drop_after
+        if fault.lose_answer:
+            h.wfile = _Discard()  # type: ignore[assignment]
+            h.close_connection = True
+            return False
         if fault.drop:
             h.close_connection = True
             try:

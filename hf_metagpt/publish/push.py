@@ -91,22 +91,28 @@ def _upload_one_commit(api, repo_id: str, folder: Path, message: str, revision: 
     The client retries preupload and LFS transfers itself, but not the commit POST. A retry here
     re-runs the whole upload (LFS objects already stored are skipped by the Hub). The commit is
     pinned to the branch head seen before the first attempt (`parent_commit`), so a commit whose
-    answer was lost is found (the head moved to a commit with our message) instead of repeated.
+    answer was lost is found (the head moved to a commit with our message) instead of repeated;
+    with `create_pr`, a pull request opened since the first attempt whose commit carries our
+    message on main's head is ours, and no second one is opened. With hf_xet installed the files
+    travel through Xet (xorbs and a shard), the commit names them by sha256 as before.
     """
     ref_text = repo_id if not revision else f"{repo_id}@{revision}"
-    head = None if create_pr else call(ref_text, lambda: api.model_info(repo_id, revision=revision).sha)
+    head = call(ref_text, lambda: api.model_info(repo_id, revision=None if create_pr else revision).sha)
+    prs_before = _pull_requests(api, repo_id) if create_pr else set()
+    parent = None if create_pr else head  # a pull request is opened from main's head as the Hub sees it
 
     def attempt():
         if card is not None:  # the folder's files, with this push's card in place of README.md
             return api.create_commit(repo_id=repo_id, operations=_operations(folder, card), commit_message=message,
-                                     revision=revision, create_pr=create_pr, parent_commit=head)
+                                     revision=revision, create_pr=create_pr, parent_commit=parent)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message, revision=revision,
-                                 create_pr=create_pr, parent_commit=head, ignore_patterns=IGNORE_PATTERNS)
+                                 create_pr=create_pr, parent_commit=parent, ignore_patterns=IGNORE_PATTERNS)
 
     def recover(exc):
-        if head is None:
-            return None
-        landed = _landed_commit(api, repo_id, revision, head, message)
+        if create_pr:
+            landed = _opened_pr(api, repo_id, prs_before, head, message)
+        else:
+            landed = _landed_commit(api, repo_id, revision, head, message)
         if landed is not None:
             log.info("%s: the commit landed although its answer was lost", ref_text)
         return landed
@@ -125,6 +131,35 @@ def _operations(folder: Path, card: bytes) -> list:
         if path.is_file() and rel not in skipped:
             ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=card if rel == "README.md" else str(path)))
     return ops
+
+
+def _pull_requests(api, repo_id: str) -> set[str]:
+    """The refs of the repo's pull requests now (refs/pr/N)."""
+    refs = call(repo_id, api.list_repo_refs, repo_id, include_pull_requests=True)
+    return {r.ref for r in (refs.pull_requests or [])}
+
+
+def _opened_pr(api, repo_id: str, before: set[str], head: str, message: str):
+    """What `push` needs of our pull request if a retried push already opened it (its answer was lost).
+
+    A pull request that did not exist before the first attempt, whose head commit carries our
+    message on top of the main head we started from, is ours: a retry must not open a second one.
+    """
+    from types import SimpleNamespace
+
+    try:
+        new = sorted(_pull_requests(api, repo_id) - before, key=lambda r: int(r.rsplit("/", 1)[1]))
+        for ref in new:
+            commits = api.list_repo_commits(repo_id, revision=ref)
+            if len(commits) >= 2 and commits[0].title == message and commits[1].commit_id == head:
+                base = str(api.endpoint).rstrip("/")
+                log.info("%s: the pull request %s was opened although the answer was lost", repo_id, ref)
+                return SimpleNamespace(commit_url=f"{base}/{repo_id}/commit/{commits[0].commit_id}",
+                                       oid=commits[0].commit_id,
+                                       pr_url=f"{base}/{repo_id}/discussions/{ref.rsplit('/', 1)[1]}")
+    except Exception as exc:  # noqa: BLE001 - the retry then decides
+        log.debug("could not list the pull requests of %s: %s", repo_id, exc)
+    return None
 
 
 def _landed_commit(api, repo_id: str, revision: str | None, head: str, message: str):
