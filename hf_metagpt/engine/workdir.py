@@ -261,8 +261,8 @@ def write_side_files(plan: MergePlan, work: Path) -> None:
     (work / "config.json").write_text(json.dumps(config, indent=2))
 
     gen = _generation_config(plan)
-    if gen is not None:
-        (work / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if gen is not None:  # the bytes that were checked, as the base has them
+        (work / "generation_config.json").write_bytes(gen)
     else:
         _default_generation_config(config, work)
 
@@ -288,21 +288,22 @@ def tokenizer_files(plan: MergePlan) -> list[tuple[str, Path]]:
     return [(name, p) for name in TOKENIZER_FILES if (p := side_file(folder, name, info.name)) is not None]
 
 
-def _generation_config(plan: MergePlan) -> dict[str, Any] | None:
-    """The base's generation_config.json, parsed (None when it has none); one that is not a JSON object is refused."""
+def _generation_config(plan: MergePlan) -> bytes | None:
+    """The base's generation_config.json (None when it has none), once it parses as a JSON object."""
     folder = plan.base.ref.local_path
     path = side_file(folder, "generation_config.json", plan.base.name) if folder is not None else None
     if path is None:
         return None
+    raw = path.read_bytes()
     try:
-        gen = json.loads(path.read_text(encoding="utf-8"))
+        gen = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise InputError(f"{plan.base.name}: generation_config.json is not valid JSON ({exc}).",
                          hint="Fix or remove the base's generation_config.json.") from None
     if not isinstance(gen, dict):
         raise InputError(f"{plan.base.name}: generation_config.json holds a {type(gen).__name__}, not a JSON object.",
                          hint="Fix or remove the base's generation_config.json.")
-    return gen
+    return raw
 
 
 def check_side_files(plan: MergePlan) -> None:
