@@ -9,7 +9,6 @@ metagpt_coefficients.json.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,7 +19,6 @@ import pytest
 import hf_metagpt
 from hf_metagpt.demo.tiny import build_family
 from hf_metagpt.engine import workdir
-from hf_metagpt.engine.writer import SLOW_WRITE_ENV
 from hf_metagpt.errors import InputError, OutputError
 from helpers import copy_model
 
@@ -159,10 +157,13 @@ def test_file_created_in_the_output_during_a_cli_merge_is_kept(family, tmp_path)
     root, base, fts = family
     out = tmp_path / "out"
     work = tmp_path / ".out.hf-metagpt-partial"
-    env = dict(os.environ, **{SLOW_WRITE_ENV: "0.3"})
-    proc = subprocess.Popen([sys.executable, "-m", "hf_metagpt", "-q", "merge", "--base", str(base),
+    # The child sleeps 0.3 s after each finished shard (patched here: no test hook in the package).
+    slow = ("import sys, time; from hf_metagpt.engine import writer; close = writer.ShardWriter.close; "
+            "writer.ShardWriter.close = lambda self: (close(self), time.sleep(0.3))[0]; "
+            "from hf_metagpt.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", slow, "-q", "merge", "--base", str(base),
                              *map(str, fts), "--output", str(out), "--max-shard-size", "20KB", "--device", "cpu"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list(work.glob("model-*.safetensors")):
         assert proc.poll() is None, proc.stderr.read()
