@@ -377,8 +377,9 @@ def _parameters(r: _Reader, node: yaml.Node, accepted: tuple[str, ...], method: 
                        f"(it takes {', '.join(accepted)}), and mergekit 0.1.5 ignores it too{_did_you_mean(key, accepted)}")
             continue
         if per_model and (key not in _PER_MODEL or method not in _PER_MODEL_METHODS):
-            raise r.fail(kn, f"Parameter {key!r} applies to the whole merge, not to one model",
-                         hint="Move it to the top-level `parameters:`.")
+            r.warn(kn, f"parameter {key!r} is ignored under a model: it applies to the whole merge (give it in the "
+                       "top-level `parameters:`), and mergekit 0.1.5 ignores it there too")
+            continue
         value = r.value(vn)
         _check_setting(r, vn, key, value)
         _check_value(r, vn, method, key, value, per_model)

@@ -69,6 +69,18 @@ def test_parameters_a_method_ignores_are_warnings(caplog):
     assert "parameter 'normalize' is ignored: merge_method sce does not take it" in caplog.text
 
 
+def test_a_method_wide_parameter_under_a_model_is_ignored(caplog):
+    """mergekit 0.1.5 ignores a per-model `lambda` (the output equals the recipe without it)."""
+    text = ("merge_method: task_arithmetic\nbase_model: org/base\nmodels:\n  - model: org/a\n"
+            "    parameters: {weight: 0.5, lambda: 0.3}\n  - model: org/b\n    parameters: {weight: 0.5}\n")
+    with caplog.at_level(logging.WARNING, logger="hf_metagpt"):
+        values = parse_mergekit(text, "r.yml")
+    assert values == {"method": "task_arithmetic", "base": "org/base", "models": ["org/a", "org/b"],
+                      "parameters": {"weights": [0.5, 0.5]}}
+    assert "parameter 'lambda' is ignored under a model: it applies to the whole merge" in caplog.text
+    assert "r.yml, line 5" in caplog.text
+
+
 def test_linear_averages_a_base_model_it_does_not_list():
     """mergekit's linear reads base_model as one more input to average (with the global weight)."""
     text = "merge_method: linear\nbase_model: org/base\nmodels: [org/a, org/b]\nparameters: {weight: 0.5}\n"

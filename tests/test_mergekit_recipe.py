@@ -114,8 +114,6 @@ def test_linear_slerp_and_metagpt_recipes():
     ("merge_method: ties\nbase_model: a/b\nmodels: [a/c]\nmodules: {}\n", "mergekit `modules` (a merge per module"),
     ("merge_method: ties\nbase_model: a/b\nmodels:\n  - model: a/c\n    parameters:\n      density: 0.5\n",
      "Model 'a/c' has no weight (r.yml, line 4)"),
-    ("merge_method: ties\nbase_model: a/b\nmodels:\n  - model: a/c\n    parameters:\n      lambda: 2\n",
-     "Parameter 'lambda' applies to the whole merge, not to one model (r.yml, line 6)"),
     ("merge_method: ties\nbase_model: a/b\nmodels: [a/c]\nparameters:\n  density: 1.5\n",
      "density must be in (0, 1], got 1.5 (r.yml, line 5)"),
     ("merge_method: slerp\nbase_model: a/b\nmodels: [a/b, a/c]\nparameters:\n  t:\n    - filter: mlp\n      valu: 1\n",
