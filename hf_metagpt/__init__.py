@@ -7,7 +7,7 @@
 Every error a user can cause is a `MergeError` (or a subclass below); its `hint` says what to do.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from ._logging import protect_loggers  # noqa: E402
 from .api import merge, plan  # noqa: E402

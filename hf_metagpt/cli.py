@@ -541,7 +541,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

@@ -98,11 +98,6 @@ def _did_you_mean(key: str, known: Any) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def is_mergekit(data: Any) -> bool:
-    """A parsed recipe is mergekit's when it names a `merge_method`."""
-    return isinstance(data, dict) and "merge_method" in data
-
-
 class _Reader:
     def __init__(self, source: str) -> None:
         self.source = source

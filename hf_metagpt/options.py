@@ -459,11 +459,6 @@ def build_options(recipe: str | os.PathLike | None = None, recipe_format: str = 
     return opts
 
 
-def dump_recipe(opts: MergeOptions) -> str:
-    """YAML text of a recipe that reproduces these options."""
-    return yaml.safe_dump({k: _fspath(v) for k, v in opts.to_recipe().items()}, sort_keys=False)
-
-
 #: options that say where and how this machine wrote or published the merge, not what was merged:
 #: left out of the public recipe (a card on the Hub must not carry a local path or a push target)
 LOCAL_KEYS = ("output", "overwrite", "token", "push_to", "private", "create_pr", "revision",
@@ -502,7 +497,7 @@ def public_recipe(opts: MergeOptions, base: "ModelRef", models: Sequence["ModelR
     Returns:
         YAML text for `hf_metagpt_recipe.yaml` and the card's "Reproduce it" section.
     """
-    from . import __version__
+    from ._version import __version__
 
     values = {k: _fspath(v) for k, v in opts.to_recipe().items() if k not in LOCAL_KEYS}
     values["base"] = public_name(base)
@@ -543,7 +538,7 @@ def public_recipe_text(text: str) -> str:
             data[key] = local_name(data[key])
     if isinstance(data.get("models"), list):
         data["models"] = [local_name(m) if isinstance(m, str) and looks_local(m) else m for m in data["models"]]
-    from . import __version__
+    from ._version import __version__
 
     head = comments[0] if comments else f"# made with hf-metagpt {__version__}"
     return head + "\n" + yaml.safe_dump(data, sort_keys=False)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from ._version import __version__
 from .engine.stats import StreamStats
 from .errors import OutputError
 from .options import local_name, public_recipe_text

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_metagpt.engine import kernels
-from hf_metagpt.insight.gram import LowRank, lowrank_dense_dot, lowrank_dot, lowrank_sq_norm, mixed_gram, tau_gram, task_gram
+from hf_metagpt.engine.gram import LowRank, lowrank_dense_dot, lowrank_dot, lowrank_sq_norm, mixed_gram, tau_gram, task_gram
 from hf_metagpt.sources.lora import lora_sq_norm
 from hf_metagpt.methods.base import squared_norm
 

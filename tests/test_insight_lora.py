@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_metagpt.insight.geometry import Geometry
-from hf_metagpt.insight.gram import LowRank, mixed_gram
+from hf_metagpt.engine.gram import LowRank, mixed_gram
 from hf_metagpt.sources.lora import ADAPTER_WEIGHTS, load_adapter_info
 from hf_metagpt.sources.refs import parse_ref
 from hf_metagpt.demo.tiny import TinySpec, build_family

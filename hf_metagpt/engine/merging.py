@@ -30,7 +30,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from ..errors import NonFiniteError, OutputError
-from ..insight.gram import mixed_gram, task_gram
+from .gram import mixed_gram, task_gram
 from ..methods import mergekit_order
 from ..methods.base import MergeMethod, TensorContext
 from ..safetensors_io import ST_TO_TORCH
@@ -305,7 +305,7 @@ class FusedKernel(WeightedSumKernel):
 
         Each tensor is cut into jobs of `JOB` elements (so both threads share one large tensor);
         a tensor's job sums are added in order. The diagonal is `kernels.task_sq_norms` of the same
-        jobs bit for bit (`insight.gram.task_gram`). Non-finite inputs are named.
+        jobs bit for bit (`gram.task_gram`). Non-finite inputs are named.
         """
         if piece.extra_rows:
             return []  # copied rows: no task vector
@@ -349,7 +349,7 @@ class GpuFusedKernel(FusedKernel):
 
     Each input's part of the pooled read buffer goes to the GPU in one copy (the piece's tensors
     sit side by side in it); every tensor of the piece is then reduced or merged there in float64
-    with the same arithmetic as the CPU kernels (`kernels.weighted_models`, `insight.gram.task_gram`
+    with the same arithmetic as the CPU kernels (`kernels.weighted_models`, `gram.task_gram`
     over the same `JOB` ranges, added in the same order), nothing read back until the piece is
     done: the Gram sums of all its tensors in one copy, the merged tensors straight into the
     output arena (CPU memory the sink writes from). Elementwise arithmetic is IEEE-exact on both

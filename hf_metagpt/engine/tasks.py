@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from ..safetensors_io import TensorMeta
-from ..sources.lora import ADAPTER_WEIGHTS, AdapterInfo, LoraModule, lora_sq_norm
+from ..sources.lora import ADAPTER_WEIGHTS, AdapterInfo, LoraModule
 from ..sources.model import ModelInfo
 from .fetch import FileProvider
 from .pieces import Piece, piece_metas
@@ -17,7 +17,7 @@ from .plan import TensorPlan
 from .reader import advise, read_tensors_into
 
 if TYPE_CHECKING:
-    from ..insight.gram import LowRank
+    from .gram import LowRank
 
 
 def read_metas(info: ModelInfo, model_index: int, metas: list[TensorMeta], files: FileProvider,
@@ -97,10 +97,6 @@ class TaskSource:
         """τ of one tensor in float32 on the device (`base` is θ0 in float32, already cut to rows)."""
         return _f32(raw[tp.name], tp.shared_rows, self.device).sub_(base)
 
-    def exact_sq_norm(self, tp: TensorPlan, raw: dict[str, torch.Tensor]) -> float | None:
-        """‖τ‖² without forming τ, or None when τ must be formed to know it."""
-        return None
-
     def exact_part(self, tp: TensorPlan, raw: dict[str, torch.Tensor]) -> "LowRank | float | None":
         """τ for the Gram matrices without forming it: LoRA factors, 0.0 when untouched, None to form τ."""
         return None
@@ -170,7 +166,7 @@ class AdapterSource(TaskSource):
         return torch.zeros_like(base) if tau is None else tau
 
     def exact_part(self, tp: TensorPlan, raw: dict[str, torch.Tensor]) -> "LowRank | float | None":
-        from ..insight.gram import LowRank
+        from .gram import LowRank
 
         if tp.name in self.info.full:
             return None
@@ -179,10 +175,3 @@ class AdapterSource(TaskSource):
         b, a, m = self.factors(tp, raw, torch.float64, self.device)
         return LowRank(b, a, m.scale, m.transposed)
 
-    def exact_sq_norm(self, tp: TensorPlan, raw: dict[str, torch.Tensor]) -> float | None:
-        if tp.name in self.info.full:
-            return None  # a replaced tensor (plus maybe a LoRA update): formed and summed
-        if tp.name not in self.info.lora:
-            return 0.0
-        b, a, m = self.factors(tp, raw, torch.float64, self.device)
-        return lora_sq_norm(b, a, m.scale)

@@ -2,7 +2,7 @@
 
 The pipeline of a merge up to its norms: resolve the references, plan (every check a merge makes),
 fetch Hub shards as a merge would (`--low-disk` honoured), then one pass that reduces, per tensor,
-the Gram matrix τi·τj the norms are the diagonal of (`gram.py`). No output folder, no card.
+the Gram matrix τi·τj the norms are the diagonal of (`engine/gram.py`). No output folder, no card.
 
 `_measure` runs the engine's own norm pass (an executor whose sink writes nothing), whose kernels
 return a Gram matrix per tensor into the ledger: the same pieces, paths (fused chunks for full

@@ -40,10 +40,6 @@ DEFAULT_DARE_DENSITY = 0.5
 PER_MODEL_KEYS = ("weight", "density", "gamma", "epsilon")
 
 
-def _number(method: str, value: Any) -> float:
-    return check_real(method, "value", value)
-
-
 def _drop_rate(method: str, value: Any) -> float:
     p = check_real(method, "drop_rate", value)
     if not 0.0 <= p < 1.0:

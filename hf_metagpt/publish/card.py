@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import __version__
+from .._version import __version__
 from ..engine.plan import MergePlan
 from ..options import local_name, looks_local, public_recipe_text
 from ..sources.hub import local_license, read_license, remote_files

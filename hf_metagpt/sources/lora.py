@@ -6,7 +6,7 @@ update (`LoraModule`) or a full tensor that replaces the base's (`modules_to_sav
 `base_layer` weights peft saves beside embedding LoRAs). Every other parameter has τ = 0 and is
 never read.
 
-The engine asks an `AdapterSource` (a `stream.TaskSource`) for what it needs, one tensor at a
+The engine asks an `AdapterSource` (an `engine.tasks.TaskSource`) for what it needs, one tensor at a
 time: the task vector (formed in float32, only when the method must see it) or the exact squared
 norm, which for a LoRA update is
 
@@ -14,7 +14,7 @@ norm, which for a LoRA update is
 
 with two r×r Gram matrices in float64 — the full Δ is never formed for MetaGPT's λ.
 
-`--output-format lora` writes one exact adapter instead of a full model (`AdapterMerger`):
+`--output-format lora` writes one exact adapter instead of a full model (`engine.adapter_output`):
 stacking ranks, Σt ct·st·Bt·At = [c1 s1 B1 | c2 s2 B2 | …] · [A1; A2; …], with scaling 1.
 """
 

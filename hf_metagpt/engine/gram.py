@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from ..engine import kernels
+from . import kernels
 from ..methods.base import squared_norm
 
 #: rows of τ converted to float64 at a time for an adapter-against-τ dot product (bounded memory).

@@ -1,0 +1,3 @@
+"""The package version: a leaf module (every module that needs it imports it from here)."""
+
+__version__ = "0.1.0"
