@@ -139,3 +139,53 @@ def test_a_custom_licence_gets_a_name_a_link_and_each_inputs_licence(tmp_path):
     assert "| `org/base` | llama2 |" in card.text and "| `org/math` | unknown |" in card.text
     same = build_card(result, licenses=["apache-2.0"] * 3)
     assert same.data.license == "apache-2.0" and same.data.license_name is None
+
+
+def test_remote_code_files_the_config_names_are_kept_or_the_merge_is_refused(family, tmp_path):
+    import json
+    import shutil
+
+    base, fts = family
+    custom = tmp_path / "custom-base"
+    shutil.copytree(base, custom)
+    config = json.loads((custom / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_tiny.TinyConfig",
+                          "AutoModelForCausalLM": ["modeling_tiny.TinyForCausalLM", None],
+                          "AutoTokenizer": "other-org/tok--tokenization_x.X"}  # another repo's: not ours to copy
+    (custom / "config.json").write_text(json.dumps(config))
+    (custom / "configuration_tiny.py").write_text("# the base's configuration code\n")
+    proc = cli("merge", "--base", str(custom), *map(str, fts), "-o", str(tmp_path / "refused"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "modeling_tiny.py" in proc.stderr and "auto_map" in proc.stderr and "trust_remote_code" in proc.stderr
+    assert not (tmp_path / "refused").exists()
+
+    (custom / "modeling_tiny.py").write_text("# the base's modeling code\n")
+    out = tmp_path / "kept"
+    proc = cli("merge", "--base", str(custom), *map(str, fts), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("configuration_tiny.py", "modeling_tiny.py"):
+        assert (out / name).read_bytes() == (custom / name).read_bytes()
+    assert json.loads((out / "config.json").read_text())["auto_map"] == config["auto_map"]
+    assert not (out / "tokenization_x.py").exists()
+
+
+def test_remote_code_of_a_hub_base_is_downloaded_and_kept(family, tmp_path, hub_user):
+    import json
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    base, fts = family
+    custom = tmp_path / "custom-base"
+    shutil.copytree(base, custom)
+    config = json.loads((custom / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+    (custom / "config.json").write_text(json.dumps(config))
+    (custom / "modeling_tiny.py").write_text("# the base's modeling code, from the Hub\n")
+    repo = f"{hub_user}/remote-code-base"
+    HfApi().create_repo(repo, exist_ok=True)
+    HfApi().upload_folder(repo_id=repo, folder_path=custom)
+    out = tmp_path / "out"
+    proc = cli("merge", "--base", repo, *map(str, fts), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "modeling_tiny.py").read_text() == "# the base's modeling code, from the Hub\n"

@@ -13,7 +13,7 @@ from concurrent.futures import CancelledError, Future, TimeoutError
 from pathlib import Path
 from typing import Protocol
 
-from ..sources.hub import BASE_SIDE_FILES, SIDE_FILES, remote_files, cached_path
+from ..sources.hub import BASE_SIDE_FILES, SIDE_FILES, cached_path, remote_code_files, remote_files
 from ..errors import DownloadStopped, OutputError
 from ..sources.hub_calls import call, call_until, stop_xet_transfers, tok
 from ..sources.chat_template import TEMPLATE_FILES
@@ -38,7 +38,7 @@ def needed_files(plan: "MergePlan", index: int, *, weights: bool = True, weight_
     if (weights if weight_index is None else weight_index) and INDEX_FILE in remote:
         want.append(INDEX_FILE)
     if index == 0:
-        want += BASE_SIDE_FILES
+        want += [*BASE_SIDE_FILES, *remote_code_files(info.config)]  # the custom code the config names
     if index == plan.tokenizer_source:
         want += TOKENIZER_FILES
     else:  # where the output's chat template may come from (sources/chat_template.py)

@@ -259,6 +259,9 @@ def write_side_files(plan: MergePlan, work: Path) -> None:
         if t.name.endswith("embed_tokens.weight"):
             config["vocab_size"] = t.out_shape[0]
     (work / "config.json").write_text(json.dumps(config, indent=2))
+    for name, src in remote_code(plan):  # the config's auto_map still names them: the merge loads with them
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, work / name)
 
     gen = _generation_config(plan)
     if gen is not None:  # the bytes that were checked, as the base has them
@@ -310,6 +313,26 @@ def check_side_files(plan: MergePlan) -> None:
     """Before any weight is read: the side files a merge will copy are inside their models and parse."""
     tokenizer_files(plan)
     _generation_config(plan)
+    remote_code(plan)
+
+
+def remote_code(plan: MergePlan) -> list[tuple[str, Path]]:
+    """The base's custom code (`modeling_*.py`, ...) its config's `auto_map` names: copied with the config
+    (which keeps the auto_map), so `from_pretrained(..., trust_remote_code=True)` loads the merge. One
+    the base lacks is refused: the output would name code it does not hold."""
+    from ..sources.hub import remote_code_files
+
+    folder = plan.base.ref.local_path
+    out = []
+    for name in remote_code_files(plan.base.config):
+        path = side_file(folder, name, plan.base.name) if folder is not None else None
+        if path is None:
+            raise InputError(f"{plan.base.name}: config.json's auto_map names {name}, which the base does not hold; "
+                             f"the merge would need it to load (trust_remote_code).",
+                             hint="Use a base whose repo holds its custom code, or remove auto_map from its config.json "
+                                  "if the architecture is one transformers has.")
+        out.append((name, path))
+    return out
 
 
 def _default_generation_config(config: dict[str, Any], work: Path) -> None:

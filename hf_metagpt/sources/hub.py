@@ -83,6 +83,20 @@ def resolve(ref: ModelRef, token: str | None = None) -> RemoteModel:
     return RemoteModel(replace(ref, sha=info.sha), files, bool(info.private))
 
 
+def remote_code_files(config: dict) -> list[str]:
+    """The custom code files a config's `auto_map` names in its own repo (`modeling_x.Class` -> `modeling_x.py`).
+
+    `other-org/repo--module.Class` lives in another repo, which `trust_remote_code` fetches itself.
+    """
+    auto = config.get("auto_map") if isinstance(config, dict) else None
+    out: list[str] = []
+    for value in (auto.values() if isinstance(auto, dict) else ()):
+        for ref in (value if isinstance(value, list) else [value]):
+            if isinstance(ref, str) and "--" not in ref and "." in ref:
+                out.append(ref.rsplit(".", 1)[0].replace(".", "/") + ".py")
+    return sorted(set(out))
+
+
 def offline() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub read it (at its import): every Hub input comes from its cache."""
     from huggingface_hub import constants
