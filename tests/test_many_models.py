@@ -2,7 +2,7 @@
 
 The geometry (τi·τj per tensor) grows with T²: at T = 100 the coefficients file was 15.6 MB and the
 card 2.2 MB, and drawing the cosine plot (a line per pair) took most of a minute. Now the card and the
-plots show the most similar pairs, the full Gram matrices go to one float64 safetensors file, and a
+plots show the most similar pairs, the full Gram matrices go to one float64 NumPy file (metagpt_gram.npy), and a
 merge of more than 32 fine-tunes warns.
 """
 
@@ -41,10 +41,10 @@ def test_many_models_side_files_stay_small_and_the_full_gram_is_kept(many, tmp_p
 
     coeffs = json.loads((out / "metagpt_coefficients.json").read_text())
     assert (out / "metagpt_coefficients.json").stat().st_size < 200_000
-    assert coeffs["geometry"]["tensors_file"] == "metagpt_gram.safetensors" and "tensors" not in coeffs["geometry"]
+    assert coeffs["geometry"]["tensors_file"] == "metagpt_gram.npy" and "tensors" not in coeffs["geometry"]
     # The full geometry, exactly: its diagonal summed over the tensors is the merge's ‖τt‖², and its
     # whole-model Gram matrix the one the JSON keeps.
-    geo = read_gram(out / "metagpt_gram.safetensors")
+    geo = read_gram(out / "metagpt_gram.npy")
     assert len(geo.models) == T and geo.models[0] == fts[0].name
     assert list(geo.whole.sq_norms) == coeffs["groups"]["model"]["sq_norms"]
     assert [list(r) for r in geo.whole.values] == coeffs["groups"]["model"]["gram"]
@@ -70,5 +70,5 @@ def test_a_few_models_keep_every_matrix_in_the_json(tmp_path):
                               progress=False, device="cpu")
     data = json.loads((tmp_path / "o" / "metagpt_coefficients.json").read_text())
     assert "tensors" in data["geometry"]
-    assert read_gram(tmp_path / "o" / "metagpt_gram.safetensors").entries == \
+    assert read_gram(tmp_path / "o" / "metagpt_gram.npy").entries == \
         tuple((n, g) for n, g in result.geometry.entries)

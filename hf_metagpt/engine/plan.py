@@ -329,7 +329,7 @@ def build_plan(opts: MergeOptions, base: ModelInfo, models: Sequence[ModelInfo],
         warnings.append(f"{len(models)} fine-tunes: MetaGPT's λ shrink like 1/{len(models)}, and the task-vector "
                         f"geometry grows with their square ({len(models) ** 2} dot products per tensor). The card "
                         "and its plots show the most similar pairs only; every Gram matrix is in "
-                        "metagpt_gram.safetensors.")
+                        "metagpt_gram.npy.")
     if len(models) == 1 and method_uses_norms:  # MetaGPT's λ; slerp and the others take one model their way
         warnings.append(f"only one fine-tune: every λ is 1 and the result equals {models[0].name}")
     warnings.extend(_repeated_models(models))

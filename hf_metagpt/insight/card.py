@@ -16,7 +16,7 @@ from .geometry import COSINE_LIMIT, SHARE_LIMIT, Geometry, Overlap
 
 SECTION_TITLE = "## Task-vector geometry"
 #: every per-tensor Gram matrix τi·τj of a merge, float64, beside the card (one compact file; T² per tensor)
-GRAM_FILE = "metagpt_gram.safetensors"
+GRAM_FILE = "metagpt_gram.npy"
 MAX_MODELS_SHOWN = 12  # as plots.MAX_MODELS_SHOWN (the card's tables follow the pictures)
 #: groups listed per model under "where each fine-tune changed the base".
 TOP_GROUPS = 3

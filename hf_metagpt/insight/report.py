@@ -87,34 +87,29 @@ def geometry_json(geometry: Geometry, groups: dict[str, dict[str, Any]], granula
 
 
 def write_gram(geometry: Geometry, path: str | Path) -> Path:
-    """Every per-tensor Gram matrix τi·τj, float64, as one safetensors file: `grams` [E, T, T] in the
-    engine's order, the entry names and the models in its metadata (`read_gram` reads it back)."""
-    import torch
+    """Every per-tensor Gram matrix τi·τj, float64, as one NumPy array [E, T, T] in the engine's order
+    (`.npy`: no pickle, and no `*.safetensors` a loader could take for a weight shard); the entry names and
+    the models go into a small JSON beside it (`PATH.json`). `read_gram` reads both back exactly."""
+    import numpy as np
 
-    from ..safetensors_io import build_header
-
+    path = Path(path)
     t = len(geometry.models)
-    stacked = torch.tensor([list(g.values) for _, g in geometry.entries], dtype=torch.float64).reshape(-1, t, t)
-    # Our own header writer: safetensors' writer keeps metadata in a hash map, whose order (and so
-    # the file's bytes) changes from process to process.
-    header, _ = build_header([("grams", "F64", tuple(stacked.shape))],
-                             {"format": "hf-metagpt gram", "models": json.dumps(list(geometry.models)),
-                              "names": json.dumps([n for n, _ in geometry.entries])})
-    with open(path, "wb") as f:
-        f.write(header)
-        f.write(stacked.contiguous().numpy().tobytes())
-    return Path(path)
+    stacked = np.array([list(g.values) for _, g in geometry.entries], dtype=np.float64).reshape(-1, t, t)
+    with open(path, "wb") as fh:
+        np.save(fh, stacked, allow_pickle=False)
+    path.with_name(path.name + ".json").write_text(json.dumps(
+        {"format": "hf-metagpt gram", "models": list(geometry.models), "names": [n for n, _ in geometry.entries]}))
+    return path
 
 
 def read_gram(path: str | Path) -> Geometry:
     """The geometry `write_gram` saved, exactly."""
-    from safetensors import safe_open
+    import numpy as np
 
-    with safe_open(str(path), "pt") as fh:
-        meta = fh.metadata() or {}
-        grams = fh.get_tensor("grams")
-    names = json.loads(meta["names"])
-    return Geometry.from_tensors(json.loads(meta["models"]), list(zip(names, grams.tolist())))
+    path = Path(path)
+    meta = json.loads(path.with_name(path.name + ".json").read_text())
+    grams = np.load(path, allow_pickle=False)
+    return Geometry.from_tensors(meta["models"], list(zip(meta["names"], grams.tolist())))
 
 
 def _num(x: float) -> str:
