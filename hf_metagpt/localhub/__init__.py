@@ -12,6 +12,9 @@ handler) -> ``body`` (read deadlines, Content-Length and chunk parsing) ->
 ``routes`` (path -> endpoint) -> ``reads`` / ``writes`` / ``lfs`` (endpoints) -> ``access`` (who may do
 what) -> ``storage`` (repos, commits, refs, blobs and which repo holds which LFS object);
 ``schema`` checks JSON shapes; ``common`` holds the Hub's naming rules, limits and HubError.
+A second port serves the storage side (``cas``: signed CDN URLs and the Xet CAS API over ``xet``'s
+xorbs and file reconstructions), switched on with ``LocalHub.set_storage(cdn=..., xet=...)``; see
+docs/hub-compatibility.md.
 
 This package is deliberately stdlib-only and must never import ``huggingface_hub``: tests start the
 server before the client is first imported.
