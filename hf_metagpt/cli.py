@@ -609,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Check a merged folder: index, shard headers, shapes, dtypes, total_size and "
                                    "finiteness; with --against BASE MODEL..., recompute a sample of tensors.")
     p.add_argument("folder", metavar="DIR", help="the merged model folder")
-    p.add_argument("--against", nargs="+", metavar="MODEL", help="the base then the fine-tunes (local folders), in the merge's order")
+    p.add_argument("--against", nargs="+", metavar="MODEL", help="the base then the fine-tunes, in the merge's order: local folders, or Hub IDs whose files are in the Hub cache")
     p.add_argument("--samples", type=int, default=8, help="tensors to recompute with --against (default 8; a large number: all)")
     p.add_argument("--seed", type=int, default=0, help="which tensors are sampled")
     p.set_defaults(func=_cmd_verify)

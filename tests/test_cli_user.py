@@ -383,3 +383,48 @@ def test_extension_manifest_names_a_source_nobody_can_own_and_update_skips_it(tm
     assert status == extensions._ExtensionUpdateStatus.SKIPPED and installs == []
     assert asked and all(f"/{manifest['owner']}/" in u for u in asked)
     assert (ext_dir / "manifest.json").read_bytes() == before
+
+
+# ---- item 10: verify's advice ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def merged(family, tmp_path_factory) -> Path:
+    base, fts = family
+    out = tmp_path_factory.mktemp("verify") / "merged"
+    proc = cli("-q", "merge", *map(str, fts), "--base", str(base), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_verify_against_inputs_in_another_order_says_so(family, merged):
+    base, fts = family
+    proc = cli("verify", str(merged), "--against", str(base), str(fts[1]), str(fts[0]))
+    err = clean_error(proc, "another order", f"--against base {fts[0].name} {fts[1].name}")
+    assert "re-run the merge" not in err
+    proc = cli("verify", str(merged), "--against", str(base), *map(str, fts))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_verify_of_a_lora_output_explains_instead_of_advising_a_rerun(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    err = clean_error(cli("verify", str(folder)), "LoRA adapter", "peft")
+    assert "re-run the merge" not in err.lower()
+
+
+def test_verify_against_hub_ids_reads_their_cached_files(hub_family, tmp_path):
+    from huggingface_hub import snapshot_download
+
+    base, *fts = hub_family
+    out = tmp_path / "m"
+    proc = cli("-q", "merge", *fts, "--base", base, "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for repo in hub_family:
+        snapshot_download(repo)  # (a merge by ID caches the shards; the rest of each snapshot too)
+    proc = cli("verify", str(out), "--against", base, *fts, "--samples", "100")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "recomputed" in proc.stdout.lower() or "match" in proc.stdout.lower(), proc.stdout
+    proc = cli("verify", str(out), "--against", base, *fts, env={"HF_HOME": str(tmp_path / "empty-home")})
+    clean_error(proc, "not in the Hub cache", f"hf download {base}")

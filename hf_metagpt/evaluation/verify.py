@@ -27,6 +27,7 @@ from ..errors import IntegrityError, MergeError
 from ..safetensors_io import TensorMeta, read_header
 from ..sources.local import INDEX_FILE, SINGLE_FILE, load_local_info, safe_relative
 from ..sources.model import ModelInfo
+from ..options import local_name
 from ..sources.refs import parse_ref
 
 COEFFICIENTS_FILE = "metagpt_coefficients.json"  # result.COEFFICIENTS_FILE (not imported: no stream import)
@@ -135,6 +136,11 @@ def check_folder(folder: Path) -> tuple[VerifyReport, dict[str, TensorMeta], dic
     if folder.name.endswith(".hf-metagpt-partial"):
         raise IntegrityError(f"{folder} is the work folder of an unfinished merge, not an output.",
                              hint="Rerun the same merge command: it resumes from the finished shards.")
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise IntegrityError(f"{folder} is a LoRA adapter (a merge with --output-format lora); verify checks "
+                             "full-weight outputs.",
+                             hint="Load it with peft (PeftModel.from_pretrained(base_model, folder)); to check the "
+                                  "arithmetic, merge without --output-format lora and verify that folder.")
     problems = _Problems(folder)
     report = VerifyReport(folder)
     try:
@@ -233,9 +239,9 @@ def check_against(folder: Path, stored: dict[str, TensorMeta], inputs: Sequence[
     problems = _Problems(folder)
     method_name, granularity, groups, params, mseed, precision = _read_coefficients(folder)
     refs = [parse_ref(x) for x in inputs]
-    if any(r.is_hub for r in refs):
-        raise MergeError("verify --against reads local folders only.",
-                         hint="Download the inputs (e.g. `hf download ORG/NAME --local-dir DIR`) and pass the folders.")
+    given = [r.repo_id if r.is_hub else local_name(r.spec) for r in refs]
+    same_inputs = _check_order(folder, given)
+    refs = [_cached(r) if r.is_hub else r for r in refs]
     infos = [load_local_info(r) for r in refs]
     n_models = len(infos) - 1
     if n_models < 1:
@@ -284,7 +290,55 @@ def check_against(folder: Path, stored: dict[str, TensorMeta], inputs: Sequence[
             if not any(r.shape[0] == out.shape[0] and torch.equal(r[rows:].to(out.dtype), extra) for r in raws):
                 problems.add(f"tensor {name!r}: rows {rows}.. match no input's extra rows")
         report.recomputed.append(name)
-    problems.raise_if_any(hint="The output does not match its inputs and coefficients; re-run the merge (with --overwrite).")
+    if same_inputs:
+        hint = ("The inputs are the ones the merge recorded, in its order: the output was changed or damaged "
+                "after the merge; re-run the merge (with --overwrite).")
+    else:
+        hint = ("Check that --against names the merge's base and fine-tunes in its order (recorded in "
+                f"{COEFFICIENTS_FILE}: {_recorded_text(folder)}); if it does, the output was changed or damaged: "
+                "re-run the merge (with --overwrite).")
+    problems.raise_if_any(hint=hint)
+
+
+def _recorded(folder: Path) -> list[str] | None:
+    """The merge's inputs as its coefficients file names them (base first), without revisions."""
+    try:
+        coeffs = json.loads((folder / COEFFICIENTS_FILE).read_text())
+        refs = [coeffs["base"], *coeffs["models"]]
+        return [str(r.get("repo_id") or r["ref"]).split("@")[0] for r in refs]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _recorded_text(folder: Path) -> str:
+    names = _recorded(folder)
+    return " ".join(names) if names else "not readable"
+
+
+def _check_order(folder: Path, given: list[str]) -> bool:
+    """True when `given` are the recorded inputs in the recorded order; the same inputs in another
+    order are refused here (every tensor would differ, and "damaged" would be the wrong news)."""
+    recorded = _recorded(folder)
+    if recorded is None:
+        return False
+    if given != recorded and sorted(given) == sorted(recorded):
+        raise MergeError(f"--against lists the merge's inputs in another order ({' '.join(given)}).",
+                         hint=f"Pass them in the merge's order, base first: --against {' '.join(recorded)} "
+                              f"(as recorded in {COEFFICIENTS_FILE}).")
+    return given == recorded
+
+
+def _cached(ref: Any) -> Any:
+    """A Hub input of --against as the folder of its files in the Hub cache (verify downloads nothing)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = snapshot_download(ref.repo_id, revision=ref.sha or ref.revision, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise MergeError(f"--against {ref.spec}: its files are not in the Hub cache (verify downloads nothing).",
+                         hint=f"Download them first (`hf download {ref.repo_id}`), or pass a local folder.") from None
+    return parse_ref(path)
 
 
 def _recompute(method: Any, raws: list[torch.Tensor], lambdas: list[float], ctx: Any,
