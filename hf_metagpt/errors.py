@@ -58,7 +58,20 @@ class TaskSpecError(InputError):
 
 
 class HubAccessError(MergeError):
-    """A Hub repo or revision cannot be read (missing, private, gated) or written."""
+    """A Hub repo or revision cannot be read (missing, private, gated) or written.
+
+    `repo_id` (the repo asked for), `status` (the Hub's HTTP status, None without an answer) and
+    `reason` ("not_found", "gated", "unauthorized", "forbidden", "revision_not_found", "entry_not_found",
+    "unavailable", ...) tell the cases apart without parsing the message; the huggingface_hub error
+    it came from is kept as `__cause__`.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, *, status: int | None = None,
+                 repo_id: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+        self.repo_id = repo_id
+        self.reason = reason
 
 
 class HubUnavailableError(HubAccessError):

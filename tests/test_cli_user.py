@@ -428,3 +428,24 @@ def test_verify_against_hub_ids_reads_their_cached_files(hub_family, tmp_path):
     assert "recomputed" in proc.stdout.lower() or "match" in proc.stdout.lower(), proc.stdout
     proc = cli("verify", str(out), "--against", base, *fts, env={"HF_HOME": str(tmp_path / "empty-home")})
     clean_error(proc, "not in the Hub cache", f"hf download {base}")
+
+
+# ---- item 12: the Python API ------------------------------------------------------------------------------
+
+def test_hub_access_error_carries_status_repo_id_and_reason(family, hub_user):
+    import hf_metagpt
+
+    base, fts = family
+    with pytest.raises(hf_metagpt.HubAccessError) as info:
+        hf_metagpt.plan(base=f"{hub_user}/no-such-repo-u12", models=[str(f) for f in fts])
+    err = info.value
+    assert (err.status, err.repo_id, err.reason) == (404, f"{hub_user}/no-such-repo-u12", "not_found")
+    assert err.__cause__ is not None and type(err.__cause__).__name__ == "RepositoryNotFoundError"
+
+
+def test_the_package_is_typed():
+    import tomllib
+
+    assert (ROOT / "hf_metagpt" / "py.typed").is_file()
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "py.typed" in data["tool"]["setuptools"]["package-data"]["hf_metagpt"]

@@ -97,7 +97,34 @@ def api(token: str | None):
     return HfApi(token=token, library_name="hf-metagpt")
 
 
+#: huggingface_hub's error classes -> HubAccessError.reason (the first that matches)
+_REASONS = (("GatedRepoError", "gated"), ("RepositoryNotFoundError", "not_found"),
+            ("RevisionNotFoundError", "revision_not_found"), ("RemoteEntryNotFoundError", "entry_not_found"),
+            ("LocalEntryNotFoundError", "unavailable"))
+
+
 def hub_error(ref_text: str, exc: Exception) -> MergeError | None:
+    """`_map_hub_error`, with the repo, the HTTP status and the kind of failure on the error
+    (`HubAccessError.repo_id/status/reason`) and the huggingface_hub error as its `__cause__`."""
+    mapped = _map_hub_error(ref_text, exc)
+    if isinstance(mapped, HubAccessError):
+        cause = _http_cause(exc) or exc
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        names = {c.__name__ for c in type(exc).__mro__} | {c.__name__ for c in type(cause).__mro__}
+        reason = next((r for cls, r in _REASONS if cls in names), None)
+        if reason in (None, "unavailable") and status in (401, 403):
+            reason = "unauthorized" if status == 401 else "forbidden"
+        if getattr(mapped, "status", None) is None:
+            mapped.status = status
+        if getattr(mapped, "repo_id", None) is None:
+            mapped.repo_id = ref_text.split("@", 1)[0]
+        if getattr(mapped, "reason", None) is None:
+            mapped.reason = reason or ("http_error" if status else None)
+        mapped.__cause__ = exc
+    return mapped
+
+
+def _map_hub_error(ref_text: str, exc: Exception) -> MergeError | None:
     """Map huggingface_hub's typed errors to one-line messages that say what to do."""
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -285,7 +312,7 @@ def retrying(ref_text: str, attempt, *, stop: threading.Event | None = None, rec
                 mapped = hub_error(ref_text, exc)
                 if mapped is None:
                     raise
-                raise mapped from None
+                raise mapped from exc  # the Hub's error stays the cause (--debug shows both)
             if recover is not None:
                 got = recover(exc)
                 if got is not None:
