@@ -176,6 +176,7 @@ def test_eval_cli_bad_task_is_one_clear_error(capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_compare_fills_a_row_per_method_and_appends_to_the_card(family, tmp_path, capsys):
     from huggingface_hub import ModelCard
 

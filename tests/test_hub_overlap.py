@@ -195,6 +195,7 @@ def test_a_stopped_download_ends_mid_file_and_resumes_later(tmp_path, hub_user, 
     assert Path(hf_hub_download(repo, "blob.bin", revision=sha)).read_bytes() == data
 
 
+@pytest.mark.slow
 def test_two_processes_download_everything_first_and_give_the_same_bytes(family, tmp_path, hub_user, monkeypatch):
     """Several processes: the main one downloads every file before merging (no provider travels)."""
     import os
