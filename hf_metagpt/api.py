@@ -12,7 +12,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, Unpack
 
 import torch
 
@@ -28,7 +28,7 @@ from .methods import get_method
 from .methods.base import MergeMethod
 from ._logging import bars_off, honour_progress
 from ._platform import peak_rss_bytes
-from .options import MergeOptions, build_options, method_parameters, public_recipe
+from .options import MergeKwargs, MergeOptions, build_options, method_parameters, public_recipe
 from .result import MergeResult
 from .sources.local import load_local_info
 from .sources.model import ModelInfo
@@ -90,7 +90,7 @@ def _load_info(ref: ModelRef, token: str | None = None, allow_pickle: bool = Fal
     return load_local_info(ref)
 
 
-def plan(options: MergeOptions | None = None, **kwargs: Any) -> MergePlan:
+def plan(options: MergeOptions | None = None, **kwargs: Unpack[MergeKwargs]) -> MergePlan:
     """Check the inputs and lay out the merge without reading any weights (no output needed).
 
     Takes the same arguments as `merge`. Hub inputs are pinned to their commits and only their
@@ -146,7 +146,8 @@ class _Job:
 
 
 @honour_progress
-def merge(options: MergeOptions | None = None, *, progress: bool = True, **kwargs: Any) -> MergeResult:
+def merge(options: MergeOptions | None = None, *, progress: bool = True,
+          **kwargs: Unpack[MergeKwargs]) -> MergeResult:
     """Merge a base model and its fine-tunes with MetaGPT (or another method), write it, push it if asked.
 
     Args:

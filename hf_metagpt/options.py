@@ -188,6 +188,40 @@ def method_parameters(opts: MergeOptions) -> dict[str, Any]:
     return params
 
 
+class MergeKwargs(typing.TypedDict, total=False):
+    """The keyword arguments of `merge()` and `plan()`: the fields of `MergeOptions`, typed for
+    editors and type checkers (a test keeps the two the same). Paths may be `os.PathLike`."""
+
+    base: str | os.PathLike[str]
+    models: Sequence[str | os.PathLike[str]]
+    output: str | os.PathLike[str]
+    method: str
+    parameters: dict[str, Any]
+    granularity: str
+    tokenizer_source: str | os.PathLike[str]
+    vocabulary: str | None
+    chat_template: str | None
+    dtype: str
+    device: str
+    max_shard_size: str | int
+    overwrite: bool
+    seed: int
+    allow_nonfinite: bool
+    strict: bool
+    layers: list[list[int]] | None
+    output_format: str
+    lora_rank: int | None
+    token: str | None
+    push_to: str | None
+    private: bool
+    create_pr: bool
+    revision: str | None
+    commit_message: str | None
+    low_disk: bool
+    allow_pickle: bool
+    arithmetic: str
+
+
 def _normalise_paths(opts: MergeOptions) -> None:
     """PathLike -> str in the fields that hold paths (in place: the dataclass is the caller's)."""
     for name in _PATH_FIELDS:

@@ -449,3 +449,17 @@ def test_the_package_is_typed():
     assert (ROOT / "hf_metagpt" / "py.typed").is_file()
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "py.typed" in data["tool"]["setuptools"]["package-data"]["hf_metagpt"]
+
+
+def test_public_entry_points_type_their_keyword_arguments():
+    import dataclasses
+    import inspect as pyinspect
+    import typing
+
+    import hf_metagpt
+    from hf_metagpt.options import MergeKwargs, MergeOptions
+
+    assert set(MergeKwargs.__annotations__) == {f.name for f in dataclasses.fields(MergeOptions)}
+    for fn in (hf_metagpt.merge, hf_metagpt.plan):
+        kwargs = pyinspect.signature(fn).parameters["kwargs"]
+        assert kwargs.annotation is not typing.Any and "MergeKwargs" in str(kwargs.annotation), fn
