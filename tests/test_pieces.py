@@ -138,7 +138,7 @@ def test_vocabulary_mismatch_in_slabs_copies_the_extra_rows(family, tmp_path, mo
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 def test_methods_on_whole_tensors_give_the_same_bytes_in_small_pieces(family, tmp_path, monkeypatch, method):
     _, base, fts = family
-    kw = dict(base=str(base), models=[str(f) for f in fts], method=method, granularity="layer",
+    kw = dict(base=str(base), models=[str(f) for f in fts], method=method,
               max_shard_size="60KB", progress=False, seed=3)
     whole = hf_metagpt.merge(output=str(tmp_path / "whole"), **kw)
     monkeypatch.setenv(UNIT_ENV, SMALL_MB)

@@ -121,7 +121,9 @@ def test_architecture_answers_are_kept_per_config_and_transformers_release(tmp_p
     assert fresh["model.layers.1.mlp.down_proj.weight"] == (24, 32)
     assert archcache.entry_path("skeleton", real).exists()
     assert skeleton_names(real) == fresh
-    monkeypatch.setenv(constants.ARCH_CACHE_ENV, "0")
+    from hf_metagpt.constants import ARCH_CACHE_ENV
+
+    monkeypatch.setenv(ARCH_CACHE_ENV, "0")
     assert archcache.entry_path("skeleton", real) is None
     assert skeleton_names(real) == fresh
 
