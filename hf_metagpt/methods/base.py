@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from ..errors import MergeError
 from ..sources.architecture import layer_of
 
 
@@ -115,6 +116,11 @@ class MergeMethod(ABC):
         `combine`: the weights of that tensor.
         """
         return None
+
+    def mergekit_merge(self, base: torch.Tensor, models: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+        """The merged tensor with mergekit's arithmetic, from inputs already in its dtype
+        (`methods/mergekit_order.py`); methods that have it override this."""
+        raise MergeError(f"Method {self.name!r} has no mergekit arithmetic.", hint="Use --arithmetic own.")
 
 
 def weighted_sum(base: torch.Tensor, taus: list[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:

@@ -29,6 +29,7 @@ from ..errors import MergeError
 from . import sparsify
 from .base import MergeMethod, TensorContext
 from .common import LAMBDA_ALIASES, SIGN_METHODS, ParamsMixin, check_density, check_real
+from . import mergekit_order
 from .mergekit_order import parse_order
 from .settings import describe, first_set, parse_setting, per_model_list
 
@@ -207,6 +208,9 @@ class TaskArithmeticFamily(ParamsMixin, MergeMethod):
             out["mergekit_order"] = self.mergekit_order
         return out
 
+    def mergekit_merge(self, base: torch.Tensor, models: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+        return mergekit_order.task_arithmetic_family(self, base, models, ctx)
+
 
 def _plain_divisor(w: Sequence[float]) -> float:
     total = float(torch.tensor(list(w), dtype=torch.float32).sum())
@@ -284,6 +288,9 @@ class SparseTaskArithmetic(TaskArithmeticFamily):
             value = getattr(self, key)
             out[key] = default if value is None else describe(value)
         return out
+
+    def mergekit_merge(self, base: torch.Tensor, models: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+        return mergekit_order.task_arithmetic_family(self, base, models, ctx, sparsify=self.sparsify_one)
 
 
 @dataclass

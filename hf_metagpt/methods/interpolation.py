@@ -22,6 +22,7 @@ import torch
 from ..errors import MergeError
 from .base import MergeMethod, TensorContext
 from .common import ParamsMixin, check_real
+from . import mergekit_order
 from .mergekit_order import parse_order
 from .settings import describe, first_set, parse_setting
 from .sparsify import div_exact, host, single_threaded
@@ -115,6 +116,10 @@ class Slerp(ParamsMixin, MergeMethod):
     def params(self) -> dict[str, Any]:
         return _with_order(self, {"t": describe(self.t)})
 
+    def mergekit_merge(self, base: torch.Tensor, models: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+        (other,) = models  # SLERP of the inputs (rounded to the recipe's dtype) in float32
+        return slerp(self.tensor_t(ctx), base.float(), other.float())
+
 
 @dataclass
 class ModelStock(ParamsMixin, MergeMethod):
@@ -171,6 +176,10 @@ class ModelStock(ParamsMixin, MergeMethod):
 
     def params(self) -> dict[str, Any]:
         return _with_order(self, {"filter_wise": self.filter_wise})
+
+    def mergekit_merge(self, base: torch.Tensor, models: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+        _need("model_stock", len(models), 2, None, "the base with two or more fine-tunes")
+        return mergekit_order.model_stock(self, base, models, ctx)
 
 
 def sce_select_mask(taus: list[torch.Tensor], select_topk: float) -> torch.Tensor | None:
@@ -247,6 +256,9 @@ class SCE(ParamsMixin, MergeMethod):
 
     def params(self) -> dict[str, Any]:
         return _with_order(self, {"select_topk": describe(self.select_topk)})
+
+    def mergekit_merge(self, base: torch.Tensor, models: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+        return mergekit_order.sce(self, base, models, ctx)
 
 
 __all__ = ["SCE", "ModelStock", "Slerp", "slerp", "sce_select_mask", "sce_weights"]

@@ -10,6 +10,7 @@ import torch
 from ..errors import MergeError
 from .base import MergeMethod, TensorContext, weighted_sum
 from .common import ParamsMixin, check_real
+from . import mergekit_order
 from .mergekit_order import parse_order
 from .settings import describe, first_set, per_model_list
 
@@ -84,3 +85,6 @@ class Linear(ParamsMixin, MergeMethod):
         if self.mergekit_order:
             out["mergekit_order"] = self.mergekit_order
         return out
+
+    def mergekit_merge(self, base: torch.Tensor, models: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+        return mergekit_order.linear(self, models, ctx)

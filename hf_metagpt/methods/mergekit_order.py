@@ -34,11 +34,12 @@ bytes (`sparsify.host`).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..errors import MergeError
+from .settings import first_set
 from .sparsify import div_exact, host, single_threaded
 
 #: names a recipe may give `mergekit_order` (True: float32, its first form; "auto": the inputs' dtype,
@@ -93,13 +94,13 @@ def _weights(values: Sequence[float], like: torch.Tensor) -> list[torch.Tensor]:
     return list(w.unbind())
 
 
-def task_arithmetic_family(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any) -> torch.Tensor:
-    """The task-arithmetic family in `base.dtype` (see the module docstring)."""
-    from .gta import SparseTaskArithmetic
-
+def task_arithmetic_family(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any,
+                           sparsify: Callable[[torch.Tensor, int, Any], torch.Tensor] | None = None) -> torch.Tensor:
+    """The task-arithmetic family in `base.dtype` (see the module docstring); `sparsify(τ, i, ctx)`
+    trims or drops each task vector first (TIES, DARE, Breadcrumbs, DELLA)."""
     taus = [t - base for t in models]
-    if isinstance(m, SparseTaskArithmetic):
-        taus = [m.sparsify_one(tau, i, ctx) for i, tau in enumerate(taus)]
+    if sparsify is not None:
+        taus = [sparsify(tau, i, ctx) for i, tau in enumerate(taus)]
     w = _weights(m.tensor_weights(len(taus), ctx), base)
     weighted = [tau * wt for tau, wt in zip(taus, w)]
     if m.consensus:
@@ -131,8 +132,6 @@ def consensus_masks(weighted: list[torch.Tensor], sign_method: str) -> list[torc
 
 def linear(m: Any, models: list[torch.Tensor], ctx: Any) -> torch.Tensor:
     """Σt wt θt (÷ Σt wt with normalize) in float32 (see the module docstring)."""
-    from .settings import first_set
-
     w = [float(first_set(ctx, x, default=1.0)) for x in m.weights] if m.weights is not None else [1.0] * len(models)
     models = [t.float() for t in models]
     res = models[0] * w[0]
@@ -143,19 +142,8 @@ def linear(m: Any, models: list[torch.Tensor], ctx: Any) -> torch.Tensor:
     return res
 
 
-def slerp(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any) -> torch.Tensor:
-    """SLERP of the inputs (rounded to `dtype`) in float32."""
-    from .interpolation import slerp as _slerp
-
-    (other,) = models
-    return _slerp(m.tensor_t(ctx), base.float(), other.float())
-
-
 def model_stock(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any) -> torch.Tensor:
     """Model Stock step by step in the inputs' dtype (cosines from CPU copies)."""
-    from .interpolation import _need
-
-    _need("model_stock", len(models), 2, None, "the base with two or more fine-tunes")
     shape = base.shape
     if m.filter_wise:
         w0 = base.unsqueeze(0) if base.dim() == 1 else base
@@ -183,8 +171,6 @@ def model_stock(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any
 
 def sce(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any) -> torch.Tensor:
     """SCE in the inputs' dtype (see the module docstring)."""
-    from .settings import first_set
-
     taus = [t - base for t in models]
     topk = float(first_set(ctx, m.select_topk, default=1.0))
     if topk < 1:
@@ -210,22 +196,6 @@ def sce(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any) -> tor
 
 
 def merge(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any) -> torch.Tensor:
-    """The merged tensor of method `m` with mergekit's arithmetic, from inputs already in its dtype."""
-    from .gta import TaskArithmeticFamily
-    from .interpolation import SCE, ModelStock, Slerp
-    from .linear import Linear
-    from .nuslerp import NuSlerp
-
-    if isinstance(m, NuSlerp):
-        return m.interpolate(base, models, ctx)
-    if isinstance(m, Linear):
-        return linear(m, models, ctx)
-    if isinstance(m, TaskArithmeticFamily):
-        return task_arithmetic_family(m, base, models, ctx)
-    for cls, fn in ((Slerp, slerp), (ModelStock, model_stock), (SCE, sce)):
-        if isinstance(m, cls):
-            return fn(m, base, models, ctx)
-    own = getattr(m, "mergekit_merge", None)
-    if own is not None:
-        return own(base, models, ctx)
-    raise MergeError(f"Method {m.name!r} has no mergekit arithmetic.", hint="Use --arithmetic own.")
+    """The merged tensor of method `m` with mergekit's arithmetic, from inputs already in its dtype
+    (each method's `mergekit_merge` calls its steps here)."""
+    return m.mergekit_merge(base, models, ctx)

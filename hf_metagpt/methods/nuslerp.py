@@ -118,5 +118,8 @@ class NuSlerp(ParamsMixin, MergeMethod):
             out["mergekit_order"] = self.mergekit_order
         return out
 
+    def mergekit_merge(self, base: torch.Tensor, models: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+        return self.interpolate(base, models, ctx)
+
 
 __all__ = ["NuSlerp", "nuslerp"]
