@@ -25,7 +25,7 @@ from urllib.parse import unquote
 from .access import Context
 from .common import SHA256_RE, HubError
 from .exchange import Exchange
-from .reads import parse_range, stream_blob
+from .blobs import parse_range, stream_blob
 
 #: lifetime of signed URLs and Xet tokens (the Hub's last about an hour)
 SIGNED_TTL = 3600

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import logging
-import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
 
 from .access import Context
-from .common import CHUNK, MAX_JSON_BODY, MAX_PATHS_INFO, HubError, clean_path, iso
+from .blobs import parse_range, stream_blob
+from .cas import cdn_url
+from .cas import xet_token as make_token
+from .common import MAX_JSON_BODY, MAX_PATHS_INFO, HubError, clean_path, iso
 from .exchange import Exchange
 from .schema import as_object, field, parse_json
 from .storage import Repo, resolve
-
-log = logging.getLogger(__name__)
 
 
 def snapshot(ctx: Context, repo_type: str, repo_id: str, rev: str, user: str | None) -> tuple[Repo, dict]:
@@ -186,8 +185,6 @@ def _redirect_to_storage(ctx: Context, h: Exchange, repo_type: str, repo_id: str
                          blob: Path, headers: dict) -> None:
     """An LFS file as the Hub answers it: a 302 to a signed URL of the storage side (the client must not
     send its token there) and, for Xet-backed files, the Xet hash and where to get a CAS token."""
-    from .cas import cdn_url
-
     headers = {**headers, "Location": cdn_url(ctx, sha256)}
     if ctx.features.xet:
         file_hash = ctx.store.xet.ensure(sha256, blob)
@@ -199,8 +196,6 @@ def _redirect_to_storage(ctx: Context, h: Exchange, repo_type: str, repo_id: str
 def xet_token(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, write: bool,
               user: str | None) -> None:
     """`GET /api/{type}s/{id}/xet-{read,write}-token/{rev}`: a CAS token for this repo (hub-docs docs/xet/auth.md)."""
-    from .cas import xet_token as make_token
-
     if write:
         ctx.write(repo_type, repo_id, user)
     else:
@@ -210,40 +205,6 @@ def xet_token(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str,
     cas = ctx.features.storage_url
     h.send_json({"accessToken": token, "exp": exp, "casUrl": cas},
                 headers={"X-Xet-Cas-Url": cas, "X-Xet-Access-Token": token, "X-Xet-Token-Expiration": str(exp)})
-
-
-def stream_blob(h: Exchange, blob: Path, start: int, length: int, path: str) -> None:
-    try:
-        with open(blob, "rb") as f:
-            cut = h.drop_after
-            if cut is None and length:
-                # Zero-copy (sendfile): the Python read/write loop cost a core on 2-core
-                # machines, which a merge by ID running beside the download needs.
-                h.wfile.flush()
-                sent = h.connection.sendfile(f, start, length)
-                if sent != length:
-                    raise OSError(f"blob {blob.name} is shorter than recorded")
-                return
-            f.seek(start)
-            left = length
-            while left > 0:
-                chunk = f.read(min(CHUNK, left))
-                if not chunk:
-                    raise OSError(f"blob {blob.name} is shorter than recorded")
-                if cut is not None and len(chunk) >= cut:
-                    h.wfile.write(chunk[:cut])
-                    h.wfile.flush()
-                    h.connection.shutdown(socket.SHUT_RDWR)
-                    raise ConnectionResetError("injected fault: connection dropped mid-body")
-                if cut is not None:
-                    cut -= len(chunk)
-                h.wfile.write(chunk)
-                left -= len(chunk)
-    except OSError as exc:
-        # Headers are gone already: the only honest signal left is a short, closed response.
-        h.close_connection = True
-        if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
-            log.error("local hub: could not stream %s: %s", path, exc)
 
 
 def safetensors_metadata(ctx: Context, h: Exchange, repo_type: str, repo_id: str, filename: str,
@@ -275,26 +236,3 @@ def safetensors_metadata(ctx: Context, h: Exchange, repo_type: str, repo_id: str
             raise HubError(400, f"{shard}: safetensors header too large")
         headers[shard] = as_object(parse_json(read(shard, n, 8), f"{shard}'s header"), f"{shard}'s header")
     h.send_json({"index": {k: v for k, v in index.items() if k != "weight_map"}, "headers": headers})
-
-
-def parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """The first range of a `bytes=` header, clipped to the file; None to ignore the header.
-
-    Raises a 416 `HubError` when the range starts past the end of the file.
-    """
-    unit, _, spec = header.partition("=")
-    first = spec.split(",")[0].strip()
-    a, _, b = first.partition("-")
-    if unit.strip().lower() != "bytes" or not (a.isdigit() or b.isdigit()) or (b and not b.isdigit()):
-        return None
-    if a == "":
-        start, end = max(0, size - int(b)), size - 1
-        unsatisfiable = int(b) == 0 or size == 0
-    else:
-        start, end = int(a), (int(b) if b else max(size - 1, int(a)))
-        if end < start:
-            return None
-        unsatisfiable = start >= size
-    if unsatisfiable:
-        raise HubError(416, "Requested range not satisfiable", headers={"Content-Range": f"bytes */{size}"})
-    return start, min(end, size - 1)
