@@ -93,8 +93,16 @@ def _load_info(ref: ModelRef, token: str | None = None, allow_pickle: bool = Fal
 def plan(options: MergeOptions | None = None, **kwargs: Unpack[MergeKwargs]) -> MergePlan:
     """Check the inputs and lay out the merge without reading any weights (no output needed).
 
-    Takes the same arguments as `merge`. Hub inputs are pinned to their commits and only their
-    safetensors headers are read; the plan notes what a merge would download.
+    Hub inputs are pinned to their commits and only their safetensors headers are read; the plan
+    notes what a merge would download.
+
+    Args:
+        options: a `MergeOptions`; or its fields as keyword arguments, as for `merge` (`base`,
+            `models`, `method`, `parameters`, ..., or a `recipe` to start from); `output` is optional.
+
+    Returns:
+        A `MergePlan`: the inputs (Hub ones pinned), tensors, groups, shards, warnings and notes;
+        `.describe()` is what `hf-metagpt plan` prints.
 
     Raises:
         MergeError: an input, option or the architecture check refuses the merge (the message says why).
@@ -153,7 +161,8 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True,
     Args:
         options: a `MergeOptions`; or give its fields as keyword arguments instead, e.g.
             `base` and `models` (local folders as `str | os.PathLike`, or Hub IDs `org/name[@rev]`),
-            `output`, `method`, `granularity`, `parameters`, `dtype`, `push_to`, `token`, ...
+            `output`, `method`, `granularity`, `parameters`, `dtype`, `push_to`, `token`, ...;
+            `recipe` (a YAML file, ours or mergekit's; `recipe_format`) to start from, keywords winning.
         progress: show progress bars (False: none at all, huggingface_hub's downloads and uploads included).
 
     Returns:

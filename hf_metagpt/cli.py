@@ -524,9 +524,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     from .insight.inspect import describe, inspect
 
-    result = inspect(args.base, args.models, recipe=args.recipe, granularity=args.granularity, token=args.token,
-                     low_disk=args.low_disk, device=args.device, strict=args.strict,
-                     tokenizer_source=args.tokenizer_source, progress=not args.quiet)
+    given = dict(base=args.base, models=args.models or None, recipe=args.recipe, granularity=args.granularity,
+                 token=args.token, low_disk=args.low_disk, device=args.device, strict=args.strict,
+                 tokenizer_source=args.tokenizer_source)
+    result = inspect(progress=not args.quiet, **{k: v for k, v in given.items() if v is not None})
     if args.plot:
         for path in result.plot(args.plot).values():
             log.info("wrote %s", path)

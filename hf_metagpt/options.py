@@ -189,8 +189,9 @@ def method_parameters(opts: MergeOptions) -> dict[str, Any]:
 
 
 class MergeKwargs(typing.TypedDict, total=False):
-    """The keyword arguments of `merge()` and `plan()`: the fields of `MergeOptions`, typed for
-    editors and type checkers (a test keeps the two the same). Paths may be `os.PathLike`."""
+    """The keyword arguments of `merge()` and `plan()`: the fields of `MergeOptions` and the recipe
+    to start from, typed for editors and type checkers (a test keeps them the same). Paths may be
+    `os.PathLike`."""
 
     base: str | os.PathLike[str]
     models: Sequence[str | os.PathLike[str]]
@@ -220,6 +221,30 @@ class MergeKwargs(typing.TypedDict, total=False):
     low_disk: bool
     allow_pickle: bool
     arithmetic: str
+    #: a YAML recipe (ours or mergekit's) the options start from; the keywords above win over it
+    recipe: str | os.PathLike[str]
+    #: how to read `recipe`: "auto" (mergekit's when it has a `merge_method` key), "hf-metagpt" or "mergekit"
+    recipe_format: str
+
+
+#: the `MergeKwargs` keys that are not `MergeOptions` fields (they say where the options come from)
+RECIPE_KEYS = ("recipe", "recipe_format")
+
+
+class InspectKwargs(typing.TypedDict, total=False):
+    """The keyword arguments of `inspect()`: the inputs as `merge()` and `plan()` take them (same
+    names, same types) and the options that change what is measured; nothing is written."""
+
+    base: str | os.PathLike[str]
+    models: Sequence[str | os.PathLike[str]]
+    recipe: str | os.PathLike[str]
+    recipe_format: str
+    granularity: str
+    tokenizer_source: str | os.PathLike[str]
+    token: str | None
+    device: str
+    strict: bool
+    low_disk: bool
 
 
 def _normalise_paths(opts: MergeOptions) -> None:

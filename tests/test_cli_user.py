@@ -459,7 +459,46 @@ def test_public_entry_points_type_their_keyword_arguments():
     import hf_metagpt
     from hf_metagpt.options import MergeKwargs, MergeOptions
 
-    assert set(MergeKwargs.__annotations__) == {f.name for f in dataclasses.fields(MergeOptions)}
-    for fn in (hf_metagpt.merge, hf_metagpt.plan):
-        kwargs = pyinspect.signature(fn).parameters["kwargs"]
-        assert kwargs.annotation is not typing.Any and "MergeKwargs" in str(kwargs.annotation), fn
+    from hf_metagpt.options import RECIPE_KEYS, InspectKwargs
+
+    fields = {f.name for f in dataclasses.fields(MergeOptions)}
+    assert set(MergeKwargs.__annotations__) == fields | set(RECIPE_KEYS)
+    for fn, typed in ((hf_metagpt.merge, "MergeKwargs"), (hf_metagpt.plan, "MergeKwargs"),
+                      (hf_metagpt.inspect, "InspectKwargs")):
+        params = pyinspect.signature(fn).parameters
+        assert params["kwargs"].kind is pyinspect.Parameter.VAR_KEYWORD
+        assert params["kwargs"].annotation is not typing.Any and typed in str(params["kwargs"].annotation), fn
+        assert list(params)[0] == "options" and "base" not in params, fn  # base/models: keywords, as in merge
+        assert "Args:" in fn.__doc__ and "Raises:" in fn.__doc__ and "Example:" in fn.__doc__, fn
+    # inspect takes the inputs with merge's names and types, and only options that exist
+    hints, merge_hints = typing.get_type_hints(InspectKwargs), typing.get_type_hints(MergeKwargs)
+    assert set(hints) <= set(merge_hints)
+    for name in ("base", "models", "recipe", "tokenizer_source", "token"):
+        assert hints[name] == merge_hints[name], name
+    assert "os.PathLike" in str(hints["base"]) and "os.PathLike" in str(hints["models"])
+
+
+def test_inspect_takes_base_and_models_as_merge_and_plan_do(family, tmp_path):
+    import yaml
+
+    import hf_metagpt
+
+    base, fts = family
+    by_str = hf_metagpt.inspect(base=str(base), models=[str(f) for f in fts], progress=False, device="cpu")
+    by_path = hf_metagpt.inspect(base=base, models=fts, progress=False, device="cpu")  # pathlib.Path
+    opts = hf_metagpt.MergeOptions(base=base, models=fts, output=str(tmp_path / "unused"), method="ties",
+                                   parameters={"density": 0.5}, device="cpu")
+    by_options = hf_metagpt.inspect(opts, progress=False)  # the MergeOptions of a merge (its method not used)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"base": str(base), "models": [str(f) for f in fts], "device": "cpu"}))
+    by_recipe = hf_metagpt.inspect(recipe=recipe, progress=False)
+    plan = hf_metagpt.plan(base=base, models=fts)
+    assert [m.ref.display for m in plan.models] == list(by_str.geometry.models)
+    for other in (by_path, by_options, by_recipe):
+        assert other.geometry.models == by_str.geometry.models
+        assert other.to_json()["model"] == by_str.to_json()["model"] and other.to_json()["groups"] == by_str.to_json()["groups"]
+    assert not (tmp_path / "unused").exists()
+    with pytest.raises(TypeError, match=r"base=\.\.\. and models=\[\.\.\.\], as for merge\(\) and plan\(\)"):
+        hf_metagpt.inspect(str(base))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'method'"):
+        hf_metagpt.inspect(base=base, models=fts, method="ties")  # type: ignore[call-arg]

@@ -94,7 +94,7 @@ def test_inspect_json_equals_an_independent_float64_computation_and_writes_nothi
 
 def test_inspect_diagonals_are_the_merge_norms_bit_for_bit(family, tmp_path):
     base, fts = family
-    result = hf_metagpt.inspect(str(base), [str(f) for f in fts], progress=False, device="cpu")
+    result = hf_metagpt.inspect(base=str(base), models=[str(f) for f in fts], progress=False, device="cpu")
     merged = hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(tmp_path / "m"),
                               granularity="layer", device="cpu", progress=False)
     assert {g: list(gram.sq_norms) for g, gram in result.geometry.layers.items()} == merged.sq_norms
@@ -128,8 +128,8 @@ def test_inspect_refuses_what_a_merge_refuses(family, tmp_path, capsys):
 def test_inspect_by_hub_id_low_disk_equals_local(family, tmp_path, hub_user, local_hub):
     base, fts = family
     ids = publish([base, *fts[:2]], hub_user, "insp")  # the helper publishes a base and two fine-tunes
-    local = hf_metagpt.inspect(str(base), [str(f) for f in fts[:2]], progress=False, device="cpu")
-    remote = hf_metagpt.inspect(ids[0], ids[1:], progress=False, device="cpu", low_disk=True)
+    local = hf_metagpt.inspect(base=str(base), models=[str(f) for f in fts[:2]], progress=False, device="cpu")
+    remote = hf_metagpt.inspect(base=ids[0], models=ids[1:], progress=False, device="cpu", low_disk=True)
     assert remote.geometry.entries == local.geometry.entries
     assert remote.models == tuple(ids[1:])
     assert remote.bytes_read > 0 and len(remote.warnings) == 1 and "lm_head.weight" in remote.warnings[0]

@@ -115,7 +115,7 @@ def test_inspect_of_adapters_and_full_fine_tunes_equals_peft_materialised(family
     base, full, adapters = family
     inputs = [full, *adapters] if which == "mixed" else adapters[:2]
     monkeypatch.setenv(UNIT_ENV, "0.01")  # 10 KiB pieces: the embedding in slabs
-    result = hf_metagpt.inspect(str(base), [str(p) for p in inputs], progress=False, device="cpu")
+    result = hf_metagpt.inspect(base=str(base), models=[str(p) for p in inputs], progress=False, device="cpu")
     states = [load_state(p) if p == full else materialize64(base, p) for p in inputs]
     for granularity in ("model", "layer"):
         want = _reference_groups(base, states, granularity)

@@ -30,7 +30,7 @@ def test_merge_records_geometry_warns_and_explains_it_in_the_card(family, tmp_pa
     assert list(geo.whole.sq_norms) == result.sq_norms["model"]
     assert list(geo.whole.shares) == result.coefficients["model"]
     # Same pass, same pieces as inspect: identical entries.
-    seen = hf_metagpt.inspect(str(base), [str(f) for f in fts], progress=False, device="cpu")
+    seen = hf_metagpt.inspect(base=str(base), models=[str(f) for f in fts], progress=False, device="cpu")
     assert seen.geometry.entries == geo.entries
     overlap = [w for w in result.warnings if "overlap" in w]
     assert len(overlap) == 1 and "lm_head.weight" in overlap[0] and "--granularity layer" in overlap[0]

@@ -16,14 +16,14 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
 from .._logging import honour_progress
 from ..errors import MergeError, OutputError
+from ..options import InspectKwargs, MergeOptions
 from .geometry import Geometry
 from .report import InspectResult
 
@@ -31,22 +31,23 @@ log = logging.getLogger("hf_metagpt")
 
 
 @honour_progress
-def inspect(base: str | None = None, models: Sequence[str] | None = None, *, recipe: str | Path | None = None,
-            granularity: str | None = None, token: str | None = None, low_disk: bool | None = None,
-            device: str | None = None, strict: bool | None = None, tokenizer_source: str | None = None,
-            progress: bool = True) -> InspectResult:
+def inspect(options: MergeOptions | None = None, /, *, progress: bool = True,
+            **kwargs: Unpack[InspectKwargs]) -> InspectResult:
     """Measure the task vectors of `models` on `base`: squared norms, shares, cosines, λ per granularity.
 
     One streamed pass over the inputs (local folders or Hub IDs, shards fetched as a merge fetches
-    them, or one group ahead and deleted after with `low_disk`); nothing is written.
+    them, or one group ahead and deleted after with `low_disk`); nothing is written. The inputs
+    are given as for `merge` and `plan`: a `MergeOptions`, or its fields as keyword arguments.
 
     Args:
-        base: the base model (local folder or Hub ID `org/name[@revision]`).
-        models: the fine-tunes (full models or PEFT LoRA adapters).
-        recipe: a merge recipe to take `base`, `models` and options from (arguments win).
-        granularity: the merge granularity the advice is for (default `model`, the paper's).
-        token, low_disk, device, strict, tokenizer_source: as for `merge`.
-        progress: show progress bars.
+        options: a `MergeOptions` (its method and output are not used); or instead, as keywords:
+        base: the base model: a local folder (`str | os.PathLike`) or a Hub ID `org/name[@revision]`.
+        models: the fine-tunes (full models or PEFT LoRA adapters), as `base`.
+        recipe: a merge recipe (ours or mergekit's) to take `base`, `models` and options from
+            (keywords win over it); `recipe_format` as for `merge`.
+        granularity: the merge granularity the advice is for (`model`, the paper's, by default).
+        tokenizer_source, token, device, strict, low_disk: as for `merge`.
+        progress: show progress bars (False: none at all, huggingface_hub's downloads included).
 
     Returns:
         An `InspectResult`: `.geometry` holds every per-tensor Gram matrix, `.to_json()` is
@@ -54,6 +55,7 @@ def inspect(base: str | None = None, models: Sequence[str] | None = None, *, rec
 
     Raises:
         MergeError: the inputs cannot be merged (every check of `plan` applies).
+        TypeError: an argument `inspect` does not take (e.g. `base` given positionally).
 
     Example:
         >>> r = hf_metagpt.inspect(base="base/", models=["chat/", "math/", "code/"])
@@ -61,14 +63,11 @@ def inspect(base: str | None = None, models: Sequence[str] | None = None, *, rec
     """
     from dataclasses import replace
 
-    from ..api import _options, load_infos, run_shape, select_device
+    from ..api import load_infos, run_shape, select_device
     from ..engine.plan import build_plan
     from ..result import _ref_json
 
-    # A merge's options with no output: every check `plan` makes, nothing to write.
-    opts = _options(None, dict(recipe=recipe, base=base, models=list(models or []) or None, method="metagpt",
-                               granularity=granularity, token=token, low_disk=low_disk, device=device,
-                               strict=strict, tokenizer_source=tokenizer_source), for_merge=False)
+    opts = _inspect_options(options, dict(kwargs))
     start = time.perf_counter()
     base_info, model_infos = load_infos(opts)
     # Planned at the paper's granularity: one norm group over every tensor, so the engine's norm
@@ -89,6 +88,30 @@ def inspect(base: str | None = None, models: Sequence[str] | None = None, *, rec
         seconds=time.perf_counter() - start, bytes_read=stats.bytes_read,
         # The inputs as the coefficients file records them (Hub ones with the commit that was read).
         extra={"inputs": {"base": _ref_json(base_info.ref), "models": [_ref_json(m.ref) for m in model_infos]}})
+
+
+def _inspect_options(options: Any, kwargs: dict[str, Any]) -> MergeOptions:
+    """A merge's options with no output (every check `plan` makes, nothing to write), measured as MetaGPT."""
+    from dataclasses import replace
+
+    from ..api import _options
+
+    if options is not None and not isinstance(options, MergeOptions):
+        raise TypeError(f"inspect() takes a MergeOptions or keyword arguments, not {type(options).__name__} "
+                        f"{options!r}: pass the inputs as base=... and models=[...], as for merge() and plan().")
+    unknown = sorted(set(kwargs) - set(InspectKwargs.__annotations__))
+    if unknown:
+        raise TypeError(f"inspect() got an unexpected keyword argument {unknown[0]!r}; it takes "
+                        f"{', '.join(InspectKwargs.__annotations__)} and progress.")
+    if options is not None:
+        if kwargs:
+            raise TypeError("pass either a MergeOptions or keyword arguments, not both")
+        # inspect measures; the method's parameters and the output are the merge's business
+        options = replace(options, method="metagpt", parameters={}, output="", push_to=None, create_pr=False,
+                          private=False, revision=None, commit_message=None, lora_rank=None, output_format="model")
+    else:
+        kwargs["method"] = "metagpt"
+    return _options(options, kwargs, for_merge=False)
 
 
 def _fetch(the_plan, shape, opts, scratch: Path):
