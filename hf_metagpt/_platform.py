@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+from pathlib import Path
+
+
+def disk_free(path: Path) -> tuple[Path, int]:
+    """The nearest existing folder at or above `path` (the current folder when none is) and the free
+    bytes of its file system: where a file written under `path` would land, before `path` exists."""
+    probe = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    return probe, shutil.disk_usage(probe).free
 
 
 def peak_rss_bytes() -> int:

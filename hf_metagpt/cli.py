@@ -10,6 +10,7 @@ import sys
 from typing import Sequence
 
 from .errors import MergeError
+from .options import DTYPES
 
 log = logging.getLogger("hf_metagpt")
 
@@ -31,7 +32,7 @@ def _add_merge_args(p: argparse.ArgumentParser, *, for_plan: bool = False) -> No
     p.add_argument("--chat-template", help="the output's chat template: auto (the most common among the models), chatml, "
                                            "llama3, one of the models, or the template text (default: the tokenizer "
                                            "source's; the fine-tunes' when it has none)")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="output dtype (auto: the base's)")
+    p.add_argument("--dtype", choices=DTYPES, help="output dtype (auto: the base's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device (auto: a GPU when present)")
     p.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB (default)")
     p.add_argument("--arithmetic", choices=["auto", "mergekit", "own"],
@@ -468,7 +469,7 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument("--max-samples", type=int, metavar="N", help="first N records of each task")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per forward pass (default 8)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: a GPU when present")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: float32 on CPU, the stored dtype on GPU")
     p.add_argument("--plot", metavar="PNG", help="also save a bar plot of the losses")
     p.set_defaults(func=_cmd_eval)

@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from .errors import RecipeError
+from .safetensors_io import ST_TO_CONFIG
 
 log = logging.getLogger("hf_metagpt")
 
@@ -694,7 +695,6 @@ def _layer_filters(values: list[Any], pre: Any, post: Any) -> list[dict[str, Any
 
 # --------------------------------------------------------------------------- our merge → mergekit YAML
 
-_OUT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 def to_mergekit(method: str, params: dict[str, Any], base: str, models: list[str],
@@ -744,5 +744,5 @@ def to_mergekit(method: str, params: dict[str, Any], base: str, models: list[str
         # float32 for our own arithmetic: where mergekit's results are closest to our float64 sums
         doc["dtype"] = order if isinstance(order, str) else "float32"
     if out_dtype:
-        doc["out_dtype"] = _OUT_DTYPES.get(out_dtype, out_dtype)
+        doc["out_dtype"] = ST_TO_CONFIG.get(out_dtype, out_dtype)
     return yaml.safe_dump(doc, sort_keys=False)

@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 import yaml
 
 from .errors import RecipeError
+from .safetensors_io import CONFIG_TO_ST
 
 if TYPE_CHECKING:
     from .sources.refs import ModelRef
 
 GRANULARITIES = ("model", "layer", "tensor")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPES = ("auto", *CONFIG_TO_ST)
 #: auto: mergekit's arithmetic for a mergekit recipe, ours otherwise; mergekit; own (float64 sums)
 ARITHMETICS = ("auto", "mergekit", "own")
 DEVICES = ("auto", "cpu", "cuda")

@@ -46,6 +46,9 @@ ST_TO_TORCH: dict[str, torch.dtype] = {
 }
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
 FLOATING = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+# the dtype names a config.json (`dtype` / `torch_dtype`) and `--dtype` use <-> safetensors codes
+CONFIG_TO_ST: dict[str, str] = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+ST_TO_CONFIG: dict[str, str] = {v: k for k, v in CONFIG_TO_ST.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..sources.hub import BASE_SIDE_FILES, SIDE_FILES, cached_path, remote_code_files, remote_files
+from .._platform import disk_free
 from ..errors import DownloadStopped, OutputError
 from ..sources.hub_calls import call, call_until, stop_xet_transfers, tok
 from ..sources.chat_template import TEMPLATE_FILES
@@ -72,9 +73,7 @@ def download_note(plan: "MergePlan") -> str:
     from huggingface_hub import constants
 
     total, largest = download_bytes(plan)
-    cache = Path(constants.HF_HUB_CACHE)
-    probe = next((p for p in [cache, *cache.parents] if p.exists()), Path("."))
-    free = shutil.disk_usage(probe).free
+    _, free = disk_free(Path(constants.HF_HUB_CACHE))
     line = (f"download {total / 1e9:.3f} GB from the Hub into the cache ({free / 1e9:.1f} GB free there); "
             f"--low-disk keeps about {3 * largest * len(plan.inputs) / 1e9:.3f} GB at a time")
     if total > free:
@@ -88,17 +87,15 @@ def check_disk(plan: "MergePlan", target: Path, low_disk: bool) -> None:
 
     total, largest = download_bytes(plan, low_disk)
     write = plan.bytes_to_write
-    cache = Path(constants.HF_HUB_CACHE)
-    cache_probe = next((p for p in [cache, *cache.parents] if p.exists()), Path("."))
-    out_probe = next((p for p in [target, *target.parents] if p.exists()), Path("."))
+    cache_probe, cache_free = disk_free(Path(constants.HF_HUB_CACHE))
+    out_probe, out_free = disk_free(target)
     # Low-disk keeps a few shards per model (the current group's and one prefetched).
     need_dl = (largest * 3 * len(plan.inputs)) if low_disk else total
     same_fs = cache_probe.stat().st_dev == out_probe.stat().st_dev
-    checks = [(out_probe, write + (need_dl if same_fs or low_disk else 0))]
+    checks = [(out_probe, out_free, write + (need_dl if same_fs or low_disk else 0))]
     if not same_fs and not low_disk:
-        checks.append((cache_probe, need_dl))
-    for where, need in checks:
-        free = shutil.disk_usage(where).free
+        checks.append((cache_probe, cache_free, need_dl))
+    for where, free, need in checks:
         if need > free:
             raise OutputError(
                 f"Not enough disk space: {need / 1e9:.2f} GB needed under {where}, {free / 1e9:.2f} GB free.",

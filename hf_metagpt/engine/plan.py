@@ -12,7 +12,7 @@ from typing import Sequence
 
 from ..errors import IncompatibleModelsError, InputError, MergeError
 from ..options import MergeOptions, parse_size
-from ..safetensors_io import dtype_itemsize
+from ..safetensors_io import CONFIG_TO_ST, ST_TO_CONFIG, dtype_itemsize
 from ..sources.model import ModelInfo
 from ..sources.architecture import (BLOCK, CONFIG_KEYS, block_of, config_facts, config_value,
                                      skeleton_mismatches, skeleton_names, tied_embeddings)
@@ -20,8 +20,6 @@ from ..sources.architecture import (BLOCK, CONFIG_KEYS, block_of, config_facts, 
 log = logging.getLogger(__name__)
 
 _VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight")
-_DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-_ST_NAMES = {v: k for k, v in _DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -117,7 +115,7 @@ class MergePlan:
     def describe(self) -> str:
         """Human-readable plan (what `hf-metagpt plan` prints)."""
         o = self.options
-        lines = [f"Merge plan: method={o.method} granularity={self.granularity} output dtype={_ST_NAMES.get(self.out_dtype, self.out_dtype)}"]
+        lines = [f"Merge plan: method={o.method} granularity={self.granularity} output dtype={ST_TO_CONFIG.get(self.out_dtype, self.out_dtype)}"]
         lines.append(f"  base:       {self.base.ref.pinned}")
         for i, m in enumerate(self.models, 1):
             lines.append(f"  model {i}:    {m.ref.pinned}" + ("  (LoRA adapter)" if m.ref.is_adapter else ""))
@@ -254,12 +252,12 @@ def resolve_tokenizer_source(opts: MergeOptions, models: Sequence[ModelInfo]) ->
 
 def out_dtype_of(opts: MergeOptions, base: ModelInfo) -> str:
     if opts.dtype != "auto":
-        return _DTYPE_NAMES[opts.dtype]
+        return CONFIG_TO_ST[opts.dtype]
     name = base.config.get("dtype") or base.config.get("torch_dtype")
-    if isinstance(name, str) and name in _DTYPE_NAMES:
-        return _DTYPE_NAMES[name]
+    if isinstance(name, str) and name in CONFIG_TO_ST:
+        return CONFIG_TO_ST[name]
     for meta in base.tensors.values():
-        if meta.is_floating and meta.dtype in _ST_NAMES:
+        if meta.is_floating and meta.dtype in ST_TO_CONFIG:
             return meta.dtype
     return "F32"
 

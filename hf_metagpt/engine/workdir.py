@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InputError, OutputError
+from ..safetensors_io import ST_TO_CONFIG
 from ..sources.local import INDEX_FILE, TOKENIZER_FILES, side_file
 from ..sources.model import ModelInfo
 from .ledger import PROGRESS_FILES, digest, valid_norms, write_json_atomic
@@ -28,7 +29,6 @@ from .plan import MergePlan
 log = logging.getLogger(__name__)
 
 PLAN_KEY_FILE = "hf_metagpt_plan.json"
-_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 @dataclass
@@ -251,7 +251,7 @@ def write_side_files(plan: MergePlan, work: Path) -> None:
     (work / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
     config = dict(plan.base.config)
-    dtype = _DTYPE_NAMES.get(plan.out_dtype, "float32")
+    dtype = ST_TO_CONFIG.get(plan.out_dtype, "float32")
     config["dtype"] = dtype
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from ..engine.plan import is_vocab_tensor, norm_group_of
 from ..sources.architecture import num_layers, skeleton_mismatches, skeleton_names
 from ..errors import IntegrityError, MergeError
-from ..safetensors_io import TensorMeta, read_header
+from ..safetensors_io import CONFIG_TO_ST, TensorMeta, read_header
 from ..sources.local import INDEX_FILE, SINGLE_FILE, load_local_info, safe_relative
 from ..sources.model import ModelInfo
 from ..options import local_name
@@ -32,7 +32,6 @@ from ..sources.refs import parse_ref
 
 COEFFICIENTS_FILE = "metagpt_coefficients.json"  # result.COEFFICIENTS_FILE (not imported: no stream import)
 GRAM_FILE = "metagpt_gram.safetensors"  # insight.card.GRAM_FILE: a MetaGPT merge's Gram matrices, not a shard
-_CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
 MAX_SHOWN = 10
 
@@ -125,7 +124,7 @@ def _read_index(folder: Path, problems: _Problems) -> tuple[dict[str, str], int 
 
 def _config_dtype(config: dict[str, Any]) -> str | None:
     name = config.get("dtype") or config.get("torch_dtype")
-    return _CONFIG_DTYPES.get(name) if isinstance(name, str) else None
+    return CONFIG_TO_ST.get(name) if isinstance(name, str) else None
 
 
 def check_folder(folder: Path) -> tuple[VerifyReport, dict[str, TensorMeta], dict[str, Any]]:

@@ -22,6 +22,7 @@ from typing import Any, Unpack
 import torch
 
 from .._logging import honour_progress
+from .._platform import disk_free
 from ..errors import MergeError, OutputError
 from ..options import InspectKwargs, MergeOptions
 from .geometry import Geometry
@@ -126,9 +127,8 @@ def _fetch(the_plan, shape, opts, scratch: Path):
     low_disk = shape.files == "low_disk"
     need, largest = fetch.download_bytes(the_plan, low_disk)
     where = scratch if low_disk else Path(constants.HF_HUB_CACHE)
-    probe = next((p for p in [where, *where.parents] if p.exists()), Path("."))
+    probe, free = disk_free(where)
     need = largest * 3 * len(the_plan.inputs) if low_disk else need
-    free = shutil.disk_usage(probe).free
     if need > free:
         raise OutputError(f"Not enough disk space: {need / 1e9:.2f} GB of downloads under {probe}, "
                           f"{free / 1e9:.2f} GB free.",

@@ -39,12 +39,13 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import MergeError
+from ..safetensors_io import CONFIG_TO_ST, ST_TO_TORCH
 from .settings import first_set
 from .sparsify import div_exact, host, single_threaded
 
 #: names a recipe may give `mergekit_order` (True: float32, its first form; "auto": the inputs' dtype,
 #: what mergekit computes in when a recipe gives no `dtype`)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: ST_TO_TORCH[code] for name, code in CONFIG_TO_ST.items()}
 
 
 #: our methods that have mergekit's arithmetic (`dare` is our alias of dare_linear)

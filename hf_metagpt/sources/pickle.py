@@ -30,7 +30,7 @@ from typing import Any, Iterable
 
 from ..constants import PICKLE_CACHE_ENV, env
 from ..errors import InputError, UnsafePickleError
-from ..safetensors_io import TORCH_TO_ST, TensorMeta, build_header, disk_full_is_clear, dtype_itemsize, read_header
+from ..safetensors_io import CONFIG_TO_ST, TORCH_TO_ST, TensorMeta, build_header, disk_full_is_clear, dtype_itemsize, read_header
 from .hub_calls import api as hub_api, call
 from .local import INDEX_FILE, SINGLE_FILE, has_safetensors, read_config, safe_relative
 from .model import ModelInfo
@@ -42,7 +42,6 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 #: environment variable: where converted shards are kept (default: `hf-metagpt/converted` under HF_HOME)
 _HASH_CHUNK = 8 << 20
-_CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 
@@ -163,7 +162,7 @@ def provisional_info(ref: ModelRef, config: dict[str, Any], src: PickleSource) -
     from .architecture import skeleton_names  # what the config implies; the plan's own check uses it too
 
     shapes = skeleton_names(config) or {}
-    dtype = _CONFIG_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), "F32")
+    dtype = CONFIG_TO_ST.get(str(config.get("dtype") or config.get("torch_dtype")), "F32")
     if src.index is not None:
         placed = list(src.index)
     else:
