@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Sequence
 
+from .constants import HUB_TOKENS_ENV, WORKERS_ENV
 from .errors import MergeError
 from .options import DTYPES
 
@@ -171,7 +172,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     opts = options_from_args(args)
     if getattr(args, "workers", None) is not None:
-        from .engine.sizing import WORKERS_ENV, parse_override
+        from .engine.sizing import parse_override
 
         os.environ[WORKERS_ENV] = str(parse_override(args.workers, "--workers"))
     if args.num_processes is not None and args.num_processes != 1:
@@ -296,10 +297,6 @@ def _cmd_install_extension(args: argparse.Namespace) -> int:
     path = install_extension(force=args.force)
     print(f"Registered with the hf CLI: `hf metagpt ...` now runs {path}")
     return 0
-
-
-#: `hub serve` also reads tokens from here: USER:TOKEN or TOKEN entries, separated by commas or whitespace
-HUB_TOKENS_ENV = "HF_METAGPT_HUB_TOKENS"
 
 
 def _hub_port(text: str) -> int:

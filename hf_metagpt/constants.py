@@ -21,6 +21,10 @@ PICKLE_CACHE_ENV = "HF_METAGPT_PICKLE_CACHE"
 RETRY_BASE_ENV = "HF_METAGPT_RETRY_BASE"
 #: The longest rate-limit reset (seconds) worth waiting for; a later one fails at once.
 RATE_LIMIT_WAIT_ENV = "HF_METAGPT_RATE_LIMIT_MAX_WAIT"
+#: The compute workers of a merge process, as `--workers N` sets them (`engine.sizing`).
+WORKERS_ENV = "HF_METAGPT_WORKERS"
+#: `hub serve`'s tokens besides --token: USER:TOKEN or TOKEN entries, separated by commas or whitespace.
+HUB_TOKENS_ENV = "HF_METAGPT_HUB_TOKENS"
 
 
 def env(name: str) -> str | None:

@@ -14,7 +14,8 @@ import torch
 
 import hf_metagpt
 from hf_metagpt.engine import merging
-from hf_metagpt.engine.sizing import GPU_TORCH_THREADS, WORKER_BYTES, WORKERS_ENV, parse_override, plan_workers
+from hf_metagpt.constants import WORKERS_ENV
+from hf_metagpt.engine.sizing import GPU_TORCH_THREADS, WORKER_BYTES, parse_override, plan_workers
 from hf_metagpt.errors import MergeError
 from hf_metagpt.methods import sparsify
 from hf_metagpt.methods.interpolation import ModelStock, slerp

@@ -23,9 +23,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..constants import WORKERS_ENV
 from ..errors import MergeError
 
-WORKERS_ENV = "HF_METAGPT_WORKERS"
 #: compute workers at most (memory bandwidth, not cores, bounds a merge well before this)
 MAX_COMPUTE = 32
 #: memory one compute worker needs besides the pooled pieces (its float64 chunk buffers), with margin
