@@ -28,7 +28,7 @@ from .errors import (  # noqa: E402
     UnsafePickleError,
     UnsupportedAdapterError,
 )
-from .insight.inspect import inspect  # noqa: E402
+from .inspect_api import inspect  # noqa: E402
 from .insight.report import InspectResult  # noqa: E402
 from .options import MergeOptions  # noqa: E402
 from .result import MergeResult  # noqa: E402

@@ -40,7 +40,8 @@ LOW_LAMBDA = 0.01
 T = TypeVar("T")
 
 
-def _options(options: MergeOptions | None, kwargs: dict[str, Any], *, for_merge: bool = True) -> MergeOptions:
+def resolve_options(options: MergeOptions | None, kwargs: dict[str, Any], *, for_merge: bool = True) -> MergeOptions:
+    """The call's options, validated: the `MergeOptions` given, or one built from the keywords (not both)."""
     if options is None:
         options = build_options(for_merge=for_merge, **kwargs)
     elif kwargs:
@@ -110,7 +111,7 @@ def plan(options: MergeOptions | None = None, **kwargs: Unpack[MergeKwargs]) -> 
     Example:
         >>> print(hf_metagpt.plan(base="base/", models=["chat/", "math/"]).describe())
     """
-    opts = _options(options, kwargs, for_merge=False)
+    opts = resolve_options(options, kwargs, for_merge=False)
     method = _method(opts)
     base, models = load_infos(opts)
     the_plan = build_plan(opts, base, models, method_uses_norms=method.uses_group_norms)
@@ -177,7 +178,7 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True,
         ...                           output="merged/", method="metagpt")
         >>> result.coefficients["model"]   # one λ per fine-tune (the paper's setting)
     """
-    opts = _options(options, kwargs)
+    opts = resolve_options(options, kwargs)
     method = _method(opts)
     if opts.push_to and "/" not in opts.push_to:  # `NAME`: the token's namespace, known before anything is read
         from dataclasses import replace

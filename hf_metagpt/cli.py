@@ -520,7 +520,7 @@ def _add_inspect_parser(sub) -> None:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from .insight.inspect import describe, inspect
+    from .inspect_api import describe, inspect
 
     given = dict(base=args.base, models=args.models or None, recipe=args.recipe, granularity=args.granularity,
                  token=args.token, low_disk=args.low_disk, device=args.device, strict=args.strict,

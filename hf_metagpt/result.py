@@ -24,7 +24,7 @@ def short_name(ref: ModelRef) -> str:
     return ref.display if ref.repo_id else local_name(ref.spec)
 
 
-def _ref_json(ref: ModelRef) -> dict[str, Any]:
+def ref_json(ref: ModelRef) -> dict[str, Any]:
     # Published with the merge: a local input by its folder name, never the merging machine's path.
     out: dict[str, Any] = {"ref": ref.pinned if ref.repo_id else local_name(ref.spec)}
     if ref.repo_id:
@@ -81,8 +81,8 @@ class MergeResult:
             "seed": self.seed,
             "output_dtype": self.out_dtype,
             "precision": self.precision,
-            "base": _ref_json(self.base),
-            "models": [_ref_json(m) for m in self.models],
+            "base": ref_json(self.base),
+            "models": [ref_json(m) for m in self.models],
             "norms_key": self.norms_key,
             "groups": {
                 g: {"lambdas": self.coefficients[g], "sq_norms": self.sq_norms.get(g)}

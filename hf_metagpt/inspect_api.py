@@ -3,6 +3,7 @@
 The pipeline of a merge up to its norms: resolve the references, plan (every check a merge makes),
 fetch Hub shards as a merge would (`--low-disk` honoured), then one pass that reduces, per tensor,
 the Gram matrix τi·τj the norms are the diagonal of (`engine/gram.py`). No output folder, no card.
+It stands beside `api`, whose stages it runs; `insight/` holds the values it returns.
 
 `_measure` runs the engine's own norm pass (an executor whose sink writes nothing), whose kernels
 return a Gram matrix per tensor into the ledger: the same pieces, paths (fused chunks for full
@@ -16,17 +17,24 @@ import logging
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Unpack
 
 import torch
 
-from .._logging import honour_progress
-from .._platform import disk_free
-from ..errors import MergeError, OutputError
-from ..options import InspectKwargs, MergeOptions
-from .geometry import Geometry
-from .report import InspectResult
+from ._logging import honour_progress
+from ._platform import disk_free
+from .api import build_executor, load_infos, resolve_options, run_shape, select_device
+from .engine import fetch
+from .engine.ledger import NormLedger
+from .engine.plan import build_plan
+from .errors import MergeError, OutputError
+from .insight.geometry import Geometry
+from .insight.report import InspectResult
+from .methods import get_method
+from .options import InspectKwargs, MergeOptions
+from .result import ref_json
 
 log = logging.getLogger("hf_metagpt")
 
@@ -62,12 +70,6 @@ def inspect(options: MergeOptions | None = None, /, *, progress: bool = True,
         >>> r = hf_metagpt.inspect(base="base/", models=["chat/", "math/", "code/"])
         >>> r.geometry.whole.cosine(0, 1)   # near 0 when MetaGPT's orthogonality assumption holds
     """
-    from dataclasses import replace
-
-    from ..api import load_infos, run_shape, select_device
-    from ..engine.plan import build_plan
-    from ..result import _ref_json
-
     opts = _inspect_options(options, dict(kwargs))
     start = time.perf_counter()
     base_info, model_infos = load_infos(opts)
@@ -88,15 +90,11 @@ def inspect(options: MergeOptions | None = None, /, *, progress: bool = True,
         granularity=opts.granularity, warnings=the_plan.warnings, notes=tuple(the_plan.notes),
         seconds=time.perf_counter() - start, bytes_read=stats.bytes_read,
         # The inputs as the coefficients file records them (Hub ones with the commit that was read).
-        extra={"inputs": {"base": _ref_json(base_info.ref), "models": [_ref_json(m.ref) for m in model_infos]}})
+        extra={"inputs": {"base": ref_json(base_info.ref), "models": [ref_json(m.ref) for m in model_infos]}})
 
 
 def _inspect_options(options: Any, kwargs: dict[str, Any]) -> MergeOptions:
     """A merge's options with no output (every check `plan` makes, nothing to write), measured as MetaGPT."""
-    from dataclasses import replace
-
-    from ..api import _options
-
     if options is not None and not isinstance(options, MergeOptions):
         raise TypeError(f"inspect() takes a MergeOptions or keyword arguments, not {type(options).__name__} "
                         f"{options!r}: pass the inputs as base=... and models=[...], as for merge() and plan().")
@@ -112,7 +110,7 @@ def _inspect_options(options: Any, kwargs: dict[str, Any]) -> MergeOptions:
                           private=False, revision=None, commit_message=None, lora_rank=None, output_format="model")
     else:
         kwargs["method"] = "metagpt"
-    return _options(options, kwargs, for_merge=False)
+    return resolve_options(options, kwargs, for_merge=False)
 
 
 def _fetch(the_plan, shape, opts, scratch: Path):
@@ -121,8 +119,6 @@ def _fetch(the_plan, shape, opts, scratch: Path):
     if not any(i.ref.is_hub for i in the_plan.inputs):
         return the_plan
     from huggingface_hub import constants
-
-    from ..engine import fetch
 
     low_disk = shape.files == "low_disk"
     need, largest = fetch.download_bytes(the_plan, low_disk)
@@ -141,10 +137,6 @@ def _fetch(the_plan, shape, opts, scratch: Path):
 
 def _measure(the_plan, shape, token, scratch: Path, device: torch.device, progress: bool) -> tuple[Geometry, Any]:
     """The engine's norm pass (pass 1 of a whole-model merge), keeping its Gram matrices; nothing written."""
-    from ..api import build_executor
-    from ..engine.ledger import NormLedger
-    from ..methods import get_method
-
     ledger = NormLedger(len(the_plan.models))
     executor = build_executor(shape, the_plan, get_method("metagpt"), scratch / "work", ledger=ledger, device=device,
                               scratch=scratch / "download", token=token, progress=progress)
