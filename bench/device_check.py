@@ -9,7 +9,7 @@ What it does, in this order, each step skipped rather than run past `--budget` s
 2. installs mergekit from wheels in `.whl/` into a private folder when it is not importable (the device
    tool carries them; see bench/README.md), or uses `--mergekit-exe` / `bench/.venv-mergekit`;
 3. merges a small family with every deterministic method on the CPU and on CUDA and compares the bytes
-   (`tests/test_cuda.py`'s cases; the largest difference in output ulps where they differ);
+   (`tests/methods/test_cuda.py`'s cases; the largest difference in output ulps where they differ);
 4. takes the read+write floor cold (the inputs evicted from the page cache with posix_fadvise, the
    libraries left cached; `--drop-caches` drops the whole page cache instead, the interpreter's and
    torch's files too) and warm (inputs in the page cache);
@@ -211,7 +211,7 @@ def bytes_only(result: Path, budget: float) -> int:
     from safetensors.torch import load_file
 
     sys.path.insert(0, str(REPO_DIR))
-    spec = importlib.util.spec_from_file_location("test_cuda", REPO_DIR / "tests" / "test_cuda.py")
+    spec = importlib.util.spec_from_file_location("test_cuda", REPO_DIR / "tests" / "methods" / "test_cuda.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     t0 = time.monotonic()

@@ -109,3 +109,17 @@ def _short_retry_backoff(monkeypatch):
 
     monkeypatch.setenv(RETRY_BASE_ENV, "0.01")
 # ==== end of test speed block =====================================================================
+
+
+# ==== test layout (issue [seams]) =================================================================
+# Tests live in tests/<package folder>/ (engine, methods, sources, localhub, insight, publish,
+# evaluation, mergekit, cli, demo, bench). helpers.py and reference.py stay here, importable from
+# every folder (`from helpers import ...`); a test module that reuses another's fixtures or helpers
+# imports it by name (`from test_lora import make_adapter`) from any folder: basenames are unique.
+import sys as _sys
+from pathlib import Path as _Path
+
+for _folder in sorted(_Path(__file__).resolve().parent.iterdir()):
+    if _folder.is_dir() and not _folder.name.startswith((".", "_")) and str(_folder) not in _sys.path:
+        _sys.path.append(str(_folder))
+# ==== end of test layout block ====================================================================

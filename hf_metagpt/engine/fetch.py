@@ -174,7 +174,7 @@ def _stoppable_bar(stop: threading.Event) -> type:
     `hf_hub_download` has no way to be cancelled; over HTTP the progress update it makes for every
     piece it writes is the one hook inside the transfer, so a closed provider ends its running
     downloads within a piece (Xet downloads are cancelled by `close`, see `stop_xet_transfers`). What is lost (measured with huggingface_hub 2.4,
-    tests/test_hub_real.py): a connection lost mid-file is resumed by the client itself with a
+    tests/sources/test_hub_real.py): a connection lost mid-file is resumed by the client itself with a
     Range request from its last whole 10 MiB piece, but a download that ends with an error (this
     stop, a kill, an HTTP error on the resume) deletes its uniquely named partial file, and the next
     download of that shard starts again from byte 0.

@@ -6,7 +6,7 @@ recipe therefore sets `mergekit_order: <dtype>` on its method (`mergekit_recipe.
 `--arithmetic own` turns it off, `--arithmetic mergekit` turns it on for our own recipes) and the
 engine hands the method the inputs cast to that dtype (`MethodKernel.merge_models`). The steps
 below were worked out from the methods' definitions and fixed by comparing with mergekit 0.1.5's
-outputs element for element (`bench/mergekit_agreement.py`, `tests/test_mergekit_order.py`); no
+outputs element for element (`bench/mergekit_agreement.py`, `tests/methods/test_mergekit_order.py`); no
 code of mergekit is used or copied.
 
 Notation: θ0 the base and θt the models, already in dtype `d`; ⊖ ⊙ ⊘ ⊕ are one elementwise step

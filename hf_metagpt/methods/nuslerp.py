@@ -10,7 +10,7 @@ vectors τt = θt − θ0 (with a base model; the merge is θ0 + result) or the 
 taken over the whole tensor (`nuslerp_flatten`, default), or per vector of the last dimension
 (`nuslerp_flatten: false`), or of the first (`nuslerp_row_wise: true` as well); 1-D tensors are
 one vector. Order and dtype of every step are mergekit 0.1.5's (checked bit for bit against its
-outputs, `tests/test_nuslerp.py`): with `mergekit_order` the inputs come in the recipe's dtype,
+outputs, `tests/methods/test_nuslerp.py`): with `mergekit_order` the inputs come in the recipe's dtype,
 otherwise in float32. The norms and dot products are taken on CPU copies, so a GPU gives the same
 bytes.
 """

@@ -21,7 +21,7 @@ from hf_metagpt.methods import sparsify
 from hf_metagpt.methods.interpolation import ModelStock, slerp
 
 GB = 1 << 30
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- the pure function

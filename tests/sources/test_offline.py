@@ -19,7 +19,7 @@ from huggingface_hub import HfApi
 
 from hf_metagpt.demo.tiny import build_family
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _closed_port() -> str:

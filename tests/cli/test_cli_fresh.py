@@ -17,7 +17,7 @@ import pytest
 
 from hf_metagpt.demo.tiny import build_family
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 METHODS = ["metagpt", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "metagpt_ties",
            "metagpt_dare", "dare"]

@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard
 
 from hf_metagpt.demo.tiny import build_family
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -207,7 +207,7 @@ def test_two_processes_download_everything_first_and_give_the_same_bytes(family,
     one = tmp_path / "one"
     hf_metagpt.merge(base=str(folders[0]), models=[str(f) for f in folders[1:]], output=str(one),
                      max_shard_size="60KB", device="cpu", progress=False)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "hf_metagpt", "-q", "merge", *ids[1:], "--base", ids[0], "-o", str(tmp_path / "two"),
            "--max-shard-size", "60KB", "--device", "cpu", "--num-processes", "2"]

@@ -24,7 +24,7 @@ from hf_metagpt.errors import IncompatibleModelsError, NonFiniteError, OutputErr
 
 from helpers import copy_model, shards
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from hf_metagpt.demo.tiny import build_family
 from tests.helpers import publish
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: what a signed URL carries (S3, CloudFront, the Hub's CDN and Xet bridge, the local Hub's LFS upload)
 SIGNED = re.compile(r"X-Amz-Signature|X-Amz-Credential|[?&](Expires|Signature|Policy|Key-Pair-Id|sig|token)=",

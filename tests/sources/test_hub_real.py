@@ -155,7 +155,7 @@ def test_a_bare_name_that_is_neither_a_folder_nor_a_repo_says_both(tmp_path, mon
 
 # ---------------------------------------------------------------- option conflicts, before any read
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:

@@ -430,7 +430,7 @@ def test_cli_hub_serve_prints_the_environment_and_serves_until_interrupted(tmp_p
     env = {k: v for k, v in os.environ.items() if k != "HF_ENDPOINT"}
     proc = subprocess.Popen([sys.executable, "-m", "hf_metagpt", "hub", "serve", "--data", str(tmp_path / "d"),
                              "--token", "alice:hf_cli_token"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+                            text=True, env=env, cwd=Path(__file__).resolve().parents[2])
     try:
         first = proc.stdout.readline().strip()
         assert first.startswith("export HF_ENDPOINT=http://127.0.0.1:"), proc.stderr.read()

@@ -14,7 +14,7 @@ import hf_metagpt
 from hf_metagpt.engine.distributed import split_shards
 from hf_metagpt.demo.tiny import build_family
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from helpers import run_cli
 from reference import assert_within_ulp, load_state, reference_metagpt
 from test_pickle_inputs import pickle_copy
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "llama2-7b-paper.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "llama2-7b-paper.yaml"
 VOCAB = 99  # the tiny tokenizer's size: like LLaMA-2's 32000, the embedding has exactly one row per token
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 @pytest.fixture()

@@ -20,7 +20,7 @@ import torch
 from hf_metagpt.demo.tiny import build_family
 from hf_metagpt.insight.report import read_gram
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 T = 40
 
 

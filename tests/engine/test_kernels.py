@@ -118,7 +118,7 @@ def test_shard_writer_in_any_order_and_slabs_starts_writeback_and_writes_what_sa
 
     calls = []
     real = os.posix_fadvise
-    monkeypatch.setenv(constants.DIRECT_ENV, "0")  # the buffered path (tests/test_speed.py: O_DIRECT)
+    monkeypatch.setenv(constants.DIRECT_ENV, "0")  # the buffered path (tests/engine/test_speed.py: O_DIRECT)
     monkeypatch.setattr(safetensors_io, "WRITEBACK_STEP", 100)
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: (calls.append((off, n, adv)), real(fd, off, n, adv))[1])
     a, b, c = torch.randn(8, 16).bfloat16(), torch.arange(10, dtype=torch.int64), torch.zeros(0, 4)

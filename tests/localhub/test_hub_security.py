@@ -465,7 +465,7 @@ def test_only_loopback_hosts_count_as_safe_for_plain_http():
 def test_cli_hub_serve_wants_cert_and_key_together(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hf_metagpt", "hub", "serve", "--data", str(tmp_path / "d"),
                            "--cert", str(tmp_path / "c.pem")], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode != 0
     assert "--cert and --key go together." in proc.stderr and "Traceback" not in proc.stderr
 

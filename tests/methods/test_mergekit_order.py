@@ -25,7 +25,7 @@ from hf_metagpt.demo.tiny import TinySpec, build_family
 from hf_metagpt.methods import get_method, mergekit_order
 from hf_metagpt.methods.base import TensorContext
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from mergekit_agreement import RECIPES, load  # noqa: E402
 
 #: sha256 (first 16 hex digits) of the fixture's inputs and of mergekit 0.1.5's outputs
