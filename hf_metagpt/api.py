@@ -21,8 +21,8 @@ from .engine.executor import Executor, RunResult, RunShape
 from .engine.fetch import FileProvider
 from .engine.ledger import PROGRESS_FILE, NormLedger
 from .engine.plan import MergePlan, build_plan
-from .engine.workdir import (OutputDirs, OutputLock, cached_norms, check_output, check_side_files, ledger_key,
-                             plan_key, prepare, publish, write_side_files)
+from .engine.workdir import (RECIPE_FILE, OutputDirs, OutputLock, cached_norms, check_output, check_side_files,
+                             ledger_key, plan_key, prepare, publish, write_side_files)
 from .errors import IntegrityError, MainProcessStopped, MergeError, RecipeError
 from .methods import get_method
 from .methods.base import MergeMethod
@@ -507,8 +507,8 @@ def _write_publish(the_plan: MergePlan, shape: RunShape, result: MergeResult, di
             write_side_files(the_plan, dirs.work)
     with disk_full_is_clear(dirs.work / COEFFICIENTS_FILE):
         result.write_coefficients(dirs.work)
-    with disk_full_is_clear(dirs.work / "hf_metagpt_recipe.yaml"):
-        (dirs.work / "hf_metagpt_recipe.yaml").write_text(result.recipe)
+    with disk_full_is_clear(dirs.work / RECIPE_FILE):
+        (dirs.work / RECIPE_FILE).write_text(result.recipe)
     with disk_full_is_clear(dirs.work / "README.md"):
         write_card(result, dirs.work, licenses=licenses, repo_id=the_plan.options.push_to, geometry=result.geometry,
                    adapter=shape.output == "adapter")

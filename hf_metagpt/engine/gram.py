@@ -5,9 +5,9 @@ is the squared norms the λ come from, the rest says whether the assumption hold
 one for each way the engine holds a tensor:
 
 - `task_gram`: raw base and fine-tunes in their stored dtype, chunk by chunk (the fused path).
-  Its diagonal is bit-identical to `kernels.task_sq_norms` on the same inputs: same chunks, same
-  float64 buffers, the same `torch.dot` added into the accumulator in the same order. So a ledger
-  that keeps G instead of the norms changes no λ.
+  Its diagonal is bit-identical to the chunked float64 norm loop (tests/oracles.task_sq_norms):
+  same chunks, same float64 buffers, the same `torch.dot` added into the accumulator in the same
+  order. So a ledger that keeps G instead of the norms changes no λ.
 - `tau_gram`: task vectors already formed (the method path: DARE/TIES, --allow-nonfinite).
   Its diagonal is `methods.base.squared_norm` of each τ, the norm that path records today.
 - `mixed_gram`: any mix of formed τ, LoRA factors (`LowRank`) and untouched tensors (None).
@@ -46,10 +46,10 @@ def task_gram(base: torch.Tensor, models: list[torch.Tensor], *, rows: int | Non
               device: torch.device | str = "cpu", chunk: int | None = None) -> torch.Tensor:
     """G[i, j] = (θi − θ0)·(θj − θ0) for every pair of models, T×T float64 on `device`.
 
-    Same contract as `kernels.task_sq_norms` (inputs in their stored dtype, `rows` cuts the shared
-    vocabulary rows, NaN/Inf propagate), and its diagonal equals that function's result bit for
-    bit: each model's difference gets its own freshly allocated buffer (as the norm kernel's
-    single buffer is), so every `torch.dot` sees the same values at the same alignment.
+    Inputs in their stored dtype, `rows` cuts the shared vocabulary rows, NaN/Inf propagate; the
+    diagonal equals the chunked float64 norm loop's result bit for bit: each model's difference
+    gets its own freshly allocated buffer (as the norm loop's single buffer is), so every
+    `torch.dot` sees the same values at the same alignment.
 
     Args:
         base: θ0 (any floating dtype).
@@ -132,7 +132,7 @@ class LowRank:
 
 
 def lowrank_sq_norm(x: LowRank) -> float:
-    """‖Δ‖² from the factors: scale² · Σ((BᵀB) ⊙ (AAᵀ)), the same expression as `lora.lora_sq_norm`."""
+    """‖Δ‖² from the factors: scale² · Σ((BᵀB) ⊙ (AAᵀ)), as tests/oracles.lora_sq_norm checks."""
     gb = x.b.double().t() @ x.b.double()
     ga = x.a.double() @ x.a.double().t()
     return float(x.scale) ** 2 * float((gb * ga).sum())

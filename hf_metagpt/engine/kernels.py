@@ -28,35 +28,6 @@ def _buffers(n: int, device: torch.device, k: int, step: int, dtype: torch.dtype
     return [torch.empty(min(n, step), dtype=dtype, device=device) for _ in range(k)]
 
 
-def task_sq_norms(base: torch.Tensor, models: list[torch.Tensor], *, rows: int | None = None,
-                  device: torch.device | str = "cpu", chunk: int | None = None) -> torch.Tensor:
-    """‖θt − θ0‖² for every model, float64 on `device` (NaN/Inf propagate into the result).
-
-    Inputs stay in their stored dtype; each chunk is converted once. The chunk's differences and
-    dot products are taken in float64: exact for bf16/f16/f32 inputs, and measured as fast as
-    float32 here because the chunk stays in cache.
-    """
-    device = torch.device(device)
-    b_flat = flat(base, rows)
-    m_flats = [flat(m, rows) for m in models]
-    n = b_flat.numel()
-    acc = torch.zeros(len(models), dtype=torch.float64, device=device)
-    if n == 0:
-        return acc
-    step = chunk or CHUNK
-    bbuf, tbuf = _buffers(n, device, 2, step, torch.float64)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        b = bbuf[: stop - start]
-        b.copy_(b_flat[start:stop])
-        t = tbuf[: stop - start]
-        for i, m in enumerate(m_flats):
-            t.copy_(m[start:stop])
-            t.sub_(b)
-            acc[i] += torch.dot(t, t)
-    return acc
-
-
 def weighted_models(base: torch.Tensor, models: list[torch.Tensor], w0: float, weights: list[float],
                     out_dtype: torch.dtype, *, rows: int | None = None,
                     device: torch.device | str = "cpu", chunk: int | None = None,

@@ -304,8 +304,9 @@ class FusedKernel(WeightedSumKernel):
         """(θi − θ0)·(θj − θ0) of every pair of models for each tensor, fused, on the compute threads.
 
         Each tensor is cut into jobs of `JOB` elements (so both threads share one large tensor);
-        a tensor's job sums are added in order. The diagonal is `kernels.task_sq_norms` of the same
-        jobs bit for bit (`gram.task_gram`). Non-finite inputs are named.
+        a tensor's job sums are added in order. The diagonal is the chunked float64 sum of
+        (θt − θ0)² over the same jobs bit for bit (`gram.task_gram`; tests/oracles.task_sq_norms).
+        Non-finite inputs are named.
         """
         if piece.extra_rows:
             return []  # copied rows: no task vector

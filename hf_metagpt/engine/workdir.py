@@ -40,9 +40,11 @@ class OutputDirs:
     overwrite: bool = False
 
 
+#: the recipe that reproduces a merge, written beside its weights
+RECIPE_FILE = "hf_metagpt_recipe.yaml"
 #: What a merge writes into its output folder (a folder holding anything else is never replaced).
 MERGE_FILES = frozenset({
-    "config.json", "generation_config.json", INDEX_FILE, "README.md", "hf_metagpt_recipe.yaml",
+    "config.json", "generation_config.json", INDEX_FILE, "README.md", RECIPE_FILE,
     "adapter_config.json", "compare.png", ".gitattributes", *TOKENIZER_FILES,
 })
 MERGE_PATTERNS = ("*.safetensors", "metagpt_*", "hf_metagpt_*", "lora_*.json")

@@ -28,10 +28,9 @@ from ..safetensors_io import CONFIG_TO_ST, TensorMeta, read_header
 from ..sources.local import INDEX_FILE, SINGLE_FILE, load_local_info, safe_relative
 from ..sources.model import ModelInfo
 from ..options import local_name
+from ..result import COEFFICIENTS_FILE
 from ..sources.refs import parse_ref
 
-COEFFICIENTS_FILE = "metagpt_coefficients.json"  # result.COEFFICIENTS_FILE (not imported: no stream import)
-GRAM_FILE = "metagpt_gram.safetensors"  # insight.card.GRAM_FILE: a MetaGPT merge's Gram matrices, not a shard
 _MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
 MAX_SHOWN = 10
 
@@ -175,8 +174,7 @@ def check_folder(folder: Path) -> tuple[VerifyReport, dict[str, TensorMeta], dic
     for name, file in weight_map.items():
         if name not in stored and (folder / file).is_file():
             problems.add(f"{INDEX_FILE} names tensor {name!r} in {file}, but that shard does not hold it")
-    # metagpt_gram.safetensors (the task vectors' Gram matrices, `insight.card.GRAM_FILE`) is a side file
-    strays = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in files and p.name != GRAM_FILE)
+    strays = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in files)
     for s in strays:
         problems.add(f"{s} is not named by {INDEX_FILE} (a leftover?)")
     nbytes = sum(m.nbytes for m in stored.values())

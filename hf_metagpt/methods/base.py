@@ -93,15 +93,6 @@ class MergeMethod(ABC):
         (layer gradients, name filters) for this tensor.
         """
 
-    @property
-    def wants_models(self) -> bool:
-        """True when the engine hands `combine_models` the fine-tunes themselves (θt, not τt)."""
-        return False
-
-    def combine_models(self, models: list[torch.Tensor], ctx: TensorContext | None = None) -> torch.Tensor:
-        """The merged tensor from the fine-tunes θt in float32 (only for methods whose `wants_models`)."""
-        raise NotImplementedError(f"{self.name} merges task vectors (`combine`), not models")
-
     def params(self) -> dict[str, Any]:
         """Parameters to record in the coefficients file and card (so a merge reproduces)."""
         return {}

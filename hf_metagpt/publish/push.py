@@ -178,11 +178,6 @@ def _landed_commit(api, repo_id: str, revision: str | None, head: str, message: 
     return SimpleNamespace(commit_url=url, oid=commits[0].commit_id, pr_url=None)
 
 
-def pushed_commit(repo_id: str, token: str | None = None, revision: str | None = None) -> str:
-    """SHA of the head of `revision` of a repo (for messages and tests)."""
-    return call(repo_id, hub_api(token).model_info, repo_id, revision=revision).sha
-
-
 def card_for_repo(folder: Path, repo_id: str) -> bytes | None:
     """The folder's card as it must read in `repo_id` (title, loading code), or None when it needs no change.
 

@@ -429,8 +429,3 @@ def gave_up(ref_text: str, exc: BaseException, *, published: bool = False) -> Hu
 
 def tok(token: str | None) -> str | None:
     return token  # None: huggingface_hub's own sources (HF_TOKEN, the stored login)
-
-
-# The names other modules imported before this module's API was public; kept so that branches
-# written against them still import. New code uses the public names.
-_call, _call_until, _api, _tok = call, call_until, api, tok

@@ -27,8 +27,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import IncompatibleModelsError, InputError, UnsupportedAdapterError
 from ..safetensors_io import TensorMeta, read_header
 from .model import ModelInfo
@@ -328,20 +326,6 @@ def _map_keys(name: str, cfg, tensors: dict[str, TensorMeta]) -> tuple[dict[str,
             # over the base's, so τ = saved − base (plus any LoRA update of the same module).
             full[rest.replace(".base_layer.", ".")] = key
     return lora, full
-
-
-# ---------------------------------------------------------------- the engine's view of an adapter
-
-
-def lora_sq_norm(b: torch.Tensor, a: torch.Tensor, scale: float) -> float:
-    """‖scale·B·A‖²_F = scale² · trace((BᵀB)(AAᵀ)), from two r×r matrices in float64.
-
-    Both Gram matrices are symmetric, so the trace of their product is the sum of their
-    elementwise product. Transposing Δ does not change its norm.
-    """
-    gb = b.double().t() @ b.double()
-    ga = a.double() @ a.double().t()
-    return float(scale) ** 2 * float((gb * ga).sum())
 
 
 # ---------------------------------------------------------------- merged-adapter output

@@ -11,6 +11,7 @@ from hf_metagpt.engine import kernels
 from hf_metagpt.methods import METHODS, get_method
 from hf_metagpt.engine.reader import BufferPool, read_tensors
 from hf_metagpt.safetensors_io import read_header
+from oracles import CHUNK, task_sq_norms
 from reference import assert_within_ulp
 
 
@@ -28,20 +29,24 @@ def _models(shape=(13, 11), n=3, dtype=torch.bfloat16):
 
 def test_task_sq_norms_equal_float64_reference(small_chunks):
     base, fts = _models()
-    got = kernels.task_sq_norms(base, fts).tolist()
+    got = task_sq_norms(base, fts, chunk=7).tolist()
     want = [float(((f.double() - base.double()) ** 2).sum()) for f in fts]
     assert got == pytest.approx(want, rel=1e-12)
 
 
 def test_task_sq_norms_on_shared_rows_and_nan_propagates(small_chunks):
     base, fts = _models()
-    got = kernels.task_sq_norms(base, fts, rows=5).tolist()
+    got = task_sq_norms(base, fts, rows=5, chunk=7).tolist()
     want = [float(((f[:5].double() - base[:5].double()) ** 2).sum()) for f in fts]
     assert got == pytest.approx(want, rel=1e-12)
     fts[1] = fts[1].clone()
     fts[1][12, 3] = float("nan")
-    norms = kernels.task_sq_norms(base, fts)
+    norms = task_sq_norms(base, fts, chunk=7)
     assert torch.isfinite(norms).tolist() == [True, False, True]
+
+
+def test_the_norm_oracle_chunks_as_the_engine_does():
+    assert CHUNK == kernels.CHUNK  # tests/oracles.task_sq_norms' default chunk is the engine's
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -12,7 +12,7 @@ import torch
 from hf_metagpt.insight.geometry import COSINE_LIMIT, Geometry, Gram, group_grams, overlap_warnings
 from hf_metagpt.engine.gram import task_gram
 from hf_metagpt.insight.report import InspectResult, inspect_json, text_table
-from hf_metagpt.engine.kernels import task_sq_norms
+from oracles import task_sq_norms
 from reference import group_of
 
 NAMES = ["org/chat", "org/math", "org/code"]

@@ -7,8 +7,8 @@ import torch
 
 from hf_metagpt.engine import kernels
 from hf_metagpt.engine.gram import LowRank, lowrank_dense_dot, lowrank_dot, lowrank_sq_norm, mixed_gram, tau_gram, task_gram
-from hf_metagpt.sources.lora import lora_sq_norm
 from hf_metagpt.methods.base import squared_norm
+from oracles import lora_sq_norm, task_sq_norms
 
 
 def _models(shape=(13, 11), n=3, dtype=torch.bfloat16, seed=1):
@@ -35,7 +35,7 @@ def test_task_gram_equals_float64_dot_products_and_its_diagonal_is_task_sq_norms
     torch.testing.assert_close(got, _reference(base, fts), rtol=1e-12, atol=0)
     assert torch.equal(got, got.t())
     # Bit for bit: a ledger keeping G instead of the norms changes no λ.
-    norms = kernels.task_sq_norms(base, fts, chunk=chunk)
+    norms = task_sq_norms(base, fts, chunk=chunk)
     assert torch.equal(torch.diagonal(got), norms)
     assert got[0, 1] < 0 < got[0, 2]  # the shared component, with its sign
 
@@ -44,14 +44,14 @@ def test_task_gram_diagonal_on_row_cut_default_chunk_and_large_tensor_is_bit_ide
     base, fts = _models(shape=(700, 900), n=4, dtype=torch.bfloat16)  # 2.4 default chunks, ragged end
     for rows in (None, 333):
         got = task_gram(base, fts, rows=rows)
-        assert torch.equal(torch.diagonal(got), kernels.task_sq_norms(base, fts, rows=rows))
+        assert torch.equal(torch.diagonal(got), task_sq_norms(base, fts, rows=rows))
         torch.testing.assert_close(got, _reference(base, fts, rows), rtol=1e-12, atol=0)
 
 
 def test_task_gram_follows_a_patched_chunk_size_like_the_norm_kernel(monkeypatch):
     monkeypatch.setattr(kernels, "CHUNK", 7)
     base, fts = _models(dtype=torch.float32)
-    assert torch.equal(torch.diagonal(task_gram(base, fts)), kernels.task_sq_norms(base, fts))
+    assert torch.equal(torch.diagonal(task_gram(base, fts)), task_sq_norms(base, fts, chunk=7))
 
 
 def test_task_gram_empty_and_nan():

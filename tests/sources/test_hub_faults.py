@@ -1,6 +1,6 @@
 """Hub faults from the local Hub (5xx, dropped connections, slow answers) during plan, download and push.
 
-Transient faults are retried with backoff (by huggingface_hub itself where it does, by hub_calls._call
+Transient faults are retried with backoff (by huggingface_hub itself where it does, by hub_calls.call
 and the push loop where it does not) and the merge equals the fault-free one; a fault that never
 stops ends with one clear error naming the repo and the request, exit code 2, and nothing
 half-published. Backoff delays are shortened with HF_METAGPT_RETRY_BASE.
