@@ -183,13 +183,24 @@ def _stoppable_bar(stop: threading.Event) -> type:
 
     class StoppableBar(hf_tqdm):  # type: ignore[misc, valid-type]
         def __init__(self, *args, **kwargs) -> None:
+            if stop.is_set():
+                # A download that reaches its transfer after `close`: over Xet, huggingface_hub
+                # has just taken hf_xet's session, which is a *fresh* one when `close` aborted the
+                # old one while this download was still at its HEAD request; nothing would stop
+                # it then (measured: the whole transfer, 6 s of a slowed xorb, after the abort).
+                # Its bar is made on this thread between taking the session and starting the
+                # transfer: the last moment to stop it (over HTTP: before the first byte).
+                self.disable = True  # what tqdm's __del__ looks at on a half-made bar
+                raise DownloadStopped("download stopped before it began (the merge ended).")
             self._downloader = threading.get_ident()  # the thread running the download
+            # huggingface_hub names the bars of a Xet download "huggingface_hub.xet_get[.transfer]"
+            self._xet = str(kwargs.get("name") or "").startswith("huggingface_hub.xet_get")
             super().__init__(*args, **kwargs)
 
         def update(self, n: float | None = 1) -> bool | None:
-            # Over Xet this runs on hf_xet's poller thread, where raising stops nothing but the
-            # bar (and prints a traceback): `stop_xet_transfers` ends those downloads instead.
-            if stop.is_set() and threading.get_ident() == self._downloader:
+            # Over Xet, hf_xet calls this from inside its own code, which prints what is raised
+            # here and goes on: `stop_xet_transfers` (in `close`) ends those downloads instead.
+            if stop.is_set() and not self._xet and threading.get_ident() == self._downloader:
                 raise DownloadStopped("download stopped (the merge ended).")
             return super().update(n)
 
