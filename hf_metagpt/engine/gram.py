@@ -66,26 +66,59 @@ def task_gram(base: torch.Tensor, models: list[torch.Tensor], *, rows: int | Non
     m_flats = [kernels.flat(m, rows) for m in models]
     n = b_flat.numel()
     t_count = len(models)
-    acc = torch.zeros(t_count, t_count, dtype=torch.float64, device=device)
     if n == 0 or t_count == 0:
-        return acc
+        return torch.zeros(t_count, t_count, dtype=torch.float64, device=device)
     step = chunk or kernels.CHUNK
     width = min(n, step)
+    # One row per model's difference, each starting at an aligned address like a fresh buffer, so
+    # every dot product sees the values at the alignment `task_sq_norms`' buffer gives them.
+    stride = -(-width // 64) * 64  # rows 512-byte aligned whatever the width
     bbuf = torch.empty(width, dtype=torch.float64, device=device)
-    tbufs = [torch.empty(width, dtype=torch.float64, device=device) for _ in models]
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        b = bbuf[: stop - start]
-        b.copy_(b_flat[start:stop])
-        ts = [buf[: stop - start] for buf in tbufs]
-        for i, m in enumerate(m_flats):
-            t = ts[i]
-            t.copy_(m[start:stop])
-            t.sub_(b)
-            acc[i, i] += torch.dot(t, t)
-            for j in range(i):
-                acc[j, i] += torch.dot(ts[j], t)
-    return _mirror(acc)
+    tbuf = torch.empty(t_count, stride, dtype=torch.float64, device=device)[:, :width]
+    b_parts = b_flat.split(step)
+    m_parts = [m.split(step) for m in m_flats]
+    count = len(b_parts)
+    # The pairs (j, i), j ≤ i, in the order they were always accumulated; each chunk's dot products
+    # go into their own slot (`out=`: one torch call each, the interpreter lock released inside),
+    # and are added chunk by chunk afterwards, in the same order, from 0.0, in float64.
+    pairs = [(j, i) for i in range(t_count) for j in [i, *range(i)]]
+    dots = torch.empty(count, len(pairs), dtype=torch.float64, device=device)
+    slots = dots.view(-1).unbind()
+    last = n - (count - 1) * step
+    k = 0
+    for c in range(count):
+        size = step if c < count - 1 else last
+        b = bbuf[:size] if size < width else bbuf
+        ts = tbuf[:, :size] if size < width else tbuf
+        b.copy_(b_parts[c])
+        rows_ = ts.unbind()
+        for t, parts in zip(rows_, m_parts):
+            t.copy_(parts[c])
+        ts.sub_(b)
+        for j, i in pairs:
+            torch.dot(rows_[j], rows_[i], out=slots[k])
+            k += 1
+    return _mirror(_add_in_order(dots, pairs, t_count))
+
+
+def _add_in_order(dots: torch.Tensor, pairs: list[tuple[int, int]], t_count: int) -> torch.Tensor:
+    """G[j, i] = ((0 + d₁) + d₂) + … over the chunks' dot products, in chunk order, in float64.
+
+    The accumulation `acc[j, i] += dot` always did (bit for bit): on the CPU as Python floats
+    (IEEE double additions, one `tolist` per job); elsewhere as tensor additions on the device (a
+    GPU job is one chunk, so no read back)."""
+    device = dots.device
+    if device.type == "cpu":
+        acc = [[0.0] * t_count for _ in range(t_count)]
+        for row in dots.tolist():
+            for (j, i), v in zip(pairs, row):
+                acc[j][i] += v
+        return torch.tensor(acc, dtype=torch.float64)
+    out = torch.zeros(t_count, t_count, dtype=torch.float64, device=device)
+    idx = torch.tensor(pairs, device=device).t()
+    for row in dots:
+        out[idx[0], idx[1]] += row
+    return out
 
 
 def _dense_dot(x: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:

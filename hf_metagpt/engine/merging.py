@@ -127,7 +127,13 @@ class KernelContext:
 
     @property
     def chunk(self) -> int:
+        """Elements per chunk of the Gram kernel (part of the λ's bits on the CPU: `kernels.CHUNK`)."""
         return kernels.CHUNK if self.device.type == "cpu" else kernels.CHUNK * 64
+
+    @property
+    def merge_chunk(self) -> int:
+        """Elements per chunk of the weighted sum (elementwise: tuned freely, `kernels.MERGE_CHUNK`)."""
+        return kernels.MERGE_CHUNK if self.device.type == "cpu" else kernels.CHUNK * 64
 
     def tensor_context(self, tp: TensorPlan) -> TensorContext:
         """What the method may know of `tp`: name, seed and its layer (per-layer parameters)."""
@@ -341,7 +347,7 @@ class FusedKernel(WeightedSumKernel):
         f, o, w0, weights, lo, hi = j
         total = torch.zeros((), dtype=torch.float64, device=o.device)
         kernels.weighted_models(f[0][lo:hi], [m[lo:hi] for m in f[1:]], w0, weights, o.dtype,
-                                device=self.ctx.device, chunk=self.ctx.chunk, out=o[lo:hi], out_sum=total)
+                                device=self.ctx.device, chunk=self.ctx.merge_chunk, out=o[lo:hi], out_sum=total)
         return float(total)
 
 

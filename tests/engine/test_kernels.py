@@ -18,6 +18,7 @@ from reference import assert_within_ulp
 @pytest.fixture
 def small_chunks(monkeypatch):
     monkeypatch.setattr(kernels, "CHUNK", 7)  # many chunks, a ragged last one
+    monkeypatch.setattr(kernels, "MERGE_CHUNK", 7)
 
 
 def _models(shape=(13, 11), n=3, dtype=torch.bfloat16):
@@ -149,3 +150,69 @@ def test_shard_writer_in_any_order_and_slabs_starts_writeback_and_writes_what_sa
     header = len(w.header)
     assert all(adv == os.POSIX_FADV_DONTNEED for *_, adv in calls)
     assert sorted((o, n) for o, n, _ in calls) == [(header, 96), (header + 96, 96), (header + 192, 64), (header + 256, 80)]
+
+
+def _chunked_reference_gram(base, fts, chunk):
+    """G[j, i] the way the Gram kernel has always summed it: per chunk, a fresh float64 buffer per
+    model's difference, one `torch.dot` per pair, added into an accumulator from 0 in chunk order."""
+    from hf_metagpt.engine.gram import _mirror
+
+    b, ms = base.reshape(-1), [f.reshape(-1) for f in fts]
+    acc = torch.zeros(len(ms), len(ms), dtype=torch.float64)
+    for lo in range(0, b.numel(), chunk):
+        bb = b[lo:lo + chunk].double()
+        ts = [m[lo:lo + chunk].double() - bb for m in ms]
+        for i in range(len(ts)):
+            for j in range(i + 1):
+                acc[j, i] += torch.dot(ts[j], ts[i])
+    return _mirror(acc)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_task_gram_is_the_chunk_by_chunk_sum_bit_for_bit(chunk, offset):
+    """The Gram kernel's dot products in one torch call each and added afterwards give the bits the
+    per-chunk accumulation gave (λ depend on them); unaligned views and a ragged last chunk too."""
+    from hf_metagpt.engine.gram import task_gram
+
+    base, fts = _models(shape=(61, 67), n=4)
+    base, fts = base.reshape(-1)[offset:], [f.reshape(-1)[offset:] for f in fts]
+    got = task_gram(base, fts, chunk=chunk)
+    want = _chunked_reference_gram(base, fts, chunk)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.diagonal(got), kernels.task_sq_norms(base, fts, chunk=chunk))
+    assert got[0, 1] != 0.0 and torch.equal(got, got.t())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_weighted_models_bytes_do_not_depend_on_the_chunk(out_dtype):
+    """Elementwise arithmetic: chunks of 64, 4096 and the defaults give the bytes of one whole-tensor
+    float64 computation with the same torch ops (so MERGE_CHUNK is free to tune)."""
+    base, fts = _models(shape=(3 * 4096 + 77,), n=3)
+    w0, lam = 0.37, [0.3, 0.0, -0.45]
+    whole = base.double().mul_(w0)
+    for w, f in zip(lam, fts):
+        if w:
+            whole.add_(f.double(), alpha=w)
+    want = whole.to(out_dtype)
+    for chunk in (64, 4096, None, kernels.CHUNK):
+        total = torch.zeros((), dtype=torch.float64)
+        got = kernels.weighted_models(base, fts, w0, lam, out_dtype, chunk=chunk, out_sum=total)
+        assert torch.equal(got.view(-1).view(torch.uint8), want.view(torch.uint8)), chunk
+        assert float(total) == pytest.approx(float(want.double().sum()), rel=1e-5, abs=1e-6)
+
+
+def test_weighted_models_out_sum_is_not_finite_for_nan_and_for_an_overflowing_output():
+    base = torch.zeros(5000, dtype=torch.bfloat16)
+    fts = [base.clone() for _ in range(3)]
+    fts[2][4999] = float("nan")
+    total = torch.zeros((), dtype=torch.float64)
+    kernels.weighted_models(base, fts, 1.0, [0.3, 0.3, 0.3], torch.bfloat16, chunk=64, out_sum=total)
+    assert not torch.isfinite(total)
+    big = torch.full((5000,), 60000.0, dtype=torch.bfloat16)
+    total = torch.zeros((), dtype=torch.float64)
+    out = kernels.weighted_models(big, [big, big], 1.0, [1.0, 1.0], torch.float16, chunk=64, out_sum=total)
+    assert torch.isinf(out).all() and not torch.isfinite(total)
+    total = torch.zeros((), dtype=torch.float64)
+    kernels.weighted_models(big, [big], 0.5, [0.5], torch.float16, chunk=64, out_sum=total)
+    assert float(total) == 5000 * float(big[0])  # 59904: 60000 in bfloat16

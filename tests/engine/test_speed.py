@@ -252,6 +252,7 @@ def test_fused_weighted_sum_is_within_one_ulp_of_the_exact_sum_on_adversarial_va
     accumulator's error (≤ (T+2)·2⁻⁵³·Σ|w·θ|) stays far below half an output ulp even when the terms
     cancel a billion-fold; a float32 accumulator does not (asserted, so this test can tell them apart)."""
     monkeypatch.setattr(kernels, "CHUNK", 64)  # several chunks and a ragged last one
+    monkeypatch.setattr(kernels, "MERGE_CHUNK", 64)
     base, models, w0, weights, out_dtype = _adversarial(case)
     out = kernels.weighted_models(base, models, w0, weights, out_dtype)
     assert torch.isfinite(out).all()
