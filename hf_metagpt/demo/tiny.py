@@ -74,7 +74,7 @@ def build_family(root: Path, n_models: int = 3, spec: TinySpec | None = None, se
     base = LlamaForCausalLM(tiny_config(spec)).to(spec.dtype)
     tok = tiny_tokenizer()
     base_dir = root / "base"
-    _save(base, tok, base_dir, spec)
+    save_model(base, tok, base_dir, spec)
     names = names or [f"ft{t}" for t in range(1, n_models + 1)]
     dirs = []
     state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -90,12 +90,13 @@ def build_family(root: Path, n_models: int = 3, spec: TinySpec | None = None, se
             if spec.tie_word_embeddings:
                 ft.tie_weights()
         d = root / name
-        _save(ft, tok, d, spec)
+        save_model(ft, tok, d, spec)
         dirs.append(d)
     return base_dir, dirs
 
 
-def _save(model, tok, folder: Path, spec: TinySpec) -> None:
+def save_model(model, tok, folder: Path, spec: TinySpec) -> None:
+    """A model folder as the Hub has them: weights (sharded as `spec` says), tokenizer, generation config."""
     from transformers import GenerationConfig
 
     model.save_pretrained(folder, max_shard_size=spec.max_shard_size)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny import TinySpec, _save, tiny_config, tiny_tokenizer
+from .tiny import TinySpec, save_model, tiny_config, tiny_tokenizer
 
 TASKS = ("chat", "math", "code")
 _NAMES = ["ann", "bob", "cy", "dee", "eve", "fay", "gus", "hal", "ida", "jo", "kim", "lu"]
@@ -127,7 +127,7 @@ def _build(root: Path, base_steps: int, ft_steps: int, eval_samples: int, seed: 
     tok = task_tokenizer()
     base = LlamaForCausalLM(tiny_config(spec))
     _train(base, tok, [_generic(rng)["text"] for _ in range(2000)], base_steps, 3e-3, seed)
-    _save(base, tok, root / "base", spec)
+    save_model(base, tok, root / "base", spec)
     out = {"base": root / "base", "data": root / "data"}
     (root / "data").mkdir(parents=True, exist_ok=True)
     for t, name in enumerate(TASKS, 1):
@@ -140,7 +140,7 @@ def _build(root: Path, base_steps: int, ft_steps: int, eval_samples: int, seed: 
         ft = LlamaForCausalLM(tiny_config(spec))
         ft.load_state_dict(base.state_dict())
         _train(ft, tok, train, ft_steps, 1e-3, seed * 100 + t)
-        _save(ft, tok, root / name, spec)
+        save_model(ft, tok, root / name, spec)
         out[name] = root / name
     return out
 

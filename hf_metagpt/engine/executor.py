@@ -148,7 +148,7 @@ class Executor:
         counts = self.feed.counts
         self.stats.device = str(self.kernel.ctx.device)
         self.stats.workers = self.kernel.ctx.workers.count
-        self.stats.readers = getattr(self.feed, "readers", 1)
+        self.stats.readers = self.feed.readers
         if self.share is None:  # a shared run's counters were gathered from every process
             self.stats.bytes_read = counts.bytes_read
             self.stats.bytes_written = self.sink.bytes_written

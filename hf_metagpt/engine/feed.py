@@ -53,6 +53,8 @@ class Feed(Protocol):
     """Reads a run's pieces for the executor, which starts and stops it (it owns the feed's threads)."""
 
     counts: FeedCounts
+    #: threads reading one piece's inputs side by side (recorded in the run's statistics)
+    readers: int
     #: the pieces must be read in plan order (a low-disk provider fetches just ahead, deletes behind)
     sequential: bool
 

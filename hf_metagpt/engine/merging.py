@@ -40,7 +40,7 @@ from .pieces import Piece
 from .plan import MergePlan, TensorPlan
 from .sinks import Alloc, fresh
 from .fetch import FileProvider
-from .tasks import AdapterSource, TaskSource, _f32
+from .tasks import AdapterSource, TaskSource, as_f32
 
 #: Elements per job of the fused kernels: a tensor is cut into jobs so that both compute threads
 #: share one large tensor too (a 3B MLP matrix, an embedding slab). A constant, not a function of
@@ -547,14 +547,13 @@ class MethodKernel(MergeKernel):
         # A method that rewrites task vectors (DARE, TIES) needs the norms of the rewritten ones,
         # so exact adapter norms apply only when it leaves them as they are.
         self.transforms = transforms(ctx.method)
-        order = getattr(ctx.method, "mergekit_order", False)
-        if order:
+        if ctx.method.mergekit_order:
             # said on the card and in the summary: "mergekit bfloat16" (auto: the inputs' dtype)
-            self.precision = f"mergekit {order}"
+            self.precision = f"mergekit {ctx.method.mergekit_order}"
 
     def task_vectors(self, tp: TensorPlan, raws: Raws) -> tuple[torch.Tensor, list[torch.Tensor]]:
         ctx = self.ctx
-        base = _f32(raws[0][tp.name], tp.shared_rows, ctx.device)
+        base = as_f32(raws[0][tp.name], tp.shared_rows, ctx.device)
         self.check_finite(base, ctx.plan.base.name, tp.name)
         taus = []
         for src, raw in zip(ctx.sources, raws[1:]):
@@ -599,7 +598,7 @@ class MethodKernel(MergeKernel):
         ctx = self.ctx
         stored = [r[tp.name].dtype for r in raws if r is not None and tp.name in r]
         dtype = mergekit_order.compute_dtype(ctx.method, stored)
-        base = _f32(raws[0][tp.name], tp.shared_rows, ctx.device)
+        base = as_f32(raws[0][tp.name], tp.shared_rows, ctx.device)
         self.check_finite(base, ctx.plan.base.name, tp.name)
         models = [t.to(dtype) for t in _models_f32(self, tp, raws, base)]
         merged = mergekit_order.merge(ctx.method, base.to(dtype), models, ctx.tensor_context(tp))
@@ -614,7 +613,7 @@ class MethodKernel(MergeKernel):
             # pooled read buffer, and the write happens later on the writer thread).
             return raws[0][tp.name].clone()
         ctx = self.ctx
-        if getattr(ctx.method, "mergekit_order", False):
+        if ctx.method.mergekit_order:
             return self.merge_models(tp, raws)
         base, taus = self.task_vectors(tp, raws)
         if ctx.method.uses_group_norms and coefs.pending(tp.norm_group):
@@ -630,7 +629,7 @@ def _models_f32(kernel: "MethodKernel", tp: TensorPlan, raws: Raws, base: torch.
     out = []
     for src, raw in zip(ctx.sources, raws[1:]):
         if src.pooled:
-            t = _f32(raw[tp.name], tp.shared_rows, ctx.device)
+            t = as_f32(raw[tp.name], tp.shared_rows, ctx.device)
         else:
             t = src.task_vector(tp, raw, base).add_(base)
         kernel.check_finite(t, src.info.name, tp.name)

@@ -53,7 +53,7 @@ def _by_file(metas: list[TensorMeta]) -> dict[str, list[TensorMeta]]:
     return by_file
 
 
-def _f32(t: torch.Tensor, rows: int | None, device: torch.device) -> torch.Tensor:
+def as_f32(t: torch.Tensor, rows: int | None, device: torch.device) -> torch.Tensor:
     """A float32 copy on `device`, cut to the shared vocabulary rows when the plan says so."""
     if rows is not None:
         t = t[:rows]
@@ -95,7 +95,7 @@ class TaskSource:
 
     def task_vector(self, tp: TensorPlan, raw: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
         """τ of one tensor in float32 on the device (`base` is θ0 in float32, already cut to rows)."""
-        return _f32(raw[tp.name], tp.shared_rows, self.device).sub_(base)
+        return as_f32(raw[tp.name], tp.shared_rows, self.device).sub_(base)
 
     def exact_part(self, tp: TensorPlan, raw: dict[str, torch.Tensor]) -> "LowRank | float | None":
         """τ for the Gram matrices without forming it: LoRA factors, 0.0 when untouched, None to form τ."""
@@ -156,7 +156,7 @@ class AdapterSource(TaskSource):
     def task_vector(self, tp: TensorPlan, raw: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
         tau = None
         if tp.name in self.info.full:
-            tau = _f32(raw[self.info.full[tp.name]], tp.shared_rows, self.device).sub_(base)
+            tau = as_f32(raw[self.info.full[tp.name]], tp.shared_rows, self.device).sub_(base)
         if tp.name in self.info.lora:
             b, a, m = self.factors(tp, raw, torch.float32, self.device)
             # Same order as peft's get_delta_weight: (B·A), transposed, times the scaling.

@@ -73,6 +73,9 @@ class MergeMethod(ABC):
     uses_group_norms: ClassVar[bool] = False
     #: True when `transform` draws random numbers (recorded so a merge can be reproduced).
     uses_seed: ClassVar[bool] = False
+    #: The dtype name mergekit's arithmetic runs in ("auto": the inputs' own), or False: ours
+    #: (`mergekit_order.py`; methods that have `mergekit_merge` take it as a parameter).
+    mergekit_order: str | bool = False
 
     def transform(self, taus: list[torch.Tensor], ctx: TensorContext) -> list[torch.Tensor]:
         """Sparsify or otherwise rewrite the task vectors of one tensor (default: unchanged)."""

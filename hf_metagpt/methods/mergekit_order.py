@@ -34,7 +34,7 @@ bytes (`sparsify.host`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -42,6 +42,9 @@ from ..errors import MergeError
 from ..safetensors_io import CONFIG_TO_ST, ST_TO_TORCH
 from .settings import first_set
 from .sparsify import div_exact, host, single_threaded
+
+if TYPE_CHECKING:
+    from .base import MergeMethod
 
 #: names a recipe may give `mergekit_order` (True: float32, its first form; "auto": the inputs' dtype,
 #: what mergekit computes in when a recipe gives no `dtype`)
@@ -66,10 +69,10 @@ def parse_order(method: str, value: Any) -> str | None:
                      hint="mergekit_order computes as mergekit does in that dtype (mergekit recipes set it).")
 
 
-def compute_dtype(method: Any, stored: Sequence[torch.dtype] = ()) -> torch.dtype | None:
+def compute_dtype(method: MergeMethod, stored: Sequence[torch.dtype] = ()) -> torch.dtype | None:
     """The dtype a method computes in with mergekit's arithmetic (None: ours). "auto" promotes the
     inputs' stored dtypes, as mergekit's arithmetic on uncast tensors does."""
-    name = getattr(method, "mergekit_order", None)
+    name = method.mergekit_order
     if not isinstance(name, str):
         return None
     if name != "auto":
