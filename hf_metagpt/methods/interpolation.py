@@ -148,38 +148,55 @@ class ModelStock(ParamsMixin, MergeMethod):
                 ctx: TensorContext | None = None) -> torch.Tensor:
         _need(self.name, len(taus), 2, None, "the base with two or more fine-tunes")
         shape = base.shape
-        if self.filter_wise:
-            w0 = base.unsqueeze(0) if base.dim() == 1 else base
-            offs = [t.unsqueeze(0) if t.dim() == 1 else t for t in taus]
-        else:
-            w0 = base.reshape(-1)
-            offs = [t.reshape(-1) for t in taus]
-        cosines = []
-        hoffs = [host(o) for o in offs]
-        with single_threaded():
-            for i, a in enumerate(hoffs):
-                for b in hoffs[i + 1:]:
-                    norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-                    cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-        cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+        w0 = self._rows(base)
+        offs = [self._rows(t) for t in taus]
+        cos = _mean_cosine([host(o) for o in offs])
         n = len(offs)
         den = 1 + (n - 1) * cos
         singular = den.abs() < 1e-6
         t = torch.where(singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, torch.ones_like(den), den))
         t = t.to(w0.device)
-        models = [w0 + o for o in offs]
-        average = models[0]
-        for m in models[1:]:
-            average = average + m
-        average = div_exact(average, n)
+        average = _mean([w0 + o for o in offs])
         return (t * average + (1 - t) * w0).reshape(shape)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor as its cosines are taken: by rows with `filter_wise` (a vector is one row), else whole."""
+        if self.filter_wise:
+            return t.unsqueeze(0) if t.dim() == 1 else t
+        return t.reshape(-1)
 
     def params(self) -> dict[str, Any]:
         return _with_order(self, {"filter_wise": self.filter_wise})
 
     def mergekit_merge(self, base: torch.Tensor, models: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+        """Model Stock step by step in the inputs' dtype (`mergekit_order.py`; cosines from CPU copies)."""
         _need("model_stock", len(models), 2, None, "the base with two or more fine-tunes")
-        return mergekit_order.model_stock(self, base, models, ctx)
+        shape = base.shape
+        w0 = self._rows(base)
+        ws = [self._rows(t) for t in models]
+        cos = _mean_cosine([host(w - w0) for w in ws])
+        n = len(ws)
+        t = ((n * cos) / (1 + (n - 1) * cos)).to(w0.device)
+        return (t * _mean(ws) + (1 - t) * w0).reshape(shape)
+
+
+def _mean_cosine(offs: list[torch.Tensor]) -> torch.Tensor:
+    """Model Stock's cos: the mean pairwise cosine of the task vectors (per row), with a trailing axis."""
+    cosines = []
+    with single_threaded():
+        for i, a in enumerate(offs):
+            for b in offs[i + 1:]:
+                norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+                cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    return torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+
+
+def _mean(models: list[torch.Tensor]) -> torch.Tensor:
+    """((θ1 + θ2) + ...) / N, each step in the models' dtype."""
+    total = models[0]
+    for m in models[1:]:
+        total = total + m
+    return div_exact(total, len(models))
 
 
 def sce_select_mask(taus: list[torch.Tensor], select_topk: float) -> torch.Tensor | None:

@@ -22,7 +22,7 @@ torch's reduction over a stacked dimension does on the CPU).
   w1·θ1, then + wt·θt as one fused multiply-add per model, then ÷ Σ wt.
 - slerp: SLERP of the two `d` inputs in float32 (`interpolation.slerp`), rounded once.
 - nuslerp: its formula (`nuslerp.py`) step by step in `d`.
-- model_stock: τt = θt ⊖ θ0, the pairwise cosines, t = N·cos/(1 + (N−1)·cos), the average
+- model_stock (`ModelStock.mergekit_merge`): τt = θt ⊖ θ0, the pairwise cosines, t = N·cos/(1 + (N−1)·cos), the average
   ((θ1 ⊕ θ2) ⊕ ...) ⊘ N and t ⊙ avg ⊕ (1 ⊖ t) ⊙ θ0, all in `d`.
 - sce: τt in `d`; the variance top-k mask and the shares wt = mean(τt²)/Σk mean(τk²) in `d`;
   mt = [sign τt = sign Σt τt]; merged = θ0 ⊕ (Σt τt·(wt·mt)) ⊘ max(Σt wt·mt, 1e-6).
@@ -41,7 +41,7 @@ import torch
 from ..errors import MergeError
 from ..safetensors_io import CONFIG_TO_ST, ST_TO_TORCH
 from .settings import first_set
-from .sparsify import div_exact, host, single_threaded
+from .sparsify import host, single_threaded
 
 if TYPE_CHECKING:
     from .base import MergeMethod
@@ -144,33 +144,6 @@ def linear(m: Any, models: list[torch.Tensor], ctx: Any) -> torch.Tensor:
     if m.normalize:
         res = res / torch.tensor(w, dtype=torch.float32).sum().to(res.device)
     return res
-
-
-def model_stock(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any) -> torch.Tensor:
-    """Model Stock step by step in the inputs' dtype (cosines from CPU copies)."""
-    shape = base.shape
-    if m.filter_wise:
-        w0 = base.unsqueeze(0) if base.dim() == 1 else base
-        ws = [t.unsqueeze(0) if t.dim() == 1 else t for t in models]
-    else:
-        w0 = base.reshape(-1)
-        ws = [t.reshape(-1) for t in models]
-    offs = [host(w - w0) for w in ws]
-    cosines = []
-    with single_threaded():
-        for i, a in enumerate(offs):
-            for b in offs[i + 1:]:
-                norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-                cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    del offs
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    n = len(ws)
-    t = ((n * cos) / (1 + (n - 1) * cos)).to(w0.device)
-    avg = ws[0]
-    for w in ws[1:]:
-        avg = avg + w
-    avg = div_exact(avg, n)
-    return (t * avg + (1 - t) * w0).reshape(shape)
 
 
 def sce(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any) -> torch.Tensor:
