@@ -129,6 +129,22 @@ def _config_dtype(config: dict[str, Any]) -> str | None:
 def check_folder(folder: Path) -> tuple[VerifyReport, dict[str, TensorMeta], dict[str, Any]]:
     """Every check that needs the output alone; raises `IntegrityError` listing what is wrong."""
     folder = Path(folder)
+    _refuse_other_folders(folder)
+    problems = _Problems(folder)
+    report = VerifyReport(folder)
+    config = _read_output_config(folder)
+    files, stored, nbytes = _check_shards(folder, problems)
+    problems.raise_if_any()
+    _check_against_config(config, stored, problems, report)
+    problems.raise_if_any(hint="config.json and the weights disagree; re-run the merge (with --overwrite).")
+    _check_finite(folder, files, stored, problems)
+    problems.raise_if_any()
+    report.tensors, report.shards, report.total_size = len(stored), len(files), nbytes
+    return report, stored, config
+
+
+def _refuse_other_folders(folder: Path) -> None:
+    """A folder that is not a merge's full-weight output: not a folder, a work folder, a LoRA adapter."""
     if not folder.is_dir():
         raise IntegrityError(f"{folder} is not a folder.", hint="Pass the merge's --output folder.")
     if folder.name.endswith(".hf-metagpt-partial"):
@@ -139,8 +155,9 @@ def check_folder(folder: Path) -> tuple[VerifyReport, dict[str, TensorMeta], dic
                              "full-weight outputs.",
                              hint="Load it with peft (PeftModel.from_pretrained(base_model, folder)); to check the "
                                   "arithmetic, merge without --output-format lora and verify that folder.")
-    problems = _Problems(folder)
-    report = VerifyReport(folder)
+
+
+def _read_output_config(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads((folder / "config.json").read_text())
         if not isinstance(config, dict):
@@ -148,7 +165,11 @@ def check_folder(folder: Path) -> tuple[VerifyReport, dict[str, TensorMeta], dic
     except (OSError, ValueError) as exc:
         raise IntegrityError(f"{folder}: config.json is missing or not valid JSON ({exc}).",
                              hint="Re-run the merge (with --overwrite) to rewrite the output.") from None
+    return config
 
+
+def _check_shards(folder: Path, problems: _Problems) -> tuple[list[str], dict[str, TensorMeta], int]:
+    """The index against the shards' headers: (shard files, every stored tensor, their bytes)."""
     weight_map, total = _read_index(folder, problems)
     files = sorted(set(weight_map.values()))
     stored: dict[str, TensorMeta] = {}
@@ -180,8 +201,12 @@ def check_folder(folder: Path) -> tuple[VerifyReport, dict[str, TensorMeta], dic
     nbytes = sum(m.nbytes for m in stored.values())
     if total is not None and total != nbytes and not unreadable:
         problems.add(f"{INDEX_FILE} says total_size {total}, but the tensors hold {nbytes} bytes")
-    problems.raise_if_any()
+    return files, stored, nbytes
 
+
+def _check_against_config(config: dict[str, Any], stored: dict[str, TensorMeta], problems: _Problems,
+                          report: VerifyReport) -> None:
+    """The stored dtypes, names and shapes against what config.json says and implies."""
     dtype = _config_dtype(config)
     for name, meta in stored.items():
         if dtype and meta.is_floating and meta.dtype != dtype:
@@ -197,16 +222,14 @@ def check_folder(folder: Path) -> tuple[VerifyReport, dict[str, TensorMeta], dic
             report.notes.append(f"{len(extra)} tensor(s) the architecture does not use, e.g. {extra[0]!r}")
     else:
         report.notes.append("config.json names no architecture transformers knows: names and shapes not checked against it")
-    problems.raise_if_any(hint="config.json and the weights disagree; re-run the merge (with --overwrite).")
 
+
+def _check_finite(folder: Path, files: list[str], stored: dict[str, TensorMeta], problems: _Problems) -> None:
     for file in files:
         with safe_open(folder / file, framework="pt") as f:
             for name in f.keys():
                 if stored[name].is_floating and not bool(torch.isfinite(f.get_tensor(name)).all()):
                     problems.add(f"tensor {name!r} in {file} holds NaN or Inf values")
-    problems.raise_if_any()
-    report.tensors, report.shards, report.total_size = len(stored), len(files), nbytes
-    return report, stored, config
 
 
 def _ulp_close(actual: torch.Tensor, expected: torch.Tensor, ulps: float = 1.0,
@@ -378,7 +401,7 @@ def _read_coefficients(folder: Path) -> tuple[str, str, dict[str, Any], dict[str
                              hint="Verify without --against, or re-run the merge.") from None
 
 
-def _check_lambdas(groups: dict[str, Any], method: Any, n_models: int, problems: "_Problems") -> None:
+def _check_lambdas(groups: dict[str, Any], method: Any, n_models: int, problems: _Problems) -> None:
     """Each group has one λ per fine-tune, and (norm-based methods) the λ its squared norms give."""
     for g, v in groups.items():
         lams = v.get("lambdas") if isinstance(v, dict) else None
