@@ -22,8 +22,7 @@ import torch
 from ..errors import MergeError
 from .base import MergeMethod, TensorContext
 from .common import ParamsMixin, check_real
-from . import mergekit_order
-from .mergekit_order import parse_order
+from .mergekit_order import model_sum, parse_order
 from .settings import describe, first_set, parse_setting
 from .sparsify import div_exact, host, single_threaded
 
@@ -275,7 +274,21 @@ class SCE(ParamsMixin, MergeMethod):
         return _with_order(self, {"select_topk": describe(self.select_topk)})
 
     def mergekit_merge(self, base: torch.Tensor, models: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-        return mergekit_order.sce(self, base, models, ctx)
+        """SCE step by step in the inputs' dtype (`mergekit_order.py`)."""
+        taus = [t - base for t in models]
+        mask = sce_select_mask(taus, float(first_set(ctx, self.select_topk, default=1.0)))
+        if mask is not None:
+            taus = [t * mask for t in taus]
+        with single_threaded():
+            shares = torch.stack([host(t).square().reshape(-1).mean() for t in taus])
+        total = torch.sum(shares).item()
+        shares = torch.ones_like(shares) / shares.shape[0] if abs(total) < 1e-6 else shares / total
+        w = list(shares.to(base.device).unbind())
+        signs = [t.sign() for t in taus]
+        elected = (model_sum(taus) >= 0).to(base.dtype) * 2 - 1
+        erased = [wt * (s == elected) for wt, s in zip(w, signs)]
+        merged = model_sum([t * e for t, e in zip(taus, erased)])
+        return base + merged / model_sum(erased).clamp(min=1e-6)
 
 
 __all__ = ["SCE", "ModelStock", "Slerp", "slerp", "sce_select_mask", "sce_weights"]

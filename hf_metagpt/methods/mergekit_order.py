@@ -24,7 +24,7 @@ torch's reduction over a stacked dimension does on the CPU).
 - nuslerp: its formula (`nuslerp.py`) step by step in `d`.
 - model_stock (`ModelStock.mergekit_merge`): τt = θt ⊖ θ0, the pairwise cosines, t = N·cos/(1 + (N−1)·cos), the average
   ((θ1 ⊕ θ2) ⊕ ...) ⊘ N and t ⊙ avg ⊕ (1 ⊖ t) ⊙ θ0, all in `d`.
-- sce: τt in `d`; the variance top-k mask and the shares wt = mean(τt²)/Σk mean(τk²) in `d`;
+- sce (`SCE.mergekit_merge`): τt in `d`; the variance top-k mask and the shares wt = mean(τt²)/Σk mean(τk²) in `d`;
   mt = [sign τt = sign Σt τt]; merged = θ0 ⊕ (Σt τt·(wt·mt)) ⊘ max(Σt wt·mt, 1e-6).
 
 Reductions over a whole tensor (norms, cosines, ‖·‖₁ of a rescale, a variance's top-k) are taken
@@ -41,7 +41,6 @@ import torch
 from ..errors import MergeError
 from ..safetensors_io import CONFIG_TO_ST, ST_TO_TORCH
 from .settings import first_set
-from .sparsify import host, single_threaded
 
 if TYPE_CHECKING:
     from .base import MergeMethod
@@ -144,32 +143,6 @@ def linear(m: Any, models: list[torch.Tensor], ctx: Any) -> torch.Tensor:
     if m.normalize:
         res = res / torch.tensor(w, dtype=torch.float32).sum().to(res.device)
     return res
-
-
-def sce(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any) -> torch.Tensor:
-    """SCE in the inputs' dtype (see the module docstring)."""
-    taus = [t - base for t in models]
-    topk = float(first_set(ctx, m.select_topk, default=1.0))
-    if topk < 1:
-        stacked = torch.stack([host(t) for t in taus])
-        var = torch.var(stacked, dim=0, unbiased=False)
-        del stacked
-        k = int(int(torch.count_nonzero(var)) * topk)
-        mask = torch.zeros_like(var)
-        if k > 0:
-            mask.view(-1)[torch.topk(var.abs().reshape(-1), k=k, largest=True).indices] = 1
-        mask = mask.to(base.device)
-        taus = [t * mask for t in taus]
-    with single_threaded():
-        shares = torch.stack([host(t).square().reshape(-1).mean() for t in taus])
-    total = torch.sum(shares).item()
-    shares = torch.ones_like(shares) / shares.shape[0] if abs(total) < 1e-6 else shares / total
-    w = list(shares.to(base.device).unbind())
-    signs = [t.sign() for t in taus]
-    elected = (model_sum(taus) >= 0).to(base.dtype) * 2 - 1
-    erased = [wt * (s == elected) for wt, s in zip(w, signs)]
-    merged = model_sum([t * e for t, e in zip(taus, erased)])
-    return base + merged / model_sum(erased).clamp(min=1e-6)
 
 
 def merge(m: Any, base: torch.Tensor, models: list[torch.Tensor], ctx: Any) -> torch.Tensor:
