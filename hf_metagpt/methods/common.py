@@ -100,10 +100,9 @@ class ParamsMixin:
                 field = key
             elif key == "lambda" and "lambda_" in fields:
                 field = "lambda_"
-            else:
-                from . import unknown_parameter
-
-                raise unknown_parameter(cls.name, key)
+            else:  # `get_method` refuses these first, naming near misses and the methods that take them
+                raise MergeError(f"Unknown parameter {key!r} for method {cls.name!r}.",
+                                 hint=f"It takes: {', '.join(sorted({*fields, *cls.aliases}))}.")
             if field in kwargs:
                 raise MergeError(
                     f"Method {cls.name!r}: {given_as[field]!r} and {key!r} set the same parameter.",

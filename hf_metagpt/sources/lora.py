@@ -326,8 +326,3 @@ def _map_keys(name: str, cfg, tensors: dict[str, TensorMeta]) -> tuple[dict[str,
             # over the base's, so τ = saved − base (plus any LoRA update of the same module).
             full[rest.replace(".base_layer.", ".")] = key
     return lora, full
-
-
-# ---------------------------------------------------------------- merged-adapter output
-
-
