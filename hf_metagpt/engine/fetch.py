@@ -15,6 +15,7 @@ from typing import Protocol
 
 from ..sources.hub import BASE_SIDE_FILES, SIDE_FILES, cached_path, remote_code_files, remote_files
 from .._platform import disk_free
+from .._progress import StageBar, _file_class
 from ..errors import DownloadStopped, OutputError
 from ..sources.hub_calls import call, call_until, stop_xet_transfers, tok
 from ..sources.chat_template import TEMPLATE_FILES
@@ -110,18 +111,68 @@ def download(plan: "MergePlan", token: str | None = None, *, weights: bool = Tru
     A second merge of the same inputs finds everything in the Hub cache and downloads nothing.
     With `weights=False` only the side files come (`OverlappedFiles` and `LowDiskFiles` fetch the
     shards while the merge runs); `weight_index` as in `needed_files`. The given plan is unchanged.
+    Every file of every input is fetched by `hf_hub_download` on a few threads (as
+    `snapshot_download` does), all under one "download" bar.
     """
-    from huggingface_hub import snapshot_download
+    from concurrent.futures import ThreadPoolExecutor
 
+    from huggingface_hub import hf_hub_download
+
+    wanted = {i: needed_files(plan, i, weights=weights, weight_index=weight_index)
+              for i, info in enumerate(plan.inputs) if info.ref.is_hub}
+    if not wanted:
+        return plan
+    total = sum(remote_files(plan.inputs[i]).get(f) or 0 for i, files in wanted.items() for f in files
+                if cached_path(plan.inputs[i], f) is None)
+    stage = StageBar("download", total) if total else None
+    bar = _file_class(stage, None)
+
+    def fetch(i: int, file: str) -> Path:
+        info = plan.inputs[i]
+        return Path(call(info.name, hf_hub_download, info.ref.repo_id, file, revision=info.ref.sha,
+                         token=tok(token), tqdm_class=bar))
+
+    done = False
+    try:
+        with ThreadPoolExecutor(max_workers=SNAPSHOT_WORKERS, thread_name_prefix="hf-metagpt-fetch") as pool:
+            futures = {(i, f): pool.submit(fetch, i, f) for i, files in wanted.items() for f in files}
+            try:
+                paths = {key: fut.result() for key, fut in futures.items()}
+            except BaseException:
+                for fut in futures.values():
+                    fut.cancel()
+                raise
+        done = True
+    finally:
+        if stage is not None:
+            stage.close(complete=done)
     inputs = []
     for i, info in enumerate(plan.inputs):
-        if info.ref.is_hub:
-            files = needed_files(plan, i, weights=weights, weight_index=weight_index)
-            folder = call(info.name, snapshot_download, info.ref.repo_id, revision=info.ref.sha,
-                           allow_patterns=files, token=tok(token))
-            info = info.at(Path(folder))
+        if i in wanted:
+            info = info.at(_snapshot_folder(info, wanted[i], paths, i, token))
         inputs.append(info)
     return plan.with_inputs(inputs)
+
+
+#: files fetched at a time by `download` (snapshot_download's default)
+SNAPSHOT_WORKERS = 8
+
+
+def _snapshot_folder(info: ModelInfo, files: list[str], paths: dict[tuple[int, str], Path], i: int,
+                     token: str | None) -> Path:
+    """The snapshot folder (`.../snapshots/SHA`) the fetched files lie in."""
+    from pathlib import PurePosixPath
+
+    if files:
+        first = files[0]
+        return paths[(i, first)].parents[len(PurePosixPath(first).parts) - 1]
+    from huggingface_hub import snapshot_download
+
+    from .._logging import bars_off
+
+    with bars_off(True):  # nothing to fetch: the folder only (config.json is always needed, so rare)
+        return Path(call(info.name, snapshot_download, info.ref.repo_id, revision=info.ref.sha,
+                         allow_patterns=[], token=tok(token)))
 
 
 def walk_order(plan: "MergePlan") -> list[tuple[int, str]]:
@@ -157,9 +208,8 @@ OVERLAP_WORKERS = 4
 DOWNLOAD_NICE = 10
 
 
-def _download_thread_init(bar: type, lock: object) -> None:
-    """Set up a download thread: share the progress bars' lock (as snapshot_download's pool does), lower its CPU priority."""
-    bar.set_lock(lock)  # type: ignore[attr-defined]
+def _download_thread_init() -> None:
+    """Set up a download thread: lower its CPU priority (the stage bar has its own lock)."""
     if DOWNLOAD_NICE and sys.platform == "linux":  # a thread is a task on Linux; elsewhere a pid is meant
         try:
             tid = threading.get_native_id()
@@ -168,8 +218,9 @@ def _download_thread_init(bar: type, lock: object) -> None:
             pass
 
 
-def _stoppable_bar(stop: threading.Event) -> type:
-    """huggingface_hub's progress-bar class, raising `DownloadStopped` once `stop` is set.
+def _stoppable_bar(stop: threading.Event, stage: StageBar | None = None) -> type:
+    """A `tqdm_class` for `hf_hub_download` feeding `stage` (no bar of its own), raising
+    `DownloadStopped` once `stop` is set.
 
     `hf_hub_download` has no way to be cancelled; over HTTP the progress update it makes for every
     piece it writes is the one hook inside the transfer, so a closed provider ends its running
@@ -179,32 +230,7 @@ def _stoppable_bar(stop: threading.Event) -> type:
     stop, a kill, an HTTP error on the resume) deletes its uniquely named partial file, and the next
     download of that shard starts again from byte 0.
     """
-    from huggingface_hub.utils import tqdm as hf_tqdm
-
-    class StoppableBar(hf_tqdm):  # type: ignore[misc, valid-type]
-        def __init__(self, *args, **kwargs) -> None:
-            if stop.is_set():
-                # A download that reaches its transfer after `close`: over Xet, huggingface_hub
-                # has just taken hf_xet's session, which is a *fresh* one when `close` aborted the
-                # old one while this download was still at its HEAD request; nothing would stop
-                # it then (measured: the whole transfer, 6 s of a slowed xorb, after the abort).
-                # Its bar is made on this thread between taking the session and starting the
-                # transfer: the last moment to stop it (over HTTP: before the first byte).
-                self.disable = True  # what tqdm's __del__ looks at on a half-made bar
-                raise DownloadStopped("download stopped before it began (the merge ended).")
-            self._downloader = threading.get_ident()  # the thread running the download
-            # huggingface_hub names the bars of a Xet download "huggingface_hub.xet_get[.transfer]"
-            self._xet = str(kwargs.get("name") or "").startswith("huggingface_hub.xet_get")
-            super().__init__(*args, **kwargs)
-
-        def update(self, n: float | None = 1) -> bool | None:
-            # Over Xet, hf_xet calls this from inside its own code, which prints what is raised
-            # here and goes on: `stop_xet_transfers` (in `close`) ends those downloads instead.
-            if stop.is_set() and not self._xet and threading.get_ident() == self._downloader:
-                raise DownloadStopped("download stopped (the merge ended).")
-            return super().update(n)
-
-    return StoppableBar
+    return _file_class(stage, stop)
 
 
 class DownloadPool:
@@ -292,7 +318,6 @@ class OverlappedFiles:
         self._ready: dict[tuple[int, str], Path] = {}
         self._futures: dict[tuple[int, str], Future] = {}
         self._error: BaseException | None = None
-        self._bar = _stoppable_bar(self._stop)
         missing = []
         for key in self.order:
             info = plan.inputs[key[0]]
@@ -303,8 +328,12 @@ class OverlappedFiles:
                 self._ready[key] = got
             else:
                 missing.append(key)
-        self._pool = DownloadPool(workers, DOWNLOAD_THREADS, initializer=_download_thread_init,
-                                  initargs=(self._bar, self._bar.get_lock()))
+        # one bar over every missing shard's bytes (the sizes from the Hub's listing), not one per file
+        total = sum(remote_files(plan.inputs[i]).get(f) or 0 for i, f in missing)
+        self._stage = StageBar("download shards", total) if missing else None
+        self._missing = len(missing)
+        self._bar = _stoppable_bar(self._stop, self._stage)
+        self._pool = DownloadPool(workers, DOWNLOAD_THREADS, initializer=_download_thread_init)
         for key in missing:
             self._futures[key] = self._pool.submit(self._fetch, *key)
         if missing:
@@ -331,8 +360,17 @@ class OverlappedFiles:
         with self._lock:
             self.downloads += 1
             self._ready[(i, file)] = path
+            last = self.downloads == self._missing
+        if last:
+            self._close_stage(complete=True)
         log.debug("downloaded %s of %s", file, info.name)
         return path
+
+    def _close_stage(self, complete: bool = False) -> None:
+        with self._lock:
+            stage, self._stage = self._stage, None
+        if stage is not None:
+            stage.close(complete=complete)
 
     def _raise_failure(self) -> None:
         with self._lock:
@@ -388,6 +426,7 @@ class OverlappedFiles:
         if running:
             stop_xet_transfers()
         self._pool.shutdown(wait=True, cancel_futures=True, timeout=timeout)
+        self._close_stage()
 
 
 class LowDiskFiles:
@@ -415,6 +454,13 @@ class LowDiskFiles:
         self._fetched: dict[tuple[int, str], Path] = {}
         self.downloads = 0
         self.peak_bytes = 0
+        self._stage: StageBar | None = None  # one bar over every shard fetched, opened at the first
+
+    def _bar(self) -> type:
+        with self._lock:
+            if self._stage is None:  # the total grows as each download starts (shards come back in pass 2)
+                self._stage = StageBar("download shards")
+            return _file_class(self._stage, None)
 
     def _local(self, i: int, file: str) -> Path | None:
         info = self.plan.inputs[i]
@@ -435,7 +481,7 @@ class LowDiskFiles:
             path = ensure_converted(info.pickle, source_file(info.pickle, file), info.weights_dir, self.token)
         else:
             path = Path(call(info.name, hf_hub_download, info.ref.repo_id, file, revision=info.ref.sha,
-                              local_dir=dest, token=tok(self.token)))
+                              local_dir=dest, token=tok(self.token), tqdm_class=self._bar()))
         with self._lock:
             self.downloads += 1
             self._fetched[(i, file)] = path
@@ -506,6 +552,9 @@ class LowDiskFiles:
             except Exception:
                 pass
         self._pool.shutdown(wait=True, cancel_futures=True, timeout=timeout)
+        if self._stage is not None:
+            self._stage.close()
+            self._stage = None
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 

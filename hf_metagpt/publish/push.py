@@ -102,11 +102,26 @@ def _upload_one_commit(api, repo_id: str, folder: Path, message: str, revision: 
     parent = None if create_pr else head  # a pull request is opened from main's head as the Hub sees it
 
     def attempt():
-        if card is not None:  # the folder's files, with this push's card in place of README.md
-            return api.create_commit(repo_id=repo_id, operations=_operations(folder, card), commit_message=message,
-                                     revision=revision, create_pr=create_pr, parent_commit=parent)
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message, revision=revision,
-                                 create_pr=create_pr, parent_commit=parent, ignore_patterns=IGNORE_PATTERNS)
+        # One "upload" bar over every byte of the commit, in place of huggingface_hub's bar per file
+        # (its switch turns those off; our files count what the transfer reads: `_progress`).
+        from huggingface_hub.utils import are_progress_bars_disabled
+
+        from .._logging import bars_off
+        from .._progress import StageBar, counting_add
+
+        stage = None if are_progress_bars_disabled() else StageBar("upload", _upload_bytes(folder, card))
+        done = False
+        try:
+            with bars_off(True):
+                # the folder's files (as upload_folder would send them), with this push's card in place of README.md
+                info = api.create_commit(repo_id=repo_id, commit_message=message, revision=revision,
+                                         operations=_operations(folder, card, counting_add(stage) if stage else None),
+                                         create_pr=create_pr, parent_commit=parent)
+            done = True
+            return info
+        finally:
+            if stage is not None:
+                stage.close(complete=done)
 
     def recover(exc):
         if create_pr:
@@ -120,17 +135,27 @@ def _upload_one_commit(api, repo_id: str, folder: Path, message: str, revision: 
     return retrying(ref_text, attempt, recover=recover, doing="push failed: ")
 
 
-def _operations(folder: Path, card: bytes) -> list:
-    """What `upload_folder` would add (the same files left out), with README.md's content replaced by `card`."""
+def _operations(folder: Path, card: bytes | None, add: type | None = None) -> list:
+    """What `upload_folder` would add (the same files left out), with README.md's content replaced by
+    `card` (when given); `add`: the `CommitOperationAdd` class to use (`_progress.counting_add`)."""
     from huggingface_hub import CommitOperationAdd
 
-    skipped = set(skipped_files(folder))
+    add = add or CommitOperationAdd
     ops = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and rel not in skipped:
-            ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=card if rel == "README.md" else str(path)))
+    for rel, path in _uploaded(folder):
+        ops.append(add(path_in_repo=rel, path_or_fileobj=card if rel == "README.md" and card is not None else str(path)))
     return ops
+
+
+def _uploaded(folder: Path) -> list[tuple[str, Path]]:
+    skipped = set(skipped_files(folder))
+    return [(rel, path) for path in sorted(folder.rglob("*"))
+            if path.is_file() and (rel := path.relative_to(folder).as_posix()) not in skipped]
+
+
+def _upload_bytes(folder: Path, card: bytes | None) -> int:
+    return sum(len(card) if rel == "README.md" and card is not None else path.stat().st_size
+               for rel, path in _uploaded(folder))
 
 
 def _pull_requests(api, repo_id: str) -> set[str]:

@@ -61,9 +61,25 @@ def _bars(text: str) -> list[str]:
     return [line for line in re.split(r"[\r\n]", text) if re.search(r"\d+%\|", line)]
 
 
+#: huggingface_hub draws its bars only on a terminal unless TQDM_POSITION=-1 forces them on: with it, a
+#: bar per file it downloads or uploads would show in the captured stderr too
+BARS_ON = {"TQDM_POSITION": "-1"}
+
+
+def _stage_bars(text: str) -> dict[str, list[str]]:
+    """Each bar's description and its lines (tqdm redraws a bar in place with \r)."""
+    bars: dict[str, list[str]] = {}
+    for line in re.split(r"[\r\n]", text):
+        m = re.match(r"^\s*(?P<desc>.+?):\s+(?:\d+%\||[\d.]+\s?[kMG]?B \[)", line)
+        if m:
+            bars.setdefault(m["desc"], []).append(line.strip())
+    return bars
+
+
 def test_quiet_by_id_merge_and_push_prints_the_summary_only(hub_family, hub_user, tmp_path):
     base, *fts = hub_family
-    proc = cli("-q", "merge", *fts, "--base", base, "-o", str(tmp_path / "m"), "--push-to", f"{hub_user}/uq-pushed")
+    proc = cli("-q", "merge", *fts, "--base", base, "-o", str(tmp_path / "m"), "--push-to", f"{hub_user}/uq-pushed",
+               env=BARS_ON)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "HTTP Request" not in proc.stderr and "HTTP Request" not in proc.stdout
     assert _bars(proc.stderr) == [], proc.stderr[-3000:]
@@ -73,13 +89,27 @@ def test_quiet_by_id_merge_and_push_prints_the_summary_only(hub_family, hub_user
     assert "Merged 2 model" in proc.stdout and f"Pushed: " in proc.stdout and "| model |" in proc.stdout
 
 
-def test_default_verbosity_shows_no_http_requests_and_one_bar_per_stage(hub_family, hub_user, tmp_path):
-    base, *fts = hub_family
-    proc = cli("merge", *fts, "--base", base, "-o", str(tmp_path / "m"))
+def test_default_verbosity_shows_no_http_requests_and_one_bar_per_stage(family, hub_user, tmp_path):
+    base, *fts = publish([family[0], *family[1]], hub_user, "u3stages")  # repos of its own: nothing cached yet
+    proc = cli("merge", *fts, "--base", base, "-o", str(tmp_path / "m"), "--push-to", f"{hub_user}/u3-stages",
+               env=BARS_ON)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "HTTP Request" not in proc.stderr
     assert "Parse safetensors files" not in proc.stderr  # one bar per model, repeated: not a stage of ours
     assert not SIGNED.search(proc.stderr + proc.stdout)
+    bars = _stage_bars(proc.stderr)
+    # one bar per stage: the side files (3 models), the shards (4 per model: 12 files), the two passes, the
+    # upload (a dozen files) -- no bar per file, no "Fetching N files"/"Upload N LFS files" of huggingface_hub
+    assert sorted(bars) == ["download", "download shards", "pass 1/2: norms", "pass 2/2: merge", "upload"], bars.keys()
+    for stage in ("download", "download shards", "upload"):
+        assert re.search(r"100%\|█+\| [\d.]+[kM]?/[\d.]+[kM]? ", bars[stage][-1]), bars[stage]  # all bytes, ends full
+    from tqdm import tqdm
+
+    local_base, local_fts = family  # the folders published as the three repos
+    shards = sum(f.stat().st_size for d in [local_base, *local_fts] for f in d.glob("model-*.safetensors"))
+    assert len(list(local_base.glob("model-*.safetensors"))) > 1  # several files per model, one bar
+    size = tqdm.format_sizeof(shards)
+    assert f"| {size}/{size} [" in bars["download shards"][-1], (size, bars["download shards"][-1])
 
 
 def test_verbose_shows_requests_but_never_a_signed_url(hub_family, hub_user, tmp_path):
@@ -125,10 +155,10 @@ def test_python_progress_false_shows_no_bar_at_all(hub_family, tmp_path):
     code = ("import hf_metagpt, sys\n"
             f"r = hf_metagpt.merge(base={base!r}, models={fts!r}, output={str(tmp_path / 'm')!r}, progress=False)\n"
             "print('done')\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **BARS_ON)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _bars(proc.stderr) == [], proc.stderr[-3000:]
+    assert _bars(proc.stderr) == [] and _stage_bars(proc.stderr) == {}, proc.stderr[-3000:]
     assert "it/s" not in proc.stderr and "Parse safetensors" not in proc.stderr
 
 
