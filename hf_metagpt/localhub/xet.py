@@ -116,18 +116,23 @@ def _lz4_frame(src: bytes) -> bytes:
     return bytes(out)
 
 
+def _lz4_extend(src: bytes, i: int, n: int) -> tuple[int, int]:
+    """An LZ4 length past 15: bytes at `i` added on while they are 255; (the length, the next index)."""
+    while True:
+        b = src[i]
+        i += 1
+        n += b
+        if b != 255:
+            return n, i
+
+
 def _lz4_block(src: bytes, i: int, end: int, out: bytearray) -> bytearray:
     while i < end:
         token = src[i]
         i += 1
         lit = token >> 4
         if lit == 15:
-            while True:
-                b = src[i]
-                i += 1
-                lit += b
-                if b != 255:
-                    break
+            lit, i = _lz4_extend(src, i, lit)
         out += src[i:i + lit]
         i += lit
         if i >= end:
@@ -136,12 +141,7 @@ def _lz4_block(src: bytes, i: int, end: int, out: bytearray) -> bytearray:
         i += 2
         length = token & 15
         if length == 15:
-            while True:
-                b = src[i]
-                i += 1
-                length += b
-                if b != 255:
-                    break
+            length, i = _lz4_extend(src, i, length)
         length += 4
         start = len(out) - offset
         if offset <= 0 or start < 0:
