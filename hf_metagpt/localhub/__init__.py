@@ -7,10 +7,11 @@ control for private repos. Point the client at it with ``HF_ENDPOINT`` and ``HF_
 both set *before* ``huggingface_hub`` is first imported (it reads them once at import).
 
 Modules, in the order a request meets them:
-``server`` (LocalHub: start/stop, faults, request log) -> ``transport`` (threads, connection cap, HTTP
-handler) -> ``body`` (read deadlines, Content-Length and chunk parsing) ->
-``routes`` (path -> endpoint) -> ``reads`` / ``writes`` / ``lfs`` (endpoints) -> ``access`` (who may do
-what) -> ``storage`` (repos, commits, refs, blobs and which repo holds which LFS object);
+``server`` (LocalHub: start/stop; with ``admin``'s repo settings and ``faults``' injected faults and
+request log) -> ``transport`` (threads, connection cap, HTTP handler) -> ``body`` (read deadlines,
+Content-Length and chunk parsing) -> ``routes`` (path -> endpoint) -> ``reads`` / ``writes`` /
+``lfs`` (endpoints) -> ``access`` (who may do what) -> ``storage`` (repos, commits, refs, blobs and
+which repo holds which LFS object);
 ``schema`` checks JSON shapes; ``common`` holds the Hub's naming rules, limits and HubError.
 A second port serves the storage side (``cas``: signed CDN URLs and the Xet CAS API over ``xet``'s
 xorbs and file reconstructions), switched on with ``LocalHub.set_storage(cdn=..., xet=...)``; see
@@ -21,6 +22,7 @@ server before the client is first imported.
 """
 
 from .common import Limits, git_blob_sha1, parse_token_spec
-from .server import Fault, LocalHub, RateLimit, RequestRecord, is_loopback
+from .faults import Fault, RateLimit, RequestRecord
+from .server import LocalHub, is_loopback
 
 __all__ = ["LocalHub", "Limits", "Fault", "RateLimit", "RequestRecord", "parse_token_spec", "git_blob_sha1", "is_loopback"]

@@ -1,4 +1,7 @@
-"""The local Hub server object: start/stop, users, injected faults and the request log.
+"""The local Hub server object: start/stop, users, how files are served.
+
+Its repo settings (`admin.RepoAdmin`) and injected faults and request log (`faults.FaultsAndLog`)
+are its other two jobs, each in a module of its own.
 
 Example:
     ```py
@@ -12,118 +15,23 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import math
 import os
-import re
 import secrets
-import socket
 import ssl
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
-from urllib.parse import unquote
 
 from . import cas
 from .access import Access, Context, Features
-from .common import NAME_RE, REPO_TYPES, HubError, Limits, repo_id_of
-from .storage import Repo, Store
-from .transport import Handler, Server
+from .admin import RepoAdmin
+from .common import Limits
+from .faults import FaultsAndLog
+from .storage import Store
+from .transport import Server
 
 log = logging.getLogger(__name__)
-
-#: paths whose query string is a signature (LFS upload, CDN and Xet transfer URLs): never kept in the log
-SIGNED_PREFIXES = ("/_lfs/", "/cdn/", "/xorbs/")
-
-
-@dataclass
-class Fault:
-    """An injected failure: matching requests get `status` (or a dropped connection) `times` times.
-
-    `times=None` means forever. `delay` seconds are slept first; with `status=None` and no `drop`,
-    the request is then served normally (a pure slowdown). With `drop_after=N` a file is served
-    normally but its connection is closed after N body bytes (a connection lost mid-download).
-    `hits` counts the requests it hit.
-    """
-
-    pattern: re.Pattern
-    status: int | None = 500
-    times: int | None = 1
-    method: str | None = None
-    delay: float = 0.0
-    drop: bool = False
-    hits: int = 0
-    drop_after: int | None = None
-    #: serve the request (a commit lands) but lose its answer: the connection closes unanswered
-    lose_answer: bool = False
-
-    def _matches(self, method: str, path: str) -> bool:
-        if self.times is not None and self.times <= 0:
-            return False
-        if self.method is not None and self.method.upper() != method:
-            return False
-        return self.pattern.search(path) is not None
-
-
-@dataclass
-class RateLimit:
-    """A Hub-like fixed-window rate limit: at most `limit` matching requests per `window` seconds.
-
-    Past the limit, requests answer 429 with the Hub's headers, ``RateLimit: "<resource>";r=0;t=<s>``
-    (seconds until the window resets) and ``RateLimit-Policy: "fixed window";"<resource>";q=<limit>;w=<window>``,
-    until the window ends. `limited` counts the 429s it answered.
-    """
-
-    pattern: re.Pattern
-    limit: int
-    window: float
-    resource: str = "resolvers"
-    started: float = 0.0
-    used: int = 0
-    limited: int = 0
-
-    def check(self, path: str, now: float) -> dict[str, str] | None:
-        """None when a request for `path` may pass (counted); else the 429's headers."""
-        if self.pattern.search(path) is None:
-            return None
-        if now >= self.started + self.window:
-            self.started, self.used = now, 0
-        policy = f'"fixed window";"{self.resource}";q={self.limit};w={self.window:g}'
-        if self.used < self.limit:
-            self.used += 1
-            return None
-        self.limited += 1
-        reset = max(1, math.ceil(self.started + self.window - now))
-        return {"RateLimit": f'"{self.resource}";r=0;t={reset}', "RateLimit-Policy": policy}
-
-
-@dataclass
-class RequestRecord:
-    """One request as seen by the server (never headers with credentials)."""
-
-    method: str
-    path: str  # URL path, unquoted, without query string
-    query: str
-    range: str | None
-    authenticated_as: str | None
-    status: int | None = None
-    #: an Authorization header came with the request (a signed CDN URL must never get one)
-    authorization: bool = False
-
-
-class _Discard:
-    """A write end that drops everything: the answer of a request whose answer is 'lost'."""
-
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def is_loopback(host: str) -> bool:
@@ -136,7 +44,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class LocalHub:
+class LocalHub(RepoAdmin, FaultsAndLog):
     """A local Hub-compatible server: repos, commits, LFS and access control, in a data folder.
 
     Args:
@@ -173,11 +81,7 @@ class LocalHub:
         self._context: Context | None = None
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
-        self._faults: list[Fault] = []
-        self._rate_limits: list[RateLimit] = []
-        # Bounded: `hub serve` answers requests for days (the oldest records are dropped).
-        self._requests: deque[RequestRecord] = deque(maxlen=self.limits.request_log)
-        self._meta_lock = threading.Lock()
+        self._init_faults(self.limits.request_log)
         # Signs LFS upload URLs: the client PUTs to them without credentials, like to a bucket.
         self._secret = secrets.token_bytes(32)
 
@@ -298,157 +202,3 @@ class LocalHub:
             self.features.cdn = cdn
         if xet is not None:
             self.features.xet = xet
-
-    # ---- renamed repos and canonical IDs
-    def rename_repo(self, repo_id: str, new_id: str, *, repo_type: str = "model") -> None:
-        """Rename a repo like the Hub's settings page: its old URLs answer a 307 to the new ones."""
-        ns, _, name = new_id.partition("/")
-        try:
-            new_id = repo_id_of(ns, name)
-        except HubError as err:
-            raise ValueError(err.message) from None
-        self.context.store.rename(self._repo(repo_id, repo_type), new_id)
-
-    def add_canonical(self, name: str, repo_id: str, *, repo_type: str = "model") -> None:
-        """Serve `repo_id` under a canonical name without namespace too (`gpt2` -> `openai-community/gpt2`),
-        through a 307 as the Hub does."""
-        if not NAME_RE.match(name):
-            raise ValueError(f"Invalid canonical name {name!r}")
-        self._repo(repo_id, repo_type)
-        self.context.store.add_alias(repo_type, name, repo_id)
-
-    # ---- gated repos
-    def set_gated(self, repo_id: str, mode: str | bool = "manual", *, repo_type: str = "model") -> None:
-        """Gate a repo like a licence-gated model on the Hub (`mode` "auto" or "manual"), or ungate it (False).
-
-        Its info, tree and refs stay visible to all; its files only to the owner (namespace or org
-        members) and users given `grant_access`. Both modes need a grant here: nobody accepts
-        conditions on a page of the local Hub. Kept across restarts.
-        """
-        if mode is not False and mode not in ("auto", "manual"):
-            raise ValueError(f"Gated mode must be 'auto', 'manual' or False, not {mode!r}")
-        self.context.store.set_gated(self._repo(repo_id, repo_type), mode)
-
-    def grant_access(self, repo_id: str, user: str, *, repo_type: str = "model") -> None:
-        """Let `user` download the files of a gated repo (as if its licence were accepted and approved)."""
-        self.context.store.set_access(self._repo(repo_id, repo_type), self._user(user), True)
-
-    def revoke_access(self, repo_id: str, user: str, *, repo_type: str = "model") -> None:
-        """Undo `grant_access` (the owner keeps access)."""
-        self.context.store.set_access(self._repo(repo_id, repo_type), self._user(user), False)
-
-    def _repo(self, repo_id: str, repo_type: str) -> Repo:
-        if repo_type not in REPO_TYPES.values():
-            raise ValueError(f"Unknown repo type {repo_type!r}: use one of {', '.join(REPO_TYPES.values())}")
-        ns, _, name = repo_id.partition("/")
-        try:
-            repo_id = repo_id_of(ns, name)
-        except HubError as err:
-            raise ValueError(err.message) from None
-        repo = self.context.store.repos.get((repo_type, repo_id))
-        if repo is None:
-            raise ValueError(f"No {repo_type} repo {repo_id} on this local Hub: create it first")
-        return repo
-
-    @staticmethod
-    def _user(user: str) -> str:
-        if not NAME_RE.match(user):
-            raise ValueError(f"Invalid user name {user!r}")
-        return user
-
-    # ---- fault injection and request log
-    def inject_fault(self, path_regex: str, *, status: int | None = 500, times: int | None = 1,
-                     method: str | None = None, delay: float = 0.0, drop: bool = False,
-                     drop_after: int | None = None, lose_answer: bool = False) -> Fault:
-        """Make requests whose unquoted URL path matches `path_regex` fail.
-
-        Answers `status` with a JSON error (or closes the connection without an answer if `drop`),
-        after sleeping `delay` seconds, for the next `times` matching requests (None: forever).
-        `drop_after=N`: serve the file but cut the connection after N body bytes (status ignored).
-        `lose_answer=True`: serve the request normally (its effects happen) but never send the answer.
-        Returns the `Fault`; its `hits` counts the requests it caught.
-        """
-        fault = Fault(re.compile(path_regex), None if drop_after is not None or lose_answer else status, times,
-                      method, delay, drop, drop_after=drop_after, lose_answer=lose_answer)
-        with self._meta_lock:
-            self._faults.append(fault)
-        return fault
-
-    def rate_limit(self, path_regex: str, *, limit: int, window: float = 300.0,
-                   resource: str = "resolvers") -> RateLimit:
-        """Rate-limit requests whose unquoted path matches, like the Hub: `limit` per fixed `window` s.
-
-        Over the limit they answer 429 with ``RateLimit``/``RateLimit-Policy`` headers saying when
-        the window resets (the Hub's windows last 300 s; tests use a second or two). Removed by
-        `clear_faults`. Returns the `RateLimit` (its `limited` counts the 429s).
-        """
-        rl = RateLimit(re.compile(path_regex), limit, window, resource, started=time.monotonic())
-        with self._meta_lock:
-            self._rate_limits.append(rl)
-        return rl
-
-    def clear_faults(self) -> None:
-        """Remove every injected fault and rate limit."""
-        with self._meta_lock:
-            self._faults.clear()
-            self._rate_limits.clear()
-
-    @property
-    def requests(self) -> list[RequestRecord]:
-        """Requests served so far (method, unquoted path, query, Range header, user, status)."""
-        with self._meta_lock:
-            return list(self._requests)
-
-    def clear_requests(self) -> None:
-        with self._meta_lock:
-            self._requests.clear()
-
-    def record(self, h: "Handler", user: str | None, status: int | None) -> None:
-        # Recorded before the answer (so a caller sees it as soon as its call returns), then the
-        # status is filled in. Upload URLs carry a signature in their query: never keep it.
-        if h._rec is not None:
-            h._rec.status, h._rec.authenticated_as = status, user
-            return
-        query = "" if h.raw_path.startswith(SIGNED_PREFIXES) else h.path.partition("?")[2]
-        h._rec = RequestRecord(h.command, unquote(h.raw_path), query, h.headers.get("Range"), user, status,
-                               authorization=h.headers.get("Authorization") is not None)
-        with self._meta_lock:
-            self._requests.append(h._rec)
-
-    def apply_fault(self, h: "Handler") -> bool:
-        path = unquote(h.raw_path)
-        limited: dict[str, str] | None = None
-        with self._meta_lock:
-            fault = next((f for f in self._faults if f._matches(h.command, path)), None)
-            if fault is not None:
-                fault.hits += 1
-                if fault.times is not None:
-                    fault.times -= 1
-            else:
-                now = time.monotonic()
-                limited = next((hd for rl in self._rate_limits if (hd := rl.check(path, now)) is not None), None)
-        if fault is None:
-            if limited is None:
-                return False
-            reset = limited["RateLimit"].rsplit("=", 1)[1]
-            h.send_error_json(HubError(429, f"You have been rate-limited; you can retry this action in about "
-                                            f"{reset} seconds.", headers=limited))
-            return True
-        if fault.delay:
-            time.sleep(fault.delay)
-        h.drop_after = fault.drop_after
-        if fault.lose_answer:
-            h.wfile = _Discard()  # type: ignore[assignment]
-            h.close_connection = True
-            return False
-        if fault.drop:
-            h.close_connection = True
-            try:
-                h.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return True
-        if fault.status is None:
-            return False
-        h.send_error_json(HubError(fault.status, f"Injected fault ({fault.status})"))
-        return True
