@@ -132,15 +132,43 @@ def plan(options: MergeOptions | None = None, **kwargs: Unpack[MergeKwargs]) -> 
 
 
 def select_device(name: str) -> torch.device:
-    """`auto` takes accelerate's choice (a GPU when present); `cuda` insists on one."""
+    """`auto` takes accelerate's choice (a GPU when present); `cuda` insists on one.
+
+    On a machine without an accelerator, one process, `auto` is the CPU without importing
+    accelerate (its choice there too; the import alone is a quarter of a CPU second per run)."""
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise MergeError("--device cuda was asked for but no CUDA GPU is available.",
                          hint="Use --device cpu or auto (device='cpu').")
+    if name == "auto" and _no_accelerator():
+        return torch.device("cpu")
     from accelerate import PartialState
 
     return PartialState().device
+
+
+#: packages that bring an accelerator torch itself does not report (accelerate looks for them)
+_DEVICE_PLUGINS = ("torch_xla", "habana_frameworks", "torch_neuronx")
+
+
+def _no_accelerator() -> bool:
+    """True when accelerate would pick the CPU for sure: one process, torch knows no available
+    accelerator, and no device plugin accelerate probes for is installed. False when unsure."""
+    import importlib.util
+
+    from .engine.distributed import launched_processes
+
+    if launched_processes() > 1:
+        return False
+    try:
+        if torch.accelerator.current_accelerator(check_available=True) is not None:
+            return False
+    except RuntimeError:  # torch 2.6 raises when none is available
+        pass
+    except (AttributeError, TypeError):  # a torch without torch.accelerator: let accelerate decide
+        return False
+    return not any(importlib.util.find_spec(p) is not None for p in _DEVICE_PLUGINS)
 
 
 @dataclass(frozen=True)
