@@ -157,13 +157,14 @@ class MergeResult:
 
     def summary(self) -> str:
         """What the CLI prints at the end."""
+        from .publish.card import method_summary, uses_lambdas
+
         s = self.stats
-        lines = [self.lambda_table(max_rows=24), ""]
+        # λ mean something for MetaGPT's methods only; any other method says what it did instead
+        lines = [self.lambda_table(max_rows=24) if uses_lambdas(self.method) else "\n".join(method_summary(self)), ""]
         where = f" -> {self.output}" if self.output else ""
-        lines.append(
-            f"Merged {len(self.models)} model(s) into {self.base.display} with {self.method} "
-            f"(granularity {self.granularity}){where}"
-        )
+        grain = f" (granularity {self.granularity})" if uses_lambdas(self.method) else ""
+        lines.append(f"Merged {len(self.models)} model(s) into {self.base.display} with {self.method}{grain}{where}")
         secs = max(s.seconds, 1e-9)
         where = (f" on {s.device} ({s.workers} compute thread(s), {s.readers} reader(s))" if s.device else "")
         lines.append(

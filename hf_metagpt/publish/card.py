@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..engine.plan import MergePlan
@@ -148,7 +148,8 @@ _METHOD_TEXT["dare"] = _METHOD_TEXT["dare_linear"]
 _LABEL = {"metagpt": "MetaGPT", "metagpt_ties": "MetaGPT + TIES", "metagpt_dare": "MetaGPT + DARE",
           "linear": "linear", "task_arithmetic": "task-arithmetic", "ties": "TIES", "dare_linear": "DARE",
           "dare_ties": "DARE-TIES", "breadcrumbs": "Model Breadcrumbs", "breadcrumbs_ties": "Model Breadcrumbs (TIES)",
-          "della": "DELLA", "della_linear": "DELLA (linear)", "model_stock": "Model Stock", "sce": "SCE"}
+          "della": "DELLA", "della_linear": "DELLA (linear)", "model_stock": "Model Stock", "sce": "SCE",
+          "slerp": "SLERP", "nuslerp": "NuSLERP"}
 
 
 def uses_lambdas(method: str) -> bool:
@@ -378,6 +379,46 @@ def public_parameters(result: "MergeResult") -> dict:
     if result.seed is not None:
         out["seed"] = result.seed
     return out
+
+
+def method_summary(result: "MergeResult") -> list[str]:
+    """What the CLI prints for a method without MetaGPT's λ: what it did, with which parameters.
+
+    Per-model parameters (`weights`, `density` as a list, ...) as a table with a row per model,
+    the models' roles where the method gives them some (SLERP's endpoints, Model Stock's anchor),
+    and the method's other parameters as `name=value` (every value it used, defaults included).
+    """
+    from ..result import short_name
+
+    names = [short_name(m) for m in result.models]
+    base = short_name(result.base)
+    label = _LABEL.get(result.method, result.method)
+    params = public_parameters(result)
+    per_model = {k: v for k, v in params.items() if isinstance(v, (list, tuple)) and len(v) == len(names)}
+    lines = []
+    if per_model:
+        lines += ["| model | " + " | ".join(per_model) + " |", "|---|" + "---|" * len(per_model)]
+        lines += [f"| {n} | " + " | ".join(_value(v[i]) for v in per_model.values()) + " |" for i, n in enumerate(names)]
+        lines.append("")
+    if result.method == "slerp" and len(names) == 1:
+        t = params.get("t")
+        lines.append(f"{label}: along the arc from {base} (t = 0) to {names[0]} (t = 1), at t = {_value(t)}")
+    elif result.method == "model_stock":
+        lines.append(f"{label}: the average of {_plural(len(names), 'fine-tune')} ({', '.join(names)}) pulled back "
+                     f"toward {base} (the anchor) by how much their task vectors agree, per tensor")
+    else:
+        lines.append(f"{label}: {', '.join(names)} on {base}")
+    rest = {k: v for k, v in params.items() if k not in per_model and v is not None}
+    lines.append("parameters: " + (", ".join(f"{k}={_value(v)}" for k, v in rest.items()) or "none"))
+    return lines
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    return str(v)
 
 
 def _method_section(result: "MergeResult") -> list[str]:

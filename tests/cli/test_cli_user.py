@@ -532,3 +532,47 @@ def test_inspect_takes_base_and_models_as_merge_and_plan_do(family, tmp_path):
         hf_metagpt.inspect(str(base))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="unexpected keyword argument 'method'"):
         hf_metagpt.inspect(base=base, models=fts, method="ties")  # type: ignore[call-arg]
+
+
+# ---- the summary says what the method did: λ for MetaGPT's methods only -------------------------------
+
+@pytest.mark.parametrize("method, params, expected", [
+    ("ties", ["density=0.5", "weights=[0.3,0.7]"],
+     ["| model | weights |", "| {0} | 0.3 |", "| {1} | 0.7 |", "TIES: {0}, {1} on {b}",
+      "parameters: density=0.5, lambda=1, normalize=True, majority_sign_method=total, rescale=False"]),
+    ("slerp", ["t=0.3"], ["SLERP: along the arc from {b} (t = 0) to {0} (t = 1), at t = 0.3", "parameters: t=0.3"]),
+    ("model_stock", [], ["Model Stock: the average of 2 fine-tunes ({0}, {1}) pulled back toward {b} (the anchor)",
+                         "parameters: filter_wise=False"]),
+])
+def test_summary_of_a_method_without_lambda_shows_what_it_did(family, tmp_path, method, params, expected):
+    base, fts = family
+    models = fts[:1] if method == "slerp" else fts
+    args = [a for p in params for a in ("--param", p)]
+    proc = cli("-q", "merge", *map(str, models), "--base", str(base), "-o", str(tmp_path / "m"), "--method", method,
+               *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "| group |" not in out and "λ" not in out and "granularity" not in out, out
+    for line in expected:
+        line = line.format(*(f.name for f in fts), b=base.name)
+        assert line in out, (line, out)
+    assert f"Merged {len(models)} model(s) into {base} with {method} -> " in out, out
+
+
+def test_summary_of_metagpt_keeps_its_lambda_table(family, tmp_path):
+    base, fts = family
+    proc = cli("-q", "merge", *map(str, fts), "--base", str(base), "-o", str(tmp_path / "m"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    lam = json.loads((tmp_path / "m" / "metagpt_coefficients.json").read_text())
+    assert f"| group | {fts[0]} | {fts[1]} |" in proc.stdout, proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| model |"))
+    assert [float(x) for x in row.strip("| ").split("|")[1:]] == pytest.approx(
+        [round(x, 4) for x in _model_lambdas(lam)], abs=1e-4)
+    assert "with metagpt (granularity model)" in proc.stdout
+
+
+def _model_lambdas(coefficients: dict) -> list[float]:
+    groups = coefficients.get("groups") or coefficients.get("coefficients")
+    return groups["model"]["lambdas"] if isinstance(groups["model"], dict) else groups["model"]
