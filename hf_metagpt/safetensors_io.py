@@ -1,17 +1,15 @@
-"""Safetensors headers and a streaming shard writer.
+"""Safetensors headers: parsed, built, and the dtype names around them (a leaf module).
 
-Reads go through `safetensors.safe_open` (lazy, per tensor). Two things the library lacks are
-written here:
+Reads go through `safetensors.safe_open` (lazy, per tensor). What the library lacks is here:
 
 * `read_header` parses the 8-byte length + JSON header of a local file without mapping it, so
   local and remote inputs (`huggingface_hub.get_safetensors_metadata`) give the same
   `TensorMeta`, and a corrupt file gets a message that names it.
-* `ShardWriter` writes a shard whose tensors arrive one by one. `safetensors.torch.save_file`
-  needs every tensor of a shard in memory at once (a 5 GB buffer per shard); since the plan knows
-  every output name, shape and dtype in advance, we write the header first and then each tensor's
-  bytes at its offset as soon as it is merged.
+* `build_header` writes the header of a shard before its tensors exist: `engine.writer.ShardWriter`
+  then writes each tensor's bytes at its offset as soon as it is merged (`safetensors.torch.save_file`
+  needs every tensor of a shard in memory at once, a 5 GB buffer per shard).
+* `ST_TO_TORCH` / `CONFIG_TO_ST`: safetensors dtype codes, torch dtypes and the names a config.json uses.
 """
-
 from __future__ import annotations
 
 import errno
