@@ -51,3 +51,10 @@ def lora_sq_norm(b: torch.Tensor, a: torch.Tensor, scale: float) -> float:
     gb = b.double().t() @ b.double()
     ga = a.double() @ a.double().t()
     return float(scale) ** 2 * float((gb * ga).sum())
+
+
+def lowrank_dense(x, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Δ = scale·B·A of an `engine.gram.LowRank` formed in `dtype` (transposed as it says): what the
+    Gram functions compute from the factors without ever forming it."""
+    d = x.b.to(dtype) @ x.a.to(dtype)
+    return (d.t() if x.transposed else d) * x.scale

@@ -67,9 +67,6 @@ class World:
     def is_main(self) -> bool:
         return self.index == 0
 
-    def barrier(self) -> None:
-        self.state.wait_for_everyone()
-
     def broadcast(self, obj: Any = None) -> Any:
         """The main process's `obj` on every process (others pass nothing)."""
         import torch.distributed as dist

@@ -158,11 +158,6 @@ class LowRank:
         m, n = self.b.shape[0], self.a.shape[1]
         return (n, m) if self.transposed else (m, n)
 
-    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """Δ formed in `dtype` (for checks; the Gram functions never call it)."""
-        d = self.b.to(dtype) @ self.a.to(dtype)
-        return (d.t() if self.transposed else d) * self.scale
-
 
 def lowrank_sq_norm(x: LowRank) -> float:
     """‖Δ‖² from the factors: scale² · Σ((BᵀB) ⊙ (AAᵀ)), as tests/oracles.lora_sq_norm checks."""

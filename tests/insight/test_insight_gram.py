@@ -8,7 +8,7 @@ import torch
 from hf_metagpt.engine import kernels
 from hf_metagpt.engine.gram import LowRank, lowrank_dense_dot, lowrank_dot, lowrank_sq_norm, mixed_gram, tau_gram, task_gram
 from hf_metagpt.methods.base import squared_norm
-from oracles import lora_sq_norm, task_sq_norms
+from oracles import lora_sq_norm, lowrank_dense, task_sq_norms
 
 
 def _models(shape=(13, 11), n=3, dtype=torch.bfloat16, seed=1):
@@ -86,7 +86,7 @@ def test_lowrank_dot_equals_formed_deltas(tx, ty):
     x = _lowrank(23, 17, 4, 2.0, tx, 1)
     y = _lowrank(23, 17, 6, 0.25, ty, 2, torch.bfloat16)
     assert x.shape == y.shape == (23, 17)
-    want = float((x.dense() * y.dense()).sum())
+    want = float((lowrank_dense(x) * lowrank_dense(y)).sum())
     assert lowrank_dot(x, y) == pytest.approx(want, rel=1e-12)
     assert lowrank_dot(y, x) == pytest.approx(want, rel=1e-12)
 
@@ -96,7 +96,7 @@ def test_lowrank_sq_norm_is_lora_sq_norm_bit_for_bit():
         x = _lowrank(31, 19, 8, 16 / 8, t, 3, torch.bfloat16)
         assert lowrank_sq_norm(x) == lora_sq_norm(x.b, x.a, x.scale)
         assert lowrank_dot(x, x) == lowrank_sq_norm(x)
-        assert lowrank_sq_norm(x) == pytest.approx(float((x.dense() ** 2).sum()), rel=1e-12)
+        assert lowrank_sq_norm(x) == pytest.approx(float((lowrank_dense(x) ** 2).sum()), rel=1e-12)
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -104,13 +104,13 @@ def test_lowrank_against_a_full_fine_tune_without_forming_either(transposed):
     base, fts = _models(shape=(41, 23), n=1, dtype=torch.bfloat16)
     x = _lowrank(41, 23, 5, 0.5, transposed, 4)
     tau = fts[0].double() - base.double()
-    want = float((x.dense() * tau).sum())
+    want = float((lowrank_dense(x) * tau).sum())
     # Blocks of 3 rows: many blocks and a ragged last one.
     assert lowrank_dense_dot(x, fts[0], minus=base, block=3 * 23) == pytest.approx(want, rel=1e-12)
-    assert lowrank_dense_dot(x, tau.float()) == pytest.approx(float((x.dense() * tau.float().double()).sum()), rel=1e-12)
+    assert lowrank_dense_dot(x, tau.float()) == pytest.approx(float((lowrank_dense(x) * tau.float().double()).sum()), rel=1e-12)
     # Shared vocabulary rows: the adapter's factors are cut by the caller, τ by `rows`.
     cut = LowRank(x.b, x.a[:, :30], x.scale, True) if transposed else LowRank(x.b[:30], x.a, x.scale, False)
-    want_cut = float((cut.dense() * tau[:30]).sum())
+    want_cut = float((lowrank_dense(cut) * tau[:30]).sum())
     assert lowrank_dense_dot(cut, fts[0], minus=base, rows=30, block=50) == pytest.approx(want_cut, rel=1e-12)
 
 
@@ -128,7 +128,7 @@ def test_mixed_gram_of_adapters_full_fine_tunes_and_untouched_tensors():
     lora2 = _lowrank(19, 13, 2, 0.5, True, 6)  # an embedding-style (B·A)ᵀ update
     parts = [taus[0], lora1, None, lora2, taus[1]]
     got = mixed_gram(parts, chunk=17)
-    dense = [taus[0].double(), lora1.dense(), torch.zeros(19, 13, dtype=torch.float64), lora2.dense(), taus[1].double()]
+    dense = [taus[0].double(), lowrank_dense(lora1), torch.zeros(19, 13, dtype=torch.float64), lowrank_dense(lora2), taus[1].double()]
     want = torch.tensor([[float((p * q).sum()) for q in dense] for p in dense], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-300)
     assert torch.equal(got, got.t())

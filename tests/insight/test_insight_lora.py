@@ -17,6 +17,7 @@ from hf_metagpt.engine.gram import LowRank, mixed_gram
 from hf_metagpt.sources.lora import ADAPTER_WEIGHTS, load_adapter_info
 from hf_metagpt.sources.refs import parse_ref
 from hf_metagpt.demo.tiny import TinySpec, build_family
+from oracles import lowrank_dense
 from reference import group_of, load_state
 from test_lora import make_adapter, materialize64
 
@@ -45,7 +46,7 @@ def _parts(name, base_state, full_state, infos, raws):
         low = LowRank(raw[m.b_key], raw[m.a_key], m.scale, m.transposed) if m else None
         if name in info.full:  # a saved module: τ = saved − base (plus its LoRA update, if any)
             tau = raw[info.full[name]].float() - b
-            parts.append(tau if low is None else tau + low.dense(torch.float32))
+            parts.append(tau if low is None else tau + lowrank_dense(low, torch.float32))
         else:
             parts.append(low)
     return parts

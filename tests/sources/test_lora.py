@@ -13,7 +13,7 @@ import hf_metagpt
 from hf_metagpt.errors import IncompatibleModelsError, InputError, MergeError
 from hf_metagpt.engine.adapter_output import truncate_rank
 from hf_metagpt.errors import UnsupportedAdapterError
-from hf_metagpt.sources.lora import lora_sq_norm
+from oracles import lora_sq_norm
 from hf_metagpt.demo.tiny import TinySpec, build_family
 from reference import assert_within_ulp, load_state, reference_metagpt
 
