@@ -146,10 +146,14 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
     if root is None:
         raise RecipeError(f"Recipe {source} is empty.")
     top = r.mapping(root, "the recipe")
+    module_params = _lift_default_module(r, top)
     method = _method(r, top, root)
     accepted = MERGEKIT_METHODS.get(method, _PASSTHROUGH)
     base = r.text(top["base_model"][1], "base_model") if "base_model" in top else None
     globals_ = _parameters(r, top["parameters"][1], accepted, method, per_model=False) if "parameters" in top else {}
+    if module_params is not None:  # modules.default's own parameters, over the top-level ones
+        own = _parameters(r, module_params, accepted, method, per_model=False)
+        globals_ = {**globals_, **{k: _chain(v, globals_.get(k)) for k, v in own.items()}}
     out: dict[str, Any] = {"method": method}
     if "slices" in top:
         if "models" in top:
@@ -167,9 +171,15 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
                          hint="Add `models:` with one `- model: ...` per model (or `slices:` with layer ranges).")
         mnode = top["models"][1]
         entries = _entries(r, mnode, accepted, method)
-    if method == "linear" and base is not None and base not in [spec for spec, _, _ in entries]:
-        # mergekit's linear averages every input, base_model included when it is not listed
+    if method == "linear" and base is not None and base not in [spec for spec, _, _ in entries] and "slices" not in top:
+        # mergekit's linear averages every input, base_model included when `models` does not list it
+        # (it adds the base to `models`, not to slices' sources: a sliced linear leaves it out)
         entries = [(base, {}, top["base_model"][1]), *entries]
+    if "slices" in top and base is not None and base not in [spec for spec, _, _ in entries] \
+            and method not in ("linear", "nuslerp"):
+        raise r.fail(top["slices"][1], f"base_model {base!r} is not a source of the slices",
+                     hint="mergekit 0.1.5 refuses this recipe too ('Base input is not present in merge inputs'): "
+                          "add base_model as a source of each slice, with the same layer_range as the others.")
     refs = [_ref(r, spec, base, node) for spec, _, node in entries]
     base_spec = base
     base, tunes = _fine_tunes(r, method, base, refs, mnode, root)
@@ -217,12 +227,42 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
     return out
 
 
+def _lift_default_module(r: "_Reader", top: dict) -> yaml.Node | None:
+    """`modules: {default: {...}}` (mergekit's one module of a single-module model) as the top level.
+
+    mergekit 0.1.5 names the one module of a causal LM `default`: its `slices`/`models` are the merge's,
+    its `parameters` take precedence over the top-level ones (checked: the same bytes as the recipe
+    written without `modules:`). Other module names (a vision tower, a text decoder of a multimodal
+    model) are refused saying what mergekit does with them.
+    """
+    if "modules" not in top:
+        return None
+    kn, vn = top.pop("modules")
+    modules = r.mapping(vn, "modules")
+    names = list(modules)
+    if names != ["default"]:
+        raise r.fail(kn, f"mergekit `modules` {names} (a merge per module of a multi-module model) is not supported",
+                     hint="mergekit 0.1.5 merges each named module of a multimodal architecture (a text decoder, a vision "
+                          "tower) with its own slices; hf-metagpt reads only `modules: {default: ...}`, the one module of a "
+                          "causal LM. Merge such a model with mergekit, or write the recipe without `modules:`.")
+    mkn, mvn = modules["default"]
+    fields = r.mapping(mvn, "modules.default")
+    for key, (fk, fv) in fields.items():
+        if key not in ("slices", "models", "parameters"):
+            raise r.fail(fk, f"Unknown key {key!r} in modules.default",
+                         hint="A module has `slices:` or `models:`, and `parameters:`.")
+        if key in ("slices", "models") and ("slices" in top or "models" in top):
+            raise r.fail(fk, f"The recipe gives `{key}` both at the top and under modules.default",
+                         hint="Give the models once: at the top, or under `modules: default:`.")
+    for key in ("slices", "models"):
+        if key in fields:
+            top[key] = fields[key]
+    return fields["parameters"][1] if "parameters" in fields else None
+
+
 def _method(r: "_Reader", top: dict, root: yaml.Node) -> str:
     """The recipe's merge_method, after refusing unknown top-level keys and `slices`."""
     for key, (k, _) in list(top.items()):
-        if key == "modules":
-            raise r.fail(k, "mergekit `modules` (a merge per module of a multi-module model) is not supported",
-                         hint="Merge each module with a recipe of its own.")
         if key not in _TOP_KEYS:
             where = ("mergekit reads it only under `parameters:`" if key in _ALL_PARAMETERS
                      else "it is not a mergekit key")
@@ -285,9 +325,11 @@ def _fine_tunes(r: "_Reader", method: str, base: str | None, refs: list[str], mn
         raise r.fail(root, f"merge_method {method!r} needs a base_model",
                      hint="Add `base_model:` (mergekit refuses this recipe too: 'Merge method requires a base input').")
     tunes = [i for i, ref in enumerate(refs) if ref != base]
-    if method == "slerp" and (len(tunes) != 1 or len(refs) != 2):
+    if method == "slerp" and (len(tunes) != 1 or len(refs) > 2):
+        # base_model need not be listed: mergekit adds it to the inputs (checked: the same bytes)
         raise r.fail(mnode, "slerp merges exactly two models: base_model and one other",
-                     hint="List base_model and the other model under `models`.")
+                     hint="List the other model under `models` (and, if you like, base_model too); mergekit "
+                          "refuses this recipe too ('Merge method requires exactly 2 inputs').")
     if not tunes:
         raise r.fail(mnode, "The recipe lists no model besides base_model")
     return base, tunes
@@ -362,7 +404,7 @@ def _parameters(r: _Reader, node: yaml.Node, accepted: tuple[str, ...], method: 
     out: dict[str, Any] = {}
     for key, (kn, vn) in r.mapping(node, "parameters").items():
         if method == "passthrough" and key == "scale":
-            value = r.value(vn)
+            value = _drop_entry_keys(r, vn, key, r.value(vn))
             _check_setting(r, vn, key, value)
             if not _numeric_setting(_at(value, 0.0)) or not _numeric_setting(_at(value, 1.0)):
                 raise r.fail(vn, f"scale must be a number (or numbers per layer or per filter), got {value!r}")
@@ -376,7 +418,7 @@ def _parameters(r: _Reader, node: yaml.Node, accepted: tuple[str, ...], method: 
             r.warn(kn, f"parameter {key!r} is ignored under a model: it applies to the whole merge (give it in the "
                        "top-level `parameters:`), and mergekit 0.1.5 ignores it there too")
             continue
-        value = r.value(vn)
+        value = _drop_entry_keys(r, vn, key, r.value(vn))
         _check_setting(r, vn, key, value)
         _check_value(r, vn, method, key, value, per_model)
         out[key] = value
@@ -400,6 +442,29 @@ def _check_value(r: _Reader, node: yaml.Node, method: str, key: str, value: Any,
         get_method(method, **trial)
     except MergeError as exc:
         raise RecipeError(f"{exc.message.rstrip('.')} ({r.where(node)}).", hint=exc.hint) from None
+
+
+def _drop_entry_keys(r: _Reader, node: yaml.Node, key: str, value: Any) -> Any:
+    """A filtered list without the keys mergekit ignores in its entries (it reads `filter` and `value`).
+
+    mergekit 0.1.5 drops any other key of an entry, e.g. the `pattern:` of its own gradient-slerp example:
+    that entry then has no filter and applies to every tensor (checked: the same bytes as the plain value).
+    """
+    if not isinstance(value, list) or not isinstance(node, yaml.SequenceNode):
+        return value
+    out = []
+    for item, inode in zip(value, node.value):
+        if isinstance(item, dict) and "value" in item:
+            extra = sorted(str(k) for k in item if k not in ("filter", "value"))
+            if extra:
+                effect = ("this entry keeps its filter" if "filter" in item
+                          else "this entry has no filter, so it applies to every tensor it reaches")
+                r.warn(inode, f"key {extra[0]!r} of a filtered value of {key!r} is ignored: mergekit reads only `filter` "
+                              f"and `value` there and ignores it too (a filter is written `filter: NAME`); "
+                              f"{effect}")
+                item = {k: v for k, v in item.items() if k in ("filter", "value")}
+        out.append(item)
+    return out
 
 
 def _check_setting(r: _Reader, node: yaml.Node, key: str, value: Any) -> None:

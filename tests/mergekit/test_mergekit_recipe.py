@@ -111,7 +111,8 @@ def test_linear_slerp_and_metagpt_recipes():
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ("merge_method: ties\nbase_model: a/b\nmodels: [a/c]\nmodules: {}\n", "mergekit `modules` (a merge per module"),
+    ("merge_method: ties\nbase_model: a/b\nmodules:\n  vision_tower: {models: [a/c]}\n",
+     "mergekit `modules` ['vision_tower'] (a merge per module of a multi-module model) is not supported (r.yml, line 3)"),
     ("merge_method: ties\nbase_model: a/b\nmodels:\n  - model: a/c\n    parameters:\n      density: 0.5\n",
      "Model 'a/c' has no weight (r.yml, line 4)"),
     ("merge_method: ties\nbase_model: a/b\nmodels: [a/c]\nparameters:\n  density: 1.5\n",
