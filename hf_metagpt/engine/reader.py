@@ -101,7 +101,6 @@ def advise(path: Path, metas: list[TensorMeta]) -> None:
         os.close(fd)
 
 
-#: Environment variable: 0 reads and writes through the page cache only (no O_DIRECT).
 #: Block size of direct reads and writes: file offsets, lengths and memory addresses are multiples
 #: of it (4 KiB: a multiple of every disk's logical block size).
 BLOCK = 4096

@@ -40,9 +40,7 @@ log = logging.getLogger(__name__)
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
-#: environment variable: where converted shards are kept (default: `hf-metagpt/converted` under HF_HOME)
 _HASH_CHUNK = 8 << 20
-
 
 
 @dataclass(frozen=True)
