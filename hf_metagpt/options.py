@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import yaml
 
-from .errors import RecipeError
+from .errors import InputError, RecipeError
 from .safetensors_io import CONFIG_TO_ST
 
 if TYPE_CHECKING:
@@ -39,6 +39,24 @@ _PATH_FIELDS = ("base", "output", "tokenizer_source")
 
 def _fspath(value: Any) -> Any:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def check_push_options(push_to: str | None, *, create_pr: bool = False, revision: str | None = None) -> None:
+    """Refuse push options that cannot work together, before anything is read or merged.
+
+    A pull request is always opened against the default branch (huggingface_hub raises a
+    ValueError for `create_pr` with another `revision` — after the whole merge, when this is not
+    checked first); `--create-pr` and `--revision` mean nothing without somewhere to push.
+    """
+    if create_pr and revision not in (None, "", "main"):
+        raise InputError(f"--create-pr cannot be combined with --revision {revision} (create_pr=True with "
+                         f"revision={revision!r}): a pull request is always opened against main.",
+                         hint=f"Drop --revision to open a pull request against main, or drop --create-pr to "
+                              f"commit to the branch {revision!r}.")
+    if not push_to and (create_pr or revision):
+        what = "--create-pr (create_pr=True)" if create_pr else f"--revision {revision} (revision=...)"
+        raise InputError(f"{what} only applies to a push, and no --push-to (push_to=...) was given.",
+                         hint="Add --push-to ORG/NAME, or drop the option.")
 
 
 @dataclass
@@ -151,8 +169,6 @@ class MergeOptions:
             from .engine.layers import check_layers
 
             check_layers(self.layers, 1 + len(self.models))
-        from .publish.push import check_push_options
-
         check_push_options(self.push_to, create_pr=self.create_pr, revision=self.revision)
         if self.lora_rank is not None:
             if self.output_format != "lora":

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..options import check_push_options
 from ..sources.hub_calls import HubAccessError, call, retrying
 from ..sources.hub_calls import api as hub_api
 
@@ -28,24 +29,6 @@ def skipped_files(folder: str | os.PathLike) -> list[str]:
         if path.is_file() and any(fnmatch.fnmatch(rel, pat) for pat in IGNORE_PATTERNS):
             out.append(rel)
     return sorted(out)
-
-
-def check_push_options(push_to: str | None, *, create_pr: bool = False, revision: str | None = None) -> None:
-    """Refuse push options that cannot work together, before anything is read or merged.
-
-    A pull request is always opened against the default branch (huggingface_hub raises a
-    ValueError for `create_pr` with another `revision` — after the whole merge, when this is not
-    checked first); `--create-pr` and `--revision` mean nothing without somewhere to push.
-    """
-    if create_pr and revision not in (None, "", "main"):
-        raise InputError(f"--create-pr cannot be combined with --revision {revision} (create_pr=True with "
-                         f"revision={revision!r}): a pull request is always opened against main.",
-                         hint=f"Drop --revision to open a pull request against main, or drop --create-pr to "
-                              f"commit to the branch {revision!r}.")
-    if not push_to and (create_pr or revision):
-        what = "--create-pr (create_pr=True)" if create_pr else f"--revision {revision} (revision=...)"
-        raise InputError(f"{what} only applies to a push, and no --push-to (push_to=...) was given.",
-                         hint="Add --push-to ORG/NAME, or drop the option.")
 
 
 def push(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = False,
