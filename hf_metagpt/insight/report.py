@@ -120,13 +120,90 @@ def _pairs(n: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n) for j in range(i + 1, n)]
 
 
+#: up to this many models the text table has a column per model and per pair (6 pairs at 4)
+WIDE_MODELS = 4
+#: pairs listed by |cos| when the table has too many models for a column per pair
+TOP_PAIRS = 10
+
+
+def _many_models_table(geometry: Geometry, *, max_rows: int | None = None) -> str:
+    """The text table for many models: its width does not grow with the number of models.
+
+    Per model (whole model): ‖τ‖², λ, and the model it is most aligned with; per group: Σ‖τ‖², the
+    largest λ and whose, the largest |cos| and its pair, the mean |cos| over every pair; then the
+    `TOP_PAIRS` pairs of largest |cos| over the whole model, and each granularity's λ range.
+    """
+    t = len(geometry.models)
+    pairs = _pairs(t)
+    whole = geometry.whole
+
+    def table(head: list[str], rows: list[list[str] | None], last: list[str] | None = None,
+              left: int = 2) -> list[str]:
+        full = [r for r in rows if r is not None] + ([last] if last else [])
+        widths = [max(len(r[c]) for r in [head, *full]) for c in range(len(head))]
+
+        def fmt(r: list[str]) -> str:
+            return "  ".join(r[c].ljust(widths[c]) if c < left else r[c].rjust(widths[c]) for c in range(len(r))).rstrip()
+
+        out = [fmt(head), fmt(["-" * w for w in widths])]
+        out += ["…" if r is None else fmt(r) for r in rows]
+        if last:
+            out += [fmt(["-" * w for w in widths]), fmt(last)]
+        return out
+
+    def most_aligned(gram: Gram, k: int) -> tuple[float, int]:
+        return max(((gram.cosine(k, j), j) for j in range(t) if j != k), key=lambda c: abs(c[0]))
+
+    lines = [f"{t} models, {len(pairs)} pairs: a row per model, a summary row per group, the {TOP_PAIRS} most "
+             "aligned pairs", ""]
+    model_rows: list[list[str] | None] = []
+    for k, name in enumerate(geometry.models):
+        cos, j = most_aligned(whole, k)
+        model_rows.append([f"[{k + 1}]", name, _num(whole.sq_norms[k]), f"{whole.shares[k]:.4f}", f"{cos:+.3f}",
+                           f"[{j + 1}]"])
+    lines += table(["#", "model (whole model)", "‖τ‖²", "λ", "max |cos|", "with"], model_rows)
+
+    def group_row(name: str, gram: Gram) -> list[str]:
+        shares = gram.shares
+        top = max(range(t), key=lambda k: shares[k])
+        cosines = [(gram.cosine(i, j), i, j) for i, j in pairs]
+        cos, i, j = max(cosines, key=lambda c: abs(c[0]))
+        mean = sum(abs(c[0]) for c in cosines) / len(cosines)
+        return [name, _num(gram.total), f"{shares[top]:.4f}", f"[{top + 1}]", f"{cos:+.3f}", f"[{i + 1}]·[{j + 1}]",
+                f"{mean:.3f}"]
+
+    groups = list(geometry.layers.items())
+    shown: list[tuple[str, Gram] | None] = list(groups)
+    if max_rows is not None and len(groups) > max_rows:
+        keep = max(1, max_rows - 1)
+        head_n = keep // 2 + keep % 2
+        shown = groups[:head_n] + [None] + groups[len(groups) - (keep - head_n):]
+    lines += [""] + table(["group", "Σ‖τ‖²", "max λ", "of", "max |cos|", "pair", "mean |cos|"],
+                          [None if g is None else group_row(*g) for g in shown], group_row("whole model", whole), left=1)
+    top = sorted(pairs, key=lambda p: -abs(whole.cosine(*p)))[:TOP_PAIRS]
+    lines += ["", f"the {len(top)} pairs of largest |cos| over the whole model (of {len(pairs)}):"]
+    lines += [f"  [{i + 1}]·[{j + 1}]  {whole.cosine(i, j):+.3f}  {geometry.models[i]} · {geometry.models[j]}"
+              for i, j in top]
+    lines += ["", "λ each granularity would give (min … max over models and groups):"]
+    for gr in GRANULARITIES:
+        lam = geometry.lambdas(gr)
+        cells = [(v[k], k) for v in lam.values() for k in range(t)]
+        (lo, klo), (hi, khi) = min(cells), max(cells)
+        lines.append(f"  {gr:<6} ({len(lam)} group(s)): {lo:.4f} ([{klo + 1}]) … {hi:.4f} ([{khi + 1}])")
+    return "\n".join(lines)
+
+
 def text_table(geometry: Geometry, *, max_rows: int | None = None) -> str:
     """Per group and for the whole model: ‖τt‖², λ (each model's share) and pairwise cosines.
 
     Models are numbered [1]..[T] in the header so the columns stay narrow; `max_rows` keeps the
-    first and last groups of a long model.
+    first and last groups of a long model. Past `WIDE_MODELS` models (a column per pair would make
+    4,950 columns at 100 models) the table is `_many_models_table`: a row per model, a summary row
+    per group and the `TOP_PAIRS` most aligned pairs.
     """
     t = len(geometry.models)
+    if t > WIDE_MODELS:
+        return _many_models_table(geometry, max_rows=max_rows)
     pairs = _pairs(t)
     head = (["group"] + [f"‖τ{k + 1}‖²" for k in range(t)] + [f"λ{k + 1}" for k in range(t)]
             + [f"cos {i + 1}·{j + 1}" for i, j in pairs])

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .._version import __version__
 from ..engine.plan import MergePlan
 from ..options import local_name, looks_local, public_recipe_text
-from ..sources.hub import local_license, read_license, remote_files
+from ..sources.hub import License, local_license, read_license, remote_files
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -165,11 +165,13 @@ def method_tags(method: str) -> list[str]:
     return ["merge", method, *extra, "hf-metagpt"]
 
 
-def choose_license(licenses: list[str | None]) -> tuple[str, str | None]:
-    """The card's `license:` and a note when the inputs do not share one known licence."""
-    known = {lic for lic in licenses if lic}
+def choose_license(licenses: "list[str | License | None]") -> tuple[str, str | None]:
+    """The card's `license:` and a note when the inputs do not share one known licence (a custom
+    licence, `License`, counts by its name: two `other` licences of different names differ)."""
+    known = {str(lic) for lic in licenses if lic}
     if len(known) == 1 and all(licenses):
-        return known.pop(), None
+        only = next(lic for lic in licenses if lic)
+        return ("other" if isinstance(only, License) else str(only)), None
     if not known:
         return "other", "The licences of the inputs could not be read from their cards: check each input's licence before use."
     return "other", ("The inputs carry different licences (" + ", ".join(sorted(known)) +
@@ -296,9 +298,15 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
     if not hub_ids:
         data.base_model_relation = None
     if license_ == "other":  # the Hub asks a custom licence for a name and a link
-        known = sorted({lic for lic in (licenses or []) if lic and lic != "other"})
-        data.license_name = "-and-".join(known) if len(known) > 1 else ("unknown" if not known else "other")
-        data.license_link = "README.md#licence"
+        custom = [lic for lic in (licenses or []) if isinstance(lic, License)]
+        if custom and license_note is None:  # every input under the same custom licence: carry its name and link
+            data.license_name = custom[0].name
+            data.license_link = next((c.link for c in custom if c.link), None) or "README.md#licence"
+        else:
+            known = sorted({lic.name if isinstance(lic, License) else str(lic)
+                            for lic in (licenses or []) if lic and lic != "other"})
+            data.license_name = "-and-".join(known) if len(known) > 1 else ("unknown" if not known else "other")
+            data.license_link = "README.md#licence"
 
     title = repo_id.split("/")[-1] if repo_id else (result.output.name if result.output else "merged model")
     lines = [f"# {title}", ""]
@@ -567,8 +575,9 @@ def write_card(result: "MergeResult", folder: Path, *, licenses: list[str | None
     return path
 
 
-def all_licenses(plan: "MergePlan", token: str | None = None) -> list[str | None]:
-    """License of every input (base first), from their cards; None where unknown."""
+def all_licenses(plan: "MergePlan", token: str | None = None) -> "list[str | License | None]":
+    """License of every input (base first), from their cards; None where unknown; a custom licence
+    (`license: other` with `license_name`/`license_link`) as a `License`."""
     out = []
     for info in plan.inputs:
         if info.ref.is_hub:

@@ -380,31 +380,59 @@ def _cached_headers(remote: RemoteModel, token: str | None) -> tuple[dict[str, T
     return tensors, files
 
 
-def read_license(ref: ModelRef, files: dict[str, int | None], token: str | None = None) -> str | None:
-    """The `license:` of a Hub model's card at its pinned commit (None when it has none)."""
+@dataclass(frozen=True)
+class License:
+    """A custom licence of an input's card: `license: other` with the `license_name` and
+    `license_link` the Hub asks for (the link made absolute for a Hub input: it named a file of *that* repo)."""
+
+    name: str
+    link: str | None = None
+
+    def __str__(self) -> str:
+        return f"other ({self.name})"
+
+
+def _card_license(path: Path, ref: ModelRef | None = None) -> "str | License | None":
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(path, ignore_metadata_errors=True).data
+    lic = data.license
+    if not isinstance(lic, str):
+        return None
+    name, link = getattr(data, "license_name", None), getattr(data, "license_link", None)
+    if lic == "other" and isinstance(name, str) and name.strip():
+        link = link if isinstance(link, str) and link.strip() else None
+        if link and "://" not in link:  # a file of the input's repo: a link into that repo, or none for a folder
+            from huggingface_hub import constants
+
+            link = (f"{constants.ENDPOINT.rstrip('/')}/{ref.repo_id}/blob/{ref.sha or 'main'}/{link.lstrip('./')}"
+                    if ref is not None and ref.repo_id else None)
+        return License(name.strip(), link)
+    return lic
+
+
+def read_license(ref: ModelRef, files: dict[str, int | None], token: str | None = None) -> "str | License | None":
+    """The `license:` of a Hub model's card at its pinned commit (None when it has none); a custom
+    licence (`other` with a `license_name`) as a `License`."""
     if ref.repo_id is None or "README.md" not in files:
         return None
-    from huggingface_hub import ModelCard, hf_hub_download
+    from huggingface_hub import hf_hub_download
 
     try:
         path = call(ref.display, hf_hub_download, ref.repo_id, "README.md", revision=ref.sha, token=tok(token))
-        lic = ModelCard.load(path, ignore_metadata_errors=True).data.license
+        return _card_license(Path(path), ref)
     except Exception as exc:  # a broken card must not stop a merge; the card says "unknown"
         log.debug("could not read the card of %s: %s", ref.display, exc)
         return None
-    return lic if isinstance(lic, str) else None
 
 
-def local_license(folder: Path | None) -> str | None:
+def local_license(folder: Path | None) -> "str | License | None":
     if folder is None or not (folder / "README.md").is_file():
         return None
-    from huggingface_hub import ModelCard
-
     try:
-        lic = ModelCard.load(folder / "README.md", ignore_metadata_errors=True).data.license
+        return _card_license(folder / "README.md")
     except Exception:
         return None
-    return lic if isinstance(lic, str) else None
 
 
 # ---------------------------------------------------------------- downloads

@@ -576,3 +576,16 @@ def test_summary_of_metagpt_keeps_its_lambda_table(family, tmp_path):
 def _model_lambdas(coefficients: dict) -> list[float]:
     groups = coefficients.get("groups") or coefficients.get("coefficients")
     return groups["model"]["lambdas"] if isinstance(groups["model"], dict) else groups["model"]
+
+
+def test_inspect_of_many_models_prints_a_table_of_fixed_width(tmp_path):
+    base, fts = build_family(tmp_path / "six", n_models=6)
+    proc = cli("-q", "inspect", *map(str, fts), "--base", str(base), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "6 models, 15 pairs: a row per model" in proc.stdout
+    assert max(len(line) for line in lines) < 120 + max(len(str(f)) for f in fts) * 2, max(lines, key=len)
+    assert not any("cos 1·2" in line for line in lines)  # no column per pair
+    for k, f in enumerate(fts, 1):
+        assert any(line.startswith(f"[{k}]") and str(f) in line for line in lines), (k, proc.stdout)
+    assert "the 10 pairs of largest |cos| over the whole model (of 15):" in proc.stdout

@@ -240,3 +240,51 @@ def test_geometry_round_trips_through_json_exactly():
     assert back == geo
     with pytest.raises(ValueError, match="not a stored geometry"):
         Geometry.from_json({"models": ["a"]})
+
+
+def test_text_table_of_many_models_stays_narrow_and_names_the_most_aligned_pairs():
+    """At 100 models a column per pair would be 4,950 columns: the table keeps a fixed width instead."""
+    import numpy as np
+
+    from hf_metagpt.insight.report import TOP_PAIRS
+
+    t, rng = 100, np.random.default_rng(0)
+    names = [f"org/ft-{k:03d}" for k in range(t)]
+    entries, whole = [], np.zeros((t, t))
+    for layer in range(3):
+        x = rng.standard_normal((t, 64))
+        x[7] = x[3] + 0.05 * rng.standard_normal(64)  # models [4] and [8] nearly parallel
+        x[50] = -x[20] + 0.3 * rng.standard_normal(64)  # [21] and [51] opposed
+        x[99] *= 10.0  # [100] carries the largest update
+        gram = x @ x.T
+        whole += gram
+        entries.append((f"model.layers.{layer}.mlp.down_proj.weight", Gram.of(gram)))
+    geo = Geometry(tuple(names), tuple(entries))
+    text = text_table(geo)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) < 120, max(lines, key=len)
+    assert len(lines) < t + 40  # a row per model and per group, not per pair
+    # the listed pairs are the largest |cos| of the whole model, computed here independently
+    norms = np.sqrt(np.diag(whole))
+    cos = whole / np.outer(norms, norms)
+    iu = np.triu_indices(t, 1)
+    order = np.argsort(-np.abs(cos[iu]), kind="stable")[:TOP_PAIRS]
+    expected = [(iu[0][o] + 1, iu[1][o] + 1, cos[iu][o]) for o in order]
+    start = next(k for k, line in enumerate(lines) if line.startswith(f"the {TOP_PAIRS} pairs of largest |cos|"))
+    listed = lines[start + 1:start + 1 + TOP_PAIRS]
+    for line, (i, j, c) in zip(listed, expected):
+        assert line.split()[:2] == [f"[{i}]·[{j}]", f"{c:+.3f}"], (line, i, j, c)
+    assert listed[0].split()[:1] == ["[4]·[8]"] and f"{names[3]} · {names[7]}" in listed[0]
+    assert any(line.split()[0] == "[21]·[51]" and line.split()[1].startswith("-0.9") for line in listed)
+    # a row per model: [100]'s λ is its share of the whole model's squared norm
+    row = next(line for line in lines if line.startswith("[100]"))
+    assert row.split()[1] == names[99]
+    assert float(row.split()[3]) == pytest.approx(whole[99, 99] / np.trace(whole), abs=1e-4)
+    assert row.split()[-1] != "[100]"
+    row4 = next(line for line in lines if line.startswith("[4] "))
+    assert row4.split()[-2:] == [f"{cos[3, 7]:+.3f}", "[8]"]
+    # groups: one summary row each, with the pair of largest |cos| in it
+    group = next(line for line in lines if line.startswith("layers.0") or line.startswith("model.layers.0"))
+    assert "[4]·[8]" in group
+    lam = geo.lambdas("model")["model"]
+    assert f"{max(lam):.4f} ([100])" in text

@@ -189,3 +189,58 @@ def test_remote_code_of_a_hub_base_is_downloaded_and_kept(family, tmp_path, hub_
     proc = cli("merge", "--base", repo, *map(str, fts), "-o", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "modeling_tiny.py").read_text() == "# the base's modeling code, from the Hub\n"
+
+
+QWEN_CARD = ("---\nlicense: other\nlicense_name: qwen-research\nlicense_link: {link}\n---\n# a model\n")
+
+
+def test_a_custom_licence_of_the_inputs_carries_into_the_output_card(tmp_path):
+    """Every input under `license: other` with the same `license_name`: the merge's card names it and links it."""
+    import os
+    import subprocess
+    import sys
+
+    from huggingface_hub import ModelCard
+
+    from hf_metagpt.demo.tiny import build_family
+
+    base, fts = build_family(tmp_path / "fam", n_models=2)
+    link = "https://huggingface.co/Qwen/Qwen2.5-3B-Instruct/blob/main/LICENSE"
+    for folder in (base, *fts):
+        (folder / "README.md").write_text(QWEN_CARD.format(link=link))
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = tmp_path / "m"
+    proc = subprocess.run([sys.executable, "-m", "hf_metagpt", "-q", "merge", *map(str, fts), "--base", str(base),
+                           "-o", str(out), "--method", "ties", "--param", "density=0.5"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = ModelCard.load(out / "README.md").data
+    assert (data.license, data.license_name, data.license_link) == ("other", "qwen-research", link)
+    assert "| other (qwen-research) |" in (out / "README.md").read_text()
+    # one input under another custom licence: both names, and the card's own licence section as the link
+    (fts[1] / "README.md").write_text(QWEN_CARD.format(link=link).replace("qwen-research", "tongyi-qianwen"))
+    proc = subprocess.run([sys.executable, "-m", "hf_metagpt", "-q", "merge", *map(str, fts), "--base", str(base),
+                           "-o", str(out), "--overwrite", "--method", "ties", "--param", "density=0.5"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = ModelCard.load(out / "README.md").data
+    assert (data.license, data.license_name, data.license_link) == ("other", "qwen-research-and-tongyi-qianwen",
+                                                                    "README.md#licence")
+
+
+def test_a_relative_licence_link_of_a_hub_input_points_into_that_repo(tmp_path):
+    from types import SimpleNamespace
+
+    from huggingface_hub import constants
+
+    from hf_metagpt.sources.hub import License, _card_license
+
+    card = tmp_path / "README.md"
+    card.write_text(QWEN_CARD.format(link="LICENSE"))
+    ref = SimpleNamespace(repo_id="Qwen/Qwen2.5-3B", sha="a" * 40)
+    assert _card_license(card, ref) == License(
+        "qwen-research", f"{constants.ENDPOINT.rstrip('/')}/Qwen/Qwen2.5-3B/blob/{'a' * 40}/LICENSE")
+    assert _card_license(card) == License("qwen-research", None)  # a local folder's file: no link to give
+    card.write_text("---\nlicense: apache-2.0\n---\n")
+    assert _card_license(card) == "apache-2.0"
