@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Sequence
 
-from .constants import HUB_TOKENS_ENV, WORKERS_ENV
+from .constants import HUB_TOKENS_ENV, WORKERS_ENV, env as env_value
 from .errors import MergeError
 from .options import DTYPES
 
@@ -326,7 +326,7 @@ def _hub_tokens(args: argparse.Namespace) -> dict[str, str]:
                              hint="Give a text file with one USER:TOKEN (or TOKEN) per line.") from None
         specs += [(line.strip(), f"--token-file {path}, line {i}") for i, line in enumerate(text.splitlines(), 1)
                   if line.strip() and not line.lstrip().startswith("#")]
-    specs += [(spec, HUB_TOKENS_ENV) for spec in os.environ.get(HUB_TOKENS_ENV, "").replace(",", " ").split()]
+    specs += [(spec, HUB_TOKENS_ENV) for spec in (env_value(HUB_TOKENS_ENV) or "").replace(",", " ").split()]
     tokens = {}
     for spec, where in specs:
         try:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..constants import WORKERS_ENV
+from ..constants import WORKERS_ENV, env
 from ..errors import MergeError
 
 #: compute workers at most (memory bandwidth, not cores, bounds a merge well before this)
@@ -64,7 +64,7 @@ def parse_override(value: str | int | None, what: str = WORKERS_ENV) -> int | No
 
 
 def env_override() -> int | None:
-    return parse_override(os.environ.get(WORKERS_ENV))
+    return parse_override(env(WORKERS_ENV))
 
 
 def plan_workers(cores: int, free_bytes: int, device: str, override: int | None = None, *,
