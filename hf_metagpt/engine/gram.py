@@ -71,7 +71,7 @@ def task_gram(base: torch.Tensor, models: list[torch.Tensor], *, rows: int | Non
     step = chunk or kernels.CHUNK
     width = min(n, step)
     # One row per model's difference, each starting at an aligned address like a fresh buffer, so
-    # every dot product sees the values at the alignment `task_sq_norms`' buffer gives them.
+    # every dot product sees the values at the alignment the norm loop's own buffer gives them.
     stride = -(-width // 64) * 64  # rows 512-byte aligned whatever the width
     bbuf = torch.empty(width, dtype=torch.float64, device=device)
     tbuf = torch.empty(t_count, stride, dtype=torch.float64, device=device)[:, :width]

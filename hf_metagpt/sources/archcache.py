@@ -12,6 +12,7 @@ never kept. Hand-written: neither transformers nor huggingface_hub caches derive
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -33,7 +34,9 @@ def cache_dir() -> Path:
     return Path(constants.HF_HOME) / "hf-metagpt" / "architectures"
 
 
+@functools.lru_cache(maxsize=1)
 def _transformers_version() -> str | None:
+    """The installed transformers release, read once per process (each read parses its METADATA)."""
     try:
         return metadata.version("transformers")
     except metadata.PackageNotFoundError:
