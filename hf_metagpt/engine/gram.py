@@ -101,14 +101,15 @@ def task_gram(base: torch.Tensor, models: list[torch.Tensor], *, rows: int | Non
     return _mirror(_add_in_order(dots, pairs, t_count))
 
 
-def _add_in_order(dots: torch.Tensor, pairs: list[tuple[int, int]], t_count: int) -> torch.Tensor:
+def _add_in_order(dots: torch.Tensor, pairs: list[tuple[int, int]], t_count: int,
+                  on_host: bool | None = None) -> torch.Tensor:
     """G[j, i] = ((0 + d₁) + d₂) + … over the chunks' dot products, in chunk order, in float64.
 
     The accumulation `acc[j, i] += dot` always did (bit for bit): on the CPU as Python floats
     (IEEE double additions, one `tolist` per job); elsewhere as tensor additions on the device (a
     GPU job is one chunk, so no read back)."""
     device = dots.device
-    if device.type == "cpu":
+    if on_host if on_host is not None else device.type == "cpu":
         acc = [[0.0] * t_count for _ in range(t_count)]
         for row in dots.tolist():
             for (j, i), v in zip(pairs, row):

@@ -216,3 +216,20 @@ def test_weighted_models_out_sum_is_not_finite_for_nan_and_for_an_overflowing_ou
     total = torch.zeros((), dtype=torch.float64)
     kernels.weighted_models(big, [big], 0.5, [0.5], torch.float16, chunk=64, out_sum=total)
     assert float(total) == 5000 * float(big[0])  # 59904: 60000 in bfloat16
+
+
+def test_the_device_side_chunk_sum_equals_the_host_one():
+    """`_add_in_order` on a GPU adds on the device (no read back); run here on CPU tensors, both ways
+    give the same bits, chunk after chunk from 0.0."""
+    from hf_metagpt.engine.gram import _add_in_order
+
+    g = torch.Generator().manual_seed(3)
+    pairs = [(j, i) for i in range(3) for j in [i, *range(i)]]
+    dots = torch.randn(5, len(pairs), generator=g, dtype=torch.float64) * torch.logspace(-8, 8, 5, dtype=torch.float64)[:, None]
+    host = _add_in_order(dots, pairs, 3, on_host=True)
+    device = _add_in_order(dots, pairs, 3, on_host=False)
+    assert torch.equal(host, device)
+    want = 0.0
+    for c in range(5):
+        want += float(dots[c, pairs.index((0, 2))])
+    assert float(host[0, 2]) == want and float(host[2, 0]) == 0.0  # upper triangle; the caller mirrors it
