@@ -55,10 +55,11 @@ class StageBar:
         With `stop`, an update made on the downloading thread once `stop` is set raises
         `DownloadStopped` (over HTTP, the one hook inside a transfer: see `fetch._stoppable_bar`).
         """
-        return _file_class(self, stop)
+        return file_bar_class(self, stop)
 
 
-def _file_class(stage: StageBar | None, stop: threading.Event | None) -> type:
+def file_bar_class(stage: StageBar | None, stop: threading.Event | None) -> type:
+    """`StageBar.file_class` of `stage`, or with no stage a `tqdm_class` that draws nothing (`stop` as there)."""
     from huggingface_hub.utils import tqdm as hf_tqdm
 
     class FileBar(hf_tqdm):  # type: ignore[misc, valid-type]

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from ..sources.hub import BASE_SIDE_FILES, SIDE_FILES, cached_path, remote_code_files, remote_files
 from .._platform import disk_free
-from .._progress import StageBar, _file_class
+from .._progress import StageBar, file_bar_class
 from ..errors import DownloadStopped, OutputError
 from ..sources.hub_calls import call, call_until, stop_xet_transfers, tok
 from ..sources.chat_template import TEMPLATE_FILES
@@ -125,7 +125,7 @@ def download(plan: "MergePlan", token: str | None = None, *, weights: bool = Tru
     total = sum(remote_files(plan.inputs[i]).get(f) or 0 for i, files in wanted.items() for f in files
                 if cached_path(plan.inputs[i], f) is None)
     stage = StageBar("download", total) if total else None
-    bar = _file_class(stage, None)
+    bar = file_bar_class(stage, None)
 
     def fetch(i: int, file: str) -> Path:
         info = plan.inputs[i]
@@ -230,7 +230,7 @@ def _stoppable_bar(stop: threading.Event, stage: StageBar | None = None) -> type
     stop, a kill, an HTTP error on the resume) deletes its uniquely named partial file, and the next
     download of that shard starts again from byte 0.
     """
-    return _file_class(stage, stop)
+    return file_bar_class(stage, stop)
 
 
 class DownloadPool:
@@ -460,7 +460,7 @@ class LowDiskFiles:
         with self._lock:
             if self._stage is None:  # the total grows as each download starts (shards come back in pass 2)
                 self._stage = StageBar("download shards")
-            return _file_class(self._stage, None)
+            return file_bar_class(self._stage, None)
 
     def _local(self, i: int, file: str) -> Path | None:
         info = self.plan.inputs[i]
