@@ -123,3 +123,37 @@ for _folder in sorted(_Path(__file__).resolve().parent.iterdir()):
     if _folder.is_dir() and not _folder.name.startswith((".", "_")) and str(_folder) not in _sys.path:
         _sys.path.append(str(_folder))
 # ==== end of test layout block ====================================================================
+
+
+# ==== shared tiny families (issue [seams]) ========================================================
+# build_family is deterministic (the same arguments give the same bytes), so the modules that merge
+# a plain tiny family share one build per session instead of each building its own. The folders
+# are shared: read them, never edit them (a test that edits a model edits a copy: helpers.copy_model).
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """Factory: ``base, fine_tunes = tiny_family(n_models=2)`` (build_family's arguments), built once."""
+    from hf_metagpt.demo.tiny import build_family
+
+    built: dict[tuple, tuple] = {}
+
+    def get(n_models: int = 3, spec=None, seed: int = 0, names: list[str] | None = None):
+        key = (n_models, repr(spec), seed, tuple(names or ()))
+        if key not in built:
+            root = tmp_path_factory.mktemp(f"tiny-family-{n_models}")
+            built[key] = build_family(root, n_models=n_models, spec=spec, seed=seed, names=names)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_family_merge(tiny_family, tmp_path_factory):
+    """([base, ft1, ft2], {shard name: bytes}): the 2-fine-tune family and its default merge of the local
+    folders, the reference the Hub tests compare their merges by ID with."""
+    import hf_metagpt
+
+    base, fts = tiny_family(n_models=2)
+    out = tmp_path_factory.mktemp("tiny-family-merge") / "local-merge"
+    hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(out), device="cpu", progress=False)
+    return [base, *fts], {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+# ==== end of shared tiny families block ===========================================================

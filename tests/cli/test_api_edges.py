@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 
 import hf_metagpt
 from hf_metagpt import cli
-from hf_metagpt.demo.tiny import build_family
 from hf_metagpt.engine.stats import StreamStats
 from hf_metagpt.errors import MergeError, OutputError, RecipeError
 from hf_metagpt.options import MergeOptions, build_options, parse_recipe, public_recipe
@@ -28,8 +27,8 @@ from hf_metagpt.sources.refs import ModelRef
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory) -> tuple[Path, list[Path]]:
-    return build_family(tmp_path_factory.mktemp("edges-family"), n_models=2)
+def family(tiny_family) -> tuple[Path, list[Path]]:
+    return tiny_family(n_models=2)
 
 
 @pytest.fixture(scope="module")

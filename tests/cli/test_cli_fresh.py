@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from hf_metagpt.demo.tiny import build_family
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,8 +31,8 @@ def hf_metagpt_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> s
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory) -> tuple[Path, list[Path]]:
-    return build_family(tmp_path_factory.mktemp("fresh-family"), n_models=2)
+def family(tiny_family) -> tuple[Path, list[Path]]:
+    return tiny_family(n_models=2)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -87,6 +86,7 @@ def test_read_only_output_parent_prints_the_path_not_a_traceback(family, tmp_pat
     assert str(parent) in proc.stderr
 
 
+@pytest.mark.slow
 def test_user_error_under_num_processes_prints_once_without_a_traceback(family, tmp_path):
     base, fts = family
     missing = tmp_path / "no-such-model"

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from hf_metagpt.demo.tiny import build_family
 from tests.helpers import publish
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,8 +44,8 @@ def clean_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory) -> tuple[Path, list[Path]]:
-    return build_family(tmp_path_factory.mktemp("user-family"), n_models=2)
+def family(tiny_family) -> tuple[Path, list[Path]]:
+    return tiny_family(n_models=2)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +172,7 @@ def test_density_with_the_default_method_names_the_methods_that_take_it(family, 
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_near_misses_get_a_did_you_mean_and_only_user_facing_names(family, tmp_path):
     base, fts = family
     proc = cli("merge", *map(str, fts), "--base", str(base), "-o", str(tmp_path / "o"), "--method", "linear",
@@ -231,6 +231,7 @@ def test_version():
 
 # ---- item 6: no tracebacks; nothing created before the name is checked ----------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["my model", "me/my model", "a/b/c", "me/"])
 def test_invalid_push_target_is_refused_before_anything_is_read(family, tmp_path, target):
     base, fts = family
@@ -244,6 +245,7 @@ def test_invalid_push_target_is_refused_before_anything_is_read(family, tmp_path
     clean_error(proc, f"{target!r}", "ORG/NAME")
 
 
+@pytest.mark.slow
 def test_push_to_a_bare_name_goes_to_the_users_namespace_and_leaves_no_empty_repo(family, hub_user, tmp_path):
     from huggingface_hub import HfApi
 
@@ -290,6 +292,7 @@ def _recipe(tmp_path: Path, base: Path, fts: list[Path]) -> Path:
     return recipe
 
 
+@pytest.mark.slow
 def test_mergekit_yaml_positional_style_is_accepted(family, tmp_path):
     base, fts = family
     recipe = _recipe(tmp_path, base, fts)
@@ -444,6 +447,7 @@ def test_verify_of_a_lora_output_explains_instead_of_advising_a_rerun(tmp_path):
     assert "re-run the merge" not in err.lower()
 
 
+@pytest.mark.slow
 def test_verify_against_hub_ids_reads_their_cached_files(hub_family, tmp_path):
     from huggingface_hub import snapshot_download
 

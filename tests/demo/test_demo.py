@@ -7,7 +7,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_publishes_merges_by_id_and_pushes_a_card(tmp_path):
     # The demo starts its own local Hub; none of the test session's Hub settings may leak into it.
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}

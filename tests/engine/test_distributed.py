@@ -12,14 +12,13 @@ import pytest
 
 import hf_metagpt
 from hf_metagpt.engine.distributed import split_shards
-from hf_metagpt.demo.tiny import build_family
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    base, fts = build_family(tmp_path_factory.mktemp("family"), n_models=3)
+def family(tiny_family):
+    base, fts = tiny_family(n_models=3)
     return base.resolve(), [f.resolve() for f in fts]
 
 
@@ -69,6 +68,7 @@ def test_split_shards_contiguous_and_balanced():
     assert owners == sorted(owners) and set(owners) == {0, 1, 2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("granularity", ["model", "layer"])
 def test_accelerate_launch_two_processes_same_bytes(family, tmp_path, monkeypatch, granularity):
     base, fts = family
@@ -91,6 +91,7 @@ def test_accelerate_launch_two_processes_same_bytes(family, tmp_path, monkeypatc
     assert [p.name for p in where.iterdir()] == ["merged"], "work folder left behind"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("granularity, unit_mb", [("tensor", None), ("model", "0.03")])
 def test_num_processes_flag_same_bytes(family, tmp_path, monkeypatch, granularity, unit_mb):
     base, fts = family
@@ -108,8 +109,16 @@ def test_num_processes_flag_same_bytes(family, tmp_path, monkeypatch, granularit
     assert f"granularity {granularity}" in run.stdout
     _assert_same(one, _files(where / "merged"))
 
-    # A refusal of the main process (output not empty): one clear error, every process stops.
-    again = subprocess.run(cmd, cwd=where, env=_env(), capture_output=True, text=True, timeout=120)
+
+@pytest.mark.slow
+def test_num_processes_refusal_of_the_main_process_stops_every_process(family, tmp_path):
+    """A refusal of the main process (output not empty): one clear error, every process stops."""
+    base, fts = family
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "notes.txt").write_text("a user's notes\n")
+    cmd = [sys.executable, "-m", "hf_metagpt", "-q", *_merge_args(base, fts, "model"), "--num-processes", "2"]
+    again = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
     assert again.returncode != 0
     assert again.stderr.count("is not empty") == 1, again.stderr
-    assert _files(where / "merged") == one
+    assert _files(tmp_path / "merged") == {"notes.txt": b"a user's notes\n"}
+    assert "Traceback" not in again.stderr and "ChildFailedError" not in again.stderr, again.stderr

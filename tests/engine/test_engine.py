@@ -28,10 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine-family")
-    base, fts = build_family(root, n_models=3)
-    return base, fts
+def family(tiny_family):
+    return tiny_family(n_models=3)
 
 
 def _args(base: Path, fts: list[Path], **kw) -> dict:

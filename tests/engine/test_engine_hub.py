@@ -11,16 +11,14 @@ import pytest
 from huggingface_hub import HfApi, constants
 
 import hf_metagpt
-from hf_metagpt.demo.tiny import build_family
 from hf_metagpt.errors import HubAccessError
 
 from helpers import publish, shards
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine-hub")
-    base, fts = build_family(root, n_models=2)
+def family(tiny_family):
+    base, fts = tiny_family(n_models=2)
     return [base, *fts]
 
 

@@ -22,7 +22,6 @@ from hf_metagpt.constants import RETRY_BASE_ENV
 from hf_metagpt.errors import DownloadStopped, HubUnavailableError
 from hf_metagpt.sources.hub_calls import RETRIES
 from hf_metagpt.sources.hub_calls import call_until as _call_until
-from hf_metagpt.demo.tiny import build_family
 from helpers import publish, shards
 
 
@@ -35,12 +34,8 @@ def _fast_backoff(monkeypatch, hub_faults):
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("overlapfam")
-    base, fts = build_family(root, n_models=2)
-    expected = root / "local-merge"
-    hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(expected), device="cpu", progress=False)
-    return [base, *fts], shards(expected)
+def family(tiny_family_merge):
+    return tiny_family_merge
 
 
 def _cached_shards(repo_id: str) -> list[Path]:

@@ -137,6 +137,7 @@ def test_method_reductions_do_not_depend_on_torch_threads():
     assert all(torch.equal(a, b) for a, b in zip(results[1], results[3]))
 
 
+@pytest.mark.slow
 def test_cli_workers(family, tmp_path):
     base, fts = family
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

@@ -14,7 +14,6 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from hf_metagpt.demo.tiny import build_family
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,10 +26,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cardfam")
-    base, fts = build_family(root, n_models=2)
-    return base, fts
+def family(tiny_family):
+    return tiny_family(n_models=2)
 
 
 def _merge(family, out: Path, method: str, *extra: str, models: int = 2) -> tuple[ModelCard, str]:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi, hf_hub_download
 
-from hf_metagpt.demo.tiny import build_family
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,8 +35,8 @@ def _card(repo: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return build_family(tmp_path_factory.mktemp("pushcard"), n_models=2)
+def family(tiny_family):
+    return tiny_family(n_models=2)
 
 
 def test_each_push_gets_its_own_card_and_the_folder_is_left_as_it_was(family, tmp_path, hub_user):

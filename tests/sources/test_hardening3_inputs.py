@@ -111,6 +111,7 @@ def test_adapter_config_field_that_peft_would_choke_on_is_named(family, adapter,
     assert "Fix adapter_config.json" in err.value.hint
 
 
+@pytest.mark.slow
 def test_adapter_with_zero_rank_is_refused_by_the_cli(family, adapter, tmp_path):
     root, base, _ = family
     bad = tmp_path / "ad-r0"

@@ -21,7 +21,6 @@ from hf_metagpt.cli import main as cli_main
 from hf_metagpt.errors import HubUnavailableError
 from hf_metagpt.constants import RETRY_BASE_ENV
 from hf_metagpt.sources.hub_calls import RETRIES
-from hf_metagpt.demo.tiny import build_family
 from helpers import publish, shards
 
 
@@ -34,13 +33,8 @@ def _fast_backoff(monkeypatch, hub_faults):
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faultfam")
-    base, fts = build_family(root, n_models=2)
-    folders = [base, *fts]
-    expected = root / "local-merge"
-    hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(expected), device="cpu", progress=False)
-    return folders, shards(expected)
+def family(tiny_family_merge):
+    return tiny_family_merge
 
 
 def _shard_names(folder: Path) -> list[str]:

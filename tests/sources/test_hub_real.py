@@ -40,13 +40,8 @@ def _fast_backoff(monkeypatch, hub_faults):
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("realfam")
-    base, fts = build_family(root, n_models=2)
-    folders = [base, *fts]
-    expected = root / "local-merge"
-    hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(expected), device="cpu", progress=False)
-    return folders, shards(expected)
+def family(tiny_family_merge):
+    return tiny_family_merge
 
 
 def _merge(ids, out, **kw):
@@ -64,6 +59,7 @@ def _header_reads(requests, repo_id: str) -> dict[str, list[int | None]]:
 
 # ---------------------------------------------------------------- 429 rate limits
 
+@pytest.mark.slow
 def test_rate_limit_waits_for_the_announced_reset_and_never_rereads_a_header(family, tmp_path, hub_user,
                                                                               hub_faults, caplog):
     folders, expected = family

@@ -91,6 +91,7 @@ def test_offline_merge_by_id_runs_from_the_cache_pinned_to_the_cached_commit(pub
     assert "license: apache-2.0" in (out / "README.md").read_text()  # the inputs' cards came from the cache
 
 
+@pytest.mark.slow
 def test_offline_plan_and_inspect_by_id_run_from_the_cache(published, warm, tmp_path):
     ids, shas = published
     home, _ = warm
@@ -118,6 +119,7 @@ def test_offline_merge_of_an_uncached_model_names_what_is_missing(published, war
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_offline_merge_with_only_configs_cached_names_the_missing_weight_files(published, tmp_path):
     """After an online `plan` (headers read remotely, no weights downloaded) the shards are missing."""
     ids, _ = published
