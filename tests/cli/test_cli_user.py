@@ -477,12 +477,24 @@ def test_hub_access_error_carries_status_repo_id_and_reason(family, hub_user):
     assert err.__cause__ is not None and type(err.__cause__).__name__ == "RepositoryNotFoundError"
 
 
-def test_the_package_is_typed():
+def test_the_package_is_typed(tmp_path):
+    import shutil
     import tomllib
+    import zipfile
 
     assert (ROOT / "hf_metagpt" / "py.typed").is_file()
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "py.typed" in data["tool"]["setuptools"]["package-data"]["hf_metagpt"]
+    # and the wheel carries it (built from a copy: the build writes build/ and *.egg-info beside the sources)
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "hf_metagpt", src / "hf_metagpt", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("hf_metagpt-*.whl")
+    assert "hf_metagpt/py.typed" in zipfile.ZipFile(wheel).namelist()
 
 
 def test_public_entry_points_type_their_keyword_arguments():
