@@ -418,7 +418,7 @@ def _parameters(r: _Reader, node: yaml.Node, accepted: tuple[str, ...], method: 
             r.warn(kn, f"parameter {key!r} is ignored under a model: it applies to the whole merge (give it in the "
                        "top-level `parameters:`), and mergekit 0.1.5 ignores it there too")
             continue
-        value = _drop_entry_keys(r, vn, key, r.value(vn))
+        value = _as_bool(key, _drop_entry_keys(r, vn, key, r.value(vn)))
         _check_setting(r, vn, key, value)
         _check_value(r, vn, method, key, value, per_model)
         out[key] = value
@@ -442,6 +442,25 @@ def _check_value(r: _Reader, node: yaml.Node, method: str, key: str, value: Any,
         get_method(method, **trial)
     except MergeError as exc:
         raise RecipeError(f"{exc.message.rstrip('.')} ({r.where(node)}).", hint=exc.hint) from None
+
+
+#: mergekit's true/false parameters, and the values its configuration reads as true or false
+#: (pydantic's booleans: `normalize: 1.0` is true, checked; 0.5 is refused by mergekit and here)
+_BOOL_PARAMETERS = ("normalize", "rescale", "int8_mask", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise")
+_TRUE = (1, "1", "true", "t", "yes", "y", "on")
+_FALSE = (0, "0", "false", "f", "no", "n", "off")
+
+
+def _as_bool(key: str, value: Any) -> Any:
+    if key not in _BOOL_PARAMETERS or isinstance(value, bool):
+        return value
+    probe = value.strip().lower() if isinstance(value, str) else value
+    if isinstance(probe, (int, float, str)):
+        if probe in _TRUE:
+            return True
+        if probe in _FALSE:
+            return False
+    return value
 
 
 def _drop_entry_keys(r: _Reader, node: yaml.Node, key: str, value: Any) -> Any:
