@@ -31,7 +31,7 @@ def _add_merge_args(p: argparse.ArgumentParser, *, for_plan: bool = False) -> No
                    help="where MetaGPT takes its norms: model (the paper, default), layer or tensor (our extension)")
     p.add_argument("--tokenizer-source", help="'base' (default) or one of the fine-tunes: whose vocabulary and tokenizer the output gets")
     p.add_argument("--chat-template", help="the output's chat template: auto (the most common among the models), chatml, "
-                                           "llama3, one of the models, or the template text (default: the tokenizer "
+                                           "llama3, alpaca, mistral, exaone, one of the models, or the template text (default: the tokenizer "
                                            "source's; the fine-tunes' when it has none)")
     p.add_argument("--dtype", choices=DTYPES, help="output dtype (auto: the base's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device (auto: a GPU when present)")

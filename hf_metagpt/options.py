@@ -80,7 +80,7 @@ class MergeOptions:
     #: tokens) or "union" (every input's tokens; `sources/vocab.py`); None: the rows of the embeddings
     vocabulary: str | None = None
     #: the output tokenizer's chat template: None (the tokenizer source's; the fine-tunes' when it has
-    #: none), "auto" (the most common), "chatml"/"llama3", one of the models, or the template text
+    #: none), "auto" (the most common), "chatml"/"llama3"/"alpaca"/"mistral"/"exaone", one of the models, or the template text
     chat_template: str | None = None
     dtype: str = "auto"
     device: str = "auto"

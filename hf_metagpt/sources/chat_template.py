@@ -6,7 +6,8 @@ list of named templates). The output's template is, in this order:
 
 - `chat_template` as asked (`MergeOptions.chat_template`, mergekit's `chat_template:` key):
   `auto` — the template most of the inputs have (ties: the first input's, the base first);
-  `chatml` or `llama3` — those well-known formats (our own text of them);
+  `chatml`, `llama3`, `alpaca`, `mistral` or `exaone` — those well-known formats, by the names mergekit
+  0.1.5 ships them under (our own text of each format, written from its public description);
   the name of one of the inputs — that input's template; anything with `{{` or `{%` — that text;
 - otherwise the tokenizer source's own template;
 - and when the tokenizer source has none (the paper's setting: a base model and chat fine-tunes),
@@ -38,6 +39,23 @@ BUILTIN = {
                "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
                " + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
                "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"),
+    # Stanford Alpaca's prompt: a system text, then `### Instruction:` / `### Response:` sections
+    "alpaca": ("{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+               "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+               "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}"
+               "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"),
+    # Mistral's instruction format: [INST] user [/INST] answer</s>, a system text opening the first turn
+    "mistral": ("{{ bos_token }}{% set ns = namespace(system='') %}{% for message in messages %}"
+                "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\\n\\n' %}"
+                "{% elif message['role'] == 'user' %}{{ '[INST] ' + ns.system + message['content'] + ' [/INST]' }}"
+                "{% set ns.system = '' %}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+                "{% endif %}{% endfor %}"),
+    # LG's EXAONE 3 format: [|role|]text, turns closed by [|endofturn|]
+    "exaone": ("{% for message in messages %}{% if message['role'] == 'assistant' %}"
+               "{{ '[|assistant|]' + message['content'] + '[|endofturn|]\\n' }}"
+               "{% elif message['role'] == 'system' %}{{ '[|system|]' + message['content'] + '[|endofturn|]\\n' }}"
+               "{% else %}{{ '[|' + message['role'] + '|]' + message['content'] + '\\n' }}{% endif %}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"),
 }
 
 
@@ -93,9 +111,6 @@ def choose(choice: str | None, names: Sequence[str], specs: Sequence[Sequence[st
                     raise RecipeError(f"chat_template {choice!r}: that model has no chat template.",
                                       hint="Name a model that has one, use auto, or give the template text.")
                 return templates[i], names[i], warnings
-        if choice in ("alpaca", "mistral", "exaone"):
-            raise RecipeError(f"chat_template {choice!r} is one of mergekit's own templates, not shipped with hf-metagpt.",
-                              hint=f"Give its text, a model that has it, auto, or one of: {', '.join(BUILTIN)}.")
         if is_template_text(choice):
             return choice, "the recipe", warnings
         raise RecipeError(f"Invalid chat template {choice!r}: neither auto, {', '.join(BUILTIN)}, one of the models, "

@@ -45,6 +45,12 @@ def rendered(out) -> str:
     return AutoTokenizer.from_pretrained(out).apply_chat_template(MESSAGES, tokenize=False)
 
 
+def bos_token(out) -> str:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(out).bos_token or ""
+
+
 def test_a_base_without_template_gets_the_fine_tunes_one_and_says_which(family, tmp_path):
     base, (a, b, c) = family
     out = tmp_path / "out"
@@ -81,6 +87,10 @@ def test_the_tokenizer_sources_own_template_is_kept(family, tmp_path, capsys):
 @pytest.mark.parametrize("value, expected", [
     ("auto", "<|user|>hi"),                    # the most common among base and models
     ("chatml", "<|im_start|>user\nhi<|im_end|>\n"),
+    # mergekit 0.1.5's other built-in names, our own text of each format (a published breadcrumbs recipe asks alpaca)
+    ("alpaca", "### Instruction:\nhi\n\n"),
+    ("mistral", "BOS[INST] hi [/INST]"),
+    ("exaone", "[|user|]hi\n"),
     ("'{{ messages[0][\"content\"] }}!'", "hi!"),
     ("MODEL_C", "[user] hi"),                  # one of the models (mergekit refuses a model name)
 ])
@@ -102,7 +112,7 @@ def test_mergekit_chat_template_key(family, tmp_path, capsys, value, expected):
     out = tmp_path / "out"
     code, _, err = run_cli(["merge", "--recipe", str(recipe), "-o", str(out), "--device", "cpu"], capsys)
     assert code == 0, err
-    assert rendered(out) == expected
+    assert rendered(out) == expected.replace("BOS", bos_token(out))
 
 
 def test_a_chat_template_that_means_nothing_is_refused_with_mergekits_reason(family, tmp_path, capsys):
@@ -112,7 +122,4 @@ def test_a_chat_template_that_means_nothing_is_refused_with_mergekits_reason(fam
                             "--chat-template", "no-such-thing"], capsys)
     assert code != 0
     assert "Invalid chat template 'no-such-thing'" in err and "mergekit refuses it too" in err
-    code, _, err = run_cli(["merge", "--base", str(base), str(a), "-o", str(out), "--device", "cpu",
-                            "--chat-template", "alpaca"], capsys)
-    assert code != 0 and "one of mergekit's own templates" in err
     assert not out.exists()
