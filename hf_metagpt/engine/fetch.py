@@ -478,7 +478,8 @@ class LowDiskFiles:
         if info.weights_dir is not None:
             from ..sources.pickle import ensure_converted, source_file
 
-            path = ensure_converted(info.pickle, source_file(info.pickle, file), info.weights_dir, self.token)
+            path = ensure_converted(info.pickle, source_file(info.pickle, file), info.weights_dir, self.token,
+                                    tqdm_class=self._bar())
         else:
             path = Path(call(info.name, hf_hub_download, info.ref.repo_id, file, revision=info.ref.sha,
                               local_dir=dest, token=tok(self.token), tqdm_class=self._bar()))

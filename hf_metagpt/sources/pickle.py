@@ -293,11 +293,13 @@ def convert_shard(bin_path: str | Path, out_path: str | Path, *, model: str = ""
     return read_header(out_path, out_path.name)
 
 
-def ensure_converted(src: PickleSource, bin_file: str, out_dir: Path, token: str | None = None) -> Path:
+def ensure_converted(src: PickleSource, bin_file: str, out_dir: Path, token: str | None = None,
+                     tqdm_class: type | None = None) -> Path:
     """The converted safetensors copy of `bin_file` in `out_dir`, converting it when missing.
 
     Hub shards are downloaded into a scratch folder beside the cache and deleted once converted
-    (the converted copy is what later merges reuse); local shards are read in place.
+    (the converted copy is what later merges reuse); local shards are read in place. `tqdm_class`:
+    the download's progress (a stage's bar, `_progress.StageBar.file_class`).
     """
     out = out_dir / converted_name(bin_file)
     if out.is_file():
@@ -308,7 +310,7 @@ def ensure_converted(src: PickleSource, bin_file: str, out_dir: Path, token: str
 
         scratch = out_dir.parent / f".{out_dir.name}.{os.getpid()}-{threading.get_ident()}.download"
         bin_path = Path(call(src.model, hf_hub_download, src.repo_id, bin_file, revision=src.sha,
-                              local_dir=scratch, token=token))
+                              local_dir=scratch, token=token, tqdm_class=tqdm_class))
     else:
         assert src.folder is not None
         bin_path = src.folder / bin_file
@@ -321,14 +323,15 @@ def ensure_converted(src: PickleSource, bin_file: str, out_dir: Path, token: str
     return out
 
 
-def convert_info(info: ModelInfo, token: str | None = None, root: Path | None = None) -> ModelInfo:
+def convert_info(info: ModelInfo, token: str | None = None, root: Path | None = None,
+                 tqdm_class: type | None = None) -> ModelInfo:
     """The input as converted safetensors shards: real headers, checked against the `.bin` index."""
     src = info.pickle
     assert src is not None
     out_dir = info.weights_dir or cache_dir(src, root)
     tensors: dict[str, TensorMeta] = {}
     for bin_file in src.bin_files:
-        path = ensure_converted(src, bin_file, out_dir, token)
+        path = ensure_converted(src, bin_file, out_dir, token, tqdm_class)
         for name, meta in read_header(path, path.name).items():
             if name in tensors:
                 raise InputError(f"{info.name}: tensor {name!r} is stored twice ({tensors[name].file}, {bin_file}).")
@@ -343,8 +346,27 @@ def convert_info(info: ModelInfo, token: str | None = None, root: Path | None = 
 
 
 def convert_inputs(infos: list[ModelInfo], token: str | None = None) -> list[ModelInfo]:
-    """Every provisional (pickle) input converted, one shard at a time; the others as they are."""
-    return [convert_info(i, token) if i.provisional else i for i in infos]
+    """Every provisional (pickle) input converted, one shard at a time; the others as they are.
+
+    The `.bin` shards still to download from the Hub share one "download pickle shards" bar.
+    """
+    from .._progress import StageBar, file_bar_class
+
+    total = 0
+    for i in infos:
+        if i.provisional and i.pickle.repo_id is not None:
+            out_dir = i.weights_dir or cache_dir(i.pickle, None)
+            total += sum((i.files or {}).get(f) or 0 for f in i.pickle.bin_files if not (out_dir / converted_name(f)).is_file())
+    stage = StageBar("download pickle shards", total) if total else None
+    done = False
+    try:
+        out = [convert_info(i, token, tqdm_class=file_bar_class(stage, None) if stage else None) if i.provisional else i
+               for i in infos]
+        done = True
+        return out
+    finally:
+        if stage is not None:
+            stage.close(complete=done)
 
 
 def load_pickle_info(ref: ModelRef) -> ModelInfo | None:

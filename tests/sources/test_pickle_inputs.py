@@ -285,3 +285,37 @@ def test_hub_pickle_refusal_points_at_a_safetensors_conversion_pr(sharded, hub_u
     # With the flag, the plan converts nothing and says the PR would spare the conversion.
     plan = hf_metagpt.plan(base=base_id, models=[repo], output="-", allow_pickle=True)
     assert f"use {repo}@refs/pr/2 (adds safetensors) to skip the conversion" in plan.describe()
+
+
+def test_hub_pickle_shards_download_under_one_bar(sharded, hub_user, tmp_path):
+    """The CLI draws one "download pickle shards" bar over every `.bin` byte, not a bar per `.bin` file."""
+    import re
+    import subprocess
+    import sys
+
+    _, pk, _ = sharded
+    api, tag = HfApi(), os.urandom(3).hex()
+    ids = []
+    for f in pk:
+        repo = f"{hub_user}/pkbar-{tag}-{f.name}"
+        api.create_repo(repo)
+        api.upload_folder(repo_id=repo, folder_path=f, commit_message="pickle weights")
+        ids.append(repo)
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root), TQDM_POSITION="-1",  # huggingface_hub's own bars on, off a terminal
+               **{constants.PICKLE_CACHE_ENV: str(tmp_path / "converted")})
+    proc = subprocess.run([sys.executable, "-m", "hf_metagpt", "merge", "--allow-pickle", "--device", "cpu",
+                           "--base", ids[0], *ids[1:], "-o", str(tmp_path / "m")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bars: dict[str, list[str]] = {}
+    for line in re.split(r"[\r\n]", proc.stderr):
+        if m := re.match(r"^\s*(?P<desc>.+?):\s+\d+%\|", line):
+            bars.setdefault(m["desc"], []).append(line.strip())
+    assert not [d for d in bars if ".bin" in d], list(bars)  # no bar per file
+    bins = sum(p.stat().st_size for f in pk for p in f.glob("*.bin"))
+    assert len(list(pk[0].glob("*.bin"))) > 1
+    from tqdm import tqdm
+
+    size = tqdm.format_sizeof(bins)
+    assert f"100%|██████████| {size}/{size} [" in bars["download pickle shards"][-1], bars.get("download pickle shards")
