@@ -55,6 +55,8 @@ MERGEKIT_METHODS: dict[str, tuple[str, ...]] = {
     "model_stock": ("filter_wise",),
     "sce": ("select_topk", "int8_mask"),
     "nuslerp": ("weight", "nuslerp_flatten", "nuslerp_row_wise"),
+    "karcher": ("max_iter", "tol"),
+    "arcee_fusion": (),
     # our extension
     "metagpt": ("granularity",),
     "metagpt_ties": ("granularity", "density", "majority_sign_method"),
@@ -79,11 +81,6 @@ _REFUSED = {
 }
 #: mergekit methods we do not compute, and what mergekit would have done (said when we refuse)
 _NOT_HERE = {
-    "karcher": "mergekit would take the Karcher (Riemannian) mean of the models: each tensor's unit "
-               "vectors averaged on the sphere by up to max_iter steps (tol), scaled by the mean of their "
-               "norms, with equal weights",
-    "arcee_fusion": "mergekit would fuse two models: the base's tensor, overwritten where the other model's "
-                    "change scores above a dynamic threshold (importance from the change and a KL divergence)",
     "multislerp": "mergekit would interpolate several models on the sphere around their weighted mean",
     "nearswap": "mergekit would move the base toward the other model where they are close: "
                 "w = clamp(t / |θ0 − θ1|, 0, 1), w·θ1 + (1 − w)·θ0",
@@ -175,6 +172,10 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
         # mergekit's linear averages every input, base_model included when `models` does not list it
         # (it adds the base to `models`, not to slices' sources: a sliced linear leaves it out)
         entries = [(base, {}, top["base_model"][1]), *entries]
+    if method == "karcher" and "slices" not in top and base is not None \
+            and base not in [spec for spec, _, _ in entries]:
+        # so does its karcher, with base_model after the listed models (checked: same bytes)
+        entries = [*entries, (base, {}, top["base_model"][1])]
     if "slices" in top and base is not None and base not in [spec for spec, _, _ in entries] \
             and method not in ("linear", "nuslerp"):
         raise r.fail(top["slices"][1], f"base_model {base!r} is not a source of the slices",
@@ -212,6 +213,9 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
         out["parameters"] = params
     if dtype := _dtype(r, top):
         out["dtype"] = dtype
+    if method == "arcee_fusion" and "out_dtype" not in top and params.get("mergekit_order") in ("bfloat16", "float16"):
+        # mergekit's fusion mask is float32, so base + mask·δ is float32 and written so (`arcee_fusion.py`)
+        out["dtype"] = "float32"
     if "chat_template" in top:
         node = top["chat_template"][1]
         value = r.value(node)
@@ -317,7 +321,7 @@ def _fine_tunes(r: "_Reader", method: str, base: str | None, refs: list[str], mn
     if method == "nuslerp" and len([x for x in refs if x != base]) != 2:
         raise r.fail(mnode, "nuslerp merges exactly two models (and, optionally, a base_model whose task vectors they give)",
                      hint="List two models under `models` (mergekit refuses other counts too).")
-    if method == "linear" or (method == "nuslerp" and base is None):
+    if method in ("linear", "karcher") or (method == "nuslerp" and base is None):
         # Every listed model is averaged (the base too, when listed); θ0 is only the reference.
         # (nuslerp without base_model interpolates the two models themselves: `task_vectors: false`)
         return base or refs[0], list(range(len(refs)))
@@ -325,6 +329,9 @@ def _fine_tunes(r: "_Reader", method: str, base: str | None, refs: list[str], mn
         raise r.fail(root, f"merge_method {method!r} needs a base_model",
                      hint="Add `base_model:` (mergekit refuses this recipe too: 'Merge method requires a base input').")
     tunes = [i for i, ref in enumerate(refs) if ref != base]
+    if method == "arcee_fusion" and len(tunes) != 1:
+        raise r.fail(mnode, "arcee_fusion merges exactly two models: base_model and one other",
+                     hint="List base_model and the other model under `models` (mergekit refuses other counts too).")
     if method == "slerp" and (len(tunes) != 1 or len(refs) > 2):
         # base_model need not be listed: mergekit adds it to the inputs (checked: the same bytes)
         raise r.fail(mnode, "slerp merges exactly two models: base_model and one other",

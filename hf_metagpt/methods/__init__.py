@@ -7,9 +7,11 @@ from typing import Any, Callable
 
 from ..errors import MergeError
 from .base import MergeMethod, TensorContext, squared_norm, weighted_sum
+from .arcee_fusion import ArceeFusion
 from .dare import DareLinear, DareTies, MetaGPTDare
 from .gta import Breadcrumbs, BreadcrumbsTies, Della, DellaLinear
 from .interpolation import SCE, ModelStock, Slerp
+from .karcher import Karcher
 from .linear import Linear
 from .metagpt import MetaGPT, metagpt_lambdas, metagpt_merge
 from .nuslerp import NuSlerp
@@ -35,6 +37,8 @@ METHODS: dict[str, Callable[..., MergeMethod]] = {
     "model_stock": ModelStock.from_params,
     "sce": SCE.from_params,
     "nuslerp": NuSlerp.from_params,
+    "karcher": Karcher.from_params,
+    "arcee_fusion": ArceeFusion.from_params,
 }
 
 
@@ -45,7 +49,7 @@ USER_NAMES = {"lambda_": "lambda"}
 #: the methods a "which method takes it" hint proposes first (the common peers of MetaGPT)
 _PREFERRED = ("ties", "linear", "task_arithmetic", "slerp", "dare_ties", "dare_linear", "model_stock")
 #: a value of each parameter, for messages (the syntax a user can copy)
-_EXAMPLES = {"weights": "weights=[0.3,0.7]", "density": "density=0.5", "lambda": "lambda=1.0", "t": "t=0.5",
+_EXAMPLES = {"weights": "weights=[0.3,0.7]", "max_iter": "max_iter=10", "tol": "tol=1e-5", "density": "density=0.5", "lambda": "lambda=1.0", "t": "t=0.5",
              "normalize": "normalize=true", "rescale": "rescale=true", "majority_sign_method": "majority_sign_method=total",
              "epsilon": "epsilon=0.15", "gamma": "gamma=0.01", "select_topk": "select_topk=0.5",
              "filter_wise": "filter_wise=false", "int8_mask": "int8_mask=false"}
@@ -139,6 +143,8 @@ def get_method(name: str, **params: Any) -> MergeMethod:
 
 __all__ = [
     "METHODS",
+    "ArceeFusion",
+    "Karcher",
     "SCE",
     "Breadcrumbs",
     "BreadcrumbsTies",

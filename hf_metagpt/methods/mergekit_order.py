@@ -22,6 +22,9 @@ torch's reduction over a stacked dimension does on the CPU).
   w1·θ1, then + wt·θt as one fused multiply-add per model, then ÷ Σ wt.
 - slerp: SLERP of the two `d` inputs in float32 (`interpolation.slerp`), rounded once.
 - nuslerp: its formula (`nuslerp.py`) step by step in `d`.
+- karcher: its iteration (`karcher.py`) step by step in `d`.
+- arcee_fusion: δ and the importance in `d`, the mask in float32 (`arcee_fusion.py`): θ0 + mask·δ is
+  float32 for half-precision inputs.
 - model_stock (`ModelStock.mergekit_merge`): τt = θt ⊖ θ0, the pairwise cosines, t = N·cos/(1 + (N−1)·cos), the average
   ((θ1 ⊕ θ2) ⊕ ...) ⊘ N and t ⊙ avg ⊕ (1 ⊖ t) ⊙ θ0, all in `d`.
 - sce (`SCE.mergekit_merge`): τt in `d`; the variance top-k mask and the shares wt = mean(τt²)/Σk mean(τk²) in `d`;
@@ -52,7 +55,8 @@ DTYPES = {name: ST_TO_TORCH[code] for name, code in CONFIG_TO_ST.items()}
 
 #: our methods that have mergekit's arithmetic (`dare` is our alias of dare_linear)
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "dare", "breadcrumbs",
-           "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "sce", "nuslerp")
+           "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "sce", "nuslerp",
+           "karcher", "arcee_fusion")
 
 
 def parse_order(method: str, value: Any) -> str | None:

@@ -143,13 +143,33 @@ _METHOD_TEXT.update({
         "combination of the two."
     ),
 })
+_METHOD_TEXT.update({
+    "karcher": (
+        "**Karcher mean** (the Riemannian or Fréchet mean on the sphere; Karcher, *Riemannian center of mass "
+        "and mollifier smoothing*, 1977), as mergekit's `karcher`. Per tensor, each model is split into its "
+        "norm r_t and direction u_t = θ_t / r_t; the mean direction m minimises the sum of squared angles to "
+        "the u_t, found by Karcher's fixed-point iteration (at most `max_iter` steps, until the mean tangent "
+        "is shorter than `tol`), and\n\n"
+        "    θ = (Σ_t r_t / N) · m\n\n"
+        "with every model weighted equally. No base is involved: its config and tokenizer are kept."
+    ),
+    "arcee_fusion": (
+        "**Arcee Fusion** (mergekit's `arcee_fusion`, from Arcee's mergekit v0.1 release). Per tensor, with "
+        "δ = θ₁ − θ₀, each element's importance is |δ| times the KL divergence KL(softmax(θ₁) ‖ softmax(θ₀)) "
+        "of its row, and only the outlying importances (above median + 1.5 × interquartile range) move the "
+        "base:\n\n"
+        "    θ = θ₀ + m ⊙ δ,    m = [importance > median + 1.5·IQR]\n\n"
+        "so the base keeps its values everywhere else."
+    ),
+})
 _METHOD_TEXT["dare"] = _METHOD_TEXT["dare_linear"]
 #: how the first sentence names the method
 _LABEL = {"metagpt": "MetaGPT", "metagpt_ties": "MetaGPT + TIES", "metagpt_dare": "MetaGPT + DARE",
           "linear": "linear", "task_arithmetic": "task-arithmetic", "ties": "TIES", "dare_linear": "DARE",
           "dare_ties": "DARE-TIES", "breadcrumbs": "Model Breadcrumbs", "breadcrumbs_ties": "Model Breadcrumbs (TIES)",
           "della": "DELLA", "della_linear": "DELLA (linear)", "model_stock": "Model Stock", "sce": "SCE",
-          "slerp": "SLERP", "nuslerp": "NuSLERP"}
+          "slerp": "SLERP", "nuslerp": "NuSLERP", "karcher": "Karcher mean",
+          "arcee_fusion": "Arcee Fusion"}
 
 
 def uses_lambdas(method: str) -> bool:
