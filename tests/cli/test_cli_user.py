@@ -595,6 +595,8 @@ def _model_lambdas(coefficients: dict) -> list[float]:
 
 
 def test_inspect_of_many_models_prints_a_table_of_fixed_width(tmp_path):
+    from hf_metagpt.demo.tiny import build_family
+
     base, fts = build_family(tmp_path / "six", n_models=6)
     proc = cli("-q", "inspect", *map(str, fts), "--base", str(base), "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
