@@ -181,6 +181,16 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
         raise r.fail(top["slices"][1], f"base_model {base!r} is not a source of the slices",
                      hint="mergekit 0.1.5 refuses this recipe too ('Base input is not present in merge inputs'): "
                           "add base_model as a source of each slice, with the same layer_range as the others.")
+    if (method in _WEIGHT_REQUIRED and method != "linear" and base is not None
+            and all(spec == base for spec, _, _ in entries)):
+        # Only the base (often `model+adapter`: a LoRA baked into its model): mergekit 0.1.5 writes
+        # base_model itself (no task vector to add; checked: the base's bytes). Here: a linear merge
+        # of that one model with weight 1, the same bytes.
+        r.warn(mnode, f"the recipe lists no model besides base_model: mergekit 0.1.5's {method} writes base_model "
+                      "itself (with its LoRA applied, for `model+adapter`), and so does this merge")
+        method = out["method"] = "linear"
+        entries = [(base, {"weight": 1.0}, entries[0][2])]
+        globals_ = {}
     refs = [_ref(r, spec, base, node) for spec, _, node in entries]
     base_spec = base
     base, tunes = _fine_tunes(r, method, base, refs, mnode, root)

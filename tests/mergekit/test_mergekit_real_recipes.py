@@ -132,6 +132,19 @@ slices:
     - layer_range: [0, 4]
       model: {m2}
 """, "a2f81d32a2c04af6"),
+    # only base_model (a published task arithmetic bakes a LoRA into it so): mergekit writes the base
+    "only the base": ("""base_model: {m1}
+dtype: bfloat16
+merge_method: task_arithmetic
+parameters:
+  normalize: false
+slices:
+- sources:
+  - layer_range: [0, 4]
+    model: {m1}
+    parameters:
+      weight: 1.0
+""", "4ad9909a22d0e9a1"),
     # `normalize: 1.0` (a published della recipe): mergekit reads 1.0 as true, 0.0 as false
     "booleans as numbers": ("""base_model: {base}
 dtype: bfloat16
@@ -223,3 +236,14 @@ def test_cli_runs_the_gradient_slerp_example_and_says_what_it_ignored(families, 
     assert got == want
     assert said.count("key 'pattern' of a filtered value of 't' is ignored") == 2 and "0.yml, line 11" in said
     assert "pattern" not in plain_said and "Traceback" not in said
+
+
+def test_only_the_base_is_the_base_itself(families, tmp_path, caplog):
+    base, fts, _ = families["bfloat16"]
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(CASES["only the base"][0].format(base=base, m1=fts[0]))
+    with caplog.at_level(logging.WARNING, logger="hf_metagpt"):
+        hf_metagpt.merge(recipe=str(recipe), output=str(tmp_path / "out"), device="cpu")
+    got, want = load(tmp_path / "out"), load(fts[0])
+    assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)
+    assert any("lists no model besides base_model" in r.getMessage() for r in caplog.records)
