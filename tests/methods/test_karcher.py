@@ -201,3 +201,26 @@ def test_cli_karcher_of_three_fine_tunes_and_the_recipe_run(family32, tmp_path):
                               timeout=600)
         assert proc.returncode == 0, proc.stderr
         assert digest(load(tmp_path / "rec")) == CASES["three models, defaults"][1]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_karcher_is_as_close_to_the_exact_mean_as_mergekits(tmp_path, dtype):
+    """Not mergekit's bytes in bf16/fp16: its iteration rounds vectors at steps whose order we could not
+    pin down from its outputs (19 % of the elements of its bf16 and fp16 outputs on the seed-3 fixture
+    are > 1 ulp from ours, `OMP_NUM_THREADS=1 mergekit-yaml`, 2026-12-04). Bounded instead: against the
+    exact (float64) Karcher mean of the same rounded inputs, mergekit's own outputs there were off by at
+    most 0.55 % / 0.66 % of each tensor's RMS (RMS error, bf16 / fp16) and 4.2 % / 2.3 % (largest
+    element); ours, computed in the dtype step by step (0.83 % / 0.79 % and 4.4 % / 1.8 %), must stay
+    within 1 % and 5 %."""
+    base, fts = build_family(tmp_path, n_models=3, spec=TinySpec(dtype=getattr(torch, dtype)), seed=3)
+    states = [load(f) for f in fts]
+    m = get_method("karcher", mergekit_order=dtype)
+    for name in states[0]:
+        xs = [s[name] for s in states]
+        got = m.mergekit_merge(xs[0], xs, None)
+        assert got.dtype == getattr(torch, dtype)
+        exact = karcher_mean([x.double() for x in xs], 10, 1e-5)
+        rms = exact.pow(2).mean().sqrt()
+        err = got.double() - exact
+        assert float(err.pow(2).mean().sqrt() / rms) < 0.01, name
+        assert float(err.abs().max() / rms) < 0.05, name
