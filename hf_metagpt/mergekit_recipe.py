@@ -428,8 +428,9 @@ def _parameters(r: _Reader, node: yaml.Node, accepted: tuple[str, ...], method: 
             out[key] = value
             continue
         if key not in accepted:
+            takes = f"it takes {', '.join(accepted)}" if accepted else "it takes no parameters"
             r.warn(kn, f"parameter {key!r} is ignored: merge_method {method} does not take it "
-                       f"(it takes {', '.join(accepted)}), and mergekit 0.1.5 ignores it too{_did_you_mean(key, accepted)}")
+                       f"({takes}), and mergekit 0.1.5 ignores it too{_did_you_mean(key, accepted)}")
             continue
         if per_model and (key not in _PER_MODEL or method not in _PER_MODEL_METHODS):
             r.warn(kn, f"parameter {key!r} is ignored under a model: it applies to the whole merge (give it in the "

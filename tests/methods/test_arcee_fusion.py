@@ -112,7 +112,8 @@ def test_arcee_fusion_recipe_reading_and_refusals(caplog):
                             "dtype: bfloat16\n", "r.yml")
     assert parsed["base"] == "a/b" and parsed["models"] == ["a/x"]
     assert parsed["parameters"] == {"mergekit_order": "bfloat16"} and parsed["dtype"] == "float32"
-    assert "parameter 'weight' is ignored: merge_method arcee_fusion does not take it" in caplog.text
+    assert ("parameter 'weight' is ignored: merge_method arcee_fusion does not take it (it takes no parameters)"
+            in caplog.text)
     assert "parameter 'normalize' is ignored" in caplog.text
     kept = parse_mergekit("merge_method: arcee_fusion\nbase_model: a/b\nmodels: [a/b, a/x]\n"
                           "dtype: float32\nout_dtype: bfloat16\n")
