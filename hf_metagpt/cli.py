@@ -373,13 +373,14 @@ def _cmd_hub_serve(args: argparse.Namespace) -> int:
         raise MergeError(f"Could not serve on {args.host}:{args.port}: {exc.strerror or exc}.",
                          hint="Pick another --port (0 picks a free one), or a --host of this machine.") from None
     users = ", ".join(sorted(set(tokens.values()))) or "nobody (read-only: add --token USER:TOKEN)"
-    print(f"Local Hub serving {args.data} at {endpoint}; tokens accepted for: {users}", file=sys.stderr)
-    print("Set these where the client runs, before huggingface_hub is imported:", file=sys.stderr)
-    print(f"export HF_ENDPOINT={endpoint}")
-    print("export HF_HUB_DISABLE_XET=1", flush=True)
-    try:
+    try:  # serving from here on: a Ctrl-C as soon as the banner shows stops the Hub too
+        print(f"Local Hub serving {args.data} at {endpoint}; tokens accepted for: {users}", file=sys.stderr)
+        print("Set these where the client runs, before huggingface_hub is imported:", file=sys.stderr)
+        print(f"export HF_ENDPOINT={endpoint}")
+        print("export HF_HUB_DISABLE_XET=1", flush=True)
         hub.serve_forever()
     except KeyboardInterrupt:
+        hub.stop()
         print("Local Hub stopped.", file=sys.stderr)
     return 0
 
