@@ -75,6 +75,7 @@ def _stage_bars(text: str) -> dict[str, list[str]]:
     return bars
 
 
+@pytest.mark.slow
 def test_quiet_by_id_merge_and_push_prints_the_summary_only(hub_family, hub_user, tmp_path):
     base, *fts = hub_family
     proc = cli("-q", "merge", *fts, "--base", base, "-o", str(tmp_path / "m"), "--push-to", f"{hub_user}/uq-pushed",

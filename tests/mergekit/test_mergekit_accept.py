@@ -106,6 +106,7 @@ def test_mergekit_refusals_stay_refusals_with_its_reason(text, fragment, reason)
     assert reason in info.value.hint
 
 
+@pytest.mark.slow
 def test_cli_runs_a_recipe_with_ignored_keys_and_says_so(tmp_path):
     base, (a, b) = build_family(tmp_path / "fam", n_models=2, spec=TinySpec(num_hidden_layers=2), seed=3)
     recipe = tmp_path / "r.yml"

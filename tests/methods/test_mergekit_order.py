@@ -194,6 +194,7 @@ def test_bf16_dare_ties_with_int8_mask_matches_mergekit_statistically(families, 
     assert 1.0 < (sq / sq_ref) ** 0.5 < 1.6
 
 
+@pytest.mark.slow
 def test_cli_says_which_arithmetic_ran_and_arithmetic_own_turns_it_off(families, tmp_path):
     base, fts, _ = families["bfloat16"]
     body, _ = RECIPES["ties .5/.3/.2"]

@@ -138,6 +138,7 @@ def test_a_custom_licence_gets_a_name_a_link_and_each_inputs_licence(tmp_path):
     assert same.data.license == "apache-2.0" and same.data.license_name is None
 
 
+@pytest.mark.slow
 def test_remote_code_files_the_config_names_are_kept_or_the_merge_is_refused(family, tmp_path):
     import json
     import shutil
