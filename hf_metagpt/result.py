@@ -24,6 +24,73 @@ def short_name(ref: ModelRef) -> str:
     return ref.display if ref.repo_id else local_name(ref.spec)
 
 
+# What a method did, as the CLI summary and the card say it (the card imports these: publish comes
+# after result, never the other way).
+METAGPT_METHODS = ("metagpt", "metagpt_ties", "metagpt_dare")
+#: how the first sentence names the method
+METHOD_LABEL = {"metagpt": "MetaGPT", "metagpt_ties": "MetaGPT + TIES", "metagpt_dare": "MetaGPT + DARE",
+                "linear": "linear", "task_arithmetic": "task-arithmetic", "ties": "TIES", "dare_linear": "DARE",
+                "dare_ties": "DARE-TIES", "breadcrumbs": "Model Breadcrumbs", "breadcrumbs_ties": "Model Breadcrumbs (TIES)",
+                "della": "DELLA", "della_linear": "DELLA (linear)", "model_stock": "Model Stock", "sce": "SCE",
+                "slerp": "SLERP", "nuslerp": "NuSLERP", "karcher": "Karcher mean",
+                "arcee_fusion": "Arcee Fusion"}
+
+
+def uses_lambdas(method: str) -> bool:
+    """Whether a method's coefficients are MetaGPT's λ (and its granularity means something)."""
+    return method in METAGPT_METHODS
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def public_parameters(result: "MergeResult") -> dict:
+    """The method's parameters as a user writes them (`lambda`, not `lambda_`; unset ones left out)."""
+    out = {str(k).rstrip("_"): v for k, v in result.parameters.items() if v is not None}
+    if result.seed is not None:
+        out["seed"] = result.seed
+    return out
+
+
+def method_summary(result: "MergeResult") -> list[str]:
+    """What the CLI prints for a method without MetaGPT's λ: what it did, with which parameters.
+
+    Per-model parameters (`weights`, `density` as a list, ...) as a table with a row per model,
+    the models' roles where the method gives them some (SLERP's endpoints, Model Stock's anchor),
+    and the method's other parameters as `name=value` (every value it used, defaults included).
+    """
+    names = [short_name(m) for m in result.models]
+    base = short_name(result.base)
+    label = METHOD_LABEL.get(result.method, result.method)
+    params = public_parameters(result)
+    per_model = {k: v for k, v in params.items() if isinstance(v, (list, tuple)) and len(v) == len(names)}
+    lines = []
+    if per_model:
+        lines += ["| model | " + " | ".join(per_model) + " |", "|---|" + "---|" * len(per_model)]
+        lines += [f"| {n} | " + " | ".join(value_text(v[i]) for v in per_model.values()) + " |" for i, n in enumerate(names)]
+        lines.append("")
+    if result.method == "slerp" and len(names) == 1:
+        t = params.get("t")
+        lines.append(f"{label}: along the arc from {base} (t = 0) to {names[0]} (t = 1), at t = {value_text(t)}")
+    elif result.method == "model_stock":
+        lines.append(f"{label}: the average of {plural(len(names), 'fine-tune')} ({', '.join(names)}) pulled back "
+                     f"toward {base} (the anchor) by how much their task vectors agree, per tensor")
+    else:
+        lines.append(f"{label}: {', '.join(names)} on {base}")
+    rest = {k: v for k, v in params.items() if k not in per_model and v is not None}
+    lines.append("parameters: " + (", ".join(f"{k}={value_text(v)}" for k, v in rest.items()) or "none"))
+    return lines
+
+
+def value_text(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(value_text(x) for x in v) + "]"
+    return str(v)
+
+
 def ref_json(ref: ModelRef) -> dict[str, Any]:
     # Published with the merge: a local input by its folder name, never the merging machine's path.
     out: dict[str, Any] = {"ref": ref.pinned if ref.repo_id else local_name(ref.spec)}
@@ -157,8 +224,6 @@ class MergeResult:
 
     def summary(self) -> str:
         """What the CLI prints at the end."""
-        from .publish.card import method_summary, uses_lambdas
-
         s = self.stats
         # λ mean something for MetaGPT's methods only; any other method says what it did instead
         lines = [self.lambda_table(max_rows=24) if uses_lambdas(self.method) else "\n".join(method_summary(self)), ""]

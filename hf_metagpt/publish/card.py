@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .._version import __version__
 from ..engine.plan import MergePlan
 from ..options import local_name, looks_local, public_recipe_text
+from ..result import METAGPT_METHODS, METHOD_LABEL, plural, public_parameters, short_name, uses_lambdas
 from ..sources.hub import License, local_license, read_license, remote_files
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ CARD_FILE = "README.md"
 PLOT_FILE = "metagpt_lambdas.png"
 TAGS = ["merge", "metagpt", "hf-metagpt"]  # a MetaGPT merge's; other methods name theirs (`method_tags`)
 #: the methods whose coefficients are MetaGPT's λ (norm shares): only their cards show λ and granularity
-METAGPT_METHODS = ("metagpt", "metagpt_ties", "metagpt_dare")
+
 PAPER = "https://arxiv.org/abs/2406.11385"
 
 _METHOD_TEXT = {
@@ -163,18 +164,7 @@ _METHOD_TEXT.update({
     ),
 })
 _METHOD_TEXT["dare"] = _METHOD_TEXT["dare_linear"]
-#: how the first sentence names the method
-_LABEL = {"metagpt": "MetaGPT", "metagpt_ties": "MetaGPT + TIES", "metagpt_dare": "MetaGPT + DARE",
-          "linear": "linear", "task_arithmetic": "task-arithmetic", "ties": "TIES", "dare_linear": "DARE",
-          "dare_ties": "DARE-TIES", "breadcrumbs": "Model Breadcrumbs", "breadcrumbs_ties": "Model Breadcrumbs (TIES)",
-          "della": "DELLA", "della_linear": "DELLA (linear)", "model_stock": "Model Stock", "sce": "SCE",
-          "slerp": "SLERP", "nuslerp": "NuSLERP", "karcher": "Karcher mean",
-          "arcee_fusion": "Arcee Fusion"}
 
-
-def uses_lambdas(method: str) -> bool:
-    """Whether a method's coefficients are MetaGPT's λ (and its granularity means something)."""
-    return method in METAGPT_METHODS
 
 
 def method_tags(method: str) -> list[str]:
@@ -210,7 +200,6 @@ def plot_lambdas(result: "MergeResult", path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..result import short_name
 
     if list(result.coefficients) == ["model"]:
         from ..insight.plots import plot_lambda_bars
@@ -302,7 +291,6 @@ def build_card(result: "MergeResult", *, licenses: list[str | None] | None = Non
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from ..result import short_name
 
     inputs = [result.base, *result.models]
     hub_ids = list(dict.fromkeys(r.repo_id for r in inputs if r.repo_id))
@@ -379,12 +367,7 @@ _ROLES = {"slerp": ("endpoint t = 0 (base)", "endpoint t = 1"),
           "linear": ("base (config and tokenizer; not averaged)", "averaged model {i}")}
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
 def _intro(result: "MergeResult") -> str:
-    from ..result import short_name
 
     base = f"`{short_name(result.base)}`"
     made = f"made with hf-metagpt {__version__}"
@@ -393,60 +376,12 @@ def _intro(result: "MergeResult") -> str:
         at = f" at t = {t}" if isinstance(t, (int, float)) else ""
         return (f"A spherical interpolation (SLERP) between {base} and `{short_name(result.models[0])}`{at}, "
                 f"{made}.")
-    label = _LABEL.get(result.method, result.method)
+    label = METHOD_LABEL.get(result.method, result.method)
     article = "An" if label[0].lower() in "aeiou" else "A"
-    text = f"{article} {label} merge of {_plural(len(result.models), 'fine-tune')} of {base}, {made}"
+    text = f"{article} {label} merge of {plural(len(result.models), 'fine-tune')} of {base}, {made}"
     if uses_lambdas(result.method):
         text += f" (granularity `{result.granularity}`)"
     return text + "."
-
-
-def public_parameters(result: "MergeResult") -> dict:
-    """The method's parameters as a user writes them (`lambda`, not `lambda_`; unset ones left out)."""
-    out = {str(k).rstrip("_"): v for k, v in result.parameters.items() if v is not None}
-    if result.seed is not None:
-        out["seed"] = result.seed
-    return out
-
-
-def method_summary(result: "MergeResult") -> list[str]:
-    """What the CLI prints for a method without MetaGPT's λ: what it did, with which parameters.
-
-    Per-model parameters (`weights`, `density` as a list, ...) as a table with a row per model,
-    the models' roles where the method gives them some (SLERP's endpoints, Model Stock's anchor),
-    and the method's other parameters as `name=value` (every value it used, defaults included).
-    """
-    from ..result import short_name
-
-    names = [short_name(m) for m in result.models]
-    base = short_name(result.base)
-    label = _LABEL.get(result.method, result.method)
-    params = public_parameters(result)
-    per_model = {k: v for k, v in params.items() if isinstance(v, (list, tuple)) and len(v) == len(names)}
-    lines = []
-    if per_model:
-        lines += ["| model | " + " | ".join(per_model) + " |", "|---|" + "---|" * len(per_model)]
-        lines += [f"| {n} | " + " | ".join(_value(v[i]) for v in per_model.values()) + " |" for i, n in enumerate(names)]
-        lines.append("")
-    if result.method == "slerp" and len(names) == 1:
-        t = params.get("t")
-        lines.append(f"{label}: along the arc from {base} (t = 0) to {names[0]} (t = 1), at t = {_value(t)}")
-    elif result.method == "model_stock":
-        lines.append(f"{label}: the average of {_plural(len(names), 'fine-tune')} ({', '.join(names)}) pulled back "
-                     f"toward {base} (the anchor) by how much their task vectors agree, per tensor")
-    else:
-        lines.append(f"{label}: {', '.join(names)} on {base}")
-    rest = {k: v for k, v in params.items() if k not in per_model and v is not None}
-    lines.append("parameters: " + (", ".join(f"{k}={_value(v)}" for k, v in rest.items()) or "none"))
-    return lines
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:g}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    return str(v)
 
 
 def _method_section(result: "MergeResult") -> list[str]:
@@ -492,7 +427,6 @@ def _coefficients_section(result: "MergeResult", plot: str | None) -> list[str]:
 
 
 def _licence_section(result: "MergeResult", licenses: list[str | None] | None) -> list[str]:
-    from ..result import short_name
 
     inputs = [result.base, *result.models]
     known = licenses if licenses is not None else [None] * len(inputs)
@@ -573,7 +507,6 @@ def write_card(result: "MergeResult", folder: Path, *, licenses: list[str | None
     if geometry is not None:
         from ..insight.card import relabel
         from ..insight.plots import draw_all
-        from ..result import short_name
 
         geometry = relabel(geometry, [short_name(m) for m in result.models])
         try:
