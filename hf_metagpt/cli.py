@@ -560,6 +560,17 @@ def _methods_epilog() -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose epilog may be a function called only when the help is printed:
+    `merge --help`'s method list imports the methods (and torch), which `--version` and a
+    refusal of bad options do not need."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-metagpt",
@@ -570,10 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", "-q", action="store_true", help="print the result only: no progress bars, no notes")
     parser.add_argument("--verbose", "-v", action="store_true",
                         help="also the libraries' messages (each HTTP request; signed URLs and tokens are masked)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("merge", help="merge a base and its fine-tunes", description="Merge a base model and fine-tunes.",
-                       epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=_methods_epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_merge_args(p)
     p.set_defaults(func=_cmd_merge)
 

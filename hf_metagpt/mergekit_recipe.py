@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from .errors import RecipeError
-from .safetensors_io import ST_TO_CONFIG
+from .dtype_names import ST_TO_CONFIG
 
 log = logging.getLogger("hf_metagpt")
 

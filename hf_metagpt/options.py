@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import yaml
 
 from .errors import InputError, RecipeError
-from .safetensors_io import CONFIG_TO_ST
+from .dtype_names import CONFIG_TO_ST
 
 if TYPE_CHECKING:
     from .sources.refs import ModelRef

@@ -8,7 +8,7 @@ Reads go through `safetensors.safe_open` (lazy, per tensor). What the library la
 * `build_header` writes the header of a shard before its tensors exist: `engine.writer.ShardWriter`
   then writes each tensor's bytes at its offset as soon as it is merged (`safetensors.torch.save_file`
   needs every tensor of a shard in memory at once, a 5 GB buffer per shard).
-* `ST_TO_TORCH` / `CONFIG_TO_ST`: safetensors dtype codes, torch dtypes and the names a config.json uses.
+* `ST_TO_TORCH`: safetensors dtype codes and torch dtypes (the names a config.json uses: `dtype_names`).
 """
 from __future__ import annotations
 
@@ -44,9 +44,6 @@ ST_TO_TORCH: dict[str, torch.dtype] = {
 }
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
 FLOATING = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
-# the dtype names a config.json (`dtype` / `torch_dtype`) and `--dtype` use <-> safetensors codes
-CONFIG_TO_ST: dict[str, str] = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-ST_TO_CONFIG: dict[str, str] = {v: k for k, v in CONFIG_TO_ST.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 

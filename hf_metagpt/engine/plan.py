@@ -12,7 +12,8 @@ from typing import Sequence
 
 from ..errors import IncompatibleModelsError, InputError, MergeError
 from ..options import MergeOptions, parse_size
-from ..safetensors_io import CONFIG_TO_ST, ST_TO_CONFIG, dtype_itemsize
+from ..dtype_names import CONFIG_TO_ST, ST_TO_CONFIG
+from ..safetensors_io import dtype_itemsize
 from ..sources.model import ModelInfo
 from ..sources.architecture import (BLOCK, CONFIG_KEYS, block_of, config_facts, config_value,
                                      skeleton_mismatches, skeleton_names, tied_embeddings)

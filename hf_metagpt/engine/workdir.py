@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InputError, OutputError
-from ..safetensors_io import ST_TO_CONFIG
+from ..dtype_names import ST_TO_CONFIG
 from ..sources.local import INDEX_FILE, TOKENIZER_FILES, side_file
 from ..sources.model import ModelInfo
 from .ledger import PROGRESS_FILES, digest, valid_norms, write_json_atomic

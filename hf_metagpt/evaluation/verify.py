@@ -24,7 +24,8 @@ from safetensors import safe_open
 from ..engine.plan import is_vocab_tensor, norm_group_of
 from ..sources.architecture import num_layers, skeleton_mismatches, skeleton_names
 from ..errors import IntegrityError, MergeError
-from ..safetensors_io import CONFIG_TO_ST, TensorMeta, read_header
+from ..dtype_names import CONFIG_TO_ST
+from ..safetensors_io import TensorMeta, read_header
 from ..sources.local import INDEX_FILE, SINGLE_FILE, load_local_info, safe_relative
 from ..sources.model import ModelInfo
 from ..options import local_name

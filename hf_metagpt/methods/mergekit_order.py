@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from ..errors import MergeError
-from ..safetensors_io import CONFIG_TO_ST, ST_TO_TORCH
+from ..dtype_names import CONFIG_TO_ST
+from ..safetensors_io import ST_TO_TORCH
 from .settings import first_set
 
 if TYPE_CHECKING:

@@ -30,7 +30,8 @@ from typing import Any, Iterable
 
 from ..constants import PICKLE_CACHE_ENV, env
 from ..errors import InputError, UnsafePickleError
-from ..safetensors_io import CONFIG_TO_ST, TORCH_TO_ST, TensorMeta, build_header, disk_full_is_clear, dtype_itemsize, read_header
+from ..dtype_names import CONFIG_TO_ST
+from ..safetensors_io import TORCH_TO_ST, TensorMeta, build_header, disk_full_is_clear, dtype_itemsize, read_header
 from .hub_calls import api as hub_api, call
 from .local import INDEX_FILE, SINGLE_FILE, has_safetensors, read_config, safe_relative
 from .model import ModelInfo
