@@ -167,10 +167,10 @@ def _recipe_given_as_model(args: argparse.Namespace, for_merge: bool) -> list[st
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    opts = options_from_args(args)  # options a merge cannot run with are refused before torch is imported
     from .api import merge
     from .engine.distributed import disconnect, is_main_process, launched_processes
 
-    opts = options_from_args(args)
     if getattr(args, "workers", None) is not None:
         from .engine.sizing import parse_override
 
@@ -257,18 +257,19 @@ def child_argv(argv: Sequence[str]) -> list[str]:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    opts = options_from_args(args, for_merge=False)  # refused before torch is imported
     from .api import plan
 
-    opts = options_from_args(args, for_merge=False)
     print(plan(opts).describe())
     return 0
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
     from .options import check_repo_id
-    from .publish.push import push
 
     check_repo_id(args.repo_id, "repo ID", "repo_id")
+    from .publish.push import push
+
     url = push(args.folder, args.repo_id, token=args.token, private=args.private, create_pr=args.create_pr,
                revision=args.revision, commit_message=args.commit_message)
     print(url)
@@ -282,11 +283,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .evaluation.verify import verify
-
     if args.against is not None and len(args.against) < 2:
         raise MergeError("--against needs the base and every fine-tune, in the merge's order.",
                          hint="e.g. hf-metagpt verify merged/ --against base/ chat/ math/")
+    from .evaluation.verify import verify
+
     print(verify(args.folder, against=args.against, samples=args.samples, seed=args.seed).summary())
     return 0
 

@@ -46,3 +46,23 @@ def test_version_runs_without_importing_torch_and_merge_help_still_lists_the_met
     assert "methods (--method NAME" in help_text
     for name in ("metagpt", "ties", "slerp", "karcher", "arcee_fusion"):
         assert f"\n  {name} " in help_text
+
+
+def test_options_a_merge_cannot_run_with_are_refused_before_torch_is_imported(tmp_path):
+    # each: the command line, and a piece of the refusal it must print
+    cases = [(["merge", "--base", "a", "b"], "--output"),
+             (["merge", "--base", "a", "b", "-o", str(tmp_path / "o"), "--push-to", "my model"], "ORG/NAME"),
+             (["merge", "--base", "a", "b", "-o", str(tmp_path / "o"), "--push-to", "me/x", "--create-pr",
+               "--revision", "dev"], "--create-pr"),
+             (["plan", "--recipe", str(tmp_path / "missing.yml")], "missing.yml"),
+             (["push", str(tmp_path), "my model"], "ORG/NAME")]
+    for argv, expected in cases:
+        code = ("import sys, runpy\nsys.argv = ['hf-metagpt'] + " + repr(argv) + "\n"
+                "try:\n    runpy.run_module('hf_metagpt', run_name='__main__')\n"
+                "except SystemExit as e:\n    print('exit', e.code)\n")
+        run = subprocess.run([sys.executable, "-c", code + "import sys; print(' '.join(sorted(sys.modules)))"],
+                             capture_output=True, text=True)
+        lines = run.stdout.splitlines()
+        assert lines[-2] == "exit 2", (argv, run.stdout, run.stderr)
+        assert expected in run.stderr and "Traceback" not in run.stderr, (argv, run.stderr)
+        assert "torch" not in lines[-1].split(), argv
