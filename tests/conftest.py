@@ -9,6 +9,10 @@
 #   def test_y(local_hub): local_hub.inject_fault(r"/resolve/", status=503)              # faults, request log
 #   def test_z(hub_other_token, hub_other_user): HfApi(token=hub_other_token) ...        # a second user
 #   def test_w(hub_new_user): token, user = hub_new_user("carol")                          # more users
+#   def test_v(http_only): ...    # the HTTP-only path: no Xet on the Hub nor in the client (as HF_HUB_DISABLE_XET=1)
+# The Hub stores LFS files in Xet, like huggingface.co for new uploads: the client (with hf_xet,
+# installed) uploads through the CAS and downloads through hf_xet, by default in every test and
+# subprocess. hf_xet's own retries wait 10 ms first here, not 3 s doubling (a CAS 503 took 163 s).
 import atexit
 import os
 import shutil
@@ -27,18 +31,19 @@ with socket.socket() as _s:
     _hub_port = _s.getsockname()[1]
 os.environ.update(
     HF_ENDPOINT=f"http://127.0.0.1:{_hub_port}",
-    HF_HUB_DISABLE_XET="1",  # uploads would otherwise be forced through Xet
+    HF_XET_CLIENT_RETRY_BASE_DELAY="10ms",
     HF_HUB_DISABLE_TELEMETRY="1",
     HF_HUB_DISABLE_UPDATE_CHECK="1",
     HF_HOME=os.path.join(_hub_tmp, "hf-home"),
     HF_TOKEN=HUB_TOKEN,
 )
-os.environ.pop("HF_HUB_OFFLINE", None)
+for _var in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET"):
+    os.environ.pop(_var, None)
 
 from hf_metagpt.localhub import LocalHub  # noqa: E402  (after the environment, on purpose)
 
 _HUB = LocalHub(os.path.join(_hub_tmp, "hub-data"), port=_hub_port,
-                tokens={HUB_TOKEN: HUB_USER, HUB_OTHER_TOKEN: HUB_OTHER_USER}, orgs={HUB_ORG: [HUB_USER]})
+                tokens={HUB_TOKEN: HUB_USER, HUB_OTHER_TOKEN: HUB_OTHER_USER}, orgs={HUB_ORG: [HUB_USER]}, xet=True)
 _HUB.start()
 
 
@@ -96,6 +101,33 @@ def hub_faults():
     """The LocalHub, with every injected fault removed after the test."""
     yield _HUB
     _HUB.clear_faults()
+
+
+@pytest.fixture
+def http_only(monkeypatch):
+    """The HTTP-only path: the Hub serves LFS files itself (no X-Xet-Hash) and the client runs as with
+    HF_HUB_DISABLE_XET=1 (uploads by git-LFS basic transfer, downloads by plain GET; subprocesses
+    too). Files stay Xet-backed for the tests after: the Hub gives an LFS upload its Xet form on first use."""
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    xet = _HUB.features.xet
+    _HUB.set_storage(xet=False)
+    yield _HUB
+    _HUB.set_storage(xet=xet)
+
+
+@pytest.fixture(autouse=True)
+def _short_client_commit_backoff(monkeypatch):
+    """huggingface_hub's upload pipeline (upload_folder with hf_xet) retries a failed commit POST itself,
+    1 s doubling to 8 s: in-process tests wait 10 ms doubling to 20 ms instead (the count is unchanged)."""
+    import functools
+
+    import huggingface_hub._commit_api as commit_api
+
+    monkeypatch.setattr(commit_api, "http_backoff",
+                        functools.partial(commit_api.http_backoff, base_wait_time=0.01, max_wait_time=0.02))
 # ==== end of local Hub block ======================================================================
 
 

@@ -5,7 +5,8 @@
 1. start the local Hub (`localhub.LocalHub`) in this process on a free port;
 2. in a child process whose environment points huggingface_hub at it (`HF_ENDPOINT` is read once,
    at import, so the client must start with it set): build a tiny LLaMA base and three fine-tunes,
-   publish them as `demo/tiny-llama-base` and `demo/tiny-llama-{chat,math,code}`;
+   publish them as `demo/tiny-llama-base` and `demo/tiny-llama-{chat,math,code}` (through Xet, as
+   huggingface_hub with hf_xet does on the Hub: the local Hub stores LFS files in Xet);
 3. merge them by Hub ID with MetaGPT and push the result with its model card to
    `demo/tiny-llama-metagpt`;
 4. download the pushed card and plot back and show where they are and what the card says.
@@ -35,17 +36,30 @@ def run_demo(workdir: str | Path | None = None, *, progress: bool = True) -> int
     root = root.expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     token = "hf_demo_" + secrets.token_hex(16)  # lives only in this process and the child's env
-    hub = LocalHub(root / "hub-data", tokens={token: USER})
+    hub = LocalHub(root / "hub-data", tokens={token: USER}, xet=True)  # Xet storage, as the Hub's new uploads
     endpoint = hub.start()
     print(f"Local Hub at {endpoint} (data in {root / 'hub-data'})", flush=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=endpoint, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
+    env.update(HF_ENDPOINT=endpoint, HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_DISABLE_UPDATE_CHECK="1", HF_HOME=str(root / "hf-home"), HF_TOKEN=token)
     cmd = [sys.executable, "-m", "hf_metagpt.demo.run", str(root)] + ([] if progress else ["--quiet"])
     try:
-        return subprocess.run(cmd, env=env).returncode
+        code = subprocess.run(cmd, env=env).returncode
+        if code == 0:
+            print(_xet_summary(hub), flush=True)
+        return code
     finally:
         hub.stop()
+
+
+def _xet_summary(hub) -> str:
+    """What went through the local Hub's Xet storage (hf_xet's CAS protocol), from its request log."""
+    done = [r for r in hub.requests if r.status is not None and r.status < 300]
+    xorbs = sum(r.method == "POST" and r.path.startswith("/v1/xorbs/") for r in done)
+    shards = sum(r.method == "POST" and r.path in ("/v1/shards", "/v2/shards") for r in done)
+    files = sum(r.method == "GET" and "/reconstructions/" in r.path for r in done)
+    return (f"Xet storage: {xorbs} xorbs and {shards} shards uploaded, {files} file reconstructions served "
+            "(hf_xet against the local Hub's CAS)")
 
 
 def _client(root: Path, progress: bool) -> int:

@@ -30,6 +30,8 @@ from .blobs import parse_range, stream_blob
 #: lifetime of signed URLs and Xet tokens (the Hub's last about an hour)
 SIGNED_TTL = 3600
 MAX_SHARD_BODY = 64 * 1024 * 1024
+#: a serialized xorb: 64 MiB of chunks at most (hub-docs docs/xet/xorb.md), its footer and some slack
+MAX_XORB_BODY = 65 * 1024 * 1024
 
 
 def _sign(ctx: Context, text: str) -> str:
@@ -179,7 +181,9 @@ def fetch_xorb(ctx: Context, h: Exchange, xorb: str) -> None:
 
 def upload_xorb(ctx: Context, h: Exchange, xorb: str) -> None:
     _token_repo(ctx, h, write=True)
-    body = h.body.read_all(64 * 1024 * 1024 + 1)
+    # a xorb is up to 64 MiB of chunks plus its footer: far above the default cap of JSON bodies
+    h.body.limit(MAX_XORB_BODY)
+    body = h.body.read_all(MAX_XORB_BODY)
     inserted = ctx.store.xet.put_xorb(xorb, body)
     h.send_json({"was_inserted": inserted})
 
@@ -188,6 +192,7 @@ def upload_shard(ctx: Context, h: Exchange, v2: bool) -> None:
     """Register the files of a shard: each is rebuilt from its terms, checked against its sha256 and
     kept as an LFS object of the token's repo (the commit that follows names it by that sha256)."""
     repo_type, repo_id = _token_repo(ctx, h, write=True)
+    h.body.limit(MAX_SHARD_BODY)
     body = h.body.read_all(MAX_SHARD_BODY)
     try:
         n = _register_shard(ctx, repo_type, repo_id, body)

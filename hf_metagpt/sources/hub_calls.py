@@ -288,7 +288,7 @@ def call_until(stop: threading.Event | None, ref_text: str, fn, *args, **kwargs)
 
 
 def retrying(ref_text: str, attempt, *, stop: threading.Event | None = None, recover=None,
-             doing: str = "", published: bool = False):
+             doing: str = "", published: bool = False, retries: int | None = None):
     """Run `attempt()` until it succeeds: the one retry loop of every Hub call (reads, downloads, push).
 
     Transient failures (5xx, 408, timeouts, lost connections) are retried `RETRIES` times with
@@ -297,8 +297,10 @@ def retrying(ref_text: str, attempt, *, stop: threading.Event | None = None, rec
     thread that meets it (see `RateLimitGate`); a reset further away than `rate_limit_max_wait()`
     fails at once with the time to retry. `stop` ends any wait with `DownloadStopped`. Before a
     retry, `recover(exc)` may return the result after all (a push whose answer was lost but whose
-    commit landed). Other failures become `HubAccessError`s with a hint (`hub_error`).
+    commit landed). Other failures become `HubAccessError`s with a hint (`hub_error`). `retries`
+    replaces `RETRIES` where the client has retried with its own backoff already.
     """
+    limit = RETRIES if retries is None else retries
     delay = retry_base()
     failures = 0
     while True:
@@ -323,15 +325,16 @@ def retrying(ref_text: str, attempt, *, stop: threading.Event | None = None, rec
                     raise _rate_limited(ref_text, exc, reset, published) from None
                 if RATE_LIMIT.close_for(reset, ref_text, failed_request(exc)):
                     failures += 1  # bounded: a limit that never resets ends like any other failure
-                if failures > RETRIES:
-                    raise gave_up(ref_text, exc, published=published) from None
+                if failures > limit:
+                    raise gave_up(ref_text, exc, published=published, attempts=failures) from None
                 continue
             failures += 1
             # hf_xet retries a failed transfer itself for about a minute: one more try of ours is enough
-            if failures > (XET_RETRIES if xet_status(exc) is not None else RETRIES):
-                raise gave_up(ref_text, exc, published=published) from None
+            most = min(limit, XET_RETRIES) if xet_status(exc) is not None else limit
+            if failures > most:
+                raise gave_up(ref_text, exc, published=published, attempts=failures) from None
             log.warning("warning: %s: %s%s; retrying in %.1f s (%d/%d)", ref_text, doing, failed_request(exc),
-                        delay, failures, RETRIES)
+                        delay, failures, most)
             if stop is None:
                 time.sleep(delay)
             elif stop.wait(delay):
@@ -413,7 +416,8 @@ def _rate_limited(ref_text: str, exc: BaseException, reset: float, published: bo
                                f"in {reset:.0f} s.", hint=hint)
 
 
-def gave_up(ref_text: str, exc: BaseException, *, published: bool = False) -> HubUnavailableError:
+def gave_up(ref_text: str, exc: BaseException, *, published: bool = False,
+            attempts: int = RETRIES + 1) -> HubUnavailableError:
     hint = "The Hub or the network is having trouble. Retry the same command later"
     hint += ("; nothing was published (a push is one commit)" if not published else "")
     hint += "; files already downloaded stay in the Hub cache and are not fetched again."
@@ -423,7 +427,7 @@ def gave_up(ref_text: str, exc: BaseException, *, published: bool = False) -> Hu
         # `org/name` is also how a relative folder is written: a mistyped path lands here.
         hint += local_folder_hint(ref_text) or (f" If {ref_text.split('@')[0]!r} was meant as a local "
                                                 "folder: no such folder exists here.")
-    return HubUnavailableError(f"{ref_text}: the Hub kept failing after {RETRIES + 1} attempts "
+    return HubUnavailableError(f"{ref_text}: the Hub kept failing after {attempts} attempts "
                                f"({failed_request(exc)}).", hint=hint)
 
 

@@ -32,3 +32,6 @@ def test_demo_publishes_merges_by_id_and_pushes_a_card(tmp_path):
     assert "## Task-vector geometry" in text and "metagpt_layer_shares.png" in text and "metagpt_cosines.png" in text
     assert "base_model_relation: merge" in text and "demo/tiny-llama-code" in text
     assert "hf_demo_" not in proc.stdout + proc.stderr + text  # the demo's token is never shown
+    # published, downloaded by ID and pushed through Xet (hf_xet against the local Hub's CAS), not git-LFS
+    xet = re.search(r"Xet storage: (\d+) xorbs and (\d+) shards uploaded, (\d+) file reconstructions served", out)
+    assert xet and all(int(n) > 0 for n in xet.groups()), out[-500:]

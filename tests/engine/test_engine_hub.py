@@ -27,6 +27,7 @@ def _merge(ids: list[str], out: Path | None, **kw):
                             progress=False, max_shard_size="60KB", **kw)
 
 
+@pytest.mark.usefixtures("http_only")  # a 403 on the resolve GET (over Xet: test_xet_errors_are_mapped_to_hub_errors_with_a_hint)
 def test_a_403_on_one_shard_ends_the_merge_at_once_saying_access_denied(family, tmp_path, hub_user, hub_faults,
                                                                        monkeypatch):
     from hf_metagpt.engine import fetch

@@ -75,6 +75,7 @@ class _Recorder:
         monkeypatch.setattr(fetch, "OverlappedFiles", Recording)
 
 
+@pytest.mark.usefixtures("http_only")  # counts each shard's resolve GET (over Xet: reconstructions by hash)
 def test_merge_by_id_overlaps_the_download_and_equals_the_local_merge(family, tmp_path, hub_user, hub_faults,
                                                                       monkeypatch):
     folders, expected = family
@@ -112,6 +113,7 @@ def test_merge_by_id_overlaps_the_download_and_equals_the_local_merge(family, tm
     assert rec.providers[1].downloads == 0 and not rec.providers[1]._futures
 
 
+@pytest.mark.usefixtures("http_only")  # a 5xx on the resolve GET (over Xet: test_xet_errors_are_mapped_to_hub_errors_with_a_hint)
 def test_a_shard_that_never_downloads_stops_the_merge_clearly_with_no_output_and_no_threads(
         family, tmp_path, hub_user, hub_faults):
     folders, _ = family
@@ -160,6 +162,7 @@ def test_close_cancels_queued_downloads_and_leaves_no_thread(family, hub_user, h
         files.path(i, plan.inputs[i], last)
 
 
+@pytest.mark.usefixtures("http_only")  # the HTTP progress hook (over Xet: test_closing_the_downloads_cancels_xet_transfers_within_2_s)
 def test_a_stopped_download_ends_mid_file_and_resumes_later(tmp_path, hub_user, hub_faults, monkeypatch):
     """huggingface_hub cannot cancel a download: the progress-bar hook must end it within a chunk."""
     import huggingface_hub.constants as hf_constants

@@ -74,7 +74,28 @@ def test_whoami_and_create_repo_with_exist_ok(api, hub_user, hub_endpoint):
     assert [c.title for c in api.list_repo_commits(f"{hub_user}/made-twice")] == ["initial commit"]
 
 
-def test_upload_folder_sends_big_files_through_lfs_and_downloads_them_byte_exact(api, repo, local_hub, tmp_path):
+def test_upload_folder_sends_big_files_through_xet_and_downloads_them_byte_exact(api, repo, local_hub, tmp_path):
+    """The default path (hf_xet installed, the Hub Xet-backed): a file above the 8 MiB cap of JSON bodies
+    travels as a xorb (refused with a 413 until the CAS took xorbs of up to 64 MiB) and a shard."""
+    big = _bytes(11 * MB, 3)
+    (tmp_path / "weights.bin").write_bytes(big)
+    (tmp_path / "config.json").write_bytes(b"{}")
+    local_hub.clear_requests()
+    commit = api.upload_folder(folder_path=tmp_path, repo_id=repo, commit_message="weights")
+    posted = [(r.method, r.path.rsplit("/", 1)[0], r.status) for r in local_hub.requests
+              if r.path.startswith(("/v1/xorbs/", "/v2/shards", "/_lfs/"))]
+    assert ("POST", "/v1/xorbs/default", 200) in posted and ("POST", "/v2", 200) in posted
+    assert not [p for p in posted if p[1].startswith("/_lfs")]  # no git-LFS transfer
+    big_sha = hashlib.sha256(big).hexdigest()
+    sib = {s.rfilename: s for s in api.model_info(repo, files_metadata=True).siblings}
+    assert sib["weights.bin"].lfs.sha256 == big_sha and sib["weights.bin"].size == 11 * MB
+    local_hub.clear_requests()
+    assert Path(hf_hub_download(repo, "weights.bin", revision=commit.oid)).read_bytes() == big
+    assert [r for r in local_hub.requests if "/reconstructions/" in r.path and r.status == 200]
+
+
+def test_upload_folder_sends_big_files_through_lfs_and_downloads_them_byte_exact(api, repo, local_hub, tmp_path,
+                                                                                 http_only):
     big, small = _bytes(11 * MB, 1), b'{"hidden_size": 32}\n'
     (tmp_path / "weights.bin").write_bytes(big)
     (tmp_path / "config.json").write_bytes(small)
@@ -173,7 +194,7 @@ def test_snapshot_download_with_allow_patterns_at_a_pinned_revision(api, repo, t
     assert (out / "config.json").read_bytes() == b"{}"
 
 
-def test_get_safetensors_metadata_reads_shard_headers_with_range_requests(api, repo, local_hub, tmp_path):
+def test_get_safetensors_metadata_reads_shard_headers_with_range_requests(api, repo, local_hub, tmp_path, http_only):
     shards = {
         "model-00001-of-00002.safetensors": {"a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4)},
         "model-00002-of-00002.safetensors": {"b.weight": torch.ones(5, dtype=torch.bfloat16),

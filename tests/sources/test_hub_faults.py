@@ -25,6 +25,11 @@ from helpers import publish, shards
 
 
 
+# Faults on the HTTP requests themselves (resolve GETs and their Range reads, git-LFS PUTs, commit
+# POSTs counted one per attempt): the HTTP-only path. Over Xet (the default): test_hub_real.py's Xet tests.
+pytestmark = pytest.mark.usefixtures("http_only")
+
+
 @pytest.fixture(autouse=True)
 def _fast_backoff(monkeypatch, hub_faults):
     monkeypatch.setenv(RETRY_BASE_ENV, "0.02")
