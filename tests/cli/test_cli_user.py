@@ -115,11 +115,13 @@ def test_default_verbosity_shows_no_http_requests_and_one_bar_per_stage(family, 
 def test_verbose_shows_requests_but_never_a_signed_url(hub_family, hub_user, tmp_path):
     base, *fts = hub_family
     # another method than the other tests': other bytes, so the push really uploads (no dedup)
+    # an empty Hub cache of its own: the reads through signed storage URLs happen in this run
     proc = cli("-v", "merge", *fts, "--base", base, "-o", str(tmp_path / "m"), "--method", "linear",
-               "--push-to", f"{hub_user}/uv-pushed")
+               "--push-to", f"{hub_user}/uv-pushed", env={"HF_HOME": str(tmp_path / "hf-home")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "HTTP Request" in proc.stderr  # -v shows the library's requests ...
-    assert "/_lfs/" in proc.stderr  # ... the LFS upload to a signed URL among them ...
+    # ... the reads that follow a 302 to a signed storage URL among them (over Xet, the default) ...
+    assert "/cdn/lfs/" in proc.stderr
     assert not SIGNED.search(proc.stderr + proc.stdout), [
         line for line in proc.stderr.splitlines() if SIGNED.search(line)]  # ... without its signature
 
@@ -127,9 +129,9 @@ def test_verbose_shows_requests_but_never_a_signed_url(hub_family, hub_user, tmp
 def test_debug_never_logs_a_signed_url(hub_family, hub_user, tmp_path):
     base, *fts = hub_family
     proc = cli("--debug", "-q", "merge", *fts, "--base", base, "-o", str(tmp_path / "m"), "--method", "task_arithmetic",
-               "--push-to", f"{hub_user}/ud-pushed", env={"HF_DEBUG": "1"})
+               "--push-to", f"{hub_user}/ud-pushed", env={"HF_DEBUG": "1", "HF_HUB_DISABLE_XET": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "/_lfs/" in proc.stderr
+    assert "/_lfs/" in proc.stderr  # the HTTP-only path (HF_HUB_DISABLE_XET=1): git-LFS uploads to signed URLs
     assert not SIGNED.search(proc.stderr + proc.stdout), [
         line for line in proc.stderr.splitlines() if SIGNED.search(line)]
 
