@@ -90,6 +90,10 @@ def _repo_api(ctx: Context, h: Exchange, m: str, repo_type: str, repo_id: str, o
         return writes.preupload(ctx, h, repo_type, repo_id, rev, user)
     if op == "commit" and rest and m == "POST":
         return writes.commit(ctx, h, repo_type, repo_id, rev, user)
+    if op == "discussions" and not rest and m == "POST":
+        return writes.open_pull_request(ctx, h, repo_type, repo_id, user)
+    if op == "discussions" and len(rest) == 1 and m == "GET":
+        return writes.pull_request(ctx, h, repo_type, repo_id, rest[0], user)
     if op == "settings" and not rest and m == "PUT":
         return writes.settings(ctx, h, repo_type, repo_id, user)
     if op in ("xet-read-token", "xet-write-token") and rest and m == "GET":

@@ -50,6 +50,8 @@ class Repo:
     refs: dict[str, str] = field(default_factory=dict)  # "refs/heads/main" -> commit id
     commits: dict[str, dict] = field(default_factory=dict)
     pr_count: int = 0
+    # pull requests opened through the discussions API: num -> {title, author, date}
+    prs: dict[int, dict] = field(default_factory=dict)
     # LFS objects this repo may hand out: uploaded through it (sha256 checked) or named by one of
     # its commits. Nothing else: the blob store is shared, access to a blob is not.
     lfs: set[str] = field(default_factory=set)
@@ -265,6 +267,8 @@ class Store:
                         (repo.granted.add if ev["granted"] else repo.granted.discard)(ev["user"])
                     elif kind == "pr":
                         repo.pr_count = max(repo.pr_count, ev["num"])
+                        if "title" in ev:
+                            repo.prs[ev["num"]] = {k: ev[k] for k in ("title", "author", "date")}
             if good != log_file.stat().st_size:
                 with open(log_file, "r+b") as f:
                     f.truncate(good)
@@ -333,10 +337,14 @@ class Store:
             self._append(repo, {"event": "access", "user": user, "granted": granted})
             (repo.granted.add if granted else repo.granted.discard)(user)
 
-    def next_pr(self, repo: Repo) -> int:
+    def next_pr(self, repo: Repo, title: str | None = None, author: str | None = None) -> int:
         with self.lock:
             repo.pr_count += 1
-            self._append(repo, {"event": "pr", "num": repo.pr_count})
+            event: dict = {"event": "pr", "num": repo.pr_count}
+            if title is not None:
+                event.update(title=title, author=author, date=iso(time.time()))
+                repo.prs[repo.pr_count] = {k: event[k] for k in ("title", "author", "date")}
+            self._append(repo, event)
             return repo.pr_count
 
 

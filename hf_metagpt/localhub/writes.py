@@ -224,6 +224,39 @@ def commit(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, us
     h.send_json(out)
 
 
+def open_pull_request(ctx: Context, h: Exchange, repo_type: str, repo_id: str, user: str | None) -> None:
+    """`POST /api/{type}s/{id}/discussions` with ``pullRequest: true``: an empty pull request on main's
+    head, ``refs/pr/N``, to commit to (what huggingface_hub's upload pipeline does for `create_pr`, so
+    a retried commit can never open a second one). Plain discussions are not kept here."""
+    repo = ctx.write(repo_type, repo_id, user)
+    body = as_object(h.json_body(), "Discussion")
+    title = field(body, "title", str, "Discussion", max_len=MAX_MESSAGE_LEN).strip()
+    if not title:
+        raise HubError(400, "Discussion: a title is required")
+    if body.get("pullRequest") is not True:
+        raise HubError(400, "This local Hub keeps pull requests only: send pullRequest: true")
+    with ctx.store.lock:
+        head, _ = resolve(repo, "main")
+        num = ctx.store.next_pr(repo, title, user)
+        ctx.store.set_ref(repo, f"refs/pr/{num}", head)
+    h.send_json({"num": num, "url": {"web": f"{h.base_url()}/{repo.url_id}/discussions/{num}"}, "pullRequest": True})
+
+
+def pull_request(ctx: Context, h: Exchange, repo_type: str, repo_id: str, num: str, user: str | None) -> None:
+    """`GET /api/{type}s/{id}/discussions/{num}`: a pull request's details (get_discussion_details)."""
+    with ctx.store.lock:
+        repo = ctx.read(repo_type, repo_id, user)
+        n = int(num) if num.isascii() and num.isdigit() else -1
+        ref = f"refs/pr/{n}"
+        if ref not in repo.refs:
+            raise HubError(404, "Discussion not found")
+        meta = repo.prs.get(n) or {"title": repo.commits[repo.refs[ref]]["title"], "author": repo.owner,
+                                   "date": repo.commits[repo.refs[ref]]["date"]}
+    h.send_json({"num": n, "title": meta["title"], "author": {"name": meta["author"]}, "createdAt": meta["date"],
+                 "status": "open", "isPullRequest": True, "repo": {"name": repo.id, "type": repo.type},
+                 "events": [], "changes": {"base": "refs/heads/main"}, "filesWithConflicts": []})
+
+
 def _read_commit(ctx: Context, h: Exchange, user: str) -> tuple[dict, list[tuple[str, dict]]]:
     """The NDJSON payload: one header line, then one operation per line, each checked as it arrives."""
     header: dict | None = None

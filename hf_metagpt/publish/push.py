@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..options import check_push_options
-from ..sources.hub_calls import XET_RETRIES, HubAccessError, call, retrying
+from ..sources.hub_calls import HubAccessError, call, retrying
 from ..sources.hub_calls import api as hub_api
 
 log = logging.getLogger(__name__)
@@ -115,22 +115,7 @@ def _upload_one_commit(api, repo_id: str, folder: Path, message: str, revision: 
             log.info("%s: the commit landed although its answer was lost", ref_text)
         return landed
 
-    # With hf_xet, upload_folder is huggingface_hub's upload pipeline, which retries the commit POST
-    # itself (5 times, 1-8 s apart): five attempts of ours on top made 30 POSTs and 116 s before a
-    # persistent 5xx was reported. One more attempt of ours is enough there.
-    pipelined = card is None and _client_retries_commits()
-    return retrying(ref_text, attempt, recover=recover, doing="push failed: ",
-                    retries=XET_RETRIES if pipelined else None)
-
-
-def _client_retries_commits() -> bool:
-    """Whether `upload_folder` goes through huggingface_hub's upload pipeline (it does when Xet is
-    available), whose commit POSTs are retried with backoff by the client itself."""
-    try:
-        from huggingface_hub.utils._runtime import is_xet_available
-    except ImportError:  # pragma: no cover - a huggingface_hub without Xet
-        return False
-    return bool(is_xet_available())
+    return retrying(ref_text, attempt, recover=recover, doing="push failed: ")
 
 
 def _operations(folder: Path, card: bytes | None, add: type | None = None) -> list:

@@ -288,7 +288,7 @@ def call_until(stop: threading.Event | None, ref_text: str, fn, *args, **kwargs)
 
 
 def retrying(ref_text: str, attempt, *, stop: threading.Event | None = None, recover=None,
-             doing: str = "", published: bool = False, retries: int | None = None):
+             doing: str = "", published: bool = False):
     """Run `attempt()` until it succeeds: the one retry loop of every Hub call (reads, downloads, push).
 
     Transient failures (5xx, 408, timeouts, lost connections) are retried `RETRIES` times with
@@ -297,10 +297,9 @@ def retrying(ref_text: str, attempt, *, stop: threading.Event | None = None, rec
     thread that meets it (see `RateLimitGate`); a reset further away than `rate_limit_max_wait()`
     fails at once with the time to retry. `stop` ends any wait with `DownloadStopped`. Before a
     retry, `recover(exc)` may return the result after all (a push whose answer was lost but whose
-    commit landed). Other failures become `HubAccessError`s with a hint (`hub_error`). `retries`
-    replaces `RETRIES` where the client has retried with its own backoff already.
+    commit landed). Other failures become `HubAccessError`s with a hint (`hub_error`).
     """
-    limit = RETRIES if retries is None else retries
+    limit = RETRIES
     delay = retry_base()
     failures = 0
     while True:

@@ -373,31 +373,51 @@ def test_push_goes_through_xet_plain_create_pr_and_revision_with_one_pr_on_a_los
     assert HfApi().list_repo_commits(repo, revision=after[-1])[0].title == "proposal"
 
 
-def test_a_commit_that_never_succeeds_over_xet_is_retried_once_on_top_of_the_clients_own_retries(
-        family, tmp_path, hub_user, hub_faults):
-    """With hf_xet, upload_folder is huggingface_hub's upload pipeline, which retries the commit POST
-    itself (5 retries, 1-8 s apart). Our own 5 attempts on top made 30 POSTs and 116 s before the
-    error (measured); one more attempt of ours is enough: 12 POSTs, about 23 s with the client's backoff."""
-    import inspect
-
-    from huggingface_hub.utils import http_backoff
-
+def test_a_commit_that_never_succeeds_over_xet_is_one_post_per_attempt(family, tmp_path, hub_user, hub_faults):
+    """push commits with create_commit, which huggingface_hub does not retry (its upload pipeline,
+    upload_folder with hf_xet, retries the commit POST 5 times, 1-8 s apart: under our own 5 attempts
+    that made 30 POSTs and 116 s, measured). Over Xet too: 5 attempts, 5 POSTs, one clear error."""
     from hf_metagpt.errors import HubUnavailableError
     from hf_metagpt.publish.push import push
 
     folders, _ = family
     out = tmp_path / "merged"
     hf_metagpt.merge(base=str(folders[0]), models=[str(folders[1])], output=str(out), device="cpu", progress=False)
-    (out / "README.md").unlink()  # no card to rewrite for this repo: push is upload_folder, the pipeline
     repo = f"{hub_user}/xet-commit-down"
     fault = hub_faults.inject_fault(rf"^/api/models/{re.escape(repo)}/commit/", status=503, times=None, method="POST")
+    hub_faults.clear_requests()
+    start = time.monotonic()
     with pytest.raises(HubUnavailableError) as err:
         push(out, repo)
-    client_tries = 1 + inspect.signature(http_backoff).parameters["max_retries"].default
-    assert fault.hits == (hub_calls.XET_RETRIES + 1) * client_tries == 12
-    assert err.value.message.startswith(f"{repo}: the Hub kept failing after 2 attempts (HTTP 503 on POST ")
+    assert time.monotonic() - start < 30
+    assert fault.hits == hub_calls.RETRIES + 1
+    assert [r for r in hub_faults.requests if r.path == "/v2/shards" and r.status == 200]  # the files went by Xet
+    assert err.value.message.startswith(f"{repo}: the Hub kept failing after {hub_calls.RETRIES + 1} attempts "
+                                        "(HTTP 503 on POST ")
     assert "nothing was published" in err.value.hint
     assert HfApi().list_repo_commits(repo)[0].title == "initial commit"
+
+
+def test_upload_folder_with_create_pr_through_the_xet_pipeline_opens_one_pull_request(tmp_path, hub_user, hub_faults):
+    """huggingface_hub's upload pipeline (upload_folder with hf_xet) opens the PR first with
+    create_pull_request (POST .../discussions: a 404 here before) and commits to refs/pr/N, so a lost
+    commit answer, which it retries itself, stays in that one PR."""
+    api = HfApi()
+    repo = f"{hub_user}/xet-pipeline-pr"
+    api.create_repo(repo, exist_ok=True)
+    (tmp_path / "a.txt").write_text("main")
+    api.upload_folder(repo_id=repo, folder_path=tmp_path)
+    (tmp_path / "w.bin").write_bytes(bytes(range(256)) * 400)
+    lost = hub_faults.inject_fault(rf"^/api/models/{re.escape(repo)}/commit/refs/pr/1$", method="POST",
+                                   lose_answer=True)
+    hub_faults.clear_requests()
+    info = api.upload_folder(repo_id=repo, folder_path=tmp_path, create_pr=True, commit_message="proposal")
+    opened = [r.status for r in hub_faults.requests if r.method == "POST" and r.path == f"/api/models/{repo}/discussions"]
+    assert opened == [200] and lost.hits == 1
+    assert info.pr_url.endswith(f"/{repo}/discussions/1") and info.pr_revision == "refs/pr/1"
+    assert _pr_refs(repo) == ["refs/pr/1"]
+    assert api.get_discussion_details(repo, 1).title == "proposal"
+    assert "w.bin" in api.list_repo_files(repo, revision="refs/pr/1") and "w.bin" not in api.list_repo_files(repo)
 
 
 def test_a_lost_commit_answer_on_a_plain_push_makes_one_commit(family, tmp_path, hub_user, hub_faults):

@@ -221,7 +221,9 @@ def hub_pickles(twins, hub_user):
 
 
 def _bin_gets(requests) -> list[str]:
-    return [r.path for r in requests if "/resolve/" in r.path and r.path.endswith(".bin") and r.method == "GET"]
+    """The .bin downloads: a GET, or over Xet a HEAD answered 302 with the Xet hash (hf_xet then fetches by hash)."""
+    return [r.path for r in requests if "/resolve/" in r.path and r.path.endswith(".bin")
+            and (r.method == "GET" or (r.method == "HEAD" and r.status == 302))]
 
 
 def test_hub_pickle_repo_plans_without_downloading_and_merges_to_the_same_bytes(twins, hub_pickles, tmp_path,
