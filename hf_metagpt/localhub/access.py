@@ -90,11 +90,15 @@ class Features:
     `cdn`: LFS files redirect (302) to a signed URL of the storage side, another origin, which must
     not receive the token. `xet`: LFS files are Xet-backed (X-Xet-Hash, ``Link: rel="xet-auth"``,
     CAS reconstruction), as new uploads on the Hub are; the 302 to the storage side stays for
-    clients without hf_xet. `storage_url`: the storage side's base URL.
+    clients without hf_xet. `resolve_cache`: regular files redirect (307) to
+    ``/api/resolve-cache/{type}s/{id}/{commit}/{path}`` on the Hub itself, as huggingface.co answers
+    them. `storage_url`: the storage side's base URL.
     """
 
     cdn: bool = False
     xet: bool = False
+    #: regular (non-LFS) files answer a 307 to a relative ``/api/resolve-cache/...`` URL, as on the Hub
+    resolve_cache: bool = False
     storage_url: str = ""
 
 

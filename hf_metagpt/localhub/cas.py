@@ -30,6 +30,7 @@ from .blobs import parse_range, stream_blob
 #: lifetime of signed URLs and Xet tokens (the Hub's last about an hour)
 SIGNED_TTL = 3600
 MAX_SHARD_BODY = 64 * 1024 * 1024
+MAX_TELEMETRY_BODY = 1024 * 1024
 #: a serialized xorb: 64 MiB of chunks at most (hub-docs docs/xet/xorb.md), its footer and some slack
 MAX_XORB_BODY = 65 * 1024 * 1024
 
@@ -92,10 +93,21 @@ def route(ctx: Context, h: Exchange, user: str | None) -> None:
         return upload_xorb(ctx, h, parts[3])
     if parts in (["v1", "shards"], ["v2", "shards"]) and m == "POST":
         return upload_shard(ctx, h, v2=parts[0] == "v2")
+    if parts == ["v1", "telemetry"] and m == "POST":
+        return telemetry(ctx, h)
     if len(parts) == 4 and parts[:2] == ["v1", "chunks"] and m == "GET":
         _token_repo(ctx, h, write=False)
         raise HubError(404, "Chunk not tracked by global deduplication")
     raise HubError(404, "Not Found", "EndpointNotFound")
+
+
+def telemetry(ctx: Context, h: Exchange) -> None:
+    """`POST /v1/telemetry`: hf_xet's transfer summary (no names, paths or hashes), sent after each
+    transfer unless HF_HUB_DISABLE_TELEMETRY (or DO_NOT_TRACK, HF_HUB_OFFLINE) is set. Taken and
+    dropped, so a client without those settings meets no 404 here."""
+    _token_repo(ctx, h, write=False)
+    h.body.read_all(MAX_TELEMETRY_BODY)
+    h.send_bytes(204, b"", {}, content_type="text/plain")
 
 
 # ---------------------------------------------------------------- CDN
@@ -151,21 +163,35 @@ def reconstruction(ctx: Context, h: Exchange, file_hash: str, v2: bool) -> None:
     _, terms, offset = xet.reconstruction(file_hash, first, last)
     base = ctx.features.storage_url
     out_terms = [{"hash": x, "unpacked_length": n, "range": {"start": a, "end": b}} for x, a, b, n, _, _ in terms]
+    # Per xorb, the fetch ranges are the union of its terms' chunk ranges, disjoint: a file that repeats
+    # itself has terms over overlapping chunks of one xorb (chunks 0-1, then 0-2), and hf_xet serves
+    # each term from the first fetch range that starts where it does (one range per term made it
+    # panic: "range end out of bounds: 176128 <= 131072").
     if v2:
-        xorbs: dict[str, list] = {}
-        for x, a, b, _, s, e in terms:
-            xorbs.setdefault(x, []).append({"url": f"{base}/xorbs/default/{x}?{signed_query(ctx, x)}",
-                                            "ranges": [{"chunks": {"start": a, "end": b},
-                                                        "bytes": {"start": s, "end": e}}]})
+        xorbs = {x: [{"url": f"{base}/xorbs/default/{x}?{signed_query(ctx, x)}",
+                      "ranges": [{"chunks": {"start": a, "end": b}, "bytes": {"start": s, "end": e}}]}
+                     for a, b, s, e in spans] for x, spans in _fetch_spans(terms).items()}
         body = {"offset_into_first_range": offset, "terms": out_terms, "xorbs": xorbs}
     else:
-        fetch: dict[str, list] = {}
-        for x, a, b, _, s, e in terms:
-            fetch.setdefault(x, []).append({"range": {"start": a, "end": b},
-                                            "url": f"{base}/xorbs/default/{x}?{signed_query(ctx, x)}",
-                                            "url_range": {"start": s, "end": e}})
+        fetch = {x: [{"range": {"start": a, "end": b}, "url": f"{base}/xorbs/default/{x}?{signed_query(ctx, x)}",
+                      "url_range": {"start": s, "end": e}} for a, b, s, e in spans]
+                 for x, spans in _fetch_spans(terms).items()}
         body = {"offset_into_first_range": offset, "terms": out_terms, "fetch_info": fetch}
     h.send_json(body)
+
+
+def _fetch_spans(terms: list) -> dict[str, list[tuple[int, int, int, int]]]:
+    """{xorb: [(chunk start, chunk end, first byte, last byte)]}: the sorted union of the terms' chunk
+    ranges in each xorb (overlapping or touching ranges joined), with their byte ranges."""
+    spans: dict[str, list[list[int]]] = {}
+    for x, a, b, _, s, e in sorted(terms, key=lambda t: (t[0], t[1])):
+        merged = spans.setdefault(x, [])
+        if merged and a <= merged[-1][1]:
+            if b > merged[-1][1]:
+                merged[-1][1], merged[-1][3] = b, e
+        else:
+            merged.append([a, b, s, e])
+    return {x: [tuple(m) for m in ms] for x, ms in spans.items()}
 
 
 def fetch_xorb(ctx: Context, h: Exchange, xorb: str) -> None:

@@ -11,7 +11,7 @@ from .access import Context
 from .blobs import parse_range, stream_blob
 from .cas import cdn_url
 from .cas import xet_token as make_token
-from .common import MAX_JSON_BODY, MAX_PATHS_INFO, HubError, clean_path, iso
+from .common import MAX_JSON_BODY, MAX_PATHS_INFO, SHA1_RE, HubError, clean_path, iso
 from .exchange import Exchange
 from .schema import as_object, field, parse_json
 from .storage import Repo, resolve
@@ -145,10 +145,19 @@ def commits(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, u
 
 
 def resolve_file(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, path: str,
-                 user: str | None) -> None:
-    """`HEAD`/`GET /{id}/resolve/{rev}/{path}`: the file's bytes (or a Range of them) and the Hub's headers."""
+                 user: str | None, cached: bool = False) -> None:
+    """`HEAD`/`GET /{id}/resolve/{rev}/{path}`: the file's bytes (or a Range of them) and the Hub's headers.
+
+    `cached`: the ``/api/resolve-cache/{type}s/{id}/{commit}/{path}`` form, where a regular file's
+    resolve redirects (`Features.resolve_cache`): `rev` must be a commit of this repo (the Hub
+    answers 400 to a branch name there, 404 to another repo's commit).
+    """
     path = clean_path(path)
+    if cached and not SHA1_RE.match(rev):
+        raise HubError(400, "Invalid revision: resolve-cache URLs name a commit")
     repo, commit = snapshot(ctx, repo_type, repo_id, rev, user)
+    if cached and commit["id"] != rev:
+        raise HubError(404, "Revision not found", "RevisionNotFound")
     # Before anything about the file: without access even a HEAD (size, ETag) is refused, like the Hub.
     ctx.download(repo, user, h.base_url())
     entry = commit["files"].get(path)
@@ -164,6 +173,8 @@ def resolve_file(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: s
         headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(size)})
     if lfs and (ctx.features.cdn or ctx.features.xet):
         return _redirect_to_storage(ctx, h, repo_type, repo_id, commit["id"], lfs["oid"], blob, headers)
+    if not lfs and not cached and ctx.features.resolve_cache:
+        return _redirect_to_cache(h, repo_type, repo_id, rev, commit["id"], path, etag, headers)
     start, end, status = 0, size - 1, 200
     rng = h.headers.get("Range")
     if rng and h.command == "GET":
@@ -191,6 +202,20 @@ def _redirect_to_storage(ctx: Context, h: Exchange, repo_type: str, repo_id: str
         token_url = f"{h.base_url()}/api/{repo_type}s/{repo_id}/xet-read-token/{commit}"
         headers.update({"X-Xet-Hash": file_hash, "Link": f'<{token_url}>; rel="xet-auth"'})
     h.send_bytes(302, b"", headers, content_type="text/plain")
+
+
+def _redirect_to_cache(h: Exchange, repo_type: str, repo_id: str, rev: str, commit: str, path: str, etag: str,
+                       headers: dict) -> None:
+    """A regular file as huggingface.co answers it: a 307 to a *relative* resolve-cache URL pinned to the
+    commit, whose query names the original path and the ETag (``/api/resolve-cache/models/{id}/{sha}/
+    {path}?%2F{id}%2Fresolve%2F{rev}%2F{path}=&etag=%22{etag}%22``)."""
+    prefix = "" if repo_type == "model" else f"/{repo_type}s"
+    original = f"{prefix}/{repo_id}/resolve/{rev}/{path}"
+    location = (f"/api/resolve-cache/{repo_type}s/{repo_id}/{commit}/{quote(path)}"
+                f"?{quote(original, safe='')}=&etag={quote(chr(34) + etag + chr(34), safe='')}")
+    keep = {k: v for k, v in headers.items() if k in ("X-Repo-Commit", "ETag")}
+    h.send_bytes(307, f"Temporary Redirect. Redirecting to {location}".encode(), {**keep, "Location": location},
+                 content_type="text/plain; charset=utf-8")
 
 
 def xet_token(ctx: Context, h: Exchange, repo_type: str, repo_id: str, rev: str, write: bool,

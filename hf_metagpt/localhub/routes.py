@@ -54,6 +54,9 @@ def route_api(ctx: Context, h: Exchange, m: str, parts: list[str], user: str | N
         return writes.create_repo(ctx, h, user)
     if parts == ["repos", "delete"] and m == "DELETE":
         return writes.delete_repo(ctx, h, user)
+    if parts[:1] == ["resolve-cache"] and len(parts) >= 6 and parts[1] in REPO_TYPES and m in ("GET", "HEAD"):
+        return reads.resolve_file(ctx, h, REPO_TYPES[parts[1]], repo_id_of(parts[2], parts[3]), parts[4],
+                                  "/".join(parts[5:]), user, cached=True)
     if len(parts) == 2 and parts[0] in REPO_TYPES:
         raise HubError(401 if user is None else 404, "Repository not found", "RepoNotFound")
     if len(parts) >= 3 and parts[0] in REPO_TYPES:

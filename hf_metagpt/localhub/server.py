@@ -193,11 +193,15 @@ class LocalHub(RepoAdmin, FaultsAndLog):
         """Base URL of the storage side (CDN and Xet CAS): another origin than `endpoint`."""
         return self.features.storage_url
 
-    def set_storage(self, *, cdn: bool | None = None, xet: bool | None = None) -> None:
+    def set_storage(self, *, cdn: bool | None = None, xet: bool | None = None,
+                    resolve_cache: bool | None = None) -> None:
         """Switch how LFS files are served from now on: `cdn` redirects them to signed URLs of the
         storage side (which refuses an Authorization header); `xet` makes them Xet-backed like new
         uploads on the Hub (X-Xet-Hash, xet-auth link, CAS reconstruction), and uploads then go
-        through Xet too (the xet-write-token endpoint answers)."""
+        through Xet too (the xet-write-token endpoint answers). `resolve_cache`: regular files answer a
+        307 to a relative ``/api/resolve-cache/...`` URL pinned to the commit, as huggingface.co does."""
+        if resolve_cache is not None:
+            self.features.resolve_cache = resolve_cache
         if cdn is not None:
             self.features.cdn = cdn
         if xet is not None:

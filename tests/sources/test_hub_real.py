@@ -231,15 +231,15 @@ def storage(local_hub, monkeypatch):
     """The local Hub serving LFS files as the Hub does now; the client with Xet on (as installed)."""
     import huggingface_hub.constants as hf_constants
 
-    before = (local_hub.features.cdn, local_hub.features.xet)
+    before = (local_hub.features.cdn, local_hub.features.xet, local_hub.features.resolve_cache)
 
-    def use(*, cdn: bool = False, xet: bool = False, client_xet: bool = True):
-        local_hub.set_storage(cdn=cdn, xet=xet)
+    def use(*, cdn: bool = False, xet: bool = False, client_xet: bool = True, resolve_cache: bool = False):
+        local_hub.set_storage(cdn=cdn, xet=xet, resolve_cache=resolve_cache)
         monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", not client_xet)
         return local_hub
 
     yield use
-    local_hub.set_storage(cdn=before[0], xet=before[1])
+    local_hub.set_storage(cdn=before[0], xet=before[1], resolve_cache=before[2])
 
 
 def _storage_requests(hub, kind: str):
@@ -292,6 +292,73 @@ def test_xet_backed_files_download_through_the_real_hf_xet_client(tmp_path, hub_
     # themselves came through hf_xet only
     cdn = _storage_requests(hub, "/cdn/")
     assert all(r.range == "bytes=0-100000" and not r.authorization for r in cdn)
+
+
+def test_regular_files_redirect_to_the_resolve_cache_like_the_hub(family, tmp_path, hub_user, storage):
+    """huggingface.co answers a regular file's resolve with a 307 to a relative
+    /api/resolve-cache/models/{id}/{commit}/{path}?{original path}=&etag=... (recorded answers); the
+    client follows it for HEAD and GET, and a merge by ID reads its configs through it."""
+    import httpx2
+
+    folders, expected = family
+    ids = publish(folders, hub_user, "rcache")
+    hub = storage(xet=True, resolve_cache=True)
+    hub.clear_requests()
+    _merge(ids, tmp_path / "out")
+    assert shards(tmp_path / "out") == expected
+    configs = [r for r in hub.requests if "/resolve/" in r.path and r.path.endswith("/config.json")]
+    assert configs and {r.status for r in configs} == {307}
+    cached = [r for r in hub.requests if r.path.startswith("/api/resolve-cache/models/")]
+    assert {r.method for r in cached} == {"HEAD", "GET"} and {r.status for r in cached} == {200}
+    sha = HfApi().model_info(ids[0]).sha
+    head = httpx2.head(f"{hub.endpoint}/{ids[0]}/resolve/main/config.json")
+    quoted = f"/{ids[0]}/resolve/main/config.json".replace("/", "%2F")
+    assert head.status_code == 307 and head.headers["Location"].startswith(
+        f"/api/resolve-cache/models/{ids[0]}/{sha}/config.json?{quoted}=&etag=%22")
+    got = httpx2.get(hub.endpoint + head.headers["Location"])
+    assert got.status_code == 200 and got.content == (folders[0] / "config.json").read_bytes()
+    assert got.headers["X-Repo-Commit"] == sha
+    # like the Hub: a branch name there is a 400, another repo's commit a 404
+    assert httpx2.get(f"{hub.endpoint}/api/resolve-cache/models/{ids[0]}/main/config.json").status_code == 400
+    other = HfApi().model_info(ids[1]).sha
+    assert httpx2.get(f"{hub.endpoint}/api/resolve-cache/models/{ids[0]}/{other}/config.json").status_code == 404
+
+
+def test_a_file_that_repeats_itself_downloads_through_xet(tmp_path, hub_user, storage):
+    """hf_xet uploads a file with repeated content as terms over overlapping chunks of one xorb (chunks
+    0-1, then 0-2). The CAS must hand out each xorb's fetch ranges as their disjoint union: one range
+    per term made hf_xet panic ("range end out of bounds: 176128 <= 131072") and the download fail."""
+    from huggingface_hub import hf_hub_download
+
+    hub = storage(xet=True)
+    repo = f"{hub_user}/xet-repeats"
+    HfApi().create_repo(repo, exist_ok=True)
+    data = bytes(range(256)) * 1200 + bytes(reversed(range(256))) * 300
+    HfApi().upload_file(path_or_fileobj=data, path_in_repo="w.bin", repo_id=repo)
+    hub.clear_requests()
+    assert Path(hf_hub_download(repo, "w.bin", cache_dir=tmp_path / "c")).read_bytes() == data
+    assert [r for r in hub.requests if "/reconstructions/" in r.path and r.status == 200]
+
+
+def test_xet_telemetry_is_taken_when_the_client_sends_it(tmp_path, hub_user, storage):
+    """Without HF_HUB_DISABLE_TELEMETRY (the suite sets it), hf_xet POSTs a summary of each transfer to
+    the CAS's /v1/telemetry: the local Hub takes it (it answered 404 before)."""
+    import os
+
+    hub = storage(xet=True)
+    repo = f"{hub_user}/xet-telemetry"
+    HfApi().create_repo(repo, exist_ok=True)
+    data = bytes(range(256)) * 1200
+    HfApi().upload_file(path_or_fileobj=data, path_in_repo="w.bin", repo_id=repo)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_TELEMETRY", "DO_NOT_TRACK")}
+    env["HF_HOME"] = str(tmp_path / "home")
+    hub.clear_requests()
+    code = "from huggingface_hub import hf_hub_download as d; import sys; sys.stdout.write(open(d(sys.argv[1], 'w.bin'), 'rb').read().hex())"
+    proc = subprocess.run([sys.executable, "-c", code, repo], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert bytes.fromhex(proc.stdout) == data
+    sent = [r for r in hub.requests if r.path == "/v1/telemetry"]
+    assert sent and {(r.method, r.status) for r in sent} == {("POST", 204)}
 
 
 def test_xet_resolve_answers_like_the_hub(hub_user, storage):
