@@ -16,7 +16,7 @@ from pathlib import Path
 
 #: the stages in the order data flows; a module may import from its own stage or an earlier one
 STAGES = [
-    ("leaf", {"errors", "constants", "_version", "_platform", "_logging", "_progress", "safetensors_io"}),
+    ("leaf", {"errors", "constants", "_version", "_platform", "_logging", "_progress", "safetensors_io", "dtype_names"}),
     ("options", {"options", "mergekit_recipe"}),
     ("sources", {"sources"}),
     ("methods", {"methods"}),
