@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import publish
+from helpers import publish
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -306,7 +306,7 @@ def test_mergekit_yaml_positional_style_is_accepted(family, tmp_path):
     ref = tmp_path / "ref"
     proc = cli("-q", "merge", "--recipe", str(recipe), "-o", str(ref))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from tests.helpers import shards
+    from helpers import shards
 
     assert shards(out) == shards(ref)  # the same merge as --recipe/-o
 
