@@ -151,57 +151,20 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
     if module_params is not None:  # modules.default's own parameters, over the top-level ones
         own = _parameters(r, module_params, accepted, method, per_model=False)
         globals_ = {**globals_, **{k: _chain(v, globals_.get(k)) for k, v in own.items()}}
+    sliced = "slices" in top
+    method, accepted, entries, globals_, mnode, layer_maps = _inputs(r, top, root, method, accepted, globals_, base)
+    method, entries, globals_ = _mergekit_input_rules(r, top, method, base, entries, globals_, mnode, sliced)
     out: dict[str, Any] = {"method": method}
-    if "slices" in top:
-        if "models" in top:
-            raise r.fail(top["slices"][0], "The recipe gives both `slices` and `models`",
-                         hint="mergekit takes one of them: list whole models under `models:`, or layer ranges under `slices:`.")
-        mnode = top["slices"][1]
-        layout = read_slices(r, mnode, accepted, method)
-        method, entries, globals_ = layout.translate(method, globals_, base)
-        accepted = MERGEKIT_METHODS.get(method, accepted)
-        out["method"] = method
-        out["layers"] = layout.maps
-    else:
-        if "models" not in top:
-            raise r.fail(root, "The mergekit recipe lists no `models`",
-                         hint="Add `models:` with one `- model: ...` per model (or `slices:` with layer ranges).")
-        mnode = top["models"][1]
-        entries = _entries(r, mnode, accepted, method)
-    if method == "linear" and base is not None and base not in [spec for spec, _, _ in entries] and "slices" not in top:
-        # mergekit's linear averages every input, base_model included when `models` does not list it
-        # (it adds the base to `models`, not to slices' sources: a sliced linear leaves it out)
-        entries = [(base, {}, top["base_model"][1]), *entries]
-    if method == "karcher" and "slices" not in top and base is not None \
-            and base not in [spec for spec, _, _ in entries]:
-        # so does its karcher, with base_model after the listed models (checked: same bytes)
-        entries = [*entries, (base, {}, top["base_model"][1])]
-    if "slices" in top and base is not None and base not in [spec for spec, _, _ in entries] \
-            and method not in ("linear", "nuslerp"):
-        raise r.fail(top["slices"][1], f"base_model {base!r} is not a source of the slices",
-                     hint="mergekit 0.1.5 refuses this recipe too ('Base input is not present in merge inputs'): "
-                          "add base_model as a source of each slice, with the same layer_range as the others.")
-    if (method in _WEIGHT_REQUIRED and method != "linear" and base is not None
-            and all(spec == base for spec, _, _ in entries)):
-        # Only the base (often `model+adapter`: a LoRA baked into its model): mergekit 0.1.5 writes
-        # base_model itself (no task vector to add; checked: the base's bytes). Here: a linear merge
-        # of that one model with weight 1, the same bytes.
-        r.warn(mnode, f"the recipe lists no model besides base_model: mergekit 0.1.5's {method} writes base_model "
-                      "itself (with its LoRA applied, for `model+adapter`), and so does this merge")
-        method = out["method"] = "linear"
-        entries = [(base, {"weight": 1.0}, entries[0][2])]
-        globals_ = {}
     refs = [_ref(r, spec, base, node) for spec, _, node in entries]
     base_spec = base
     base, tunes = _fine_tunes(r, method, base, refs, mnode, root)
     out["base"] = base
     out["models"] = [refs[i] for i in tunes]
-    if "layers" in out:
+    if layer_maps is not None:
         # one layer map per input, in the order the plan reads them: the base, then each fine-tune
-        maps = out.pop("layers")
         specs = [spec for spec, _, _ in entries]
-        base_map = maps[specs.index(base_spec)] if base_spec in specs else maps[0]
-        out["layers"] = [base_map, *(maps[i] for i in tunes)]
+        base_map = layer_maps[specs.index(base_spec)] if base_spec in specs else layer_maps[0]
+        out["layers"] = [base_map, *(layer_maps[i] for i in tunes)]
     granularity = globals_.pop("granularity", None)
     if granularity is not None:
         out["granularity"] = granularity
@@ -221,6 +184,58 @@ def parse_mergekit(text: str, source: str = "<recipe>") -> dict[str, Any]:
         params["mergekit_order"] = _compute_dtype(r, top)
     if params:
         out["parameters"] = params
+    out.update(_output_keys(r, top, method, params, base, refs, tunes))
+    return out
+
+
+def _inputs(r: "_Reader", top: dict, root: yaml.Node, method: str, accepted, globals_: dict, base: str | None):
+    """The recipe's inputs as (spec, parameters, node) entries, from `models:` or `slices:` (which may
+    change the method, e.g. a passthrough stack, and give each input a layer map)."""
+    if "slices" in top:
+        if "models" in top:
+            raise r.fail(top["slices"][0], "The recipe gives both `slices` and `models`",
+                         hint="mergekit takes one of them: list whole models under `models:`, or layer ranges under `slices:`.")
+        mnode = top["slices"][1]
+        layout = read_slices(r, mnode, accepted, method)
+        method, entries, globals_ = layout.translate(method, globals_, base)
+        return method, MERGEKIT_METHODS.get(method, accepted), entries, globals_, mnode, layout.maps
+    if "models" not in top:
+        raise r.fail(root, "The mergekit recipe lists no `models`",
+                     hint="Add `models:` with one `- model: ...` per model (or `slices:` with layer ranges).")
+    mnode = top["models"][1]
+    return method, accepted, _entries(r, mnode, accepted, method), globals_, mnode, None
+
+
+def _mergekit_input_rules(r: "_Reader", top: dict, method: str, base: str | None, entries: list, globals_: dict,
+                          mnode: yaml.Node, sliced: bool):
+    """What mergekit 0.1.5 does with a base_model the inputs do not list (adds it, refuses, or writes
+    it alone): the (method, entries, global parameters) that give its bytes."""
+    listed = [spec for spec, _, _ in entries]
+    if method == "linear" and base is not None and base not in listed and not sliced:
+        # mergekit's linear averages every input, base_model included when `models` does not list it
+        # (it adds the base to `models`, not to slices' sources: a sliced linear leaves it out)
+        entries = [(base, {}, top["base_model"][1]), *entries]
+    if method == "karcher" and not sliced and base is not None and base not in listed:
+        # so does its karcher, with base_model after the listed models (checked: same bytes)
+        entries = [*entries, (base, {}, top["base_model"][1])]
+    if sliced and base is not None and base not in listed and method not in ("linear", "nuslerp"):
+        raise r.fail(top["slices"][1], f"base_model {base!r} is not a source of the slices",
+                     hint="mergekit 0.1.5 refuses this recipe too ('Base input is not present in merge inputs'): "
+                          "add base_model as a source of each slice, with the same layer_range as the others.")
+    if (method in _WEIGHT_REQUIRED and method != "linear" and base is not None
+            and all(spec == base for spec, _, _ in entries)):
+        # Only the base (often `model+adapter`: a LoRA baked into its model): mergekit 0.1.5 writes
+        # base_model itself (no task vector to add; checked: the base's bytes). Here: a linear merge
+        # of that one model with weight 1, the same bytes.
+        r.warn(mnode, f"the recipe lists no model besides base_model: mergekit 0.1.5's {method} writes base_model "
+                      "itself (with its LoRA applied, for `model+adapter`), and so does this merge")
+        return "linear", [(base, {"weight": 1.0}, entries[0][2])], {}
+    return method, entries, globals_
+
+
+def _output_keys(r: "_Reader", top: dict, method: str, params: dict, base, refs, tunes) -> dict[str, Any]:
+    """The output's dtype, chat template and tokenizer/vocabulary keys of a recipe."""
+    out: dict[str, Any] = {}
     if dtype := _dtype(r, top):
         out["dtype"] = dtype
     if method == "arcee_fusion" and "out_dtype" not in top and params.get("mergekit_order") in ("bfloat16", "float16"):
