@@ -104,6 +104,15 @@ def hub_faults():
 
 
 @pytest.fixture
+def fault_backoff(monkeypatch, hub_faults):
+    """For the Hub fault tests (autouse in their modules): retries 0.02 s apart, faults removed after."""
+    from hf_metagpt.constants import RETRY_BASE_ENV
+
+    monkeypatch.setenv(RETRY_BASE_ENV, "0.02")
+    return hub_faults
+
+
+@pytest.fixture
 def http_only(monkeypatch):
     """The HTTP-only path: the Hub serves LFS files itself (no X-Xet-Hash) and the client runs as with
     HF_HUB_DISABLE_XET=1 (uploads by git-LFS basic transfer, downloads by plain GET; subprocesses

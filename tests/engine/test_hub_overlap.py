@@ -18,7 +18,6 @@ from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_
 
 import hf_metagpt
 import hf_metagpt.engine.fetch as fetch
-from hf_metagpt.constants import RETRY_BASE_ENV
 from hf_metagpt.errors import DownloadStopped, HubUnavailableError
 from hf_metagpt.sources.hub_calls import RETRIES
 from hf_metagpt.sources.hub_calls import call_until as _call_until
@@ -26,11 +25,7 @@ from helpers import publish, shards
 
 
 
-@pytest.fixture(autouse=True)
-def _fast_backoff(monkeypatch, hub_faults):
-    monkeypatch.setenv(RETRY_BASE_ENV, "0.02")
-    yield
-    hub_faults.clear_faults()
+pytestmark = pytest.mark.usefixtures("fault_backoff")
 
 
 @pytest.fixture(scope="module")

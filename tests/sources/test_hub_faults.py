@@ -19,7 +19,6 @@ import hf_metagpt
 import hf_metagpt.engine.fetch as fetch
 from hf_metagpt.cli import main as cli_main
 from hf_metagpt.errors import HubUnavailableError
-from hf_metagpt.constants import RETRY_BASE_ENV
 from hf_metagpt.sources.hub_calls import RETRIES
 from helpers import publish, shards
 
@@ -27,14 +26,9 @@ from helpers import publish, shards
 
 # Faults on the HTTP requests themselves (resolve GETs and their Range reads, git-LFS PUTs, commit
 # POSTs counted one per attempt): the HTTP-only path. Over Xet (the default): test_hub_real.py's Xet tests.
-pytestmark = pytest.mark.usefixtures("http_only")
+pytestmark = pytest.mark.usefixtures("http_only", "fault_backoff")
 
 
-@pytest.fixture(autouse=True)
-def _fast_backoff(monkeypatch, hub_faults):
-    monkeypatch.setenv(RETRY_BASE_ENV, "0.02")
-    yield
-    hub_faults.clear_faults()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ ones and hub-docs (rate limits, docs/xet/).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import subprocess
@@ -32,11 +31,7 @@ def shards(folder: Path) -> dict[str, bytes]:
     return {k: v for k, v in _all_shards(folder).items() if k.startswith("model")}
 
 
-@pytest.fixture(autouse=True)
-def _fast_backoff(monkeypatch, hub_faults):
-    monkeypatch.setenv(hub_calls.RETRY_BASE_ENV, "0.02")
-    yield
-    hub_faults.clear_faults()
+pytestmark = pytest.mark.usefixtures("fault_backoff")
 
 
 @pytest.fixture(scope="module")
