@@ -79,14 +79,23 @@ def weighted_models(base: torch.Tensor, models: list[torch.Tensor], w0: float, w
         slots = sums.unbind()
     last = n - (count - 1) * step
     a_last, t_last = abuf[:last], tbuf[:last]
+    # On the CPU a model's chunk is added straight from its stored dtype: torch converts it to
+    # float64 (exactly) and runs the same float64 add as after an explicit copy, the same bits
+    # (tests/engine/test_kernels.py) in one torch call instead of two — each call is one more
+    # hand-over of the interpreter lock between compute threads. Elsewhere the explicit copy stays
+    # (a GPU runs one chunk per tensor: nothing to save, and its mixed-dtype kernels are others).
+    mixed = device.type == "cpu"
     for c in range(count):
         a, t = (abuf, tbuf) if c < count - 1 else (a_last, t_last)
         a.copy_(b_parts[c])
         if w0 != 1.0:
             a.mul_(w0)
         for w, parts in t_parts:
-            t.copy_(parts[c])
-            a.add_(t, alpha=w)
+            if mixed:
+                a.add_(parts[c], alpha=w)
+            else:
+                t.copy_(parts[c])
+                a.add_(t, alpha=w)
         o = o_parts[c]
         o.copy_(a)
         if sums is not None:

@@ -184,11 +184,14 @@ def test_task_gram_is_the_chunk_by_chunk_sum_bit_for_bit(chunk, offset):
     assert got[0, 1] != 0.0 and torch.equal(got, got.t())
 
 
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_weighted_models_bytes_do_not_depend_on_the_chunk(out_dtype):
+def test_weighted_models_bytes_do_not_depend_on_the_chunk(out_dtype, in_dtype):
     """Elementwise arithmetic: chunks of 64, 4096 and the defaults give the bytes of one whole-tensor
-    float64 computation with the same torch ops (so MERGE_CHUNK is free to tune)."""
-    base, fts = _models(shape=(3 * 4096 + 77,), n=3)
+    float64 computation with the same torch ops (so MERGE_CHUNK is free to tune), and adding each
+    model's chunk straight from its stored dtype (the CPU kernel) gives the bytes of converting it
+    to float64 first."""
+    base, fts = _models(shape=(3 * 4096 + 77,), n=3, dtype=in_dtype)
     w0, lam = 0.37, [0.3, 0.0, -0.45]
     whole = base.double().mul_(w0)
     for w, f in zip(lam, fts):
