@@ -23,6 +23,9 @@ RETRY_BASE_ENV = "HF_METAGPT_RETRY_BASE"
 RATE_LIMIT_WAIT_ENV = "HF_METAGPT_RATE_LIMIT_MAX_WAIT"
 #: The compute workers of a merge process, as `--workers N` sets them (`engine.sizing`).
 WORKERS_ENV = "HF_METAGPT_WORKERS"
+#: MiB of a CLI merge's first reads to read into the page cache while it starts (default 4096, at most a
+#: quarter of the available memory); `0` turns it off (`engine.readahead`).
+READAHEAD_ENV = "HF_METAGPT_READAHEAD_MB"
 #: `hub serve`'s tokens besides --token: USER:TOKEN or TOKEN entries, separated by commas or whitespace.
 HUB_TOKENS_ENV = "HF_METAGPT_HUB_TOKENS"
 

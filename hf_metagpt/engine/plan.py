@@ -15,8 +15,9 @@ from ..options import MergeOptions, parse_size
 from ..dtype_names import CONFIG_TO_ST, ST_TO_CONFIG
 from ..safetensors_io import dtype_itemsize
 from ..sources.model import ModelInfo
-from ..sources.architecture import (BLOCK, CONFIG_KEYS, block_of, config_facts, config_value,
-                                     skeleton_mismatches, skeleton_names, tied_embeddings)
+from ..sources.architecture import (CONFIG_KEYS, block_of, config_facts, config_value,
+                                     skeleton_mismatches, skeleton_names, stream_order,
+                                     tied_embeddings)
 
 log = logging.getLogger(__name__)
 
@@ -225,13 +226,6 @@ def check_tensors(base: ModelInfo, models: Sequence[ModelInfo]) -> None:
 
 # ---------------------------------------------------------------- grouping
 
-def _order_key(name: str) -> tuple[int, str, int, str]:
-    block = BLOCK.search(name)
-    if block:
-        return (1, name[: block.start()], int(block.group(1)), name)
-    return (0 if "embed" in name else 2, "", 0, name)
-
-
 def norm_group_of(name: str, granularity: str) -> str:
     if granularity == "model":
         return "model"
@@ -343,7 +337,7 @@ def _tensor_specs(base: ModelInfo, models: Sequence[ModelInfo], tok: int, out_dt
     applies the vocabulary policy of docs/method.md (and says what it drops or copies)."""
     inputs = [base, *models]
     specs = []
-    for name in sorted(base.tensors, key=_order_key):
+    for name in sorted(base.tensors, key=stream_order):
         bm = base.tensors[name]
         shape, shared, extra = bm.shape, None, None
         if is_vocab_tensor(name) and vocab is not None:

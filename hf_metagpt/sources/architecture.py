@@ -38,6 +38,14 @@ def split_block(name: str) -> tuple[str, int, str] | None:
     return name[: m.start(1)], int(m.group(1)), name[m.end(1):]
 
 
+def stream_order(name: str) -> tuple[int, str, int, str]:
+    """Sort key of the order a merge reads and writes tensors: embeddings, the blocks by number, the rest."""
+    block = BLOCK.search(name)
+    if block:
+        return (1, name[: block.start()], int(block.group(1)), name)
+    return (0 if "embed" in name else 2, "", 0, name)
+
+
 def layer_of(name: str) -> int | None:
     """The layer N of a tensor in block `layers.N` / `h.N` (None outside the blocks)."""
     m = BLOCK.search(name)
