@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar, Unpack
@@ -21,8 +22,10 @@ from .engine.executor import Executor, RunResult, RunShape
 from .engine.fetch import FileProvider
 from .engine.ledger import PROGRESS_FILE, NormLedger
 from .engine.plan import MergePlan, build_plan
+from .engine.timeline import Timeline, process_age
 from .engine.workdir import (RECIPE_FILE, OutputDirs, OutputLock, cached_norms, check_output, check_side_files,
                              ledger_key, plan_key, prepare, publish, write_side_files)
+from .constants import TIMELINE_ENV, env
 from .errors import IntegrityError, MainProcessStopped, MergeError, RecipeError
 from .methods import get_method
 from .methods.base import MergeMethod
@@ -206,6 +209,7 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True,
         ...                           output="merged/", method="metagpt")
         >>> result.coefficients["model"]   # one λ per fine-tune (the paper's setting)
     """
+    called = time.perf_counter()
     opts = resolve_options(options, kwargs)
     method = _method(opts)
     if opts.push_to and "/" not in opts.push_to:  # `NAME`: the token's namespace, known before anything is read
@@ -225,6 +229,7 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True,
     target = output_folder(opts)
     lock = OutputLock(target).acquire() if main else None
     plotting = None
+    marks: dict[str, float] = {}  # `timeline`: when each part of the finish ended (join: the executor stopped its threads)
     try:
         job = _on_main(world, lambda: _prepare(opts, method, target, device.type, world))
         executor = _executor(job, method, opts, device, world, progress)
@@ -233,9 +238,12 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True,
 
             plotting = preload()
         run = executor.run()
+        marks["join"] = time.perf_counter()
         if plotting is not None:
             plotting.join()
+        marks["pictures_wait"] = time.perf_counter()
         result = _on_main(world, lambda: _finish(job, method, opts, run))
+        marks["publish"] = time.perf_counter()
     finally:
         if plotting is not None:
             plotting.join()
@@ -249,7 +257,34 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True,
         if not opts.output:  # the stable folder under the Hub cache served its purpose
             shutil.rmtree(job.dirs.target, ignore_errors=True)
             result.output = None
+        marks["push"] = time.perf_counter()
+    result.timeline = _timeline(called, run, marks, world)
+    if main and (path := env(TIMELINE_ENV)):
+        result.timeline.write(path)
     return result
+
+
+def _timeline(called: float, run: RunResult, marks: dict[str, float], world: World | None) -> Timeline:
+    """This process's account of the merge (`engine.timeline`), from `merge()`'s call to now."""
+    end = time.perf_counter()
+    cpu_end = time.process_time()
+    age, how = process_age()
+    started = end - age if age is not None else None
+    lp = run.times
+    parts: dict[str, float] = {}
+    last = lp.end
+    for name, at in marks.items():  # the finish, by part, in the order they happened
+        parts[name] = at - last
+        last = at
+    parts["rest"] = end - last
+    stats = run.stats
+    return Timeline(
+        startup=called - started if started is not None else None, prepare=lp.start - called, loop=lp,
+        finish=end - lp.end, finish_parts=parts,
+        cpu={"startup_prepare": lp.cpu_start, "loop": lp.cpu_end - lp.cpu_start, "finish": cpu_end - lp.cpu_end},
+        threads={"readers": stats.readers, "workers": stats.workers, "writers": 1}, bytes_read=stats.bytes_read,
+        bytes_written=stats.bytes_written, device=stats.device, processes=world.count if world is not None else 1,
+        started_by=how)
 
 
 def output_folder(opts: MergeOptions) -> Path:

@@ -194,6 +194,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             disconnect()
     if is_main_process():  # under accelerate launch: printed once
         print(result.summary())
+        if getattr(args, "verbose", False) and result.timeline is not None:
+            print(result.timeline.line())
     return 0
 
 

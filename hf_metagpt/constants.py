@@ -26,6 +26,8 @@ WORKERS_ENV = "HF_METAGPT_WORKERS"
 #: MiB of a CLI merge's first reads to read into the page cache while it starts (default 4096, at most a
 #: quarter of the available memory); `0` turns it off (`engine.readahead`).
 READAHEAD_ENV = "HF_METAGPT_READAHEAD_MB"
+#: A file a merge writes its time account to, as JSON (`engine.timeline`; unset: none written).
+TIMELINE_ENV = "HF_METAGPT_TIMELINE"
 #: `hub serve`'s tokens besides --token: USER:TOKEN or TOKEN entries, separated by commas or whitespace.
 HUB_TOKENS_ENV = "HF_METAGPT_HUB_TOKENS"
 

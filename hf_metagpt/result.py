@@ -14,6 +14,7 @@ from .options import local_name, public_recipe_text
 from .sources.refs import ModelRef
 
 if TYPE_CHECKING:
+    from .engine.timeline import Timeline
     from .insight.geometry import Geometry
 
 COEFFICIENTS_FILE = "metagpt_coefficients.json"
@@ -129,6 +130,8 @@ class MergeResult:
     precision: str = "float64"
     #: τi·τj per tensor (float64), when the engine measured them beside the norms
     geometry: "Geometry | None" = None
+    #: where this process's time went (`engine.timeline`; `HF_METAGPT_TIMELINE`, `-v`)
+    timeline: "Timeline | None" = None
 
     def __post_init__(self) -> None:
         self.recipe = public_recipe_text(self.recipe)

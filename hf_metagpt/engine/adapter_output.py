@@ -18,6 +18,7 @@ from .pieces import Piece
 from .plan import MergePlan, TensorPlan
 from .schedule import Step
 from .sinks import Alloc, fresh
+from .timeline import Meter
 
 
 def check_lora_output(plan: MergePlan, method: MergeMethod) -> None:
@@ -121,6 +122,8 @@ class AdapterSink:
         self.bytes_written = 0
         self.energy: dict[str, float] | None = None
         self._parts: dict[str, AdapterPart] = {}
+        self.busy = Meter()  # (written on the main thread in `finish`: the executor's sink wait)
+        self.sync = Meter()
 
     def finished(self) -> set[int]:
         return set()  # one file, written at the end: nothing to resume

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import torch
 
@@ -30,6 +30,7 @@ from .merging import MergeKernel, Record
 from .schedule import Schedule, Step, schedule
 from .sinks import Sink
 from .stats import StreamStats
+from .timeline import LoopTimes
 
 if TYPE_CHECKING:
     from .distributed import Share
@@ -73,6 +74,8 @@ class RunResult:
     precision: str
     #: retained share of ‖B·A‖² per module of an adapter cut to a rank (None: no cut)
     energy: Mapping[str, float] | None = None
+    #: where the loop's time went (`timeline`)
+    times: LoopTimes = LoopTimes()
 
 
 class Coefficients:
@@ -127,6 +130,10 @@ class Executor:
         self.stats = StreamStats()
         self.coefs = Coefficients(ledger, kernel)
         self._stopped = False
+        # The main thread's loop, split (`timeline.LoopTimes`): seconds waiting for the feed, in
+        # the kernel, held by the sink; the loop's clocks.
+        self._waits = {"feed_wait": 0.0, "kernel": 0.0, "sink_wait": 0.0}
+        self._clock: dict[str, float] = {}
 
     # ------------------------------------------------------------------ threads: one owner, one way out
     def run(self) -> RunResult:
@@ -155,7 +162,15 @@ class Executor:
         self.stats.pieces_read = counts.pieces_read
         self.stats.largest_read = counts.largest_read
         return RunResult(dict(self.coefs.known) if self.sink.writes else {}, self.ledger, self.stats,
-                         self.kernel.precision, self.sink.energy)
+                         self.kernel.precision, self.sink.energy, self._times())
+
+    def _times(self) -> LoopTimes:
+        """The loop's account, once every thread has stopped."""
+        clock = self._clock
+        return LoopTimes(start=clock["start"], end=clock["end"], cpu_start=clock["cpu_start"],
+                         cpu_end=clock["cpu_end"], main_cpu=clock["main_cpu"], **self._waits,
+                         readers=self.feed.busy.busy(), workers=self.kernel.ctx.workers.busy.busy(),
+                         writer=self.sink.busy.busy(), writer_sync=self.sink.sync.busy())
 
     def _stop(self, *, cancel: bool) -> None:
         """The feed first (a read waiting on a download then fails at once), then compute workers
@@ -181,6 +196,15 @@ class Executor:
 
     def _run(self) -> None:
         start = time.perf_counter()
+        self._clock.update(start=start, cpu_start=time.process_time(), main_cpu=time.thread_time())
+        try:
+            self._steps(start)
+        finally:
+            end = self._clock["end"] = time.perf_counter()
+            self._clock.update(cpu_end=time.process_time(), main_cpu=time.thread_time() - self._clock["main_cpu"])
+            self.stats.seconds = end - start
+
+    def _steps(self, start: float) -> None:
         steps = self.plan_steps()
         self.feed.prepare(steps)
         if not self.sink.writes:  # norms only (`inspect`): pass 1 alone
@@ -188,7 +212,6 @@ class Executor:
                 raise ValueError("a run that writes nothing needs a two-pass plan (granularity model) and no known norms")
             self.stats.passes = 1
             self._reduce_pass(steps.reduce_pass)
-            self.stats.seconds = time.perf_counter() - start
             return
         if self.share is not None:
             log.debug("process %d of %d writes shards %s", self.share.index, self.share.count,
@@ -206,13 +229,12 @@ class Executor:
             self.coefs.known.clear()
         wanted = [g for g in self.plan.norm_groups if not self.method.uses_group_norms or self.ledger.is_complete(g)]
         self.coefs.known = {g: self.coefs(g) for g in wanted}  # in plan order
-        self.stats.seconds = time.perf_counter() - start
 
     def _reduce_pass(self, steps: Sequence[Step]) -> None:
         """Pass 1 of a whole-model λ: every norm group's squared norms (split over processes when shared)."""
         # Adapters' exact norms need no base weights (the method kernel reads them lazily if it must).
         with_base = self.kernel.pass1_reads_base
-        walk = self.feed.walk(steps, "pass 1/2: norms", lambda s: with_base, self.progress)
+        walk = self._timed(self.feed.walk(steps, "pass 1/2: norms", lambda s: with_base, self.progress))
         if self.share is None:
             for step, raws in walk:
                 self.ledger.add_records(self._reduce(step, raws))
@@ -237,15 +259,42 @@ class Executor:
         def with_base(step: Step) -> bool:
             return kernel.merge_reads_base if step.merge else kernel.reduce_reads_base
 
-        for step, raws in self.feed.walk(steps, label, with_base, self.progress):
+        waits = self._waits
+        clock = time.perf_counter
+        for step, raws in self._timed(self.feed.walk(steps, label, with_base, self.progress)):
             if step.reduce:
                 self.ledger.add_records(self._reduce(step, raws))
                 self.ledger.finish(step.finishes)
             if not step.merge:
                 continue
-            outs = kernel.merge(step.write, raws, step.piece, self.coefs, self.sink.alloc())
+            t0 = clock()
+            alloc = self.sink.alloc()  # waits for the writes of this memory's last use
+            t1 = clock()
+            outs = kernel.merge(step.write, raws, step.piece, self.coefs, alloc)
+            t2 = clock()
             self.sink.write(step, outs, self.ledger.state() if norms else None)
+            waits["sink_wait"] += clock() - t2 + t1 - t0
+            waits["kernel"] += t2 - t1
+        t0 = clock()
         self.sink.finish(self.ledger.state() if norms else None)
+        waits["sink_wait"] += clock() - t0
+
+    def _timed(self, walk: Iterator[tuple[Step, list]]) -> Iterator[tuple[Step, list]]:
+        """The feed's walk, adding the main thread's wait for each next piece to `feed_wait`."""
+        waits = self._waits
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(walk)
+            except StopIteration:
+                waits["feed_wait"] += time.perf_counter() - t
+                return
+            waits["feed_wait"] += time.perf_counter() - t
+            yield item
 
     def _reduce(self, step: Step, raws: list) -> list:
-        return self.kernel.reduce(step.reduce_tensors, raws, step.piece, lambda: self.feed.read_base(step.piece))
+        t = time.perf_counter()
+        try:
+            return self.kernel.reduce(step.reduce_tensors, raws, step.piece, lambda: self.feed.read_base(step.piece))
+        finally:
+            self._waits["kernel"] += time.perf_counter() - t

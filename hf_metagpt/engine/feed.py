@@ -14,6 +14,7 @@ executor calls `start`, `pieces`, `prepare`, `walk`, `read_base`, `read`, `stop`
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence
@@ -29,6 +30,7 @@ from .plan import MergePlan
 from .reader import DIRECT_SLACK, BufferPool
 from .schedule import Schedule, Step, last_reads, piece_key, read_once
 from .tasks import TaskSource, advise_metas, read_metas
+from .timeline import Meter, clocks
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ class Feed(Protocol):
     """Reads a run's pieces for the executor, which starts and stops it (it owns the feed's threads)."""
 
     counts: FeedCounts
+    #: time inside reads, summed over the reading threads (`timeline`)
+    busy: Meter
     #: threads reading one piece's inputs side by side (recorded in the run's statistics)
     readers: int
     #: the pieces must be read in plan order (a low-disk provider fetches just ahead, deletes behind)
@@ -102,6 +106,7 @@ class PieceFeed:
         self.unit = unit
         self.local = local
         self.counts = FeedCounts()
+        self.busy = Meter()
         self.pool = BufferPool(slots=2, keep=unit)  # one piece in use, the next one being read
         self._reader: ThreadPoolExecutor | None = None
         self.readers = max(1, readers) if local else 1
@@ -202,7 +207,9 @@ class PieceFeed:
 
     def read_base(self, piece: Piece) -> dict[str, torch.Tensor]:
         """The base's tensors of a piece, read on demand (not pooled: both pool turns are in use)."""
+        t, c = clocks()
         data, n = read_metas(self.plan.base, 0, piece_metas(piece, self.plan.base, 0), self.files)
+        self.busy.add(time.perf_counter() - t, time.thread_time() - c)
         self.counts.bytes_read += n
         return data
 
@@ -226,9 +233,14 @@ class PieceFeed:
             jobs.append((info, i, metas, buf[pos:pos + size]))
             pos += size
 
+        busy = self.busy
+
         def one(job: tuple) -> tuple:
             info, i, metas, into = job
-            return read_metas(info, i, metas, self.files, into, direct=direct)
+            t, c = clocks()
+            out = read_metas(info, i, metas, self.files, into, direct=direct)
+            busy.add(time.perf_counter() - t, time.thread_time() - c)
+            return out
 
         pool = self._parts
         done = list(pool.map(one, jobs)) if pool is not None and len(jobs) > 1 else [one(j) for j in jobs]
@@ -242,7 +254,9 @@ class PieceFeed:
         counts.largest_read = max(counts.largest_read, read)
         for src in self.sources:
             if not src.pooled:
+                t, c = clocks()
                 raws[src.index], n = src.read(piece)
+                busy.add(time.perf_counter() - t, time.thread_time() - c)
                 counts.bytes_read += n
         return raws
 

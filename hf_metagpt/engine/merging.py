@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -41,6 +42,7 @@ from .plan import MergePlan, TensorPlan
 from .sinks import Alloc, fresh
 from .fetch import FileProvider
 from .tasks import AdapterSource, TaskSource, as_f32
+from .timeline import Meter, clocks
 
 #: Elements per job of the fused kernels: a tensor is cut into jobs so that both compute threads
 #: share one large tensor too (a 3B MLP matrix, an embedding slab). A constant, not a function of
@@ -77,6 +79,8 @@ class Workers:
     def __init__(self, count: int = 1) -> None:
         self.count = count
         self._pool: ThreadPoolExecutor | None = None
+        #: time inside jobs, summed over the compute threads (`timeline`)
+        self.busy = Meter()
 
     def start(self) -> None:
         if self.count > 1:
@@ -90,9 +94,17 @@ class Workers:
 
     def map(self, fn: Callable, items: list) -> list:
         """fn over items, on the compute threads when there are several; results in input order."""
+        busy = self.busy
+
+        def timed(x):  # per job (millions of elements), never per chunk
+            t, c = clocks()
+            out = fn(x)
+            busy.add(time.perf_counter() - t, time.thread_time() - c)
+            return out
+
         if self._pool is None or len(items) < 2:
-            return [fn(x) for x in items]
-        return list(self._pool.map(fn, items))
+            return [timed(x) for x in items]
+        return list(self._pool.map(timed, items))
 
 
 class Coefficients(Protocol):

@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Protocol
 import torch
 
 from .schedule import Step
+from .timeline import Meter
 
 #: where merged tensors go: alloc(shape, dtype) -> an uninitialised CPU tensor (`writer.OutputArena`)
 Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
@@ -36,6 +37,9 @@ class Sink(Protocol):
     bytes_written: int
     #: share of ‖B·A‖² each module kept when an adapter was truncated to a rank (None: no truncation)
     energy: Mapping[str, float] | None
+    #: time inside writes on the sink's own threads, and of it finishing output files (`timeline`)
+    busy: Meter
+    sync: Meter
 
     def finished(self) -> set[int]:
         """Output shards an earlier run finished (the schedule skips them)."""
@@ -62,6 +66,10 @@ class NoOutput:
     writes = False
     bytes_written = 0
     energy = None
+
+    def __init__(self) -> None:
+        self.busy = Meter()
+        self.sync = Meter()
 
     def finished(self) -> set[int]:
         return set()

@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import struct
+import time
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +31,7 @@ from .ledger import PROGRESS_FILE, PROGRESS_FILES, write_json_atomic
 from .plan import MergePlan, TensorPlan
 from .reader import BLOCK
 from .schedule import Step
+from .timeline import Meter, clocks
 
 
 def _entries(tensors: list[TensorPlan]) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -69,6 +71,8 @@ class ShardSink:
         self._pending: deque[tuple[Future, int]] = deque()  # (write, bytes it holds)
         self._waiting = 0
         self._failed = False  # set on the writer thread by the first failed write
+        self.busy = Meter()  # every write on the writer thread (`timeline`)
+        self.sync = Meter()  # finishing a shard: fsync, progress record, rename
 
     def finished(self) -> set[int]:
         """Shards an earlier run finished (kept: the schedule neither reads nor writes them)."""
@@ -112,11 +116,13 @@ class ShardSink:
         # the shards as it finds them, as if each write had been waited for.
         if self._failed:
             raise RuntimeError("an earlier write failed")
+        t, c = clocks()
         try:
             self._write_one(tp, tensor, part, ledger)
         except BaseException:
             self._failed = True
             raise
+        self.busy.add(time.perf_counter() - t, time.thread_time() - c)
 
     def _write_one(self, tp: TensorPlan, tensor: torch.Tensor, part: bool, ledger: dict | None) -> None:
         if ledger is not None:
@@ -127,6 +133,7 @@ class ShardSink:
             w = self.writers[tp.shard] = ShardWriter(self.work_dir / (shard.file + ".tmp"), _entries(shard.tensors))
         w.write(tp.name, tensor, part=part)
         if w.done:
+            t, c = clocks()
             w.close()
             shard = self.plan.shards[tp.shard]
             self.crcs[shard.file] = [w.crcs[t.name] for t in shard.tensors]
@@ -140,6 +147,7 @@ class ShardSink:
                 w.path.unlink(missing_ok=True)
                 raise
             w.path.rename(self.work_dir / shard.file)
+            self.sync.add(time.perf_counter() - t, time.thread_time() - c)
             self.bytes_written += w.size
             del self.writers[tp.shard]
 

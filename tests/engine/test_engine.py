@@ -307,6 +307,9 @@ class _MemorySink:
     def __init__(self) -> None:
         self.tensors: dict[str, list[torch.Tensor]] = {}
         self.calls: list[str] = []
+        from hf_metagpt.engine.timeline import Meter
+
+        self.busy, self.sync = Meter(), Meter()  # the protocol's time account (nothing of its own to time)
 
     def finished(self) -> set[int]:
         return set()
