@@ -131,7 +131,7 @@ class AdapterSink:
     def open(self) -> None:
         pass
 
-    def alloc(self) -> Alloc:
+    def alloc(self, step: Step) -> Alloc:
         return fresh
 
     def write(self, step: Step, outs: list, ledger: dict | None) -> None:

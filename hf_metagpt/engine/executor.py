@@ -268,7 +268,7 @@ class Executor:
             if not step.merge:
                 continue
             t0 = clock()
-            alloc = self.sink.alloc()  # waits for the writes of this memory's last use
+            alloc = self.sink.alloc(step)  # waits for the writes of this memory's last use
             t1 = clock()
             outs = kernel.merge(step.write, raws, step.piece, self.coefs, alloc)
             t2 = clock()

@@ -156,6 +156,7 @@ def read_tensors_into(path: Path, metas: list[TensorMeta], buffer: torch.Tensor 
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         pos = 0
         mv = memoryview(buf.numpy())
+        typed: dict[torch.dtype, torch.Tensor] = {}
         for run in runs:
             lo, hi = run[0].data_offsets[0], run[-1].data_offsets[1]
             at = None
@@ -167,17 +168,45 @@ def read_tensors_into(path: Path, metas: list[TensorMeta], buffer: torch.Tensor 
             if at is None:
                 _readinto(fd, mv[pos:pos + hi - lo], start + lo, path)
                 at, pos = pos, pos + hi - lo
-            for m in run:
-                raw = buf[at + m.data_offsets[0] - lo: at + m.data_offsets[1] - lo]
-                dtype = ST_TO_TORCH[m.dtype]
-                if raw.numel() and raw.storage_offset() % raw.new_empty((), dtype=dtype).element_size():
-                    raw = raw.clone()  # a misaligned tensor cannot be viewed in place
-                out[m.name] = raw.view(dtype).reshape(m.shape) if raw.numel() else torch.empty(m.shape, dtype=dtype)
+            _views(buf, at, lo, run, out, typed)
     finally:
         os.close(fd)
         if dfd is not None:
             os.close(dfd)
     return out, pos
+
+
+def _views(buf: torch.Tensor, at: int, lo: int, run: list[TensorMeta], out: dict[str, torch.Tensor],
+           typed: dict[torch.dtype, torch.Tensor]) -> None:
+    """The tensors of a run read to `buf[at:]` (file offset `lo` there), as typed views of `buf`.
+
+    One typed view of `buf` per dtype (`typed`, shared by the runs of a read) and one `as_strided`
+    per tensor: each torch call gives up and takes back the GIL, which on a busy many-core merge
+    can mean waiting for it, so a tensor costs one call instead of six.
+    """
+    origin = buf.storage_offset()  # bytes: `buf` is uint8
+    for m in run:
+        dtype = ST_TO_TORCH[m.dtype]
+        size = dtype.itemsize
+        begin, end = m.data_offsets
+        shape = tuple(m.shape)
+        if begin == end:
+            out[m.name] = torch.empty(shape, dtype=dtype)
+            continue
+        rel = at + begin - lo  # the tensor's first byte in `buf`
+        if (origin + rel) % size:
+            # a misaligned tensor cannot be viewed in place
+            out[m.name] = buf[rel: rel + end - begin].clone().view(dtype).reshape(shape)
+            continue
+        view = typed.get(dtype)
+        if view is None:
+            first = -origin % size  # the first byte of `buf` a `dtype` view may start at
+            view = typed[dtype] = buf[first: first + (len(buf) - first) // size * size].view(dtype)
+        strides, stride = [], 1
+        for d in reversed(shape):
+            strides.append(stride)
+            stride *= d
+        out[m.name] = view.as_strided(shape, strides[::-1], (origin + rel) // size)
 
 
 def _open_direct(path: Path) -> int | None:

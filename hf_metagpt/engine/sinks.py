@@ -47,8 +47,8 @@ class Sink(Protocol):
     def open(self) -> None:
         """Start writing (threads, if any)."""
 
-    def alloc(self) -> Alloc:
-        """Memory for the next step's merged tensors."""
+    def alloc(self, step: Step) -> Alloc:
+        """Memory for `step`'s merged tensors (the sink may place them as it will write them)."""
 
     def write(self, step: Step, outs: list, ledger: dict | None) -> None:
         """The merged outputs of `step.write`, in order; `ledger`: the norms' state once they were known."""
@@ -77,7 +77,7 @@ class NoOutput:
     def open(self) -> None:
         pass
 
-    def alloc(self) -> Alloc:
+    def alloc(self, step: Step) -> Alloc:
         return fresh
 
     def write(self, step: Step, outs: list, ledger: dict | None) -> None:

@@ -65,6 +65,8 @@ class ShardSink:
         self.bytes_written = 0
         self.arena = OutputArena(slots=2)  # one piece's merged tensors being written, the next one's merged
         self.writers: dict[int, ShardWriter] = {}
+        self._layouts: dict[int, tuple[int, dict]] = {}  # shard -> (header bytes, tensor offsets)
+        self.bytes_bounced = 0  # bytes of finished shards copied through a bounce buffer (not in place)
         self.crcs: dict[str, list[int]] = {}  # finished shards of this run: CRC-32 of each tensor
         self._ledger: dict = {}
         self._pool: ThreadPoolExecutor | None = None
@@ -82,9 +84,28 @@ class ShardSink:
         """Start the writer thread (the executor's to start and stop)."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-metagpt-write")
 
-    def alloc(self) -> Alloc:
-        """Memory for the next piece's merged tensors: carved from the output arena."""
-        return self.arena.take()
+    def alloc(self, step: Step | None = None) -> Alloc:
+        """Memory for `step`'s merged tensors: carved from the output arena, each at the place in a
+        4 KiB block that its bytes have in their shard (a direct write then sends them from there)."""
+        return self.arena.take(self.placement(step) if step is not None else None)
+
+    def placement(self, step: Step) -> list[tuple[int, int]]:
+        """(bytes, shard offset modulo `BLOCK`) of each tensor (or row slab) `step` writes, in order."""
+        rows = step.piece.rows
+        out = []
+        for tp in step.write:
+            layout = self._layouts.get(tp.shard)
+            if layout is None:
+                header, offsets = build_header(_entries(self.plan.shards[tp.shard].tensors), {"format": "pt"})
+                layout = self._layouts[tp.shard] = (len(header), offsets)
+            begin, end = layout[1][tp.name]
+            if rows is None:
+                at, n = begin, end - begin
+            else:
+                row = (end - begin) // tp.out_shape[0] if tp.out_shape and tp.out_shape[0] else 0
+                at, n = begin + rows[0] * row, (rows[1] - rows[0]) * row
+            out.append((n, (layout[0] + at) % BLOCK))
+        return out
 
     def write(self, step: Step, outs: list[torch.Tensor], ledger: dict | None) -> None:
         """A step's merged tensors (or row slabs), handed over one by one: a merged tensor not
@@ -149,6 +170,7 @@ class ShardSink:
             w.path.rename(self.work_dir / shard.file)
             self.sync.add(time.perf_counter() - t, time.thread_time() - c)
             self.bytes_written += w.size
+            self.bytes_bounced += w.bounced
             del self.writers[tp.shard]
 
     def save_progress(self, ledger: dict | None = None) -> None:
@@ -191,6 +213,10 @@ class OutputArena:
     pieces later, once every write that reads from it has finished (`hold`). A buffer grows to the
     largest piece's output seen on its turn; a request that does not fit gets fresh memory this
     turn (so the first pieces, or a method whose outputs are not carved, work as before).
+
+    Told where each tensor goes in its shard (`take(placement)`), a tensor is carved at an address
+    with the same remainder modulo `BLOCK` as its file offset: its whole blocks are then aligned in
+    memory exactly when they are in the file, and a direct write sends them with no copy.
     """
 
     def __init__(self, slots: int = 2) -> None:
@@ -201,8 +227,12 @@ class OutputArena:
         self._turn = 0
         self._carver: "_Carver | None" = None
 
-    def take(self) -> "_Carver":
-        """The allocator for the next piece's merged tensors (waits for the writes of this turn's last use)."""
+    def take(self, placement: list[tuple[int, int]] | None = None) -> "_Carver":
+        """The allocator for the next piece's merged tensors (waits for the writes of this turn's last use).
+
+        `placement`: (bytes, file offset modulo `BLOCK`) of the tensors the piece will ask for, in
+        order; a request of other bytes is carved as before (aligned to `ALIGN`).
+        """
         turn = self._turn
         self._turn = (turn + 1) % self.slots
         wait_all(self._held.pop(turn, []))
@@ -211,7 +241,7 @@ class OutputArena:
         if need and (buf is None or buf.numel() < need):
             self._buffers.pop(turn, None)
             buf = self._buffers[turn] = torch.empty(need, dtype=torch.uint8)
-        self._carver = _Carver(self, turn, buf)
+        self._carver = _Carver(self, turn, buf, placement or [])
         return self._carver
 
     def hold(self, fut: Future) -> None:
@@ -223,21 +253,42 @@ class OutputArena:
 class _Carver:
     """`alloc(shape, dtype)`: tensors side by side in one arena buffer (fresh memory once it is full)."""
 
-    def __init__(self, arena: OutputArena, turn: int, buf: torch.Tensor | None) -> None:
+    def __init__(self, arena: OutputArena, turn: int, buf: torch.Tensor | None,
+                 placement: list[tuple[int, int]]) -> None:
         self.arena = arena
         self.turn = turn
         self.buf = buf
-        self.want = 0  # bytes this piece asked for so far
+        self.base = buf.data_ptr() if buf is not None else 0
+        self.pos = 0  # where the next tensor may start in `buf`
+        self.want = 0  # bytes this piece needs, whatever the address of the buffer it gets next time
+        # The kernels ask in plan order, but a kernel may ask for some tensors first (a GPU
+        # kernel's integer buffers): a request takes the first unused place of its size.
+        self.phases: dict[int, deque[int]] = {}
+        for n, phase in placement:
+            self.phases.setdefault(n, deque()).append(phase)
 
     def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = torch.Size(shape).numel() * dtype.itemsize
-        start = self.want
-        self.want = start + (n + ALIGN - 1) // ALIGN * ALIGN
+        if n == 0:
+            return torch.empty(shape, dtype=dtype)
+        queue = self.phases.get(n)
+        phase = queue.popleft() if queue else None
+        if phase is not None and phase % dtype.itemsize:
+            phase = None  # (a tensor the file holds unaligned to its dtype: carved as before)
+        start = self.pos
+        if phase is not None:
+            start += (phase - self.base - start) % BLOCK
+        self.pos = (start + n + ALIGN - 1) // ALIGN * ALIGN
+        self.want += (n + ALIGN - 1) // ALIGN * ALIGN + (BLOCK + ALIGN if phase is not None else 0)
         arena = self.arena
         arena._need[self.turn] = max(arena._need.get(self.turn, 0), self.want)
-        if self.buf is None or self.want > self.buf.numel() or n == 0:
+        if self.buf is not None and start + n <= self.buf.numel():
+            return self.buf[start:start + n].view(dtype).view(shape)
+        if phase is None:
             return torch.empty(shape, dtype=dtype)
-        return self.buf[start:start + n].view(dtype).view(shape)
+        fresh = torch.empty(n + BLOCK, dtype=torch.uint8)
+        at = (phase - fresh.data_ptr()) % BLOCK
+        return fresh[at:at + n].view(dtype).view(shape)
 
 
 def shard_header(plan: MergePlan, k: int) -> bytes:
@@ -347,6 +398,11 @@ class ShardWriter:
     def done(self) -> bool:
         return not self._pending
 
+    @property
+    def bounced(self) -> int:
+        """Bytes written so far through a bounce buffer (a direct write of memory not placed like the file)."""
+        return getattr(self._file, "bounced", 0)
+
     def close(self) -> None:
         """Flush to disk; the caller renames the file into place only after this."""
         with disk_full_is_clear(self.path):
@@ -422,7 +478,8 @@ class DirectFile:
         self.fd = fd
         self.size = size
         self._edges: dict[int, list] = {}  # block index -> [aligned block buffer, bytes filled]
-        self._bounce = mmap.mmap(-1, BOUNCE)  # page-aligned
+        self._bounce: torch.Tensor | None = None  # BOUNCE aligned bytes, made on first use
+        self.bounced = 0  # bytes copied through the bounce buffer
 
     @classmethod
     def open(cls, path: Path, size: int) -> "DirectFile | None":
@@ -472,11 +529,21 @@ class DirectFile:
         if addr is not None and addr % BLOCK == 0:
             _pwrite_all(self.fd, data, pos)
             return
-        bounce = memoryview(self._bounce)
+        if self._bounce is None:
+            self._bounce = _aligned(BOUNCE)
+        bounce = self._bounce
+        view = memoryview(bounce.numpy())
+        # A torch copy releases the GIL for its bytes (a memoryview copy holds it): the merge's
+        # other threads run meanwhile. Read-only data (a shard's header) is small: copied as is.
+        src = torch.frombuffer(data, dtype=torch.uint8) if not data.readonly else None
         for at in range(0, len(data), BOUNCE):
-            part = data[at: at + BOUNCE]
-            bounce[: len(part)] = part
-            _pwrite_all(self.fd, bounce[: len(part)], pos + at)
+            n = min(BOUNCE, len(data) - at)
+            if src is not None:
+                bounce[:n].copy_(src[at: at + n])
+            else:
+                view[:n] = data[at: at + n]
+            self.bounced += n
+            _pwrite_all(self.fd, view[:n], pos + at)
 
     def _edge(self, data: memoryview, pos: int) -> None:
         """Bytes of partial blocks: kept until their block has all its bytes, then written whole."""
@@ -502,13 +569,20 @@ class DirectFile:
         os.ftruncate(self.fd, self.size)  # the padded last block
         os.fsync(self.fd)
         os.close(self.fd)
-        self._bounce.close()
+        self._bounce = None
 
     def abort(self) -> None:
         try:
             os.close(self.fd)
         except OSError:
             pass
+
+
+def _aligned(n: int) -> torch.Tensor:
+    """`n` uninitialised bytes starting at a `BLOCK` boundary."""
+    raw = torch.empty(n + BLOCK, dtype=torch.uint8)
+    at = -raw.data_ptr() % BLOCK
+    return raw[at: at + n]
 
 
 def _address(data: memoryview) -> int | None:

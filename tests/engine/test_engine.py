@@ -317,7 +317,7 @@ class _MemorySink:
     def open(self) -> None:
         self.calls.append("open")
 
-    def alloc(self):
+    def alloc(self, step):
         return lambda shape, dtype: torch.empty(shape, dtype=dtype)
 
     def write(self, step, outs, ledger) -> None:
