@@ -17,9 +17,15 @@ What it does, in this order, each step skipped rather than run past `--budget` s
    `--cuda` and `--gpu-rich --async-write`, each cold then warm (wall, user/sys CPU, peak RSS), and
    compares the bytes of the 1.1B MetaGPT output of CPU and CUDA; then repeats the rows while time is left,
    so the table shows medians where the budget allowed more than one run.
+6. last, at low priority (warm only, each skipped when it does not fit): the CPU model merge with `--workers 4`
+   and with `--num-processes 4` (same bytes as the default run?), to learn whether processes scale where
+   threads do not.
+
+Every hf-metagpt run writes its time account (`HF_METAGPT_TIMELINE`, stored in its JSON line as "timeline"),
+and a second table says where the warm runs' time went: phases, each role's busy seconds, the main thread's waits.
 
 Everything goes to `--out` (default $OUT, else bench/results/device-STAMP): `device_check.jsonl` (one JSON
-object per measurement), `device_check.log`, `device_check.md` (the table), printed last. Exits 0: it
+object per measurement), `device_check.log`, `device_check.md` (the tables), printed last. Exits 0: it
 reports, the tests judge.
 """
 
@@ -42,6 +48,10 @@ REPO_DIR = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import run as bench  # noqa: E402  (bench/run.py: timed, evict, shard_files, mergekit_case)
+
+#: hf-metagpt writes its time account to this file when set (`hf_metagpt.constants.TIMELINE_ENV`;
+#: spelled out: this script never imports the package, so torch stays out of its process)
+TIMELINE_ENV = "HF_METAGPT_TIMELINE"
 
 #: Seconds a row is assumed to take before it has run once (per GB of input), and kept in reserve.
 FIRST_GUESS_S_PER_GB = 4.0
@@ -287,6 +297,14 @@ def rows_for(models: list[Path], out_root: Path, cuda: bool, mk: tuple[list[str]
                      "argv": (prefix or ["mergekit-yaml"]) + [cfg, str(out), *bench.MERGEKIT_FLAGS, *flags],
                      "env": mk_env,
                      "skip": version if prefix is None else ("no CUDA" if needs_cuda and not cuda else "")})
+    # Low priority, warm only, after every other row: do processes scale where threads do not?
+    for label, flags in (("--workers 4", ["--workers", "4"]), ("--num-processes 4", ["--num-processes", "4"])):
+        out = out_root / f"hf-cpu-model-{flags[0].strip('-')}"
+        rows.append({"name": f"hf-metagpt --device cpu --granularity model {label}", "tool": "hf-metagpt",
+                     "device": "cpu", "granularity": "model", "output": out, "low": True, "modes": ("warm",),
+                     "argv": py + ["merge", "--base", str(models[0]), *map(str, models[1:]), "--output", str(out),
+                                   "--granularity", "model", "--device", "cpu", *flags, "--overwrite", "-q"],
+                     "env": {"PYTHONPATH": str(REPO_DIR)}, "skip": ""})
     return rows
 
 
@@ -301,6 +319,12 @@ def measure(chk: Check, row: dict, mode: str, inputs: list[Path], system_drop: b
     env = dict(os.environ)
     for k, v in row["env"].items():
         env[k] = os.pathsep.join([v, env[k]]) if env.get(k) else v
+    account = chk.out / "timeline.json"  # hf-metagpt's time account of this run (HF_METAGPT_TIMELINE)
+    account.unlink(missing_ok=True)
+    if row["tool"] == "hf-metagpt":
+        env[TIMELINE_ENV] = str(account)
+    else:
+        env.pop(TIMELINE_ENV, None)
     run = timed_env(row["name"], row["argv"], env)
     ok = run.ok and any(row["output"].glob("*.safetensors"))
     rec = {"kind": "run", "row": row["name"], "tool": row["tool"], "device": row["device"],
@@ -309,6 +333,12 @@ def measure(chk: Check, row: dict, mode: str, inputs: list[Path], system_drop: b
            "peak_rss_gb": round(run.peak_rss_bytes / 1e9, 3) if run.peak_rss_bytes else None,
            "note": run.note if not ok and run.note else ("no .safetensors written" if not ok else ""),
            "summary": run.summary}
+    if account.exists():
+        try:
+            rec["timeline"] = json.loads(account.read_text())
+        except ValueError:
+            rec["timeline"] = None
+        account.unlink()
     if ok and row["tool"] == "hf-metagpt" and row["granularity"] == "model" and "sha256" not in row:
         row["sha256"] = rec["sha256"] = digest(row["output"])
     row["est"] = max(run.wall_s, 1.0) * 1.15
@@ -398,9 +428,14 @@ def table(chk: Check, rows: list[dict], meta: dict) -> str:
     fx = [r for r in recs if r.get("kind") == "fixture" and not r.get("reused")]
     if fx:
         extra.append(f"fixture built in {fx[0]['wall_s']:.1f} s on {fx[0].get('workers')} processes")
-    shas = {r["device"]: r.get("sha256") for r in rows if r["tool"] == "hf-metagpt" and r["granularity"] == "model"}
+    model_rows = [r for r in rows if r["tool"] == "hf-metagpt" and r["granularity"] == "model"]
+    shas = {r["device"]: r.get("sha256") for r in model_rows if not r.get("low")}
     if shas.get("cpu") and shas.get("cuda"):
         extra.append("MetaGPT output CPU vs CUDA: " + ("identical bytes" if shas["cpu"] == shas["cuda"] else "DIFFERENT bytes"))
+    for r in model_rows:
+        if r.get("low") and r.get("sha256") and shas.get("cpu"):
+            extra.append(f"{r['name']}: " + ("the same bytes as" if r["sha256"] == shas["cpu"] else "OTHER bytes than")
+                         + " the default CPU run")
     by = [r for r in recs if r.get("kind") == "bytes"]
     if by and not by[0].get("skipped") == "no CUDA":
         same = [r["case"] for r in by if r.get("identical") is True]
@@ -411,6 +446,58 @@ def table(chk: Check, rows: list[dict], meta: dict) -> str:
     elif by:
         extra.append("CPU vs CUDA bytes: skipped (no CUDA)")
     return "\n".join(lines + [""] + [f"- {e}" for e in extra]) + "\n"
+
+
+def time_table(chk: Check, rows: list[dict]) -> str:
+    """Where the time went in the warm hf-metagpt runs (medians of their `HF_METAGPT_TIMELINE` accounts).
+
+    Columns: the run's wall as this script timed it; hf-metagpt's phases (startup: process start →
+    merge() called; prepare: → the loop; loop: the summary's "time"; finish: card, pictures, publish);
+    "outside": the wall the process's own account does not see (exec, interpreter exit; a launcher's
+    start with --num-processes); the loop's CPU as cores busy; the main thread's loop split; each
+    role's busy seconds summed over its threads, with their CPU seconds (busy − CPU: waiting for the
+    disk, the GIL or a core).
+    """
+    lines = ["### where the time went (warm runs, seconds, medians)", "",
+             "| run | wall | startup | prepare | loop | finish | outside | loop cores busy | main thread: reads / "
+             "kernel / writer / other | readers busy (cpu) ×n | workers busy (cpu) ×n | writer busy (cpu), "
+             "of it fsync+rename |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["tool"] != "hf-metagpt":
+            continue
+        recs = [x for x in chk.records if x.get("kind") == "run" and x["row"] == r["name"] and x["ok"]
+                and x["mode"] == "warm" and x.get("timeline")]
+        if not recs:
+            continue
+        tls = [x["timeline"] for x in recs]
+
+        def m(get):
+            return _med([_get(t, get) for t in tls])
+
+        wall = _med([x["wall_s"] for x in recs])
+        outside = _med([x["wall_s"] - t["wall"] for x, t in zip(recs, tls)])
+        cores = _med([t["cpu"]["loop"] / t["phases"]["loop"] for t in tls if t["phases"]["loop"]])
+        th = tls[0]["threads"]
+
+        def busy(role, n=None):
+            return (f"{_f(m(('busy', role, 'seconds')))} ({_f(m(('busy', role, 'cpu')))})"
+                    + (f" ×{n}" if n is not None else ""))
+
+        main = " / ".join(_f(m(("main_thread", k))) for k in ("feed_wait", "kernel", "sink_wait", "other"))
+        lines.append(f"| {r['name']} | {_f(wall)} | {_f(m(('phases', 'startup')))} | {_f(m(('phases', 'prepare')))} "
+                     f"| {_f(m(('phases', 'loop')))} | {_f(m(('phases', 'finish')))} | {_f(outside)} | {_f(cores)} "
+                     f"| {main} | {busy('readers', th.get('readers'))} | {busy('workers', th.get('workers'))} "
+                     f"| {busy('writer')}, {_f(m(('busy', 'writer_sync', 'seconds')))} |")
+    if len(lines) == 4:
+        return ""
+    return "\n".join(lines) + "\n"
+
+
+def _get(d: dict, keys: tuple):
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
 
 
 # --------------------------------------------------------------------------- main
@@ -489,15 +576,17 @@ def main(argv: list[str] | None = None) -> int:
             r, w = floor(inputs, out_bytes, out_root / "floor")
             chk.record(kind="floor", mode=mode, cache=how, read_s=round(r, 2), write_s=round(w, 2), rep=rep)
             chk.log(f"floor {mode}: read {r:.1f} s + write {w:.1f} s ({in_gb:.1f} GB in, {out_bytes / 1e9:.1f} GB out)")
-        for row in rows:
+        for row in sorted(rows, key=lambda r: bool(r.get("low"))):  # low-priority rows last
             if row["skip"]:
                 continue
-            for mode in ("cold", "warm"):
+            for mode in row.get("modes", ("cold", "warm")):
                 measure(chk, row, mode, inputs, args.drop_caches)
     shutil.rmtree(out_root, ignore_errors=True)
     meta = {"title": f"device check — {fixture.name} ({len(models)} models, {in_gb:.1f} GB in)",
             "machine_line": machine_line}
     text = table(chk, rows, meta)
+    times = time_table(chk, rows)
+    text += ("\n" + times) if times else ""
     (out / "device_check.md").write_text(text)
     chk.log(f"done in {time.monotonic() - chk.t0:.0f} s; results in {out}")
     print()

@@ -1,0 +1,65 @@
+"""bench/device_check.py: every hf-metagpt row records its time account, and the second table shows it."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _rows(dc, models: list[Path], out: Path) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)  # (the mergekit rows' recipe is written there)
+    return dc.rows_for(models, out, False, (None, {}, "no mergekit"))
+
+
+@pytest.fixture()
+def dc(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # device_check imports bench/run.py by name
+    return importlib.import_module("device_check")
+
+
+def test_low_priority_rows_come_last_warm_only(dc, tmp_path):
+    models = [tmp_path / n for n in ("base", "task_a", "task_b")]
+    rows = _rows(dc, models, tmp_path / "out")
+    low = [r for r in rows if r.get("low")]
+    assert [r["name"] for r in low] == ["hf-metagpt --device cpu --granularity model --workers 4",
+                                        "hf-metagpt --device cpu --granularity model --num-processes 4"]
+    assert rows[-2:] == low and all(r["modes"] == ("warm",) and not r["skip"] for r in low)
+    assert low[0]["argv"][low[0]["argv"].index("--workers") + 1] == "4"
+    assert low[1]["argv"][low[1]["argv"].index("--num-processes") + 1] == "4"
+    assert "--device" in low[1]["argv"] and low[1]["argv"][low[1]["argv"].index("--device") + 1] == "cpu"
+
+
+def test_a_measured_row_keeps_its_time_account_and_the_table_shows_it(dc, tiny_family, tmp_path):
+    base, fts = tiny_family(n_models=2)
+    models = [base, *fts]
+    inputs = [f for m in models for f in dc.bench.shard_files(m)]
+    chk = dc.Check(tmp_path / "results", budget=300)
+    rows = _rows(dc, models, tmp_path / "out")
+    row = next(r for r in rows if r["name"] == "hf-metagpt --device cpu --granularity model")
+    rec = dc.measure(chk, row, "warm", inputs, False)
+    assert rec["ok"], rec
+    tl = rec["timeline"]
+    assert set(tl["phases"]) == {"startup", "prepare", "loop", "finish"}
+    assert 0 < tl["wall"] <= rec["wall_s"]
+    assert tl["phases"]["loop"] > 0 and tl["busy"]["writer"]["count"] > 0
+    assert not (chk.out / "timeline.json").exists()  # read into the record, then removed
+    text = dc.time_table(chk, rows)
+    lines = text.splitlines()
+    assert lines[0] == "### where the time went (warm runs, seconds, medians)"
+    mine = [x for x in lines if x.startswith(f"| {row['name']} |")]
+    assert len(mine) == 1
+    cells = [c.strip() for c in mine[0].strip("|").split("|")]
+    assert float(cells[1]) == pytest.approx(rec["wall_s"], abs=0.05)
+    assert float(cells[4]) == pytest.approx(tl["phases"]["loop"], abs=0.05)
+    assert float(cells[6]) == pytest.approx(rec["wall_s"] - tl["wall"], abs=0.05)  # outside the account
+    assert cells[10].endswith(f"×{tl['threads']['workers']}")
+
+
+def test_no_time_table_without_accounts(dc, tmp_path):
+    chk = dc.Check(tmp_path / "results", budget=10)
+    rows = _rows(dc, [tmp_path / "b", tmp_path / "t"], tmp_path / "out")
+    assert dc.time_table(chk, rows) == ""
