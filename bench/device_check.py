@@ -455,13 +455,13 @@ def time_table(chk: Check, rows: list[dict]) -> str:
     merge() called; prepare: → the loop; loop: the summary's "time"; finish: card, pictures, publish);
     "outside": the wall the process's own account does not see (exec, interpreter exit; a launcher's
     start with --num-processes); the loop's CPU as cores busy; the main thread's loop split; each
-    role's busy seconds summed over its threads, with their CPU seconds (busy − CPU: waiting for the
-    disk, the GIL or a core).
+    role's busy seconds summed over its threads, with their CPU seconds and the seconds they waited
+    for a core (busy − CPU − queued: blocked on the disk, the GIL or another thread).
     """
     lines = ["### where the time went (warm runs, seconds, medians)", "",
              "| run | wall | startup | prepare | loop | finish | outside | loop cores busy | main thread: reads / "
-             "kernel / writer / other | readers busy (cpu) ×n | workers busy (cpu) ×n | writer busy (cpu), "
-             "of it fsync+rename |",
+             "kernel / writer / other | readers busy (cpu / queued) ×n | workers busy (cpu / queued) ×n | "
+             "writer busy (cpu / queued), of it fsync+rename |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["tool"] != "hf-metagpt":
@@ -481,8 +481,8 @@ def time_table(chk: Check, rows: list[dict]) -> str:
         th = tls[0]["threads"]
 
         def busy(role, n=None):
-            return (f"{_f(m(('busy', role, 'seconds')))} ({_f(m(('busy', role, 'cpu')))})"
-                    + (f" ×{n}" if n is not None else ""))
+            return (f"{_f(m(('busy', role, 'seconds')))} ({_f(m(('busy', role, 'cpu')))} / "
+                    f"{_f(m(('busy', role, 'queued')))})" + (f" ×{n}" if n is not None else ""))
 
         main = " / ".join(_f(m(("main_thread", k))) for k in ("feed_wait", "kernel", "sink_wait", "other"))
         lines.append(f"| {r['name']} | {_f(wall)} | {_f(m(('phases', 'startup')))} | {_f(m(('phases', 'prepare')))} "

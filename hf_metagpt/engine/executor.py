@@ -18,6 +18,7 @@ sink, and joins everything before the error leaves `run`. A normal end stops the
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
@@ -30,7 +31,7 @@ from .merging import MergeKernel, Record
 from .schedule import Schedule, Step, schedule
 from .sinks import Sink
 from .stats import StreamStats
-from .timeline import LoopTimes
+from .timeline import LoopTimes, run_queue
 
 if TYPE_CHECKING:
     from .distributed import Share
@@ -134,6 +135,7 @@ class Executor:
         # the kernel, held by the sink; the loop's clocks.
         self._waits = {"feed_wait": 0.0, "kernel": 0.0, "sink_wait": 0.0}
         self._clock: dict[str, float] = {}
+        self._queued: dict[int, float] | None = None  # run-queue seconds of each thread in the loop
 
     # ------------------------------------------------------------------ threads: one owner, one way out
     def run(self) -> RunResult:
@@ -166,11 +168,12 @@ class Executor:
 
     def _times(self) -> LoopTimes:
         """The loop's account, once every thread has stopped."""
-        clock = self._clock
+        clock, queued = self._clock, self._queued
         return LoopTimes(start=clock["start"], end=clock["end"], cpu_start=clock["cpu_start"],
                          cpu_end=clock["cpu_end"], main_cpu=clock["main_cpu"], **self._waits,
-                         readers=self.feed.busy.busy(), workers=self.kernel.ctx.workers.busy.busy(),
-                         writer=self.sink.busy.busy(), writer_sync=self.sink.sync.busy())
+                         main_queued=queued.get(threading.get_native_id(), 0.0) if queued is not None else None,
+                         readers=self.feed.busy.busy(queued), workers=self.kernel.ctx.workers.busy.busy(queued),
+                         writer=self.sink.busy.busy(queued), writer_sync=self.sink.sync.busy())
 
     def _stop(self, *, cancel: bool) -> None:
         """The feed first (a read waiting on a download then fails at once), then compute workers
@@ -195,6 +198,7 @@ class Executor:
                         process=share.index if share is not None else 0, reverse_pass_2=not self.feed.sequential)
 
     def _run(self) -> None:
+        queued = run_queue()
         start = time.perf_counter()
         self._clock.update(start=start, cpu_start=time.process_time(), main_cpu=time.thread_time())
         try:
@@ -203,6 +207,10 @@ class Executor:
             end = self._clock["end"] = time.perf_counter()
             self._clock.update(cpu_end=time.process_time(), main_cpu=time.thread_time() - self._clock["main_cpu"])
             self.stats.seconds = end - start
+            # read while every thread of the run still exists (`_stop` ends them)
+            later = run_queue()
+            if queued is not None and later is not None:
+                self._queued = {t: w - queued.get(t, 0.0) for t, w in later.items()}
 
     def _steps(self, start: float) -> None:
         steps = self.plan_steps()

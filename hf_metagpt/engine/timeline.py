@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,28 +44,36 @@ class Busy:
     cpu: float = 0.0
     #: pieces of work: reads, compute jobs, writes, finished shards
     count: int = 0
+    #: seconds its threads were ready to run but waited for a core, over the whole loop (Linux
+    #: schedstat; None where the platform does not say)
+    queued: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"seconds": _r(self.seconds), "cpu": _r(self.cpu), "count": self.count}
+        return {"seconds": _r(self.seconds), "cpu": _r(self.cpu), "count": self.count, "queued": _r(self.queued)}
 
 
 class Meter:
     """Adds up (wall, CPU) seconds from any thread; read once the threads are done (`busy`).
 
-    `list.append` is atomic under the GIL, so threads record without a lock.
+    `list.append` and `set.add` are atomic under the GIL, so threads record without a lock. The
+    meter also notes which threads recorded (their run-queue time is read at the loop's end).
     """
 
-    __slots__ = ("_parts",)
+    __slots__ = ("_parts", "threads")
 
     def __init__(self) -> None:
         self._parts: list[tuple[float, float]] = []
+        self.threads: set[int] = set()  # native ids of the threads that recorded
 
     def add(self, wall: float, cpu: float) -> None:
         self._parts.append((wall, cpu))
+        self.threads.add(threading.get_native_id())
 
-    def busy(self) -> Busy:
+    def busy(self, queued: dict[int, float] | None = None) -> Busy:
+        """The sums; `queued`: run-queue seconds by thread over the loop (`run_queue`), summed over this role's."""
         parts = list(self._parts)
-        return Busy(sum(w for w, _ in parts), sum(c for _, c in parts), len(parts))
+        waited = sum(queued.get(t, 0.0) for t in self.threads) if queued is not None else None
+        return Busy(sum(w for w, _ in parts), sum(c for _, c in parts), len(parts), waited)
 
 
 def clocks() -> tuple[float, float]:
@@ -92,6 +101,8 @@ class LoopTimes:
     sink_wait: float = 0.0
     #: the main thread's CPU seconds in the loop
     main_cpu: float = 0.0
+    #: the main thread's seconds waiting for a core in the loop (None: the platform does not say)
+    main_queued: float | None = None
     readers: Busy = Busy()
     workers: Busy = Busy()
     #: every write of the writer thread, `writer_sync` included
@@ -157,7 +168,7 @@ class Timeline:
             "finish_parts": {k: _r(v) for k, v in self.finish_parts.items()},
             "cpu": {k: _r(v) for k, v in self.cpu.items()},
             "main_thread": {"feed_wait": _r(lp.feed_wait), "kernel": _r(lp.kernel), "sink_wait": _r(lp.sink_wait),
-                            "other": _r(lp.other), "cpu": _r(lp.main_cpu)},
+                            "other": _r(lp.other), "cpu": _r(lp.main_cpu), "queued": _r(lp.main_queued)},
             "busy": {"readers": lp.readers.as_dict(), "workers": lp.workers.as_dict(), "writer": lp.writer.as_dict(),
                      "writer_sync": lp.writer_sync.as_dict()},
             "threads": dict(self.threads),
@@ -182,16 +193,39 @@ class Timeline:
         cores = f" (loop: {loop_cpu / lp.seconds:.1f} cores busy)" if loop_cpu is not None and lp.seconds > 0 else ""
 
         def role(name: str, b: Busy, n: int) -> str:
-            return f"{name} {b.seconds:.1f}/{b.cpu:.1f} ×{n}"
+            queued = f"/{b.queued:.1f}" if b.queued is not None else ""
+            return f"{name} {b.seconds:.1f}/{b.cpu:.1f}{queued} ×{n}"
 
         return (f"where the time went: {start}prepare {self.prepare:.1f} + loop {lp.seconds:.1f} + "
                 f"finish {self.finish:.1f} = {self.wall:.1f} s{cores}; main thread in the loop: waiting for reads "
                 f"{lp.feed_wait:.1f}, kernel {lp.kernel:.1f}, waiting for the writer {lp.sink_wait:.1f}, "
-                f"other {lp.other:.1f} s; busy (wall/cpu s × threads): "
+                f"other {lp.other:.1f} s; busy (in work/cpu/waiting for a core, s × threads): "
                 + ", ".join([role("readers", lp.readers, self.threads.get("readers", 1)),
                              role("workers", lp.workers, self.threads.get("workers", 1)),
                              role("writer", lp.writer, self.threads.get("writers", 1))])
                 + f" (fsync+rename {lp.writer_sync.seconds:.1f})")
+
+
+def run_queue() -> dict[int, float] | None:
+    """Seconds each thread of this process has waited for a core since it started (Linux
+    /proc/self/task/*/schedstat, its second field), or None where the platform does not say.
+
+    Read at the loop's start and end (`Executor`), not per job: the difference says whether a
+    role's time not on a CPU was spent waiting for a core (the machine is busy) or blocked (the
+    disk, the GIL, another thread).
+    """
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    out: dict[int, float] = {}
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+                out[int(tid)] = int(f.read().split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):  # a thread that just ended; no schedstat at all
+            continue
+    return out or None
 
 
 def _r(x: float | None) -> float | None:

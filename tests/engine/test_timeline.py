@@ -16,7 +16,7 @@ import hf_metagpt
 from hf_metagpt.constants import TIMELINE_ENV
 from hf_metagpt.engine import feed as feed_module
 from hf_metagpt.engine.merging import FusedKernel
-from hf_metagpt.engine.timeline import Busy, LoopTimes, Meter, Timeline, process_age
+from hf_metagpt.engine.timeline import Busy, LoopTimes, Meter, Timeline, process_age, run_queue
 from hf_metagpt.engine.writer import ShardWriter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,6 +107,8 @@ def test_slow_jobs_show_as_worker_busy_inside_the_main_threads_kernel_time(famil
     assert lp.workers.seconds >= slept and lp.workers.seconds - lp.workers.cpu >= 0.9 * slept
     # the main thread waits in the kernel while the workers share the jobs
     assert lp.kernel >= slept / workers - SLACK
+    if sys.platform == "linux":  # sleeping threads do not wait for a core
+        assert lp.workers.queued is not None and 0 <= lp.workers.queued < lp.workers.seconds - slept + SLACK
 
 
 def test_the_main_threads_parts_and_the_phases_add_up(family, tmp_path):
@@ -145,6 +147,43 @@ def test_process_age_is_the_interpreters_age():
     assert 0.5 <= child < 10, child
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux schedstat")
+def test_run_queue_sees_threads_waiting_for_a_core():
+    """Twice as many threads hashing (the GIL released) as cores: together they wait for a core."""
+    import hashlib
+    import threading
+
+    n = 2 * (os.cpu_count() or 1)
+    data = bytes(4 << 20)
+    tids: list[int] = []
+    start, done, leave = threading.Barrier(n + 1), threading.Barrier(n + 1), threading.Event()
+
+    def spin() -> None:
+        tids.append(threading.get_native_id())
+        start.wait()
+        end = time.perf_counter() + 0.5
+        while time.perf_counter() < end:
+            hashlib.sha256(data).digest()
+        done.wait()
+        leave.wait()  # alive (and idle) until the main thread has read the counters
+
+    threads = [threading.Thread(target=spin) for _ in range(n)]
+    for t in threads:
+        t.start()
+    start.wait()
+    before = run_queue()
+    done.wait()
+    after = run_queue()
+    leave.set()
+    for t in threads:
+        t.join()
+    assert before is not None and after is not None and set(tids) <= set(after)
+    waited = sum(after[t] - before.get(t, 0.0) for t in tids)
+    # n threads × 0.5 s on half as many cores: about n × 0.25 s spent waiting (more on a busy machine)
+    assert waited > 0.1 * n * 0.5, waited
+    assert threading.get_native_id() in after
+
+
 def test_meter_sums_from_many_threads():
     from concurrent.futures import ThreadPoolExecutor
 
@@ -152,6 +191,8 @@ def test_meter_sums_from_many_threads():
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: [m.add(0.5, 0.25) for _ in range(1000)], range(8)))
     assert m.busy() == Busy(seconds=4000.0, cpu=2000.0, count=8000)
+    assert 1 <= len(m.threads) <= 8  # the pool's threads that recorded
+    assert m.busy({t: 1.5 for t in m.threads}).queued == 1.5 * len(m.threads)
 
 
 def test_as_dict_rounds_seconds_and_has_every_documented_key():
@@ -164,8 +205,9 @@ def test_as_dict_rounds_seconds_and_has_every_documented_key():
     d = tl.as_dict()
     assert d["phases"] == {"startup": 1.235, "prepare": 0.5, "loop": 2.0, "finish": 0.75}
     assert d["wall"] == 4.485
-    assert d["main_thread"] == {"feed_wait": 0.5, "kernel": 1.0, "sink_wait": 0.25, "other": 0.25, "cpu": 1.2}
-    assert d["busy"]["readers"] == {"seconds": 0.123, "cpu": 0.1, "count": 3}
+    assert d["main_thread"] == {"feed_wait": 0.5, "kernel": 1.0, "sink_wait": 0.25, "other": 0.25, "cpu": 1.2,
+                                "queued": None}
+    assert d["busy"]["readers"] == {"seconds": 0.123, "cpu": 0.1, "count": 3, "queued": None}
     assert d["bytes"] == {"read": 10, "written": 5}
     assert json.loads(json.dumps(d)) == d
     line = tl.line()
@@ -194,7 +236,8 @@ def test_cli_writes_the_timeline_json_and_v_prints_the_line(family, tmp_path):
     assert set(d) == {"format", "units", "wall", "phases", "finish_parts", "cpu", "main_thread", "busy", "threads",
                       "bytes", "device", "processes", "started_by"}
     assert set(d["phases"]) == {"startup", "prepare", "loop", "finish"}
-    assert set(d["main_thread"]) == {"feed_wait", "kernel", "sink_wait", "other", "cpu"}
+    assert set(d["main_thread"]) == {"feed_wait", "kernel", "sink_wait", "other", "cpu", "queued"}
+    assert d["main_thread"]["queued"] >= 0 and d["busy"]["workers"]["queued"] >= 0
     assert set(d["busy"]) == {"readers", "workers", "writer", "writer_sync"}
     assert d["started_by"] == "proc" and d["device"] == "cpu" and d["processes"] == 1
     # The process's phases add up to its life, but for exec and the interpreter's exit.
