@@ -197,9 +197,8 @@ def plot_lambdas(result: "MergeResult", path: Path) -> Path:
     caller's backend (a notebook's, a GUI's) is left as it was.
     """
     import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
+    from ..insight.plots import add_colorbar, fit_margins, new_figure, save_png
 
     if list(result.coefficients) == ["model"]:
         from ..insight.plots import plot_lambda_bars
@@ -209,10 +208,10 @@ def plot_lambdas(result: "MergeResult", path: Path) -> Path:
     groups = list(result.coefficients)
     names = [short_name(m) for m in result.models]
     data = np.array([[result.coefficients[g][i] for g in groups] for i in range(len(names))], dtype=float)
-    width = min(16.0, 3.0 + 0.35 * len(groups))
-    fig = Figure(figsize=(width, 2.8 + 0.5 * len(names)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    # The heatmap's own box grows with the groups and models; the figure adds what its labels need.
+    box = (0.62 * min(16.0, 3.0 + 0.35 * len(groups)), 0.77 * (2.8 + 0.5 * len(names)))
+    fig = new_figure(box[1] + 1.5, box[0] + 3.0, dpi=110)
+    ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
     im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-12, float(data.max(initial=0.0))))
     ax.set_yticks(range(len(names)), labels=names)
     _lambda_axis(ax, groups)
@@ -221,9 +220,8 @@ def plot_lambdas(result: "MergeResult", path: Path) -> Path:
         for i in range(len(names)):
             for j in range(len(groups)):
                 ax.text(j, i, f"{data[i, j]:.3f}", ha="center", va="center", color="w", fontsize=7)
-    fig.colorbar(im, ax=ax, label="λ")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    fit_margins(fig, ax, add_colorbar(fig, im, label="λ"), box=box)
+    return save_png(fig, path)
 
 
 def _lambda_axis(ax, groups: list[str]) -> None:

@@ -43,14 +43,14 @@ def _png(path: Path) -> tuple[int, int]:
 
 def test_pictures_render_at_the_hub_width_with_their_labels(tmp_path, monkeypatch):
     labels: list[str] = []
-    real_save = plots._save
+    real_save = plots.save_png
 
     def spy(fig, path):  # every text the figure draws, to check labels without OCR
         fig.canvas.draw()
         labels.extend(t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text")) if t.get_text())
         return real_save(fig, path)
 
-    monkeypatch.setattr(plots, "_save", spy)
+    monkeypatch.setattr(plots, "save_png", spy)
     geo = geometry(n_layers=32)
     out = plots.draw_all(geo, tmp_path, granularity="model")
     assert set(out) == {"lambda_bars", "layer_shares", "cosines"}
