@@ -502,23 +502,26 @@ def write_card(result: "MergeResult", folder: Path, *, licenses: list[str | None
     figures: dict[str, str] = {}
     if not uses_lambdas(result.method):
         geometry = None
-    if geometry is not None:
-        from ..insight.card import relabel
-        from ..insight.plots import draw_all
+    from ..insight.plots import paused_gc
 
-        geometry = relabel(geometry, [short_name(m) for m in result.models])
-        try:
-            figures = {k: p.name for k, p in draw_all(geometry, folder, granularity=result.granularity,
-                                                       bars=False).items()}
-        except Exception as exc:  # a plot must never cost the merge
-            log.warning("warning: could not draw the geometry plots (%s); the card has the text only", exc)
-    plot = None
-    if result.coefficients and uses_lambdas(result.method):
-        try:
-            plot_lambdas(result, folder / PLOT_FILE)
-            plot = PLOT_FILE
-        except Exception as exc:  # a plot must never cost the merge
-            log.warning("warning: could not draw the λ plot (%s); the card has the table only", exc)
+    with paused_gc():
+        if geometry is not None:
+            from ..insight.card import relabel
+            from ..insight.plots import draw_all
+
+            geometry = relabel(geometry, [short_name(m) for m in result.models])
+            try:
+                figures = {k: p.name for k, p in draw_all(geometry, folder, granularity=result.granularity,
+                                                           bars=False).items()}
+            except Exception as exc:  # a plot must never cost the merge
+                log.warning("warning: could not draw the geometry plots (%s); the card has the text only", exc)
+        plot = None
+        if result.coefficients and uses_lambdas(result.method):
+            try:
+                plot_lambdas(result, folder / PLOT_FILE)
+                plot = PLOT_FILE
+            except Exception as exc:  # a plot must never cost the merge
+                log.warning("warning: could not draw the λ plot (%s); the card has the table only", exc)
     card = build_card(result, licenses=licenses, repo_id=repo_id, plot=plot, geometry=geometry, figures=figures,
                       adapter=adapter)
     path = folder / CARD_FILE

@@ -124,3 +124,31 @@ def test_long_names_widen_the_margin_not_the_heatmap_past_the_figure(tmp_path, f
     # The names (30 characters, middle elided) take their width from the heatmap, measured: not a guess.
     assert long_ax.get_position().x0 > short_ax.get_position().x0 + 0.15
     assert long_ax.get_position().x1 == pytest.approx(short_ax.get_position().x1)
+
+
+def test_the_collector_is_paused_while_drawing_and_left_as_it_was(tmp_path, monkeypatch):
+    import gc
+
+    enabled: list[bool] = []
+    real = plots.save_png
+
+    def save(fig, path):
+        enabled.append(gc.isenabled())
+        if len(enabled) == 2:
+            raise RuntimeError("disk full")
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "save_png", save)
+    geo = llama_geometry(4, 3)
+    assert gc.isenabled()
+    readme = card.write_card(merge_result(geo, "layer"), tmp_path, geometry=geo)
+    assert enabled == [False, False, False] and gc.isenabled()  # on again, after a picture failed too
+    text = readme.read_text()
+    assert "## Task-vector geometry" in text and f"]({plots.COSINES})" not in text  # text only, as before
+    assert f"![λ per group and model]({card.PLOT_FILE})" in text
+    gc.disable()
+    try:  # a caller that turned it off keeps it off
+        plots.draw_all(geo, tmp_path / "again")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
