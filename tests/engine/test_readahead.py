@@ -75,6 +75,17 @@ def test_the_budget_is_the_setting_or_the_default_and_at_most_a_quarter_of_the_a
     assert readahead.budget("MemTotal: 1 kB\n") == 0  # memory unknown: nothing
 
 
+def test_it_runs_from_8_cores_or_when_the_setting_asks_and_never_when_it_says_0(monkeypatch):
+    monkeypatch.delenv(READAHEAD_ENV, raising=False)
+    linux = sys.platform.startswith("linux")
+    assert readahead.wanted(cores=16) is linux and readahead.wanted(cores=8) is linux
+    assert not readahead.wanted(cores=2)  # a 2-core merge needs the CPU the copies out of the cache take
+    monkeypatch.setenv(READAHEAD_ENV, "512")
+    assert readahead.wanted(cores=2) is linux
+    monkeypatch.setenv(READAHEAD_ENV, "0")
+    assert not readahead.wanted(cores=16)
+
+
 def test_the_extents_of_a_sharded_folder_hold_each_tensors_bytes(tiny_family):
     base, _ = tiny_family(n_models=2)
     extents = folder_extents(base)
@@ -163,7 +174,7 @@ def test_the_read_ahead_runs_without_torch_in_a_fresh_interpreter(tiny_family, t
             "t = readahead.start(specs)\nt.join()\n"
             "print(len(spans), sum(s.length for s in spans), 'torch' in sys.modules, 'huggingface_hub.file_download' in sys.modules)\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_CACHE=str(tmp_path / "hub"))
-    env.pop(READAHEAD_ENV, None)
+    env[READAHEAD_ENV] = "4096"  # on whatever the cores here (`wanted`)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     n, nbytes, torch_in, client_in = run.stdout.split()
     total = sum(hi - lo for s in [base, *fts] for _, lo, hi in folder_extents(s).values())
@@ -185,7 +196,7 @@ def test_a_cli_merge_starts_the_read_ahead_before_torch_and_its_bytes_are_unchan
             "try:\n    runpy.run_module('hf_metagpt', run_name='__main__')\nexcept SystemExit as e:\n"
             "    print('exit', e.code)\nprint(seen)\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop(READAHEAD_ENV, None)
+    env[READAHEAD_ENV] = "4096"  # on whatever the cores here (`wanted`)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert "exit 0" in run.stdout, run.stderr
     assert f"[([{str(base)!r}, {str(fts[0])!r}, {str(fts[1])!r}], False)]" in run.stdout
@@ -195,3 +206,25 @@ def test_a_cli_merge_starts_the_read_ahead_before_torch_and_its_bytes_are_unchan
     assert off.returncode == 0, off.stderr
     outs = [{p.name: p.read_bytes() for p in (tmp_path / d).glob("*.safetensors")} for d in ("on", "off")]
     assert outs[0] and outs[0] == outs[1]
+
+
+def test_a_hub_id_is_read_from_its_cached_snapshot_and_only_from_there(tiny_family, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from helpers import copy_model
+    from hf_metagpt.engine.readahead import input_folder
+
+    base, _ = tiny_family(n_models=2)
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--name"
+    snapshot = copy_model(base, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha + "\n")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert input_folder("org/name") == snapshot == input_folder(f"org/name@{sha}")
+    assert input_folder("org/name@dev") is None  # a revision the cache does not record
+    assert input_folder("org/other") is None and input_folder(f"org/name@{'f' * 40}") is None
+    assert input_folder(str(base)) == base
+    spans = plan_spans(["org/name", str(base)], 10**12)
+    assert {s.path.split("/snapshots/")[0] for s in spans if "/snapshots/" in s.path} == {str(repo)}
+    assert len(spans) == 2 * len([s for s in spans if s.path.startswith(str(base))])
