@@ -344,9 +344,10 @@ class FusedKernel(WeightedSumKernel):
         out: Records = []
         for tp, total in zip(tensors, totals):
             assert total is not None
-            if not bool(torch.isfinite(total).all()):
+            gram = total.tolist()  # one torch call per tensor (each gives up and takes back the GIL)
+            if not all(math.isfinite(x) for row in gram for x in row):
                 self.name_nonfinite(tp, raws, None if slab else tp.shared_rows)
-            out.append((tp.norm_group, tp.name, total.tolist()))
+            out.append((tp.norm_group, tp.name, gram))
         return out
 
     def tensor_jobs(self, tp: TensorPlan, raws: Raws, piece: Piece, w0: float,

@@ -168,7 +168,7 @@ def read_tensors_into(path: Path, metas: list[TensorMeta], buffer: torch.Tensor 
             if at is None:
                 _readinto(fd, mv[pos:pos + hi - lo], start + lo, path)
                 at, pos = pos, pos + hi - lo
-            _views(buf, at, lo, run, out, typed)
+            _views(buf, total, at, lo, run, out, typed)
     finally:
         os.close(fd)
         if dfd is not None:
@@ -176,9 +176,9 @@ def read_tensors_into(path: Path, metas: list[TensorMeta], buffer: torch.Tensor 
     return out, pos
 
 
-def _views(buf: torch.Tensor, at: int, lo: int, run: list[TensorMeta], out: dict[str, torch.Tensor],
-           typed: dict[torch.dtype, torch.Tensor]) -> None:
-    """The tensors of a run read to `buf[at:]` (file offset `lo` there), as typed views of `buf`.
+def _views(buf: torch.Tensor, nbytes: int, at: int, lo: int, run: list[TensorMeta],
+           out: dict[str, torch.Tensor], typed: dict[torch.dtype, torch.Tensor]) -> None:
+    """The tensors of a run read to `buf[at:]` (file offset `lo` there), as typed views of `buf` (`nbytes` long).
 
     One typed view of `buf` per dtype (`typed`, shared by the runs of a read) and one `as_strided`
     per tensor: each torch call gives up and takes back the GIL, which on a busy many-core merge
@@ -201,12 +201,17 @@ def _views(buf: torch.Tensor, at: int, lo: int, run: list[TensorMeta], out: dict
         view = typed.get(dtype)
         if view is None:
             first = -origin % size  # the first byte of `buf` a `dtype` view may start at
-            view = typed[dtype] = buf[first: first + (len(buf) - first) // size * size].view(dtype)
-        strides, stride = [], 1
-        for d in reversed(shape):
-            strides.append(stride)
-            stride *= d
-        out[m.name] = view.as_strided(shape, strides[::-1], (origin + rel) // size)
+            view = typed[dtype] = buf[first: first + (nbytes - first) // size * size].view(dtype)
+        out[m.name] = view.as_strided(shape, contiguous_strides(shape), (origin + rel) // size)
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of `shape` (for `as_strided`: one torch call per tensor)."""
+    strides, stride = [], 1
+    for d in reversed(shape):
+        strides.append(stride)
+        stride *= d
+    return tuple(reversed(strides))
 
 
 def _open_direct(path: Path) -> int | None:

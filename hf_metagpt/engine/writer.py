@@ -29,7 +29,7 @@ from ..errors import InputError
 from ..safetensors_io import build_header, disk_full_is_clear, parse_header_json
 from .ledger import PROGRESS_FILE, PROGRESS_FILES, write_json_atomic
 from .plan import MergePlan, TensorPlan
-from .reader import BLOCK
+from .reader import BLOCK, contiguous_strides
 from .schedule import Step
 from .timeline import Meter, clocks
 
@@ -260,6 +260,7 @@ class _Carver:
         self.buf = buf
         self.base = buf.data_ptr() if buf is not None else 0
         self.pos = 0  # where the next tensor may start in `buf`
+        self.typed: dict[torch.dtype, torch.Tensor] = {}  # `buf` viewed as each dtype asked for
         self.want = 0  # bytes this piece needs, whatever the address of the buffer it gets next time
         # The kernels ask in plan order, but a kernel may ask for some tensors first (a GPU
         # kernel's integer buffers): a request takes the first unused place of its size.
@@ -283,7 +284,12 @@ class _Carver:
         arena = self.arena
         arena._need[self.turn] = max(arena._need.get(self.turn, 0), self.want)
         if self.buf is not None and start + n <= self.buf.numel():
-            return self.buf[start:start + n].view(dtype).view(shape)
+            # One torch call per tensor (each gives up and takes back the GIL): `buf` is 64-aligned
+            # and as long as a multiple of 64 (`want`), so it views as any dtype.
+            view = self.typed.get(dtype)
+            if view is None:
+                view = self.typed[dtype] = self.buf.view(dtype)
+            return view.as_strided(tuple(shape), contiguous_strides(tuple(shape)), start // dtype.itemsize)
         if phase is None:
             return torch.empty(shape, dtype=dtype)
         fresh = torch.empty(n + BLOCK, dtype=torch.uint8)
