@@ -19,7 +19,8 @@ What it does, in this order, each step skipped rather than run past `--budget` s
    so the table shows medians where the budget allowed more than one run.
 6. last, at low priority (warm only, each skipped when it does not fit): the CPU model merge with `--workers 4`
    and with `--num-processes 4` (same bytes as the default run?), to learn whether processes scale where
-   threads do not.
+   threads do not; then the warm CPU layer merge once more under py-spy `--gil` (bench/gil_profile.py;
+   py-spy from PATH or a wheel in `.whl/`): the seconds each role held the interpreter lock.
 
 Every hf-metagpt run writes its time account (`HF_METAGPT_TIMELINE`, stored in its JSON line as "timeline"),
 and a second table says where the warm runs' time went: phases, each role's busy seconds, the main thread's waits.
@@ -171,7 +172,7 @@ def mergekit_exe(chk: Check, given: str | None) -> tuple[list[str] | None, dict,
     """(argv prefix, env, version) of mergekit-yaml: given, carried wheels, or bench/.venv-mergekit."""
     if given:
         return [given], {}, "given"
-    wheels = sorted((REPO_DIR / ".whl").glob("*.whl"))
+    wheels = sorted(w for w in (REPO_DIR / ".whl").glob("*.whl") if not w.name.startswith("py_spy-"))  # py-spy: gil_profile
     site = Path("/tmp/hf-metagpt-mergekit-site")
     if wheels:
         if not (site / "bin" / "mergekit-yaml").exists():
@@ -500,6 +501,44 @@ def _get(d: dict, keys: tuple):
     return d
 
 
+def gil_check(chk: Check, rows: list[dict], inputs: list[Path]) -> str:
+    """Last, when time is left: the warm CPU layer merge again under py-spy `--gil` (bench/gil_profile.py):
+    how many seconds each role held the interpreter lock. One line for the report ("" when skipped)."""
+    import gil_profile
+
+    row = next((r for r in rows if r["tool"] == "hf-metagpt" and r["device"] == "cpu"
+                and r["granularity"] == "layer" and not r["skip"] and not r.get("low")), None)
+    if row is None:
+        return ""
+    est = (row.get("est") or 30.0) * 1.5 + 10
+    if not chk.fits(est):
+        chk.log(f"skip GIL profile: {est:.0f} s would not fit in {chk.left():.0f} s left")
+        return ""
+    exe = gil_profile.find_py_spy()
+    if exe is None:
+        chk.log("skip GIL profile: no py-spy (PATH or .whl/py_spy-*.whl)")
+        chk.record(kind="gil", skipped="no py-spy")
+        return ""
+    shutil.rmtree(row["output"], ignore_errors=True)
+    warm(inputs)
+    env = dict(os.environ)
+    for k, v in row["env"].items():
+        env[k] = os.pathsep.join([v, env[k]]) if env.get(k) else v
+    code, summary = gil_profile.profile(row["argv"], chk.out / "gil_cpu_layer.json", py_spy=exe, env=env)
+    bench.clear_output(row["output"])
+    if summary is None:
+        chk.log(f"GIL profile failed (exit {code})")
+        chk.record(kind="gil", skipped=f"py-spy failed (exit {code})")
+        return ""
+    chk.record(kind="gil", row=row["name"], **{k: v for k, v in summary.items() if k != "command"})
+    roles = ", ".join(f"{r} {v:.2f}" for r, v in summary["by_role_s"].items() if v)
+    line = (f"GIL ({row['name']}, warm, under py-spy --gil at {summary['rate']:.0f} Hz): held "
+            f"{summary['gil_held_s']:.2f} s of {summary['wall_s']:.2f} s wall; by role (s): {roles}; "
+            f"longest: " + "; ".join(f"{t['role']} {t['line']} {t['seconds']:.2f}" for t in summary["top_lines"][:3]))
+    chk.log(line)
+    return line + "\n"
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -581,12 +620,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for mode in row.get("modes", ("cold", "warm")):
                 measure(chk, row, mode, inputs, args.drop_caches)
+    gil = gil_check(chk, rows, inputs)
     shutil.rmtree(out_root, ignore_errors=True)
     meta = {"title": f"device check — {fixture.name} ({len(models)} models, {in_gb:.1f} GB in)",
             "machine_line": machine_line}
     text = table(chk, rows, meta)
     times = time_table(chk, rows)
     text += ("\n" + times) if times else ""
+    text += ("\n" + gil) if gil else ""
     (out / "device_check.md").write_text(text)
     chk.log(f"done in {time.monotonic() - chk.t0:.0f} s; results in {out}")
     print()
