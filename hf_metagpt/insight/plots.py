@@ -3,6 +3,7 @@
 Drawn on `matplotlib.figure.Figure` with the Agg canvas directly: no pyplot, no global backend
 switch, nothing left open. Sized for the Hub's card column (about 800 px): figures are 8.5 in
 wide at 120 dpi (1020 px, scaled down a little), fonts 9–11 pt, labels thinned on long models.
+No layout engine: each figure's margins are measured once from its own labels (`fit_margins`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def short_name(name: str, limit: int = _NAME_CHARS) -> str:
 def preload() -> threading.Thread:
     """Import what the card needs on a thread, started while a merge runs so the card does not
     wait for it at the end (the caller joins it before drawing): matplotlib's figure and Agg canvas
-    (about 0.4 s of CPU) and huggingface_hub's ModelCard (0.17 s: it brings the Hub client)."""
+    (0.26–0.46 s of CPU) and huggingface_hub's ModelCard (0.17–0.30 s: it brings the Hub client).
+    It holds the interpreter lock against the merge's threads meanwhile (docs/hardware.md)."""
     def load() -> None:
         try:
             import matplotlib.backends.backend_agg  # noqa: F401
@@ -87,6 +89,7 @@ def new_figure(height: float, width: float = WIDTH_IN, dpi: int = DPI):
 
 
 def save_png(fig, path: Path) -> Path:
+    """Write `fig` as a PNG at its own dpi (one draw: no layout engine, no tight bounding box)."""
     path = Path(path)
     fig.savefig(path, dpi=fig.dpi, pil_kwargs={"compress_level": PNG_COMPRESSION})
     return path
@@ -94,8 +97,8 @@ def save_png(fig, path: Path) -> Path:
 
 _PT = 1 / 72  # inches per point
 _PAD = 5 * _PT  # around the figure and between neighbours
-_CBAR_W = 0.17  # a colorbar's width and its gap to its heatmap, inches
-_CBAR_GAP = 0.09
+_CBAR_W = 0.17  # a colorbar's width, inches
+_CBAR_GAP = 0.09  # between a heatmap and its colorbar, inches
 
 
 def _widest(fig, texts) -> tuple[float, float]:
