@@ -170,10 +170,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     opts = options_from_args(args)  # options a merge cannot run with are refused before torch is imported
     if args.num_processes in (None, 1) and opts.layers is None:
         from .engine.distributed import launched_processes
-        from .engine.readahead import start
+        from .engine.readahead import start, two_pass
 
         if launched_processes() == 1:  # the disk reads the first pieces while torch is imported
-            start([opts.base, *opts.models])
+            start([opts.base, *opts.models], cached_reads=two_pass(opts.method, opts.granularity))
     from .api import merge
     from .engine.distributed import disconnect, is_main_process, launched_processes
 

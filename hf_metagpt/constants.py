@@ -24,7 +24,8 @@ RATE_LIMIT_WAIT_ENV = "HF_METAGPT_RATE_LIMIT_MAX_WAIT"
 #: The compute workers of a merge process, as `--workers N` sets them (`engine.sizing`).
 WORKERS_ENV = "HF_METAGPT_WORKERS"
 #: MiB of a CLI merge's first reads to read into the page cache while it starts (default 4096, at most a
-#: quarter of the available memory; by default only from 8 cores); `0` turns it off (`engine.readahead`).
+#: quarter of the available memory; by default for two-pass merges and from 8 cores); `0` turns it off
+#: (`engine.readahead`).
 READAHEAD_ENV = "HF_METAGPT_READAHEAD_MB"
 #: A file a merge writes its time account to, as JSON (`engine.timeline`; unset: none written).
 TIMELINE_ENV = "HF_METAGPT_TIMELINE"

@@ -7,6 +7,8 @@ plan's stream order: embeddings, then the blocks by number, each block of every 
 into the page cache, where the merge's reader then finds them (`reader.read_tensors_into` copies
 cached runs instead of reading them again).
 
+When: `wanted` — where the merge's copies out of the page cache cost nothing (two-pass merges read
+pass 1 through it anyway) or little (8 cores or more); `HF_METAGPT_READAHEAD_MB` decides otherwise.
 How much: `budget` bytes, a few GB at most (what a disk reads during the start-up) and a quarter
 of the memory available, so a small machine is not pushed into evicting. Nothing here imports
 torch (this runs before it is imported) and nothing here can fail a merge: every error only
@@ -40,11 +42,14 @@ MEMORY_SHARE = 4
 DEADLINE_S = 20.0
 #: Bytes per `sendfile` call (a thread stuck in one delays the process's exit by at most this read).
 CHUNK = 64 << 20
-#: Fewer cores than this: no read-ahead unless `HF_METAGPT_READAHEAD_MB` asks for it. A merge then
-#: copies each cached byte out of the page cache instead of reading it with O_DIRECT; on 2 cores that
-#: copy took the CPU the merge needed (0.9-5 s more system CPU per 4.3 GB, 1-2 s more wall, measured
-#: 2026-12-04); from 8 cores several reader threads share it (`sizing.plan_workers`).
+#: Fewer cores than this: a one-pass merge reads ahead only when `HF_METAGPT_READAHEAD_MB` asks. It
+#: then copies each cached byte out of the page cache instead of reading it with O_DIRECT; on 2 cores
+#: that copy took CPU the merge needed when the disk was fast (0.9-5 s more system CPU per 4.3 GB,
+#: 1-2 s more wall; 2026-12-04); from 8 cores several reader threads share it (`sizing.plan_workers`).
 MIN_CORES = 8
+#: Methods whose λ need every norm first: at `--granularity model` their pass 1 reads through the page
+#: cache anyway, so reading its first pieces early costs no copy (`MergeMethod.uses_group_norms`).
+NORM_METHODS = ("metagpt", "metagpt_dare", "metagpt_ties")
 #: A safetensors header larger than this is not parsed (a damaged file).
 MAX_HEADER = 100 << 20
 
@@ -256,21 +261,27 @@ def _run(specs: Sequence[str], deadline: float) -> None:
         log.debug("read-ahead stopped: %s", exc)
 
 
-def wanted(cores: int | None = None) -> bool:
-    """Read ahead here: on Linux, unless `HF_METAGPT_READAHEAD_MB=0`; below `MIN_CORES` cores only
-    when the variable is set (`cores`: os.cpu_count() when None)."""
+def two_pass(method: str, granularity: str) -> bool:
+    """The merge reads every piece twice, pass 1 through the page cache (MetaGPT's whole-model λ)."""
+    return method in NORM_METHODS and granularity == "model"
+
+
+def wanted(cores: int | None = None, cached_reads: bool = False) -> bool:
+    """Read ahead here: on Linux, unless `HF_METAGPT_READAHEAD_MB=0`; by default from `MIN_CORES`
+    cores, or on any machine when the merge's first reads go through the page cache anyway
+    (`cached_reads`: `two_pass`); `cores`: os.cpu_count() when None."""
     if not sys.platform.startswith("linux") or not hasattr(os, "RWF_NOWAIT"):
         return False
     setting = env(READAHEAD_ENV)
     if setting is not None:
         return setting != "0"
-    return (cores if cores is not None else os.cpu_count() or 1) >= MIN_CORES
+    return cached_reads or (cores if cores is not None else os.cpu_count() or 1) >= MIN_CORES
 
 
-def start(specs: Sequence[str]) -> threading.Thread | None:
+def start(specs: Sequence[str], *, cached_reads: bool = False) -> threading.Thread | None:
     """Start reading the first bytes of a merge of `specs` (the base, then the fine-tunes) ahead, on
     a daemon thread that ends by itself; None where there is nothing to do (`wanted`)."""
-    if not wanted():
+    if not wanted(cached_reads=cached_reads):
         return None
     thread = threading.Thread(target=_run, args=(list(specs), time.monotonic() + DEADLINE_S),
                               name="hf-metagpt-readahead", daemon=True)

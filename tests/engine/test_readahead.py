@@ -80,6 +80,7 @@ def test_it_runs_from_8_cores_or_when_the_setting_asks_and_never_when_it_says_0(
     linux = sys.platform.startswith("linux")
     assert readahead.wanted(cores=16) is linux and readahead.wanted(cores=8) is linux
     assert not readahead.wanted(cores=2)  # a 2-core merge needs the CPU the copies out of the cache take
+    assert readahead.wanted(cores=2, cached_reads=True) is linux  # a two-pass merge: no extra copy
     monkeypatch.setenv(READAHEAD_ENV, "512")
     assert readahead.wanted(cores=2) is linux
     monkeypatch.setenv(READAHEAD_ENV, "0")
@@ -188,8 +189,8 @@ def test_a_cli_merge_starts_the_read_ahead_before_torch_and_its_bytes_are_unchan
     # The read-ahead is wrapped to run to its end before the merge goes on: torch is not imported by
     # then, and every input was named to it.
     code = ("import sys, runpy\nfrom hf_metagpt.engine import readahead\nseen = []\n_start = readahead.start\n"
-            "def start(specs):\n    t = _start(specs)\n    t.join()\n"
-            "    seen.append((list(specs), 'torch' in sys.modules))\n    return t\n"
+            "def start(specs, **kw):\n    t = _start(specs, **kw)\n    t.join()\n"
+            "    seen.append((list(specs), kw, 'torch' in sys.modules))\n    return t\n"
             "readahead.start = start\n"
             f"sys.argv = ['hf-metagpt', 'merge', '--base', {str(base)!r}, {str(fts[0])!r}, {str(fts[1])!r}, "
             f"'-o', {str(tmp_path / 'on')!r}, '-q', '--device', 'cpu']\n"
@@ -199,7 +200,8 @@ def test_a_cli_merge_starts_the_read_ahead_before_torch_and_its_bytes_are_unchan
     env[READAHEAD_ENV] = "4096"  # on whatever the cores here (`wanted`)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert "exit 0" in run.stdout, run.stderr
-    assert f"[([{str(base)!r}, {str(fts[0])!r}, {str(fts[1])!r}], False)]" in run.stdout
+    # the default merge (MetaGPT, model granularity) reads its pass 1 through the page cache
+    assert f"[([{str(base)!r}, {str(fts[0])!r}, {str(fts[1])!r}], {{'cached_reads': True}}, False)]" in run.stdout
     off = subprocess.run([sys.executable, "-m", "hf_metagpt", "merge", "--base", str(base), *map(str, fts),
                           "-o", str(tmp_path / "off"), "-q", "--device", "cpu"],
                          capture_output=True, text=True, env=dict(env, **{READAHEAD_ENV: "0"}))
@@ -228,3 +230,12 @@ def test_a_hub_id_is_read_from_its_cached_snapshot_and_only_from_there(tiny_fami
     spans = plan_spans(["org/name", str(base)], 10**12)
     assert {s.path.split("/snapshots/")[0] for s in spans if "/snapshots/" in s.path} == {str(repo)}
     assert len(spans) == 2 * len([s for s in spans if s.path.startswith(str(base))])
+
+
+def test_two_pass_names_the_methods_that_need_every_norm_first():
+    from hf_metagpt.methods import METHODS
+
+    norms = {name for name, make in METHODS.items() if getattr(make, "__self__", make).uses_group_norms}
+    assert norms == set(readahead.NORM_METHODS)
+    assert readahead.two_pass("metagpt", "model") and readahead.two_pass("metagpt_ties", "model")
+    assert not readahead.two_pass("metagpt", "layer") and not readahead.two_pass("ties", "model")
