@@ -239,3 +239,23 @@ def test_two_pass_names_the_methods_that_need_every_norm_first():
     assert norms == set(readahead.NORM_METHODS)
     assert readahead.two_pass("metagpt", "model") and readahead.two_pass("metagpt_ties", "model")
     assert not readahead.two_pass("metagpt", "layer") and not readahead.two_pass("ties", "model")
+
+
+def test_every_error_of_the_thread_is_swallowed_and_logged_at_debug(tiny_family, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from helpers import copy_model
+
+    base, _ = tiny_family(n_models=2)
+    gone = copy_model(base, tmp_path / "gone")
+    monkeypatch.setenv(READAHEAD_ENV, "64")
+    spans = plan_spans([str(gone)], 10**12)
+    for f in gone.glob("*.safetensors"):
+        f.unlink()  # removed between the plan and the reads
+    caplog.set_level(logging.DEBUG, logger="hf_metagpt.engine.readahead")
+    with pytest.raises(FileNotFoundError):
+        read_spans(spans)
+    readahead._run([str(gone)], deadline=float("inf"))  # no index shards left: nothing read, no error
+    monkeypatch.setattr(readahead, "plan_spans", lambda *a: spans)
+    readahead._run([str(gone)], deadline=float("inf"))  # the reads fail: swallowed
+    assert any("read-ahead stopped" in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
