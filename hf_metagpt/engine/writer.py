@@ -386,8 +386,10 @@ class ShardWriter:
         if name not in self._pending:
             raise RuntimeError(f"shard {self.path.name}: got {name}, which it "
                                + ("already has" if name in self._left else "does not hold"))
-        t = tensor.detach().to("cpu").contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        t = tensor if tensor.device.type == "cpu" else tensor.to("cpu")
+        if not t.is_contiguous():
+            t = t.contiguous()
+        data = _bytes_of(t)  # (the bytes stay valid while `t` lives: to the end of this call)
         left = self._left[name]
         if len(data) > left or (not part and len(data) != left):
             raise RuntimeError(f"{name}: {len(data)} bytes, planned {left} more")
@@ -472,7 +474,8 @@ class DirectFile:
     1.1B merge's CPU time, and more on a VM whose host backs freed pages lazily), then the disk
     writes them back. O_DIRECT needs whole aligned blocks, and tensors start anywhere. So a write
     sends its whole blocks straight from the caller's memory when that memory sits at the same
-    place in a block as the file offset (else through an aligned bounce buffer), and keeps its
+    place in a block as the file offset (the output arena carves merged tensors so; other memory
+    goes through an aligned bounce buffer, copied by torch without the GIL), and keeps its
     partial first and last blocks until the neighbouring writes fill them: every byte of a shard is
     written exactly once, so a block is complete when its byte count is. The last block is padded
     and the file cut back to its size at `close`. The space is reserved up front (`fallocate`), so
@@ -582,6 +585,14 @@ class DirectFile:
             os.close(self.fd)
         except OSError:
             pass
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview | bytes:
+    """A contiguous CPU tensor's bytes, without a torch call per view (each hands the GIL over)."""
+    n = t.nbytes
+    if not n:
+        return b""
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
 def _aligned(n: int) -> torch.Tensor:

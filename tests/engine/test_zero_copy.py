@@ -140,3 +140,15 @@ def test_read_views_equal_safetensors_for_mixed_dtypes_and_odd_offsets(tmp_path)
                 assert in_place or g.element_size() > 1, m.name
                 views += in_place
     assert views > 30
+
+
+def test_a_non_contiguous_tensor_is_written_as_its_contiguous_bytes(tmp_path):
+    t = torch.arange(64 * 48, dtype=torch.float32).reshape(64, 48).t()  # a transposed view
+    assert not t.is_contiguous()
+    path = tmp_path / "s.safetensors"
+    w = writer.ShardWriter(path, [("t", "F32", (48, 64)), ("empty", "BF16", (0, 3))])
+    w.write("t", t)
+    w.write("empty", torch.empty(0, 3, dtype=torch.bfloat16))
+    w.close()
+    got = load_file(path)
+    assert torch.equal(got["t"], t) and got["empty"].shape == (0, 3)
