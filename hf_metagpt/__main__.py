@@ -3,7 +3,7 @@
 import os
 import sys
 
-from .cli import main
+from .cli import exit_now, main
 from .engine.distributed import launched_processes
 
 code = main()
@@ -14,4 +14,4 @@ if launched_processes() > 1:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-raise SystemExit(code)
+exit_now(code)

@@ -57,12 +57,13 @@ def test_options_a_merge_cannot_run_with_are_refused_before_torch_is_imported(tm
              (["plan", "--recipe", str(tmp_path / "missing.yml")], "missing.yml"),
              (["push", str(tmp_path), "my model"], "ORG/NAME")]
     for argv, expected in cases:
-        code = ("import sys, runpy\nsys.argv = ['hf-metagpt'] + " + repr(argv) + "\n"
-                "try:\n    runpy.run_module('hf_metagpt', run_name='__main__')\n"
-                "except SystemExit as e:\n    print('exit', e.code)\n")
-        run = subprocess.run([sys.executable, "-c", code + "import sys; print(' '.join(sorted(sys.modules)))"],
-                             capture_output=True, text=True)
+        # the modules are printed by an atexit handler: the CLI's exit (`cli.exit_now`) runs them
+        code = ("import sys, runpy, atexit\n"
+                "atexit.register(lambda: print(' '.join(sorted(sys.modules))))\n"
+                "sys.argv = ['hf-metagpt'] + " + repr(argv) + "\n"
+                "runpy.run_module('hf_metagpt', run_name='__main__')\n")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         lines = run.stdout.splitlines()
-        assert lines[-2] == "exit 2", (argv, run.stdout, run.stderr)
+        assert run.returncode == 2, (argv, run.stdout, run.stderr)
         assert expected in run.stderr and "Traceback" not in run.stderr, (argv, run.stderr)
         assert "torch" not in lines[-1].split(), argv
