@@ -20,7 +20,8 @@ What it does, in this order, each step skipped rather than run past `--budget` s
 6. last, at low priority (warm only, each skipped when it does not fit): the CPU model merge with `--workers 4`
    and with `--num-processes 4` (same bytes as the default run?), to learn whether processes scale where
    threads do not; then the warm CPU layer merge once more under py-spy `--gil` (bench/gil_profile.py;
-   py-spy from PATH or a wheel in `.whl/`): the seconds each role held the interpreter lock.
+   py-spy from PATH or a wheel in `.whl/`): the seconds each role held the interpreter lock; and, cold only,
+   the CPU layer merge with the start-up read-ahead off (`HF_METAGPT_READAHEAD_MB=0`).
 
 Every hf-metagpt run writes its time account (`HF_METAGPT_TIMELINE`, stored in its JSON line as "timeline"),
 and a second table says where the warm runs' time went: phases, each role's busy seconds, the main thread's waits.
@@ -53,6 +54,8 @@ import run as bench  # noqa: E402  (bench/run.py: timed, evict, shard_files, mer
 #: hf-metagpt writes its time account to this file when set (`hf_metagpt.constants.TIMELINE_ENV`;
 #: spelled out: this script never imports the package, so torch stays out of its process)
 TIMELINE_ENV = "HF_METAGPT_TIMELINE"
+#: megabytes the CLI reads ahead while torch is imported (`hf_metagpt.constants.READAHEAD_ENV`; 0: off)
+READAHEAD_ENV = "HF_METAGPT_READAHEAD_MB"
 
 #: Seconds a row is assumed to take before it has run once (per GB of input), and kept in reserve.
 FIRST_GUESS_S_PER_GB = 4.0
@@ -306,6 +309,14 @@ def rows_for(models: list[Path], out_root: Path, cuda: bool, mk: tuple[list[str]
                      "argv": py + ["merge", "--base", str(models[0]), *map(str, models[1:]), "--output", str(out),
                                    "--granularity", "model", "--device", "cpu", *flags, "--overwrite", "-q"],
                      "env": {"PYTHONPATH": str(REPO_DIR)}, "skip": ""})
+    # Low priority, cold only: the read-ahead during start-up off (engine/readahead.py; on by default from
+    # 8 cores), beside the default cold CPU layer row: does reading while torch imports pay there?
+    out = out_root / "hf-cpu-layer-no-readahead"
+    rows.append({"name": "hf-metagpt --device cpu --granularity layer, HF_METAGPT_READAHEAD_MB=0", "tool": "hf-metagpt",
+                 "device": "cpu", "granularity": "layer", "output": out, "low": True, "modes": ("cold",),
+                 "argv": py + ["merge", "--base", str(models[0]), *map(str, models[1:]), "--output", str(out),
+                               "--granularity", "layer", "--device", "cpu", "--overwrite", "-q"],
+                 "env": {"PYTHONPATH": str(REPO_DIR), READAHEAD_ENV: "0"}, "skip": ""})
     return rows
 
 

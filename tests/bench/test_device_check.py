@@ -26,8 +26,13 @@ def test_low_priority_rows_come_last_warm_only(dc, tmp_path):
     rows = _rows(dc, models, tmp_path / "out")
     low = [r for r in rows if r.get("low")]
     assert [r["name"] for r in low] == ["hf-metagpt --device cpu --granularity model --workers 4",
-                                        "hf-metagpt --device cpu --granularity model --num-processes 4"]
-    assert rows[-2:] == low and all(r["modes"] == ("warm",) and not r["skip"] for r in low)
+                                        "hf-metagpt --device cpu --granularity model --num-processes 4",
+                                        "hf-metagpt --device cpu --granularity layer, HF_METAGPT_READAHEAD_MB=0"]
+    assert rows[-3:] == low and all(r["modes"] == ("warm",) and not r["skip"] for r in low[:2])
+    assert low[2]["modes"] == ("cold",) and low[2]["env"]["HF_METAGPT_READAHEAD_MB"] == "0"
+    from hf_metagpt.constants import READAHEAD_ENV
+
+    assert dc.READAHEAD_ENV == READAHEAD_ENV
     assert low[0]["argv"][low[0]["argv"].index("--workers") + 1] == "4"
     assert low[1]["argv"][low[1]["argv"].index("--num-processes") + 1] == "4"
     assert "--device" in low[1]["argv"] and low[1]["argv"][low[1]["argv"].index("--device") + 1] == "cpu"
