@@ -19,9 +19,10 @@ What it does, in this order, each step skipped rather than run past `--budget` s
    so the table shows medians where the budget allowed more than one run.
 6. last, at low priority (warm only, each skipped when it does not fit): the CPU model merge with `--workers 4`
    and with `--num-processes 4` (same bytes as the default run?), to learn whether processes scale where
-   threads do not; then the warm CPU layer merge once more under py-spy `--gil` (bench/gil_profile.py;
-   py-spy from PATH or a wheel in `.whl/`): the seconds each role held the interpreter lock; and, cold only,
-   the CPU layer merge with the start-up read-ahead off (`HF_METAGPT_READAHEAD_MB=0`).
+   threads do not; and, cold only, the CPU layer merge with the start-up read-ahead off
+   (`HF_METAGPT_READAHEAD_MB=0`); after that first round (before the repeats), the warm CPU layer merge once
+   more under py-spy `--gil` (bench/gil_profile.py; py-spy from PATH or a wheel in `.whl/`): the seconds each
+   role held the interpreter lock.
 
 Every hf-metagpt run writes its time account (`HF_METAGPT_TIMELINE`, stored in its JSON line as "timeline"),
 and a second table says where the warm runs' time went: phases, each role's busy seconds, the main thread's waits.
@@ -618,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = rows_for(models, out_root, cuda, mk)
     # One write of the output's size first: the first write into fresh pages measures the VM, not the disk.
     floor(inputs[:1], out_bytes, out_root / "floor")
+    gil = ""
     for rep in range(args.repeat):
         if not chk.fits(5):
             break
@@ -631,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for mode in row.get("modes", ("cold", "warm")):
                 measure(chk, row, mode, inputs, args.drop_caches)
-    gil = gil_check(chk, rows, inputs)
+        if rep == 0:  # after the first round, before repeats use up the budget (it never ran last)
+            gil = gil_check(chk, rows, inputs)
     shutil.rmtree(out_root, ignore_errors=True)
     meta = {"title": f"device check — {fixture.name} ({len(models)} models, {in_gb:.1f} GB in)",
             "machine_line": machine_line}

@@ -114,3 +114,29 @@ def test_device_check_profiles_the_warm_cpu_layer_row(gp, tiny_family, tmp_path,
     gil = [r for r in recs if r.get("kind") == "gil"]
     assert len(gil) == 1 and gil[0]["exit"] == 0 and gil[0]["by_role_s"]["main"] == 1.0
     assert not any((tmp_path / "out").rglob("*.safetensors"))  # the output is cleared after
+
+
+def test_device_check_profiles_after_the_first_round_before_the_repeats(gp, tiny_family, tmp_path, monkeypatch):
+    """The whole script on a tiny family (no CUDA, no mergekit): the GIL profile comes right after the
+    first round of rows, so repeats that use up the budget never crowd it out, and it is in the report."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    dc = importlib.import_module("device_check")
+    exe = _fake_py_spy(tmp_path)
+    monkeypatch.setattr(gp, "find_py_spy", lambda given=None: str(exe))
+    base, fts = tiny_family(n_models=2)
+    fixture = tmp_path / "fixture"
+    fixture.mkdir()
+    (fixture / "base").symlink_to(base)
+    for k, ft in enumerate(fts):
+        (fixture / f"task_{'ab'[k]}").symlink_to(ft)
+    out = tmp_path / "results"
+    assert dc.main(["--fixture", str(fixture), "--fixtures-dir", str(tmp_path / "scratch"), "--budget", "400",
+                    "--repeat", "2", "--no-mergekit", "--out", str(out)]) == 0
+    recs = [json.loads(x) for x in (out / "device_check.jsonl").read_text().splitlines()]
+    kinds = [(r.get("kind"), r.get("rep")) for r in recs]
+    at = kinds.index(("gil", None))
+    assert ("floor", 1) in kinds[at:] and ("floor", 1) not in kinds[:at]  # after round 1, before round 2
+    assert [r for r in recs[:at] if r.get("kind") == "run" and r.get("mode") == "cold"
+            and r.get("row", "").endswith("HF_METAGPT_READAHEAD_MB=0")]  # the first round was complete
+    report = (out / "device_check.md").read_text()
+    assert "GIL (hf-metagpt --device cpu --granularity layer, warm, under py-spy --gil at 100 Hz): held 1.50 s" in report
