@@ -14,7 +14,6 @@ executor calls `start`, `pieces`, `prepare`, `walk`, `read_base`, `read`, `stop`
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence
@@ -207,9 +206,9 @@ class PieceFeed:
 
     def read_base(self, piece: Piece) -> dict[str, torch.Tensor]:
         """The base's tensors of a piece, read on demand (not pooled: both pool turns are in use)."""
-        t, c = clocks()
+        start = clocks()
         data, n = read_metas(self.plan.base, 0, piece_metas(piece, self.plan.base, 0), self.files)
-        self.busy.add(time.perf_counter() - t, time.thread_time() - c)
+        self.busy.add_since(start)
         self.counts.bytes_read += n
         return data
 
@@ -237,9 +236,9 @@ class PieceFeed:
 
         def one(job: tuple) -> tuple:
             info, i, metas, into = job
-            t, c = clocks()
+            start = clocks()
             out = read_metas(info, i, metas, self.files, into, direct=direct)
-            busy.add(time.perf_counter() - t, time.thread_time() - c)
+            busy.add_since(start)
             return out
 
         pool = self._parts
@@ -254,9 +253,9 @@ class PieceFeed:
         counts.largest_read = max(counts.largest_read, read)
         for src in self.sources:
             if not src.pooled:
-                t, c = clocks()
+                start = clocks()
                 raws[src.index], n = src.read(piece)
-                busy.add(time.perf_counter() - t, time.thread_time() - c)
+                busy.add_since(start)
                 counts.bytes_read += n
         return raws
 

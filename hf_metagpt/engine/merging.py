@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -97,9 +96,9 @@ class Workers:
         busy = self.busy
 
         def timed(x):  # per job (millions of elements), never per chunk
-            t, c = clocks()
+            start = clocks()
             out = fn(x)
-            busy.add(time.perf_counter() - t, time.thread_time() - c)
+            busy.add_since(start)
             return out
 
         if self._pool is None or len(items) < 2:

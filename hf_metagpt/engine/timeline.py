@@ -69,6 +69,11 @@ class Meter:
         self._parts.append((wall, cpu))
         self.threads.add(threading.get_native_id())
 
+    def add_since(self, start: tuple[float, float]) -> None:
+        """One piece of work of this thread, from `start` (`clocks()` when it began) to now."""
+        wall, cpu = start
+        self.add(time.perf_counter() - wall, time.thread_time() - cpu)
+
     def busy(self, queued: dict[int, float] | None = None) -> Busy:
         """The sums; `queued`: run-queue seconds by thread over the loop (`run_queue`), summed over this role's."""
         parts = list(self._parts)

@@ -15,7 +15,6 @@ import json
 import mmap
 import os
 import struct
-import time
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +30,7 @@ from .ledger import PROGRESS_FILE, PROGRESS_FILES, write_json_atomic
 from .plan import MergePlan, TensorPlan
 from .reader import BLOCK, contiguous_strides
 from .schedule import Step
+from .sinks import Alloc
 from .timeline import Meter, clocks
 
 
@@ -137,13 +137,13 @@ class ShardSink:
         # the shards as it finds them, as if each write had been waited for.
         if self._failed:
             raise RuntimeError("an earlier write failed")
-        t, c = clocks()
+        start = clocks()
         try:
             self._write_one(tp, tensor, part, ledger)
         except BaseException:
             self._failed = True
             raise
-        self.busy.add(time.perf_counter() - t, time.thread_time() - c)
+        self.busy.add_since(start)
 
     def _write_one(self, tp: TensorPlan, tensor: torch.Tensor, part: bool, ledger: dict | None) -> None:
         if ledger is not None:
@@ -154,7 +154,7 @@ class ShardSink:
             w = self.writers[tp.shard] = ShardWriter(self.work_dir / (shard.file + ".tmp"), _entries(shard.tensors))
         w.write(tp.name, tensor, part=part)
         if w.done:
-            t, c = clocks()
+            start = clocks()
             w.close()
             shard = self.plan.shards[tp.shard]
             self.crcs[shard.file] = [w.crcs[t.name] for t in shard.tensors]
@@ -168,7 +168,7 @@ class ShardSink:
                 w.path.unlink(missing_ok=True)
                 raise
             w.path.rename(self.work_dir / shard.file)
-            self.sync.add(time.perf_counter() - t, time.thread_time() - c)
+            self.sync.add_since(start)
             self.bytes_written += w.size
             self.bytes_bounced += w.bounced
             del self.writers[tp.shard]
