@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -33,3 +34,17 @@ def peak_rss_bytes() -> int:
         return 0
     info = psutil.Process().memory_info()
     return int(getattr(info, "peak_wset", 0) or info.rss)
+
+
+def page_cached(fd: int, offset: int) -> bool | None:
+    """Whether the page at `offset` of an open file is in the page cache: a non-blocking 1-byte read
+    (Linux `RWF_NOWAIT`); None where the platform or the file system cannot tell."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None:
+        return None
+    try:
+        return os.preadv(fd, [bytearray(1)], offset, flag) > 0
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,17 @@ def add_tokens(src: Path, dst: Path, n: int) -> Path:
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / f, dst / f)
     return dst
+
+
+def digest(state: dict[str, torch.Tensor]) -> str:
+    """The first 16 hex digits of a sha256 over a state dict's names, dtypes, shapes and bytes (how
+    the stored digests of mergekit's outputs in tests/methods were recorded)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def shards(folder: Path) -> dict[str, bytes]:

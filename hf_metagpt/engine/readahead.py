@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from .._platform import page_cached
 from ..constants import READAHEAD_ENV, env
 from ..sources.architecture import block_of, stream_order
 
@@ -215,14 +216,6 @@ def plan_spans(specs: Sequence[str], nbytes: int) -> list[Span]:
     return first_reads(inputs, nbytes)
 
 
-def _cached(fd: int, offset: int) -> bool:
-    """Whether the page at `offset` is in the page cache (a non-blocking 1-byte read)."""
-    try:
-        return os.preadv(fd, [bytearray(1)], offset, os.RWF_NOWAIT) > 0
-    except OSError:
-        return False
-
-
 def read_spans(spans: Sequence[Span], deadline: float = float("inf")) -> int:
     """Read the spans into the page cache (none copied to this process); returns bytes read.
 
@@ -236,7 +229,7 @@ def read_spans(spans: Sequence[Span], deadline: float = float("inf")) -> int:
                 break
             fd = os.open(span.path, os.O_RDONLY)
             try:
-                if _cached(fd, span.offset + span.length // 2):
+                if page_cached(fd, span.offset + span.length // 2):
                     continue
                 pos, end = span.offset, span.offset + span.length
                 while pos < end:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .._platform import page_cached
 from ..errors import InputError
 from ..safetensors_io import ST_TO_TORCH, TensorMeta
 
@@ -109,19 +110,6 @@ BLOCK = 4096
 DIRECT_SLACK = 3 * BLOCK
 
 
-def _cached(fd: int, offset: int) -> bool | None:
-    """Whether the page at `offset` is in the page cache (a non-blocking 1-byte read); None: cannot tell."""
-    flag = getattr(os, "RWF_NOWAIT", None)
-    if flag is None:
-        return None
-    try:
-        return os.preadv(fd, [bytearray(1)], offset, flag) > 0
-    except BlockingIOError:
-        return False
-    except OSError:
-        return None
-
-
 def read_tensors(path: Path, metas: list[TensorMeta], buffer: torch.Tensor | None = None,
                  direct: bool = False) -> dict[str, torch.Tensor]:
     """The given tensors of one file, read with one large read per contiguous run.
@@ -160,7 +148,7 @@ def read_tensors_into(path: Path, metas: list[TensorMeta], buffer: torch.Tensor 
         for run in runs:
             lo, hi = run[0].data_offsets[0], run[-1].data_offsets[1]
             at = None
-            if direct and hi > lo and _cached(fd, start + (lo + hi) // 2) is False:
+            if direct and hi > lo and page_cached(fd, start + (lo + hi) // 2) is False:
                 if dfd is None:
                     dfd = _open_direct(path)
                 if dfd is not None:

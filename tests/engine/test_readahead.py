@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from hf_metagpt._platform import page_cached
 from hf_metagpt.constants import READAHEAD_ENV
 from hf_metagpt.engine import readahead
 from hf_metagpt.engine.readahead import Span, first_reads, folder_extents, plan_spans, read_spans
@@ -152,11 +153,11 @@ def test_read_spans_fill_the_page_cache_and_skip_what_is_cached(tmp_path):
     try:
         os.fsync(fd)  # dirty pages cannot be dropped
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if readahead._cached(fd, 2 << 20):
+        if page_cached(fd, 2 << 20):
             pytest.skip("this file system keeps the pages (tmpfs)")
         span = Span(str(path), 4096, 3 << 20)
         assert read_spans([span]) == 3 << 20
-        assert all(readahead._cached(fd, off) for off in range(4096, 4096 + (3 << 20), 4096))
+        assert all(page_cached(fd, off) for off in range(4096, 4096 + (3 << 20), 4096))
         assert read_spans([span]) == 0  # cached now: a warm run reads nothing ahead
         assert read_spans([Span(str(path), 0, 10 << 20)], deadline=0.0) == 0  # past its deadline
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -3,7 +3,6 @@ independently in float64, and how recipes are read."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from hf_metagpt.errors import MergeError
 from hf_metagpt.mergekit_recipe import parse_mergekit
 from hf_metagpt.methods import get_method
 from hf_metagpt.methods.karcher import karcher_mean
+from helpers import digest
 
 #: sha256 (first 16 hex digits, `digest`) of the float32 fixture (tiny LLaMA, seed 3: base, ft1..ft3)
 INPUTS_F32 = "9e0bcc9c4a29ed0b"
@@ -51,15 +51,6 @@ models:
 dtype: float32
 """, "120e0cb1d2ad82cd"),
 }
-
-
-def digest(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k].contiguous()
-        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def load(folder: Path) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import hf_metagpt
 from hf_metagpt.demo.tiny import TinySpec, build_family
 from hf_metagpt.methods import get_method, mergekit_order
 from hf_metagpt.methods.base import TensorContext
+from helpers import digest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from mergekit_agreement import RECIPES, load  # noqa: E402
@@ -57,15 +57,6 @@ MERGEKIT = {
     ("model_stock filter_wise", "float16"): "5c3f57da5a8006c8",
     ("sce", "float16"): "ac0a5760ff5ca6f2",
 }
-
-
-def digest(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k].contiguous()
-        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @pytest.fixture(scope="module")
