@@ -23,6 +23,9 @@ RETRY_BASE_ENV = "HF_METAGPT_RETRY_BASE"
 RATE_LIMIT_WAIT_ENV = "HF_METAGPT_RATE_LIMIT_MAX_WAIT"
 #: The compute workers of a merge process, as `--workers N` sets them (`engine.sizing`).
 WORKERS_ENV = "HF_METAGPT_WORKERS"
+#: Elements per chunk of the CPU weighted sum, a power of two from 2^12 to 2^24 (default `engine.kernels.MERGE_CHUNK`,
+#: 2^18; `engine.sizing.merge_chunk_override`). Elementwise: any value gives the same bytes, only the speed changes.
+MERGE_CHUNK_ENV = "HF_METAGPT_MERGE_CHUNK"
 #: MiB of a CLI merge's first reads to read into the page cache while it starts (default 4096, at most a
 #: quarter of the available memory; by default for two-pass merges and from 8 cores); `0` turns it off
 #: (`engine.readahead`).

@@ -131,6 +131,8 @@ class KernelContext:
     workers: Workers
     #: the base's layer count as transformers reads its config (per-layer parameters)
     n_layers: int | None = None
+    #: elements per chunk of the CPU weighted sum, from HF_METAGPT_MERGE_CHUNK (None: `kernels.MERGE_CHUNK`)
+    cpu_merge_chunk: int | None = None
 
     def run(self, fn: Callable, items: list) -> list:
         """fn over items on the compute threads, results in input order."""
@@ -144,7 +146,9 @@ class KernelContext:
     @property
     def merge_chunk(self) -> int:
         """Elements per chunk of the weighted sum (elementwise: tuned freely, `kernels.MERGE_CHUNK`)."""
-        return kernels.MERGE_CHUNK if self.device.type == "cpu" else kernels.CHUNK * 64
+        if self.device.type == "cpu":
+            return self.cpu_merge_chunk or kernels.MERGE_CHUNK
+        return kernels.CHUNK * 64
 
     def tensor_context(self, tp: TensorPlan) -> TensorContext:
         """What the method may know of `tp`: name, seed and its layer (per-layer parameters)."""
@@ -684,9 +688,11 @@ def build_kernel(plan: MergePlan, method: MergeMethod, sources: Sequence[TaskSou
     cls = choose_kernel(method, sources, allow_nonfinite)
     if cls is FusedKernel and device.type != "cpu":
         cls = GpuFusedKernel
+    from .sizing import merge_chunk_override
+
     workers = Workers(compute_workers(cls, device, processes))
     return cls(KernelContext(plan, method, tuple(sources), device, seed, allow_nonfinite, workers,
-                             num_layers(plan.base.config)))
+                             num_layers(plan.base.config), merge_chunk_override()))
 
 
 def compute_workers(kernel: type[MergeKernel], device: torch.device, processes: int = 1) -> int:

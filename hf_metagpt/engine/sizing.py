@@ -16,6 +16,9 @@ writers of one merge process, and how many OpenMP threads torch may use on the c
 merge on about one core). The bytes never depend on any of these counts: jobs have fixed element
 ranges and their sums are combined in job order (`merging.FusedKernel.reduce`), each worker runs
 torch single-threaded, and the method path's reductions run single-threaded (`methods.sparsify.host`).
+
+`HF_METAGPT_MERGE_CHUNK` sizes the other knob of the CPU weighted sum: elements per chunk
+(`kernels.MERGE_CHUNK` by default; `bench/kernel_scaling.py` measures which is fastest on a machine).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..constants import WORKERS_ENV, env
+from ..constants import MERGE_CHUNK_ENV, WORKERS_ENV, env
 from ..errors import MergeError
 
 #: compute workers at most (memory bandwidth, not cores, bounds a merge well before this)
@@ -65,6 +68,37 @@ def parse_override(value: str | int | None, what: str = WORKERS_ENV) -> int | No
 
 def env_override() -> int | None:
     return parse_override(env(WORKERS_ENV))
+
+
+#: the powers of two `HF_METAGPT_MERGE_CHUNK` may take (elements: 32 KiB to 128 MiB of float64 buffer)
+MERGE_CHUNK_BITS = range(12, 25)
+
+
+def parse_merge_chunk(value: str | None) -> int | None:
+    """Elements per chunk of the CPU weighted sum from `HF_METAGPT_MERGE_CHUNK`, or None when not given.
+
+    A power of two from 2^12 to 2^24, as a number (``65536``) or as ``2^16``; a MergeError naming
+    the setting otherwise. Elementwise arithmetic: the value changes the speed, never the bytes.
+    """
+    if value is None or value.strip() == "":
+        return None
+    text = value.strip()
+    try:
+        n = 1 << int(text[2:]) if text.startswith("2^") else int(text)
+    except (ValueError, OverflowError):
+        n = 0
+    if n < 1 or n & (n - 1) or n.bit_length() - 1 not in MERGE_CHUNK_BITS:
+        lo, hi = MERGE_CHUNK_BITS[0], MERGE_CHUNK_BITS[-1]
+        raise MergeError(f"{MERGE_CHUNK_ENV}={value!r}: the chunk of the weighted sum must be a power of two "
+                         f"from 2^{lo} ({1 << lo}) to 2^{hi} ({1 << hi}) elements.",
+                         hint=f"Use e.g. {MERGE_CHUNK_ENV}=65536 (or 2^16), or unset it for the default "
+                              f"(bench/kernel_scaling.py measures which chunk is fastest on this machine).")
+    return n
+
+
+def merge_chunk_override() -> int | None:
+    """`HF_METAGPT_MERGE_CHUNK` (read once per merge, by `merging.build_kernel`), None when unset."""
+    return parse_merge_chunk(env(MERGE_CHUNK_ENV))
 
 
 def plan_workers(cores: int, free_bytes: int, device: str, override: int | None = None, *,
