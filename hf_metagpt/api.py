@@ -25,7 +25,7 @@ from .engine.plan import MergePlan, build_plan
 from .engine.timeline import Timeline, process_age
 from .engine.workdir import (RECIPE_FILE, OutputDirs, OutputLock, cached_norms, check_output, check_side_files,
                              ledger_key, plan_key, prepare, publish, write_side_files)
-from .constants import TIMELINE_ENV, env
+from .constants import TIMELINE_ENV, TRACE_ENV, env
 from .errors import IntegrityError, MainProcessStopped, MergeError, RecipeError
 from .methods import get_method
 from .methods.base import MergeMethod
@@ -261,6 +261,8 @@ def merge(options: MergeOptions | None = None, *, progress: bool = True,
     result.timeline = _timeline(called, run, marks, world)
     if main and (path := env(TIMELINE_ENV)):
         result.timeline.write(path)
+    if main and (path := env(TRACE_ENV)):
+        result.timeline.write_trace(path)
     return result
 
 

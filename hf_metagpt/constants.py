@@ -32,6 +32,8 @@ MERGE_CHUNK_ENV = "HF_METAGPT_MERGE_CHUNK"
 READAHEAD_ENV = "HF_METAGPT_READAHEAD_MB"
 #: A file a merge writes its time account to, as JSON (`engine.timeline`; unset: none written).
 TIMELINE_ENV = "HF_METAGPT_TIMELINE"
+#: A file a merge writes when each thread worked to, as a Chrome/Perfetto trace (`engine.trace`; unset: none).
+TRACE_ENV = "HF_METAGPT_TRACE"
 #: `hub serve`'s tokens besides --token: USER:TOKEN or TOKEN entries, separated by commas or whitespace.
 HUB_TOKENS_ENV = "HF_METAGPT_HUB_TOKENS"
 

@@ -32,6 +32,7 @@ from .schedule import Schedule, Step, schedule
 from .sinks import Sink
 from .stats import StreamStats
 from .timeline import LoopTimes, run_queue
+from .trace import Span
 
 if TYPE_CHECKING:
     from .distributed import Share
@@ -136,6 +137,11 @@ class Executor:
         self._waits = {"feed_wait": 0.0, "kernel": 0.0, "sink_wait": 0.0}
         self._clock: dict[str, float] = {}
         self._queued: dict[int, float] | None = None  # run-queue seconds of each thread in the loop
+        # The same readings as spans (`trace`): what the main thread did when, by step.
+        self._spans: list[Span] = []
+        self._step = -1  # the step the feed last handed over, counted over both passes
+        self._tid = threading.get_native_id()
+        self._names: dict[int, str] = {}  # the run's threads, named while they exist
 
     # ------------------------------------------------------------------ threads: one owner, one way out
     def run(self) -> RunResult:
@@ -173,7 +179,10 @@ class Executor:
                          cpu_end=clock["cpu_end"], main_cpu=clock["main_cpu"], **self._waits,
                          main_queued=queued.get(threading.get_native_id(), 0.0) if queued is not None else None,
                          readers=self.feed.busy.busy(queued), workers=self.kernel.ctx.workers.busy.busy(queued),
-                         writer=self.sink.busy.busy(queued), writer_sync=self.sink.sync.busy())
+                         writer=self.sink.busy.busy(queued), writer_sync=self.sink.sync.busy(),
+                         spans=(*self._spans, *self.feed.busy.spans("read"), *self.kernel.ctx.workers.busy.spans("job"),
+                                *self.sink.busy.spans("write"), *self.sink.sync.spans("sync")),
+                         main_tid=self._tid, thread_names=self._names)
 
     def _stop(self, *, cancel: bool) -> None:
         """The feed first (a read waiting on a download then fails at once), then compute workers
@@ -199,6 +208,7 @@ class Executor:
 
     def _run(self) -> None:
         queued = run_queue()
+        self._tid = threading.get_native_id()
         start = time.perf_counter()
         self._clock.update(start=start, cpu_start=time.process_time(), main_cpu=time.thread_time())
         try:
@@ -209,6 +219,7 @@ class Executor:
             self.stats.seconds = end - start
             # read while every thread of the run still exists (`_stop` ends them)
             later = run_queue()
+            self._names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
             if queued is not None and later is not None:
                 self._queued = {t: w - queued.get(t, 0.0) for t, w in later.items()}
 
@@ -267,7 +278,7 @@ class Executor:
         def with_base(step: Step) -> bool:
             return kernel.merge_reads_base if step.merge else kernel.reduce_reads_base
 
-        waits = self._waits
+        waits, spans, tid = self._waits, self._spans, self._tid
         clock = time.perf_counter
         for step, raws in self._timed(self.feed.walk(steps, label, with_base, self.progress)):
             if step.reduce:
@@ -281,23 +292,33 @@ class Executor:
             outs = kernel.merge(step.write, raws, step.piece, self.coefs, alloc)
             t2 = clock()
             self.sink.write(step, outs, self.ledger.state() if norms else None)
-            waits["sink_wait"] += clock() - t2 + t1 - t0
+            t3 = clock()
+            waits["sink_wait"] += t3 - t2 + t1 - t0
             waits["kernel"] += t2 - t1
+            n = self._step
+            spans += (Span("sink_wait", tid, t0, t1, n), Span("merge", tid, t1, t2, n), Span("sink_wait", tid, t2, t3, n))
         t0 = clock()
         self.sink.finish(self.ledger.state() if norms else None)
-        waits["sink_wait"] += clock() - t0
+        t1 = clock()
+        waits["sink_wait"] += t1 - t0
+        spans.append(Span("sink_wait", tid, t0, t1, self._step))
 
     def _timed(self, walk: Iterator[tuple[Step, list]]) -> Iterator[tuple[Step, list]]:
         """The feed's walk, adding the main thread's wait for each next piece to `feed_wait`."""
-        waits = self._waits
+        waits, spans, tid = self._waits, self._spans, self._tid
         while True:
             t = time.perf_counter()
             try:
                 item = next(walk)
             except StopIteration:
-                waits["feed_wait"] += time.perf_counter() - t
+                end = time.perf_counter()
+                waits["feed_wait"] += end - t
+                spans.append(Span("feed_wait", tid, t, end, self._step))
                 return
-            waits["feed_wait"] += time.perf_counter() - t
+            end = time.perf_counter()
+            waits["feed_wait"] += end - t
+            self._step += 1
+            spans.append(Span("feed_wait", tid, t, end, self._step))
             yield item
 
     def _reduce(self, step: Step, raws: list) -> list:
@@ -305,4 +326,6 @@ class Executor:
         try:
             return self.kernel.reduce(step.reduce_tensors, raws, step.piece, lambda: self.feed.read_base(step.piece))
         finally:
-            self._waits["kernel"] += time.perf_counter() - t
+            end = time.perf_counter()
+            self._waits["kernel"] += end - t
+            self._spans.append(Span("reduce", self._tid, t, end, self._step))

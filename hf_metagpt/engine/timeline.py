@@ -6,7 +6,9 @@ and changes no byte it writes. Each role keeps a `Meter` (the feed's readers, th
 workers, the sink's writer); the executor splits its own loop into the time it waited for the next
 piece, spent in the kernel, and was held by the sink. `api.merge` adds the process's phases and
 returns a `Timeline` (a value) on `MergeResult.timeline`; `HF_METAGPT_TIMELINE=FILE` writes it as
-JSON, `-v` prints `Timeline.line()` after the summary.
+JSON, `-v` prints `Timeline.line()` after the summary. The same readings are kept as spans (when
+each thread worked, `engine.trace`): the account's "concurrency" says how many threads of each role
+were busy at once, and `HF_METAGPT_TRACE=FILE` writes them as a Chrome/Perfetto trace.
 
 How to read it (docs/hardware.md, "Where the time goes"):
 
@@ -29,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .trace import Span, concurrency, concurrency_line, trace_events, write_trace
 
 #: Version of the JSON layout `Timeline.as_dict` writes.
 TIMELINE_FORMAT = 1
@@ -56,29 +60,40 @@ class Meter:
     """Adds up (wall, CPU) seconds from any thread; read once the threads are done (`busy`).
 
     `list.append` and `set.add` are atomic under the GIL, so threads record without a lock. The
-    meter also notes which threads recorded (their run-queue time is read at the loop's end).
+    meter also notes which threads recorded (their run-queue time is read at the loop's end), and
+    each part's start and thread, so the parts are also spans (`spans`, `engine.trace`) at no
+    extra clock reading.
     """
 
     __slots__ = ("_parts", "threads")
 
     def __init__(self) -> None:
-        self._parts: list[tuple[float, float]] = []
+        # (wall, cpu, start perf_counter or None when not known, native thread id)
+        self._parts: list[tuple[float, float, float | None, int]] = []
         self.threads: set[int] = set()  # native ids of the threads that recorded
 
     def add(self, wall: float, cpu: float) -> None:
-        self._parts.append((wall, cpu))
-        self.threads.add(threading.get_native_id())
+        """A piece of work of this thread whose start is not known (no span)."""
+        tid = threading.get_native_id()
+        self._parts.append((wall, cpu, None, tid))
+        self.threads.add(tid)
 
     def add_since(self, start: tuple[float, float]) -> None:
         """One piece of work of this thread, from `start` (`clocks()` when it began) to now."""
         wall, cpu = start
-        self.add(time.perf_counter() - wall, time.thread_time() - cpu)
+        tid = threading.get_native_id()
+        self._parts.append((time.perf_counter() - wall, time.thread_time() - cpu, wall, tid))
+        self.threads.add(tid)
 
     def busy(self, queued: dict[int, float] | None = None) -> Busy:
         """The sums; `queued`: run-queue seconds by thread over the loop (`run_queue`), summed over this role's."""
         parts = list(self._parts)
         waited = sum(queued.get(t, 0.0) for t in self.threads) if queued is not None else None
-        return Busy(sum(w for w, _ in parts), sum(c for _, c in parts), len(parts), waited)
+        return Busy(sum(p[0] for p in parts), sum(p[1] for p in parts), len(parts), waited)
+
+    def spans(self, name: str) -> list[Span]:
+        """The parts whose start is known, as spans called `name`."""
+        return [Span(name, tid, start, start + wall) for wall, _, start, tid in list(self._parts) if start is not None]
 
 
 def clocks() -> tuple[float, float]:
@@ -114,6 +129,11 @@ class LoopTimes:
     writer: Busy = Busy()
     #: finishing shards: fsync, the progress record, the rename into place
     writer_sync: Busy = Busy()
+    #: when each thread worked (`engine.trace`): every role's parts and the main thread's waits per step
+    spans: tuple[Span, ...] = ()
+    #: the main thread's native id, and the names of the run's threads by native id
+    main_tid: int = 0
+    thread_names: dict[int, str] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -123,6 +143,10 @@ class LoopTimes:
     def other(self) -> float:
         """Main thread, the rest: the schedule, the ledger, progress bars, the λ at the end."""
         return self.seconds - self.feed_wait - self.kernel - self.sink_wait
+
+    def concurrency(self, threads: dict[str, int]) -> dict[str, Any]:
+        """How many threads of each role were busy at once, and when no compute worker was (`engine.trace`)."""
+        return concurrency(self.spans, self.start, self.end, threads, self.main_tid) if self.spans else {}
 
 
 @dataclass(frozen=True)
@@ -177,6 +201,7 @@ class Timeline:
             "busy": {"readers": lp.readers.as_dict(), "workers": lp.workers.as_dict(), "writer": lp.writer.as_dict(),
                      "writer_sync": lp.writer_sync.as_dict()},
             "threads": dict(self.threads),
+            "concurrency": lp.concurrency(self.threads),
             "bytes": {"read": self.bytes_read, "written": self.bytes_written},
             "device": self.device,
             "processes": self.processes,
@@ -189,6 +214,13 @@ class Timeline:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
         return path
+
+    def write_trace(self, path: str | os.PathLike) -> Path:
+        """The loop's spans as a Chrome/Perfetto trace (`engine.trace`; `HF_METAGPT_TRACE`); returns the path."""
+        lp = self.loop
+        events = trace_events(lp.spans, lp.start, lp.thread_names, os.getpid(), lp.main_tid)
+        return write_trace(path, events, {"loop_seconds": _r(lp.seconds), "threads": dict(self.threads),
+                                          "concurrency": lp.concurrency(self.threads)})
 
     def line(self) -> str:
         """One line for the CLI's `-v`: phases, the main thread's split, each role's busy seconds."""
@@ -208,7 +240,7 @@ class Timeline:
                 + ", ".join([role("readers", lp.readers, self.threads.get("readers", 1)),
                              role("workers", lp.workers, self.threads.get("workers", 1)),
                              role("writer", lp.writer, self.threads.get("writers", 1))])
-                + f" (fsync+rename {lp.writer_sync.seconds:.1f})")
+                + f" (fsync+rename {lp.writer_sync.seconds:.1f})" + concurrency_line(lp.concurrency(self.threads)))
 
 
 def run_queue() -> dict[int, float] | None:

@@ -234,7 +234,8 @@ def test_cli_writes_the_timeline_json_and_v_prints_the_line(family, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     d = json.loads(target.read_text())
     assert set(d) == {"format", "units", "wall", "phases", "finish_parts", "cpu", "main_thread", "busy", "threads",
-                      "bytes", "device", "processes", "started_by"}
+                      "concurrency", "bytes", "device", "processes", "started_by"}
+    assert set(d["concurrency"]) == {"readers", "workers", "writer", "no_worker"}
     assert set(d["phases"]) == {"startup", "prepare", "loop", "finish"}
     assert set(d["main_thread"]) == {"feed_wait", "kernel", "sink_wait", "other", "cpu", "queued"}
     assert d["main_thread"]["queued"] >= 0 and d["busy"]["workers"]["queued"] >= 0
