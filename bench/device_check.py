@@ -25,10 +25,12 @@ What it does, in this order, each step skipped rather than run past `--budget` s
    role held the interpreter lock.
 
 Every hf-metagpt run writes its time account (`HF_METAGPT_TIMELINE`, stored in its JSON line as "timeline"),
-and a second table says where the warm runs' time went: phases, each role's busy seconds, the main thread's waits.
+and a second table says where the warm runs' time went: phases, each role's busy seconds, the main thread's waits,
+how many readers and compute workers were busy on average. The first warm run of each hf-metagpt row is
+also traced (`HF_METAGPT_TRACE`): `traces.json`, one process per row, opens in https://ui.perfetto.dev.
 
 Everything goes to `--out` (default $OUT, else bench/results/device-STAMP): `device_check.jsonl` (one JSON
-object per measurement), `device_check.log`, `device_check.md` (the tables), printed last. Exits 0: it
+object per measurement), `device_check.log`, `device_check.md` (the tables), printed last, `traces.json`. Exits 0: it
 reports, the tests judge.
 """
 
@@ -55,6 +57,11 @@ import run as bench  # noqa: E402  (bench/run.py: timed, evict, shard_files, mer
 #: hf-metagpt writes its time account to this file when set (`hf_metagpt.constants.TIMELINE_ENV`;
 #: spelled out: this script never imports the package, so torch stays out of its process)
 TIMELINE_ENV = "HF_METAGPT_TIMELINE"
+#: hf-metagpt writes when each of its threads worked to this file when set (`hf_metagpt.constants.TRACE_ENV`)
+TRACE_ENV = "HF_METAGPT_TRACE"
+#: the first warm run of every hf-metagpt row, traced, as one Chrome/Perfetto file (a process per row): the
+#: device tool brings back at most 8 files, so not one file per row
+TRACES = "traces.json"
 #: megabytes the CLI reads ahead while torch is imported (`hf_metagpt.constants.READAHEAD_ENV`; 0: off)
 READAHEAD_ENV = "HF_METAGPT_READAHEAD_MB"
 
@@ -338,6 +345,11 @@ def measure(chk: Check, row: dict, mode: str, inputs: list[Path], system_drop: b
         env[TIMELINE_ENV] = str(account)
     else:
         env.pop(TIMELINE_ENV, None)
+    trace = chk.out / "trace.json"  # when each thread worked (HF_METAGPT_TRACE): the row's first warm run
+    trace.unlink(missing_ok=True)
+    env.pop(TRACE_ENV, None)
+    if row["tool"] == "hf-metagpt" and mode == "warm" and not row.get("traced"):
+        env[TRACE_ENV] = str(trace)
     run = timed_env(row["name"], row["argv"], env)
     ok = run.ok and any(row["output"].glob("*.safetensors"))
     rec = {"kind": "run", "row": row["name"], "tool": row["tool"], "device": row["device"],
@@ -352,6 +364,8 @@ def measure(chk: Check, row: dict, mode: str, inputs: list[Path], system_drop: b
         except ValueError:
             rec["timeline"] = None
         account.unlink()
+    if trace.exists():
+        row["traced"] = add_trace(chk, row["name"], trace)
     if ok and row["tool"] == "hf-metagpt" and row["granularity"] == "model" and "sha256" not in row:
         row["sha256"] = rec["sha256"] = digest(row["output"])
     row["est"] = max(run.wall_s, 1.0) * 1.15
@@ -360,6 +374,28 @@ def measure(chk: Check, row: dict, mode: str, inputs: list[Path], system_drop: b
             + ("" if ok else f" FAILED {rec['note']}"))
     bench.clear_output(row["output"])
     return rec
+
+
+def add_trace(chk: Check, name: str, trace: Path) -> bool:
+    """One run's trace into `TRACES` under the results (rewritten whole: a cut-short check keeps what it
+    has), as a process of its own named after the row; the run's own file removed."""
+    try:
+        d = json.loads(trace.read_text())
+    except ValueError:
+        return False
+    finally:
+        trace.unlink(missing_ok=True)
+    traces = chk.out / TRACES
+    whole = json.loads(traces.read_text()) if traces.exists() else {"traceEvents": [], "otherData": {}}
+    pid = len(whole["otherData"]) + 1
+    for e in d["traceEvents"]:
+        e["pid"] = pid
+        if e["name"] == "process_name":
+            e["args"] = {"name": f"{name} (warm)"}
+    whole["traceEvents"] += d["traceEvents"]
+    whole["otherData"][name] = d.get("otherData", {})
+    traces.write_text(json.dumps(whole, separators=(",", ":")) + "\n")
+    return True
 
 
 def timed_env(name: str, argv: list[str], env: dict) -> "bench.Run":
@@ -474,8 +510,9 @@ def time_table(chk: Check, rows: list[dict]) -> str:
     lines = ["### where the time went (warm runs, seconds, medians)", "",
              "| run | wall | startup | prepare | loop | finish | outside | loop cores busy | main thread: reads / "
              "kernel / writer / other | readers busy (cpu / queued) ×n | workers busy (cpu / queued) ×n | "
-             "writer busy (cpu / queued), of it fsync+rename |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "writer busy (cpu / queued), of it fsync+rename | threads busy on average: readers / workers "
+             "(no worker busy, s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["tool"] != "hf-metagpt":
             continue
@@ -501,7 +538,9 @@ def time_table(chk: Check, rows: list[dict]) -> str:
         lines.append(f"| {r['name']} | {_f(wall)} | {_f(m(('phases', 'startup')))} | {_f(m(('phases', 'prepare')))} "
                      f"| {_f(m(('phases', 'loop')))} | {_f(m(('phases', 'finish')))} | {_f(outside)} | {_f(cores)} "
                      f"| {main} | {busy('readers', th.get('readers'))} | {busy('workers', th.get('workers'))} "
-                     f"| {busy('writer')}, {_f(m(('busy', 'writer_sync', 'seconds')))} |")
+                     f"| {busy('writer')}, {_f(m(('busy', 'writer_sync', 'seconds')))} "
+                     f"| {_f(m(('concurrency', 'readers', 'mean')), '.2f')} / {_f(m(('concurrency', 'workers', 'mean')), '.2f')} "
+                     f"({_f(m(('concurrency', 'no_worker', 'seconds')))}) |")
     if len(lines) == 4:
         return ""
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,34 @@ def test_no_time_table_without_accounts(dc, tmp_path):
     chk = dc.Check(tmp_path / "results", budget=10)
     rows = _rows(dc, [tmp_path / "b", tmp_path / "t"], tmp_path / "out")
     assert dc.time_table(chk, rows) == ""
+
+
+def test_the_first_warm_run_of_each_row_is_traced_into_one_file(dc, tiny_family, tmp_path):
+    base, fts = tiny_family(n_models=2)
+    models = [base, *fts]
+    inputs = [f for m in models for f in dc.bench.shard_files(m)]
+    chk = dc.Check(tmp_path / "results", budget=300)
+    rows = _rows(dc, models, tmp_path / "out")
+    model, layer = (next(r for r in rows if r["name"] == f"hf-metagpt --device cpu --granularity {g}")
+                    for g in ("model", "layer"))
+    recs = [dc.measure(chk, model, "cold", inputs, False), dc.measure(chk, model, "warm", inputs, False),
+            dc.measure(chk, model, "warm", inputs, False), dc.measure(chk, layer, "warm", inputs, False)]
+    assert all(r["ok"] for r in recs), recs
+    from hf_metagpt.constants import TRACE_ENV
+
+    assert dc.TRACE_ENV == TRACE_ENV
+    assert sorted(p.name for p in chk.out.iterdir()) == ["device_check.jsonl", "device_check.log", "traces.json"]
+    whole = json.loads((chk.out / "traces.json").read_text())
+    # the cold run and the second warm run are not traced: one process per row, named after it
+    assert list(whole["otherData"]) == [model["name"], layer["name"]]
+    names = {e["pid"]: e["args"]["name"] for e in whole["traceEvents"] if e["name"] == "process_name"}
+    assert names == {1: f"{model['name']} (warm)", 2: f"{layer['name']} (warm)"}
+    for pid, rec in ((1, recs[1]), (2, recs[3])):
+        spans = [e for e in whole["traceEvents"] if e["pid"] == pid and e["ph"] == "X"]
+        assert sum(e["name"] == "job" for e in spans) == rec["timeline"]["busy"]["workers"]["count"] > 0
+        assert sum(e["name"] == "write" for e in spans) == rec["timeline"]["busy"]["writer"]["count"] > 0
+        assert whole["otherData"][rec["row"]]["concurrency"]["workers"]["of"] == rec["timeline"]["threads"]["workers"]
+    line = next(x for x in dc.time_table(chk, rows).splitlines() if x.startswith(f"| {layer['name']} |"))
+    c = recs[3]["timeline"]["concurrency"]
+    assert line.endswith(f"| {c['readers']['mean']:.2f} / {c['workers']['mean']:.2f} "
+                         f"({c['no_worker']['seconds']:.1f}) |")
