@@ -141,7 +141,6 @@ class Executor:
         self._spans: list[Span] = []
         self._step = -1  # the step the feed last handed over, counted over both passes
         self._tid = threading.get_native_id()
-        self._names: dict[int, str] = {}  # the run's threads, named while they exist
 
     # ------------------------------------------------------------------ threads: one owner, one way out
     def run(self) -> RunResult:
@@ -175,14 +174,17 @@ class Executor:
     def _times(self) -> LoopTimes:
         """The loop's account, once every thread has stopped."""
         clock, queued = self._clock, self._queued
+        spans, names = list(self._spans), {self._tid: threading.current_thread().name}
+        for name, meter in (("read", self.feed.busy), ("job", self.kernel.ctx.workers.busy), ("write", self.sink.busy),
+                            ("sync", self.sink.sync)):
+            spans += meter.spans(name)
+            names = {**meter.names, **names}
         return LoopTimes(start=clock["start"], end=clock["end"], cpu_start=clock["cpu_start"],
                          cpu_end=clock["cpu_end"], main_cpu=clock["main_cpu"], **self._waits,
                          main_queued=queued.get(threading.get_native_id(), 0.0) if queued is not None else None,
                          readers=self.feed.busy.busy(queued), workers=self.kernel.ctx.workers.busy.busy(queued),
                          writer=self.sink.busy.busy(queued), writer_sync=self.sink.sync.busy(),
-                         spans=(*self._spans, *self.feed.busy.spans("read"), *self.kernel.ctx.workers.busy.spans("job"),
-                                *self.sink.busy.spans("write"), *self.sink.sync.spans("sync")),
-                         main_tid=self._tid, thread_names=self._names)
+                         spans=tuple(spans), main_tid=self._tid, thread_names=names)
 
     def _stop(self, *, cancel: bool) -> None:
         """The feed first (a read waiting on a download then fails at once), then compute workers
@@ -219,7 +221,6 @@ class Executor:
             self.stats.seconds = end - start
             # read while every thread of the run still exists (`_stop` ends them)
             later = run_queue()
-            self._names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
             if queued is not None and later is not None:
                 self._queued = {t: w - queued.get(t, 0.0) for t, w in later.items()}
 

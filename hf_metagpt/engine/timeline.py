@@ -65,25 +65,32 @@ class Meter:
     extra clock reading.
     """
 
-    __slots__ = ("_parts", "threads")
+    __slots__ = ("_parts", "threads", "names")
 
     def __init__(self) -> None:
         # (wall, cpu, start perf_counter or None when not known, native thread id)
         self._parts: list[tuple[float, float, float | None, int]] = []
         self.threads: set[int] = set()  # native ids of the threads that recorded
+        #: their names (a pool's threads may be gone when the trace is written)
+        self.names: dict[int, str] = {}
 
     def add(self, wall: float, cpu: float) -> None:
         """A piece of work of this thread whose start is not known (no span)."""
         tid = threading.get_native_id()
         self._parts.append((wall, cpu, None, tid))
-        self.threads.add(tid)
+        self._seen(tid)
 
     def add_since(self, start: tuple[float, float]) -> None:
         """One piece of work of this thread, from `start` (`clocks()` when it began) to now."""
         wall, cpu = start
         tid = threading.get_native_id()
         self._parts.append((time.perf_counter() - wall, time.thread_time() - cpu, wall, tid))
-        self.threads.add(tid)
+        self._seen(tid)
+
+    def _seen(self, tid: int) -> None:
+        if tid not in self.threads:
+            self.names[tid] = threading.current_thread().name
+            self.threads.add(tid)
 
     def busy(self, queued: dict[int, float] | None = None) -> Busy:
         """The sums; `queued`: run-queue seconds by thread over the loop (`run_queue`), summed over this role's."""

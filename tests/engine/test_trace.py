@@ -103,6 +103,11 @@ def test_the_trace_has_the_timelines_counts_and_one_threads_spans_never_overlap(
     assert sum(e["dur"] for e in steps) / 1e6 == pytest.approx(lp.feed_wait, abs=1e-4 * len(steps))
     names = [e for e in events if e["ph"] == "M" and e["name"] == "thread_name"]
     assert names[0]["args"]["name"] == "MainThread"  # first
+    # every thread named, also the writer's, whose pool ends inside the loop (the last writes)
+    named = {e["tid"]: e["args"]["name"] for e in names}
+    assert {named[e["tid"]].rstrip("_0123456789") for e in _spans(events, "write")} == {"hf-metagpt-write"}
+    assert all(named[e["tid"]] == "MainThread" or named[e["tid"]].startswith("hf-metagpt-read")
+               for e in _spans(events, "read"))
     by_thread: dict[tuple, list] = {}
     for e in events:
         if e["ph"] == "X":
