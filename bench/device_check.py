@@ -9,15 +9,18 @@ What it does, in this order, each step skipped rather than run past `--budget` s
 2. installs mergekit from wheels in `.whl/` into a private folder when it is not importable (the device
    tool carries them; see bench/README.md), or uses `--mergekit-exe` / `bench/.venv-mergekit`;
 3. merges a small family with every deterministic method on the CPU and on CUDA and compares the bytes
-   (`tests/methods/test_cuda.py`'s cases; the largest difference in output ulps where they differ);
+   (`tests/methods/test_cuda.py`'s cases; the largest difference in output ulps where they differ), the
+   fused-kernel cases also with GPU staging on (`HF_METAGPT_GPU_STAGING=1`, engine/staging.py);
 4. takes the read+write floor cold (the inputs evicted from the page cache with posix_fadvise, the
    libraries left cached; `--drop-caches` drops the whole page cache instead, the interpreter's and
    torch's files too) and warm (inputs in the page cache);
 5. times hf-metagpt on CPU and CUDA × model and layer granularity, and mergekit 0.1.5 task_arithmetic on CPU,
    `--cuda` and `--gpu-rich --async-write`, each cold then warm (wall, user/sys CPU, peak RSS), and
-   compares the bytes of the 1.1B MetaGPT output of CPU and CUDA; then repeats the rows while time is left,
+   compares the bytes of the 1.1B MetaGPT output of CPU and CUDA; the CUDA layer merge with GPU staging
+   on (its bytes against the plain CUDA run's); then repeats the rows while time is left,
    so the table shows medians where the budget allowed more than one run.
-6. last, at low priority (warm only, each skipped when it does not fit): the CPU model merge with `--workers 4`
+6. last, at low priority (warm only, each skipped when it does not fit): the CUDA model merge with GPU
+   staging on; the CPU model merge with `--workers 4`
    and with `--num-processes 4` (same bytes as the default run?), to learn whether processes scale where
    threads do not; and, cold only, the CPU layer merge with the start-up read-ahead off
    (`HF_METAGPT_READAHEAD_MB=0`); after that first round (before the repeats), the warm CPU layer merge once
@@ -64,6 +67,10 @@ TRACE_ENV = "HF_METAGPT_TRACE"
 TRACES = "traces.json"
 #: megabytes the CLI reads ahead while torch is imported (`hf_metagpt.constants.READAHEAD_ENV`; 0: off)
 READAHEAD_ENV = "HF_METAGPT_READAHEAD_MB"
+#: `1`: a GPU merge copies pieces on the reader thread from pinned buffers (`hf_metagpt.constants.GPU_STAGING_ENV`)
+GPU_STAGING_ENV = "HF_METAGPT_GPU_STAGING"
+#: methods whose CUDA merge runs the fused GPU kernel, the one GPU staging changes (`merging.GpuFusedKernel`)
+FUSED_METHODS = ("metagpt", "linear", "task_arithmetic")
 
 #: Seconds a row is assumed to take before it has run once (per GB of input), and kept in reserve.
 FIRST_GUESS_S_PER_GB = 4.0
@@ -254,6 +261,14 @@ def bytes_only(result: Path, budget: float) -> int:
                     row[f"{device}_s"] = round(time.perf_counter() - t, 2)
                     outs[device] = out
                 row["identical"] = bool(row["cpu"]) and row["cpu"] == row["cuda"]
+                if case[1] in FUSED_METHODS:  # the same merge with GPU staging on (engine/staging.py)
+                    os.environ[GPU_STAGING_ENV] = "1"
+                    try:
+                        staged = mod.merge_digest(base, fts, Path(tmp) / f"{case[0]}-staged", case, "cuda")
+                    finally:
+                        os.environ.pop(GPU_STAGING_ENV, None)
+                    row["staged_identical"] = staged == row["cpu"]
+                    row["identical"] = row["identical"] and row["staged_identical"]
                 if not row["identical"]:
                     a = {k: v for f in sorted(outs["cpu"].glob("model*.safetensors")) for k, v in load_file(f).items()}
                     b = {k: v for f in sorted(outs["cuda"].glob("model*.safetensors")) for k, v in load_file(f).items()}
@@ -309,6 +324,20 @@ def rows_for(models: list[Path], out_root: Path, cuda: bool, mk: tuple[list[str]
                      "argv": (prefix or ["mergekit-yaml"]) + [cfg, str(out), *bench.MERGEKIT_FLAGS, *flags],
                      "env": mk_env,
                      "skip": version if prefix is None else ("no CUDA" if needs_cuda and not cuda else "")})
+    # GPU staging (engine/staging.py, off by default until measured): the CUDA layer row with the
+    # pieces copied on the reader thread from pinned buffers; its bytes against the plain CUDA run's.
+    plain = next(r for r in rows if r["device"] == "cuda" and r["granularity"] == "layer")
+    plain["digest"] = True
+    for gran, low in (("layer", False), ("model", True)):
+        out = out_root / f"hf-cuda-{gran}-staged"
+        rows.append({"name": f"hf-metagpt --device cuda --granularity {gran}, {GPU_STAGING_ENV}=1", "tool": "hf-metagpt",
+                     "device": "cuda", "granularity": gran, "output": out, "digest": True, "low": low,
+                     "same_as": next(r["name"] for r in rows if r["device"] == "cuda" and r["granularity"] == gran
+                                     and r["tool"] == "hf-metagpt"),
+                     **({"modes": ("warm",)} if low else {}),
+                     "argv": py + ["merge", "--base", str(models[0]), *map(str, models[1:]), "--output", str(out),
+                                   "--granularity", gran, "--device", "cuda", "--overwrite", "-q"],
+                     "env": {"PYTHONPATH": str(REPO_DIR), GPU_STAGING_ENV: "1"}, "skip": "" if cuda else "no CUDA"})
     # Low priority, warm only, after every other row: do processes scale where threads do not?
     for label, flags in (("--workers 4", ["--workers", "4"]), ("--num-processes 4", ["--num-processes", "4"])):
         out = out_root / f"hf-cpu-model-{flags[0].strip('-')}"
@@ -366,7 +395,7 @@ def measure(chk: Check, row: dict, mode: str, inputs: list[Path], system_drop: b
         account.unlink()
     if trace.exists():
         row["traced"] = add_trace(chk, row["name"], trace)
-    if ok and row["tool"] == "hf-metagpt" and row["granularity"] == "model" and "sha256" not in row:
+    if ok and row["tool"] == "hf-metagpt" and (row["granularity"] == "model" or row.get("digest")) and "sha256" not in row:
         row["sha256"] = rec["sha256"] = digest(row["output"])
     row["est"] = max(run.wall_s, 1.0) * 1.15
     chk.record(**rec)
@@ -485,6 +514,12 @@ def table(chk: Check, rows: list[dict], meta: dict) -> str:
         if r.get("low") and r.get("sha256") and shas.get("cpu"):
             extra.append(f"{r['name']}: " + ("the same bytes as" if r["sha256"] == shas["cpu"] else "OTHER bytes than")
                          + " the default CPU run")
+    named = {r["name"]: r for r in rows}
+    for r in rows:
+        other = named.get(r.get("same_as", ""))
+        if other is not None and r.get("sha256") and other.get("sha256"):
+            extra.append(f"{r['name']}: " + ("the same bytes as" if r["sha256"] == other["sha256"] else "OTHER bytes than")
+                         + f" {other['name']}")
     by = [r for r in recs if r.get("kind") == "bytes"]
     if by and not by[0].get("skipped") == "no CUDA":
         same = [r["case"] for r in by if r.get("identical") is True]

@@ -418,7 +418,7 @@ def build_executor(shape: RunShape, the_plan: MergePlan, method: MergeMethod, wo
                               processes=shape.processes)
         unit = unit_bytes()
         feed = PieceFeed(the_plan, sources, files, unit, local=shape.files == "local",
-                         readers=readers(device, shape.processes))
+                         readers=readers(device, shape.processes), stager=kernel.stager)
         if shape.output == "adapter":
             from .engine.adapter_output import AdapterKernel, AdapterSink, check_lora_output
 

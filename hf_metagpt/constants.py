@@ -34,6 +34,9 @@ READAHEAD_ENV = "HF_METAGPT_READAHEAD_MB"
 TIMELINE_ENV = "HF_METAGPT_TIMELINE"
 #: A file a merge writes when each thread worked to, as a Chrome/Perfetto trace (`engine.trace`; unset: none).
 TRACE_ENV = "HF_METAGPT_TRACE"
+#: `1`: a GPU merge copies each piece to the device on the reader thread, from page-locked read
+#: buffers (`engine.staging`); off by default until measured on a GPU machine.
+GPU_STAGING_ENV = "HF_METAGPT_GPU_STAGING"
 #: `hub serve`'s tokens besides --token: USER:TOKEN or TOKEN entries, separated by commas or whitespace.
 HUB_TOKENS_ENV = "HF_METAGPT_HUB_TOKENS"
 

@@ -72,6 +72,7 @@ class AdapterKernel(MergeKernel):
         self.threaded = inner.threaded
         self.precision = inner.precision
         self.reduce_reads_base = inner.reduce_reads_base
+        self.stager = inner.stager
         # the base's weights only for modules saved whole (merged through the method path)
         self.merge_reads_base = any(s.saves_whole_tensors for s in inner.ctx.sources)
 

@@ -28,6 +28,7 @@ from .pieces import Piece, piece_bytes, piece_metas, split_group
 from .plan import MergePlan
 from .reader import DIRECT_SLACK, BufferPool
 from .schedule import Schedule, Step, last_reads, piece_key, read_once
+from .staging import Stager
 from .tasks import TaskSource, advise_metas, read_metas
 from .timeline import Meter, clocks
 
@@ -95,10 +96,12 @@ class PieceFeed:
         readers: threads reading one piece's inputs side by side (local files only; `sizing`):
             each input's bytes go to their own place in the pooled buffer, so the piece is the
             same whatever the count.
+        stager: copies each piece read to the GPU on the reading thread (`staging`), from
+            page-locked pooled buffers; None: the kernel copies what it needs.
     """
 
     def __init__(self, plan: MergePlan, sources: Sequence[TaskSource], files: FileProvider, unit: int, *,
-                 local: bool, readers: int = 1) -> None:
+                 local: bool, readers: int = 1, stager: Stager | None = None) -> None:
         self.plan = plan
         self.sources = tuple(sources)
         self.files = files
@@ -106,7 +109,9 @@ class PieceFeed:
         self.local = local
         self.counts = FeedCounts()
         self.busy = Meter()
-        self.pool = BufferPool(slots=2, keep=unit)  # one piece in use, the next one being read
+        self.stager = stager
+        # one piece in use, the next one being read (page-locked when staged to a GPU)
+        self.pool = BufferPool(slots=2, keep=unit, pinned=stager is not None and stager.pinned)
         self._reader: ThreadPoolExecutor | None = None
         self.readers = max(1, readers) if local else 1
         self._parts: ThreadPoolExecutor | None = None
@@ -257,6 +262,10 @@ class PieceFeed:
                 raws[src.index], n = src.read(piece)
                 busy.add_since(start)
                 counts.bytes_read += n
+        if self.stager is not None:  # the device copies, on this reading thread (counted as reading)
+            start = clocks()
+            self.stager.stage(raws)
+            busy.add_since(start)
         return raws
 
 

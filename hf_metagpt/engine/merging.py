@@ -39,6 +39,7 @@ from . import kernels
 from .pieces import Piece
 from .plan import MergePlan, TensorPlan
 from .sinks import Alloc, fresh
+from .staging import Stager, device_view, spans, staging_enabled
 from .fetch import FileProvider
 from .tasks import AdapterSource, TaskSource, as_f32
 from .timeline import Meter, clocks
@@ -177,6 +178,8 @@ class MergeKernel:
     fused = False
     #: merging reads the base's weights with the piece
     merge_reads_base = True
+    #: copies each piece to the device on the feed's reader thread (`staging`; GPU only), or None
+    stager: Stager | None = None
 
     def __init__(self, ctx: KernelContext) -> None:
         self.ctx = ctx
@@ -388,41 +391,35 @@ class GpuFusedKernel(FusedKernel):
     def one_torch_thread(self) -> bool:
         return True  # the host side of a GPU run: copies and bookkeeping
 
+    def __init__(self, ctx: KernelContext) -> None:
+        super().__init__(ctx)
+        #: copies pieces to the device on the reader thread (`staging`; HF_METAGPT_GPU_STAGING=1)
+        self.stager = Stager(ctx.device) if staging_enabled() else None
+
     def _upload(self, raws: Raws, names: Sequence[str]) -> Raws:
-        """The piece's tensors on the GPU: one copy per contiguous span of a pooled buffer."""
+        """The piece's tensors on the GPU: staged by the reader thread (`staging`), else one copy
+        per contiguous span of a pooled buffer now."""
         device = self.ctx.device
-        spans: dict[int, list] = {}
+        stager = self.stager
+        staged: list[dict | None] = []
         for raw in raws:
-            if raw is None:
-                continue
-            for name in names:
-                t = raw[name]
-                if not t.is_contiguous() or t.device.type != "cpu":
-                    continue
-                st = t.untyped_storage()
-                lo = t.storage_offset() * t.element_size()
-                hi = lo + t.numel() * t.element_size()
-                span = spans.setdefault(st.data_ptr(), [st, lo, hi])
-                span[1], span[2] = min(span[1], lo), max(span[2], hi)
-        gpu = {}
-        for key, (st, lo, hi) in spans.items():
-            host = torch.empty(0, dtype=torch.uint8).set_(st, lo, (hi - lo,))
-            gpu[key] = (host.to(device), lo)
+            found = stager.lookup(raw) if stager is not None and raw is not None else None
+            if stager is not None and raw is not None:
+                stager.count(found is not None)
+            staged.append(found)
+        todo = [raw for raw, found in zip(raws, staged) if found is None]
+        gpu = {key: (torch.empty(0, dtype=torch.uint8).set_(st, lo, (hi - lo,)).to(device), lo)
+               for key, (st, lo, hi) in spans(todo, names).items()}
         out: Raws = []
-        for raw in raws:
+        for raw, found in zip(raws, staged):
             if raw is None:
                 out.append(None)
                 continue
             moved = {}
             for name in names:
                 t = raw[name]
-                key = t.untyped_storage().data_ptr() if t.device.type == "cpu" else None
-                if key in gpu and t.is_contiguous():
-                    g, base = gpu[key]
-                    lo = t.storage_offset() * t.element_size() - base
-                    moved[name] = g[lo: lo + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-                else:
-                    moved[name] = t.to(device)
+                g = device_view(t, found if found is not None else gpu)
+                moved[name] = g if g is not None else t.to(device)
             out.append(moved)
         return out
 

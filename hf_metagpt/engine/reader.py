@@ -45,6 +45,8 @@ class BufferPool:
 
     slots: int = 2
     keep: int = 0
+    #: page-locked buffers (a GPU run's `staging`: host→device copies at the bus's speed)
+    pinned: bool = False
     _buffers: dict[int, torch.Tensor] = field(default_factory=dict)
     _turn: int = 0
 
@@ -55,7 +57,7 @@ class BufferPool:
         limit = max(nbytes, self.keep)
         if buf is None or buf.numel() < nbytes or buf.numel() > limit + limit // 4 + (1 << 20):
             self._buffers.pop(turn, None)
-            buf = self._buffers[turn] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            buf = self._buffers[turn] = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pinned)
         return buf[:nbytes]
 
 

@@ -26,10 +26,13 @@ def test_low_priority_rows_come_last_warm_only(dc, tmp_path):
     models = [tmp_path / n for n in ("base", "task_a", "task_b")]
     rows = _rows(dc, models, tmp_path / "out")
     low = [r for r in rows if r.get("low")]
-    assert [r["name"] for r in low] == ["hf-metagpt --device cpu --granularity model --workers 4",
+    assert [r["name"] for r in low] == ["hf-metagpt --device cuda --granularity model, HF_METAGPT_GPU_STAGING=1",
+                                        "hf-metagpt --device cpu --granularity model --workers 4",
                                         "hf-metagpt --device cpu --granularity model --num-processes 4",
                                         "hf-metagpt --device cpu --granularity layer, HF_METAGPT_READAHEAD_MB=0"]
-    assert rows[-3:] == low and all(r["modes"] == ("warm",) and not r["skip"] for r in low[:2])
+    assert rows[-4:] == low and all(r["modes"] == ("warm",) for r in low[:3])
+    assert low[0]["skip"] == "no CUDA" and not any(r["skip"] for r in low[1:])
+    low = low[1:]
     assert low[2]["modes"] == ("cold",) and low[2]["env"]["HF_METAGPT_READAHEAD_MB"] == "0"
     from hf_metagpt.constants import READAHEAD_ENV
 
@@ -100,3 +103,24 @@ def test_the_first_warm_run_of_each_row_is_traced_into_one_file(dc, tiny_family,
     c = recs[3]["timeline"]["concurrency"]
     assert line.endswith(f"| {c['readers']['mean']:.2f} / {c['workers']['mean']:.2f} "
                          f"({c['no_worker']['seconds']:.1f}) |")
+
+
+def test_the_gpu_staging_rows_compare_their_bytes_with_the_plain_cuda_rows(dc, tmp_path):
+    """GPU staging (engine/staging.py) is timed beside the plain CUDA merge and its bytes compared."""
+    from hf_metagpt.constants import GPU_STAGING_ENV
+
+    assert dc.GPU_STAGING_ENV == GPU_STAGING_ENV
+    models = [tmp_path / n for n in ("base", "task_a", "task_b")]
+    rows = {r["name"]: r for r in _rows(dc, models, tmp_path / "out")}
+    staged = rows["hf-metagpt --device cuda --granularity layer, HF_METAGPT_GPU_STAGING=1"]
+    plain = rows[staged["same_as"]]
+    assert plain["name"] == "hf-metagpt --device cuda --granularity layer" and plain["digest"] and staged["digest"]
+    assert staged["env"][GPU_STAGING_ENV] == "1" and GPU_STAGING_ENV not in plain["env"]
+    assert staged["argv"][staged["argv"].index("--device") + 1] == "cuda" and not staged.get("low")
+    staged["sha256"], plain["sha256"] = "a", "a"
+    chk = dc.Check(tmp_path / "res", 10)
+    text = dc.table(chk, list(rows.values()), {"title": "t", "machine_line": "m"})
+    assert f"- {staged['name']}: the same bytes as {plain['name']}" in text
+    staged["sha256"] = "b"
+    text = dc.table(chk, list(rows.values()), {"title": "t", "machine_line": "m"})
+    assert f"- {staged['name']}: OTHER bytes than {plain['name']}" in text
