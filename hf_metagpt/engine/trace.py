@@ -148,8 +148,9 @@ def trace_events(spans: Sequence[Span], start: float, names: dict[int, str], pid
                        "args": {"name": names.get(tid, f"thread {tid}")}})
         events.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid, "args": {"sort_index": i}})
     for sp in sorted(spans, key=lambda sp: (sp.start, -sp.end)):
-        ev = {"name": sp.name, "ph": "X", "ts": round((sp.start - start) * 1e6, 1),
-              "dur": round((sp.end - sp.start) * 1e6, 1), "pid": pid, "tid": sp.tid}
+        # both ends rounded, so a span inside another stays inside it (the viewers need proper nesting)
+        ts, te = round((sp.start - start) * 1e6, 1), round((sp.end - start) * 1e6, 1)
+        ev = {"name": sp.name, "ph": "X", "ts": ts, "dur": round(te - ts, 1), "pid": pid, "tid": sp.tid}
         if sp.step >= 0:
             ev["args"] = {"step": sp.step}
         events.append(ev)

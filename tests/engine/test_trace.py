@@ -17,7 +17,7 @@ import pytest
 import hf_metagpt
 from hf_metagpt.constants import TIMELINE_ENV, TRACE_ENV
 from hf_metagpt.engine.merging import FusedKernel
-from hf_metagpt.engine.trace import Span, busy_threads, concurrency, idle_stretches, main_during
+from hf_metagpt.engine.trace import Span, busy_threads, concurrency, idle_stretches, main_during, trace_events
 from hf_metagpt.engine.writer import ShardWriter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -199,3 +199,23 @@ def test_cli_writes_the_trace_and_v_says_how_busy_the_threads_were(family, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "plain", "timeline.json", "trace.json"]
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.safetensors")} == {
         p.name: p.read_bytes() for p in (tmp_path / "plain").glob("*.safetensors")}
+
+
+def test_trace_events_keep_nested_spans_nested_after_rounding():
+    import random
+
+    rng = random.Random(0)
+    spans = []
+    for i in range(2000):  # a parent and a child inside it, ends a fraction of the rounding apart
+        s = rng.uniform(0, 1e-3)
+        e = s + rng.uniform(0, 1e-6)
+        cs = rng.uniform(s, e)
+        spans += [Span("merge", i, s, e), Span("job", i, cs, rng.uniform(cs, e))]
+    events = [e for e in trace_events(spans, 0.0, {}, 1) if e["ph"] == "X"]
+    assert len(events) == 4000 and events[0]["pid"] == 1
+    by_tid = {}
+    for ev in events:
+        by_tid.setdefault(ev["tid"], []).append(ev)
+    for parent, child in by_tid.values():  # the parent first (sorted by start, the longer first)
+        assert (parent["name"], child["name"]) == ("merge", "job")
+        assert parent["ts"] <= child["ts"] and child["ts"] + child["dur"] <= parent["ts"] + parent["dur"] + 1e-6
