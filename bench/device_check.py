@@ -11,6 +11,9 @@ What it does, in this order, each step skipped rather than run past `--budget` s
 3. merges a small family with every deterministic method on the CPU and on CUDA and compares the bytes
    (`tests/methods/test_cuda.py`'s cases; the largest difference in output ulps where they differ), the
    fused-kernel cases also with GPU staging on (`HF_METAGPT_GPU_STAGING=1`, engine/staging.py);
+   then the kernel scaling sweep (bench/kernel_scaling.py, ~30 s; `--small` for a fixture under 1 GB): the
+   engine's CPU jobs on 1..16 threads and merge chunks 2^14..2^20 beside a memory-bandwidth reference
+   (`kernel_scaling.json`, its table in the report);
 4. takes the read+write floor cold (the inputs evicted from the page cache with posix_fadvise, the
    libraries left cached; `--drop-caches` drops the whole page cache instead, the interpreter's and
    torch's files too) and warm (inputs in the page cache);
@@ -23,7 +26,9 @@ What it does, in this order, each step skipped rather than run past `--budget` s
    staging on; the CPU model merge with `--workers 4`
    and with `--num-processes 4` (same bytes as the default run?), to learn whether processes scale where
    threads do not; and, cold only, the CPU layer merge with the start-up read-ahead off
-   (`HF_METAGPT_READAHEAD_MB=0`); after that first round (before the repeats), the warm CPU layer merge once
+   (`HF_METAGPT_READAHEAD_MB=0`); warm only, the CPU layer merge with `HF_METAGPT_MERGE_CHUNK` set to the
+   sweep's fastest chunk at the most threads, when that is not the default (same bytes as the default run?);
+   after that first round (before the repeats), the warm CPU layer merge once
    more under py-spy `--gil` (bench/gil_profile.py; py-spy from PATH or a wheel in `.whl/`): the seconds each
    role held the interpreter lock.
 
@@ -71,6 +76,11 @@ READAHEAD_ENV = "HF_METAGPT_READAHEAD_MB"
 GPU_STAGING_ENV = "HF_METAGPT_GPU_STAGING"
 #: methods whose CUDA merge runs the fused GPU kernel, the one GPU staging changes (`merging.GpuFusedKernel`)
 FUSED_METHODS = ("metagpt", "linear", "task_arithmetic")
+#: elements per chunk of the CPU weighted sum (`hf_metagpt.constants.MERGE_CHUNK_ENV`)
+MERGE_CHUNK_ENV = "HF_METAGPT_MERGE_CHUNK"
+#: seconds of rows the kernel scaling sweep may start (bench/kernel_scaling.py --budget), and its margin
+#: for starting torch and making its data
+SCALING_S, SCALING_MARGIN_S = 25.0, 15.0
 
 #: Seconds a row is assumed to take before it has run once (per GB of input), and kept in reserve.
 FIRST_GUESS_S_PER_GB = 4.0
@@ -298,11 +308,46 @@ def _ulps(a, b) -> int:
     return int((ia - ib).abs().max()) if ia.numel() else 0
 
 
+def kernel_scaling(chk: Check, small: bool) -> tuple[str, int | None]:
+    """bench/kernel_scaling.py in a subprocess (~30 s; `--small`: seconds): its JSON kept as kernel_scaling.json.
+
+    Returns its markdown table ("" when skipped or failed) and the fastest merge chunk at the most threads
+    when that is not the default (None otherwise): the chunk the low-priority chunk row merges with."""
+    if not chk.fits(SCALING_S + SCALING_MARGIN_S):
+        chk.log(f"skip kernel scaling: {SCALING_S + SCALING_MARGIN_S:.0f} s would not fit in {chk.left():.0f} s left")
+        chk.record(kind="kernel_scaling", skipped="budget")
+        return "", None
+    res = chk.out / "kernel_scaling.json"
+    argv = [sys.executable, str(BENCH_DIR / "kernel_scaling.py"), "--out", str(res), "--budget", str(SCALING_S)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_DIR), os.environ.get("PYTHONPATH", "")]))
+    t = time.perf_counter()
+    try:
+        r = subprocess.run(argv + (["--small"] if small else []), env=env, capture_output=True, text=True,
+                           timeout=SCALING_S + SCALING_MARGIN_S + 30)
+        note = "" if r.returncode == 0 else f"exit {r.returncode}: {r.stderr[-300:]}"
+    except subprocess.TimeoutExpired:
+        note = "timed out"
+    rep = json.loads(res.read_text()) if res.exists() and not note else None
+    if rep is None:
+        chk.log(f"kernel scaling failed: {note or 'no JSON'}")
+        chk.record(kind="kernel_scaling", skipped=note or "no JSON")
+        return "", None
+    best = rep.get("best") or {}
+    chk.record(kind="kernel_scaling", wall_s=round(time.perf_counter() - t, 1), bit_identical=rep["bit_identical"],
+               best=best, skipped_rows=len(rep["skipped"]), elements=rep["elements"])
+    chk.log(f"kernel scaling: {time.perf_counter() - t:.1f} s, bit-identical {rep['bit_identical']}, best {best}")
+    chunk = best.get("chunk")
+    return rep["table"], chunk if chunk and chunk != best.get("default_chunk") else None
+
+
 # --------------------------------------------------------------------------- timed rows
 
 
-def rows_for(models: list[Path], out_root: Path, cuda: bool, mk: tuple[list[str] | None, dict, str]) -> list[dict]:
-    """The table's rows: name, argv, env, output folder, and why it is skipped (if it is)."""
+def rows_for(models: list[Path], out_root: Path, cuda: bool, mk: tuple[list[str] | None, dict, str],
+             merge_chunk: int | None = None) -> list[dict]:
+    """The table's rows: name, argv, env, output folder, and why it is skipped (if it is).
+
+    `merge_chunk`: the kernel scaling sweep's fastest chunk, when not the default: one more low-priority row."""
     py = [sys.executable, "-m", "hf_metagpt"]
     rows = []
     for device in ("cpu", "cuda"):
@@ -354,7 +399,24 @@ def rows_for(models: list[Path], out_root: Path, cuda: bool, mk: tuple[list[str]
                  "argv": py + ["merge", "--base", str(models[0]), *map(str, models[1:]), "--output", str(out),
                                "--granularity", "layer", "--device", "cpu", "--overwrite", "-q"],
                  "env": {"PYTHONPATH": str(REPO_DIR), READAHEAD_ENV: "0"}, "skip": ""})
+    if merge_chunk:
+        rows.append(chunk_row(rows, models, out_root, merge_chunk))
     return rows
+
+
+def chunk_row(rows: list[dict], models: list[Path], out_root: Path, merge_chunk: int) -> dict:
+    """Low priority, warm only: the CPU layer merge with HF_METAGPT_MERGE_CHUNK at the sweep's fastest chunk,
+    its bytes compared with the default CPU layer row's (both digested)."""
+    default = next(r for r in rows if r["tool"] == "hf-metagpt" and r["device"] == "cpu"
+                   and r["granularity"] == "layer" and not r.get("low"))
+    default["digest"] = True
+    out = out_root / "hf-cpu-layer-chunk"
+    argv = list(default["argv"])
+    argv[argv.index("--output") + 1] = str(out)
+    return {"name": f"hf-metagpt --device cpu --granularity layer, {MERGE_CHUNK_ENV}={merge_chunk}",
+            "tool": "hf-metagpt", "device": "cpu", "granularity": "layer", "output": out, "low": True,
+            "modes": ("warm",), "argv": argv, "digest": True, "same_as": default["name"],
+            "env": {"PYTHONPATH": str(REPO_DIR), MERGE_CHUNK_ENV: str(merge_chunk)}, "skip": ""}
 
 
 def measure(chk: Check, row: dict, mode: str, inputs: list[Path], system_drop: bool) -> dict | None:
@@ -641,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mergekit-exe", default=None, help="mergekit-yaml to time (default: .whl wheels or the bench venv)")
     p.add_argument("--workers", type=int, default=None, help="make_fixture.py processes (default: one per core)")
     p.add_argument("--no-mergekit", action="store_true")
+    p.add_argument("--no-kernel-scaling", action="store_true", help="skip the kernel scaling sweep")
     p.add_argument("--bytes-only", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.bytes_only:
@@ -689,8 +752,9 @@ def main(argv: list[str] | None = None) -> int:
     mk = (None, {}, "--no-mergekit") if args.no_mergekit else mergekit_exe(chk, args.mergekit_exe)
     chk.log(f"mergekit: {mk[2]}")
     bytes_check(chk, cuda, min(args.bytes_budget, max(0.0, chk.left() * 0.2)))
+    scaling, chunk = ("", None) if args.no_kernel_scaling else kernel_scaling(chk, small=in_gb < 1.0)
 
-    rows = rows_for(models, out_root, cuda, mk)
+    rows = rows_for(models, out_root, cuda, mk, chunk)
     # One write of the output's size first: the first write into fresh pages measures the VM, not the disk.
     floor(inputs[:1], out_bytes, out_root / "floor")
     gil = ""
@@ -716,6 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     times = time_table(chk, rows)
     text += ("\n" + times) if times else ""
     text += ("\n" + gil) if gil else ""
+    text += ("\n" + scaling) if scaling else ""
     (out / "device_check.md").write_text(text)
     chk.log(f"done in {time.monotonic() - chk.t0:.0f} s; results in {out}")
     print()

@@ -124,3 +124,61 @@ def test_the_gpu_staging_rows_compare_their_bytes_with_the_plain_cuda_rows(dc, t
     staged["sha256"] = "b"
     text = dc.table(chk, list(rows.values()), {"title": "t", "machine_line": "m"})
     assert f"- {staged['name']}: OTHER bytes than {plain['name']}" in text
+
+
+def test_the_chunk_row_comes_last_and_merges_like_the_default_layer_row(dc, tmp_path):
+    from hf_metagpt.constants import MERGE_CHUNK_ENV
+
+    models = [tmp_path / n for n in ("base", "task_a", "task_b")]
+    assert dc.MERGE_CHUNK_ENV == MERGE_CHUNK_ENV
+    plain = _rows(dc, models, tmp_path / "out")
+    rows = dc.rows_for(models, tmp_path / "out", False, (None, {}, "no mergekit"), 1 << 16)
+    assert [r["name"] for r in rows[:-1]] == [r["name"] for r in plain]
+    row, default = rows[-1], next(r for r in rows if r["name"] == "hf-metagpt --device cpu --granularity layer")
+    assert row["name"] == "hf-metagpt --device cpu --granularity layer, HF_METAGPT_MERGE_CHUNK=65536"
+    assert row["low"] and row["modes"] == ("warm",) and row["env"][MERGE_CHUNK_ENV] == "65536"
+    assert row["same_as"] == default["name"] and row["digest"] and default["digest"]
+    i = default["argv"].index("--output")
+    assert row["argv"][:i + 1] == default["argv"][:i + 1] and row["argv"][i + 2:] == default["argv"][i + 2:]
+    assert row["argv"][i + 1] == str(row["output"]) != default["argv"][i + 1]
+    assert not next(r for r in plain if r["name"] == default["name"]).get("digest")  # no chunk row: not digested
+
+
+def test_the_chunk_row_gives_the_default_rows_bytes_and_the_report_says_so(dc, tiny_family, tmp_path):
+    base, fts = tiny_family(n_models=2)
+    models = [base, *fts]
+    inputs = [f for m in models for f in dc.bench.shard_files(m)]
+    chk = dc.Check(tmp_path / "results", budget=300)
+    (tmp_path / "out").mkdir()
+    rows = dc.rows_for(models, tmp_path / "out", False, (None, {}, "no mergekit"), 4096)
+    for name in ("hf-metagpt --device cpu --granularity layer", rows[-1]["name"]):
+        row = next(r for r in rows if r["name"] == name)
+        rec = dc.measure(chk, row, "warm", inputs, False)
+        assert rec["ok"] and len(rec["sha256"]) == 64, rec
+    assert rows[-1]["sha256"] == next(r for r in rows if r["name"] == rows[-1]["same_as"])["sha256"]
+    text = dc.table(chk, rows, {"title": "t", "machine_line": "m"})
+    assert ("- hf-metagpt --device cpu --granularity layer, HF_METAGPT_MERGE_CHUNK=4096: the same bytes as "
+            "hf-metagpt --device cpu --granularity layer\n") in text
+    rows[-1]["sha256"] = "0" * 64
+    assert ": OTHER bytes than hf-metagpt --device cpu --granularity layer" in dc.table(chk, rows, {"title": "t",
+                                                                                                "machine_line": "m"})
+
+
+def test_kernel_scaling_step_keeps_its_json_and_table(dc, tmp_path, monkeypatch):
+    monkeypatch.setattr(dc, "SCALING_S", 5.0)
+    chk = dc.Check(tmp_path / "results", budget=300)
+    text, chunk = dc.kernel_scaling(chk, small=True)
+    rep = json.loads((chk.out / "kernel_scaling.json").read_text())
+    assert rep["bit_identical"] is True and rep["elements"] < 1 << 24
+    assert text == rep["table"] and text.startswith("### kernel scaling")
+    best = rep["best"]
+    assert chunk == (None if best["chunk"] == best["default_chunk"] else best["chunk"])
+    rec = [r for r in chk.records if r.get("kind") == "kernel_scaling"]
+    assert len(rec) == 1 and rec[0]["bit_identical"] is True and rec[0]["best"] == best
+
+
+def test_kernel_scaling_step_is_skipped_when_it_does_not_fit(dc, tmp_path):
+    chk = dc.Check(tmp_path / "results", budget=30)
+    assert dc.kernel_scaling(chk, small=True) == ("", None)
+    assert chk.records[-1] == {"t": chk.records[-1]["t"], "kind": "kernel_scaling", "skipped": "budget"}
+    assert not (chk.out / "kernel_scaling.json").exists()

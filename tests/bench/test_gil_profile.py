@@ -137,4 +137,5 @@ def test_device_check_profiles_after_the_first_round_before_the_repeats(gp, tiny
     assert [r for r in recs[:at] if r.get("kind") == "run" and r.get("mode") == "cold"
             and r.get("row", "").endswith("HF_METAGPT_READAHEAD_MB=0")]  # the first round was complete
     report = (out / "device_check.md").read_text()
+    assert "### kernel scaling" in report and (out / "kernel_scaling.json").exists()  # the sweep ran, --small
     assert "GIL (hf-metagpt --device cpu --granularity layer, warm, under py-spy --gil at 100 Hz): held 1.50 s" in report
