@@ -8,7 +8,8 @@ job functions as `merging.FusedKernel` runs them: the Gram (`FusedKernel.reduce`
 over `merging.JOB` spans, summed in job order, `kernels.CHUNK` chunks) and the weighted sum
 (`FusedKernel.tensor_jobs` / `run_job`: `kernels.weighted_models` per JOB span into one output, at
 several merge chunk sizes: `HF_METAGPT_MERGE_CHUNK`'s values). Each runs on a ThreadPoolExecutor of
-1, 2, 4, 8, 12 and 16 threads (at most the core count), each thread at one torch thread as
+1, 2, 4, 8, 12 and 16 threads (at most the core count) and the engine's own compute worker count
+(`sizing.plan_workers`: 12 on 16 cores), each thread at one torch thread as
 `merging.Workers` sets them. Beside them, on the same JOB spans and threads, two references for the
 machine's memory bandwidth: the largest 16-bit pattern of each input ("read") and a copy of each input into
 the output ("copy", as many bytes written as read).
@@ -141,14 +142,19 @@ def measure(fn, pool: Pool, repeat: int) -> tuple[list[float], float, float, obj
     return walls, pool.cpu / repeat, (time.process_time() - p0) / repeat, result
 
 
-def thread_counts(given: str | None) -> list[int]:
-    """1, the most, then the rest: the figures that matter most come first if a budget cuts the sweep."""
-    cores = os.cpu_count() or 1
-    counts = sorted({int(x) for x in given.split(",")}) if given else [t for t in THREADS if t <= cores]
-    if not given and cores not in counts and cores < THREADS[-1]:
-        counts.append(cores)
-    counts = sorted(set(counts))
-    return [counts[0]] + ([counts[-1]] if len(counts) > 1 else []) + counts[1:-1]
+def thread_counts(given: str | None, cores: int | None = None) -> list[int]:
+    """1, the most, the engine's own count of compute workers on this machine (`sizing.plan_workers`:
+    12 on 16 cores), then the rest: the figures that matter most come first if the budget cuts the sweep."""
+    from hf_metagpt.engine.sizing import plan_workers
+
+    cores = cores or os.cpu_count() or 1
+    if given:
+        counts = sorted({int(x) for x in given.split(",")})
+        return [counts[0]] + ([counts[-1]] if len(counts) > 1 else []) + counts[1:-1]
+    engine = min(plan_workers(cores, 1 << 40, "cpu").compute, cores)
+    counts = sorted({t for t in THREADS if t <= cores} | {min(cores, THREADS[-1]), engine})
+    first = list(dict.fromkeys([1, counts[-1], engine]))
+    return first + [t for t in counts if t not in first]
 
 
 def sweep(args, data: list[torch.Tensor]) -> tuple[list[dict], dict, list[str], dict]:
@@ -254,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--elements", type=int, default=None, help=f"elements per model (default {DEFAULT_ELEMENTS})")
     p.add_argument("--small", action="store_true", help=f"{SMALL_ELEMENTS} elements per model (a quick check)")
-    p.add_argument("--threads", default=None, help="comma-separated thread counts (default 1,2,4,8,12,16 ≤ cores)")
+    p.add_argument("--threads", default=None, help="comma-separated thread counts (default 1,2,4,8,12,16 ≤ cores and the engine's count)")
     p.add_argument("--chunks", default=None, help="comma-separated merge chunk exponents (default 14..20)")
     p.add_argument("--repeat", type=int, default=3, help="runs per row (the median is reported)")
     p.add_argument("--budget", type=float, default=0.0, help="seconds for the sweep; rows after it are skipped")

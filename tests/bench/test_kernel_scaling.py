@@ -86,11 +86,10 @@ def test_a_thread_that_changes_one_bit_is_reported(ks, tmp_path, monkeypatch):
     assert "bit-identical to 1 thread" in rep["table"] and ": NO " in rep["table"]
 
 
-def test_thread_counts_put_one_and_the_most_first(ks, monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert ks.thread_counts(None) == [1, 16, 2, 4, 8, 12]
-    monkeypatch.setattr(os, "cpu_count", lambda: 6)
-    assert ks.thread_counts(None) == [1, 6, 2, 4]
-    monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    assert ks.thread_counts(None) == [1, 16, 2, 4, 8, 12]
-    assert ks.thread_counts("2,1") == [1, 2]
+def test_thread_counts_put_one_the_most_and_the_engines_count_first(ks):
+    assert ks.thread_counts(None, cores=16) == [1, 16, 12, 2, 4, 8]  # the engine: 16 - 4 readers
+    assert ks.thread_counts(None, cores=6) == [1, 6, 5, 2, 4]
+    assert ks.thread_counts(None, cores=64) == [1, 32, 2, 4, 8, 12, 16]  # the engine's 32 (MAX_COMPUTE) too
+    assert ks.thread_counts(None, cores=2) == [1, 2]
+    assert ks.thread_counts(None, cores=1) == [1]
+    assert ks.thread_counts("4,2,1") == [1, 4, 2]
