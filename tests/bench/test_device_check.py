@@ -22,17 +22,20 @@ def dc(monkeypatch):
     return importlib.import_module("device_check")
 
 
-def test_low_priority_rows_come_last_warm_only(dc, tmp_path):
+def test_low_priority_rows_are_marked_with_their_modes(dc, tmp_path):
     models = [tmp_path / n for n in ("base", "task_a", "task_b")]
     rows = _rows(dc, models, tmp_path / "out")
     low = [r for r in rows if r.get("low")]
-    assert [r["name"] for r in low] == ["hf-metagpt --device cuda --granularity model, HF_METAGPT_GPU_STAGING=1",
+    assert [r["name"] for r in low] == ["mergekit 0.1.5 task_arithmetic --gpu-rich --async-write",
+                                        "hf-metagpt --device cuda --granularity model, HF_METAGPT_GPU_STAGING=1",
                                         "hf-metagpt --device cpu --granularity model --workers 4",
                                         "hf-metagpt --device cpu --granularity model --num-processes 4",
                                         "hf-metagpt --device cpu --granularity layer, HF_METAGPT_READAHEAD_MB=0"]
-    assert rows[-4:] == low and all(r["modes"] == ("warm",) for r in low[:3])
-    assert low[0]["skip"] == "no CUDA" and not any(r["skip"] for r in low[1:])
-    low = low[1:]
+    assert [r["name"] for r in rows if r.get("once")] == [f"mergekit 0.1.5 task_arithmetic {m}" for m in
+                                                          ("CPU", "--cuda", "--gpu-rich --async-write")]
+    assert all(r["modes"] == ("warm",) for r in low[1:4])
+    assert low[1]["skip"] == "no CUDA" and not any(r["skip"] for r in low[2:])
+    low = low[2:]
     assert low[2]["modes"] == ("cold",) and low[2]["env"]["HF_METAGPT_READAHEAD_MB"] == "0"
     from hf_metagpt.constants import READAHEAD_ENV
 
@@ -40,6 +43,26 @@ def test_low_priority_rows_come_last_warm_only(dc, tmp_path):
     assert low[0]["argv"][low[0]["argv"].index("--workers") + 1] == "4"
     assert low[1]["argv"][low[1]["argv"].index("--num-processes") + 1] == "4"
     assert "--device" in low[1]["argv"] and low[1]["argv"][low[1]["argv"].index("--device") + 1] == "cpu"
+
+
+@pytest.mark.parametrize("repeat", [1, 3])
+def test_rounds_time_mergekit_once_profile_after_the_first_and_low_rows_after_the_second(dc, tmp_path, monkeypatch,
+                                                                                      repeat):
+    calls = []
+    monkeypatch.setattr(dc, "measure", lambda chk, row, mode, *a: calls.append(f"{row['name']} {mode}"))
+    monkeypatch.setattr(dc, "floor", lambda *a: calls.append("floor") or (1.0, 1.0))
+    monkeypatch.setattr(dc, "drop_caches", lambda *a: "evict")
+    monkeypatch.setattr(dc, "warm", lambda *a: None)
+    monkeypatch.setattr(dc, "gil_check", lambda *a: calls.append("gil") or "GIL line")
+    rows = [{"name": "hf", "skip": ""}, {"name": "mk", "skip": "", "once": True},
+            {"name": "low", "skip": "", "low": True, "modes": ("warm",)}, {"name": "skipped", "skip": "no CUDA"}]
+    f = tmp_path / "in"
+    f.write_bytes(b"x")
+    chk = dc.Check(tmp_path / "res", 100)
+    assert dc.rounds(chk, rows, [f], 1, tmp_path, repeat, False) == "GIL line"
+    first = ["floor", "floor", "hf cold", "hf warm", "mk cold", "mk warm", "gil"]
+    later = ["floor", "floor", "hf cold", "hf warm"]
+    assert calls == (first + ["low warm"] if repeat == 1 else first + later + ["low warm"] + later)
 
 
 def test_a_measured_row_keeps_its_time_account_and_the_table_shows_it(dc, tiny_family, tmp_path):

@@ -134,8 +134,11 @@ def test_device_check_profiles_after_the_first_round_before_the_repeats(gp, tiny
     kinds = [(r.get("kind"), r.get("rep")) for r in recs]
     at = kinds.index(("gil", None))
     assert ("floor", 1) in kinds[at:] and ("floor", 1) not in kinds[:at]  # after round 1, before round 2
-    assert [r for r in recs[:at] if r.get("kind") == "run" and r.get("mode") == "cold"
-            and r.get("row", "").endswith("HF_METAGPT_READAHEAD_MB=0")]  # the first round was complete
+    assert [r for r in recs[:at] if r.get("kind") == "run" and r.get("mode") == "warm"
+            and r.get("row") == "hf-metagpt --device cpu --granularity layer"]  # the first round was complete
+    low = [k for k, r in enumerate(recs) if r.get("kind") == "run" and r.get("row", "").endswith("READAHEAD_MB=0")]
+    second = kinds.index(("floor", 1))
+    assert len(low) == 1 and low[0] > second  # the low-priority rows once, after the second round
     report = (out / "device_check.md").read_text()
     assert "### kernel scaling" in report and (out / "kernel_scaling.json").exists()  # the sweep ran, --small
     assert "GIL (hf-metagpt --device cpu --granularity layer, warm, under py-spy --gil at 100 Hz): held 1.50 s" in report
