@@ -8,7 +8,9 @@ Reads go through `safetensors.safe_open` (lazy, per tensor). What the library la
 * `build_header` writes the header of a shard before its tensors exist: `engine.writer.ShardWriter`
   then writes each tensor's bytes at its offset as soon as it is merged (`safetensors.torch.save_file`
   needs every tensor of a shard in memory at once, a 5 GB buffer per shard).
-* `ST_TO_TORCH`: safetensors dtype codes and torch dtypes (the names a config.json uses: `dtype_names`).
+* `ST_TO_TORCH`: safetensors dtype codes and torch dtypes (the names a config.json uses: `dtype_names`),
+  built when first used: the module itself imports without torch (the read-ahead parses headers
+  while the CLI is still importing torch).
 """
 from __future__ import annotations
 
@@ -20,29 +22,58 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, OutputError
 
-# safetensors dtype codes <-> torch dtypes (the format's own names).
-ST_TO_TORCH: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:
+    import torch
+
+    #: safetensors code → torch dtype, and the reverse (built on first use: `__getattr__`)
+    ST_TO_TORCH: dict[str, torch.dtype]
+    TORCH_TO_ST: dict[torch.dtype, str]
+
+#: safetensors dtype codes: the torch dtype of each (by attribute name) and its bytes per element.
+#: Kept as names so that this module imports without torch: the read-ahead (`engine.readahead`)
+#: parses headers while the CLI is still importing it.
+_CODES: dict[str, tuple[str, int]] = {
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "I16": ("int16", 2),
+    "U16": ("uint16", 2),
+    "I32": ("int32", 4),
+    "U32": ("uint32", 4),
+    "I64": ("int64", 8),
+    "U64": ("uint64", 8),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F32": ("float32", 4),
+    "F64": ("float64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
-TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+
+
+def _torch_dtypes() -> "dict[str, torch.dtype]":
+    """Code → torch dtype, built (and torch imported) on first use, then kept as `ST_TO_TORCH`."""
+    table = globals().get("ST_TO_TORCH")
+    if table is None:
+        import torch
+
+        table = {code: getattr(torch, attr) for code, (attr, _) in _CODES.items()}
+        globals().update(ST_TO_TORCH=table, TORCH_TO_ST={v: k for k, v in table.items()})
+    return table
+
+
+def __getattr__(name: str) -> Any:
+    """`ST_TO_TORCH` (code → torch dtype) and `TORCH_TO_ST` (the reverse), built on first use (PEP 562)."""
+    if name in ("ST_TO_TORCH", "TORCH_TO_ST"):
+        _torch_dtypes()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 FLOATING = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
@@ -67,12 +98,13 @@ class TensorMeta:
         return self.dtype in FLOATING
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return ST_TO_TORCH[self.dtype]
+    def torch_dtype(self) -> "torch.dtype":
+        return _torch_dtypes()[self.dtype]
 
 
 def dtype_itemsize(code: str) -> int:
-    return torch.empty((), dtype=ST_TO_TORCH[code]).element_size()
+    """Bytes per element of a safetensors dtype code (KeyError for a code this module does not know)."""
+    return _CODES[code][1]
 
 
 def parse_header_json(raw: bytes, file: str, file_size: int | None = None, data_start: int = 0) -> dict[str, TensorMeta]:
@@ -99,7 +131,7 @@ def parse_header_json(raw: bytes, file: str, file_size: int | None = None, data_
             dtype = info["dtype"]
             shape = tuple(_json_int(s) for s in info["shape"])
             begin, end = (_json_int(x) for x in info["data_offsets"])
-            if not isinstance(dtype, str) or dtype not in ST_TO_TORCH:
+            if not isinstance(dtype, str) or dtype not in _CODES:
                 raise ValueError(f"unsupported dtype {dtype!r}")
             numel = 1
             for s in shape:

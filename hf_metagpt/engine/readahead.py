@@ -18,10 +18,8 @@ copying; one `posix_fadvise(WILLNEED)` call reads only the device's read-ahead w
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import struct
 import sys
 import threading
 import time
@@ -31,7 +29,9 @@ from typing import Iterable, Mapping, Sequence
 
 from .._platform import page_cached
 from ..constants import READAHEAD_ENV, env
+from ..safetensors_io import read_header
 from ..sources.architecture import block_of, stream_order
+from ..sources.local import local_weight_files
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +51,10 @@ MIN_CORES = 8
 #: Methods whose λ need every norm first: at `--granularity model` their pass 1 reads through the page
 #: cache anyway, so reading its first pieces early costs no copy (`MergeMethod.uses_group_norms`).
 NORM_METHODS = ("metagpt", "metagpt_dare", "metagpt_ties")
-#: A safetensors header larger than this is not parsed (a damaged file).
-MAX_HEADER = 100 << 20
 
 #: (file, first byte, end byte) of one tensor's data, offsets within the file
 Extent = tuple[str, int, int]
 
-# The weight files of a folder, as `sources.local` names them (importing it would import torch).
-_INDEX_FILE = "model.safetensors.index.json"
-_SINGLE_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -135,39 +130,19 @@ def budget(meminfo: str | None = None) -> int:
     return 0  # an unknown memory state: read nothing ahead
 
 
-def tensor_extents(path: Path) -> dict[str, Extent]:
-    """Each tensor's (file, start, end) in a safetensors file, from its header (8-byte length + JSON)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path.name}: too short for a safetensors file")
-        n = struct.unpack("<Q", head)[0]
-        if n > MAX_HEADER:
-            raise ValueError(f"{path.name}: a {n}-byte header")
-        header = json.loads(f.read(n))
-    start = 8 + n
-    out: dict[str, Extent] = {}
-    for name, meta in header.items():
-        if name != "__metadata__":
-            lo, hi = meta["data_offsets"]
-            out[name] = (str(path), start + int(lo), start + int(hi))
-    return out
-
-
 def folder_extents(folder: Path) -> dict[str, Extent]:
-    """Every tensor's extent in a model folder's safetensors files (index or single file); {} when it has none."""
-    index = folder / _INDEX_FILE
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / _SINGLE_FILE).is_file():
-        files = [_SINGLE_FILE]
-    else:
-        return {}
+    """Every tensor's extent in a model folder's safetensors files, found and checked as the merge
+    will (`sources.local.local_weight_files`, `safetensors_io.read_header`); an InputError where it
+    would fail (no safetensors weights, an index naming a file outside the folder, a damaged header)."""
     out: dict[str, Extent] = {}
-    for rel in files:
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise ValueError(f"{rel!r} lies outside the folder")
-        out.update(tensor_extents(folder / rel))
+    for rel in local_weight_files(folder, folder.name)[0]:
+        path = folder / rel
+        metas = read_header(path, rel)
+        if not metas:
+            continue
+        # read_header checked that the file ends with its last tensor: the data start follows
+        start = path.stat().st_size - max(m.data_offsets[1] for m in metas.values())
+        out.update((name, (str(path), start + m.data_offsets[0], start + m.data_offsets[1])) for name, m in metas.items())
     return out
 
 

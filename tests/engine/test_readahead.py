@@ -145,6 +145,44 @@ def test_a_missing_or_broken_input_is_left_out_and_a_broken_base_reads_nothing(t
     assert plan_spans([str(broken), str(base)], 10**12) == []
 
 
+def test_the_read_ahead_checks_an_input_as_the_merge_does(tiny_family, tmp_path):
+    """Headers and indexes are read by the merge's own functions (`safetensors_io.read_header`,
+    `sources.local.local_weight_files`): a shard cut short inside its data, which the merge refuses,
+    is not read ahead either, and neither is an index whose weight_map is not a mapping of files."""
+    from helpers import copy_model
+
+    from hf_metagpt.errors import InputError
+    from hf_metagpt.sources.local import load_local_info
+    from hf_metagpt.sources.refs import parse_ref
+
+    base, fts = tiny_family(n_models=1)
+    cut = copy_model(fts[0], tmp_path / "cut")
+    last = sorted(cut.glob("*.safetensors"))[-1]
+    last.write_bytes(last.read_bytes()[:-4])
+    with pytest.raises(InputError, match="Corrupt safetensors"):
+        load_local_info(parse_ref(str(cut)))
+    with pytest.raises(InputError, match="Corrupt safetensors"):
+        folder_extents(cut)
+    assert {s.path for s in plan_spans([str(base), str(cut)], 10**12)} == {str(p) for p in base.glob("*.safetensors")}
+    (cut / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    with pytest.raises(InputError, match="has no weight_map"):
+        folder_extents(cut)
+
+
+def test_headers_and_local_folders_are_read_without_torch_in_a_fresh_interpreter():
+    code = ("import sys\n"
+            "import hf_metagpt.safetensors_io as s, hf_metagpt.sources.local\n"
+            "print('torch' in sys.modules, s.dtype_itemsize('BF16'), s.dtype_itemsize('F8_E4M3'))\n"
+            "from hf_metagpt.safetensors_io import ST_TO_TORCH, TORCH_TO_ST\n"
+            "import torch\n"
+            "print(all(torch.empty((), dtype=t).element_size() == s.dtype_itemsize(c) and TORCH_TO_ST[t] == c\n"
+            "          for c, t in ST_TO_TORCH.items()), len(ST_TO_TORCH), ST_TO_TORCH['BF16'])\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:2] == ["False 2 1", "True 15 torch.bfloat16"]
+
+
 @linux_only
 def test_read_spans_fill_the_page_cache_and_skip_what_is_cached(tmp_path):
     path = tmp_path / "w.safetensors"
