@@ -31,8 +31,10 @@ def test_low_priority_rows_are_marked_with_their_modes(dc, tmp_path):
                                         "hf-metagpt --device cpu --granularity model --workers 4",
                                         "hf-metagpt --device cpu --granularity model --num-processes 4",
                                         "hf-metagpt --device cpu --granularity layer, HF_METAGPT_READAHEAD_MB=0"]
-    assert [r["name"] for r in rows if r.get("once")] == [f"mergekit 0.1.5 task_arithmetic {m}" for m in
-                                                          ("CPU", "--cuda", "--gpu-rich --async-write")]
+    once = [r for r in rows if r.get("once")]
+    assert [r["name"] for r in once] == [f"mergekit 0.1.5 task_arithmetic {m}" for m in
+                                         ("CPU", "--cuda", "--gpu-rich --async-write")]
+    assert [r.get("modes", ("cold", "warm")) for r in once] == [("cold", "warm"), ("cold",), ("cold", "warm")]
     assert all(r["modes"] == ("warm",) for r in low[1:4])
     assert low[1]["skip"] == "no CUDA" and not any(r["skip"] for r in low[2:])
     low = low[2:]
