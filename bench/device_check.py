@@ -621,6 +621,12 @@ def table(chk: Check, rows: list[dict], meta: dict) -> str:
         if other is not None and r.get("sha256") and other.get("sha256"):
             extra.append(f"{r['name']}: " + ("the same bytes as" if r["sha256"] == other["sha256"] else "OTHER bytes than")
                          + f" {other['name']}")
+    for r in rows:  # did GPU staging engage? (its counts in the runs' time accounts)
+        counts = [x["timeline"]["staging"] for x in runs.get(r["name"], []) if (x.get("timeline") or {}).get("staging")]
+        if GPU_STAGING_ENV in r.get("env", {}) and counts:
+            c = counts[-1]
+            extra.append(f"{r['name']}: {c['copied']} spans copied on the reader thread; the kernel found "
+                         f"{c['hits']} inputs staged and copied {c['misses']} itself")
     by = [r for r in recs if r.get("kind") == "bytes"]
     if by and not by[0].get("skipped") == "no CUDA":
         same = [r["case"] for r in by if r.get("identical") is True]

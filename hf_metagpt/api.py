@@ -286,7 +286,7 @@ def _timeline(called: float, run: RunResult, marks: dict[str, float], world: Wor
         cpu={"startup_prepare": lp.cpu_start, "loop": lp.cpu_end - lp.cpu_start, "finish": cpu_end - lp.cpu_end},
         threads={"readers": stats.readers, "workers": stats.workers, "writers": 1}, bytes_read=stats.bytes_read,
         bytes_written=stats.bytes_written, device=stats.device, processes=world.count if world is not None else 1,
-        started_by=how)
+        started_by=how, staging=dict(stats.staging))
 
 
 def output_folder(opts: MergeOptions) -> Path:

@@ -163,6 +163,8 @@ class Executor:
         self.stats.device = str(self.kernel.ctx.device)
         self.stats.workers = self.kernel.ctx.workers.count
         self.stats.readers = self.feed.readers
+        if self.kernel.stager is not None:
+            self.stats.staging = self.kernel.stager.counts()
         if self.share is None:  # a shared run's counters were gathered from every process
             self.stats.bytes_read = counts.bytes_read
             self.stats.bytes_written = self.sink.bytes_written

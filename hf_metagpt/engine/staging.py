@@ -147,6 +147,10 @@ class Stager:
             entry = self._staged.get(id(raw))
         return entry[1] if entry is not None and entry[0] is raw else None
 
+    def counts(self) -> dict[str, int]:
+        """What the run staged (`StreamStats.staging`, the time account's "staging")."""
+        return {"copied": self.copied, "hits": self.hits, "misses": self.misses}
+
     def count(self, hit: bool) -> None:
         if hit:
             self.hits += 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -17,3 +17,6 @@ class StreamStats:
     device: str = ""  # where the arithmetic ran ("cpu", "cuda:0")
     workers: int = 1  # compute threads (a GPU run: the one that issues its work)
     readers: int = 1  # threads reading a piece's inputs
+    #: GPU staging (`engine.staging`): spans copied on the reader threads, inputs found staged by
+    #: the kernel (hits) or copied by it (misses); empty when the run did not stage
+    staging: dict[str, int] = field(default_factory=dict)

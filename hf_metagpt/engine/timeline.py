@@ -171,6 +171,7 @@ class Timeline:
         bytes_read, bytes_written: what the run read and wrote.
         device: where the arithmetic ran.
         processes: processes sharing the merge (the account is this process's).
+        staging: GPU staging's counts (`engine.staging`: copied, hits, misses); empty when the run did not stage.
         started_by: how the process start was known ("proc", "psutil", or "" when it was not).
     """
 
@@ -186,6 +187,7 @@ class Timeline:
     device: str = ""
     processes: int = 1
     started_by: str = ""
+    staging: dict[str, int] = field(default_factory=dict)
 
     @property
     def wall(self) -> float:
@@ -213,6 +215,7 @@ class Timeline:
             "device": self.device,
             "processes": self.processes,
             "started_by": self.started_by,
+            **({"staging": dict(self.staging)} if self.staging else {}),
         }
 
     def write(self, path: str | os.PathLike) -> Path:

@@ -149,6 +149,12 @@ def test_the_gpu_staging_rows_compare_their_bytes_with_the_plain_cuda_rows(dc, t
     staged["sha256"] = "b"
     text = dc.table(chk, list(rows.values()), {"title": "t", "machine_line": "m"})
     assert f"- {staged['name']}: OTHER bytes than {plain['name']}" in text
+    assert "spans copied on the reader thread" not in text  # no run of it yet
+    chk.record(kind="run", row=staged["name"], ok=True, mode="warm", wall_s=1.0, user_s=1.0, peak_rss_gb=1.0,
+               timeline={"staging": {"copied": 27, "hits": 108, "misses": 0}})
+    text = dc.table(chk, list(rows.values()), {"title": "t", "machine_line": "m"})
+    assert (f"- {staged['name']}: 27 spans copied on the reader thread; the kernel found 108 inputs staged "
+            f"and copied 0 itself") in text
 
 
 def test_the_chunk_row_comes_last_and_merges_like_the_default_layer_row(dc, tmp_path):

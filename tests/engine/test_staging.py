@@ -37,10 +37,15 @@ def _digests(out: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("model*.safetensors"))}
 
 
+#: the time account of the last `_merge` (its "staging" counts)
+ACCOUNTS: list[dict] = []
+
+
 def _merge(family, out: Path, granularity: str, device: str = "cpu") -> tuple[dict, dict]:
     base, fts = family
     res = hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(out), granularity=granularity,
                            device=device, progress=False)
+    ACCOUNTS.append(res.timeline.as_dict())
     return _digests(out), dict(res.coefficients)
 
 
@@ -70,11 +75,13 @@ def test_staged_gpu_kernel_gives_the_cpu_kernel_bytes_from_copies_made_on_the_re
         m.delenv("HF_METAGPT_GPU_STAGING")
         m.setattr(merging, "choose_kernel", PLAIN_CHOOSE)
         want = _merge(family, tmp_path / "cpu", granularity)
+    assert "staging" not in ACCOUNTS[-1]  # a run that does not stage says nothing of it
     got = _merge(family, tmp_path / "staged", granularity)
     assert want[0] and got == want
     (stager,) = stagers
     # every pooled input of every piece the kernel uploaded was found staged, none copied again
     assert stager.copied > 0 and stager.hits > 0 and stager.misses == 0
+    assert ACCOUNTS[-1]["staging"] == {"copied": stager.copied, "hits": stager.hits, "misses": 0}
     assert stager.threads and all(name.startswith("hf-metagpt-read") for name in stager.threads), stager.threads
 
 
@@ -140,6 +147,7 @@ def test_the_gpu_kernel_uploads_what_was_not_staged(family, tmp_path, monkeypatc
     assert got == want
     (stager,) = stagers
     assert stager.hits == 0 and stager.misses > 0
+    assert ACCOUNTS[-1]["staging"] == {"copied": 0, "hits": 0, "misses": stager.misses}
 
 
 def test_pool_buffers_are_page_locked_only_when_asked():
