@@ -480,7 +480,8 @@ def measure(chk: Check, row: dict, mode: str, inputs: list[Path], system_drop: b
     env.pop(TRACE_ENV, None)
     if row["tool"] == "hf-metagpt" and mode == "warm" and not row.get("traced"):
         env[TRACE_ENV] = str(trace)
-    run = timed_env(row["name"], row["argv"], env)
+    # A hung run (a deadlock on an untried device path) is killed rather than let take the budget.
+    run = timed_env(row["name"], row["argv"], env, timeout=max(60.0, min(4 * est, chk.left())))
     ok = run.ok and any(row["output"].glob("*.safetensors"))
     rec = {"kind": "run", "row": row["name"], "tool": row["tool"], "device": row["device"],
            "granularity": row["granularity"], "mode": mode, "cache": how, "ok": ok,
@@ -528,8 +529,8 @@ def add_trace(chk: Check, name: str, trace: Path) -> bool:
     return True
 
 
-def timed_env(name: str, argv: list[str], env: dict) -> "bench.Run":
-    """bench.timed with an environment, keeping the last line of stdout (hf-metagpt's summary)."""
+def timed_env(name: str, argv: list[str], env: dict, timeout: float | None = None) -> "bench.Run":
+    """bench.timed with an environment (and `timeout`), keeping the last line of stdout (hf-metagpt's summary)."""
     import tempfile
 
     out = tempfile.NamedTemporaryFile("w+", suffix=".out", delete=False)
@@ -537,7 +538,7 @@ def timed_env(name: str, argv: list[str], env: dict) -> "bench.Run":
     os.environ.clear()
     os.environ.update(env)
     try:
-        run = bench.timed(name, argv, stdout=out)
+        run = bench.timed(name, argv, stdout=out, timeout=timeout)
     finally:
         os.environ.clear()
         os.environ.update(old)

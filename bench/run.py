@@ -116,8 +116,11 @@ def _poll_tree_rss(proc: psutil.Process, stop: threading.Event, peak: list[int])
         stop.wait(0.05)
 
 
-def timed(name: str, argv: list[str], stdout=subprocess.DEVNULL) -> Run:
-    """Runs argv; wall from perf_counter, peak RSS from GNU time (%M) or psutil polling."""
+def timed(name: str, argv: list[str], stdout=subprocess.DEVNULL, timeout: float | None = None) -> Run:
+    """Runs argv; wall from perf_counter, peak RSS from GNU time (%M) or psutil polling.
+
+    `timeout`: seconds after which the command and its children are killed (a failed run whose note
+    says so): one hung run must not take a lent machine's whole budget."""
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     use_gnu_time = GNU_TIME.exists()
     rss_file = None
@@ -132,7 +135,13 @@ def timed(name: str, argv: list[str], stdout=subprocess.DEVNULL) -> Run:
     if not use_gnu_time:
         poller = threading.Thread(target=_poll_tree_rss, args=(psutil.Process(proc.pid), stop, peak))
         poller.start()
-    rc = proc.wait()
+    timed_out = False
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill_tree(proc.pid)
+        rc = proc.wait()
     wall = time.perf_counter() - t0
     stop.set()
     if poller:
@@ -151,7 +160,24 @@ def timed(name: str, argv: list[str], stdout=subprocess.DEVNULL) -> Run:
             rss, user, system = int(fields[-3]) * 1024, float(fields[-2]), float(fields[-1])
         source = "/usr/bin/time %M"
     note = "" if rc == 0 else f"exit {rc}: " + (err_lines[-1] if err_lines else "no message")
-    return Run(name, wall, rss, user, system, rc == 0, source, note[:300])
+    if timed_out:
+        note = f"timed out after {timeout:.0f} s (killed)"
+    return Run(name, wall, rss, user, system, rc == 0 and not timed_out, source, note[:300])
+
+
+def _kill_tree(pid: int) -> None:
+    """Kill a process and every descendant (GNU time's child, a merge's launcher and its workers)."""
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.Error:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
 
 
 def read_floor(inputs: list[Path]) -> Run:

@@ -213,3 +213,16 @@ def test_kernel_scaling_step_is_skipped_when_it_does_not_fit(dc, tmp_path):
     assert dc.kernel_scaling(chk, small=True) == ("", None)
     assert chk.records[-1] == {"t": chk.records[-1]["t"], "kind": "kernel_scaling", "skipped": "budget"}
     assert not (chk.out / "kernel_scaling.json").exists()
+
+
+def test_a_hung_run_is_killed_with_its_children_and_reported(dc):
+    """bench.timed's timeout (device_check passes one to every run): the command and what it started
+    are killed, the run fails with a note saying so, and the wall is the timeout, not the hang."""
+    import psutil
+
+    marker = "61.25"  # a sleep only this test starts
+    run = dc.bench.timed("hang", ["sh", "-c", f"sleep {marker} & sleep {marker}; wait"], timeout=1.0)
+    assert not run.ok and run.note == "timed out after 1 s (killed)" and run.wall_s < 15
+    left = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", marker]]
+    assert left == []
+    assert dc.bench.timed("quick", ["true"], timeout=30.0).ok
