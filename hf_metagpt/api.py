@@ -433,7 +433,8 @@ def build_executor(shape: RunShape, the_plan: MergePlan, method: MergeMethod, wo
 
             # Two pieces' merged tensors may wait for the writer: about half the unit.
             sink = ShardSink(the_plan, work, max_bytes=unit // 2, only=share.shards if share is not None else None,
-                             progress_name=PROGRESS_FILE if share is None else f"progress.partial.{share.index}.json")
+                             progress_name=PROGRESS_FILE if share is None else f"progress.partial.{share.index}.json",
+                             pinned=kernel.stager is not None and kernel.stager.pinned)
     except BaseException:
         files.close(timeout=2.0)
         raise

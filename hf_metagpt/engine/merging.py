@@ -480,9 +480,17 @@ class GpuFusedKernel(FusedKernel):
             done.append((k, gout, total))
             outs.append(gout)
         sums = torch.stack([t for _, _, t in done]).cpu().tolist() if done else []
-        for (k, gout, _), total in zip(done, sums):
+        # Staged (`staging`): the arena is page-locked, so the copies back run without blocking,
+        # one after the other on the compute stream, and the piece waits for them once.
+        queued = self.stager is not None
+        hosts = []
+        for k, gout, _ in done:
             host = alloc(gout.shape, gout.dtype)
-            host.copy_(gout)
+            host.copy_(gout, non_blocking=queued)
+            hosts.append(host)
+        if queued and ctx.device.type == "cuda":
+            torch.cuda.current_stream(ctx.device).synchronize()  # the writer reads them next
+        for (k, _, _), host, total in zip(done, hosts, sums):
             outs[k] = host
             tp = tensors[k]
             if not math.isfinite(total):

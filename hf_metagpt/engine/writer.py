@@ -56,14 +56,16 @@ class ShardSink:
     energy = None
 
     def __init__(self, plan: MergePlan, work_dir: Path, *, progress_name: str = PROGRESS_FILE,
-                 max_bytes: int = 0, only: set[int] | None = None) -> None:
+                 max_bytes: int = 0, only: set[int] | None = None, pinned: bool = False) -> None:
         self.plan = plan
         self.work_dir = work_dir
         self.max_bytes = max_bytes
         self.progress_name = progress_name
         self.only = only  # the shards this process writes in a shared merge (None: all)
         self.bytes_written = 0
-        self.arena = OutputArena(slots=2)  # one piece's merged tensors being written, the next one's merged
+        # one piece's merged tensors being written, the next one's merged; page-locked when a GPU
+        # run stages (`engine.staging`: the merged tensors come back at the bus's speed)
+        self.arena = OutputArena(slots=2, pinned=pinned)
         self.writers: dict[int, ShardWriter] = {}
         self._layouts: dict[int, tuple[int, dict]] = {}  # shard -> (header bytes, tensor offsets)
         self.bytes_bounced = 0  # bytes of finished shards copied through a bounce buffer (not in place)
@@ -219,8 +221,10 @@ class OutputArena:
     memory exactly when they are in the file, and a direct write sends them with no copy.
     """
 
-    def __init__(self, slots: int = 2) -> None:
+    def __init__(self, slots: int = 2, pinned: bool = False) -> None:
         self.slots = slots
+        #: page-locked buffers (a staged GPU run copies its merged tensors back into them)
+        self.pinned = pinned
         self._buffers: dict[int, torch.Tensor] = {}
         self._need: dict[int, int] = {}
         self._held: dict[int, list[Future]] = {}
@@ -240,7 +244,7 @@ class OutputArena:
         buf = self._buffers.get(turn)
         if need and (buf is None or buf.numel() < need):
             self._buffers.pop(turn, None)
-            buf = self._buffers[turn] = torch.empty(need, dtype=torch.uint8)
+            buf = self._buffers[turn] = torch.empty(need, dtype=torch.uint8, pin_memory=self.pinned)
         self._carver = _Carver(self, turn, buf, placement or [])
         return self._carver
 

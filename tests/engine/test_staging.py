@@ -156,6 +156,42 @@ def test_pool_buffers_are_page_locked_only_when_asked():
         assert BufferPool(pinned=True).take(16).is_pinned()
 
 
+def test_a_staged_gpu_run_writes_from_a_page_locked_output_arena(tmp_path, monkeypatch):
+    """The merged tensors come back into page-locked memory when the GPU stages (`writer.OutputArena`);
+    the sink is built with it (the merge is stopped there: this CPU-only torch cannot page-lock)."""
+    from hf_metagpt.demo.tiny import TinySpec, build_family
+    from hf_metagpt.engine.writer import OutputArena, ShardSink
+
+    class Built(Exception):
+        pass
+
+    plain = ShardSink.__init__
+
+    def spy(self, *a, **kw):
+        plain(self, *a, **kw)
+        raise Built(self.arena.pinned)
+
+    monkeypatch.setattr(ShardSink, "__init__", spy)
+    base, fts = build_family(tmp_path / "fam", n_models=1, spec=TinySpec(hidden_size=64, intermediate_size=128,
+                                                                          num_hidden_layers=1, vocab_size=128))
+    merge = lambda: hf_metagpt.merge(base=str(base), models=[str(fts[0])], output=str(tmp_path / "o"),  # noqa: E731
+                                     device="cpu", progress=False)
+    with pytest.raises(Built) as plain_run:
+        merge()
+    stager = staging.Stager(torch.device("cpu"))
+    stager.pinned = True  # as on a CUDA device
+    monkeypatch.setattr(merging.FusedKernel, "stager", stager)
+    with pytest.raises(Built) as staged_run:
+        merge()
+    assert plain_run.value.args == (False,) and staged_run.value.args == (True,)
+    assert not OutputArena().pinned
+    if torch.cuda.is_available():
+        arena = OutputArena(pinned=True)
+        arena.take()((64,), torch.uint8)  # the first turn learns the size
+        arena.take()
+        assert arena.take()((64,), torch.uint8).is_pinned()
+
+
 # --------------------------------------------------------------------------- on a CUDA GPU (the lent machine)
 
 
