@@ -41,6 +41,9 @@ SLOTS = 2
 
 #: device bytes of one contiguous span of a pooled host buffer, and the span's first byte there
 Span = tuple[torch.Tensor, int]
+#: a span starts at a multiple of this in its host storage, so each tensor keeps its alignment in the
+#: device copy (an fp32 tensor after an odd-sized bf16 one could not be viewed as fp32 otherwise)
+SPAN_ALIGN = 64
 
 
 def staging_enabled() -> bool:
@@ -52,7 +55,8 @@ def spans(raws: Sequence[dict[str, torch.Tensor] | None], names: Sequence[str] |
     """The contiguous byte spans of the raws' host tensors, by storage: {data_ptr: [storage, lo, hi]}.
 
     A piece's tensors of one input lie side by side in the pooled buffer, so each input is one span
-    (the gaps between its tensors, a few alignment bytes, go along). `names`: only these tensors.
+    (the gaps between its tensors, a few alignment bytes, go along); a span starts at a multiple of
+    `SPAN_ALIGN` of its storage. `names`: only these tensors.
     """
     out: dict[int, list] = {}
     for raw in raws:
@@ -67,6 +71,8 @@ def spans(raws: Sequence[dict[str, torch.Tensor] | None], names: Sequence[str] |
             hi = lo + t.numel() * t.element_size()
             span = out.setdefault(st.data_ptr(), [st, lo, hi])
             span[1], span[2] = min(span[1], lo), max(span[2], hi)
+    for span in out.values():
+        span[1] -= span[1] % SPAN_ALIGN
     return out
 
 
@@ -98,6 +104,8 @@ class Stager:
         #: the feed's pooled read buffers are page-locked (a CUDA device only)
         self.pinned = cuda
         self._stream = torch.cuda.Stream(device) if cuda else None
+        # the stream the kernel merges on: this object is made by the kernel, on the merging thread
+        self._compute = torch.cuda.current_stream(device) if cuda else None
         # piece → its device spans; a piece is its raws' input dicts (kept referenced here, so
         # their ids are not reused while an entry lives)
         self._staged: dict[int, tuple[dict, dict[int, Span]]] = {}
@@ -123,9 +131,8 @@ class Stager:
                     host = torch.empty(0, dtype=torch.uint8).set_(st, lo, (hi - lo,))
                     copies[key] = (host.to(device, non_blocking=self.pinned), lo)
             self._stream.synchronize()
-            compute = torch.cuda.default_stream(device)
             for g, _ in copies.values():
-                g.record_stream(compute)  # freed only after the merge's kernels that read it
+                g.record_stream(self._compute)  # freed only after the merge's kernels that read it
         else:
             for key, (st, lo, hi) in found.items():
                 copies[key] = (torch.empty(0, dtype=torch.uint8).set_(st, lo, (hi - lo,)).clone(), lo)

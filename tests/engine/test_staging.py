@@ -131,10 +131,27 @@ def test_spans_cover_each_buffer_once_and_skip_what_cannot_be_copied_as_bytes():
     assert len(found) == 1
     (_, lo, hi), = found.values()
     assert (lo, hi) == (0, 4 * 4)
-    assert staging.spans([raw], names=["b"])[raw["b"].untyped_storage().data_ptr()][1:] == [8, 16]
+    assert staging.spans([raw], names=["b"])[raw["b"].untyped_storage().data_ptr()][1:] == [0, 16]  # aligned down
     copies = {k: (torch.empty(0, dtype=torch.uint8).set_(st, lo, (hi - lo,)).clone(), lo)
               for k, (st, lo, hi) in found.items()}
     assert staging.device_view(raw["t"], copies) is None
+
+
+def test_a_tensor_keeps_its_alignment_in_the_device_copy_after_an_odd_sized_one():
+    """Mixed dtypes side by side (one bf16 value, then fp32 values at a 4-byte boundary): the copy
+    starts at an aligned byte, so the fp32 tensor views as fp32 there (it failed when the copy started
+    at the bf16 value's byte 2), in the staged and in the kernel's own copies."""
+    buf = torch.zeros(256, dtype=torch.uint8)
+    buf[66:68].view(torch.bfloat16).fill_(1.5)
+    buf[68:76].view(torch.float32).copy_(torch.tensor([2.5, -3.0]))
+    raw = {"a": buf[66:68].view(torch.bfloat16), "b": buf[68:76].view(torch.float32)}
+    s = staging.Stager(torch.device("cpu"))
+    s.stage([raw])
+    found = s.lookup(raw)
+    assert staging.device_view(raw["b"], found).tolist() == [2.5, -3.0]
+    assert staging.device_view(raw["a"], found).tolist() == [1.5]
+    (_, lo, hi), = staging.spans([raw]).values()
+    assert (lo, hi) == (64, 76) and lo % staging.SPAN_ALIGN == 0
 
 
 def test_the_gpu_kernel_uploads_what_was_not_staged(family, tmp_path, monkeypatch, stagers):
