@@ -56,6 +56,15 @@ def digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def merge_family(family: tuple[Path, list[Path]], out: Path, **kw):
+    """`hf_metagpt.merge` of a (base, fine-tunes) family on the CPU into `out`, no progress bars."""
+    import hf_metagpt
+
+    base, fts = family
+    return hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(out), device="cpu",
+                            progress=False, **kw)
+
+
 def shards(folder: Path) -> dict[str, bytes]:
     """Every safetensors shard of a folder, by name: two merges are compared byte for byte."""
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-import hf_metagpt
 from hf_metagpt.constants import TIMELINE_ENV
 from hf_metagpt.engine import feed as feed_module
 from hf_metagpt.engine.merging import FusedKernel
 from hf_metagpt.engine.timeline import Busy, LoopTimes, Meter, Timeline, process_age, run_queue
 from hf_metagpt.engine.writer import ShardWriter
+from helpers import merge_family
 
 ROOT = Path(__file__).resolve().parents[2]
 #: seconds each slowed read, job or write sleeps (a sleep is wall time, not CPU time)
@@ -31,18 +31,12 @@ def family(tiny_family):
     return tiny_family(n_models=2)
 
 
-def _merge(family, out: Path, **kw) -> hf_metagpt.MergeResult:
-    base, fts = family
-    return hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(out), device="cpu",
-                            progress=False, **kw)
-
-
 def _shards(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
 
 def test_a_slow_writer_shows_as_writer_busy_and_main_thread_sink_wait(family, tmp_path, monkeypatch):
-    plain = _merge(family, tmp_path / "plain")
+    plain = merge_family(family, tmp_path / "plain")
     writes = []
     real = ShardWriter.write
 
@@ -52,7 +46,7 @@ def test_a_slow_writer_shows_as_writer_busy_and_main_thread_sink_wait(family, tm
         return real(self, name, tensor, part=part)
 
     monkeypatch.setattr(ShardWriter, "write", slow)
-    result = _merge(family, tmp_path / "slow")
+    result = merge_family(family, tmp_path / "slow")
     lp = result.timeline.loop
     slept = DELAY * len(writes)
     assert len(writes) == lp.writer.count > 10
@@ -81,7 +75,7 @@ def test_slow_reads_show_as_reader_busy_and_main_thread_feed_wait(family, tmp_pa
         return real(*args, **kw)
 
     monkeypatch.setattr(feed_module, "read_metas", slow)
-    lp = _merge(family, tmp_path / "out").timeline.loop
+    lp = merge_family(family, tmp_path / "out").timeline.loop
     slept = DELAY * len(reads)
     assert len(reads) == lp.readers.count > 10
     assert lp.readers.seconds >= slept and lp.readers.seconds - lp.readers.cpu >= 0.9 * slept
@@ -100,7 +94,7 @@ def test_slow_jobs_show_as_worker_busy_inside_the_main_threads_kernel_time(famil
         return real(self, j)
 
     monkeypatch.setattr(FusedKernel, "run_job", slow)
-    result = _merge(family, tmp_path / "out")
+    result = merge_family(family, tmp_path / "out")
     lp, workers = result.timeline.loop, result.timeline.threads["workers"]
     slept = DELAY * len(jobs)
     assert lp.workers.count >= len(jobs) > 10  # (and the norms' jobs of pass 1)
@@ -113,7 +107,7 @@ def test_slow_jobs_show_as_worker_busy_inside_the_main_threads_kernel_time(famil
 
 def test_the_main_threads_parts_and_the_phases_add_up(family, tmp_path):
     t = time.perf_counter()
-    result = _merge(family, tmp_path / "out")
+    result = merge_family(family, tmp_path / "out")
     called = time.perf_counter() - t
     tl = result.timeline
     lp = tl.loop

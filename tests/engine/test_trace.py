@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-import hf_metagpt
 from hf_metagpt.constants import TIMELINE_ENV, TRACE_ENV
 from hf_metagpt.engine.merging import FusedKernel
 from hf_metagpt.engine.trace import Span, busy_threads, concurrency, idle_stretches, main_during, trace_events
 from hf_metagpt.engine.writer import ShardWriter
+from helpers import merge_family
 
 ROOT = Path(__file__).resolve().parents[2]
 #: seconds each slowed job or write sleeps
@@ -28,12 +28,6 @@ DELAY = 0.03
 @pytest.fixture(scope="module")
 def family(tiny_family):
     return tiny_family(n_models=2)
-
-
-def _merge(family, out: Path, **kw) -> hf_metagpt.MergeResult:
-    base, fts = family
-    return hf_metagpt.merge(base=str(base), models=[str(f) for f in fts], output=str(out), device="cpu",
-                            progress=False, **kw)
 
 
 def _events(path: Path) -> list[dict]:
@@ -63,7 +57,7 @@ def test_slowed_jobs_and_writes_show_as_spans_of_their_length(family, tmp_path, 
     monkeypatch.setattr(ShardWriter, "write", slow("write", real_write))
     monkeypatch.setenv(TRACE_ENV, str(tmp_path / "trace.json"))
     monkeypatch.setenv("HF_METAGPT_WORKERS", "2")
-    result = _merge(family, tmp_path / "out")
+    result = merge_family(family, tmp_path / "out")
     lp = result.timeline.loop
     events = _events(tmp_path / "trace.json")
     jobs, writes = _spans(events, "job"), _spans(events, "write")
@@ -91,7 +85,7 @@ def test_slowed_jobs_and_writes_show_as_spans_of_their_length(family, tmp_path, 
 
 def test_the_trace_has_the_timelines_counts_and_one_threads_spans_never_overlap(family, tmp_path, monkeypatch):
     monkeypatch.setenv(TRACE_ENV, str(tmp_path / "t" / "trace.json"))  # its folder made
-    result = _merge(family, tmp_path / "out")
+    result = merge_family(family, tmp_path / "out")
     lp = result.timeline.loop
     events = _events(tmp_path / "t" / "trace.json")
     counts = Counter(e["name"] for e in events if e["ph"] == "X")
@@ -131,7 +125,7 @@ def test_the_trace_has_the_timelines_counts_and_one_threads_spans_never_overlap(
 def test_without_the_variable_no_trace_is_written(family, tmp_path, monkeypatch):
     monkeypatch.delenv(TRACE_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    result = _merge(family, tmp_path / "out")
+    result = merge_family(family, tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert not [p for p in (tmp_path / "out").rglob("*") if "trace" in p.name]
     # the summary is still there: it costs nothing but the spans already kept
