@@ -73,6 +73,8 @@ TRACE_ENV = "HF_METAGPT_TRACE"
 TRACES = "traces.json"
 #: megabytes the CLI reads ahead while torch is imported (`hf_metagpt.constants.READAHEAD_ENV`; 0: off)
 READAHEAD_ENV = "HF_METAGPT_READAHEAD_MB"
+#: the sweep's fastest merge chunk gets its own merge row only when this much faster than the default
+CHUNK_GAIN = 0.05
 #: `1`: a GPU merge copies pieces on the reader thread from pinned buffers (`hf_metagpt.constants.GPU_STAGING_ENV`)
 GPU_STAGING_ENV = "HF_METAGPT_GPU_STAGING"
 #: methods whose CUDA merge runs the fused GPU kernel, the one GPU staging changes (`merging.GpuFusedKernel`)
@@ -338,7 +340,9 @@ def kernel_scaling(chk: Check, small: bool) -> tuple[str, int | None]:
                best=best, skipped_rows=len(rep["skipped"]), elements=rep["elements"])
     chk.log(f"kernel scaling: {time.perf_counter() - t:.1f} s, bit-identical {rep['bit_identical']}, best {best}")
     chunk = best.get("chunk")
-    return rep["table"], chunk if chunk and chunk != best.get("default_chunk") else None
+    # Worth a full merge only when clearly faster than the default chunk, not within a sweep's noise.
+    faster = (best.get("wall_s") or 0) < (1 - CHUNK_GAIN) * (best.get("default_wall_s") or 0)
+    return rep["table"], chunk if chunk and chunk != best.get("default_chunk") and faster else None
 
 
 # --------------------------------------------------------------------------- timed rows

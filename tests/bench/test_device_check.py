@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -203,7 +204,8 @@ def test_kernel_scaling_step_keeps_its_json_and_table(dc, tmp_path, monkeypatch)
     assert rep["bit_identical"] is True and rep["elements"] < 1 << 24
     assert text == rep["table"] and text.startswith("### kernel scaling")
     best = rep["best"]
-    assert chunk == (None if best["chunk"] == best["default_chunk"] else best["chunk"])
+    clearly = best["wall_s"] < (1 - dc.CHUNK_GAIN) * best["default_wall_s"]
+    assert chunk == (best["chunk"] if best["chunk"] != best["default_chunk"] and clearly else None)
     rec = [r for r in chk.records if r.get("kind") == "kernel_scaling"]
     assert len(rec) == 1 and rec[0]["bit_identical"] is True and rec[0]["best"] == best
 
@@ -226,3 +228,19 @@ def test_a_hung_run_is_killed_with_its_children_and_reported(dc):
     left = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", marker]]
     assert left == []
     assert dc.bench.timed("quick", ["true"], timeout=30.0).ok
+
+
+@pytest.mark.parametrize("wall, row", [(0.090, True), (0.097, False)])
+def test_the_sweeps_chunk_gets_a_merge_row_only_when_clearly_faster(dc, tmp_path, monkeypatch, wall, row):
+    """A chunk within the sweep's noise of the default (under CHUNK_GAIN faster) is not worth a full merge."""
+    best = {"threads": 16, "chunk": 1 << 19, "wall_s": wall, "default_chunk": 1 << 18, "default_wall_s": 0.100}
+
+    def fake_run(argv, **kw):
+        out = Path(argv[argv.index("--out") + 1])
+        out.write_text(json.dumps({"best": best, "table": "### kernel scaling", "bit_identical": True,
+                                   "skipped": [], "elements": 1}))
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(dc.subprocess, "run", fake_run)
+    chk = dc.Check(tmp_path / "results", budget=300)
+    assert dc.kernel_scaling(chk, small=True) == ("### kernel scaling", (1 << 19) if row else None)
