@@ -168,8 +168,8 @@ def side_file(folder: Path, name: str, model: str) -> Path | None:
         allowed.append(root.parent.parent / "blobs")
     if not any(real == a or a in real.parents for a in allowed):
         raise InputError(f"{model}: {name} is a link to {real}, outside the model folder {root}.",
-                         hint=f"Copy the file into the model folder in place of the link (or remove it): side files "
-                              f"are copied into the merge and pushed with it, so only files inside a model are used.")
+                         hint="Copy the file into the model folder in place of the link (or remove it): side files "
+                              "are copied into the merge and pushed with it, so only files inside a model are used.")
     return path
 
 

@@ -17,8 +17,6 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from ..errors import InputError
 from .model import ModelInfo
 from .refs import ModelRef
