@@ -85,9 +85,15 @@ class Pool:
         self._pool.shutdown(wait=True)
 
 
-def engine_kernel(pool: Pool, merge_chunk: int) -> merging.FusedKernel:
+#: a smaller Gram chunk, timed only: its float64 sums would give other λ bits (`kernels.CHUNK` is part
+#: of them), but its buffers (4 × 256 KiB instead of 4 × 2 MiB) stay in a core's cache — does that pay
+#: on many cores, where every worker's 8 MiB compete for the shared cache?
+GRAM_TIMING_CHUNK = 1 << 15
+
+
+def engine_kernel(pool: Pool, merge_chunk: int, gram_chunk: int = kernels.CHUNK) -> merging.FusedKernel:
     """The engine's FusedKernel with just the context its job functions read (device, chunks, run)."""
-    ctx = SimpleNamespace(device=torch.device("cpu"), chunk=kernels.CHUNK, merge_chunk=merge_chunk, run=pool.map)
+    ctx = SimpleNamespace(device=torch.device("cpu"), chunk=gram_chunk, merge_chunk=merge_chunk, run=pool.map)
     return merging.FusedKernel(ctx)  # type: ignore[arg-type]
 
 
@@ -95,9 +101,9 @@ TENSOR = SimpleNamespace(name="w", shared_rows=None, norm_group="g", floating=Tr
 PIECE = SimpleNamespace(rows=None, extra_rows=False)
 
 
-def run_gram(pool: Pool, raws: list[dict], out: torch.Tensor) -> list:
+def run_gram(pool: Pool, raws: list[dict], out: torch.Tensor, chunk: int = kernels.CHUNK) -> list:
     """FusedKernel.reduce: the Gram of the tensor over JOB spans on the pool, summed in job order."""
-    return engine_kernel(pool, kernels.MERGE_CHUNK).reduce([TENSOR], raws, PIECE, lambda: raws[0])[0][2]
+    return engine_kernel(pool, kernels.MERGE_CHUNK, chunk).reduce([TENSOR], raws, PIECE, lambda: raws[0])[0][2]
 
 
 def run_weighted(pool: Pool, raws: list[dict], out: torch.Tensor, chunk: int) -> list[float]:
@@ -173,7 +179,8 @@ def sweep(args, data: list[torch.Tensor]) -> tuple[list[dict], dict, list[str], 
     t0 = time.monotonic()
     for threads in thread_counts(args.threads):
         pool = Pool(threads)
-        cases = [("read", None, run_read), ("copy", None, run_copy), ("gram", kernels.CHUNK, run_gram)]
+        cases = [("read", None, run_read), ("copy", None, run_copy), ("gram", kernels.CHUNK, run_gram),
+                 ("gram", GRAM_TIMING_CHUNK, lambda p, r, o: run_gram(p, r, o, GRAM_TIMING_CHUNK))]
         order = sorted(chunks, key=lambda c: c != kernels.MERGE_CHUNK)  # the default chunk first
         cases += [("weighted_sum", c, lambda p, r, o, c=c: run_weighted(p, r, o, c)) for c in order]
         for kernel, chunk, fn in cases:
@@ -243,6 +250,8 @@ def table(report: dict) -> str:
         notes.append(f"fastest merge chunk at {b['threads']} threads: 2^{b['chunk'].bit_length() - 1} "
                      f"({b['wall_s'] * 1000:.0f} ms; default 2^{b['default_chunk'].bit_length() - 1}: "
                      + (f"{b['default_wall_s'] * 1000:.0f} ms)" if b["default_wall_s"] else "not measured)"))
+    notes.append(f"gram at 2^{GRAM_TIMING_CHUNK.bit_length() - 1}: timing only (its float64 sums give other λ bits; "
+                 f"the engine's Gram chunk is 2^{kernels.CHUNK.bit_length() - 1})")
     if report["skipped"]:
         notes.append(f"skipped (budget): {len(report['skipped'])} rows")
     notes.append(f"sweep took {report['elapsed_s']:.1f} s")

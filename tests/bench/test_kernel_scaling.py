@@ -35,9 +35,10 @@ def test_small_sweep_in_a_subprocess(tmp_path):
     assert rep["models"] == 4 and rep["in_bytes"] == 4 * 2 * rep["elements"] and rep["skipped"] == []
     rows = rep["rows"]
     kinds = {(x["kernel"], x["chunk"]) for x in rows}
-    assert kinds == {("read", None), ("copy", None), ("gram", 1 << 18), ("weighted_sum", 1 << 14),
+    assert kinds == {("read", None), ("copy", None), ("gram", 1 << 18), ("gram", 1 << 15), ("weighted_sum", 1 << 14),
                      ("weighted_sum", 1 << 18)}
-    assert sorted(x["threads"] for x in rows) == [1] * 5 + [2] * 5
+    assert sorted(x["threads"] for x in rows) == [1] * 6 + [2] * 6
+    assert "gram at 2^15: timing only (its float64 sums give other λ bits" in r.stdout
     for x in rows:
         assert x["wall_s"] > 0 and x["in_GBps"] > 0 and x["cpu_s"] >= 0 and len(x["walls"]) == 2
         assert x["in_GBps"] == pytest.approx(rep["in_bytes"] / x["wall_s"] / 1e9, rel=0.01)
