@@ -39,7 +39,7 @@ from . import kernels
 from .pieces import Piece
 from .plan import MergePlan, TensorPlan
 from .sinks import Alloc, fresh
-from .staging import Stager, device_view, spans, staging_enabled
+from .staging import Stager, device_view, span_bytes, spans, staging_enabled
 from .fetch import FileProvider
 from .tasks import AdapterSource, TaskSource, as_f32
 from .timeline import Meter, clocks
@@ -401,15 +401,9 @@ class GpuFusedKernel(FusedKernel):
         per contiguous span of a pooled buffer now."""
         device = self.ctx.device
         stager = self.stager
-        staged: list[dict | None] = []
-        for raw in raws:
-            found = stager.lookup(raw) if stager is not None and raw is not None else None
-            if stager is not None and raw is not None:
-                stager.count(found is not None)
-            staged.append(found)
+        staged = [stager.lookup(raw) if stager is not None and raw is not None else None for raw in raws]
         todo = [raw for raw, found in zip(raws, staged) if found is None]
-        gpu = {key: (torch.empty(0, dtype=torch.uint8).set_(st, lo, (hi - lo,)).to(device), lo)
-               for key, (st, lo, hi) in spans(todo, names).items()}
+        gpu = {key: (span_bytes(st, lo, hi).to(device), lo) for key, (st, lo, hi) in spans(todo, names).items()}
         out: Raws = []
         for raw, found in zip(raws, staged):
             if raw is None:

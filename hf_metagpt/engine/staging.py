@@ -76,6 +76,11 @@ def spans(raws: Sequence[dict[str, torch.Tensor] | None], names: Sequence[str] |
     return out
 
 
+def span_bytes(storage: torch.UntypedStorage, lo: int, hi: int) -> torch.Tensor:
+    """Bytes [lo, hi) of a host storage as a uint8 tensor (a view: no copy)."""
+    return torch.empty(0, dtype=torch.uint8).set_(storage, lo, (hi - lo,))
+
+
 def device_view(t: torch.Tensor, found: dict[int, Span]) -> torch.Tensor | None:
     """`t` (a contiguous host tensor) as a view of the device copy of the span holding it, if any."""
     if t.device.type != "cpu" or not t.is_contiguous():
@@ -128,14 +133,13 @@ class Stager:
         if self._stream is not None:
             with torch.cuda.stream(self._stream):
                 for key, (st, lo, hi) in found.items():
-                    host = torch.empty(0, dtype=torch.uint8).set_(st, lo, (hi - lo,))
-                    copies[key] = (host.to(device, non_blocking=self.pinned), lo)
+                    copies[key] = (span_bytes(st, lo, hi).to(device, non_blocking=self.pinned), lo)
             self._stream.synchronize()
             for g, _ in copies.values():
                 g.record_stream(self._compute)  # freed only after the merge's kernels that read it
         else:
             for key, (st, lo, hi) in found.items():
-                copies[key] = (torch.empty(0, dtype=torch.uint8).set_(st, lo, (hi - lo,)).clone(), lo)
+                copies[key] = (span_bytes(st, lo, hi).clone(), lo)
         keys = [id(raw) for raw in raws if raw is not None]
         with self._lock:
             for raw in raws:
@@ -149,17 +153,17 @@ class Stager:
         self.threads.add(threading.current_thread().name)
 
     def lookup(self, raw: dict[str, torch.Tensor]) -> dict[int, Span] | None:
-        """The device spans staged for this input's dict of a piece (main thread), or None."""
+        """The device spans staged for this input's dict of a piece (main thread), or None; counted
+        as a hit or a miss."""
         with self._lock:
             entry = self._staged.get(id(raw))
-        return entry[1] if entry is not None and entry[0] is raw else None
+        found = entry[1] if entry is not None and entry[0] is raw else None
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
 
     def counts(self) -> dict[str, int]:
         """What the run staged (`StreamStats.staging`, the time account's "staging")."""
         return {"copied": self.copied, "hits": self.hits, "misses": self.misses}
-
-    def count(self, hit: bool) -> None:
-        if hit:
-            self.hits += 1
-        else:
-            self.misses += 1
