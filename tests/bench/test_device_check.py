@@ -17,6 +17,14 @@ def _rows(dc, models: list[Path], out: Path) -> list[dict]:
     return dc.rows_for(models, out, False, (None, {}, "no mergekit"))
 
 
+def _measurable(dc, tiny_family, tmp_path: Path) -> tuple[list[Path], object, list[dict]]:
+    """A tiny family's input files, a Check with 300 s of budget, and the rows to measure on it."""
+    base, fts = tiny_family(n_models=2)
+    models = [base, *fts]
+    inputs = [f for m in models for f in dc.bench.shard_files(m)]
+    return inputs, dc.Check(tmp_path / "results", budget=300), _rows(dc, models, tmp_path / "out")
+
+
 @pytest.fixture()
 def dc(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))  # device_check imports bench/run.py by name
@@ -69,11 +77,7 @@ def test_rounds_time_mergekit_once_profile_after_the_first_and_low_rows_after_th
 
 
 def test_a_measured_row_keeps_its_time_account_and_the_table_shows_it(dc, tiny_family, tmp_path):
-    base, fts = tiny_family(n_models=2)
-    models = [base, *fts]
-    inputs = [f for m in models for f in dc.bench.shard_files(m)]
-    chk = dc.Check(tmp_path / "results", budget=300)
-    rows = _rows(dc, models, tmp_path / "out")
+    inputs, chk, rows = _measurable(dc, tiny_family, tmp_path)
     row = next(r for r in rows if r["name"] == "hf-metagpt --device cpu --granularity model")
     rec = dc.measure(chk, row, "warm", inputs, False)
     assert rec["ok"], rec
@@ -101,11 +105,7 @@ def test_no_time_table_without_accounts(dc, tmp_path):
 
 
 def test_the_first_warm_run_of_each_row_is_traced_into_one_file(dc, tiny_family, tmp_path):
-    base, fts = tiny_family(n_models=2)
-    models = [base, *fts]
-    inputs = [f for m in models for f in dc.bench.shard_files(m)]
-    chk = dc.Check(tmp_path / "results", budget=300)
-    rows = _rows(dc, models, tmp_path / "out")
+    inputs, chk, rows = _measurable(dc, tiny_family, tmp_path)
     model, layer = (next(r for r in rows if r["name"] == f"hf-metagpt --device cpu --granularity {g}")
                     for g in ("model", "layer"))
     recs = [dc.measure(chk, model, "cold", inputs, False), dc.measure(chk, model, "warm", inputs, False),
